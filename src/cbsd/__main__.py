@@ -1,0 +1,3 @@
+from cbsd.cli.main import main
+
+raise SystemExit(main())

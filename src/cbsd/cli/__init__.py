@@ -1,0 +1,1 @@
+"""The CLI: argument parsing and output only; all decisions are the core's."""

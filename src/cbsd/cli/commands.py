@@ -1,0 +1,169 @@
+"""Command handlers: turn parsed arguments into core calls and print the results."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cbsd.cli import output
+from cbsd.core.context import Context
+from cbsd.errors import CbsdError, UsageError
+
+Args = dict[str, Any]
+
+
+def each(ctx: Context, names: list[str], fn: Callable[[Context, str], str | None],
+         parallel: int = 1) -> int:
+    """Run *fn* on every VM, report each result, exit non-zero if any failed."""
+    vms = ctx.resolve(names)
+
+    def one(jname: str) -> int:
+        # SQLite connections are per thread: a worker gets its own context.
+        local = ctx if parallel == 1 or len(vms) == 1 else Context(ctx.workdir)
+        try:
+            msg = fn(local, jname)
+        except CbsdError as e:
+            print(e.message, file=sys.stderr, flush=True)
+            return e.exit_code
+        if msg:
+            print(msg, flush=True)
+        return 0
+
+    if parallel > 1 and len(vms) > 1:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            codes = list(pool.map(one, vms))
+    else:
+        codes = [one(v) for v in vms]
+    failed = {c for c in codes if c}
+    return 0 if not failed else failed.pop() if len(failed) == 1 else 1
+
+
+def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args) -> None:
+    """Reject keys that mean nothing for this mode instead of silently ignoring them."""
+    for key, default in defaults.items():
+        if args.get(key) != default and mode not in allowed[key]:
+            raise UsageError(f"bcheckpoint: {key}= is not used with mode={mode}")
+
+
+def bcreate(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    req = lifecycle.CreateRequest(
+        jname=a["jname"], ram=a["vm_ram"],
+        cpus=a["vm_cpus"], os_type=a["vm_os_type"], imgsize=a["imgsize"], image=a["image"],
+        iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"], vnc=a["vnc"],
+        vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"], astart=a["astart"],
+    )
+    spec = lifecycle.create(ctx, req)
+    print(f"{spec.jname}: created")
+    if a["runasap"]:
+        print(lifecycle.start(ctx, spec.jname))
+    return 0
+
+
+def bstart(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    return each(ctx, a["names"], lambda c, j: lifecycle.start(
+        c, j, checkpoint=a["checkpoint"], paused=a["paused"],
+        progress=output.progress(f"{j}: loading")), a["parallel"])
+
+
+def bstop(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    return each(ctx, a["names"], lambda c, j: lifecycle.stop(
+        c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
+
+
+def bremove(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    return each(ctx, a["names"], lifecycle.remove)
+
+
+def bpause(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    return each(ctx, a["names"], lambda c, j: lifecycle.pause(c, j, a["mode"]))
+
+
+def bls(ctx: Context, a: Args) -> int:
+    from cbsd.core import listing
+
+    names = ctx.resolve(a["names"]) if a["names"] else None
+    rows = listing.rows(ctx, names)
+    columns = a["display"] or list(listing.COLUMNS)
+    if a["format"] == "json":
+        sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))
+    else:
+        sys.stdout.write(output.table(rows, columns, a["header"]))
+    return 0
+
+
+def blogin(ctx: Context, a: Args) -> int:
+    from cbsd.cli.console import attach
+    from cbsd.core.model import Action, require
+    from cbsd.core.vm import VM
+
+    vm = VM.load(ctx, a["jname"])
+    require(vm.jname, vm.status(), Action.LOGIN)
+    return attach(vm.paths.console_sock, vm.jname)
+
+
+def bcheckpoint(ctx: Context, a: Args) -> int:
+    from cbsd.core import checkpoints
+
+    mode = a["mode"]
+    _only(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
+                    "live": ("create",), "format": ("list",)},
+          {"name": None, "poweroff": False, "live": False, "format": "text"})
+    if mode == "create":
+        name = a["name"] or "checkpoint"
+        return each(ctx, a["names"], lambda c, j: checkpoints.create(
+            c, j, name, poweroff=a["poweroff"], live=a["live"],
+            progress=output.progress(f"{j}: saving")))
+    if mode == "destroy":
+        if not a["name"]:
+            raise UsageError("bcheckpoint: mode=destroy needs name= (or use mode=destroyall)")
+        return each(ctx, a["names"], lambda c, j: checkpoints.destroy(c, j, a["name"]))
+    if mode == "destroyall":
+        return each(ctx, a["names"], checkpoints.destroyall)
+    if mode == "verify":
+        return each(ctx, a["names"], lambda c, j: _verify(c, j, a["name"]))
+    vms = ctx.resolve(a["names"])
+    if a["format"] == "json":
+        data = [{"jname": j, **ck} for j in vms for ck in checkpoints.listing(ctx, j)]
+        sys.stdout.write(output.as_json(data))
+        return 0
+    for j in vms:
+        names = [ck["name"] + (" (damaged)" if ck["damaged"] else "")
+                 for ck in checkpoints.listing(ctx, j)]
+        print(f"Created checkpoint for {j}:" + ("" if names else " none"))
+        for n in names:
+            print(f"  {n}")
+    return 0
+
+
+def _verify(ctx: Context, jname: str, name: str | None) -> str:
+    from cbsd.core import checkpoints
+    from cbsd.errors import CheckpointError
+
+    results = checkpoints.verify(ctx, jname, name)
+    bad = [msg for _, msg in results if msg]
+    lines = [f"{jname}: checkpoint {ck}: OK" for ck, msg in results if not msg]
+    if bad:
+        if lines:
+            print("\n".join(lines))
+        raise CheckpointError(f"{jname}: " + "; ".join(bad))
+    return "\n".join(lines) or f"{jname}: no checkpoints"
+
+
+def bsuspend(ctx: Context, a: Args) -> int:
+    from cbsd.core import hibernate
+
+    if a["mode"] == "discard":
+        return each(ctx, a["names"], hibernate.discard)
+    return each(ctx, a["names"], lambda c, j: hibernate.suspend(c, j), a["parallel"])

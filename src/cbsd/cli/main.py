@@ -1,0 +1,80 @@
+"""cbsd's entry point: the only place where errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from types import FrameType
+
+from cbsd import __version__
+from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, CbsdError, UsageError
+
+USAGE = """usage: cbsd COMMAND [key=value ...] [NAME ...]
+
+commands:
+{commands}
+
+'cbsd COMMAND --help' shows a command's keys. Exit codes: 0 ok, 1 failed, 2 bad arguments,
+75 the VM is busy with another cbsd command."""
+
+
+def _usage() -> str:
+    from cbsd.cli.table import COMMANDS
+
+    return USAGE.format(commands="\n".join(f"  {c.name:<12} {c.summary}"
+                                           for c in COMMANDS.values()))
+
+
+def _cancel_on_signals() -> None:
+    """SIGINT/SIGTERM raise Cancelled once, so operations roll back; repeats are ignored while
+    the rollback runs (a second Ctrl-C must not leave things half undone)."""
+    fired = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise Cancelled(f"cancelled by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.umask(0o077)  # everything cbsd or its QEMU creates is owner-only: it may hold guest RAM
+    if not args:
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
+    if args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version", "version"):
+        print(f"cbsd {__version__}")
+        return 0
+    try:
+        from cbsd.cli import commands
+        from cbsd.cli.args import help_text, parse
+        from cbsd.cli.table import COMMANDS
+
+        cmd = COMMANDS.get(args[0])
+        if cmd is None:
+            raise UsageError(f"unknown command '{args[0]}' (see 'cbsd --help')")
+        if any(a in ("-h", "--help") for a in args[1:]):
+            print(help_text(cmd))
+            return 0
+        parsed = parse(cmd, args[1:])
+        _cancel_on_signals()
+        from cbsd.core.context import Context
+
+        return int(getattr(commands, cmd.name)(Context(), parsed))
+    except CbsdError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_FAILED

@@ -1,0 +1,54 @@
+"""Formatting results for stdout (tables, JSON) and progress for a terminal's stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], header: bool) -> str:
+    cells = [[str(r[c]) for c in columns] for r in rows]
+    if header:
+        cells.insert(0, [c.upper() for c in columns])
+    if not cells:
+        return ""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip()
+                     for row in cells) + "\n"
+
+
+def as_json(data: Any) -> str:
+    return json.dumps(data, indent=1) + "\n"
+
+
+class Progress:
+    """A progress bar with ETA on stderr, only when stderr is a terminal (rich, lazily)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < (64 << 20):
+            return  # small states finish before a bar is worth drawing
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn(self.label), BarColumn(), DownloadColumn(),
+                                     TimeRemainingColumn(), console=Console(stderr=True),
+                                     transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def progress(label: str) -> Progress | None:
+    return Progress(label) if sys.stderr.isatty() else None

@@ -1,0 +1,1 @@
+"""The core: VM model, state, locking and the orchestration of every command."""

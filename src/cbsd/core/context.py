@@ -1,0 +1,49 @@
+"""What every command works with: the workdir, the inventory, the host's QEMU, name resolution."""
+
+from __future__ import annotations
+
+import functools
+
+from cbsd.core.lock import VMLock
+from cbsd.core.model import VMSpec
+from cbsd.core.names import check_mask, is_mask, match_mask
+from cbsd.errors import NoSuchVM
+from cbsd.qemu.host import Host, probe
+from cbsd.storage.inventory import Inventory
+from cbsd.storage.paths import Workdir, default_workdir
+
+
+class Context:
+    def __init__(self, workdir: Workdir | None = None) -> None:
+        self.workdir = workdir or Workdir(default_workdir())
+        self.workdir.ensure()
+
+    @functools.cached_property
+    def inventory(self) -> Inventory:
+        return Inventory(self.workdir.inventory)
+
+    @property
+    def host(self) -> Host:
+        return probe()
+
+    def spec(self, jname: str) -> VMSpec:
+        spec = self.inventory.get(jname)
+        if spec is None:
+            raise NoSuchVM(f"No such VM: {jname}")
+        return spec
+
+    def resolve(self, masks: list[str]) -> list[str]:
+        """Expand names and masks to VM names (each once, in the order given, masks sorted)."""
+        names = self.inventory.names()
+        found: list[str] = []
+        for mask in masks:
+            check_mask(mask)
+            hits = match_mask(mask, names) if is_mask(mask) else [mask] if mask in names else []
+            if not hits:
+                raise NoSuchVM(f"No VM matches the mask: {mask}" if is_mask(mask)
+                               else f"No such VM: {mask}")
+            found += [h for h in hits if h not in found]
+        return found
+
+    def lock(self, jname: str, what: str, wait: float = 0.0) -> VMLock:
+        return VMLock(self.workdir.lock_file(jname), jname, what).acquire(wait)

@@ -1,0 +1,40 @@
+"""bsuspend: hibernate (save everything, end QEMU, free the RAM), discard, and resume."""
+
+from __future__ import annotations
+
+from cbsd.core import savestate
+from cbsd.core.context import Context
+from cbsd.core.model import Action, Status, require
+from cbsd.core.vm import VM
+from cbsd.errors import QemuError
+
+NAME = "hibernation"
+
+
+def suspend(ctx: Context, jname: str, progress: savestate.Progress | None = None) -> str:
+    with ctx.lock(jname, "bsuspend"):
+        vm = VM.load(ctx, jname)
+        require(jname, vm.status(mine=True), Action.SUSPEND)
+        savestate.save(vm, ctx.workdir.hibernation(jname), name=NAME, kind="hibernation",
+                       keep_running=False, progress=progress)
+        vm.power_off()
+        if vm.status(mine=True) is not Status.SUSPENDED:
+            raise QemuError(f"{jname}: hibernation image written but the VM is not Suspended")
+    return f"{jname}: hibernated"
+
+
+def discard(ctx: Context, jname: str) -> str:
+    with ctx.lock(jname, "bsuspend discard"):
+        vm = VM.load(ctx, jname)
+        savestate.recover(vm)
+        require(jname, vm.status(mine=True), Action.DISCARD)
+        savestate.drop(vm, ctx.workdir.hibernation(jname))
+    return f"{jname}: hibernation image discarded"
+
+
+def resume(vm: VM, *, paused: bool, progress: savestate.Progress | None = None) -> None:
+    """Load the hibernation image (lock held by the caller); drop it once the VM runs.
+    A failed resume keeps the image."""
+    image = vm.ctx.workdir.hibernation(vm.jname)
+    savestate.load(vm, image, paused=paused, progress=progress)
+    savestate.drop(vm, image)

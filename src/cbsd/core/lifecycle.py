@@ -1,0 +1,175 @@
+"""bcreate, bstart, bstop, bremove, bpause: the VM lifecycle and its state transitions."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbsd.core import savestate
+from cbsd.core.context import Context
+from cbsd.core.model import Action, Status, VMSpec, require
+from cbsd.core.names import MIB, check_name
+from cbsd.core.vm import VM
+from cbsd.errors import QemuError, StateError, UsageError
+from cbsd.qemu import img, process
+from cbsd.qemu.host import resolve_machine
+from cbsd.storage.atomic import remove_tree
+
+FIRST_DISK = "dsk1.qcow2"
+
+
+@dataclass
+class CreateRequest:
+    jname: str
+    ram: int = 512 * MIB
+    cpus: int = 1
+    os_type: str = "linux"
+    imgsize: int | None = None
+    image: str | None = None
+    iso: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    vnc: bool = False
+    vnc_password: str | None = None
+    nic: str = "user"
+    hostfwd: list[str] = field(default_factory=list)
+    astart: bool = False
+
+    def validate(self) -> None:
+        check_name(self.jname)
+        if self.ram < 16 * MIB:
+            raise UsageError(f"vm_ram={self.ram >> 20}m is under 16 MiB: a likely mistake "
+                             "(sizes take a suffix, e.g. vm_ram=512m)")
+        for key in ("image", "iso", "kernel", "initrd"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise UsageError(f"{key}: no such file: {value}")
+        if (self.initrd or self.cmdline) and not self.kernel:
+            raise UsageError("initrd= and cmdline= need kernel=")
+        if self.vnc_password and not self.vnc:
+            raise UsageError("vnc_password= needs vnc=1")
+        if self.hostfwd and self.nic != "user":
+            raise UsageError("hostfwd= needs nic=user")
+
+
+DEFAULT_IMGSIZE = 10 << 30
+
+
+def create(ctx: Context, req: CreateRequest) -> VMSpec:
+    req.validate()
+    with ctx.lock(req.jname, "bcreate"):
+        if ctx.inventory.get(req.jname) is not None:
+            raise StateError(f"VM already exist: {req.jname}")
+        wd = ctx.workdir
+        # Leftovers of a bcreate that was killed half-way (never in the inventory): ours now.
+        for d in (wd.system(req.jname), wd.vm_dir(req.jname)):
+            remove_tree(d)
+        try:
+            wd.ensure_vm(req.jname)
+            disk = wd.disk(req.jname, FIRST_DISK)
+            if req.image:
+                img.convert(Path(req.image), disk)
+                if req.imgsize and req.imgsize > int(img.info(disk)["virtual-size"]):
+                    img.resize(disk, req.imgsize)
+            else:
+                img.create(disk, req.imgsize or DEFAULT_IMGSIZE)
+            spec = VMSpec(
+                jname=req.jname, ram=req.ram, cpus=req.cpus, os_type=req.os_type,
+                machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
+                iso=_abs(req.iso), kernel=_abs(req.kernel), initrd=_abs(req.initrd),
+                cmdline=req.cmdline, vnc=req.vnc, vnc_password=req.vnc_password, nic=req.nic,
+                hostfwd=list(req.hostfwd), astart=req.astart,
+            )
+            ctx.inventory.add(spec)
+        except BaseException:
+            for d in (wd.system(req.jname), wd.vm_dir(req.jname)):
+                remove_tree(d)
+            raise
+    return spec
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bool = False,
+          progress: savestate.Progress | None = None) -> str:
+    """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
+    with ctx.lock(jname, "bstart"):
+        vm = VM.load(ctx, jname)
+        savestate.recover(vm)
+        status = vm.status(mine=True)
+        if checkpoint is not None:
+            check_name(checkpoint, "checkpoint name")
+            require(jname, status, Action.RESTORE)
+            savestate.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused,
+                           progress=progress)
+            done = f"restored from checkpoint {checkpoint}"
+        else:
+            require(jname, status, Action.START)
+            if status is Status.SUSPENDED:
+                from cbsd.core.hibernate import resume
+
+                resume(vm, paused=paused, progress=progress)
+                done = "resumed from hibernation"
+            else:
+                with vm.launch(paused=paused) as mon:
+                    state = mon.status()
+                ok = state in ("paused", "prelaunch") if paused else state == "running"
+                if not ok:
+                    vm.kill()
+                    raise QemuError(f"{jname}: QEMU started but reports '{state}'")
+                done = "started"
+    return f"{jname}: {done}" + (" (paused)" if paused else "")
+
+
+def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 30) -> str:
+    with ctx.lock(jname, "bstop"):
+        vm = VM.load(ctx, jname)
+        status = vm.status(mine=True)
+        if status is Status.OFF:
+            raise StateError(f"{jname}: not running")
+        require(jname, status, Action.STOP)
+        if noacpi:
+            vm.power_off()
+            return f"{jname}: powered off"
+        with vm.monitor() as mon:
+            if status is Status.PAUSED:
+                # A frozen guest cannot see the power button: thaw it so it can shut down.
+                mon.cmd("cont")
+                print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
+                      file=sys.stderr)
+            mon.cmd("system_powerdown")
+        if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout):
+            vm.forget_process()
+            return f"{jname}: stopped (ACPI shutdown)"
+        vm.power_off()
+        return f"{jname}: did not shut down within {hard_timeout} s: powered off"
+
+
+def remove(ctx: Context, jname: str) -> str:
+    with ctx.lock(jname, "bremove"):
+        vm = VM.load(ctx, jname)
+        if vm.alive():
+            vm.power_off()
+        # Inventory first: a crash after this leaves only files, which bcreate clears.
+        ctx.inventory.remove(jname)
+        remove_tree(ctx.workdir.system(jname))
+        remove_tree(ctx.workdir.vm_dir(jname))
+    return f"{jname}: removed"
+
+
+def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
+    with ctx.lock(jname, "bpause"):
+        vm = VM.load(ctx, jname)
+        status = vm.status(mine=True)
+        if mode == "auto":
+            mode = "off" if status is Status.PAUSED else "on"
+        require(jname, status, Action.PAUSE if mode == "on" else Action.RESUME)
+        with vm.monitor() as mon:
+            mon.cmd("stop" if mode == "on" else "cont")
+            if mon.running() != (mode == "off"):
+                raise QemuError(f"{jname}: QEMU did not {'pause' if mode == 'on' else 'resume'}")
+    return f"{jname}: {'paused' if mode == 'on' else 'resumed'}"

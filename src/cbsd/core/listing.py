@@ -1,0 +1,37 @@
+"""bls: one row per VM, with the contract's columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cbsd.core.context import Context
+from cbsd.core.model import BLS_COLUMNS as COLUMNS
+from cbsd.core.model import Status
+from cbsd.core.vm import VM
+
+__all__ = ["COLUMNS", "rows"]
+
+
+def rows(ctx: Context, names: list[str] | None) -> list[dict[str, Any]]:
+    out = []
+    wanted = set(names) if names is not None else None
+    for spec, pid, port in ctx.inventory.all():
+        if wanted is not None and spec.jname not in wanted:
+            continue
+        vm = VM(ctx, spec, (pid, port))
+        status = vm.status()
+        live = status in (Status.ON, Status.PAUSED) or (status is Status.MAINTENANCE and vm.alive())
+        curmem, pcpu = vm.rss_and_cpu() if live else (0, 0.0)
+        out.append({
+            "jname": spec.jname,
+            "jid": vm.pid if live else 0,
+            "vm_ram": spec.ram >> 20,
+            "vm_curmem": curmem,
+            "vm_cpus": spec.cpus,
+            "pcpu": pcpu,
+            "vm_os_type": spec.os_type,
+            "ip4_addr": "DHCP" if spec.nic == "user" else "-",
+            "status": status.value,
+            "vnc_port": f"{spec.vnc_bind}:{vm.vnc_port}" if live and vm.vnc_port else "0",
+        })
+    return out

@@ -1,0 +1,77 @@
+"""Per-VM locks.
+
+fcntl.flock is released by the kernel when its holder dies (even by kill -9), so a stale lock
+can never block a VM: the next command simply gets it. The holder writes its pid and command
+into the file, so a busy error can say who holds the VM.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from cbsd.errors import BusyError
+
+
+class VMLock:
+    def __init__(self, path: Path, jname: str, what: str) -> None:
+        self.path = path
+        self.jname = jname
+        self.what = what
+        self._fd = -1
+
+    def acquire(self, wait: float = 0.0) -> VMLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise BusyError(f"{self.jname}: busy: another cbsd command holds it{holder}") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> VMLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    pid, _, what = text.partition(" ")
+    return f" ({what}, pid {pid})" if pid else ""
+
+
+def is_held(path: Path) -> bool:
+    """True while another process holds the VM's lock (status Maintenance)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

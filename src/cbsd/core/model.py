@@ -1,0 +1,120 @@
+"""The VM model: its specification, its status, and which status each action needs.
+
+The status is never stored: it is derived from what is true right now (a live QEMU process and
+what it reports, a hibernation image on disk, a lock held by another cbsd command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from cbsd.errors import StateError
+
+# bls columns (contract section 3), in their default order.
+BLS_COLUMNS = ("jname", "jid", "vm_ram", "vm_curmem", "vm_cpus", "pcpu", "vm_os_type", "ip4_addr",
+               "status", "vnc_port")
+
+
+class Status(enum.Enum):
+    ON = "On"
+    OFF = "Off"
+    PAUSED = "Paused"
+    SUSPENDED = "Suspended"
+    MAINTENANCE = "Maintenance"
+
+
+class Action(enum.Enum):
+    START = "start"
+    RESTORE = "start from a checkpoint"
+    STOP = "stop"
+    PAUSE = "pause"
+    RESUME = "resume"
+    CHECKPOINT = "checkpoint"
+    SUSPEND = "hibernate"
+    DISCARD = "discard the hibernation image of"
+    LOGIN = "attach to the console of"
+
+
+_RUNNING = {Status.ON, Status.PAUSED}
+ALLOWED: dict[Action, set[Status]] = {
+    Action.START: {Status.OFF, Status.SUSPENDED},
+    Action.RESTORE: {Status.OFF},
+    Action.STOP: _RUNNING,
+    Action.PAUSE: {Status.ON},
+    Action.RESUME: {Status.PAUSED},
+    Action.CHECKPOINT: _RUNNING,
+    Action.SUSPEND: _RUNNING,
+    Action.DISCARD: {Status.SUSPENDED},
+    Action.LOGIN: _RUNNING,
+}
+
+# Messages users know from CBSD come first; the rest say what state blocks what.
+_WHY = {
+    (Action.START, Status.ON): "already running",
+    (Action.START, Status.PAUSED): "already running (paused)",
+    (Action.RESTORE, Status.ON): "is running: stop it before restoring a checkpoint",
+    (Action.RESTORE, Status.PAUSED): "is running (paused): stop it before restoring a checkpoint",
+    (Action.RESTORE, Status.SUSPENDED): (
+        "is hibernated: resume it with bstart or drop the image with "
+        "'bsuspend mode=discard' before restoring a checkpoint"
+    ),
+    (Action.STOP, Status.SUSPENDED): (
+        "is hibernated: 'bstop' would throw its saved state away; "
+        "use 'bsuspend mode=discard' to drop it, or 'bstart' to resume it"
+    ),
+}
+
+
+def require(jname: str, status: Status, action: Action) -> None:
+    """Raise StateError unless *action* may run on a VM in *status*."""
+    if status in ALLOWED[action]:
+        return
+    why = _WHY.get((action, status))
+    if why is None:
+        why = f"is {status.value}: cannot {action.value} it"
+    raise StateError(f"{jname}: {why}")
+
+
+@dataclasses.dataclass
+class VMSpec:
+    """Everything needed to run a VM; stored in the inventory and in each checkpoint."""
+
+    jname: str
+    ram: int  # bytes
+    cpus: int = 1
+    os_type: str = "linux"
+    machine: str = "pc"  # resolved to a versioned type (pc-i440fx-X.Y) at bcreate
+    disks: list[str] = dataclasses.field(default_factory=list)  # file names under vm/<jname>/
+    iso: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    vnc: bool = False
+    vnc_password: str | None = None
+    vnc_bind: str = "127.0.0.1"
+    nic: str = "user"
+    hostfwd: list[str] = dataclasses.field(default_factory=list)
+    astart: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def restore_relevant(self) -> dict[str, Any]:
+        """The parts of the spec a saved state depends on (QEMU refuses to load otherwise)."""
+        return {
+            "ram": self.ram,
+            "cpus": self.cpus,
+            "machine": self.machine,
+            "disks": list(self.disks),
+            "iso": self.iso is not None,
+            "kernel": self.kernel is not None,
+            "vnc": self.vnc,
+            "nic": self.nic,
+        }

@@ -1,0 +1,457 @@
+"""Saving and loading a VM's complete state: the one engine behind checkpoints and hibernation.
+
+Save (VM On or Paused, lock held):
+  1. stop the vCPUs (not with live=1), so memory and disks are taken at one instant;
+  2. an internal qcow2 snapshot of every disk (metadata only, a few ms);
+  3. QEMU migrates RAM, CPU and device state into a file we opened (fd:), bandwidth uncapped,
+     while a thread checksums the file as it grows (no second pass);
+  4. fsync, manifest, fsync, verify, rename into place; the VM is put back as it was.
+Any failure or signal undoes 1-4: disk snapshots deleted, temporary files removed, VM resumed.
+
+Load (VM Off): manifest checksum, compatibility with this VM and host, file checksums and disk
+snapshots are all checked before QEMU is launched; then disks are reverted, QEMU starts with
+``-incoming defer -S`` and reads the stream; the guest runs only once the load completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cbsd.core.vm import VM, free_bytes
+from cbsd.errors import CbsdError, CheckpointError, NoSpaceError, QemuError
+from cbsd.qemu import img
+from cbsd.qemu.host import resolve_machine
+from cbsd.qemu.qmp import Monitor, open_fd_for
+from cbsd.storage import ckpstore
+from cbsd.storage.atomic import fsync_dir, os_error, remove_tree
+
+Progress = Callable[[int, int], None]
+TAG_PREFIX = "cbsd-"
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+class _Follower(threading.Thread):
+    """Checksums a file while another process appends to it (QEMU writes the stream in order)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        import xxhash
+
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._hash = xxhash.xxh3_128()
+        self._writer_done = threading.Event()
+        self._abort = threading.Event()
+        self.size = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._abort.is_set():
+                chunk = os.read(self._fd, ckpstore.CHUNK)
+                if chunk:
+                    self._hash.update(chunk)
+                    self.size += len(chunk)
+                elif self._writer_done.is_set():
+                    return
+                else:
+                    time.sleep(0.002)
+        except BaseException as e:  # reported by finish()
+            self.error = e
+        finally:
+            os.close(self._fd)
+
+    def finish(self) -> tuple[int, str]:
+        self._writer_done.set()
+        self.join()
+        if self.error:
+            raise self.error
+        return self.size, self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        self._abort.set()
+        self._writer_done.set()
+        self.join()
+
+
+# --- disk snapshots ---------------------------------------------------------------------------
+
+def _disk_tags(vm: VM, manifest: ckpstore.Manifest) -> list[tuple[int, str]]:
+    index = {d: i for i, d in enumerate(vm.spec.disks)}
+    return [(index[s["disk"]], s["tag"]) for s in manifest.disk_snapshots if s["disk"] in index]
+
+
+def delete_tags(vm: VM, tags: list[tuple[int, str]], mon: Monitor | None) -> None:
+    """Release internal disk snapshots, online through QMP or offline with qemu-img."""
+    for i, tag in tags:
+        disk = Path(vm.paths.disks[i])
+        if mon is not None:
+            try:
+                mon.cmd("blockdev-snapshot-delete-internal-sync", device=f"disk{i}", name=tag)
+            except QemuError:
+                if tag in img.snapshots(disk):
+                    raise
+        elif disk.exists() and tag in img.snapshots(disk):
+            img.snapshot_delete(disk, tag)
+
+
+def published_tags(vm: VM) -> set[str]:
+    wd = vm.ctx.workdir
+    tags: set[str] = set()
+    states = ckpstore.list_states(wd.checkpoints(vm.jname))
+    if ckpstore.is_complete(wd.hibernation(vm.jname)):
+        states.append((wd.hibernation(vm.jname), None))
+    for path, m in states:
+        try:
+            m = m or ckpstore.read_manifest(path)
+        except CheckpointError:
+            continue  # a damaged state keeps its snapshots until it is destroyed
+        tags |= {s["tag"] for s in m.disk_snapshots}
+    return tags
+
+
+def recover(vm: VM, mon: Monitor | None = None) -> None:
+    """Clear what an interrupted (even kill -9'd) command left: partial or retired states and
+    the disk snapshots no published state owns. Needs the VM's lock."""
+    wd = vm.ctx.workdir
+    doomed: list[Path] = []
+    for d in (wd.checkpoints(vm.jname), wd.system(vm.jname)):
+        if d.is_dir():
+            doomed += ckpstore.recover(d)
+    if not doomed:
+        return
+    for path in doomed:
+        remove_tree(path)
+    keep = published_tags(vm)
+    for i, disk in enumerate(vm.paths.disks):
+        if not Path(disk).exists():
+            continue
+        orphans = [(i, t) for t in img.snapshots(Path(disk))
+                   if t.startswith(TAG_PREFIX) and t not in keep]
+        delete_tags(vm, orphans, mon)
+
+
+# --- save -------------------------------------------------------------------------------------
+
+def _put_back(mon: Monitor, was_running: bool) -> None:
+    """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
+    'postmigrate' with its disks inactive; 'cont' reactivates them (probed, not assumed)."""
+    state = mon.status()
+    if was_running:
+        if state != "running":
+            mon.cmd("cont")
+    elif state == "postmigrate":
+        mon.cmd("cont")
+        mon.cmd("stop")
+
+
+def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
+         keep_running: bool = True, progress: Progress | None = None) -> ckpstore.Manifest:
+    """Write the VM's complete state to *final* (replacing an older one only once complete).
+
+    keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with vm.monitor() as mon:
+        recover(vm, mon)
+        _check_space(vm, final.parent)
+        tmp = ckpstore.new_tmpdir(final)
+        tags: list[tuple[int, str]] = []
+        follower: _Follower | None = None
+        was_running = mon.running()
+        live = live and was_running
+        try:
+            _set_migration(mon, live)
+            # Disk and memory must be of the same instant: freeze first, even for live=1
+            # (background-snapshot records memory as of its start, then resumes the guest).
+            if was_running:
+                mon.cmd("stop")
+            for i in range(len(vm.paths.disks)):
+                tag = f"{TAG_PREFIX}{name}-{secrets.token_hex(6)}"
+                mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
+                tags.append((i, tag))
+            memfile = tmp / ckpstore.MEMORY
+            fd = open_fd_for(memfile, write=True)
+            try:
+                follower = _Follower(memfile)
+                follower.start()
+                mon.send_fd(fd, "cbsd-save")
+            finally:
+                os.close(fd)
+            started = time.monotonic()
+            mon.cmd("migrate", uri="fd:cbsd-save")
+            info = mon.wait_migration(progress=_ram_progress(progress))
+            elapsed = time.monotonic() - started
+            size, digest = follower.finish()
+            follower = None
+            _fsync_file(memfile)
+            if keep_running:
+                _put_back(mon, was_running)
+            manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
+                                 elapsed)
+            manifest.save(tmp)
+            fsync_dir(tmp)
+            _verify_written(tmp, size)
+            old = ckpstore.publish(tmp, final)
+        except BaseException as e:
+            if follower is not None:
+                try:
+                    follower.abandon()
+                except Exception:
+                    pass
+            _rollback(vm, mon, tmp, tags, was_running)
+            if isinstance(e, OSError):
+                raise os_error(e, f"{vm.jname}: cannot write {kind} {name}") from e
+            if isinstance(e, QemuError) and "space" in str(e).lower():
+                raise NoSpaceError(f"{vm.jname}: cannot write {kind} {name}: "
+                                   "no space left on device") from e
+            raise
+        if old is not None:
+            _drop(vm, old, mon)
+        return manifest
+
+
+def _set_migration(mon: Monitor, live: bool) -> None:
+    caps = {c["capability"] for c in mon.cmd("query-migrate-capabilities")}
+    if live and "background-snapshot" not in caps:
+        raise CbsdError(f"{mon.jname}: live=1 needs QEMU's background-snapshot, which this "
+                        "QEMU lacks")
+    if "background-snapshot" in caps:
+        try:
+            mon.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "background-snapshot", "state": live}])
+        except QemuError as e:
+            raise CbsdError(f"{mon.jname}: live=1 is not supported on this host "
+                            f"({str(e).split(': ', 2)[-1]})") from e
+    mon.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BANDWIDTH})
+
+
+def _check_space(vm: VM, directory: Path) -> None:
+    """Refuse before writing when the state clearly cannot fit (RSS bounds the stream size)."""
+    rss, _ = vm.rss_and_cpu()
+    need = min(rss, vm.spec.ram >> 20) * (1 << 20) + (4 << 20)
+    free = free_bytes(directory)
+    if free < need:
+        raise NoSpaceError(f"{vm.jname}: no space left on device for the saved state: about "
+                           f"{need >> 20} MiB needed, {free >> 20} MiB free in {directory}")
+
+
+def _ram_progress(progress: Progress | None) -> Callable[[dict[str, Any]], None] | None:
+    if progress is None:
+        return None
+    return lambda ram: progress(max(0, ram["total"] - ram["remaining"]), ram["total"])
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _verify_written(tmp: Path, size: int) -> None:
+    """What we publish must read back as what we checksummed and sealed."""
+    m = ckpstore.read_manifest(tmp)
+    actual = (tmp / ckpstore.MEMORY).stat().st_size
+    if actual != size or m.memory_size != size:
+        raise CheckpointError(f"verification failed: memory file has {actual} bytes, "
+                              f"checksummed {size}")
+
+
+def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[int, str]],
+              was_running: bool) -> None:
+    """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
+    was conditional on success). Every step is attempted even if an earlier one fails."""
+    steps: list[Callable[[], None]] = []
+    if vm.alive():
+        steps += [lambda: _cancel_migration(mon),
+                  lambda: _put_back(mon, was_running),
+                  lambda: delete_tags(vm, tags, mon)]
+    steps.append(lambda: remove_tree(tmp))
+    for step in steps:
+        with contextlib.suppress(CbsdError, OSError):
+            step()
+
+
+def _cancel_migration(mon: Monitor) -> None:
+    state = mon.cmd("query-migrate").get("status")
+    if state in ("active", "setup", "device", "pre-switchover"):
+        mon.cmd("migrate_cancel")
+        deadline = time.monotonic() + 10
+        while mon.cmd("query-migrate").get("status") not in ("cancelled", "failed", "completed"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+
+
+def _drop(vm: VM, path: Path, mon: Monitor | None) -> None:
+    """Delete a saved state: first hide it, then release its disk snapshots, then its files."""
+    try:
+        m: ckpstore.Manifest | None = ckpstore.read_manifest(path)
+    except CheckpointError:
+        m = None
+    if not path.name.startswith("."):
+        path = ckpstore.retire(path)
+    if m is not None:
+        delete_tags(vm, _disk_tags(vm, m), mon)
+    remove_tree(path)
+
+
+def drop(vm: VM, path: Path) -> None:
+    """Delete a published state and the disk snapshots it owns (VM running or not)."""
+    if vm.alive():
+        with vm.monitor() as mon:
+            _drop(vm, path, mon)
+    else:
+        _drop(vm, path, None)
+    # A damaged manifest cannot name its snapshots: sweep those nobody owns any more.
+    keep = published_tags(vm)
+    if vm.alive():
+        return
+    for i, disk in enumerate(vm.paths.disks):
+        if Path(disk).exists():
+            orphans = [(i, t) for t in img.snapshots(Path(disk))
+                       if t.startswith(TAG_PREFIX) and t not in keep]
+            delete_tags(vm, orphans, None)
+
+
+def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
+              tags: list[tuple[int, str]], size: int, digest: str, info: dict[str, Any],
+              elapsed: float) -> ckpstore.Manifest:
+    created, ts = ckpstore.now_iso()
+    host = vm.ctx.host
+    return ckpstore.Manifest({
+        "format": ckpstore.FORMAT,
+        "kind": kind,
+        "name": name,
+        "jname": vm.jname,
+        "created": created,
+        "created_ts": ts,
+        "qemu_version": host.version,
+        "accel": host.accel,
+        "machine": vm.spec.machine,
+        "spec": vm.spec.to_dict(),
+        "restore_relevant": vm.spec.restore_relevant(),
+        "argv": vm.argv(incoming=True),
+        "was_running": was_running,
+        "live": live,
+        "disk_snapshots": [{"disk": vm.spec.disks[i], "tag": t} for i, t in tags],
+        "files": {ckpstore.MEMORY: {"size": size, "xxh3_128": digest}},
+        "migration": {"seconds": round(elapsed, 4), "ram_total": info.get("ram", {}).get("total"),
+                      "transferred": info.get("ram", {}).get("transferred")},
+    })
+
+
+# --- load -------------------------------------------------------------------------------------
+
+def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
+    """Everything that can be checked without launching QEMU. CheckpointError if any fails."""
+    if not ckdir.is_dir() or ckdir.is_symlink():
+        raise CheckpointError(f"{vm.jname}: no checkpoint {ckdir.name.removesuffix('.ckp')}")
+    m = ckpstore.read_manifest(ckdir)
+    what = f"{vm.jname}: checkpoint {m.name}" if m.data["kind"] == "checkpoint" else \
+        f"{vm.jname}: hibernation image"
+    saved, now = m.data["restore_relevant"], vm.spec.restore_relevant()
+    diffs = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
+    if diffs:
+        raise CheckpointError(f"{what} is incompatible with the VM's configuration now: "
+                              + "; ".join(diffs))
+    host = vm.ctx.host
+    if m.data["accel"] != host.accel:
+        raise CheckpointError(f"{what} was taken under {m.data['accel']}, this host runs "
+                              f"{host.accel}: cannot restore")
+    if _version(m.data["qemu_version"])[:2] > _version(host.version)[:2]:
+        raise CheckpointError(f"{what} was saved by QEMU {m.data['qemu_version']}, newer than "
+                              f"this host's {host.version}: cannot restore")
+    if resolve_machine(host, m.data["machine"]) != m.data["machine"] and \
+            not _machine_known(vm, m.data["machine"]):
+        raise CheckpointError(f"{what} needs machine type {m.data['machine']}, which this "
+                              f"QEMU {host.version} does not provide")
+    for disk_index, tag in _disk_tags(vm, m):
+        disk = Path(vm.paths.disks[disk_index])
+        if not disk.exists() or tag not in img.snapshots(disk):
+            raise CheckpointError(f"{what} is damaged: disk snapshot {tag} is missing from "
+                                  f"{disk.name}")
+    try:
+        ckpstore.verify_files(ckdir, m)
+    except CheckpointError as e:
+        raise CheckpointError(f"{vm.jname}: {e}") from None
+    return m
+
+
+def _machine_known(vm: VM, machine: str) -> bool:
+    import subprocess
+
+    out = subprocess.run([vm.ctx.host.qemu, "-machine", "help"], capture_output=True, text=True,
+                         check=False).stdout
+    return any(line.split(" ", 1)[0] == machine for line in out.splitlines())
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None) -> None:
+    """Restore a saved state into a stopped VM. The state itself is left in place."""
+    m = check_restorable(vm, ckdir)
+    for disk_index, tag in _disk_tags(vm, m):
+        img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
+    mon = vm.launch(incoming=True)
+    try:
+        fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
+        try:
+            mon.send_fd(fd, "cbsd-load")
+        finally:
+            os.close(fd)
+        mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+        _wait_incoming(vm, mon)
+        if not paused:
+            mon.cmd("cont")
+        expected = "paused" if paused else "running"
+        if mon.status() != expected:
+            raise QemuError(f"{vm.jname}: after loading the state QEMU reports "
+                            f"'{mon.status()}', expected '{expected}'")
+    except BaseException as e:
+        mon.close()
+        reason = _qemu_log_tail(vm)
+        vm.kill()
+        if isinstance(e, QemuError) and reason:
+            raise QemuError(f"{vm.jname}: restore failed: {reason}") from e
+        raise
+    mon.close()
+
+
+def _wait_incoming(vm: VM, mon: Monitor) -> None:
+    delay = 0.002
+    while True:
+        try:
+            state = mon.status()
+        except QemuError:
+            if not vm.alive():
+                raise QemuError(f"{vm.jname}: QEMU exited while loading the state") from None
+            raise
+        if state != "inmigrate":
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    info = mon.cmd("query-migrate")
+    if info.get("status") not in (None, "completed"):
+        raise QemuError(f"{vm.jname}: loading the state failed: "
+                        f"{info.get('error-desc', info.get('status'))}")
+
+
+def _qemu_log_tail(vm: VM) -> str:
+    try:
+        lines = Path(vm.paths.qemu_log).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-20:]):
+        if "migration" in line.lower() or "error" in line.lower() or "mismatch" in line.lower():
+            return line.split(": ", 1)[-1].strip()
+    return ""

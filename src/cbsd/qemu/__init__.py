@@ -1,0 +1,1 @@
+"""The QEMU backend: host probing, the argv builder, process control, QMP and qemu-img."""

@@ -1,0 +1,75 @@
+"""Launching QEMU and telling whether it still lives.
+
+QEMU runs with -daemonize, so it outlives the cbsd command that started it. Here PID 1 may reap
+orphans late (FACTS.md): an exited QEMU lingers as a zombie and kill(pid, 0) still succeeds, so
+liveness reads /proc/PID/stat. The pid is also checked against the VM's QMP socket path in the
+process's command line, so a recycled pid is never taken for the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from cbsd.errors import QemuError
+
+
+def alive(pid: int, marker: str) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X") and marker.encode() in cmdline
+
+
+def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
+    """Run QEMU (-daemonize: returns once the VM is set up). Returns the daemon's pid."""
+    pidfile.unlink(missing_ok=True)
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, timeout=120, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise QemuError("QEMU did not finish starting within 120 s") from e
+    if res.returncode != 0:
+        raise QemuError(f"QEMU failed to start: {first_error(res.stderr, qemu_log)}")
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError) as e:
+        raise QemuError(f"QEMU started but wrote no pid file {pidfile}") from e
+
+
+def first_error(stderr: bytes, qemu_log: Path) -> str:
+    text = stderr.decode(errors="replace")
+    with contextlib.suppress(OSError):
+        text += "\n" + qemu_log.read_text(errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # "qemu-system-x86_64: -blockdev ...: Could not open ..." -> keep the informative tail.
+    for ln in lines:
+        if "qemu-system" in ln or "error" in ln.lower():
+            return ln.split(": ", 1)[-1] if ln.startswith("qemu-system") else ln
+    return lines[0] if lines else "no message (see qemu.log)"
+
+
+def kill(pid: int, marker: str, sig: int = signal.SIGKILL) -> None:
+    if alive(pid, marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def wait_gone(pid: int, marker: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid, marker):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -1,0 +1,1 @@
+"""Storage: the workdir layout, the SQLite inventory, atomic files and the checkpoint store."""

@@ -1,0 +1,50 @@
+"""Crash-safe file writes: temp file, fsync, rename, fsync the directory (as borgbackup does)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from cbsd.errors import CbsdError, NoSpaceError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, f"cannot write {path}") from e
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or directory tree if present (used for rollback: never raises on absence)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def os_error(e: OSError, what: str) -> CbsdError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{what}: no space left on device")
+    return CbsdError(f"{what}: {e.strerror or e}")

@@ -1,0 +1,77 @@
+"""The workdir layout of the contract (section 2). Pure path arithmetic, no I/O but mkdir."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_workdir() -> Path:
+    env = os.environ.get("CBSD_WORKDIR")
+    if env:
+        return Path(env).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/cbsd")
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "cbsd"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "var" / "db" / "local.sqlite"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "var" / "lock"
+
+    def lock_file(self, jname: str) -> Path:
+        return self.locks / f"{jname}.lock"
+
+    def system(self, jname: str) -> Path:
+        return self.root / "jails-system" / jname
+
+    def vm_dir(self, jname: str) -> Path:
+        return self.root / "vm" / jname
+
+    def disk(self, jname: str, name: str) -> Path:
+        return self.vm_dir(jname) / name
+
+    def console_log(self, jname: str) -> Path:
+        return self.system(jname) / "console.log"
+
+    def console_sock(self, jname: str) -> Path:
+        return self.system(jname) / "console.sock"
+
+    def qmp_sock(self, jname: str) -> Path:
+        return self.system(jname) / "qmp.sock"
+
+    def pidfile(self, jname: str) -> Path:
+        return self.system(jname) / "qemu.pid"
+
+    def qemu_log(self, jname: str) -> Path:
+        return self.system(jname) / "qemu.log"
+
+    def checkpoints(self, jname: str) -> Path:
+        return self.system(jname) / "checkpoints"
+
+    def checkpoint(self, jname: str, name: str) -> Path:
+        return self.checkpoints(jname) / f"{name}.ckp"
+
+    def hibernation(self, jname: str) -> Path:
+        return self.system(jname) / "hibernate.ckp"
+
+    def ensure(self) -> None:
+        """Create the top of the tree, owner-only: it will hold guest memory."""
+        for d in (self.root, self.inventory.parent, self.locks, self.root / "jails-system",
+                  self.root / "vm"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    def ensure_vm(self, jname: str) -> None:
+        for d in (self.system(jname), self.checkpoints(jname), self.vm_dir(jname)):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
