@@ -56,6 +56,7 @@ class VM:
         self.pid = process.launch(self.argv(incoming=incoming, paused=paused),
                                   Path(self.paths.pidfile), Path(self.paths.qemu_log))
         try:
+            self._owner_only()
             mon = self.monitor()
             try:
                 if self.spec.vnc and self.spec.vnc_password:
@@ -69,6 +70,16 @@ class VM:
             raise
         self.ctx.inventory.set_runtime(self.jname, self.pid, self.vnc_port)
         return mon
+
+    def _owner_only(self) -> None:
+        """QEMU's -daemonize sets its umask to 027, so its sockets and logs come out group-
+        readable. The 0700 directory already shuts others out; tighten the files too."""
+        for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.console_log,
+                  self.paths.qemu_log, self.paths.pidfile):
+            try:
+                os.chmod(p, 0o600)
+            except FileNotFoundError:
+                pass
 
     def kill(self) -> None:
         """Power off hard, now, and wait for the process to go."""

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything cbsd, its demo and its tests need on Debian 12/13 (run as root), then
+# cbsd itself into .venv. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates)
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Linux test guest's kernel is fetched with 'apt-get download': the package lists must exist.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    apt-get update -qq
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis' 2>/dev/null; then
+    echo "setup: creating .venv" >&2
+    /usr/bin/python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+fi

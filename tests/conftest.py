@@ -1,0 +1,172 @@
+"""Shared fixtures: an isolated workdir per test, the cbsd CLI as a user runs it, test guests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.guests import build
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def ok(self) -> Result:
+        assert self.code == 0, f"exit {self.code}\nstdout: {self.out}\nstderr: {self.err}"
+        return self
+
+
+class Cbsd:
+    """Runs `python -m cbsd ...` in a subprocess with CBSD_WORKDIR set: the real CLI."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.env = {**os.environ, "CBSD_WORKDIR": str(workdir)}
+
+    def __call__(self, *args: str, timeout: float = 120) -> Result:
+        p = subprocess.run([sys.executable, "-m", "cbsd", *args], capture_output=True, text=True,
+                           env=self.env, timeout=timeout, stdin=subprocess.DEVNULL)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "cbsd", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env,
+                                stdin=subprocess.DEVNULL)
+
+    def bls(self, jname: str | None = None) -> list[dict[str, object]]:
+        args = ["bls", "format=json"] + ([f"jname={jname}"] if jname else [])
+        return json.loads(self(*args).ok().out)
+
+    def status(self, jname: str) -> str:
+        return str(self.bls(jname)[0]["status"])
+
+    def pid(self, jname: str) -> int:
+        return int(self.bls(jname)[0]["jid"])  # type: ignore[arg-type]
+
+    def system(self, jname: str) -> Path:
+        return self.workdir / "jails-system" / jname
+
+    def console(self, jname: str) -> Console:
+        return Console(self.system(jname) / "console.log")
+
+    def checkpoints(self, jname: str) -> list[dict[str, object]]:
+        return json.loads(self("bcheckpoint", "mode=list", f"jname={jname}", "format=json")
+                          .ok().out)
+
+
+class Console:
+    """Reads what the guest wrote to its serial port (console.log), from a mark onwards."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        try:
+            return self.path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mark(self) -> int:
+        return len(self.text())
+
+    def since(self, mark: int) -> str:
+        return self.text()[mark:]
+
+    def wait(self, pattern: str, since: int = 0, timeout: float = 30, count: int = 1) -> list[re.Match[str]]:
+        """Wait until *pattern* matched *count* times after *since*; returns the matches."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.since(since)))
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                tail = self.since(since)[-600:]
+                raise AssertionError(f"timed out waiting for {pattern!r} x{count}; "
+                                     f"console since mark ends with:\n{tail}")
+            time.sleep(0.05)
+
+
+# Boot-sector guest lines: "n=12 disk=11 OK"
+COUNTER_RE = r"n=(\d+) disk=(\d+) (OK|BAD)"
+
+
+def counter_lines(text: str) -> list[tuple[int, int, str]]:
+    return [(int(a), int(b), c) for a, b, c in re.findall(COUNTER_RE, text)]
+
+
+@pytest.fixture
+def cbsd(tmp_path: Path) -> Iterator[Cbsd]:
+    wd = tmp_path / "wd"
+    runner = Cbsd(wd)
+    yield runner
+    _kill_vms(wd)
+
+
+def _kill_vms(wd: Path) -> None:
+    """Whatever a test did, no QEMU outlives it."""
+    db = wd / "var" / "db" / "local.sqlite"
+    if not db.exists():
+        return
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        pids = [r[0] for r in con.execute("SELECT pid FROM vm WHERE pid > 0")]
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(wd).encode() not in f.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def counter_image(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(fill_mib: int = 0, name: str = "counter.raw") -> Path:
+        return build.counter_image(tmp_path / name, fill_mib)
+    return make
+
+
+@pytest.fixture
+def counter_vm(cbsd: Cbsd, counter_image) -> str:  # type: ignore[no-untyped-def]
+    """A defined (not started) boot-sector VM named 'vm1'."""
+    cbsd("bcreate", "jname=vm1", f"image={counter_image()}", "vm_os_type=other",
+         "vm_ram=32m").ok()
+    return "vm1"
+
+
+@pytest.fixture
+def running_counter(cbsd: Cbsd, counter_vm: str) -> str:
+    cbsd("bstart", counter_vm).ok()
+    cbsd.console(counter_vm).wait(COUNTER_RE, count=3)
+    return counter_vm
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> tuple[Path, Path]:
+    return build.linux_guest()
+
+
+LINUX_CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
+TICK_RE = r"tick n=(\d+) up=([\d.]+) disk=(\d+) (OK|BAD)"
+
+
+def create_linux(cbsd: Cbsd, guest: tuple[Path, Path], jname: str = "lx", *extra: str) -> str:
+    kernel, initrd = guest
+    cbsd("bcreate", f"jname={jname}", f"kernel={kernel}", f"initrd={initrd}",
+         f"cmdline={LINUX_CMDLINE}", "vm_ram=256m", "imgsize=16m", *extra).ok()
+    return jname

@@ -1,0 +1,172 @@
+"""Builds the test guests from sources in this folder and Debian packages, into a cache.
+
+    counter  - tests/guests/counter.asm assembled with nasm: a boot sector printing a counter
+               and keeping it on its disk (optionally filling N MiB of RAM at boot)
+    linux    - Debian's cloud kernel (package downloaded and unpacked, not installed) with a
+               busybox-static initramfs whose /init is linux_init.sh
+
+Nothing built is committed; the cache key is a hash of the inputs.
+Usage: python tests/guests/build.py [counter|linux] (prints the paths)
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILL_OFFSET = 0x1FC
+LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("CBSD_GUEST_CACHE", Path.home() / ".cache" / "cbsd-test-guests"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _key(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:16]
+
+
+def counter_bin() -> Path:
+    src = (HERE / "counter.asm").read_bytes()
+    out = cache_dir() / f"counter-{_key(src)}.bin"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["nasm", "-f", "bin", "-o", str(tmp), str(HERE / "counter.asm")],
+                       check=True)
+        if tmp.stat().st_size != 512:
+            raise RuntimeError("counter.asm must assemble to exactly 512 bytes")
+        tmp.rename(out)
+    return out
+
+
+def counter_image(dest: Path, fill_mib: int = 0, size: int = 1 << 20) -> Path:
+    """A raw disk: the boot sector (with FILL_MIB patched in), then zeros (LBA 1 = 0)."""
+    code = bytearray(counter_bin().read_bytes())
+    code[FILL_OFFSET:FILL_OFFSET + 2] = fill_mib.to_bytes(2, "little")
+    with open(dest, "wb") as f:
+        f.write(code)
+        f.truncate(size)
+    return dest
+
+
+# --- Linux guest ------------------------------------------------------------------------------
+
+def _kernel_root() -> Path:
+    """Unpack linux-image-*-cloud-amd64 (the package the metapackage depends on) into the cache."""
+    deps = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True,
+                          text=True, check=True).stdout
+    m = re.search(r"Depends: (linux-image-\S+-cloud-amd64)", deps)
+    if not m:
+        raise RuntimeError("apt-cache knows no linux-image-cloud-amd64: run apt-get update")
+    pkg = m.group(1)
+    root = cache_dir() / pkg
+    if (root / "done").exists():
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True, capture_output=True)
+        deb = next(Path(tmp).glob("*.deb"))
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    (root / "done").touch()
+    return root
+
+
+def _modinfo_depends(data: bytes) -> list[str]:
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)", data)
+    return [d for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def _module_files(root: Path) -> dict[str, Path]:
+    files = {}
+    for p in glob.glob(str(root / "lib/modules/*/kernel/**/*.ko*"), recursive=True):
+        name = Path(p).name.split(".ko")[0].replace("-", "_")
+        files[name] = Path(p)
+    return files
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
+def _modules_in_order(root: Path) -> list[tuple[str, bytes]]:
+    files = _module_files(root)
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in files:
+            return  # built in, or not needed
+        seen.add(name)
+        data = _read_module(files[name])
+        for dep in _modinfo_depends(data):
+            visit(dep.replace("-", "_"))
+        order.append((name, data))
+
+    for mod in LINUX_MODULES:
+        visit(mod)
+    return order
+
+
+def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """newc archive; entries are (path, mode, data), directories with empty data."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        nameb = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08x}" for v in (
+            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nameb), 0))
+        out += hdr.encode() + nameb
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def linux_guest() -> tuple[Path, Path]:
+    """-> (kernel, initrd)."""
+    root = _kernel_root()
+    kernel = next(root.glob("boot/vmlinuz-*"))
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    init = (HERE / "linux_init.sh").read_bytes()
+    bb = busybox.read_bytes()
+    if b"ld-linux" in bb[:4096] or b"/lib64/ld" in bb:
+        raise RuntimeError(f"{busybox} is dynamically linked: install busybox-static")
+    mods = _modules_in_order(root)
+    key = _key(init, bb, kernel.name.encode(), *(m for _, m in mods))
+    initrd = cache_dir() / f"linux-initrd-{key}.cpio"
+    if not initrd.exists():
+        entries = [(d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules")]
+        entries += [("bin/busybox", 0o100755, bb), ("init", 0o100755, init),
+                    ("modules.order", 0o100644, "\n".join(n for n, _ in mods).encode() + b"\n")]
+        entries += [(f"lib/modules/{n}.ko", 0o100644, data) for n, data in mods]
+        tmp = initrd.with_suffix(".tmp")
+        tmp.write_bytes(_cpio(entries))
+        tmp.rename(initrd)
+    return kernel, initrd
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("counter", "all"):
+        print(counter_bin())
+    if what in ("linux", "all"):
+        print(*linux_guest())

@@ -1,0 +1,54 @@
+#!/bin/busybox sh
+# /init of the cbsd Linux test guest (busybox initramfs, Debian cloud kernel).
+# Prints every 0.5 s:  tick n=<count> up=<uptime> disk=<value> OK|BAD
+#   count - RAM-only counter, restarts at 0 on boot ("cbsd-guest: up" marks a boot)
+#   value - the count last written to /dev/vda, read past the page cache (--flushbufs)
+#   OK    - the disk holds what RAM says was written last
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+echo "cbsd-guest: up"
+
+# ACPI power button -> clean shutdown (sync, then power off).
+for ev in /sys/class/input/event*; do
+    if grep -q "Power Button" "$ev/device/name" 2>/dev/null; then
+        ( dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null
+          echo "cbsd-guest: power button, shutting down"; sync; poweroff -f ) &
+    fi
+done
+
+# Network (QEMU user networking): a tiny web server for hostfwd tests.
+if ip link set eth0 up 2>/dev/null; then
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+    mkdir -p /www && echo "cbsd-guest-http" > /www/index.html
+    httpd -p 80 -h /www
+fi
+
+readdisk() {
+    blockdev --flushbufs /dev/vda
+    v=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -dc '0-9')
+    echo "${v:-0}"
+}
+n=0
+if [ -b /dev/vda ]; then
+    last=$(readdisk)
+    echo "cbsd-guest: disk=$last"
+fi
+while true; do
+    n=$((n + 1))
+    up=$(cut -d' ' -f1 /proc/uptime)
+    if [ -b /dev/vda ]; then
+        d=$(readdisk)
+        if [ "$d" = "$last" ]; then ok=OK; else ok=BAD; fi
+        echo "tick n=$n up=$up disk=$d $ok"
+        printf '%-511s\n' "$n" | dd of=/dev/vda bs=512 count=1 conv=fsync,notrunc 2>/dev/null
+        last=$n
+    else
+        echo "tick n=$n up=$up"
+    fi
+    sleep 0.5
+done

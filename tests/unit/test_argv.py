@@ -1,0 +1,76 @@
+"""The QEMU command line is a pure function of the VM spec: compared with golden files.
+
+Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cbsd.core.model import VMSpec
+from cbsd.qemu.argv import RuntimePaths, build_argv
+from cbsd.qemu.host import Host
+
+GOLDEN = Path(__file__).parent / "golden"
+HOST = Host(qemu="/usr/bin/qemu-system-x86_64", qemu_img="/usr/bin/qemu-img", version="7.2.0",
+            accel="tcg", qboot="/usr/share/qemu/qboot.rom")
+PATHS = RuntimePaths(disks=("/w/vm/x/dsk1.qcow2",), qmp_sock="/w/js/x/qmp.sock",
+                     console_sock="/w/js/x/console.sock", console_log="/w/js/x/console.log",
+                     pidfile="/w/js/x/qemu.pid", qemu_log="/w/js/x/qemu.log")
+
+CASES = {
+    "minimal": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2", disks=["dsk1.qcow2"]),
+                {}),
+    "bootsector-other": (VMSpec(jname="x", ram=32 << 20, os_type="other", machine="pc",
+                                disks=["dsk1.qcow2"], nic="none"), {}),
+    "kernel-vnc-hostfwd": (VMSpec(jname="x", ram=1 << 30, cpus=2, machine="pc-i440fx-7.2",
+                                  disks=["dsk1.qcow2"], kernel="/k/vmlinuz", initrd="/k/initrd",
+                                  cmdline="console=ttyS0", vnc=True, vnc_password="s3cret",
+                                  hostfwd=["tcp:2222:22", "udp:5353:53"]), {}),
+    "iso-windows": (VMSpec(jname="x", ram=4 << 30, os_type="windows", machine="pc-i440fx-7.2",
+                           disks=["dsk1.qcow2"], iso="/iso/win,1.iso"), {}),
+    "restore-incoming": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",
+                                disks=["dsk1.qcow2"]), {"incoming": True}),
+    "start-paused": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",
+                            disks=["dsk1.qcow2"]), {"paused": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_argv_matches_golden(case: str) -> None:
+    spec, kw = CASES[case]
+    argv = build_argv(spec, HOST, PATHS, incoming=kw.get("incoming", False),
+                      start_paused=kw.get("paused", False))
+    text = "\n".join(argv) + "\n"
+    golden = GOLDEN / f"{case}.argv"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_password_never_on_the_command_line() -> None:
+    spec, _ = CASES["kernel-vnc-hostfwd"]
+    assert not any("s3cret" in a for a in build_argv(spec, HOST, PATHS))
+
+
+def test_vnc_binds_loopback_by_default() -> None:
+    spec, _ = CASES["kernel-vnc-hostfwd"]
+    argv = build_argv(spec, HOST, PATHS)
+    assert argv[argv.index("-vnc") + 1].startswith("127.0.0.1:")
+
+
+def test_incoming_is_otherwise_identical() -> None:
+    """A saved state loads only into the same device model."""
+    spec, _ = CASES["minimal"]
+    normal = build_argv(spec, HOST, PATHS)
+    incoming = build_argv(spec, HOST, PATHS, incoming=True)
+    assert incoming[:len(normal)] == normal
+    assert incoming[len(normal):] == ["-incoming", "defer", "-S"]
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    spec, _ = CASES["iso-windows"]
+    assert any("filename=/iso/win,,1.iso" in a for a in build_argv(spec, HOST, PATHS))
