@@ -1,0 +1,270 @@
+"""bcheckpoint and bstart checkpoint= through the CLI, judged by what the guest prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines
+
+pytestmark = pytest.mark.vm
+
+
+def last_count(cbsd: Cbsd, jname: str) -> int:
+    return counter_lines(cbsd.console(jname).text())[-1][0]
+
+
+def checkpoint(cbsd: Cbsd, jname: str, name: str, *extra: str) -> tuple[int, int]:
+    """Create a checkpoint; returns (last count before, last count after) the command: the
+    count frozen in the checkpoint lies between them."""
+    before = last_count(cbsd, jname)
+    r = cbsd("bcheckpoint", "mode=create", f"jname={jname}", f"name={name}", *extra).ok()
+    path = cbsd.system(jname) / "checkpoints" / f"{name}.ckp"
+    assert r.out.strip() == f"Checkpoint was created!: {path}"
+    return before, last_count(cbsd, jname)
+
+
+def restore(cbsd: Cbsd, jname: str, name: str, *extra: str) -> list[tuple[int, int, str]]:
+    """Restore; returns the guest's first three lines after it. Fails on any sign of a boot."""
+    con = cbsd.console(jname)
+    mark = con.mark()
+    r = cbsd("bstart", f"jname={jname}", f"checkpoint={name}", *extra).ok()
+    assert r.out.strip().startswith(f"{jname}: restored from checkpoint {name}")
+    con.wait(COUNTER_RE, since=mark, count=3)
+    assert "BOOT" not in con.since(mark), "a restore must not reboot the guest"
+    return counter_lines(con.since(mark))[:3]
+
+
+def qemu_processes(workdir: Path) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(workdir).encode() in cmd and state not in "ZX":
+                pids.append(int(d))
+    return pids
+
+
+def disk_tags(cbsd: Cbsd, jname: str) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                          str(cbsd.workdir / "vm" / jname / "dsk1.qcow2")],
+                         capture_output=True, text=True, check=True).stdout
+    return [s["name"] for s in json.loads(out).get("snapshots", [])]
+
+
+def test_counter_continues_and_restores_twice_identically(cbsd: Cbsd,
+                                                          running_counter: str) -> None:
+    lo, hi = checkpoint(cbsd, "vm1", "c1")
+    assert cbsd.status("vm1") == "On", "create leaves a running VM running"
+    cbsd.console("vm1").wait(COUNTER_RE, since=cbsd.console("vm1").mark(), count=3)
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    first = restore(cbsd, "vm1", "c1")
+    assert lo + 1 <= first[0][0] <= hi + 1, (lo, hi, first)
+    assert [n for n, _, _ in first] == [first[0][0] + i for i in range(3)]
+    assert all(ok == "OK" for _, _, ok in first)
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    second = restore(cbsd, "vm1", "c1")
+    assert second[0] == first[0], "the same checkpoint restores the same state"
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c1"], "restore keeps the checkpoint"
+
+
+def test_disk_matches_memory_when_restoring_an_older_checkpoint(cbsd: Cbsd,
+                                                               running_counter: str) -> None:
+    con = cbsd.console("vm1")
+    checkpoint(cbsd, "vm1", "old")
+    con.wait(COUNTER_RE, since=con.mark(), count=5)  # the disk moves on
+    checkpoint(cbsd, "vm1", "new")
+    con.wait(COUNTER_RE, since=con.mark(), count=3)
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    # Scribble on the disk's counter sector: only a real disk revert can make the guest happy.
+    disk = cbsd.workdir / "vm" / "vm1" / "dsk1.qcow2"
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 512 512", str(disk)],
+                   check=True, capture_output=True)
+    old = restore(cbsd, "vm1", "old")
+    assert all(ok == "OK" for _, _, ok in old), old
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    new = restore(cbsd, "vm1", "new")
+    assert all(ok == "OK" for _, _, ok in new), new
+    assert new[0][0] > old[0][0] + 3
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    assert restore(cbsd, "vm1", "old")[0] == old[0]
+
+
+def test_paused_vm_stays_paused(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bpause", "vm1", "mode=on").ok()
+    con = cbsd.console("vm1")
+    mark = con.mark()
+    checkpoint(cbsd, "vm1", "p")
+    assert cbsd.status("vm1") == "Paused"
+    time.sleep(1.0)
+    assert "n=" not in con.since(mark), "a paused guest must not run during or after create"
+    cbsd("bpause", "vm1", "mode=off").ok()
+    con.wait(COUNTER_RE, since=mark, count=2)
+    checkpoint(cbsd, "vm1", "p2")  # and the disks are usable again after a paused create
+    assert cbsd.status("vm1") == "On"
+
+
+def test_poweroff_after_checkpoint(cbsd: Cbsd, running_counter: str) -> None:
+    lo, hi = checkpoint(cbsd, "vm1", "last", "poweroff=1")
+    assert cbsd.status("vm1") == "Off"
+    first = restore(cbsd, "vm1", "last")
+    assert lo + 1 <= first[0][0] <= hi + 1
+    checkpoint(cbsd, "vm1", "x", "suspend=1")  # CBSD's newer name for poweroff=1
+    assert cbsd.status("vm1") == "Off"
+    r = cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=y", "suspend=1")
+    assert r.code == 1 and "is Off" in r.err
+
+
+def test_live_checkpoint_keeps_the_guest_running(cbsd: Cbsd, running_counter: str) -> None:
+    lo, hi = checkpoint(cbsd, "vm1", "live", "live=1")
+    assert cbsd.status("vm1") == "On"
+    assert cbsd.checkpoints("vm1")[0]["live"] is True
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    first = restore(cbsd, "vm1", "live")
+    assert lo + 1 <= first[0][0] <= hi + 1
+    assert all(ok == "OK" for _, _, ok in first)
+
+
+def test_restore_paused(cbsd: Cbsd, running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "c")
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    con = cbsd.console("vm1")
+    mark = con.mark()
+    r = cbsd("bstart", "vm1", "checkpoint=c", "paused=1").ok()
+    assert r.out.strip() == "vm1: restored from checkpoint c (paused)"
+    assert cbsd.status("vm1") == "Paused"
+    time.sleep(0.7)
+    assert "n=" not in con.since(mark)
+    cbsd("bpause", "vm1", "mode=off").ok()
+    con.wait(COUNTER_RE, since=mark, count=2)
+
+
+def test_list_destroy_destroyall(cbsd: Cbsd, running_counter: str) -> None:
+    for name in ("zeta", "alpha", "mid"):
+        checkpoint(cbsd, "vm1", name)
+    assert len(disk_tags(cbsd, "vm1")) == 3
+    out = cbsd("bcheckpoint", "mode=list", "jname=vm1").ok().out
+    assert out == "Created checkpoint for vm1:\n  zeta\n  alpha\n  mid\n"  # oldest first
+    data = cbsd.checkpoints("vm1")
+    assert [d["name"] for d in data] == ["zeta", "alpha", "mid"]
+    for d in data:
+        assert d["created"].endswith("Z") and "T" in d["created"]  # type: ignore[union-attr]
+        assert d["size"] > 0 and d["ram_mb"] == 32 and d["was_running"] is True
+    r = cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=alpha").ok()
+    assert r.out.strip() == "vm1: checkpoint alpha destroyed"
+    assert [d["name"] for d in cbsd.checkpoints("vm1")] == ["zeta", "mid"]
+    assert len(disk_tags(cbsd, "vm1")) == 2, "destroy releases the disk snapshot it owned"
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    assert [d["name"] for d in cbsd.checkpoints("vm1")] == ["zeta", "mid"]  # stopped VM too
+    cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=zeta").ok()  # offline destroy
+    assert len(disk_tags(cbsd, "vm1")) == 1
+    r = cbsd("bcheckpoint", "mode=destroyall", "jname=vm1").ok()
+    assert r.out.strip() == "vm1: 1 checkpoint(s) destroyed"
+    assert cbsd.checkpoints("vm1") == [] and disk_tags(cbsd, "vm1") == []
+    r = cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=zeta")
+    assert r.code == 1 and r.err.strip() == "vm1: no checkpoint zeta"
+
+
+def test_same_name_is_replaced_only_when_complete(cbsd: Cbsd, running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "c")
+    cbsd.console("vm1").wait(COUNTER_RE, since=cbsd.console("vm1").mark(), count=4)
+    lo, hi = checkpoint(cbsd, "vm1", "c")
+    assert [d["name"] for d in cbsd.checkpoints("vm1")] == ["c"]
+    assert len(disk_tags(cbsd, "vm1")) == 1, "the replaced checkpoint's snapshot is released"
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    first = restore(cbsd, "vm1", "c")
+    assert lo + 1 <= first[0][0] <= hi + 1, "the newer checkpoint is the one kept"
+
+
+def test_damaged_checkpoint_is_refused_before_qemu_starts(cbsd: Cbsd,
+                                                          running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "good")
+    checkpoint(cbsd, "vm1", "bad")
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    mem = cbsd.system("vm1") / "checkpoints" / "bad.ckp" / "memory"
+    data = bytearray(mem.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mem.write_bytes(data)
+    r = cbsd("bstart", "vm1", "checkpoint=bad")
+    assert r.code == 1
+    assert r.err.strip() == "vm1: checkpoint bad is damaged: memory checksum mismatch"
+    assert qemu_processes(cbsd.workdir) == [] and cbsd.status("vm1") == "Off"
+    r = cbsd("bcheckpoint", "mode=verify", "jname=vm1")
+    assert r.code == 1
+    assert "vm1: checkpoint good: OK" in r.out
+    assert "checkpoint bad is damaged: memory checksum mismatch" in r.err
+    assert cbsd("bcheckpoint", "mode=verify", "jname=vm1", "name=good").ok().out.strip() == \
+        "vm1: checkpoint good: OK"
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["good", "bad"]
+    restore(cbsd, "vm1", "good")
+
+
+def test_incompatible_checkpoint_is_refused(cbsd: Cbsd, running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "c")
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    # No command edits a VM's RAM yet: change the definition as a future `bset` would.
+    db = cbsd.workdir / "var" / "db" / "local.sqlite"
+    with sqlite3.connect(db) as con:
+        spec = json.loads(con.execute("SELECT spec FROM vm WHERE jname='vm1'").fetchone()[0])
+        spec["ram"] = 64 << 20
+        con.execute("UPDATE vm SET spec=? WHERE jname='vm1'", (json.dumps(spec),))
+    r = cbsd("bstart", "vm1", "checkpoint=c")
+    assert r.code == 1
+    assert "checkpoint c is incompatible with the VM's configuration now: ram was 33554432, " \
+           "now 67108864" in r.err
+    assert qemu_processes(cbsd.workdir) == []
+
+
+def test_refused_while_running_and_names_checked(cbsd: Cbsd, running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "c")
+    r = cbsd("bstart", "vm1", "checkpoint=c")
+    assert r.code == 1 and "is running: stop it before restoring" in r.err
+    for bad in ("../c", "/etc/passwd", "c.ckp", "a b"):
+        r = cbsd("bcheckpoint", "mode=create", "jname=vm1", f"name={bad}")
+        assert r.code == 2 and "bad name" in r.err
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
+
+
+def test_masks_checkpoint_several_vms(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    img = counter_image()
+    for n in ("a1", "a2", "b1"):
+        cbsd("bcreate", f"jname={n}", f"image={img}", "vm_os_type=other", "vm_ram=32m").ok()
+    cbsd("bstart", "a*").ok()
+    r = cbsd("bcheckpoint", "mode=create", "jname=a?", "name=both").ok()
+    assert r.out.count("Checkpoint was created!") == 2
+    data = json.loads(cbsd("bcheckpoint", "mode=list", "jname=*", "format=json").ok().out)
+    assert sorted((d["jname"], d["name"]) for d in data) == [("a1", "both"), ("a2", "both")]
+    r = cbsd("bcheckpoint", "mode=create", "jname=*", "name=all")
+    assert r.code == 1 and "b1: is Off" in r.err and r.out.count("Checkpoint was created!") == 2
+    cbsd("bstop", "*", "noacpi=1")
+    r = cbsd("bstart", "a*", "checkpoint=both").ok()
+    assert r.out.count("restored from checkpoint both") == 2
+
+
+def test_reboot_after_restore_boots_normally(cbsd: Cbsd, running_counter: str) -> None:
+    checkpoint(cbsd, "vm1", "c")
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    restore(cbsd, "vm1", "c")
+    con = cbsd.console("vm1")
+    mark = con.mark()
+    # The guest resets (as a reboot inside it would): it must boot, not re-restore.
+    from cbsd.qemu.qmp import Monitor
+    with Monitor(cbsd.system("vm1") / "qmp.sock", "vm1") as mon:
+        mon.cmd("system_reset")
+    con.wait(r"BOOT disk=\d+", since=mark)
+    con.wait(COUNTER_RE, since=mark, count=2)
+    assert counter_lines(con.since(mark))[0][0] == 1
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    mark = con.mark()
+    cbsd("bstart", "vm1").ok()
+    con.wait(r"BOOT disk=\d+", since=mark)

@@ -1,0 +1,75 @@
+"""A real Linux guest: boots, talks on its console, serves through hostfwd, shuts down on the
+ACPI button, and survives checkpoint/restore with its uptime and disk continuing."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from tests.conftest import TICK_RE, Cbsd, create_linux
+
+pytestmark = [pytest.mark.vm, pytest.mark.linux]
+
+
+def ticks(text: str) -> list[tuple[int, float, int, str]]:
+    return [(int(n), float(u), int(d), ok) for n, u, d, ok in re.findall(TICK_RE, text)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_boot_console_hostfwd_and_acpi_shutdown(cbsd: Cbsd, linux_guest) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    create_linux(cbsd, linux_guest, "lx", f"hostfwd=tcp:{port}:80")
+    cbsd("bstart", "lx").ok()
+    con = cbsd.console("lx")
+    con.wait(r"cbsd-guest: up", timeout=90)
+    con.wait(TICK_RE, count=2, timeout=60)
+    assert "Linux version" in con.text() or "cbsd-guest: up" in con.text()
+    body = b""
+    deadline = time.monotonic() + 30
+    while b"cbsd-guest-http" not in body and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+                body = b"".join(iter(lambda: s.recv(4096), b""))
+        except OSError:
+            time.sleep(0.5)
+    assert b"cbsd-guest-http" in body, "hostfwd must reach the guest's web server"
+    r = cbsd("bstop", "lx", "hard_timeout=60").ok()
+    assert r.out.strip() == "lx: stopped (ACPI shutdown)"
+    assert "cbsd-guest: power button, shutting down" in con.text()
+    assert "reboot: Power down" in con.text()
+    assert cbsd.status("lx") == "Off"
+
+
+def test_checkpoint_restore_keeps_uptime_and_disk(cbsd: Cbsd, linux_guest) -> None:  # type: ignore[no-untyped-def]
+    create_linux(cbsd, linux_guest)
+    cbsd("bstart", "lx").ok()
+    con = cbsd.console("lx")
+    con.wait(TICK_RE, count=3, timeout=90)
+    before = ticks(con.text())[-1]
+    cbsd("bcheckpoint", "mode=create", "jname=lx", "name=c").ok()
+    after_create = ticks(con.text())[-1]
+    mark = con.mark()
+    con.wait(TICK_RE, since=mark, count=6, timeout=60)  # keeps running and writing its disk
+    moved_on = ticks(con.text())[-1]
+    assert moved_on[0] >= after_create[0] + 5 and moved_on[2] > after_create[2]
+    cbsd("bstop", "lx", "noacpi=1").ok()
+    mark = con.mark()
+    cbsd("bstart", "lx", "checkpoint=c").ok()
+    con.wait(TICK_RE, since=mark, count=3, timeout=60)
+    restored = ticks(con.since(mark))
+    assert "cbsd-guest: up" not in con.since(mark), "no reboot"
+    n, up, disk, ok = restored[0]
+    assert before[0] + 1 <= n <= after_create[0] + 1, (before, after_create, restored)
+    assert before[1] < up < after_create[1] + 2.0, "uptime continues from the checkpoint"
+    assert up < moved_on[1], "uptime is the checkpoint's, not the later run's"
+    assert disk < moved_on[2], "the disk is back at the checkpoint's contents"
+    assert all(t[3] == "OK" for t in restored), restored
