@@ -105,7 +105,7 @@ def main() -> None:
                 raise SystemExit("demo: the restore did not continue from the checkpoint")
             print("   The disk is back at the first checkpoint too (CBSD's checkpoints ignore it).")
         finally:
-            subprocess.run(CBSD + ["bremove", "jname=*"], capture_output=True)
+            subprocess.run([*CBSD, "bremove", "jname=*"], capture_output=True)
     say("Done.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -85,7 +86,8 @@ class Console:
     def since(self, mark: int) -> str:
         return self.text()[mark:]
 
-    def wait(self, pattern: str, since: int = 0, timeout: float = 30, count: int = 1) -> list[re.Match[str]]:
+    def wait(self, pattern: str, since: int = 0, timeout: float = 30,
+             count: int = 1) -> list[re.Match[str]]:
         """Wait until *pattern* matched *count* times after *since*; returns the matches."""
         deadline = time.monotonic() + timeout
         while True:
@@ -107,6 +109,23 @@ def counter_lines(text: str) -> list[tuple[int, int, str]]:
     return [(int(a), int(b), c) for a, b, c in re.findall(COUNTER_RE, text)]
 
 
+def proc_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (PID 1 here may reap late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def proc_cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 @pytest.fixture
 def cbsd(tmp_path: Path) -> Iterator[Cbsd]:
     wd = tmp_path / "wd"
@@ -125,13 +144,9 @@ def _kill_vms(wd: Path) -> None:
     with sqlite3.connect(db) as con:
         pids = [r[0] for r in con.execute("SELECT pid FROM vm WHERE pid > 0")]
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if str(wd).encode() not in f.read():
-                    continue
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        if str(wd).encode() in proc_cmdline(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

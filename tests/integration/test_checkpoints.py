@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
 
 pytestmark = pytest.mark.vm
 
@@ -42,17 +42,9 @@ def restore(cbsd: Cbsd, jname: str, name: str, *extra: str) -> list[tuple[int, i
 
 
 def qemu_processes(workdir: Path) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read()
-                state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and str(workdir).encode() in cmd and state not in "ZX":
-                pids.append(int(d))
-    return pids
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()
+            and b"qemu-system" in (cmd := proc_cmdline(int(d))) and str(workdir).encode() in cmd
+            and proc_alive(int(d))]
 
 
 def disk_tags(cbsd: Cbsd, jname: str) -> list[str]:

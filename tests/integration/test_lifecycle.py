@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
 
 pytestmark = pytest.mark.vm
 
@@ -30,7 +30,7 @@ def test_start_shows_guest_output_and_bls_reports_it(cbsd: Cbsd, counter_vm: str
     assert row["vnc_port"] == "0"
     pid = row["jid"]
     assert isinstance(pid, int) and pid > 0
-    assert str(cbsd.workdir).encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+    assert str(cbsd.workdir).encode() in proc_cmdline(pid)  # type: ignore[arg-type]
     assert 0 < row["vm_curmem"] < 200  # type: ignore[operator]
 
 
@@ -52,8 +52,7 @@ def test_stop_noacpi_and_hard_timeout_fallback(cbsd: Cbsd, running_counter: str)
     assert "did not shut down within 1 s: powered off" in r.out
     assert time.monotonic() - t < 15
     assert cbsd.status("vm1") == "Off"
-    assert not os.path.exists(f"/proc/{pid}/cmdline") or \
-        open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] in "ZX"
+    assert not proc_alive(pid)  # type: ignore[arg-type]
     cbsd("bstart", "vm1").ok()
     assert cbsd("bstop", "jname=vm1", "noacpi=1").ok().out.strip() == "vm1: powered off"
     assert cbsd.status("vm1") == "Off"
@@ -124,8 +123,7 @@ def test_remove_deletes_everything(cbsd: Cbsd, running_counter: str) -> None:
     assert not (cbsd.workdir / "vm" / "vm1").exists()
     assert cbsd.bls() == []
     time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{pid}") or \
-        open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] in "ZX"
+    assert not proc_alive(pid)
     r = cbsd("bstart", "vm1")
     assert r.code == 2 and r.err.strip() == "No such VM: vm1"
 
@@ -164,11 +162,12 @@ def test_vnc_on_loopback_and_password(cbsd: Cbsd, counter_image) -> None:  # typ
         host, port = str(addr).split(":")
         assert host == "127.0.0.1" and 5900 <= int(port) < 6000
         ports[name] = int(port)
-        listening = [ln.split()[1] for ln in open("/proc/net/tcp").readlines()[1:]]
+        with open("/proc/net/tcp") as f:
+            listening = [ln.split()[1] for ln in f.readlines()[1:]]
         assert f"0100007F:{int(port):04X}" in listening  # bound to 127.0.0.1 only
     banner, types = _rfb_banner(ports["v1"])
     assert banner.startswith(b"RFB 003.008") and 1 in types  # 1 = no authentication
     banner, types = _rfb_banner(ports["v2"])
     assert 2 in types and 1 not in types  # 2 = VNC password authentication
     for pid in (cbsd.pid("v1"), cbsd.pid("v2")):
-        assert b"s3cret" not in open(f"/proc/{pid}/cmdline", "rb").read()
+        assert b"s3cret" not in proc_cmdline(pid)

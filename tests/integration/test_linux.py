@@ -67,7 +67,7 @@ def test_checkpoint_restore_keeps_uptime_and_disk(cbsd: Cbsd, linux_guest) -> No
     con.wait(TICK_RE, since=mark, count=3, timeout=60)
     restored = ticks(con.since(mark))
     assert "cbsd-guest: up" not in con.since(mark), "no reboot"
-    n, up, disk, ok = restored[0]
+    n, up, disk, _ok = restored[0]
     assert before[0] + 1 <= n <= after_create[0] + 1, (before, after_create, restored)
     assert before[1] < up < after_create[1] + 2.0, "uptime continues from the checkpoint"
     assert up < moved_on[1], "uptime is the checkpoint's, not the later run's"

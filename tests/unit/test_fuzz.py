@@ -18,7 +18,7 @@ from cbsd.cli.table import COMMANDS
 from cbsd.core.names import check_name, parse_size
 from cbsd.errors import UsageError
 
-KEYS = sorted({k.name for c in COMMANDS.values() for k in c.keys}) + ["foo", "JNAME", ""]
+KEYS = [*sorted({k.name for c in COMMANDS.values() for k in c.keys}), "foo", "JNAME", ""]
 word = st.one_of(
     st.text(max_size=20),
     st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS),
@@ -52,7 +52,8 @@ def empty_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("wd")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["bstart", "bstop", "bls", "bremove", "bcheckpoint", "bpause",
                         "bsuspend", "nosuch"]), st.lists(word, max_size=5))
 def test_main_fails_cleanly(empty_workdir: Path, command: str, argv: list[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cbsd.cli import output
@@ -14,10 +13,9 @@ from cbsd.errors import CbsdError, UsageError
 Args = dict[str, Any]
 
 
-def each(ctx: Context, names: list[str], fn: Callable[[Context, str], str | None],
+def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
          parallel: int = 1) -> int:
     """Run *fn* on every VM, report each result, exit non-zero if any failed."""
-    vms = ctx.resolve(names)
 
     def one(jname: str) -> int:
         # SQLite connections are per thread: a worker gets its own context.
@@ -32,6 +30,8 @@ def each(ctx: Context, names: list[str], fn: Callable[[Context, str], str | None
         return 0
 
     if parallel > 1 and len(vms) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             codes = list(pool.map(one, vms))
     else:
@@ -66,7 +66,10 @@ def bcreate(ctx: Context, a: Args) -> int:
 def bstart(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
-    return each(ctx, a["names"], lambda c, j: lifecycle.start(
+    vms = ctx.resolve(a["names"])
+    if a["boot"]:
+        vms = lifecycle.select(ctx, vms, boot=True)
+    return each(ctx, vms, lambda c, j: lifecycle.start(
         c, j, checkpoint=a["checkpoint"], paused=a["paused"],
         progress=output.progress(f"{j}: loading")), a["parallel"])
 
@@ -74,20 +77,23 @@ def bstart(ctx: Context, a: Args) -> int:
 def bstop(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
-    return each(ctx, a["names"], lambda c, j: lifecycle.stop(
+    vms = ctx.resolve(a["names"])
+    if a["running_only"]:
+        vms = lifecycle.select(ctx, vms, running=True)
+    return each(ctx, vms, lambda c, j: lifecycle.stop(
         c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
 
 
 def bremove(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
-    return each(ctx, a["names"], lifecycle.remove)
+    return each(ctx, ctx.resolve(a["names"]), lifecycle.remove)
 
 
 def bpause(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
-    return each(ctx, a["names"], lambda c, j: lifecycle.pause(c, j, a["mode"]))
+    return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.pause(c, j, a["mode"]))
 
 
 def bls(ctx: Context, a: Args) -> int:
@@ -122,17 +128,17 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
           {"name": None, "poweroff": False, "live": False, "format": "text"})
     if mode == "create":
         name = a["name"] or "checkpoint"
-        return each(ctx, a["names"], lambda c, j: checkpoints.create(
+        return each(ctx, ctx.resolve(a["names"]), lambda c, j: checkpoints.create(
             c, j, name, poweroff=a["poweroff"], live=a["live"],
             progress=output.progress(f"{j}: saving")))
     if mode == "destroy":
         if not a["name"]:
             raise UsageError("bcheckpoint: mode=destroy needs name= (or use mode=destroyall)")
-        return each(ctx, a["names"], lambda c, j: checkpoints.destroy(c, j, a["name"]))
+        return each(ctx, ctx.resolve(a["names"]), lambda c, j: checkpoints.destroy(c, j, a["name"]))
     if mode == "destroyall":
-        return each(ctx, a["names"], checkpoints.destroyall)
+        return each(ctx, ctx.resolve(a["names"]), checkpoints.destroyall)
     if mode == "verify":
-        return each(ctx, a["names"], lambda c, j: _verify(c, j, a["name"]))
+        return each(ctx, ctx.resolve(a["names"]), lambda c, j: _verify(c, j, a["name"]))
     vms = ctx.resolve(a["names"])
     if a["format"] == "json":
         data = [{"jname": j, **ck} for j in vms for ck in checkpoints.listing(ctx, j)]
@@ -162,8 +168,12 @@ def _verify(ctx: Context, jname: str, name: str | None) -> str:
 
 
 def bsuspend(ctx: Context, a: Args) -> int:
-    from cbsd.core import hibernate
+    from cbsd.core import hibernate, lifecycle
 
+    vms = ctx.resolve(a["names"])
     if a["mode"] == "discard":
-        return each(ctx, a["names"], hibernate.discard)
-    return each(ctx, a["names"], lambda c, j: hibernate.suspend(c, j), a["parallel"])
+        return each(ctx, vms, hibernate.discard)
+    if a["running_only"]:
+        vms = lifecycle.select(ctx, vms, running=True)
+    return each(ctx, vms, lambda c, j: hibernate.suspend(
+        c, j, progress=output.progress(f"{j}: saving")), a["parallel"])

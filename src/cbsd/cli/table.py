@@ -7,6 +7,8 @@ from cbsd.core.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
 J_NAME = Key("jname", "name", required=True, help="VM name")
+RUNNING_ONLY = Key("running_only", "bool", False, help="skip VMs that are not On or Paused "
+                   "(for host shutdown scripts)")
 PARALLEL = Key("parallel", "int", 4, help="how many VMs to work on at once", lo=1, hi=64)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -42,6 +44,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("checkpoint", "name", None, help="restore this checkpoint (memory, devices "
                 "and disks) instead of booting"),
             Key("paused", "bool", False, help="leave the VM paused after start/restore"),
+            Key("boot", "bool", False, help="only VMs due at host boot: hibernated ones and "
+                "those created with astart=1 (others are skipped)"),
             PARALLEL,
         ),
         "cbsd bstart jname=vm1 checkpoint=before_upgrade",
@@ -53,6 +57,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("noacpi", "bool", False, help="power off at once instead of ACPI"),
             Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown", lo=0,
                 hi=86400),
+            RUNNING_ONLY,
             PARALLEL,
         ),
         "cbsd bstop jname='web*' hard_timeout=60",
@@ -103,6 +108,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         (
             J_MASK,
             Key("mode", "enum", "suspend", help="action", choices=("suspend", "discard")),
+            RUNNING_ONLY,
             PARALLEL,
         ),
         "cbsd bsuspend jname='*'",

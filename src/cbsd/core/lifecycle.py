@@ -161,6 +161,20 @@ def remove(ctx: Context, jname: str) -> str:
     return f"{jname}: removed"
 
 
+def select(ctx: Context, names: list[str], *, running: bool = False,
+           boot: bool = False) -> list[str]:
+    """Narrow resolved names for host shutdown/boot: VMs running now, or VMs due at boot
+    (hibernated, or Off with astart=1)."""
+    out = []
+    for jname in names:
+        vm = VM.load(ctx, jname)
+        status = vm.status()
+        due_at_boot = status is Status.SUSPENDED or (status is Status.OFF and vm.spec.astart)
+        if (running and status in (Status.ON, Status.PAUSED)) or (boot and due_at_boot):
+            out.append(jname)
+    return out
+
+
 def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
     with ctx.lock(jname, "bpause"):
         vm = VM.load(ctx, jname)

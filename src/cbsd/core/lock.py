@@ -33,7 +33,8 @@ class VMLock:
                 if time.monotonic() >= deadline:
                     holder = _read_holder(fd)
                     os.close(fd)
-                    raise BusyError(f"{self.jname}: busy: another cbsd command holds it{holder}") from None
+                    raise BusyError(
+                        f"{self.jname}: busy: another cbsd command holds it{holder}") from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)

@@ -27,7 +27,7 @@ from typing import Any
 from cbsd.core.vm import VM, free_bytes
 from cbsd.errors import CbsdError, CheckpointError, NoSpaceError, QemuError
 from cbsd.qemu import img
-from cbsd.qemu.host import resolve_machine
+from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, os_error, remove_tree
@@ -200,10 +200,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             old = ckpstore.publish(tmp, final)
         except BaseException as e:
             if follower is not None:
-                try:
+                with contextlib.suppress(Exception):
                     follower.abandon()
-                except Exception:
-                    pass
             _rollback(vm, mon, tmp, tags, was_running)
             if isinstance(e, OSError):
                 raise os_error(e, f"{vm.jname}: cannot write {kind} {name}") from e
@@ -355,8 +353,7 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
     if not ckdir.is_dir() or ckdir.is_symlink():
         raise CheckpointError(f"{vm.jname}: no checkpoint {ckdir.name.removesuffix('.ckp')}")
     m = ckpstore.read_manifest(ckdir)
-    what = f"{vm.jname}: checkpoint {m.name}" if m.data["kind"] == "checkpoint" else \
-        f"{vm.jname}: hibernation image"
+    what = f"{vm.jname}: {ckpstore.describe(ckdir)}"
     saved, now = m.data["restore_relevant"], vm.spec.restore_relevant()
     diffs = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
     if diffs:
@@ -369,8 +366,7 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
     if _version(m.data["qemu_version"])[:2] > _version(host.version)[:2]:
         raise CheckpointError(f"{what} was saved by QEMU {m.data['qemu_version']}, newer than "
                               f"this host's {host.version}: cannot restore")
-    if resolve_machine(host, m.data["machine"]) != m.data["machine"] and \
-            not _machine_known(vm, m.data["machine"]):
+    if not machine_known(host, m.data["machine"]):
         raise CheckpointError(f"{what} needs machine type {m.data['machine']}, which this "
                               f"QEMU {host.version} does not provide")
     for disk_index, tag in _disk_tags(vm, m):
@@ -383,14 +379,6 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
     except CheckpointError as e:
         raise CheckpointError(f"{vm.jname}: {e}") from None
     return m
-
-
-def _machine_known(vm: VM, machine: str) -> bool:
-    import subprocess
-
-    out = subprocess.run([vm.ctx.host.qemu, "-machine", "help"], capture_output=True, text=True,
-                         check=False).stdout
-    return any(line.split(" ", 1)[0] == machine for line in out.splitlines())
 
 
 def _version(v: str) -> tuple[int, ...]:

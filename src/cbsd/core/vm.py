@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -17,7 +18,8 @@ from cbsd.qemu.qmp import Monitor
 
 
 class VM:
-    def __init__(self, ctx: Context, spec: VMSpec, runtime: tuple[int, int] | None = None) -> None:
+    def __init__(self, ctx: Context, spec: VMSpec,
+                 runtime: tuple[int, int] | None = None) -> None:
         self.ctx = ctx
         self.spec = spec
         self.jname = spec.jname
@@ -76,10 +78,8 @@ class VM:
         readable. The 0700 directory already shuts others out; tighten the files too."""
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.console_log,
                   self.paths.qemu_log, self.paths.pidfile):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.chmod(p, 0o600)
-            except FileNotFoundError:
-                pass
 
     def kill(self) -> None:
         """Power off hard, now, and wait for the process to go."""
@@ -111,7 +111,7 @@ class VM:
     # --- status ---------------------------------------------------------------------------
 
     def status(self, *, mine: bool = False) -> Status:
-        """The truth right now. *mine*: the caller holds the VM's lock (so it is not Maintenance)."""
+        """The truth right now. *mine*: the caller holds the VM's lock (not Maintenance then)."""
         if not mine and is_held(self.ctx.workdir.lock_file(self.jname)):
             return Status.MAINTENANCE
         if self.alive():

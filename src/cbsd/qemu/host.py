@@ -26,7 +26,8 @@ class Host:
 def _which(name: str) -> str:
     path = shutil.which(name)
     if not path:
-        raise QemuError(f"{name} not found: install QEMU (apt-get install qemu-system-x86 qemu-utils)")
+        raise QemuError(f"{name} not found: install QEMU "
+                        "(apt-get install qemu-system-x86 qemu-utils)")
     return path
 
 
@@ -61,10 +62,20 @@ def probe() -> Host:
                 accel="kvm" if kvm_usable() else "tcg", qboot=qboot)
 
 
+@functools.cache
+def machine_help(host: Host) -> str:
+    return subprocess.run([host.qemu, "-machine", "help"], capture_output=True, text=True,
+                          check=False).stdout
+
+
+def machine_known(host: Host, machine: str) -> bool:
+    return any(line.split(" ", 1)[0] == machine for line in machine_help(host).splitlines())
+
+
 def resolve_machine(host: Host, alias: str = "pc") -> str:
-    """'pc' -> 'pc-i440fx-7.2': pin the versioned type so a QEMU upgrade keeps saved states loadable."""
-    out = subprocess.run([host.qemu, "-machine", "help"], capture_output=True, text=True,
-                         check=False).stdout
+    """'pc' -> 'pc-i440fx-7.2': pin the versioned type, so that a QEMU upgrade keeps saved states
+    loadable."""
+    out = machine_help(host)
     for line in out.splitlines():
         m = re.match(rf"{re.escape(alias)}\s+.*\(alias of (\S+)\)", line)
         if m:

@@ -23,6 +23,7 @@ from typing import Any
 
 from cbsd.errors import CheckpointError
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
+from cbsd.storage.paths import HIBERNATION_DIR
 
 FORMAT = 1
 MEMORY = "memory"
@@ -78,37 +79,45 @@ class Manifest:
         write_atomic(ckdir / MANIFEST, json.dumps(_seal(body), indent=1, sort_keys=True).encode())
 
 
+def describe(ckdir: Path) -> str:
+    """How errors name a saved state: 'checkpoint NAME' or 'hibernation image'."""
+    if ckdir.name == HIBERNATION_DIR:
+        return "hibernation image"
+    return f"checkpoint {ckdir.name.removesuffix(SUFFIX)}"
+
+
 def read_manifest(ckdir: Path) -> Manifest:
     """Parse and check the manifest's own checksum; CheckpointError if absent or damaged."""
-    name = ckdir.name.removesuffix(SUFFIX)
+    name = describe(ckdir)
     try:
         data = json.loads((ckdir / MANIFEST).read_bytes())
         sealed = _seal({k: v for k, v in data.items() if k != "manifest_checksum"})
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {name} is damaged: its manifest is missing") from None
+        raise CheckpointError(f"{name} is damaged: its manifest is missing") from None
     except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {name} is damaged: unreadable manifest ({e})") from e
+        raise CheckpointError(f"{name} is damaged: unreadable manifest ({e})") from e
     if data.get("manifest_checksum") != sealed["manifest_checksum"]:
-        raise CheckpointError(f"checkpoint {name} is damaged: its manifest was altered "
+        raise CheckpointError(f"{name} is damaged: its manifest was altered "
                               "(checksum mismatch)")
     if data.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {name} has format {data.get('format')}, "
+        raise CheckpointError(f"{name} has format {data.get('format')}, "
                               f"this cbsd reads format {FORMAT}")
     return Manifest(data)
 
 
 def verify_files(ckdir: Path, manifest: Manifest) -> None:
     """Check every file's size and checksum against the manifest."""
+    what = describe(ckdir)
     for fname, meta in manifest.data["files"].items():
         path = ckdir / fname
         if not path.is_file() or path.is_symlink():
-            raise CheckpointError(f"checkpoint {manifest.name} is damaged: {fname} is missing")
+            raise CheckpointError(f"{what} is damaged: {fname} is missing")
         size, digest = digest_file(path)
         if size != meta["size"]:
-            raise CheckpointError(f"checkpoint {manifest.name} is damaged: {fname} has {size} "
+            raise CheckpointError(f"{what} is damaged: {fname} has {size} "
                                   f"bytes, expected {meta['size']} (truncated?)")
         if digest != meta["xxh3_128"]:
-            raise CheckpointError(f"checkpoint {manifest.name} is damaged: {fname} checksum "
+            raise CheckpointError(f"{what} is damaged: {fname} checksum "
                                   "mismatch")
 
 
@@ -125,7 +134,8 @@ def list_states(directory: Path) -> list[tuple[Path, Manifest | None]]:
     except FileNotFoundError:
         return []
     for e in entries:
-        if e.name.startswith(".") or not e.name.endswith(SUFFIX) or not e.is_dir(follow_symlinks=False):
+        if (e.name.startswith(".") or not e.name.endswith(SUFFIX)
+                or not e.is_dir(follow_symlinks=False)):
             continue
         p = Path(e.path)
         try:

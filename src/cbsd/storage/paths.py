@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+HIBERNATION_DIR = "hibernate.ckp"
+
+
 def default_workdir() -> Path:
     env = os.environ.get("CBSD_WORKDIR")
     if env:
@@ -63,7 +66,7 @@ class Workdir:
         return self.checkpoints(jname) / f"{name}.ckp"
 
     def hibernation(self, jname: str) -> Path:
-        return self.system(jname) / "hibernate.ckp"
+        return self.system(jname) / HIBERNATION_DIR
 
     def ensure(self) -> None:
         """Create the top of the tree, owner-only: it will hold guest memory."""
