@@ -149,7 +149,7 @@ def test_bulk_suspend_reports_each(cbsd: Cbsd, counter_image) -> None:  # type: 
     cbsd("bstart", "s1", "s2").ok()
     r = cbsd("bsuspend", "jname=s*", "parallel=2")
     assert r.code == 1
-    assert sorted(r.out.split()) == sorted("s1: hibernated s2: hibernated".split())
+    assert sorted(r.out.split()) == sorted(["s1:", "hibernated", "s2:", "hibernated"])
     assert "s3: is Off" in r.err
     r = cbsd("bstart", "jname=s*", "parallel=3").ok()
     assert r.out.count("resumed from hibernation") == 2 and "s3: started" in r.out

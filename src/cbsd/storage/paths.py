@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 HIBERNATION_DIR = "hibernate.ckp"
 
 
