@@ -1,4 +1,4 @@
-"""Benchmark entry point: python -m bench.run [case ...]  (cases: bls; default all)."""
+"""Benchmark entry point: python -m bench.run [case ...]  (cases: bls, checkpoint)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    cases = argv or ["bls"]
-    print("| case | median | min | max | runs |\n|---|---|---|---|---|")
+    cases = argv or ["bls", "checkpoint"]
     for case in cases:
         if case == "bls":
             from bench import bench_bls
 
+            print("| case | median | min | max | runs |\n|---|---|---|---|---|")
             for s in bench_bls.run():
                 print(s.row(), flush=True)
+        elif case == "checkpoint":
+            from bench import bench_checkpoint
+
+            print(bench_checkpoint.report(bench_checkpoint.run()), flush=True)
         else:
             raise SystemExit(f"unknown case {case!r}")
 

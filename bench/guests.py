@@ -1,0 +1,29 @@
+"""Benchmark guests: the boot-sector counter guest with N MiB of pseudo-random RAM."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from bench.common import cbsd
+from tests.guests.build import counter_image
+
+
+def start_filled_vm(env: dict[str, str], workdir: Path, jname: str, ram: str,
+                    fill_mib: int) -> Path:
+    """Create and start a counter VM whose RAM holds *fill_mib* MiB of random data; returns
+    its console log once the guest is past the fill and counting."""
+    img = counter_image(workdir / f"{jname}.raw", fill_mib)
+    cbsd("bcreate", f"jname={jname}", f"image={img}", "vm_os_type=other", f"vm_ram={ram}",
+         env=env)
+    cbsd("bstart", f"jname={jname}", env=env)
+    log = workdir / "jails-system" / jname / "console.log"
+    deadline = time.monotonic() + 300
+    while len(re.findall(rb"n=\d+", log.read_bytes() if log.exists() else b"")) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{jname}: guest did not come up")
+        time.sleep(0.2)
+    if fill_mib and b"FILLED" not in log.read_bytes():
+        raise RuntimeError(f"{jname}: guest did not fill its RAM")
+    return log
