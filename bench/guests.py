@@ -6,8 +6,9 @@ import re
 import time
 from pathlib import Path
 
-from bench.common import cbsd
 from tests.guests.build import counter_image
+
+from bench.common import cbsd
 
 
 def start_filled_vm(env: dict[str, str], workdir: Path, jname: str, ram: str,
