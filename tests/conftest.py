@@ -47,6 +47,21 @@ class Cbsd:
                                 stderr=subprocess.PIPE, text=True, env=self.env,
                                 stdin=subprocess.DEVNULL)
 
+    def at_failpoint(self, point: str, *args: str) -> Stopped:
+        """Start a command that stops itself (SIGSTOP) at failpoint *point*; returns once it
+        is stopped there, so the test can inject its fault at exactly that moment."""
+        env = {**self.env, "CBSD_FAILPOINT": point}
+        p = subprocess.Popen([sys.executable, "-m", "cbsd", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while proc_state(p.pid) != "T":
+            if p.poll() is not None:
+                raise AssertionError(f"never reached failpoint {point}: exit {p.returncode}, "
+                                     f"{p.stderr.read().decode() if p.stderr else ''}")
+            assert time.monotonic() < deadline, f"never reached failpoint {point}"
+            time.sleep(0.01)
+        return Stopped(p)
+
     def bls(self, jname: str | None = None) -> list[dict[str, object]]:
         args = ["bls", "format=json"] + ([f"jname={jname}"] if jname else [])
         return json.loads(self(*args).ok().out)
@@ -66,6 +81,28 @@ class Cbsd:
     def checkpoints(self, jname: str) -> list[dict[str, object]]:
         return json.loads(self("bcheckpoint", "mode=list", f"jname={jname}", "format=json")
                           .ok().out)
+
+
+class Stopped:
+    """A cbsd process stopped at a failpoint."""
+
+    def __init__(self, p: subprocess.Popen[bytes]) -> None:
+        self.p = p
+
+    def kill9(self) -> None:
+        self.p.kill()
+        self.p.wait(10)
+
+    def resume(self, sig: int | None = None, timeout: float = 120) -> Result:
+        """Optionally deliver *sig* (it arrives when the process continues), then continue."""
+        if sig is not None:
+            os.kill(self.p.pid, sig)
+        os.kill(self.p.pid, signal.SIGCONT)
+        out, err = self.p.communicate(timeout=timeout)
+        # The failpoint's own announcement is the harness's, not the command's output.
+        lines = err.decode().splitlines(keepends=True)
+        return Result(self.p.returncode, out.decode(),
+                      "".join(ln for ln in lines if not ln.startswith("cbsd: failpoint ")))
 
 
 class Console:
@@ -111,11 +148,15 @@ def counter_lines(text: str) -> list[tuple[int, int, str]]:
 
 def proc_alive(pid: int) -> bool:
     """A process that exists and is not a zombie (PID 1 here may reap late)."""
+    return proc_state(pid) not in ("", "Z", "X")
+
+
+def proc_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return ""
 
 
 def proc_cmdline(pid: int) -> bytes:

@@ -77,4 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print("cancelled", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:
+        # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that
+        # breaks a pipe is turned into a CbsdError with a message where it happens.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED

@@ -18,8 +18,7 @@ from cbsd.storage import ckpstore
 def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live: bool = False,
            progress: savestate.Progress | None = None) -> str:
     check_name(name, "checkpoint name")
-    with ctx.lock(jname, "bcheckpoint create"):
-        vm = VM.load(ctx, jname)
+    with ctx.locked_vm(jname, "bcheckpoint create") as vm:
         require(jname, vm.status(mine=True), Action.CHECKPOINT)
         final = ctx.workdir.checkpoint(jname, name)
         savestate.save(vm, final, name=name, kind="checkpoint", live=live,
@@ -37,7 +36,7 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     ctx.spec(jname)
     out = []
     for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
-        name = path.name.removesuffix(ckpstore.SUFFIX)
+        name = ckpstore.state_name(path)
         if m is None:
             out.append({"name": name, "created": None, "size": _size(path), "damaged": True})
             continue
@@ -57,9 +56,7 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
 
 def destroy(ctx: Context, jname: str, name: str) -> str:
     check_name(name, "checkpoint name")
-    with ctx.lock(jname, "bcheckpoint destroy"):
-        vm = VM.load(ctx, jname)
-        savestate.recover(vm)
+    with ctx.locked_vm(jname, "bcheckpoint destroy") as vm:
         final = ctx.workdir.checkpoint(jname, name)
         if not final.is_dir():
             raise CheckpointError(f"{jname}: no checkpoint {name}")
@@ -68,9 +65,7 @@ def destroy(ctx: Context, jname: str, name: str) -> str:
 
 
 def destroyall(ctx: Context, jname: str) -> str:
-    with ctx.lock(jname, "bcheckpoint destroyall"):
-        vm = VM.load(ctx, jname)
-        savestate.recover(vm)
+    with ctx.locked_vm(jname, "bcheckpoint destroyall") as vm:
         states = ckpstore.list_states(ctx.workdir.checkpoints(jname))
         for path, _ in states:
             savestate.drop(vm, path)
@@ -90,7 +85,7 @@ def verify(ctx: Context, jname: str, name: str | None = None) -> list[tuple[str,
         paths = [p for p, _ in ckpstore.list_states(ctx.workdir.checkpoints(jname))]
     results: list[tuple[str, str | None]] = []
     for path in paths:
-        ck = path.name.removesuffix(ckpstore.SUFFIX)
+        ck = ckpstore.state_name(path)
         try:
             m = ckpstore.read_manifest(path)
             ckpstore.verify_files(path, m)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from cbsd.core.lock import VMLock
 from cbsd.core.model import VMSpec
@@ -11,6 +14,9 @@ from cbsd.errors import NoSuchVM
 from cbsd.qemu.host import Host, probe
 from cbsd.storage.inventory import Inventory
 from cbsd.storage.paths import Workdir, default_workdir
+
+if TYPE_CHECKING:
+    from cbsd.core.vm import VM
 
 
 class Context:
@@ -47,3 +53,14 @@ class Context:
 
     def lock(self, jname: str, what: str, wait: float = 0.0) -> VMLock:
         return VMLock(self.workdir.lock_file(jname), jname, what).acquire(wait)
+
+    @contextmanager
+    def locked_vm(self, jname: str, what: str) -> Iterator[VM]:
+        """The VM under its lock, with whatever an interrupted command left cleared first."""
+        from cbsd.core.savestate import recover
+        from cbsd.core.vm import VM
+
+        with self.lock(jname, what):
+            vm = VM.load(self, jname)
+            recover(vm)
+            yield vm

@@ -7,16 +7,17 @@ from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, require
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError
+from cbsd.failpoints import failpoint
 
 NAME = "hibernation"
 
 
 def suspend(ctx: Context, jname: str, progress: savestate.Progress | None = None) -> str:
-    with ctx.lock(jname, "bsuspend"):
-        vm = VM.load(ctx, jname)
+    with ctx.locked_vm(jname, "bsuspend") as vm:
         require(jname, vm.status(mine=True), Action.SUSPEND)
         savestate.save(vm, ctx.workdir.hibernation(jname), name=NAME, kind="hibernation",
                        keep_running=False, progress=progress)
+        failpoint("suspend:saved")
         vm.power_off()
         if vm.status(mine=True) is not Status.SUSPENDED:
             raise QemuError(f"{jname}: hibernation image written but the VM is not Suspended")
@@ -24,9 +25,7 @@ def suspend(ctx: Context, jname: str, progress: savestate.Progress | None = None
 
 
 def discard(ctx: Context, jname: str) -> str:
-    with ctx.lock(jname, "bsuspend discard"):
-        vm = VM.load(ctx, jname)
-        savestate.recover(vm)
+    with ctx.locked_vm(jname, "bsuspend discard") as vm:
         require(jname, vm.status(mine=True), Action.DISCARD)
         savestate.drop(vm, ctx.workdir.hibernation(jname))
     return f"{jname}: hibernation image discarded"
@@ -37,4 +36,5 @@ def resume(vm: VM, *, paused: bool, progress: savestate.Progress | None = None) 
     A failed resume keeps the image."""
     image = vm.ctx.workdir.hibernation(vm.jname)
     savestate.load(vm, image, paused=paused, progress=progress)
+    failpoint("resume:loaded")
     savestate.drop(vm, image)

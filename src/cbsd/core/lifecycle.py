@@ -97,9 +97,7 @@ def _abs(path: str | None) -> str | None:
 def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bool = False,
           progress: savestate.Progress | None = None) -> str:
     """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
-    with ctx.lock(jname, "bstart"):
-        vm = VM.load(ctx, jname)
-        savestate.recover(vm)
+    with ctx.locked_vm(jname, "bstart") as vm:
         status = vm.status(mine=True)
         if checkpoint is not None:
             check_name(checkpoint, "checkpoint name")
@@ -126,8 +124,7 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bo
 
 
 def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 30) -> str:
-    with ctx.lock(jname, "bstop"):
-        vm = VM.load(ctx, jname)
+    with ctx.locked_vm(jname, "bstop") as vm:
         status = vm.status(mine=True)
         if status is Status.OFF:
             raise StateError(f"{jname}: not running")
@@ -176,8 +173,7 @@ def select(ctx: Context, names: list[str], *, running: bool = False,
 
 
 def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
-    with ctx.lock(jname, "bpause"):
-        vm = VM.load(ctx, jname)
+    with ctx.locked_vm(jname, "bpause") as vm:
         status = vm.status(mine=True)
         if mode == "auto":
             mode = "off" if status is Status.PAUSED else "on"

@@ -20,12 +20,14 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from cbsd.core.vm import VM, free_bytes
-from cbsd.errors import CbsdError, CheckpointError, NoSpaceError, QemuError
+from cbsd.errors import Cancelled, CbsdError, CheckpointError, NoSpaceError, QemuError
+from cbsd.failpoints import failpoint
 from cbsd.qemu import img
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
@@ -116,25 +118,84 @@ def published_tags(vm: VM) -> set[str]:
     return tags
 
 
+INTENT = "intent"  # in a temporary save directory: the run state to return to
+
+
 def recover(vm: VM, mon: Monitor | None = None) -> None:
-    """Clear what an interrupted (even kill -9'd) command left: partial or retired states and
-    the disk snapshots no published state owns. Needs the VM's lock."""
+    """Bring a VM back to a sound state after an interrupted (even kill -9'd) command. Needs the
+    VM's lock. Handles, in QEMU's own terms:
+      - a save killed mid-way: its temporary files and disk snapshots go; the VM gets back the
+        run state the save recorded (a completed migration leaves 'postmigrate', disks inactive);
+      - a restore or resume killed before the load finished ('inmigrate'): that QEMU is ended;
+      - a hibernation killed after its image was published but before QEMU ended: finished;
+      - a resume killed after loading but before dropping its image: the image is dropped (it
+        must never be resumed again over a disk that moved on).
+    """
     wd = vm.ctx.workdir
     doomed: list[Path] = []
     for d in (wd.checkpoints(vm.jname), wd.system(vm.jname)):
         if d.is_dir():
             doomed += ckpstore.recover(d)
-    if not doomed:
-        return
-    for path in doomed:
-        remove_tree(path)
+    resume = any(_read_intent(p) == "running" for p in doomed)
+    image = wd.hibernation(vm.jname)
+    state = _run_state(vm, mon)
+    if state == "inmigrate":
+        vm.kill()
+        state = None
+    elif state == "postmigrate" and ckpstore.is_complete(image):
+        vm.power_off()
+        state = None
+    with _session(vm, mon) if state is not None else nullcontext() as m:
+        if m is not None:
+            if ckpstore.is_complete(image):
+                _drop(vm, image, m)
+            elif state == "postmigrate":
+                m.cmd("cont")
+                if not resume:
+                    m.cmd("stop")
+            elif state == "paused" and resume:
+                m.cmd("cont")
+        for path in doomed:
+            remove_tree(path)
+        if doomed:
+            _sweep_orphans(vm, m)
+
+
+def _run_state(vm: VM, mon: Monitor | None) -> str | None:
+    """QEMU's run state, or None when no QEMU runs for the VM."""
+    if mon is not None:
+        return mon.status()
+    if not vm.alive():
+        return None
+    with vm.monitor() as m:
+        return m.status()
+
+
+@contextmanager
+def _session(vm: VM, mon: Monitor | None) -> Iterator[Monitor]:
+    """The caller's monitor session if it has one, else a new one closed afterwards."""
+    if mon is not None:
+        yield mon
+    else:
+        with vm.monitor() as m:
+            yield m
+
+
+def _read_intent(path: Path) -> str:
+    try:
+        return (path / INTENT).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _sweep_orphans(vm: VM, mon: Monitor | None) -> None:
+    """Delete cbsd's disk snapshots that no published state owns any more."""
     keep = published_tags(vm)
     for i, disk in enumerate(vm.paths.disks):
-        if not Path(disk).exists():
-            continue
-        orphans = [(i, t) for t in img.snapshots(Path(disk))
-                   if t.startswith(TAG_PREFIX) and t not in keep]
-        delete_tags(vm, orphans, mon)
+        if Path(disk).exists():
+            orphans = [(i, t) for t in img.snapshots(Path(disk))
+                       if t.startswith(TAG_PREFIX) and t not in keep]
+            delete_tags(vm, orphans, mon)
 
 
 # --- save -------------------------------------------------------------------------------------
@@ -166,15 +227,18 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         was_running = mon.running()
         live = live and was_running
         try:
+            (tmp / INTENT).write_text("running" if was_running else "paused")
             _set_migration(mon, live)
             # Disk and memory must be of the same instant: freeze first, even for live=1
             # (background-snapshot records memory as of its start, then resumes the guest).
             if was_running:
                 mon.cmd("stop")
+            failpoint("save:stopped")
             for i in range(len(vm.paths.disks)):
                 tag = f"{TAG_PREFIX}{name}-{secrets.token_hex(6)}"
                 mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
                 tags.append((i, tag))
+            failpoint("save:snapshotted")
             memfile = tmp / ckpstore.MEMORY
             fd = open_fd_for(memfile, write=True)
             try:
@@ -185,30 +249,41 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
                 os.close(fd)
             started = time.monotonic()
             mon.cmd("migrate", uri="fd:cbsd-save")
+            failpoint("save:migrating")
             info = mon.wait_migration(progress=_ram_progress(progress))
             elapsed = time.monotonic() - started
             size, digest = follower.finish()
             follower = None
             _fsync_file(memfile)
+            failpoint("save:saved")
             if keep_running:
                 _put_back(mon, was_running)
+            (tmp / INTENT).unlink()
             manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
                                  elapsed)
             manifest.save(tmp)
             fsync_dir(tmp)
             _verify_written(tmp, size)
+            failpoint("save:verified")
             old = ckpstore.publish(tmp, final)
         except BaseException as e:
             if follower is not None:
                 with contextlib.suppress(Exception):
                     follower.abandon()
             _rollback(vm, mon, tmp, tags, was_running)
+            if not isinstance(e, CbsdError | KeyboardInterrupt) and not vm.alive():
+                raise QemuError(f"{vm.jname}: QEMU exited while the {kind} was being "
+                                f"written ({e}); the VM is Off") from e
+            if isinstance(e, QemuError) and not vm.alive():
+                raise QemuError(f"{vm.jname}: QEMU exited while the {kind} was being "
+                                "written; the VM is Off") from e
             if isinstance(e, OSError):
                 raise os_error(e, f"{vm.jname}: cannot write {kind} {name}") from e
             if isinstance(e, QemuError) and "space" in str(e).lower():
                 raise NoSpaceError(f"{vm.jname}: cannot write {kind} {name}: "
                                    "no space left on device") from e
             raise
+        failpoint("save:published")
         if old is not None:
             _drop(vm, old, mon)
         return manifest
@@ -266,15 +341,16 @@ def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[int, str]],
               was_running: bool) -> None:
     """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
     was conditional on success). Every step is attempted even if an earlier one fails."""
-    steps: list[Callable[[], None]] = []
     if vm.alive():
-        steps += [lambda: _cancel_migration(mon),
-                  lambda: _put_back(mon, was_running),
-                  lambda: delete_tags(vm, tags, mon)]
-    steps.append(lambda: remove_tree(tmp))
-    for step in steps:
-        with contextlib.suppress(CbsdError, OSError):
-            step()
+        for step in (lambda: _cancel_migration(mon), lambda: _put_back(mon, was_running)):
+            with contextlib.suppress(CbsdError, OSError):
+                step()
+    try:
+        # Offline (qemu-img) when QEMU is gone: its lock on the image went with it.
+        delete_tags(vm, tags, mon if vm.alive() else None)
+    except (CbsdError, OSError):
+        return  # keep tmp: it tells the next command to sweep the orphaned disk snapshots
+    remove_tree(tmp)
 
 
 def _cancel_migration(mon: Monitor) -> None:
@@ -306,17 +382,10 @@ def drop(vm: VM, path: Path) -> None:
     if vm.alive():
         with vm.monitor() as mon:
             _drop(vm, path, mon)
+            _sweep_orphans(vm, mon)  # a damaged manifest cannot name its snapshots
     else:
         _drop(vm, path, None)
-    # A damaged manifest cannot name its snapshots: sweep those nobody owns any more.
-    keep = published_tags(vm)
-    if vm.alive():
-        return
-    for i, disk in enumerate(vm.paths.disks):
-        if Path(disk).exists():
-            orphans = [(i, t) for t in img.snapshots(Path(disk))
-                       if t.startswith(TAG_PREFIX) and t not in keep]
-            delete_tags(vm, orphans, None)
+        _sweep_orphans(vm, None)
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
@@ -351,7 +420,7 @@ def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
 def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
     """Everything that can be checked without launching QEMU. CheckpointError if any fails."""
     if not ckdir.is_dir() or ckdir.is_symlink():
-        raise CheckpointError(f"{vm.jname}: no checkpoint {ckdir.name.removesuffix('.ckp')}")
+        raise CheckpointError(f"{vm.jname}: no checkpoint {ckpstore.state_name(ckdir)}")
     m = ckpstore.read_manifest(ckdir)
     what = f"{vm.jname}: {ckpstore.describe(ckdir)}"
     saved, now = m.data["restore_relevant"], vm.spec.restore_relevant()
@@ -388,10 +457,13 @@ def _version(v: str) -> tuple[int, ...]:
 def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None) -> None:
     """Restore a saved state into a stopped VM. The state itself is left in place."""
     m = check_restorable(vm, ckdir)
+    failpoint("load:verified")
     for disk_index, tag in _disk_tags(vm, m):
         img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
+    failpoint("load:reverted")
     mon = vm.launch(incoming=True)
     try:
+        failpoint("load:launched")
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
             mon.send_fd(fd, "cbsd-load")
@@ -399,6 +471,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None)
             os.close(fd)
         mon.cmd("migrate-incoming", uri="fd:cbsd-load")
         _wait_incoming(vm, mon)
+        failpoint("load:loaded")
         if not paused:
             mon.cmd("cont")
         expected = "paused" if paused else "running"
@@ -407,10 +480,15 @@ def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None)
                             f"'{mon.status()}', expected '{expected}'")
     except BaseException as e:
         mon.close()
+        died = not vm.alive()
         reason = _qemu_log_tail(vm)
         vm.kill()
+        what = ckpstore.describe(ckdir)
+        if died and not isinstance(e, KeyboardInterrupt | Cancelled):
+            raise QemuError(f"{vm.jname}: QEMU exited while loading the {what}"
+                            f"{': ' + reason if reason else ''}; the VM is Off") from e
         if isinstance(e, QemuError) and reason:
-            raise QemuError(f"{vm.jname}: restore failed: {reason}") from e
+            raise QemuError(f"{vm.jname}: loading the {what} failed: {reason}") from e
         raise
     mon.close()
 

@@ -55,7 +55,11 @@ class Monitor:
 
     def send_fd(self, fd: int, name: str) -> None:
         """Hand an open file to QEMU (SCM_RIGHTS + getfd) under *name*."""
-        self._client.send_fd_scm(fd)
+        try:
+            self._client.send_fd_scm(fd)
+        except OSError as e:
+            raise QemuError(f"{self.jname}: lost QEMU's monitor while passing a file: "
+                            f"{e.strerror or e}") from e
         self.cmd("getfd", fdname=name)
 
     def status(self) -> str:

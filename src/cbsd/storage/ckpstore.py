@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.errors import CheckpointError
+from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
 from cbsd.storage.paths import HIBERNATION_DIR
 
@@ -83,7 +84,7 @@ def describe(ckdir: Path) -> str:
     """How errors name a saved state: 'checkpoint NAME' or 'hibernation image'."""
     if ckdir.name == HIBERNATION_DIR:
         return "hibernation image"
-    return f"checkpoint {ckdir.name.removesuffix(SUFFIX)}"
+    return f"checkpoint {state_name(ckdir)}"
 
 
 def read_manifest(ckdir: Path) -> Manifest:
@@ -126,16 +127,30 @@ def is_complete(ckdir: Path) -> bool:
     return (ckdir / MANIFEST).is_file()
 
 
+def state_name(path: Path) -> str:
+    """'NAME.ckp' -> 'NAME'; also for a replaced state awaiting recovery ('.NAME.ckp.old-x')."""
+    name = path.name
+    if name.startswith(".") and ".ckp.old-" in name:
+        name = name[1:].split(".old-")[0]
+    return name.removesuffix(SUFFIX)
+
+
 def list_states(directory: Path) -> list[tuple[Path, Manifest | None]]:
-    """Published checkpoints, oldest first; a damaged one is listed with manifest None."""
+    """Published states, oldest first; a damaged one is listed with manifest None. A state whose
+    replacement was interrupted between its two renames is listed under its own name: that is
+    what recovery will restore."""
     out: list[tuple[float, str, Path, Manifest | None]] = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return []
+    names = {e.name for e in entries}
     for e in entries:
-        if (e.name.startswith(".") or not e.name.endswith(SUFFIX)
-                or not e.is_dir(follow_symlinks=False)):
+        pending_old = (e.name.startswith(".") and ".ckp.old-" in e.name
+                       and f"{state_name(Path(e.name))}{SUFFIX}" not in names)
+        if not pending_old and (e.name.startswith(".") or not e.name.endswith(SUFFIX)):
+            continue
+        if not e.is_dir(follow_symlinks=False):
             continue
         p = Path(e.path)
         try:
@@ -161,6 +176,7 @@ def publish(tmp: Path, final: Path) -> Path | None:
     if final.exists():
         old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
         os.rename(final, old)
+        failpoint("publish:old-renamed")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     return old
@@ -220,5 +236,6 @@ __all__ = [
     "recover",
     "remove_tree",
     "retire",
+    "state_name",
     "verify_files",
 ]

@@ -1,0 +1,382 @@
+"""Fault injection through the CLI against real QEMU: kill -9, SIGINT/SIGTERM, a full disk and
+a dying QEMU at exact points of every state-changing operation, concurrent commands, and
+deliberately corrupted checkpoints. Nothing may be lost or left half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines
+from tests.integration.test_checkpoints import disk_tags, qemu_processes
+
+pytestmark = pytest.mark.vm
+
+
+def hidden_leftovers(cbsd: Cbsd, jname: str) -> list[str]:
+    found = []
+    for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
+        if d.is_dir():
+            found += [p.name for p in d.iterdir() if ".ckp." in p.name]
+    return found
+
+
+def manifest(cbsd: Cbsd, jname: str, name: str) -> dict[str, object]:
+    return json.loads((cbsd.system(jname) / "checkpoints" / f"{name}.ckp" / "manifest.json")
+                      .read_text())
+
+
+def assert_guest_fine(cbsd: Cbsd, jname: str) -> None:
+    """The guest runs, counting, with its disk matching its memory."""
+    con = cbsd.console(jname)
+    mark = con.mark()
+    con.wait(COUNTER_RE, since=mark, count=2)
+    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
+
+
+def restore_is_sound(cbsd: Cbsd, jname: str, name: str) -> None:
+    if cbsd.status(jname) != "Off":
+        cbsd("bstop", jname, "noacpi=1").ok()
+    con = cbsd.console(jname)
+    mark = con.mark()
+    cbsd("bstart", jname, f"checkpoint={name}").ok()
+    con.wait(COUNTER_RE, since=mark, count=2)
+    assert "BOOT" not in con.since(mark)
+    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
+
+
+SAVE_POINTS = ["save:stopped", "save:snapshotted", "save:migrating", "save:saved",
+               "save:verified", "publish:old-renamed", "save:published"]
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_kill9_during_checkpoint_create(cbsd: Cbsd, running_counter: str, point: str) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    old = manifest(cbsd, "vm1", "c")
+    cbsd.at_failpoint(point, "bcheckpoint", "mode=create", "jname=vm1", "name=c").kill9()
+    # Before any recovery: exactly one complete 'c' is visible, and it verifies.
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
+    assert cbsd.status("vm1") in ("On", "Paused")
+    # The next command on the VM clears what was left and puts the VM back running.
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=after").ok()
+    assert hidden_leftovers(cbsd, "vm1") == []
+    assert cbsd.status("vm1") == "On"
+    assert sorted(c["name"] for c in cbsd.checkpoints("vm1")) == ["after", "c"]
+    assert len(disk_tags(cbsd, "vm1")) == 2, "orphaned disk snapshots are released"
+    cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
+    now = manifest(cbsd, "vm1", "c")
+    if point != "save:published":
+        assert now == old, "an interrupted replacement keeps the previous checkpoint"
+    assert_guest_fine(cbsd, "vm1")
+    restore_is_sound(cbsd, "vm1", "c")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("point", ["save:snapshotted", "save:migrating", "save:saved"])
+def test_signal_cancels_checkpoint_create(cbsd: Cbsd, running_counter: str, point: str,
+                                          sig: int) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    old = manifest(cbsd, "vm1", "c")
+    r = cbsd.at_failpoint(point, "bcheckpoint", "mode=create", "jname=vm1",
+                          "name=c").resume(sig)
+    assert r.code == 1
+    assert r.err.strip() == f"cancelled by {signal.Signals(sig).name}"
+    assert cbsd.status("vm1") == "On", "cancel leaves the VM as it was"
+    assert hidden_leftovers(cbsd, "vm1") == []
+    assert manifest(cbsd, "vm1", "c") == old
+    assert len(disk_tags(cbsd, "vm1")) == 1
+    assert_guest_fine(cbsd, "vm1")
+
+
+@pytest.mark.parametrize("point", ["save:snapshotted", "save:saved", "suspend:saved"])
+def test_kill9_during_hibernate(cbsd: Cbsd, running_counter: str, point: str) -> None:
+    cbsd.at_failpoint(point, "bsuspend", "jname=vm1").kill9()
+    assert cbsd.status("vm1") in ("On", "Paused")
+    if point == "suspend:saved":
+        # The image was complete: the next command finishes the hibernation, then resumes it.
+        r = cbsd("bstart", "vm1").ok()
+        assert r.out.strip() == "vm1: resumed from hibernation"
+    else:
+        r = cbsd("bpause", "vm1", "mode=on").ok()  # any command on the VM recovers it first
+        cbsd("bpause", "vm1", "mode=off").ok()
+        assert not (cbsd.system("vm1") / "hibernate.ckp").exists()
+    assert hidden_leftovers(cbsd, "vm1") == [] and disk_tags(cbsd, "vm1") == []
+    assert cbsd.status("vm1") == "On"
+    assert_guest_fine(cbsd, "vm1")
+
+
+@pytest.mark.parametrize("point", ["load:verified", "load:reverted", "load:launched",
+                                   "load:loaded"])
+def test_kill9_during_restore(cbsd: Cbsd, running_counter: str, point: str) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    cbsd.at_failpoint(point, "bstart", "jname=vm1", "checkpoint=c").kill9()
+    status = cbsd.status("vm1")
+    if point == "load:loaded":
+        # Loaded and paused (-S): resumable, and it carries on from the checkpoint.
+        assert status == "Paused"
+        cbsd("bpause", "vm1", "mode=off").ok()
+        assert_guest_fine(cbsd, "vm1")
+    else:
+        # The next command ends a QEMU that never got its state; the VM is cleanly off.
+        cbsd("bcheckpoint", "mode=destroyall", "jname=vm1", "name=c")  # wrong key: exit 2
+        r = cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
+        assert "checkpoint c: OK" in r.out
+        r = cbsd("bstop", "vm1", "noacpi=1")
+        assert cbsd.status("vm1") == "Off"
+        assert qemu_processes(cbsd.workdir) == []
+    restore_is_sound(cbsd, "vm1", "c")
+
+
+def test_kill9_during_resume_after_load_drops_the_image(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bsuspend", "vm1").ok()
+    cbsd.at_failpoint("resume:loaded", "bstart", "jname=vm1").kill9()
+    assert cbsd.status("vm1") == "On"
+    cbsd("bpause", "vm1", "mode=on").ok()  # the next command drops the used image
+    assert not (cbsd.system("vm1") / "hibernate.ckp").exists()
+    assert disk_tags(cbsd, "vm1") == []
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    assert cbsd.status("vm1") == "Off", "a used hibernation image must never be resumed again"
+
+
+def test_signal_during_resume_keeps_the_image(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bsuspend", "vm1").ok()
+    r = cbsd.at_failpoint("load:launched", "bstart", "jname=vm1").resume(signal.SIGTERM)
+    assert r.code == 1 and "cancelled by SIGTERM" in r.err
+    assert cbsd.status("vm1") == "Suspended"
+    assert qemu_processes(cbsd.workdir) == []
+    assert cbsd("bstart", "vm1").ok().out.strip() == "vm1: resumed from hibernation"
+    assert_guest_fine(cbsd, "vm1")
+
+
+# --- QEMU dies ------------------------------------------------------------------------------
+
+def kill_qemu(cbsd: Cbsd) -> None:
+    for pid in qemu_processes(cbsd.workdir):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_qemu_dies_during_create(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    r = cbsd.at_failpoint("save:snapshotted", "bcheckpoint", "mode=create", "jname=vm1",
+                          "name=d")
+    kill_qemu(cbsd)
+    res = r.resume()
+    assert res.code == 1 and res.err.count("\n") == 1
+    assert "QEMU exited while the checkpoint was being written" in res.err
+    assert cbsd.status("vm1") == "Off"
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
+    cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
+    assert hidden_leftovers(cbsd, "vm1") == []
+    assert disk_tags(cbsd, "vm1") == [t for t in disk_tags(cbsd, "vm1") if t.startswith("cbsd-c-")]
+    restore_is_sound(cbsd, "vm1", "c")
+
+
+def test_qemu_dies_during_restore(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    r = cbsd.at_failpoint("load:launched", "bstart", "jname=vm1", "checkpoint=c")
+    kill_qemu(cbsd)
+    res = r.resume()
+    assert res.code == 1 and res.err.count("\n") == 1
+    assert "vm1: QEMU exited while loading the checkpoint c" in res.err
+    assert cbsd.status("vm1") == "Off"
+    restore_is_sound(cbsd, "vm1", "c")
+
+
+def test_qemu_dies_during_resume_keeps_the_image(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bsuspend", "vm1").ok()
+    r = cbsd.at_failpoint("load:launched", "bstart", "jname=vm1")
+    kill_qemu(cbsd)
+    res = r.resume()
+    assert res.code == 1 and "QEMU exited while loading the hibernation image" in res.err
+    assert cbsd.status("vm1") == "Suspended"
+    cbsd("bstart", "vm1").ok()
+    assert_guest_fine(cbsd, "vm1")
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("second", [
+    ("bcheckpoint", "mode=create", "jname=vm1", "name=other"),
+    ("bstop", "jname=vm1", "noacpi=1"),
+    ("bsuspend", "jname=vm1"),
+    ("bpause", "jname=vm1"),
+    ("bremove", "jname=vm1"),
+])
+def test_second_command_on_a_busy_vm_exits_75(cbsd: Cbsd, running_counter: str,
+                                              second: tuple[str, ...]) -> None:
+    first = cbsd.at_failpoint("save:snapshotted", "bcheckpoint", "mode=create", "jname=vm1",
+                              "name=c")
+    r = cbsd(*second)
+    assert r.code == 75
+    assert r.err.strip().startswith("vm1: busy: another cbsd command holds it "
+                                    "(bcheckpoint create, pid ")
+    assert cbsd.status("vm1") == "Maintenance"
+    assert first.resume().code == 0
+    assert cbsd.status("vm1") == "On"
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
+
+
+def test_suspend_and_start_race(cbsd: Cbsd, running_counter: str) -> None:
+    first = cbsd.at_failpoint("save:saved", "bsuspend", "jname=vm1")
+    assert cbsd("bstart", "vm1").code == 75
+    assert first.resume().code == 0
+    assert cbsd.status("vm1") == "Suspended"
+
+
+def test_different_vms_run_in_parallel(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    img = counter_image()
+    for n in ("p1", "p2"):
+        cbsd("bcreate", f"jname={n}", f"image={img}", "vm_os_type=other", "vm_ram=32m").ok()
+    cbsd("bstart", "p*").ok()
+    held = cbsd.at_failpoint("save:snapshotted", "bcheckpoint", "mode=create", "jname=p1")
+    cbsd("bcheckpoint", "mode=create", "jname=p2").ok()
+    cbsd("bpause", "p2").ok()
+    assert held.resume().code == 0
+
+
+def test_concurrent_creates_keep_the_inventory_whole(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    img = counter_image()
+    procs = [cbsd.popen("bcreate", f"jname=c{i}", f"image={img}", "vm_os_type=other",
+                        "vm_ram=32m") for i in range(8)]
+    procs.append(cbsd.popen("bcreate", "jname=c0", f"image={img}", "vm_os_type=other"))
+    codes = [p.wait(60) for p in procs]
+    assert sorted(codes) == [0] * 8 + [1] or sorted(codes) == [0] * 8 + [75]
+    assert [v["jname"] for v in cbsd.bls()] == [f"c{i}" for i in range(8)]
+
+
+# --- full disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    runner = Cbsd(mnt / "wd")
+    yield runner
+    for pid in qemu_processes(mnt):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk(small_disk: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    cbsd = small_disk
+    cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=28)}", "vm_os_type=other",
+         "vm_ram=40m").ok()
+    cbsd("bstart", "vm1").ok()
+    cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    old = manifest(cbsd, "vm1", "c")
+    # Mid-write: the space check passed, then the disk fills up under QEMU's write.
+    held = cbsd.at_failpoint("save:snapshotted", "bcheckpoint", "mode=create", "jname=vm1",
+                             "name=d")
+    filler = cbsd.workdir / "filler"
+    st = os.statvfs(cbsd.workdir)
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (6 << 20)), str(filler)],
+                   check=True)
+    r = held.resume()
+    assert r.code == 1 and r.err.strip().endswith("no space left on device"), r.err
+    assert cbsd.status("vm1") == "On" and hidden_leftovers(cbsd, "vm1") == []
+    assert manifest(cbsd, "vm1", "c") == old
+    # Predictable: refused before writing anything.
+    r = cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=e")
+    assert r.code == 1 and "no space left on device for the saved state" in r.err
+    assert hidden_leftovers(cbsd, "vm1") == [] and cbsd.status("vm1") == "On"
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
+    filler.unlink()
+    cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
+    assert_guest_fine(cbsd, "vm1")
+    restore_is_sound(cbsd, "vm1", "c")
+
+
+# --- corruption -----------------------------------------------------------------------------
+
+def _flip(p: Path) -> None:
+    data = bytearray((p / "memory").read_bytes())
+    data[-100] ^= 0x40
+    (p / "memory").write_bytes(data)
+
+
+def _truncate(p: Path) -> None:
+    with open(p / "memory", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+
+
+def _edit_manifest(p: Path) -> None:
+    m = json.loads((p / "manifest.json").read_text())
+    m["restore_relevant"]["ram"] = 1 << 30
+    (p / "manifest.json").write_text(json.dumps(m))
+
+
+CORRUPTIONS = {
+    "flipped byte": (_flip, "memory checksum mismatch"),
+    "truncated": (_truncate, "truncated"),
+    "missing memory": (lambda p: (p / "memory").unlink(), "memory is missing"),
+    "missing manifest": (lambda p: (p / "manifest.json").unlink(), "manifest is missing"),
+    "edited manifest": (_edit_manifest, "manifest was altered"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corruption_is_detected_before_restore(cbsd: Cbsd, running_counter: str,
+                                               kind: str) -> None:
+    damage, message = CORRUPTIONS[kind]
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    damage(cbsd.system("vm1") / "checkpoints" / "c.ckp")
+    r = cbsd("bstart", "vm1", "checkpoint=c")
+    assert r.code == 1 and message in r.err and r.err.count("\n") == 1
+    assert qemu_processes(cbsd.workdir) == [] and cbsd.status("vm1") == "Off"
+    r = cbsd("bcheckpoint", "mode=verify", "jname=vm1", "name=c")
+    assert r.code == 1 and message in r.err
+
+
+def test_missing_disk_snapshot_is_detected(cbsd: Cbsd, running_counter: str) -> None:
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    disk = cbsd.workdir / "vm" / "vm1" / "dsk1.qcow2"
+    subprocess.run(["qemu-img", "snapshot", "-d", disk_tags(cbsd, "vm1")[0], str(disk)],
+                   check=True)
+    r = cbsd("bstart", "vm1", "checkpoint=c")
+    assert r.code == 1 and "disk snapshot" in r.err and "is missing" in r.err
+    assert qemu_processes(cbsd.workdir) == []
+
+
+# --- names and symlinks cannot escape the workdir -------------------------------------------
+
+def test_symlink_in_checkpoint_dir_is_never_followed(cbsd: Cbsd, running_counter: str,
+                                                    tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    (outside / "manifest.json").write_text("{}")
+    link = cbsd.system("vm1") / "checkpoints" / "evil.ckp"
+    link.symlink_to(outside)
+    assert cbsd.checkpoints("vm1") == [], "a symlink is not a checkpoint"
+    r = cbsd("bstart", "vm1", "checkpoint=evil")
+    assert r.code == 1
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    r = cbsd("bstart", "vm1", "checkpoint=evil")
+    assert r.code == 1 and "no checkpoint evil" in r.err
+    cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=evil")
+    cbsd("bcheckpoint", "mode=destroyall", "jname=vm1").ok()
+    assert (outside / "precious").read_text() == "keep me", "nothing outside was touched"
+    assert qemu_processes(cbsd.workdir) == []
+
+
+def test_no_shell_anywhere() -> None:
+    """User input never reaches a shell: no shell=True, os.system or os.popen in cbsd."""
+    src = Path(__file__).resolve().parents[2] / "src" / "cbsd"
+    for py in src.rglob("*.py"):
+        text = py.read_text()
+        for bad in ("shell=True", "os.system(", "os.popen(", "commands.getoutput"):
+            assert bad not in text, f"{py}: {bad}"
