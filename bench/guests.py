@@ -20,11 +20,16 @@ def start_filled_vm(env: dict[str, str], workdir: Path, jname: str, ram: str,
          env=env)
     cbsd("bstart", f"jname={jname}", env=env)
     log = workdir / "jails-system" / jname / "console.log"
-    deadline = time.monotonic() + 300
+    wait_counting(log, fill_mib)
+    return log
+
+
+def wait_counting(log: Path, fill_mib: int, timeout: float = 600) -> None:
+    """Until the guest behind *log* is past its RAM fill and printing its counter."""
+    deadline = time.monotonic() + timeout
     while len(re.findall(rb"n=\d+", log.read_bytes() if log.exists() else b"")) < 2:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{jname}: guest did not come up")
+            raise RuntimeError(f"the guest writing {log} did not come up")
         time.sleep(0.2)
     if fill_mib and b"FILLED" not in log.read_bytes():
-        raise RuntimeError(f"{jname}: guest did not fill its RAM")
-    return log
+        raise RuntimeError(f"the guest writing {log} did not fill its RAM")

@@ -1,13 +1,27 @@
-"""Benchmark entry point: python -m bench.run [case ...]  (cases: bls, checkpoint)."""
+"""Benchmark entry point: python -m bench.run [case ...]
+
+cases: peer (cbsd vs libvirt vs floor, writes docs/benchmarks.md and .png; the default),
+       checkpoint (cbsd vs the dd floor only), bls."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+ROOT_BENCH = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> None:
-    cases = argv or ["bls", "checkpoint"]
+    cases = argv or ["peer"]
     for case in cases:
+        if case == "peer":
+            from bench import bench_peer, report
+
+            results, versions = bench_peer.run_all()
+            analysis = (ROOT_BENCH / "analysis.md")
+            print(report.write(results, versions,
+                               analysis.read_text() if analysis.exists() else ""))
+            continue
         if case == "bls":
             from bench import bench_bls
 

@@ -49,14 +49,13 @@ def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: 
 
 def bcreate(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
+    from cbsd.core.model import VMSpec
 
-    req = lifecycle.CreateRequest(
-        jname=a["jname"], ram=a["vm_ram"],
-        cpus=a["vm_cpus"], os_type=a["vm_os_type"], imgsize=a["imgsize"], image=a["image"],
-        iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"], vnc=a["vnc"],
-        vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"], astart=a["astart"],
-    )
-    spec = lifecycle.create(ctx, req)
+    spec = lifecycle.create(ctx, VMSpec(
+        jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
+        iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
+        vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
+        astart=a["astart"]), imgsize=a["imgsize"], image=a["image"])
     print(f"{spec.jname}: created")
     if a["runasap"]:
         print(lifecycle.start(ctx, spec.jname))

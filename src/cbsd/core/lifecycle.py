@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbsd.core import savestate
@@ -19,72 +19,54 @@ from cbsd.storage.atomic import remove_tree
 FIRST_DISK = "dsk1.qcow2"
 
 
-@dataclass
-class CreateRequest:
-    jname: str
-    ram: int = 512 * MIB
-    cpus: int = 1
-    os_type: str = "linux"
-    imgsize: int | None = None
-    image: str | None = None
-    iso: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    vnc: bool = False
-    vnc_password: str | None = None
-    nic: str = "user"
-    hostfwd: list[str] = field(default_factory=list)
-    astart: bool = False
-
-    def validate(self) -> None:
-        check_name(self.jname)
-        if self.ram < 16 * MIB:
-            raise UsageError(f"vm_ram={self.ram >> 20}m is under 16 MiB: a likely mistake "
-                             "(sizes take a suffix, e.g. vm_ram=512m)")
-        for key in ("image", "iso", "kernel", "initrd"):
-            value = getattr(self, key)
-            if value is not None and not Path(value).is_file():
-                raise UsageError(f"{key}: no such file: {value}")
-        if (self.initrd or self.cmdline) and not self.kernel:
-            raise UsageError("initrd= and cmdline= need kernel=")
-        if self.vnc_password and not self.vnc:
-            raise UsageError("vnc_password= needs vnc=1")
-        if self.hostfwd and self.nic != "user":
-            raise UsageError("hostfwd= needs nic=user")
-
-
 DEFAULT_IMGSIZE = 10 << 30
 
 
-def create(ctx: Context, req: CreateRequest) -> VMSpec:
-    req.validate()
-    with ctx.lock(req.jname, "bcreate"):
-        if ctx.inventory.get(req.jname) is not None:
-            raise StateError(f"VM already exist: {req.jname}")
+def _validate(spec: VMSpec, image: str | None) -> None:
+    check_name(spec.jname)
+    if spec.ram < 16 * MIB:
+        raise UsageError(f"vm_ram={spec.ram >> 20}m is under 16 MiB: a likely mistake "
+                         "(sizes take a suffix, e.g. vm_ram=512m)")
+    for key, value in (("image", image), ("iso", spec.iso), ("kernel", spec.kernel),
+                       ("initrd", spec.initrd)):
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"{key}: no such file: {value}")
+    if (spec.initrd or spec.cmdline) and not spec.kernel:
+        raise UsageError("initrd= and cmdline= need kernel=")
+    if spec.vnc_password and not spec.vnc:
+        raise UsageError("vnc_password= needs vnc=1")
+    if spec.hostfwd and spec.nic != "user":
+        raise UsageError("hostfwd= needs nic=user")
+
+
+def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
+           image: str | None = None) -> VMSpec:
+    """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
+    is *image* converted to qcow2 (grown to *imgsize* if larger), or a new empty one."""
+    _validate(spec, image)
+    jname = spec.jname
+    with ctx.lock(jname, "bcreate"):
+        if ctx.inventory.get(jname) is not None:
+            raise StateError(f"VM already exist: {jname}")
         wd = ctx.workdir
         # Leftovers of a bcreate that was killed half-way (never in the inventory): ours now.
-        for d in (wd.system(req.jname), wd.vm_dir(req.jname)):
+        for d in (wd.system(jname), wd.vm_dir(jname)):
             remove_tree(d)
         try:
-            wd.ensure_vm(req.jname)
-            disk = wd.disk(req.jname, FIRST_DISK)
-            if req.image:
-                img.convert(Path(req.image), disk)
-                if req.imgsize and req.imgsize > int(img.info(disk)["virtual-size"]):
-                    img.resize(disk, req.imgsize)
+            wd.ensure_vm(jname)
+            disk = wd.disk(jname, FIRST_DISK)
+            if image:
+                img.convert(Path(image), disk)
+                if imgsize and imgsize > int(img.info(disk)["virtual-size"]):
+                    img.resize(disk, imgsize)
             else:
-                img.create(disk, req.imgsize or DEFAULT_IMGSIZE)
-            spec = VMSpec(
-                jname=req.jname, ram=req.ram, cpus=req.cpus, os_type=req.os_type,
-                machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
-                iso=_abs(req.iso), kernel=_abs(req.kernel), initrd=_abs(req.initrd),
-                cmdline=req.cmdline, vnc=req.vnc, vnc_password=req.vnc_password, nic=req.nic,
-                hostfwd=list(req.hostfwd), astart=req.astart,
-            )
+                img.create(disk, imgsize or DEFAULT_IMGSIZE)
+            spec = dataclasses.replace(
+                spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
+                iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd))
             ctx.inventory.add(spec)
         except BaseException:
-            for d in (wd.system(req.jname), wd.vm_dir(req.jname)):
+            for d in (wd.system(jname), wd.vm_dir(jname)):
                 remove_tree(d)
             raise
     return spec

@@ -32,7 +32,7 @@ from cbsd.qemu import img
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.storage import ckpstore
-from cbsd.storage.atomic import fsync_dir, os_error, remove_tree
+from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
 
 Progress = Callable[[int, int], None]
 TAG_PREFIX = "cbsd-"
@@ -254,7 +254,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             elapsed = time.monotonic() - started
             size, digest = follower.finish()
             follower = None
-            _fsync_file(memfile)
+            fsync_path(memfile)
             failpoint("save:saved")
             if keep_running:
                 _put_back(mon, was_running)
@@ -318,14 +318,6 @@ def _ram_progress(progress: Progress | None) -> Callable[[dict[str, Any]], None]
     if progress is None:
         return None
     return lambda ram: progress(max(0, ram["total"] - ram["remaining"]), ram["total"])
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _verify_written(tmp: Path, size: int) -> None:

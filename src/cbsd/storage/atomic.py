@@ -10,12 +10,16 @@ from pathlib import Path
 from cbsd.errors import CbsdError, NoSpaceError
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: after a create or rename in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if path.is_dir() else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

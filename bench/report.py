@@ -1,0 +1,116 @@
+"""docs/benchmarks.md and docs/benchmarks.png from a bench_peer run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from bench.bench_peer import Case
+from bench.common import ROOT
+
+# (case title prefix, cbsd series, peer series, target ratio) -- the issue's targets.
+TARGETS = [
+    ("checkpoint create, 1 GiB", "cbsd", "virsh save", 0.5),
+    ("checkpoint create, 1 GiB", "cbsd", "dd + fdatasync (floor)", 1.25),
+    ("restore to first guest output, 1 GiB", "cbsd", "virsh restore", 0.8),
+    ("hibernate, 1 GiB", "cbsd", "virsh managedsave", 0.5),
+    ("resume to first guest output, 1 GiB", "cbsd", "virsh start", 0.8),
+    ("pause (CLI wall time)", "cbsd", "virsh suspend", 1.0),
+]
+GAP_TARGET = 0.250
+
+
+def machine() -> list[str]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+    fs = subprocess.run(["df", "-T", "/var/tmp"], capture_output=True, text=True).stdout
+    fstype = fs.splitlines()[-1].split()[1] if fs else "?"
+    debian = Path("/etc/debian_version").read_text().strip()
+    return [f"- CPU: {cpu}, {os.cpu_count()} cores (no vmx/svm: QEMU runs TCG)",
+            f"- memory: {mem:.0f} GiB; disk: {fstype} (/var/tmp)",
+            f"- Debian {debian}, Linux {platform.release()}; {qemu}"]
+
+
+def _find(cases: list[Case], prefix: str) -> Case | None:
+    return next((c for c in cases if c.title.startswith(prefix)), None)
+
+
+def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> str:
+    lines = ["# Benchmarks: cbsd vs libvirt vs the hardware floor", "",
+             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+             f"`bash scripts/bench.sh` (libvirt {versions.get('libvirt', '?')}); medians of "
+             f"interleaved runs (cbsd, libvirt, cbsd, ...), wall time of the whole command as a "
+             f"user runs it.", ""]
+    lines += machine()
+    lines += ["", "![benchmarks](benchmarks.png)", "", "## Targets", "",
+              "| target | measured | verdict |", "|---|---|---|"]
+    for prefix, a, b, target in TARGETS:
+        c = _find(cases, prefix)
+        if c is None or a not in c.series or b not in c.series:
+            lines.append(f"| {prefix}: {a} / {b} <= {target}x | not measured | - |")
+            continue
+        ratio = c.series[a].median / c.series[b].median
+        verdict = "met" if ratio <= target else "**missed**"
+        lines.append(f"| {c.title}: {a} / {b} <= {target}x | {ratio:.2f}x "
+                     f"({c.series[a].median:.3f} s vs {c.series[b].median:.3f} s) | {verdict} |")
+    gap = _find(cases, "live checkpoint")
+    if gap is not None and "cbsd live=1" in gap.series:
+        g = gap.series["cbsd live=1"].median
+        lines.append(f"| live checkpoint, 1 GiB / 768 MiB: longest guest output gap <= "
+                     f"{GAP_TARGET * 1000:.0f} ms | {g * 1000:.0f} ms | "
+                     f"{'met' if g <= GAP_TARGET else '**missed**'} |")
+    lines += ["", "## All cases", ""]
+    for c in cases:
+        lines += [f"### {c.title}", "", "| who | median (s) | min | max | runs | vs cbsd |",
+                  "|---|---|---|---|---|---|"]
+        base = c.series.get("cbsd") or next(iter(c.series.values()))
+        for s in c.series.values():
+            lines.append(f"| {s.name} | {s.median:.3f} | {min(s.samples):.3f} | "
+                         f"{max(s.samples):.3f} | {len(s.samples)} | "
+                         f"{s.median / base.median:.2f}x |")
+        lines += [f"- {n}" for n in c.notes] + [""]
+    if analysis:
+        lines += ["## Analysis", "", analysis.strip(), ""]
+    text = "\n".join(lines)
+    (ROOT / "docs" / "benchmarks.md").write_text(text)
+    chart(cases, ROOT / "docs" / "benchmarks.png")
+    return text
+
+
+def chart(cases: list[Case], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in cases if "cbsd" in c.series and len(c.series) > 1
+             and not c.title.startswith("bls")]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 1.25 * sum(len(c.series) for c in shown)
+                                                      + 0.5 * len(shown)))
+    for ax, c in zip(axes, shown, strict=False):
+        names = list(c.series)
+        values = [c.series[n].median for n in names]
+        colors = ["#2a7ab8" if n == "cbsd" or n.startswith("cbsd") else
+                  "#999999" if "floor" in n or "baseline" in n else "#d9822b" for n in names]
+        ax.barh(names, values, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(re.sub(r"\s+", " ", c.title), fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f} s", va="center", fontsize=8)
+        ax.set_xlim(0, max(values) * 1.25)
+    fig.suptitle("cbsd (blue) vs libvirt (orange) vs floor/baseline (grey): median seconds, "
+                 "lower is better", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

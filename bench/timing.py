@@ -1,0 +1,68 @@
+"""Measuring what a user sees: a command's wall time, and the time until the guest's console
+shows new output (restore, resume) or the longest silence in it (live checkpoint)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+    t = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
+    return dt
+
+
+def until_output(argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> float:
+    """Wall time from starting *argv* until the guest writes to its console again."""
+    size = log.stat().st_size if log.exists() else 0
+    t = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
+    while (log.stat().st_size if log.exists() else 0) <= size:
+        if time.perf_counter() - t > timeout:
+            raise RuntimeError(f"no guest output after {' '.join(argv)}")
+        time.sleep(0.002)
+    return time.perf_counter() - t
+
+
+class GapWatch:
+    """Records when the console grows; max_gap() is the longest silence in a time window."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.stamps: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        size = self.log.stat().st_size
+        while not self._stop.is_set():
+            now = self.log.stat().st_size
+            if now != size:
+                size = now
+                self.stamps.append(time.perf_counter())
+            time.sleep(0.002)
+
+    def __enter__(self) -> GapWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def max_gap(self, start: float, end: float) -> float:
+        points = [start] + [s for s in self.stamps if start < s < end] + [end]
+        after = [s for s in self.stamps if s >= end]
+        if after:
+            points[-1] = after[0]  # the silence lasts until the next output
+        return max(b - a for a, b in itertools.pairwise(points))
