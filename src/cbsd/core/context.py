@@ -62,5 +62,8 @@ class Context:
 
         with self.lock(jname, what):
             vm = VM.load(self, jname)
-            recover(vm)
-            yield vm
+            try:
+                recover(vm)
+                yield vm
+            finally:
+                vm.close()

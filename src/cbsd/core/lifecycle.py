@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cbsd.core import savestate
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import MIB, check_name
@@ -15,6 +15,9 @@ from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
 from cbsd.storage.atomic import remove_tree
+
+if TYPE_CHECKING:
+    from cbsd.core.savestate import Progress
 
 FIRST_DISK = "dsk1.qcow2"
 
@@ -77,13 +80,15 @@ def _abs(path: str | None) -> str | None:
 
 
 def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bool = False,
-          progress: savestate.Progress | None = None) -> str:
+          progress: Progress | None = None) -> str:
     """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
     with ctx.locked_vm(jname, "bstart") as vm:
         status = vm.status(mine=True)
         if checkpoint is not None:
             check_name(checkpoint, "checkpoint name")
             require(jname, status, Action.RESTORE)
+            from cbsd.core import savestate
+
             savestate.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused,
                            progress=progress)
             done = f"restored from checkpoint {checkpoint}"

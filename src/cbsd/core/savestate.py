@@ -482,7 +482,6 @@ def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None)
         if isinstance(e, QemuError) and reason:
             raise QemuError(f"{vm.jname}: loading the {what} failed: {reason}") from e
         raise
-    mon.close()
 
 
 def _wait_incoming(vm: VM, mon: Monitor) -> None:

@@ -33,6 +33,7 @@ class VM:
             qemu_log=str(wd.qemu_log(self.jname)),
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
+        self._mon: Monitor | None = None
 
     @classmethod
     def load(cls, ctx: Context, jname: str) -> VM:
@@ -44,7 +45,16 @@ class VM:
         return process.alive(self.pid, self.paths.qmp_sock)
 
     def monitor(self) -> Monitor:
-        return Monitor(Path(self.paths.qmp_sock), self.jname)
+        """The VM's QMP session, opened once and shared by everything this command does (a
+        session costs a connect and a capabilities negotiation)."""
+        if self._mon is None or self._mon.closed:
+            self._mon = Monitor(Path(self.paths.qmp_sock), self.jname, shared=True)
+        return self._mon
+
+    def close(self) -> None:
+        if self._mon is not None:
+            self._mon.close()
+            self._mon = None
 
     def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
         return build_argv(self.spec, self.ctx.host, self.paths, incoming=incoming,
@@ -59,14 +69,11 @@ class VM:
                                   Path(self.paths.pidfile), Path(self.paths.qemu_log))
         try:
             self._owner_only()
+            self.close()  # a session to an earlier QEMU of this VM is dead
             mon = self.monitor()
-            try:
-                if self.spec.vnc and self.spec.vnc_password:
-                    mon.cmd("set_password", protocol="vnc", password=self.spec.vnc_password)
-                self.vnc_port = int(mon.cmd("query-vnc").get("service", 0)) if self.spec.vnc else 0
-            except BaseException:
-                mon.close()
-                raise
+            if self.spec.vnc and self.spec.vnc_password:
+                mon.cmd("set_password", protocol="vnc", password=self.spec.vnc_password)
+            self.vnc_port = int(mon.cmd("query-vnc").get("service", 0)) if self.spec.vnc else 0
         except BaseException:
             self.kill()
             raise
@@ -102,6 +109,7 @@ class VM:
             self.kill()
 
     def forget_process(self) -> None:
+        self.close()
         self.pid = 0
         self.vnc_port = 0
         self.ctx.inventory.set_runtime(self.jname, 0, 0)

@@ -17,7 +17,8 @@ T = TypeVar("T")
 class Monitor:
     """One QMP session to one VM. Every failure becomes a QemuError naming the command."""
 
-    def __init__(self, path: Path, jname: str, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, jname: str, timeout: float = 30.0,
+                 shared: bool = False) -> None:
         # Lazy: asyncio and qemu.qmp cost ~25 ms, which `cbsd bls` of stopped VMs never needs.
         import asyncio
         import logging
@@ -28,6 +29,8 @@ class Monitor:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
         self.jname = jname
         self.timeout = timeout
+        self.shared = shared  # owned by a VM for the whole command: `with` does not close it
+        self.closed = False
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(f"cbsd-{jname}")
         try:
@@ -87,6 +90,9 @@ class Monitor:
             delay = min(delay * 2, 0.05)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         with contextlib.suppress(Exception):
             self._run(self._client.disconnect(), 5.0)
         self._loop.close()
@@ -95,7 +101,8 @@ class Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        if not self.shared:
+            self.close()
 
 
 def open_fd_for(path: Path, write: bool) -> int:
