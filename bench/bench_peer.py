@@ -60,9 +60,12 @@ class Twins:
                        capture_output=True)
 
 
-def dd_floor(path: Path, nbytes: int) -> float:
+def dd_floor(path: Path, nbytes: int, direct: bool = False) -> float:
+    """The issue's floor: dd of the same bytes + fdatasync. direct=True: O_DIRECT, the raw
+    disk speed with no page cache at all (a stricter floor)."""
+    flags = ["oflag=direct"] if direct else ["conv=fdatasync"]
     t = run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={nbytes}", "iflag=count_bytes",
-             "conv=fdatasync"])
+             *flags])
     path.unlink()
     return t
 
@@ -86,6 +89,8 @@ def save_restore(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
                 ["virsh", "-c", lv.URI, "restore", str(img), *extra], t.lv_log))
             img.unlink()
         create.add("dd + fdatasync (floor)", dd_floor(t.wd / "floor.bin", sizes["cbsd"]))
+        create.add("dd oflag=direct (raw disk)", dd_floor(t.wd / "floor.bin", sizes["cbsd"],
+                                                          direct=True))
         run(t.cbsd("bstop", f"jname={t.name}", "noacpi=1"), t.env)
         restore.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}", "checkpoint=b"),
                                          t.cbsd_log, t.env))

@@ -223,6 +223,8 @@ TICK_RE = r"tick n=(\d+) up=([\d.]+) disk=(\d+) (OK|BAD)"
 
 def create_linux(cbsd: Cbsd, guest: tuple[Path, Path], jname: str = "lx", *extra: str) -> str:
     kernel, initrd = guest
-    cbsd("bcreate", f"jname={jname}", f"kernel={kernel}", f"initrd={initrd}",
-         f"cmdline={LINUX_CMDLINE}", "vm_ram=256m", "imgsize=16m", *extra).ok()
+    keys = {"kernel": str(kernel), "initrd": str(initrd), "cmdline": LINUX_CMDLINE,
+            "vm_ram": "256m", "imgsize": "16m"}
+    keys.update(e.split("=", 1) for e in extra)  # type: ignore[arg-type]
+    cbsd("bcreate", f"jname={jname}", *(f"{k}={v}" for k, v in keys.items())).ok()
     return jname

@@ -24,7 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FILL_OFFSET = 0x1FC
-LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev", "ata_piix",
+                 "sr_mod")
 
 
 def cache_dir() -> Path:

@@ -11,6 +11,12 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 echo "cbsd-guest: up"
+echo "cbsd-guest: cpus=$(nproc) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+# A CD-ROM, if attached: its first bytes (the tests put a marker there).
+sleep 0.3
+if [ -b /dev/sr0 ]; then
+    echo "cbsd-guest: cdrom=$(dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 24 | tr -dc 'A-Za-z0-9-')"
+fi
 
 # ACPI power button -> clean shutdown (sync, then power off).
 for ev in /sys/class/input/event*; do

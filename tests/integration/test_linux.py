@@ -49,6 +49,19 @@ def test_boot_console_hostfwd_and_acpi_shutdown(cbsd: Cbsd, linux_guest) -> None
     assert cbsd.status("lx") == "Off"
 
 
+def test_cpus_ram_and_cdrom_reach_the_guest(cbsd: Cbsd, linux_guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    iso = tmp_path / "test.iso"
+    iso.write_bytes(b"CBSD-TEST-ISO-0123456789".ljust(2048 * 16, b"\0"))
+    create_linux(cbsd, linux_guest, "lx", "vm_cpus=2", "vm_ram=384m", f"iso={iso}")
+    cbsd("bstart", "lx").ok()
+    con = cbsd.console("lx")
+    m = con.wait(r"cbsd-guest: cpus=(\d+) mem_kb=(\d+)", timeout=90)[0]
+    assert int(m.group(1)) == 2
+    assert 300 * 1024 < int(m.group(2)) <= 384 * 1024  # the kernel keeps some for itself
+    con.wait(r"cbsd-guest: cdrom=CBSD-TEST-ISO-0123456789", timeout=30)
+    assert cbsd.bls("lx")[0]["vm_cpus"] == 2 and cbsd.bls("lx")[0]["vm_ram"] == 384
+
+
 def test_checkpoint_restore_keeps_uptime_and_disk(cbsd: Cbsd, linux_guest) -> None:  # type: ignore[no-untyped-def]
     create_linux(cbsd, linux_guest)
     cbsd("bstart", "lx").ok()

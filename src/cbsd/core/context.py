@@ -30,7 +30,7 @@ class Context:
 
     @property
     def host(self) -> Host:
-        return probe()
+        return probe(self.workdir.inventory.parent / "host-cache.json")
 
     def spec(self, jname: str) -> VMSpec:
         spec = self.inventory.get(jname)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cbsd.errors import QemuError
+from cbsd.errors import CbsdError, QemuError
+from cbsd.storage.atomic import write_atomic
 
 QBOOT_PATHS = ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/qboot.bin")
 
@@ -21,6 +26,7 @@ class Host:
     version: str  # "7.2.22"
     accel: str  # "kvm" or "tcg"
     qboot: str | None  # fast firmware for direct kernel boot, if installed
+    machines: tuple[tuple[str, str | None], ...] = ()  # (name, alias_of)
 
 
 def _which(name: str) -> str:
@@ -51,33 +57,59 @@ def kvm_usable() -> bool:
 
 
 @functools.cache
-def probe() -> Host:
+def qemu_img_path() -> str:
+    return _which("qemu-img")
+
+
+@functools.cache
+def probe(cache: Path | None = None) -> Host:
+    """This host's QEMU. What never changes for one binary (version, machine types) is kept
+    in *cache*, keyed by the binary's path, size and mtime, so most commands run no
+    subprocess; KVM usability is checked every time."""
     qemu = _which("qemu-system-x86_64")
+    st = os.stat(qemu)
+    key = f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
+    facts = _read_cache(cache, key) or _ask_qemu(qemu)
+    if cache is not None and facts.get("key") != key:
+        with contextlib.suppress(OSError, CbsdError):
+            write_atomic(cache, json.dumps({**facts, "key": key}).encode())
+    qboot = next((p for p in QBOOT_PATHS if os.path.exists(p)), None)
+    return Host(qemu=qemu, qemu_img=qemu_img_path(), version=facts["version"],
+                accel="kvm" if kvm_usable() else "tcg", qboot=qboot,
+                machines=tuple((m, a) for m, a in facts["machines"]))
+
+
+def _read_cache(cache: Path | None, key: str) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    try:
+        facts = json.loads(cache.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) and facts.get("key") == key else None
+
+
+def _ask_qemu(qemu: str) -> dict[str, Any]:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
     if not m:
         raise QemuError(f"cannot tell the version of {qemu}: {out.strip()[:80]!r}")
-    qboot = next((p for p in QBOOT_PATHS if os.path.exists(p)), None)
-    return Host(qemu=qemu, qemu_img=_which("qemu-img"), version=m.group(1),
-                accel="kvm" if kvm_usable() else "tcg", qboot=qboot)
-
-
-@functools.cache
-def machine_help(host: Host) -> str:
-    return subprocess.run([host.qemu, "-machine", "help"], capture_output=True, text=True,
-                          check=False).stdout
+    machines = []
+    help_text = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
+                               check=False).stdout
+    for line in help_text.splitlines()[1:]:
+        name = line.split(" ", 1)[0]
+        alias = re.search(r"\(alias of (\S+)\)", line)
+        if name:
+            machines.append((name, alias.group(1) if alias else None))
+    return {"version": m.group(1), "machines": machines}
 
 
 def machine_known(host: Host, machine: str) -> bool:
-    return any(line.split(" ", 1)[0] == machine for line in machine_help(host).splitlines())
+    return any(name == machine for name, _ in host.machines)
 
 
 def resolve_machine(host: Host, alias: str = "pc") -> str:
     """'pc' -> 'pc-i440fx-7.2': pin the versioned type, so that a QEMU upgrade keeps saved states
     loadable."""
-    out = machine_help(host)
-    for line in out.splitlines():
-        m = re.match(rf"{re.escape(alias)}\s+.*\(alias of (\S+)\)", line)
-        if m:
-            return m.group(1)
-    return alias
+    return next((target for name, target in host.machines if name == alias and target), alias)

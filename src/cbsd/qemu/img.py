@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.errors import QemuError
-from cbsd.qemu.host import probe
+from cbsd.qemu.host import qemu_img_path
 
 
 def _run(*args: str) -> str:
-    res = subprocess.run([probe().qemu_img, *args], capture_output=True, text=True, check=False)
+    res = subprocess.run([qemu_img_path(), *args], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         msg = (res.stderr.strip().splitlines() or ["failed"])[-1]
         raise QemuError(f"qemu-img {args[0]}: {msg.removeprefix('qemu-img: ')}")
