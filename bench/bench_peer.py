@@ -104,8 +104,11 @@ def save_restore(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
 def hibernate(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
     down = Case(f"hibernate, {label}")
     up = Case(f"resume to first guest output, {label}")
+    image = t.wd / "jails-system" / t.name / "hibernate.ckp" / "memory"
     for _ in range(repeat):
         down.add("cbsd", run(t.cbsd("bsuspend", f"jname={t.name}"), t.env))
+        down.add("dd oflag=direct (raw disk)", dd_floor(t.wd / "floor.bin", image.stat().st_size,
+                                                        direct=True))
         down.add("virsh managedsave", run(["virsh", "-c", lv.URI, "managedsave", t.dom]))
         up.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}"), t.cbsd_log, t.env))
         up.add("virsh start", until_output(["virsh", "-c", lv.URI, "start", t.dom], t.lv_log))
@@ -114,7 +117,10 @@ def hibernate(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
 
 def pause(t: Twins, repeat: int) -> tuple[Case, Case]:
     on, off = Case("pause (CLI wall time)"), Case("resume from pause (CLI wall time)")
+    python = str(Path(CBSD).parent / "python")
     for _ in range(repeat):
+        on.add("python start (no work)", run([python, "-c", "pass"]))
+        on.add("python + import qemu.qmp (no work)", run([python, "-c", "import qemu.qmp"]))
         on.add("cbsd", run(t.cbsd("bpause", f"jname={t.name}", "mode=on"), t.env))
         on.add("virsh suspend", run(["virsh", "-c", lv.URI, "suspend", t.dom]))
         off.add("cbsd", run(t.cbsd("bpause", f"jname={t.name}", "mode=off"), t.env))
