@@ -260,3 +260,35 @@ def test_reboot_after_restore_boots_normally(cbsd: Cbsd, running_counter: str) -
     mark = con.mark()
     cbsd("bstart", "vm1").ok()
     con.wait(r"BOOT disk=\d+", since=mark)
+
+
+def test_progress_on_a_terminal_only(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    import pty
+    import re
+    import select
+    import sys
+
+    cbsd("bcreate", "jname=big", f"image={counter_image(fill_mib=200)}", "vm_os_type=other",
+         "vm_ram=256m").ok()
+    cbsd("bstart", "big").ok()
+    cbsd.console("big").wait(COUNTER_RE, count=2, timeout=60)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "cbsd", "bcheckpoint", "mode=create",
+                          "jname=big", "name=tty"], stdin=slave, stdout=slave, stderr=slave,
+                         env=cbsd.env)
+    os.close(slave)
+    out = b""
+    while select.select([master], [], [], 10)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(30) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert "big: saving" in text and "MB" in text, text[-400:]
+    assert text.rstrip().endswith("checkpoints/tty.ckp"), "the result line comes last"
+    r = cbsd("bcheckpoint", "mode=create", "jname=big", "name=pipe").ok()
+    assert r.err == "", "no progress output when stderr is not a terminal"

@@ -69,8 +69,7 @@ def bstart(ctx: Context, a: Args) -> int:
     if a["boot"]:
         vms = lifecycle.select(ctx, vms, boot=True)
     return each(ctx, vms, lambda c, j: lifecycle.start(
-        c, j, checkpoint=a["checkpoint"], paused=a["paused"],
-        progress=output.progress(f"{j}: loading")), a["parallel"])
+        c, j, checkpoint=a["checkpoint"], paused=a["paused"]), a["parallel"])
 
 
 def bstop(ctx: Context, a: Args) -> int:

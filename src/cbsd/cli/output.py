@@ -31,6 +31,9 @@ class Progress:
         self._task: Any = None
 
     def __call__(self, done: int, total: int) -> None:
+        if done >= total:
+            self.close()
+            return
         if total < (64 << 20):
             return  # small states finish before a bar is worth drawing
         if self._bar is None:
@@ -47,7 +50,9 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            self._bar.update(self._task, completed=self._bar.tasks[0].total)
+            self._bar.stop()  # transient: the bar is erased, the result line stays
+            self._bar = None
 
 
 def progress(label: str) -> Progress | None:

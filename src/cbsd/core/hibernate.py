@@ -31,10 +31,10 @@ def discard(ctx: Context, jname: str) -> str:
     return f"{jname}: hibernation image discarded"
 
 
-def resume(vm: VM, *, paused: bool, progress: savestate.Progress | None = None) -> None:
+def resume(vm: VM, *, paused: bool) -> None:
     """Load the hibernation image (lock held by the caller); drop it once the VM runs.
     A failed resume keeps the image."""
     image = vm.ctx.workdir.hibernation(vm.jname)
-    savestate.load(vm, image, paused=paused, progress=progress)
+    savestate.load(vm, image, paused=paused)
     failpoint("resume:loaded")
     savestate.drop(vm, image)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
@@ -15,9 +14,6 @@ from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
 from cbsd.storage.atomic import remove_tree
-
-if TYPE_CHECKING:
-    from cbsd.core.savestate import Progress
 
 FIRST_DISK = "dsk1.qcow2"
 
@@ -79,8 +75,8 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bool = False,
-          progress: Progress | None = None) -> str:
+def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
+          paused: bool = False) -> str:
     """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
     with ctx.locked_vm(jname, "bstart") as vm:
         status = vm.status(mine=True)
@@ -89,15 +85,14 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None, paused: bo
             require(jname, status, Action.RESTORE)
             from cbsd.core import savestate
 
-            savestate.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused,
-                           progress=progress)
+            savestate.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
             done = f"restored from checkpoint {checkpoint}"
         else:
             require(jname, status, Action.START)
             if status is Status.SUSPENDED:
                 from cbsd.core.hibernate import resume
 
-                resume(vm, paused=paused, progress=progress)
+                resume(vm, paused=paused)
                 done = "resumed from hibernation"
             else:
                 with vm.launch(paused=paused) as mon:

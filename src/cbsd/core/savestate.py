@@ -274,6 +274,9 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             mon.cmd("migrate", uri="fd:cbsd-save")
             failpoint("save:migrating")
             info = mon.wait_migration(progress=_ram_progress(progress))
+            if progress is not None:
+                total = int(info.get("ram", {}).get("total", 1))
+                progress(total, total)  # done: lets a progress bar finish and go away
             elapsed = time.monotonic() - started
             size, digest = follower.finish()
             follower = None
@@ -469,7 +472,7 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
-def load(vm: VM, ckdir: Path, *, paused: bool, progress: Progress | None = None) -> None:
+def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
     """Restore a saved state into a stopped VM. The state itself is left in place."""
     m = check_restorable(vm, ckdir)
     failpoint("load:verified")
