@@ -20,8 +20,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +111,16 @@ def _disk_tags(vm: VM, manifest: ckpstore.Manifest) -> list[tuple[int, str]]:
     return [(index[s["disk"]], s["tag"]) for s in manifest.disk_snapshots if s["disk"] in index]
 
 
-def delete_tags(vm: VM, tags: list[tuple[int, str]], mon: Monitor | None) -> None:
-    """Release internal disk snapshots, online through QMP or offline with qemu-img."""
+def delete_tags(vm: VM, tags: list[tuple[int, str]]) -> None:
+    """Release internal disk snapshots: through QEMU while it runs (it holds the image's lock),
+    with qemu-img otherwise."""
+    online = vm.alive()
     for i, tag in tags:
         disk = Path(vm.paths.disks[i])
-        if mon is not None:
+        if online:
             try:
-                mon.cmd("blockdev-snapshot-delete-internal-sync", device=f"disk{i}", name=tag)
+                vm.monitor().cmd("blockdev-snapshot-delete-internal-sync", device=f"disk{i}",
+                                 name=tag)
             except QemuError:
                 if tag in img.snapshots(disk):
                     raise
@@ -144,7 +146,7 @@ def published_tags(vm: VM) -> set[str]:
 INTENT = "intent"  # in a temporary save directory: the run state to return to
 
 
-def recover(vm: VM, mon: Monitor | None = None) -> None:
+def recover(vm: VM) -> None:
     """Bring a VM back to a sound state after an interrupted (even kill -9'd) command. Needs the
     VM's lock. Handles, in QEMU's own terms:
       - a save killed mid-way: its temporary files and disk snapshots go; the VM gets back the
@@ -161,47 +163,23 @@ def recover(vm: VM, mon: Monitor | None = None) -> None:
             doomed += ckpstore.recover(d)
     resume = any(_read_intent(p) == "running" for p in doomed)
     image = wd.hibernation(vm.jname)
-    state = _run_state(vm, mon)
+    state = vm.monitor().status() if vm.alive() else None
     if state == "inmigrate":
         vm.kill()
-        state = None
     elif state == "postmigrate" and ckpstore.is_complete(image):
         vm.power_off()
-        state = None
-    with _session(vm, mon) if state is not None else nullcontext() as m:
-        if m is not None:
-            if ckpstore.is_complete(image):
-                _drop(vm, image, m)
-            elif state == "postmigrate":
-                m.cmd("cont")
-                if not resume:
-                    m.cmd("stop")
-            elif state == "paused" and resume:
-                m.cmd("cont")
-        for path in doomed:
-            remove_tree(path)
-        if doomed:
-            _sweep_orphans(vm, m)
-
-
-def _run_state(vm: VM, mon: Monitor | None) -> str | None:
-    """QEMU's run state, or None when no QEMU runs for the VM."""
-    if mon is not None:
-        return mon.status()
-    if not vm.alive():
-        return None
-    with vm.monitor() as m:
-        return m.status()
-
-
-@contextmanager
-def _session(vm: VM, mon: Monitor | None) -> Iterator[Monitor]:
-    """The caller's monitor session if it has one, else a new one closed afterwards."""
-    if mon is not None:
-        yield mon
-    else:
-        with vm.monitor() as m:
-            yield m
+    elif state is not None and ckpstore.is_complete(image):
+        _drop(vm, image)
+    elif state == "postmigrate":
+        vm.monitor().cmd("cont")
+        if not resume:
+            vm.monitor().cmd("stop")
+    elif state == "paused" and resume:
+        vm.monitor().cmd("cont")
+    for path in doomed:
+        remove_tree(path)
+    if doomed:
+        _sweep_orphans(vm)
 
 
 def _read_intent(path: Path) -> str:
@@ -211,14 +189,14 @@ def _read_intent(path: Path) -> str:
         return ""
 
 
-def _sweep_orphans(vm: VM, mon: Monitor | None) -> None:
+def _sweep_orphans(vm: VM) -> None:
     """Delete cbsd's disk snapshots that no published state owns any more."""
     keep = published_tags(vm)
     for i, disk in enumerate(vm.paths.disks):
         if Path(disk).exists():
             orphans = [(i, t) for t in img.snapshots(Path(disk))
                        if t.startswith(TAG_PREFIX) and t not in keep]
-            delete_tags(vm, orphans, mon)
+            delete_tags(vm, orphans)
 
 
 # --- save -------------------------------------------------------------------------------------
@@ -242,7 +220,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with vm.monitor() as mon:
-        recover(vm, mon)
+        recover(vm)
         _check_space(vm, final.parent)
         tmp = ckpstore.new_tmpdir(final)
         tags: list[tuple[int, str]] = []
@@ -311,7 +289,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             raise
         failpoint("save:published")
         if old is not None:
-            _drop(vm, old, mon)
+            _drop(vm, old)
         return manifest
 
 
@@ -365,7 +343,7 @@ def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[int, str]],
                 step()
     try:
         # Offline (qemu-img) when QEMU is gone: its lock on the image went with it.
-        delete_tags(vm, tags, mon if vm.alive() else None)
+        delete_tags(vm, tags)
     except (CbsdError, OSError):
         return  # keep tmp: it tells the next command to sweep the orphaned disk snapshots
     remove_tree(tmp)
@@ -382,7 +360,7 @@ def _cancel_migration(mon: Monitor) -> None:
             time.sleep(0.01)
 
 
-def _drop(vm: VM, path: Path, mon: Monitor | None) -> None:
+def _drop(vm: VM, path: Path) -> None:
     """Delete a saved state: first hide it, then release its disk snapshots, then its files."""
     try:
         m: ckpstore.Manifest | None = ckpstore.read_manifest(path)
@@ -391,19 +369,14 @@ def _drop(vm: VM, path: Path, mon: Monitor | None) -> None:
     if not path.name.startswith("."):
         path = ckpstore.retire(path)
     if m is not None:
-        delete_tags(vm, _disk_tags(vm, m), mon)
+        delete_tags(vm, _disk_tags(vm, m))
     remove_tree(path)
 
 
 def drop(vm: VM, path: Path) -> None:
     """Delete a published state and the disk snapshots it owns (VM running or not)."""
-    if vm.alive():
-        with vm.monitor() as mon:
-            _drop(vm, path, mon)
-            _sweep_orphans(vm, mon)  # a damaged manifest cannot name its snapshots
-    else:
-        _drop(vm, path, None)
-        _sweep_orphans(vm, None)
+    _drop(vm, path)
+    _sweep_orphans(vm)  # a damaged manifest cannot name its snapshots
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
