@@ -3,7 +3,8 @@ a dying QEMU) at exactly that moment, as storage systems' failpoints do.
 
 With CBSD_FAILPOINT=NAME in the environment, reaching point NAME prints
 ``cbsd: failpoint NAME`` on stderr and stops the process (SIGSTOP) until the test continues
-or kills it. Without the variable this is one dictionary lookup.
+or kills it; it fires once per process (other threads then pass it). Without the variable
+this is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import os
 import signal
 import sys
 
+_fired: set[str] = set()
+
 
 def failpoint(name: str) -> None:
-    if os.environ.get("CBSD_FAILPOINT") == name:
+    if os.environ.get("CBSD_FAILPOINT") == name and name not in _fired:
+        _fired.add(name)
         print(f"cbsd: failpoint {name}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -380,3 +380,21 @@ def test_no_shell_anywhere() -> None:
         text = py.read_text()
         for bad in ("shell=True", "os.system(", "os.popen(", "commands.getoutput"):
             assert bad not in text, f"{py}: {bad}"
+
+
+def test_sigterm_cancels_parallel_hibernation(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    """Signals reach only the main thread; VMs hibernating in worker threads must still cancel
+    (the host-shutdown script relies on it when its time budget runs out)."""
+    img = counter_image()
+    for n in ("w1", "w2"):
+        cbsd("bcreate", f"jname={n}", f"image={img}", "vm_os_type=other", "vm_ram=32m").ok()
+    cbsd("bstart", "w*").ok()
+    r = cbsd.at_failpoint("save:migrating", "bsuspend", "jname=w*", "parallel=2")
+    res = r.resume(signal.SIGTERM)
+    assert res.code == 1 and "cancelled by SIGTERM" in res.err, res
+    assert "hibernated" not in res.out
+    for n in ("w1", "w2"):
+        assert cbsd.status(n) == "On", n
+        assert not (cbsd.system(n) / "hibernate.ckp").exists()
+        assert hidden_leftovers(cbsd, n) == [] and disk_tags(cbsd, n) == []
+        assert_guest_fine(cbsd, n)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cbsd import cancel
 from cbsd.cli import output
 from cbsd.core.context import Context
 from cbsd.errors import CbsdError, UsageError
@@ -21,6 +22,7 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
         # SQLite connections are per thread: a worker gets its own context.
         local = ctx if parallel == 1 or len(vms) == 1 else Context(ctx.workdir)
         try:
+            cancel.check()  # after SIGINT/SIGTERM, VMs not yet begun are left alone
             msg = fn(local, jname)
         except CbsdError as e:
             print(e.message, file=sys.stderr, flush=True)
@@ -32,12 +34,21 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
     if parallel > 1 and len(vms) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+        with ThreadPoolExecutor(max_workers=parallel,
+                                initializer=_main_thread_gets_signals) as pool:
             codes = list(pool.map(one, vms))
     else:
         codes = [one(v) for v in vms]
     failed = {c for c in codes if c}
     return 0 if not failed else failed.pop() if len(failed) == 1 else 1
+
+
+def _main_thread_gets_signals() -> None:
+    """Workers block SIGINT/SIGTERM so the kernel delivers them to the main thread, whose
+    handler then runs at once and tells every worker to cancel (cbsd.cancel)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args) -> None:

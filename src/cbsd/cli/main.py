@@ -7,7 +7,7 @@ import signal
 import sys
 from types import FrameType
 
-from cbsd import __version__
+from cbsd import __version__, cancel
 from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, CbsdError, UsageError
 
 USAGE = """usage: cbsd COMMAND [key=value ...] [NAME ...]
@@ -36,7 +36,9 @@ def _cancel_on_signals() -> None:
         if fired:
             return
         fired = True
-        raise Cancelled(f"cancelled by {signal.Signals(signum).name}")
+        reason = f"cancelled by {signal.Signals(signum).name}"
+        cancel.request(reason)  # worker threads see it at their next check
+        raise Cancelled(reason)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cbsd import cancel
 from cbsd.core.vm import VM, free_bytes
 from cbsd.errors import Cancelled, CbsdError, CheckpointError, NoSpaceError, QemuError
 from cbsd.failpoints import failpoint
@@ -269,6 +270,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             fsync_dir(tmp)
             _verify_written(tmp, size)
             failpoint("save:verified")
+            cancel.check()  # last moment a cancel rolls back; once published, it stands
             old = ckpstore.publish(tmp, final)
         except BaseException as e:
             if follower is not None:
@@ -494,6 +496,7 @@ def _wait_incoming(vm: VM, mon: Monitor) -> None:
             raise
         if state != "inmigrate":
             break
+        cancel.check()
         time.sleep(delay)
         delay = min(delay * 2, 0.005)
     info = mon.cmd("query-migrate")

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cbsd import cancel
 from cbsd.errors import QemuError
 
 T = TypeVar("T")
@@ -86,6 +87,7 @@ class Monitor:
                 return dict(info)
             if progress is not None and "ram" in info:
                 progress(info["ram"])
+            cancel.check()
             time.sleep(delay)
             delay = min(delay * 2, 0.005)  # a QMP query costs <1 ms; oversleeping costs more
 
