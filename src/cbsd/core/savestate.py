@@ -210,6 +210,9 @@ def _put_back(mon: Monitor, was_running: bool) -> None:
         if state != "running":
             mon.cmd("cont")
     elif state == "postmigrate":
+        # QEMU 7.2 has no way to reactivate disks without running the vCPUs: the guest runs
+        # for one QMP round trip (~0.5 ms). Sending 'stop' without awaiting 'cont' is no
+        # way out: QEMU then asserts on a write to a still-inactive disk.
         mon.cmd("cont")
         mon.cmd("stop")
 
