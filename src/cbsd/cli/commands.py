@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from cbsd import cancel
 from cbsd.cli import output
@@ -17,6 +17,16 @@ Args = dict[str, Any]
 def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
          parallel: int = 1) -> int:
     """Run *fn* on every VM, report each result, exit non-zero if any failed."""
+    import threading
+
+    lock = threading.Lock()
+
+    def report(text: str, stream: TextIO) -> None:
+        # One write per line under a lock: print() writes text and newline separately, and
+        # parallel workers would interleave them.
+        with lock:
+            stream.write(text + "\n")
+            stream.flush()
 
     def one(jname: str) -> int:
         # SQLite connections are per thread: a worker gets its own context.
@@ -25,10 +35,10 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
             cancel.check()  # after SIGINT/SIGTERM, VMs not yet begun are left alone
             msg = fn(local, jname)
         except CbsdError as e:
-            print(e.message, file=sys.stderr, flush=True)
+            report(e.message, sys.stderr)
             return e.exit_code
         if msg:
-            print(msg, flush=True)
+            report(msg, sys.stdout)
         return 0
 
     if parallel > 1 and len(vms) > 1:
