@@ -20,11 +20,17 @@ pytestmark = pytest.mark.vm
 
 
 def hidden_leftovers(cbsd: Cbsd, jname: str) -> list[str]:
-    found = []
-    for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
-        if d.is_dir():
-            found += [p.name for p in d.iterdir() if ".ckp." in p.name]
-    return found
+    """Partial or retired states still on disk. Retired ones ('.del-') are removed by a
+    detached process after the command returns: they get a few seconds to go."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
+            if d.is_dir():
+                found += [p.name for p in d.iterdir() if ".ckp." in p.name]
+        if not any(".del-" in f for f in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def manifest(cbsd: Cbsd, jname: str, name: str) -> dict[str, object]:

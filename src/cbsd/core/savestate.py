@@ -32,7 +32,7 @@ from cbsd.qemu import img
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.storage import ckpstore
-from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
+from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree, remove_tree_later
 
 Progress = Callable[[int, int], None]
 TAG_PREFIX = "cbsd-"
@@ -366,7 +366,8 @@ def _cancel_migration(mon: Monitor) -> None:
 
 
 def _drop(vm: VM, path: Path) -> None:
-    """Delete a saved state: first hide it, then release its disk snapshots, then its files."""
+    """Delete a saved state: first hide it (never listed again), then release its disk
+    snapshots (under the VM's lock), then remove its files after the command returns."""
     try:
         m: ckpstore.Manifest | None = ckpstore.read_manifest(path)
     except CheckpointError:
@@ -375,7 +376,7 @@ def _drop(vm: VM, path: Path) -> None:
         path = ckpstore.retire(path)
     if m is not None:
         delete_tags(vm, _disk_tags(vm, m))
-    remove_tree(path)
+    remove_tree_later(path)
 
 
 def drop(vm: VM, path: Path) -> None:

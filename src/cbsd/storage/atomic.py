@@ -48,6 +48,17 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_tree_later(path: Path) -> None:
+    """Remove an already hidden tree in a detached process, after the command returns.
+    Deleting a large saved state makes the kernel evict its cached pages (~0.3 s per GiB);
+    the user need not wait. If that process dies, the next command's recovery finishes it."""
+    import subprocess
+
+    subprocess.Popen(["rm", "-rf", "--", str(path)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+
+
 def os_error(e: OSError, what: str) -> CbsdError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpaceError(f"{what}: no space left on device")
