@@ -33,6 +33,8 @@ CASES = [
     (["bcheckpoint", "jname=vm1", "mode=list", "live=1"], 2, "live= is not used with mode=list"),
     (["bsuspend", "jname=vm1"], 1, "is Off"),
     (["bsuspend", "jname=vm1", "mode=discard"], 1, "is Off"),
+    (["bsuspend", "jname=vm1", "mode=discard", "running_only=1"], 2,
+     "running_only= is not used with mode=discard"),
     (["bogus"], 2, "unknown command 'bogus'"),
     (["bls", "jname=zz*"], 2, "No VM matches the mask: zz*"),
 ]

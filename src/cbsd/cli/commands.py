@@ -83,23 +83,29 @@ def bcreate(ctx: Context, a: Args) -> int:
     return 0
 
 
-def bstart(ctx: Context, a: Args) -> int:
+def _targets(ctx: Context, a: Args) -> list[str]:
+    """The VMs a command acts on: names and masks resolved, then narrowed for host boot
+    (boot=1) or shutdown (running_only=1) where the command has those keys."""
     from cbsd.core import lifecycle
 
     vms = ctx.resolve(a["names"])
-    if a["boot"]:
-        vms = lifecycle.select(ctx, vms, boot=True)
-    return each(ctx, vms, lambda c, j: lifecycle.start(
+    if a.get("boot") or a.get("running_only"):
+        vms = lifecycle.select(ctx, vms, boot=bool(a.get("boot")),
+                               running=bool(a.get("running_only")))
+    return vms
+
+
+def bstart(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+
+    return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.start(
         c, j, checkpoint=a["checkpoint"], paused=a["paused"]), a["parallel"])
 
 
 def bstop(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
-    vms = ctx.resolve(a["names"])
-    if a["running_only"]:
-        vms = lifecycle.select(ctx, vms, running=True)
-    return each(ctx, vms, lambda c, j: lifecycle.stop(
+    return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.stop(
         c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
 
 
@@ -188,12 +194,11 @@ def _verify(ctx: Context, jname: str, name: str | None) -> str:
 
 
 def bsuspend(ctx: Context, a: Args) -> int:
-    from cbsd.core import hibernate, lifecycle
+    from cbsd.core import hibernate
 
-    vms = ctx.resolve(a["names"])
     if a["mode"] == "discard":
-        return each(ctx, vms, hibernate.discard)
-    if a["running_only"]:
-        vms = lifecycle.select(ctx, vms, running=True)
-    return each(ctx, vms, lambda c, j: hibernate.suspend(
+        if a["running_only"]:
+            raise UsageError("bsuspend: running_only= is not used with mode=discard")
+        return each(ctx, ctx.resolve(a["names"]), hibernate.discard)
+    return each(ctx, _targets(ctx, a), lambda c, j: hibernate.suspend(
         c, j, progress=output.progress(f"{j}: saving")), a["parallel"])
