@@ -48,9 +48,7 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
         if ctx.inventory.get(jname) is not None:
             raise StateError(f"VM already exist: {jname}")
         wd = ctx.workdir
-        # Leftovers of a bcreate that was killed half-way (never in the inventory): ours now.
-        for d in (wd.system(jname), wd.vm_dir(jname)):
-            remove_tree(d)
+        _remove_files(ctx, jname)  # of a bcreate killed half-way (never in the inventory)
         try:
             wd.ensure_vm(jname)
             disk = wd.disk(jname, FIRST_DISK)
@@ -65,10 +63,15 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
                 iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd))
             ctx.inventory.add(spec)
         except BaseException:
-            for d in (wd.system(jname), wd.vm_dir(jname)):
-                remove_tree(d)
+            _remove_files(ctx, jname)
             raise
     return spec
+
+
+def _remove_files(ctx: Context, jname: str) -> None:
+    """A VM's runtime/metadata directory (checkpoints included) and its disks."""
+    remove_tree(ctx.workdir.system(jname))
+    remove_tree(ctx.workdir.vm_dir(jname))
 
 
 def _abs(path: str | None) -> str | None:
@@ -95,8 +98,8 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
                 resume(vm, paused=paused)
                 done = "resumed from hibernation"
             else:
-                with vm.launch(paused=paused) as mon:
-                    state = mon.status()
+                mon = vm.launch(paused=paused)
+                state = mon.status()
                 ok = state in ("paused", "prelaunch") if paused else state == "running"
                 if not ok:
                     vm.kill()
@@ -114,13 +117,13 @@ def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 
         if noacpi:
             vm.power_off()
             return f"{jname}: powered off"
-        with vm.monitor() as mon:
-            if status is Status.PAUSED:
-                # A frozen guest cannot see the power button: thaw it so it can shut down.
-                mon.cmd("cont")
-                print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
-                      file=sys.stderr)
-            mon.cmd("system_powerdown")
+        mon = vm.monitor()
+        if status is Status.PAUSED:
+            # A frozen guest cannot see the power button: thaw it so it can shut down.
+            mon.cmd("cont")
+            print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
+                  file=sys.stderr)
+        mon.cmd("system_powerdown")
         if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout):
             vm.forget_process()
             return f"{jname}: stopped (ACPI shutdown)"
@@ -135,8 +138,7 @@ def remove(ctx: Context, jname: str) -> str:
             vm.power_off()
         # Inventory first: a crash after this leaves only files, which bcreate clears.
         ctx.inventory.remove(jname)
-        remove_tree(ctx.workdir.system(jname))
-        remove_tree(ctx.workdir.vm_dir(jname))
+        _remove_files(ctx, jname)
     return f"{jname}: removed"
 
 
@@ -160,8 +162,8 @@ def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
         if mode == "auto":
             mode = "off" if status is Status.PAUSED else "on"
         require(jname, status, Action.PAUSE if mode == "on" else Action.RESUME)
-        with vm.monitor() as mon:
-            mon.cmd("stop" if mode == "on" else "cont")
-            if mon.running() != (mode == "off"):
-                raise QemuError(f"{jname}: QEMU did not {'pause' if mode == 'on' else 'resume'}")
+        mon = vm.monitor()
+        mon.cmd("stop" if mode == "on" else "cont")
+        if mon.running() != (mode == "off"):
+            raise QemuError(f"{jname}: QEMU did not {'pause' if mode == 'on' else 'resume'}")
     return f"{jname}: {'paused' if mode == 'on' else 'resumed'}"

@@ -223,79 +223,78 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
 
     keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with vm.monitor() as mon:
-        recover(vm)
-        _check_space(vm, final.parent)
-        tmp = ckpstore.new_tmpdir(final)
-        tags: list[tuple[int, str]] = []
-        follower: _Follower | None = None
-        was_running = mon.running()
-        live = live and was_running
+    mon = vm.monitor()
+    recover(vm)
+    _check_space(vm, final.parent)
+    tmp = ckpstore.new_tmpdir(final)
+    tags: list[tuple[int, str]] = []
+    follower: _Follower | None = None
+    was_running = mon.running()
+    live = live and was_running
+    try:
+        (tmp / INTENT).write_text("running" if was_running else "paused")
+        _set_migration(mon, live)
+        # Disk and memory must be of the same instant: freeze first, even for live=1
+        # (background-snapshot records memory as of its start, then resumes the guest).
+        if was_running:
+            mon.cmd("stop")
+        failpoint("save:stopped")
+        for i in range(len(vm.paths.disks)):
+            tag = f"{TAG_PREFIX}{name}-{secrets.token_hex(6)}"
+            mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
+            tags.append((i, tag))
+        failpoint("save:snapshotted")
+        memfile = tmp / ckpstore.MEMORY
+        fd = open_fd_for(memfile, write=True)
         try:
-            (tmp / INTENT).write_text("running" if was_running else "paused")
-            _set_migration(mon, live)
-            # Disk and memory must be of the same instant: freeze first, even for live=1
-            # (background-snapshot records memory as of its start, then resumes the guest).
-            if was_running:
-                mon.cmd("stop")
-            failpoint("save:stopped")
-            for i in range(len(vm.paths.disks)):
-                tag = f"{TAG_PREFIX}{name}-{secrets.token_hex(6)}"
-                mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
-                tags.append((i, tag))
-            failpoint("save:snapshotted")
-            memfile = tmp / ckpstore.MEMORY
-            fd = open_fd_for(memfile, write=True)
-            try:
-                follower = _Follower(memfile)
-                follower.start()
-                mon.send_fd(fd, "cbsd-save")
-            finally:
-                os.close(fd)
-            started = time.monotonic()
-            mon.cmd("migrate", uri="fd:cbsd-save")
-            failpoint("save:migrating")
-            info = mon.wait_migration(progress=_ram_progress(progress))
-            if progress is not None:
-                total = int(info.get("ram", {}).get("total", 1))
-                progress(total, total)  # done: lets a progress bar finish and go away
-            elapsed = time.monotonic() - started
-            size, digest = follower.finish()
-            follower = None
-            fsync_path(memfile)
-            failpoint("save:saved")
-            if keep_running:
-                _put_back(mon, was_running)
-            (tmp / INTENT).unlink()
-            manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
-                                 elapsed)
-            manifest.save(tmp)
-            fsync_dir(tmp)
-            _verify_written(tmp, size)
-            failpoint("save:verified")
-            cancel.check()  # last moment a cancel rolls back; once published, it stands
-            old = ckpstore.publish(tmp, final)
-        except BaseException as e:
-            if follower is not None:
-                with contextlib.suppress(Exception):
-                    follower.abandon()
-            _rollback(vm, mon, tmp, tags, was_running)
-            if not isinstance(e, CbsdError | KeyboardInterrupt) and not vm.alive():
-                raise QemuError(f"{vm.jname}: QEMU exited while the {kind} was being "
-                                f"written ({e}); the VM is Off") from e
-            if isinstance(e, QemuError) and not vm.alive():
-                raise QemuError(f"{vm.jname}: QEMU exited while the {kind} was being "
-                                "written; the VM is Off") from e
-            if isinstance(e, OSError):
-                raise os_error(e, f"{vm.jname}: cannot write {kind} {name}") from e
-            if isinstance(e, QemuError) and "space" in str(e).lower():
-                raise NoSpaceError(f"{vm.jname}: cannot write {kind} {name}: "
-                                   "no space left on device") from e
-            raise
-        failpoint("save:published")
-        if old is not None:
-            _drop(vm, old)
-        return manifest
+            follower = _Follower(memfile)
+            follower.start()
+            mon.send_fd(fd, "cbsd-save")
+        finally:
+            os.close(fd)
+        started = time.monotonic()
+        mon.cmd("migrate", uri="fd:cbsd-save")
+        failpoint("save:migrating")
+        info = mon.wait_migration(progress=_ram_progress(progress))
+        if progress is not None:
+            total = int(info.get("ram", {}).get("total", 1))
+            progress(total, total)  # done: lets a progress bar finish and go away
+        elapsed = time.monotonic() - started
+        size, digest = follower.finish()
+        follower = None
+        fsync_path(memfile)
+        failpoint("save:saved")
+        if keep_running:
+            _put_back(mon, was_running)
+        (tmp / INTENT).unlink()
+        manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
+                             elapsed)
+        manifest.save(tmp)
+        fsync_dir(tmp)
+        _verify_written(tmp, size)
+        failpoint("save:verified")
+        cancel.check()  # last moment a cancel rolls back; once published, it stands
+        old = ckpstore.publish(tmp, final)
+    except BaseException as e:
+        if follower is not None:
+            with contextlib.suppress(Exception):
+                follower.abandon()
+        _rollback(vm, mon, tmp, tags, was_running)
+        unexpected = not isinstance(e, CbsdError | KeyboardInterrupt)
+        if (unexpected or isinstance(e, QemuError)) and not vm.alive():
+            detail = f" ({e})" if unexpected else ""
+            raise QemuError(f"{vm.jname}: QEMU exited while the {kind} was being "
+                            f"written{detail}; the VM is Off") from e
+        if isinstance(e, OSError):
+            raise os_error(e, f"{vm.jname}: cannot write {kind} {name}") from e
+        if isinstance(e, QemuError) and "space" in str(e).lower():
+            raise NoSpaceError(f"{vm.jname}: cannot write {kind} {name}: "
+                               "no space left on device") from e
+        raise
+    failpoint("save:published")
+    if old is not None:
+        _drop(vm, old)
+    return manifest
 
 
 def _set_migration(mon: Monitor, live: bool) -> None:
@@ -476,7 +475,6 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
             raise QemuError(f"{vm.jname}: after loading the state QEMU reports "
                             f"'{mon.status()}', expected '{expected}'")
     except BaseException as e:
-        mon.close()
         died = not vm.alive()
         reason = _qemu_log_tail(vm)
         vm.kill()

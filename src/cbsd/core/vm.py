@@ -48,10 +48,11 @@ class VM:
         """The VM's QMP session, opened once and shared by everything this command does (a
         session costs a connect and a capabilities negotiation)."""
         if self._mon is None or self._mon.closed:
-            self._mon = Monitor(Path(self.paths.qmp_sock), self.jname, shared=True)
+            self._mon = Monitor(Path(self.paths.qmp_sock), self.jname)
         return self._mon
 
     def close(self) -> None:
+        """Close the VM's session (done when the VM's lock is released, or its QEMU ends)."""
         if self._mon is not None:
             self._mon.close()
             self._mon = None
@@ -98,11 +99,8 @@ class VM:
     def power_off(self) -> None:
         """Power off now, but through QEMU's 'quit' so disk images are flushed; SIGKILL if that
         does not end it."""
-        try:
-            with self.monitor() as mon:
-                mon.cmd("quit")
-        except QemuError:
-            pass
+        with contextlib.suppress(QemuError):
+            self.monitor().cmd("quit")
         if process.wait_gone(self.pid, self.paths.qmp_sock, 10):
             self.forget_process()
         else:
@@ -124,8 +122,7 @@ class VM:
             return Status.MAINTENANCE
         if self.alive():
             try:
-                with self.monitor() as mon:
-                    return Status.ON if mon.running() else Status.PAUSED
+                return Status.ON if self.monitor().running() else Status.PAUSED
             except QemuError:
                 # Alive but not answering (starting up, or wedged): it is not Off.
                 return Status.ON if self.alive() else self._status_off()

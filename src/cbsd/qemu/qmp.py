@@ -18,8 +18,7 @@ T = TypeVar("T")
 class Monitor:
     """One QMP session to one VM. Every failure becomes a QemuError naming the command."""
 
-    def __init__(self, path: Path, jname: str, timeout: float = 30.0,
-                 shared: bool = False) -> None:
+    def __init__(self, path: Path, jname: str, timeout: float = 30.0) -> None:
         # Lazy: asyncio and qemu.qmp cost ~25 ms, which `cbsd bls` of stopped VMs never needs.
         import asyncio
         import logging
@@ -30,7 +29,6 @@ class Monitor:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
         self.jname = jname
         self.timeout = timeout
-        self.shared = shared  # owned by a VM for the whole command: `with` does not close it
         self.closed = False
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(f"cbsd-{jname}")
@@ -103,8 +101,7 @@ class Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.shared:
-            self.close()
+        self.close()
 
 
 def open_fd_for(path: Path, write: bool) -> int:
