@@ -11,7 +11,6 @@ from cbsd.core.model import Action, require
 from cbsd.core.names import check_name
 from cbsd.core.vm import VM
 from cbsd.errors import CheckpointError
-from cbsd.qemu import img
 from cbsd.storage import ckpstore
 
 
@@ -83,17 +82,12 @@ def verify(ctx: Context, jname: str, name: str | None = None) -> list[tuple[str,
         paths = [path]
     else:
         paths = [p for p, _ in ckpstore.list_states(ctx.workdir.checkpoints(jname))]
+    present = savestate.disk_snapshots(vm)
     results: list[tuple[str, str | None]] = []
     for path in paths:
         ck = ckpstore.state_name(path)
         try:
-            m = ckpstore.read_manifest(path)
-            ckpstore.verify_files(path, m)
-            for s in m.disk_snapshots:
-                disk = ctx.workdir.disk(jname, s["disk"])
-                if s["disk"] not in vm.spec.disks or s["tag"] not in img.snapshots(disk):
-                    raise CheckpointError(f"checkpoint {ck} is damaged: disk snapshot "
-                                          f"{s['tag']} is missing from {s['disk']}")
+            savestate.check_intact(vm, path, ckpstore.read_manifest(path), present)
             results.append((ck, None))
         except CheckpointError as e:
             results.append((ck, str(e)))

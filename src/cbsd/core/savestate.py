@@ -434,16 +434,28 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
     if not machine_known(host, m.data["machine"]):
         raise CheckpointError(f"{what} needs machine type {m.data['machine']}, which this "
                               f"QEMU {host.version} does not provide")
-    for disk_index, tag in _disk_tags(vm, m):
-        disk = Path(vm.paths.disks[disk_index])
-        if not disk.exists() or tag not in img.snapshots(disk):
-            raise CheckpointError(f"{what} is damaged: disk snapshot {tag} is missing from "
-                                  f"{disk.name}")
     try:
-        ckpstore.verify_files(ckdir, m)
+        check_intact(vm, ckdir, m, disk_snapshots(vm))
     except CheckpointError as e:
         raise CheckpointError(f"{vm.jname}: {e}") from None
     return m
+
+
+def disk_snapshots(vm: VM) -> dict[str, set[str]]:
+    """The internal snapshots each of the VM's disks holds now (one qemu-img call per disk)."""
+    return {name: set(img.snapshots(Path(path))) if Path(path).exists() else set()
+            for name, path in zip(vm.spec.disks, vm.paths.disks, strict=True)}
+
+
+def check_intact(vm: VM, ckdir: Path, m: ckpstore.Manifest,
+                 present: dict[str, set[str]]) -> None:
+    """A saved state's own integrity: every disk snapshot it names is still in *present*
+    (from disk_snapshots), every file matches its size and checksum."""
+    for s in m.disk_snapshots:
+        if s["tag"] not in present.get(s["disk"], set()):
+            raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: disk snapshot "
+                                  f"{s['tag']} is missing from {s['disk']}")
+    ckpstore.verify_files(ckdir, m)
 
 
 def _version(v: str) -> tuple[int, ...]:
