@@ -141,7 +141,6 @@ def blogin(ctx: Context, a: Args) -> int:
 
     vm = VM.load(ctx, a["jname"])
     require(vm.jname, vm.status(), Action.LOGIN)
-    vm.close()  # QMP serves one client at a time: never hold it while attached
     return attach(vm.paths.console_sock, vm.jname)
 
 

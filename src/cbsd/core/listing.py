@@ -20,7 +20,6 @@ def rows(ctx: Context, names: list[str] | None) -> list[dict[str, Any]]:
             continue
         vm = VM(ctx, spec, (pid, port))
         status = vm.status()
-        vm.close()
         live = status in (Status.ON, Status.PAUSED) or (status is Status.MAINTENANCE and vm.alive())
         curmem, pcpu = vm.rss_and_cpu() if live else (0, 0.0)
         out.append({

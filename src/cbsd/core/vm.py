@@ -126,6 +126,11 @@ class VM:
             except QemuError:
                 # Alive but not answering (starting up, or wedged): it is not Off.
                 return Status.ON if self.alive() else self._status_off()
+            finally:
+                if not mine:
+                    # Without the VM's lock, never keep QMP: it serves one client at a time,
+                    # and the command that takes the lock next needs it.
+                    self.close()
         return self._status_off()
 
     def _status_off(self) -> Status:
