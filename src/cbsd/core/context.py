@@ -11,12 +11,12 @@ from cbsd.core.lock import VMLock
 from cbsd.core.model import VMSpec
 from cbsd.core.names import check_mask, is_mask, match_mask
 from cbsd.errors import NoSuchVM
-from cbsd.qemu.host import Host, probe
 from cbsd.storage.inventory import Inventory
 from cbsd.storage.paths import Workdir, default_workdir
 
 if TYPE_CHECKING:
     from cbsd.core.vm import VM
+    from cbsd.qemu.host import Host
 
 
 class Context:
@@ -30,6 +30,8 @@ class Context:
 
     @property
     def host(self) -> Host:
+        from cbsd.qemu.host import probe  # lazy: commands that never launch QEMU skip it
+
         return probe(self.workdir.inventory.parent / "host-cache.json")
 
     def spec(self, jname: str) -> VMSpec:
