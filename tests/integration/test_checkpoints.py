@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -181,8 +182,8 @@ def test_same_name_is_replaced_only_when_complete(cbsd: Cbsd, running_counter: s
     assert lo + 1 <= first[0][0] <= hi + 1, "the newer checkpoint is the one kept"
 
 
-def test_damaged_checkpoint_is_refused_before_qemu_starts(cbsd: Cbsd,
-                                                          running_counter: str) -> None:
+def test_damaged_checkpoint_is_refused_and_the_disk_untouched(cbsd: Cbsd,
+                                                              running_counter: str) -> None:
     checkpoint(cbsd, "vm1", "good")
     checkpoint(cbsd, "vm1", "bad")
     cbsd("bstop", "vm1", "noacpi=1").ok()
@@ -190,10 +191,14 @@ def test_damaged_checkpoint_is_refused_before_qemu_starts(cbsd: Cbsd,
     data = bytearray(mem.read_bytes())
     data[len(data) // 2] ^= 0xFF
     mem.write_bytes(data)
+    disk = next((cbsd.workdir / "vm" / "vm1").glob("*.qcow2"))
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
     r = cbsd("bstart", "vm1", "checkpoint=bad")
     assert r.code == 1
     assert r.err.strip() == "vm1: checkpoint bad is damaged: memory checksum mismatch"
     assert qemu_processes(cbsd.workdir) == [] and cbsd.status("vm1") == "Off"
+    # The checksum is verified while QEMU starts; the disk is reverted only after it matched.
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
     r = cbsd("bcheckpoint", "mode=verify", "jname=vm1")
     assert r.code == 1
     assert "vm1: checkpoint good: OK" in r.out

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,11 @@ def _sweep_orphans(vm: VM) -> None:
 def _put_back(mon: Monitor, was_running: bool) -> None:
     """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
     'postmigrate' with its disks inactive; 'cont' reactivates them (probed, not assumed)."""
-    state = mon.status()
+    # QEMU reports the migration completed (or failed) a moment before its migration thread
+    # leaves 'finish-migrate' for 'postmigrate'; a 'cont' sent in between is undone by it.
+    deadline = time.monotonic() + 10
+    while (state := mon.status()) == "finish-migrate" and time.monotonic() < deadline:
+        time.sleep(0.001)
     if was_running:
         if state != "running":
             mon.cmd("cont")
@@ -240,7 +244,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             mon.cmd("stop")
         failpoint("save:stopped")
         for i in range(len(vm.paths.disks)):
-            tag = f"{TAG_PREFIX}{name}-{secrets.token_hex(6)}"
+            tag = f"{TAG_PREFIX}{name}-{os.urandom(6).hex()}"
             mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
             tags.append((i, tag))
         failpoint("save:snapshotted")
@@ -413,8 +417,9 @@ def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
 
 # --- load -------------------------------------------------------------------------------------
 
-def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
-    """Everything that can be checked without launching QEMU. CheckpointError if any fails."""
+def check_restorable(vm: VM, ckdir: Path, checksums: bool = True) -> ckpstore.Manifest:
+    """Everything that can be checked without launching QEMU. CheckpointError if any fails.
+    checksums=False leaves out reading the files to verify their checksums."""
     if not ckdir.is_dir() or ckdir.is_symlink():
         raise CheckpointError(f"{vm.jname}: no checkpoint {ckpstore.state_name(ckdir)}")
     m = ckpstore.read_manifest(ckdir)
@@ -435,7 +440,7 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
         raise CheckpointError(f"{what} needs machine type {m.data['machine']}, which this "
                               f"QEMU {host.version} does not provide")
     try:
-        check_intact(vm, ckdir, m, disk_snapshots(vm))
+        check_intact(vm, ckdir, m, disk_snapshots(vm), checksums)
     except CheckpointError as e:
         raise CheckpointError(f"{vm.jname}: {e}") from None
     return m
@@ -448,14 +453,34 @@ def disk_snapshots(vm: VM) -> dict[str, set[str]]:
 
 
 def check_intact(vm: VM, ckdir: Path, m: ckpstore.Manifest,
-                 present: dict[str, set[str]]) -> None:
+                 present: dict[str, set[str]], checksums: bool = True) -> None:
     """A saved state's own integrity: every disk snapshot it names is still in *present*
-    (from disk_snapshots), every file matches its size and checksum."""
+    (from disk_snapshots), every file matches its size (and checksum)."""
     for s in m.disk_snapshots:
         if s["tag"] not in present.get(s["disk"], set()):
             raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: disk snapshot "
                                   f"{s['tag']} is missing from {s['disk']}")
-    ckpstore.verify_files(ckdir, m)
+    ckpstore.check_files(ckdir, m)
+    if checksums:
+        ckpstore.verify_checksums(ckdir, m)
+
+
+def _verify_checksums_meanwhile(vm: VM, ckdir: Path, m: ckpstore.Manifest) -> Future[None]:
+    """Checksum the saved files on a second thread (the host's other core) while QEMU starts;
+    the future raises CheckpointError (named like check_restorable's) on a mismatch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def verify() -> None:
+        try:
+            ckpstore.verify_checksums(ckdir, m)
+        except CheckpointError as e:
+            raise CheckpointError(f"{vm.jname}: {e}") from None
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cbsd-verify")
+    try:
+        return pool.submit(verify)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -463,15 +488,26 @@ def _version(v: str) -> tuple[int, ...]:
 
 
 def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
-    """Restore a saved state into a stopped VM. The state itself is left in place."""
-    m = check_restorable(vm, ckdir)
-    failpoint("load:verified")
-    for disk_index, tag in _disk_tags(vm, m):
-        img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
-    failpoint("load:reverted")
-    mon = vm.launch(incoming=True)
+    """Restore a saved state into a stopped VM. The state itself is left in place.
+
+    The memory file's checksum is verified while QEMU starts, and the disks are reverted only
+    once it matched: QEMU waiting for an incoming migration holds its disks inactive (no
+    lock, nothing written, metadata re-read when they are activated at the end of the load),
+    so a damaged state still leaves the disks untouched."""
+    m = check_restorable(vm, ckdir, checksums=False)
+    checksums = _verify_checksums_meanwhile(vm, ckdir, m)
+    try:
+        mon = vm.launch(incoming=True)
+    finally:
+        with contextlib.suppress(CheckpointError):
+            checksums.result()  # never leave the thread reading the file behind us
     try:
         failpoint("load:launched")
+        checksums.result()
+        failpoint("load:verified")
+        for disk_index, tag in _disk_tags(vm, m):
+            img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
+        failpoint("load:reverted")
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
             mon.send_fd(fd, "cbsd-load")
