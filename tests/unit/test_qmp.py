@@ -1,0 +1,170 @@
+"""The QMP client against a scripted server on a Unix socket: the protocol's edge cases that a
+real QEMU produces only by accident (events between replies, garbage, silence, a hang-up).
+The integration tests drive the same client against real QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cbsd.errors import QemuError
+from cbsd.qemu.qmp import Monitor
+
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
+
+Script = Callable[[socket.socket, "Lines"], None]
+
+
+class Lines:
+    def __init__(self, conn: socket.socket) -> None:
+        self.file = conn.makefile("rb")
+        self.conn = conn
+        self.fds: list[int] = []
+
+    def request(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.file.readline())
+
+    def request_with_fd(self) -> dict:  # type: ignore[type-arg]
+        msg, fds, _, _ = socket.recv_fds(self.conn, 65536, 1)
+        self.fds += fds
+        return json.loads(msg)
+
+    def send(self, *objs: object) -> None:
+        self.conn.sendall(b"".join(json.dumps(o).encode() + b"\n" for o in objs))
+
+
+def handshake(conn: socket.socket, io: Lines) -> None:
+    io.send(GREETING)
+    req = io.request()
+    assert req["execute"] == "qmp_capabilities"
+    io.send({"return": {}, "id": req["id"]})
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[[Script], Path]]:
+    threads: list[threading.Thread] = []
+
+    def start(script: Script) -> Path:
+        path = tmp_path / "qmp.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn, Lines(conn))
+            listener.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        threads.append(t)
+        return path
+
+    yield start
+    for t in threads:
+        t.join(5)
+
+
+def test_replies_are_matched_by_id_and_events_skipped(server) -> None:  # type: ignore[no-untyped-def]
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        assert req == {"execute": "stop", "id": req["id"]}
+        io.send({"event": "STOP", "timestamp": {}}, {"return": {}, "id": req["id"]})
+        req = io.request()
+        assert req["arguments"] == {"device": "disk0", "name": "t"}
+        io.send({"return": {"ok": 1}, "id": req["id"]})
+
+    with Monitor(server(script), "vm1") as mon:
+        assert mon.cmd("stop") == {}
+        assert mon.cmd("blockdev-snapshot-internal-sync", device="disk0", name="t") == {"ok": 1}
+
+
+def test_an_error_reply_names_the_command_and_keeps_the_session(server) -> None:  # type: ignore[no-untyped-def]
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        io.send({"error": {"class": "GenericError", "desc": "no such tag"}, "id": req["id"]})
+        req = io.request()
+        io.send({"return": {"status": "running", "running": True}, "id": req["id"]})
+
+    with Monitor(server(script), "vm1") as mon:
+        with pytest.raises(QemuError, match=r"^vm1: QEMU refused snap: no such tag$"):
+            mon.cmd("snap")
+        assert mon.running()
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    (b"", "the connection closed"),
+    (b"not json\n", "a reply that is not JSON"),
+    (b"[1, 2]\n", "a reply that is not a JSON object"),
+    (b'{"id": ID}\n', "a reply to stop without a result"),
+])
+def test_a_broken_reply_is_a_lost_monitor(server, reply: bytes, message: str) -> None:  # type: ignore[no-untyped-def]
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        conn.sendall(reply.replace(b"ID", str(req["id"]).encode()))
+
+    mon = Monitor(server(script), "vm1")
+    with pytest.raises(QemuError, match=f"^vm1: lost QEMU's monitor during stop: {message}"):
+        mon.cmd("stop")
+    assert mon.closed
+    with pytest.raises(QemuError, match="monitor is closed"):
+        mon.cmd("cont")
+
+
+def test_silence_is_a_timeout(server) -> None:  # type: ignore[no-untyped-def]
+    done = threading.Event()
+
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        io.request()
+        done.wait(5)
+
+    mon = Monitor(server(script), "vm1", timeout=0.2)
+    with pytest.raises(QemuError, match=r"^vm1: QEMU did not answer query-status in time$"):
+        mon.status()
+    done.set()
+
+
+def test_no_greeting_is_refused(server) -> None:  # type: ignore[no-untyped-def]
+    def script(conn: socket.socket, io: Lines) -> None:
+        io.send({"hello": 1})
+
+    with pytest.raises(QemuError, match=r"cannot reach QEMU's monitor .*: no QMP greeting"):
+        Monitor(server(script), "vm1")
+
+
+def test_nothing_listening(tmp_path: Path) -> None:
+    with pytest.raises(QemuError, match=r"cannot reach QEMU's monitor .*No such file"):
+        Monitor(tmp_path / "none.sock", "vm1")
+
+
+def test_a_file_travels_with_getfd(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    got: list[bytes] = []
+
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request_with_fd()
+        assert req["execute"] == "getfd" and req["arguments"] == {"fdname": "f"}
+        got.append(os.read(io.fds[0], 100))
+        os.close(io.fds[0])
+        io.send({"return": {}, "id": req["id"]})
+
+    data = tmp_path / "data"
+    data.write_bytes(b"through SCM_RIGHTS")
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        with Monitor(server(script), "vm1") as mon:
+            mon.send_fd(fd, "f")
+    finally:
+        os.close(fd)
+    assert got == [b"through SCM_RIGHTS"]
