@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -465,14 +466,15 @@ def check_intact(vm: VM, ckdir: Path, m: ckpstore.Manifest,
         ckpstore.verify_checksums(ckdir, m)
 
 
-def _verify_checksums_meanwhile(vm: VM, ckdir: Path, m: ckpstore.Manifest) -> Future[None]:
-    """Checksum the saved files on a second thread (the host's other core) while QEMU starts;
-    the future raises CheckpointError (named like check_restorable's) on a mismatch."""
+def _verify_checksums_meanwhile(vm: VM, ckdir: Path) -> Future[None]:
+    """Checksum the saved files on a second thread (the host's other core) while the rest is
+    checked and QEMU starts; the future raises CheckpointError (named like check_restorable's)
+    on a mismatch. Its result counts only once check_restorable passed."""
     from concurrent.futures import ThreadPoolExecutor
 
     def verify() -> None:
         try:
-            ckpstore.verify_checksums(ckdir, m)
+            ckpstore.verify_checksums(ckdir, ckpstore.read_manifest(ckdir))
         except CheckpointError as e:
             raise CheckpointError(f"{vm.jname}: {e}") from None
 
@@ -494,13 +496,12 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
     once it matched: QEMU waiting for an incoming migration holds its disks inactive (no
     lock, nothing written, metadata re-read when they are activated at the end of the load),
     so a damaged state still leaves the disks untouched."""
-    m = check_restorable(vm, ckdir, checksums=False)
-    checksums = _verify_checksums_meanwhile(vm, ckdir, m)
+    checksums = _verify_checksums_meanwhile(vm, ckdir)
     try:
+        m = check_restorable(vm, ckdir, checksums=False)
         mon = vm.launch(incoming=True)
     finally:
-        with contextlib.suppress(CheckpointError):
-            checksums.result()  # never leave the thread reading the file behind us
+        futures.wait([checksums])  # never leave a thread reading the files behind us
     try:
         failpoint("load:launched")
         checksums.result()
