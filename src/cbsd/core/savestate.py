@@ -20,8 +20,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -466,23 +464,29 @@ def check_intact(vm: VM, ckdir: Path, m: ckpstore.Manifest,
         ckpstore.verify_checksums(ckdir, m)
 
 
-def _verify_checksums_meanwhile(vm: VM, ckdir: Path) -> Future[None]:
-    """Checksum the saved files on a second thread (the host's other core) while the rest is
-    checked and QEMU starts; the future raises CheckpointError (named like check_restorable's)
-    on a mismatch. Its result counts only once check_restorable passed."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Verifier(threading.Thread):
+    """Checksums a saved state's files on a second thread (the host's other core) while the
+    rest is checked and QEMU starts. Its verdict counts only once check_restorable passed (it
+    reads the manifest on its own). A plain thread: concurrent.futures imports logging."""
 
-    def verify() -> None:
+    def __init__(self, vm: VM, ckdir: Path) -> None:
+        super().__init__(daemon=True, name="cbsd-verify")
+        self._vm, self._ckdir = vm, ckdir
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
         try:
-            ckpstore.verify_checksums(ckdir, ckpstore.read_manifest(ckdir))
+            ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir))
         except CheckpointError as e:
-            raise CheckpointError(f"{vm.jname}: {e}") from None
+            self._error = CheckpointError(f"{self._vm.jname}: {e}")
+        except BaseException as e:  # handed to the main thread, which raises it
+            self._error = e
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="cbsd-verify")
-    try:
-        return pool.submit(verify)
-    finally:
-        pool.shutdown(wait=False)
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -496,12 +500,12 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
     once it matched: QEMU waiting for an incoming migration holds its disks inactive (no
     lock, nothing written, metadata re-read when they are activated at the end of the load),
     so a damaged state still leaves the disks untouched."""
-    checksums = _verify_checksums_meanwhile(vm, ckdir)
+    checksums = _Verifier(vm, ckdir)
     try:
         m = check_restorable(vm, ckdir, checksums=False)
         mon = vm.launch(incoming=True)
     finally:
-        futures.wait([checksums])  # never leave a thread reading the files behind us
+        checksums.join()  # never leave a thread reading the files behind us
     try:
         failpoint("load:launched")
         checksums.result()
