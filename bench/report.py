@@ -89,7 +89,8 @@ def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> st
              f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
              f"`bash scripts/bench.sh` (libvirt {versions.get('libvirt', '?')}); medians of "
              f"interleaved runs (cbsd, libvirt, cbsd, ...), wall time of the whole command as a "
-             f"user runs it.", ""]
+             f"user runs it. Before each timed command the bench runs `sync` and waits 0.3 s "
+             f"(untimed), so no command pays for the writeback the previous one left.", ""]
     lines += machine()
     lines += ["", "![benchmarks](benchmarks.png)", "", "## Targets", "",
               "| target | measured | verdict |", "|---|---|---|"]

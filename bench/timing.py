@@ -4,13 +4,23 @@ shows new output (restore, resume) or the longest silence in it (live checkpoint
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 
+def settle() -> None:
+    """Start every measurement from a quiet disk: the step before may have left hundreds of
+    MiB dirty (virsh save does not flush) or a deletion running, and whichever command came
+    next would pay for its writeback. Outside the timed span, for every tool alike."""
+    os.sync()
+    time.sleep(0.3)
+
+
 def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+    settle()
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t
@@ -22,6 +32,7 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> float:
 def until_output(argv: list[str], log: Path, env: dict[str, str] | None = None,
                  timeout: float = 120) -> float:
     """Wall time from starting *argv* until the guest writes to its console again."""
+    settle()
     size = log.stat().st_size if log.exists() else 0
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
