@@ -27,7 +27,7 @@ from cbsd import cancel
 from cbsd.core.vm import VM, free_bytes
 from cbsd.errors import Cancelled, CbsdError, CheckpointError, NoSpaceError, QemuError
 from cbsd.failpoints import failpoint
-from cbsd.qemu import img
+from cbsd.qemu import img, process
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.storage import ckpstore
@@ -317,8 +317,7 @@ def _set_migration(mon: Monitor, live: bool) -> None:
 
 def _check_space(vm: VM, directory: Path) -> None:
     """Refuse before writing when the state clearly cannot fit (RSS bounds the stream size)."""
-    rss, _ = vm.rss_and_cpu()
-    need = min(rss, vm.spec.ram >> 20) * (1 << 20) + (4 << 20)
+    need = min(process.resident_bytes(vm.pid), vm.spec.ram) + (4 << 20)
     free = free_bytes(directory)
     if free < need:
         raise NoSpaceError(f"{vm.jname}: no space left on device for the saved state: about "

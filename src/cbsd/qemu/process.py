@@ -32,6 +32,16 @@ def alive(pid: int, marker: str) -> bool:
     return state not in (b"Z", b"X") and marker.encode() in cmdline
 
 
+def resident_bytes(pid: int) -> int:
+    """The process's resident memory, from /proc (0 if it is gone). psutil would say the same
+    but costs ~10 ms to import on a command that only needs this number."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
     """Run QEMU (-daemonize: returns once the VM is set up). Returns the daemon's pid."""
     pidfile.unlink(missing_ok=True)
