@@ -4,6 +4,7 @@ deliberately corrupted checkpoints. Nothing may be lost or left half-done."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -339,9 +340,12 @@ def test_corruption_is_detected_before_restore(cbsd: Cbsd, running_counter: str,
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
     cbsd("bstop", "vm1", "noacpi=1").ok()
     damage(cbsd.system("vm1") / "checkpoints" / "c.ckp")
+    disk = cbsd.workdir / "vm" / "vm1" / "dsk1.qcow2"
+    before = hashlib.sha256(disk.read_bytes()).digest()
     r = cbsd("bstart", "vm1", "checkpoint=c")
     assert r.code == 1 and message in r.err and r.err.count("\n") == 1
     assert qemu_processes(cbsd.workdir) == [] and cbsd.status("vm1") == "Off"
+    assert hashlib.sha256(disk.read_bytes()).digest() == before, "the disk was reverted"
     r = cbsd("bcheckpoint", "mode=verify", "jname=vm1", "name=c")
     assert r.code == 1 and message in r.err
 
