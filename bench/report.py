@@ -85,8 +85,10 @@ def load_json(path: Path) -> tuple[list[Case], dict[str, str]]:
 
 
 def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> str:
+    # Kept with the results, so `bench.run report` re-renders the run's own date, not today's.
+    when = versions.setdefault("run_at", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     lines = ["# Benchmarks: cbsd vs libvirt vs the hardware floor", "",
-             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+             f"Run on {when} with "
              f"`bash scripts/bench.sh` (libvirt {versions.get('libvirt', '?')}); medians of "
              f"interleaved runs (cbsd, libvirt, cbsd, ...), wall time of the whole command as a "
              f"user runs it. Before each timed command the bench runs `sync` and waits 0.3 s "
