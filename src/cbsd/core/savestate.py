@@ -515,10 +515,10 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
             mon.send_fd(fd, "cbsd-load")
+            mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+            _wait_incoming(vm, mon, fd, m.memory_size)
         finally:
             os.close(fd)
-        mon.cmd("migrate-incoming", uri="fd:cbsd-load")
-        _wait_incoming(vm, mon)
         failpoint("load:loaded")
         if not paused:
             mon.cmd("cont")
@@ -539,8 +539,27 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
         raise
 
 
-def _wait_incoming(vm: VM, mon: Monitor) -> None:
-    delay = 0.002
+# A QEMU that reads nothing of the state for this long is stuck, not slow.
+LOAD_STALL = 60.0
+
+
+def _wait_incoming(vm: VM, mon: Monitor, fd: int, size: int) -> None:
+    """Until QEMU has loaded the state. While it loads, QEMU answers no QMP at all (the load
+    runs in its main loop, and reading a file never makes it wait), so a QMP query would
+    time out on a large state. Instead follow the load through the file offset, which QEMU's
+    copy of *fd* shares with ours, and ask QMP only once QEMU has read everything."""
+    delay, last, progressed = 0.002, -1, time.monotonic()
+    while (pos := os.lseek(fd, 0, os.SEEK_CUR)) < size:
+        if not vm.alive():
+            raise QemuError(f"{vm.jname}: QEMU exited while loading the state")
+        if pos != last:
+            last, progressed = pos, time.monotonic()
+        elif time.monotonic() - progressed > LOAD_STALL:
+            raise QemuError(f"{vm.jname}: QEMU stopped reading the state at byte {pos} of "
+                            f"{size}")
+        cancel.check()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
     while True:
         try:
             state = mon.status()
@@ -551,8 +570,7 @@ def _wait_incoming(vm: VM, mon: Monitor) -> None:
         if state != "inmigrate":
             break
         cancel.check()
-        time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        time.sleep(0.002)
     info = mon.cmd("query-migrate")
     if info.get("status") not in (None, "completed"):
         raise QemuError(f"{vm.jname}: loading the state failed: "

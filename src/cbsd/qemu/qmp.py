@@ -31,6 +31,10 @@ class _Lost(Exception):
     """The socket closed or broke, or what came back was not QMP."""
 
 
+def _why(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
 class Monitor:
     """One QMP session to one VM. Every failure becomes a QemuError naming the command."""
 
@@ -49,8 +53,7 @@ class Monitor:
             self._exchange("qmp_capabilities", None)
         except (OSError, _Lost) as e:
             self.close()
-            reason = "it did not answer in time" if isinstance(e, TimeoutError) else \
-                (e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+            reason = "it did not answer in time" if isinstance(e, TimeoutError) else _why(e)
             raise QemuError(f"{jname}: cannot reach QEMU's monitor at {path}: {reason}") from e
 
     def _read(self) -> dict[str, Any]:
@@ -108,8 +111,7 @@ class Monitor:
             raise QemuError(f"{self.jname}: QEMU did not answer {command} in time") from e
         except (OSError, _Lost) as e:
             self.close()
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise QemuError(f"{self.jname}: lost QEMU's monitor {during}: {reason}") from e
+            raise QemuError(f"{self.jname}: lost QEMU's monitor {during}: {_why(e)}") from e
 
     def status(self) -> str:
         return str(self.cmd("query-status")["status"])
@@ -117,8 +119,8 @@ class Monitor:
     def running(self) -> bool:
         return bool(self.cmd("query-status")["running"])
 
-    def wait_migration(self, incoming: bool = False, progress: Any = None) -> dict[str, Any]:
-        """Poll query-migrate until the migration ends; raise QemuError if it failed."""
+    def wait_migration(self, progress: Any = None) -> dict[str, Any]:
+        """Poll query-migrate until an outgoing migration ends; QemuError if it failed."""
         delay = 0.002
         while True:
             info = self.cmd("query-migrate")
@@ -128,8 +130,6 @@ class Monitor:
             if state in ("failed", "cancelled"):
                 raise QemuError(f"{self.jname}: saving/loading the state failed: "
                                 f"{info.get('error-desc', state)}")
-            if incoming and state is None and self.status() != "inmigrate":
-                return dict(info)
             if progress is not None and "ram" in info:
                 progress(info["ram"])
             cancel.check()
