@@ -139,12 +139,14 @@ def _color(name: str) -> str:
 
 
 def chart(cases: list[Case], path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [c for c in cases if len(c.series) > 1 and any(n.startswith("cbsd") for n in c.series)]
+    shown = [c for c in cases if len(c.series) > 1]
     cols = 3
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(15, 3.1 * rows))
@@ -153,7 +155,10 @@ def chart(cases: list[Case], path: Path) -> None:
     for ax, c in zip(axes.flat, shown, strict=False):
         names = list(c.series)
         values = [c.series[n].median for n in names]
-        ax.barh(names, values, color=[_color(n) for n in names])
+        # Long labels (the pause floors) would be cut at the figure's edge: wrap them.
+        labels = [textwrap.fill(n, 28) for n in names]
+        own = c.title.startswith("bls")  # cbsd's own rows, named by the VM count
+        ax.barh(labels, values, color=[_color("cbsd" if own else n) for n in names])
         ax.invert_yaxis()
         ax.set_title(c.title, fontsize=9, loc="left")
         ax.tick_params(labelsize=7.5)
