@@ -458,9 +458,7 @@ def check_intact(vm: VM, ckdir: Path, m: ckpstore.Manifest,
         if s["tag"] not in present.get(s["disk"], set()):
             raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: disk snapshot "
                                   f"{s['tag']} is missing from {s['disk']}")
-    ckpstore.check_files(ckdir, m)
-    if checksums:
-        ckpstore.verify_checksums(ckdir, m)
+    (ckpstore.verify_files if checksums else ckpstore.check_files)(ckdir, m)
 
 
 class _Verifier(threading.Thread):
@@ -552,11 +550,12 @@ def _wait_incoming(vm: VM, mon: Monitor, fd: int, size: int) -> None:
     runs in its main loop, and reading a file never makes it wait), so a QMP query would
     time out on a large state. Instead follow the load through the file offset, which QEMU's
     copy of *fd* shares with ours, and ask QMP only once QEMU has read everything."""
+    exited = f"{vm.jname}: QEMU exited while loading the state"
     delay, last = 0.002, 0
     moved = time.monotonic()
     while (pos := os.lseek(fd, 0, os.SEEK_CUR)) < size:
         if not vm.alive():
-            raise QemuError(f"{vm.jname}: QEMU exited while loading the state")
+            raise QemuError(exited)
         if pos != last:
             last, moved = pos, time.monotonic()
         elif time.monotonic() - moved > (FOLLOW_STALL if last else FOLLOW_START):
@@ -569,7 +568,7 @@ def _wait_incoming(vm: VM, mon: Monitor, fd: int, size: int) -> None:
             state = mon.status()
         except QemuError:
             if not vm.alive():
-                raise QemuError(f"{vm.jname}: QEMU exited while loading the state") from None
+                raise QemuError(exited) from None
             raise
         if state != "inmigrate":
             break

@@ -147,9 +147,9 @@ class VM:
         try:
             p = psutil.Process(self.pid)
             with p.oneshot():
-                rss = p.memory_info().rss >> 20
                 t = p.cpu_times()
                 elapsed = max(1e-3, time.time() - p.create_time())
+            rss = process.resident_bytes(self.pid) >> 20
             return rss, round(100.0 * (t.user + t.system) / elapsed, 1)
         except (psutil.Error, OSError):
             return 0, 0.0
