@@ -81,7 +81,8 @@ class Monitor:
             # The fd must arrive with the request's own bytes: QEMU attaches it to that read.
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))]
             sent = self._sock.sendmsg([data], rights)
-            self._sock.sendall(data[sent:])
+            if sent < len(data):  # a send of nothing fails once the peer has replied and gone
+                self._sock.sendall(data[sent:])
         while True:
             msg = self._read()
             if msg.get("id") != self._next_id:
