@@ -8,19 +8,17 @@ rollback runs.
 
 from __future__ import annotations
 
-import threading
-
 from cbsd.errors import Cancelled
 
-_requested = threading.Event()
-_reason = ["cancelled"]
+# A plain module-level value, not a threading.Event: one writer (the signal handler), readers
+# that only poll, and every command imports this module -- importing threading costs ~2 ms.
+_reason: list[str] = []
 
 
 def request(reason: str) -> None:
-    _reason[0] = reason
-    _requested.set()
+    _reason[:] = [reason]
 
 
 def check() -> None:
-    if _requested.is_set():
+    if _reason:
         raise Cancelled(_reason[0])

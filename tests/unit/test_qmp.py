@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cbsd.errors import QemuError
+from cbsd.qemu import qmp
 from cbsd.qemu.qmp import Monitor
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
@@ -168,3 +171,38 @@ def test_a_file_travels_with_getfd(server, tmp_path: Path) -> None:  # type: ign
     finally:
         os.close(fd)
     assert got == [b"through SCM_RIGHTS"]
+
+
+# The client decodes with json's own C scanner and encodes bare commands by hand (import cost,
+# see the module docstring): both must agree with the json module on everything.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_json_values, pad=st.sampled_from(["", " ", "\t", "  \r"]))
+def test_replies_decode_as_json_loads_does(value: object, pad: str) -> None:
+    line = (pad + json.dumps(value, ensure_ascii=False) + pad).encode()
+    assert qmp._loads(line) == json.loads(line)
+
+
+@pytest.mark.parametrize("line", [b"", b"   ", b"{", b'{"a": 1} x', b"{'a': 1}", b"\xff",
+                                  b'{"a": "\x01"}', b"[1,]"])
+def test_what_json_loads_rejects_is_rejected(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        json.loads(line)
+    with pytest.raises(ValueError):
+        qmp._loads(line)
+
+
+@pytest.mark.parametrize("request_", [
+    {"execute": "stop", "id": 1},
+    {"execute": "query-status", "id": 12345},
+    {"execute": "migrate", "id": 3, "arguments": {"uri": "fd:x\"y", "n": [1, 2.5, None]}},
+])
+def test_requests_encode_as_json(request_: dict[str, object]) -> None:
+    data = qmp._encode(request_)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    assert json.loads(data) == request_

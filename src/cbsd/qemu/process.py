@@ -4,18 +4,21 @@ QEMU runs with -daemonize, so it outlives the cbsd command that started it. Here
 orphans late (FACTS.md): an exited QEMU lingers as a zombie and kill(pid, 0) still succeeds, so
 liveness reads /proc/PID/stat. The pid is also checked against the VM's QMP socket path in the
 process's command line, so a recycled pid is never taken for the VM.
+
+Imports stay light (subprocess, signal, contextlib in the functions that use them): bpause's
+quick lane (cbsd/cli/quick.py) uses alive() and must not pay for them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 from cbsd.errors import QemuError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def alive(pid: int, marker: str) -> bool:
@@ -44,6 +47,8 @@ def resident_bytes(pid: int) -> int:
 
 def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
     """Run QEMU (-daemonize: returns once the VM is set up). Returns the daemon's pid."""
+    import subprocess
+
     pidfile.unlink(missing_ok=True)
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -59,6 +64,8 @@ def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
 
 
 def first_error(stderr: bytes, qemu_log: Path) -> str:
+    import contextlib
+
     text = stderr.decode(errors="replace")
     with contextlib.suppress(OSError):
         text += "\n" + qemu_log.read_text(errors="replace")
@@ -70,7 +77,9 @@ def first_error(stderr: bytes, qemu_log: Path) -> str:
     return lines[0] if lines else "no message (see qemu.log)"
 
 
-def kill(pid: int, marker: str, sig: int = signal.SIGKILL) -> None:
+def kill(pid: int, marker: str, sig: int) -> None:
+    import contextlib
+
     if alive(pid, marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)

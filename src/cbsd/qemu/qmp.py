@@ -8,23 +8,76 @@ events. What QMP needs from a client for that is small and fixed by QEMU's spec
 (docs/interop/qmp-spec): read the greeting, send `qmp_capabilities`, then one JSON object per
 request; replies carry the request's `id`; asynchronous events (`{"event": ...}`) may arrive in
 between and are skipped. File descriptors travel with a request as SCM_RIGHTS ancillary data.
+
+The imports are kept to what a pause needs (bpause's quick lane, cbsd/cli/quick.py, runs in
+less time than `import socket, json` takes): the C halves of both modules. `socket` adds enum
+constants and selectors; `json` imports `re` for whitespace handling it does not need here.
+Requests with arguments are rare and slow anyway (migrations): they load `json` to encode.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import struct
 import time
-from pathlib import Path
-from typing import Any
+from _socket import AF_UNIX, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as _socket
 
 from cbsd import cancel
 from cbsd.errors import QemuError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
 # QEMU sends at most a few KiB per reply; a line longer than this is not QMP.
 _MAX_LINE = 16 * 1024 * 1024
+
+
+class _JSONContext:
+    """The settings json.loads passes to its C scanner (json.decoder.JSONDecoder's defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # 'NaN', 'Infinity', '-Infinity': float() reads all three
+
+
+def _json_loads() -> Any:
+    try:
+        from _json import make_scanner
+    except ImportError:  # a Python without the C accelerator: the real thing
+        from json import loads
+
+        return loads
+    scan = make_scanner(_JSONContext())
+
+    def loads(line: bytes) -> Any:
+        text = line.decode()
+        start = len(text) - len(text.lstrip())
+        try:
+            value, end = scan(text, start)
+        except StopIteration as e:
+            raise ValueError(f"no JSON value at {e.value}") from None
+        if text[end:].strip():
+            raise ValueError(f"extra data at {end}")
+        return value
+
+    return loads
+
+
+_loads = _json_loads()
+
+
+def _encode(request: dict[str, Any]) -> bytes:
+    if set(request) == {"execute", "id"}:  # a bare command name, one of cbsd's own literals
+        return b'{"execute": "%s", "id": %d}\n' % (request["execute"].encode(), request["id"])
+    import json
+
+    return json.dumps(request).encode() + b"\n"
 
 
 class _Lost(Exception):
@@ -38,13 +91,13 @@ def _why(e: Exception) -> str:
 class Monitor:
     """One QMP session to one VM. Every failure becomes a QemuError naming the command."""
 
-    def __init__(self, path: Path, jname: str, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | Path, jname: str, timeout: float = 30.0) -> None:
         self.jname = jname
         self.timeout = timeout
         self.closed = False
         self._next_id = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._reader = self._sock.makefile("rb")
+        self._buf = bytearray()
+        self._sock = _socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
         try:
             self._sock.settimeout(10.0)
             self._sock.connect(str(path))
@@ -57,11 +110,17 @@ class Monitor:
             raise QemuError(f"{jname}: cannot reach QEMU's monitor at {path}: {reason}") from e
 
     def _read(self) -> dict[str, Any]:
-        line = self._reader.readline(_MAX_LINE)
-        if not line.endswith(b"\n"):
-            raise _Lost("the connection closed" if not line else "an overlong reply")
+        while (end := self._buf.find(b"\n")) < 0:
+            if len(self._buf) > _MAX_LINE:
+                raise _Lost("an overlong reply")
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise _Lost("the connection closed")
+            self._buf += chunk
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
         try:
-            msg = json.loads(line)
+            msg = _loads(line)
         except ValueError as e:
             raise _Lost(f"a reply that is not JSON ({e})") from e
         if not isinstance(msg, dict):
@@ -73,13 +132,13 @@ class Monitor:
         req: dict[str, Any] = {"execute": command, "id": self._next_id}
         if args:
             req["arguments"] = args
-        data = json.dumps(req).encode() + b"\n"
+        data = _encode(req)
         self._sock.settimeout(self.timeout)
         if fd is None:
             self._sock.sendall(data)
         else:
             # The fd must arrive with the request's own bytes: QEMU attaches it to that read.
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))]
+            rights = [(SOL_SOCKET, SCM_RIGHTS, struct.pack("@i", fd))]
             sent = self._sock.sendmsg([data], rights)
             if sent < len(data):  # a send of nothing fails once the peer has replied and gone
                 self._sock.sendall(data[sent:])
@@ -141,7 +200,6 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
-        self._reader.close()
         self._sock.close()
 
     def __enter__(self) -> Monitor:
