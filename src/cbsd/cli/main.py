@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from types import FrameType
 
 from cbsd import __version__, cancel
 from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, CbsdError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
 
 USAGE = """usage: cbsd COMMAND [key=value ...] [NAME ...]
 
@@ -29,6 +31,8 @@ def _usage() -> str:
 def _cancel_on_signals() -> None:
     """SIGINT/SIGTERM raise Cancelled once, so operations roll back; repeats are ignored while
     the rollback runs (a second Ctrl-C must not leave things half undone)."""
+    import signal
+
     fired = False
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -57,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbsd {__version__}")
         return 0
     try:
+        if args[0] == "bpause":
+            from cbsd.cli.quick import bpause
+
+            code = bpause(args[1:])
+            if code is not None:
+                return code
         from cbsd.cli import commands
         from cbsd.cli.args import help_text, parse
         from cbsd.cli.table import COMMANDS

@@ -9,6 +9,7 @@ from pathlib import Path
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import MIB, check_name
+from cbsd.core.pause import switch
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.qemu import img, process
@@ -162,8 +163,4 @@ def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
         if mode == "auto":
             mode = "off" if status is Status.PAUSED else "on"
         require(jname, status, Action.PAUSE if mode == "on" else Action.RESUME)
-        mon = vm.monitor()
-        mon.cmd("stop" if mode == "on" else "cont")
-        if mon.running() != (mode == "off"):
-            raise QemuError(f"{jname}: QEMU did not {'pause' if mode == 'on' else 'resume'}")
-    return f"{jname}: {'paused' if mode == 'on' else 'resumed'}"
+        return switch(vm.monitor(), jname, mode)

@@ -2,7 +2,8 @@
 
 fcntl.flock is released by the kernel when its holder dies (even by kill -9), so a stale lock
 can never block a VM: the next command simply gets it. The holder writes its pid and command
-into the file, so a busy error can say who holds the VM.
+into the file, so a busy error can say who holds the VM, and empties it when it releases the
+lock: text found in the file on acquiring means the last holder died mid-command (`died`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from pathlib import Path
 
 from cbsd.errors import BusyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class VMLock:
@@ -21,6 +25,7 @@ class VMLock:
         self.jname = jname
         self.what = what
         self._fd = -1
+        self.died = ""  # "PID COMMAND" of a previous holder that never released the lock
 
     def acquire(self, wait: float = 0.0) -> VMLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -36,6 +41,7 @@ class VMLock:
                     raise BusyError(
                         f"{self.jname}: busy: another cbsd command holds it{holder}") from None
                 time.sleep(0.05)
+        self.died = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
         self._fd = fd

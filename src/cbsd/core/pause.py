@@ -1,0 +1,78 @@
+"""Pause and resume: the step both bpause paths share, and the quick lane.
+
+`bpause` is what scripts call around a host-side backup or a debugger session, often in loops,
+and its work is two QMP requests (~2 ms). Through the full command it takes ~60 ms, nearly all
+of it importing what other commands need (the inventory's sqlite3, the state store, the
+argument tables). So the common case -- one VM named exactly, its QEMU alive and running or
+paused, its last command finished -- takes a lane that needs nothing but os, fcntl and a
+socket: quick(). Anything else returns None from it and the full command (lifecycle.pause)
+runs, with every check and message. Both end in switch(), so both report the same.
+
+Why the lane may skip the inventory and the recovery the full command runs first:
+  - a live QEMU whose command line names this VM's QMP socket exists only for a VM in the
+    inventory (bremove powers it off under the VM's lock before it drops the row);
+  - recovery has work only after a command died mid-way (kill -9, power loss), and such a
+    command leaves its line in the lock file (VMLock.died); a live QEMU in a migration state
+    (anything but running/paused) or a hibernation image beside a live QEMU also go the full way.
+This module imports only what the lane needs; a test pins that list (test_pause.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from cbsd.core.lock import VMLock
+from cbsd.errors import QemuError
+from cbsd.qemu import process
+from cbsd.qemu.qmp import Monitor
+
+# The workdir layout of storage/paths.py (Workdir), spelled as strings: pathlib alone would cost
+# more than the lane's work. tests/unit/test_pause_lane.py holds them equal.
+LOCK_FILE = "{root}/var/lock/{jname}.lock"
+SYSTEM_DIR = "{root}/jails-system/{jname}"
+PIDFILE, QMP_SOCK, HIBERNATION = "qemu.pid", "qmp.sock", "hibernate.ckp"
+
+
+def switch(mon: Monitor, jname: str, mode: str) -> str:
+    """'on' pauses, 'off' resumes; QEMU's own run state must confirm it. Returns the message."""
+    run = mode == "off"
+    mon.cmd("cont" if run else "stop")
+    if mon.running() != run:
+        raise QemuError(f"{jname}: QEMU did not {'resume' if run else 'pause'}")
+    return f"{jname}: {'resumed' if run else 'paused'}"
+
+
+def quick(root: str, jname: str, mode: str) -> str | None:
+    """Pause/resume (*mode* on, off, auto) a VM in the common case; None: take the full path.
+    *jname* must already be a valid plain name (it becomes part of paths)."""
+    system = SYSTEM_DIR.format(root=root, jname=jname)
+    qmp_sock = f"{system}/{QMP_SOCK}"
+    try:
+        with open(f"{system}/{PIDFILE}", "rb") as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return None
+    # Checked before locking too, so a name that is no VM never gets a lock file.
+    if not process.alive(pid, qmp_sock):
+        return None
+    lock = VMLock(LOCK_FILE.format(root=root, jname=jname), jname, "bpause").acquire()
+    try:
+        if lock.died or os.path.exists(f"{system}/{HIBERNATION}") or \
+                not process.alive(pid, qmp_sock):
+            return None
+        try:
+            mon = Monitor(qmp_sock, jname)
+        except QemuError:
+            return None  # the full command says why, in its own words
+        with mon:
+            try:
+                state = mon.status()
+            except QemuError:
+                return None
+            if mode == "auto":
+                mode = "off" if state == "paused" else "on"
+            if state != ("running" if mode == "on" else "paused"):
+                return None  # already there, or mid-migration: the full command explains
+            return switch(mon, jname, mode)
+    finally:
+        lock.release()
