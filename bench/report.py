@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.bench_peer import Case
+from bench.bench_peer import PYTHON_START, Case
 from bench.common import ROOT
 
 # (case title prefix, cbsd series, peer series, target ratio) -- the targets.
@@ -52,13 +52,10 @@ def _reason(c: Case, peer: str, target: float) -> str:
     if raw is not None and raw.median > goal:
         return (f"{target}x would be {goal:.3f} s, less than writing the same bytes to this "
                 f"disk at all ({raw.median:.3f} s with O_DIRECT); random RAM does not compress")
-    least = c.series.get("python + sqlite3, socket, json, fcntl (no work)")
-    start = c.series.get("python + the stdlib modules cbsd needs (no work)")
-    if least is not None and start is not None and least.median > goal:
-        return (f"{target}x would be {goal * 1000:.0f} ms; a Python process that only imports "
-                f"sqlite3, socket, json and fcntl (the least a pause with a lock, an inventory "
-                f"and QMP needs) takes {least.median * 1000:.0f} ms, with the rest of the "
-                f"standard library cbsd uses {start.median * 1000:.0f} ms")
+    start = c.series.get(PYTHON_START)
+    if start is not None and start.median > goal:
+        return (f"{target}x would be {goal * 1000:.0f} ms; starting Python at all takes "
+                f"{start.median * 1000:.0f} ms here")
     return "see the analysis below"
 
 
