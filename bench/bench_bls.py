@@ -1,31 +1,43 @@
-"""`cbsd bls` with many defined (stopped) VMs: the CLI must stay interactive."""
+"""Listing many defined (stopped) VMs: `cbsd bls` vs `virsh list --all` with as many inactive
+domains. The CLI must stay interactive."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from bench.common import Series, cbsd, workdir_env
+from bench import peer_libvirt as lv
+from bench.bench_peer import Case
+from bench.common import CBSD, cbsd, workdir_env
+from bench.timing import run as timed
+
+PREFIX = "cbsd-bench-bls-"
 
 
-def run(counts: tuple[int, ...] = (10, 200), repeat: int = 7) -> list[Series]:
-    results = []
-    with tempfile.TemporaryDirectory(prefix="cbsd-bench-bls-") as tmp:
-        env = workdir_env(Path(tmp))
+def run(counts: tuple[int, ...] = (10, 200), repeat: int = 9) -> list[Case]:
+    cases = []
+    with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp:
+        wd = Path(tmp)
+        env = workdir_env(wd)
         defined = 0
-        for n in counts:
-            while defined < n:
-                defined += 1
-                cbsd("bcreate", f"jname=b{defined:04d}", "vm_os_type=other", "vm_ram=32m",
-                     "imgsize=1m", env=env)
-            s = Series(f"bls, {n} VMs defined")
-            cbsd("bls", env=env)  # warm the page cache
-            for _ in range(repeat):
-                s.add(cbsd("bls", env=env))
-            results.append(s)
-    return results
-
-
-if __name__ == "__main__":
-    for s in run():
-        print(s.row())
+        try:
+            for n in counts:
+                while defined < n:
+                    defined += 1
+                    cbsd("bcreate", f"jname=b{defined:04d}", "vm_os_type=other", "vm_ram=32m",
+                         "imgsize=1m", env=env)
+                    # Defined, never started: libvirt does not look at the disk until then.
+                    xml = wd / "domain.xml"
+                    xml.write_text(lv.domain_xml(f"{PREFIX}{defined:04d}", wd / "none.qcow2",
+                                                 32, wd / "none.log"))
+                    lv.virsh("define", str(xml))
+                case = Case(f"bls, {n} VMs defined (CLI wall time)")
+                cbsd("bls", env=env)  # warm the page cache
+                for _ in range(repeat):
+                    case.add("cbsd", timed([CBSD, "bls"], env))
+                    case.add("virsh list --all", timed(["virsh", "-c", lv.URI, "list", "--all"]))
+                cases.append(case)
+        finally:
+            for i in range(1, defined + 1):
+                lv.virsh("undefine", f"{PREFIX}{i:04d}", check=False)
+    return cases

@@ -14,6 +14,7 @@ from tests.guests.build import counter_image
 
 from bench import peer_libvirt as lv
 from bench.common import CBSD, Series, workdir_env
+from bench.floor_restore import qemu_alone
 from bench.guests import start_filled_vm, wait_counting
 from bench.timing import GapWatch, run, until_output
 
@@ -70,6 +71,9 @@ def dd_floor(path: Path, nbytes: int, direct: bool = False) -> float:
     return t
 
 
+QEMU_ALONE = "QEMU alone: start + load, no checks (floor)"
+
+
 def save_restore(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
     """Checkpoint create vs virsh save (+ --bypass-cache) vs dd; restore vs virsh restore."""
     create = Case(f"checkpoint create, {label}")
@@ -93,6 +97,7 @@ def save_restore(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
         create.add("dd oflag=direct (raw disk)", dd_floor(t.wd / "floor.bin", sizes["cbsd"],
                                                           direct=True))
         run(t.cbsd("bstop", f"jname={t.name}", "noacpi=1"), t.env)
+        restore.add(QEMU_ALONE, qemu_alone(t.wd, t.name, "b", t.cbsd_log))
         restore.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}", "checkpoint=b"),
                                          t.cbsd_log, t.env))
         run(t.cbsd("bcheckpoint", "mode=destroy", f"jname={t.name}", "name=b"), t.env)
@@ -244,8 +249,5 @@ def run_all(repeat: int = 9, big: bool = True) -> tuple[list[Case], dict[str, st
             t.close()
     from bench import bench_bls
 
-    bls = Case("bls (CLI wall time)")
-    for s in bench_bls.run(repeat=repeat):
-        bls.series[s.name.replace("bls, ", "")] = s
-    cases.append(bls)
+    cases += bench_bls.run(repeat=repeat)
     return cases, versions

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.bench_peer import PYTHON_START, Case
+from bench.bench_peer import PYTHON_START, QEMU_ALONE, Case
 from bench.common import ROOT
 
 # (case title prefix, cbsd series, peer series, target ratio) -- the targets.
@@ -52,6 +52,13 @@ def _reason(c: Case, peer: str, target: float) -> str:
     if raw is not None and raw.median > goal:
         return (f"{target}x would be {goal:.3f} s, less than writing the same bytes to this "
                 f"disk at all ({raw.median:.3f} s with O_DIRECT); random RAM does not compress")
+    alone = c.series.get(QEMU_ALONE)
+    if alone is not None:
+        mine = c.series["cbsd"].median
+        return (f"{target}x would be {goal:.3f} s; QEMU alone, starting and loading this state "
+                f"with no check at all, takes {alone.median:.3f} s "
+                f"({alone.median / c.series[peer].median:.2f}x); cbsd adds "
+                f"{(mine - alone.median) * 1000:.0f} ms (see the analysis below)")
     start = c.series.get(PYTHON_START)
     if start is not None and start.median > goal:
         return (f"{target}x would be {goal * 1000:.0f} ms; starting Python at all takes "
@@ -154,8 +161,7 @@ def chart(cases: list[Case], path: Path) -> None:
         values = [c.series[n].median for n in names]
         # Long labels (the pause floors) would be cut at the figure's edge: wrap them.
         labels = [textwrap.fill(n, 28) for n in names]
-        own = c.title.startswith("bls")  # cbsd's own rows, named by the VM count
-        ax.barh(labels, values, color=[_color("cbsd" if own else n) for n in names])
+        ax.barh(labels, values, color=[_color(n) for n in names])
         ax.invert_yaxis()
         ax.set_title(c.title, fontsize=9, loc="left")
         ax.tick_params(labelsize=7.5)

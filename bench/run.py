@@ -32,10 +32,11 @@ def main(argv: list[str]) -> None:
             continue
         if case == "bls":
             from bench import bench_bls
+            from bench import peer_libvirt as lv
 
-            print("| case | median | min | max | runs |\n|---|---|---|---|---|")
-            for s in bench_bls.run():
-                print(s.row(), flush=True)
+            lv.ensure()
+            for c in bench_bls.run():
+                print(c.title, {n: round(s.median, 3) for n, s in c.series.items()}, flush=True)
         elif case == "checkpoint":
             from bench import bench_checkpoint
 

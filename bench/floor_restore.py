@@ -1,0 +1,49 @@
+"""The floor under a restore: QEMU alone, started with the VM's own command line, loading the
+checkpoint's memory file and running on -- what any manager driving this QEMU has to wait for.
+None of cbsd's work is in it: no locking, no compatibility or integrity check, no disk revert
+(the guest may find its disk ahead of its memory; only the time to its first output counts).
+Timed from the bench's own process, so not even a Python start is included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from bench.timing import settle
+from cbsd.core.context import Context
+from cbsd.core.vm import VM
+from cbsd.qemu import process
+from cbsd.qemu.qmp import Monitor
+from cbsd.storage.paths import Workdir
+
+
+def qemu_alone(wd: Path, jname: str, checkpoint: str, console_log: Path) -> float:
+    """Seconds from launching QEMU until the restored guest prints. The VM must be Off."""
+    vm = VM.load(Context(Workdir(wd)), jname)
+    argv = vm.argv(incoming=True)
+    memory = wd / "jails-system" / jname / "checkpoints" / f"{checkpoint}.ckp" / "memory"
+    for sock in (vm.paths.qmp_sock, vm.paths.console_sock):
+        Path(sock).unlink(missing_ok=True)
+    settle()
+    size = console_log.stat().st_size
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)  # -daemonize: back once QEMU is set up
+    pid = int(Path(vm.paths.pidfile).read_text())
+    fd = os.open(memory, os.O_RDONLY)
+    try:
+        with Monitor(vm.paths.qmp_sock, jname, timeout=120) as mon:
+            mon.send_fd(fd, "floor")
+            mon.cmd("migrate-incoming", uri="fd:floor")
+            mon.status()  # QEMU answers once the load is over (it loads in its main loop)
+            mon.cmd("cont")
+        while console_log.stat().st_size <= size:
+            if time.perf_counter() - t > 120:
+                raise RuntimeError("the guest printed nothing after the floor restore")
+            time.sleep(0.001)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+        process.kill(pid, vm.paths.qmp_sock, 9)
+        process.wait_gone(pid, vm.paths.qmp_sock, 30)
