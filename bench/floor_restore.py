@@ -32,11 +32,18 @@ def qemu_alone(wd: Path, jname: str, checkpoint: str, console_log: Path) -> floa
     subprocess.run(argv, check=True, capture_output=True)  # -daemonize: back once QEMU is set up
     pid = int(Path(vm.paths.pidfile).read_text())
     fd = os.open(memory, os.O_RDONLY)
+    total = os.fstat(fd).st_size
     try:
         with Monitor(vm.paths.qmp_sock, jname, timeout=120) as mon:
             mon.send_fd(fd, "floor")
             mon.cmd("migrate-incoming", uri="fd:floor")
-            mon.status()  # QEMU answers once the load is over (it loads in its main loop)
+            # Until QEMU has read the whole file (it shares our file offset), then until it
+            # leaves 'inmigrate': a `cont` sent before that is lost. Polling the offset, not
+            # QMP, during the load: QMP requests would compete with the load for QEMU's loop.
+            while os.lseek(fd, 0, os.SEEK_CUR) < total:
+                time.sleep(0.002)
+            while mon.status() == "inmigrate":
+                time.sleep(0.002)
             mon.cmd("cont")
         while console_log.stat().st_size <= size:
             if time.perf_counter() - t > 120:
