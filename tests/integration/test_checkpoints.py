@@ -272,9 +272,9 @@ def test_reboot_after_restore_boots_normally(cbsd: Cbsd, running_counter: str) -
 
 def test_a_load_longer_than_the_monitor_timeout(cbsd: Cbsd, counter_image,  # type: ignore[no-untyped-def]
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """QEMU answers no QMP at all while it loads a state. A restore must not take that for a
-    hung QEMU however long the load: here QMP's answer timeout is cut to 0.1 s (in-process)
-    for a 300 MiB load (~0.3 s)."""
+    """QEMU answers QMP only now and then while it loads a state (the load holds its main
+    loop). A restore must not take that for a hung QEMU however long the load: here QMP's
+    answer timeout is cut to 0.1 s (in-process) for a 300 MiB load (~0.3 s)."""
     import signal
 
     from cbsd.cli.main import main
