@@ -124,6 +124,38 @@ def test_a_broken_reply_is_a_lost_monitor(server, reply: bytes, message: str) ->
         mon.cmd("cont")
 
 
+def test_replies_in_pieces_and_together(server) -> None:  # type: ignore[no-untyped-def]
+    """The client's own line buffer: a reply cut into single bytes, and a reply arriving in
+    the same read as an event and the next reply."""
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        for byte in json.dumps({"return": {"status": "paused"}, "id": req["id"]}).encode() + b"\n":
+            conn.sendall(bytes([byte]))
+        first = io.request()
+        # One write: an event, this reply, and already the reply to the request after it.
+        io.send({"event": "STOP"}, {"return": 1, "id": first["id"]},
+                {"return": 2, "id": first["id"] + 1})
+        io.request()
+
+    with Monitor(server(script), "vm1") as mon:
+        assert mon.status() == "paused"
+        assert mon.cmd("a") == 1
+        assert mon.cmd("b") == 2, "what was read past a reply is kept for the next one"
+
+
+def test_an_overlong_reply_is_a_lost_monitor(server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(qmp, "_MAX_LINE", 64 * 1024)
+
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        io.request()
+        conn.sendall(b"x" * 200_000)
+
+    with pytest.raises(QemuError, match="lost QEMU's monitor during stop: an overlong reply"):
+        Monitor(server(script), "vm1").cmd("stop")
+
+
 def test_silence_is_a_timeout(server) -> None:  # type: ignore[no-untyped-def]
     done = threading.Event()
 
