@@ -415,9 +415,9 @@ def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
 
 # --- load -------------------------------------------------------------------------------------
 
-def check_restorable(vm: VM, ckdir: Path, checksums: bool = True) -> ckpstore.Manifest:
-    """Everything that can be checked without launching QEMU. CheckpointError if any fails.
-    checksums=False leaves out reading the files to verify their checksums."""
+def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
+    """Everything that can be checked without launching QEMU or reading the files' data (their
+    checksums are _Verifier's, on a second thread). CheckpointError if any fails."""
     if not ckdir.is_dir() or ckdir.is_symlink():
         raise CheckpointError(f"{vm.jname}: no checkpoint {ckpstore.state_name(ckdir)}")
     m = ckpstore.read_manifest(ckdir)
@@ -438,7 +438,7 @@ def check_restorable(vm: VM, ckdir: Path, checksums: bool = True) -> ckpstore.Ma
         raise CheckpointError(f"{what} needs machine type {m.data['machine']}, which this "
                               f"QEMU {host.version} does not provide")
     try:
-        check_intact(vm, ckdir, m, disk_snapshots(vm), checksums)
+        check_intact(vm, ckdir, m, disk_snapshots(vm), checksums=False)
     except CheckpointError as e:
         raise CheckpointError(f"{vm.jname}: {e}") from None
     return m
@@ -499,7 +499,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
     so a damaged state still leaves the disks untouched."""
     checksums = _Verifier(vm, ckdir)
     try:
-        m = check_restorable(vm, ckdir, checksums=False)
+        m = check_restorable(vm, ckdir)
         mon = vm.launch(incoming=True)
     finally:
         checksums.join()  # never leave a thread reading the files behind us
@@ -539,8 +539,8 @@ def load(vm: VM, ckdir: Path, *, paused: bool) -> None:
 
 # Following the load through the file offset: QEMU reads its first bytes within milliseconds
 # of migrate-incoming; if the offset shows nothing for FOLLOW_START (a QEMU that reads with
-# pread) or stops moving for FOLLOW_STALL (stuck), ask QMP instead, which answers once the load
-# has ended or times out.
+# pread) or stops moving for FOLLOW_STALL (stuck), ask QMP instead, which answers between
+# stretches of the load (or times out).
 FOLLOW_START = 1.0
 FOLLOW_STALL = 30.0
 
