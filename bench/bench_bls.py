@@ -27,10 +27,8 @@ def run(counts: tuple[int, ...] = (10, 200), repeat: int = 9) -> list[Case]:
                     cbsd("bcreate", f"jname=b{defined:04d}", "vm_os_type=other", "vm_ram=32m",
                          "imgsize=1m", env=env)
                     # Defined, never started: libvirt does not look at the disk until then.
-                    xml = wd / "domain.xml"
-                    xml.write_text(lv.domain_xml(f"{PREFIX}{defined:04d}", wd / "none.qcow2",
-                                                 32, wd / "none.log"))
-                    lv.virsh("define", str(xml))
+                    lv.define(f"{PREFIX}{defined:04d}", wd / "none.qcow2", 32, wd / "none.log",
+                              wd, replace=False)
                 case = Case(f"bls, {n} VMs defined (CLI wall time)")
                 cbsd("bls", env=env)  # warm the page cache
                 for _ in range(repeat):

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.timing import settle
+from bench.timing import settle, wait_output
 from cbsd.core.context import Context
 from cbsd.core.vm import VM
 from cbsd.qemu import process
@@ -45,11 +45,7 @@ def qemu_alone(wd: Path, jname: str, checkpoint: str, console_log: Path) -> floa
             while mon.status() == "inmigrate":
                 time.sleep(0.002)
             mon.cmd("cont")
-        while console_log.stat().st_size <= size:
-            if time.perf_counter() - t > 120:
-                raise RuntimeError("the guest printed nothing after the floor restore")
-            time.sleep(0.001)
-        return time.perf_counter() - t
+        return wait_output(console_log, size, t, 120, "after the floor restore")
     finally:
         os.close(fd)
         process.kill(pid, vm.paths.qmp_sock, 9)

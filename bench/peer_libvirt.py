@@ -87,8 +87,11 @@ def domain_xml(name: str, disk: Path, ram_mib: int, console_log: Path) -> str:
 """
 
 
-def define(name: str, disk: Path, ram_mib: int, console_log: Path, workdir: Path) -> None:
-    undefine(name)
+def define(name: str, disk: Path, ram_mib: int, console_log: Path, workdir: Path,
+           replace: bool = True) -> None:
+    """replace=False: the caller knows *name* is new (saves three virsh calls per domain)."""
+    if replace:
+        undefine(name)
     xml = workdir / f"{name}.xml"
     xml.write_text(domain_xml(name, disk, ram_mib, console_log))
     virsh("define", str(xml))

@@ -38,11 +38,16 @@ def until_output(argv: list[str], log: Path, env: dict[str, str] | None = None,
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
+    return wait_output(log, size, t, timeout, f"after {' '.join(argv)}")
+
+
+def wait_output(log: Path, size: int, since: float, timeout: float, what: str) -> float:
+    """Until *log* grows past *size*; returns the seconds since perf_counter() was *since*."""
     while (log.stat().st_size if log.exists() else 0) <= size:
-        if time.perf_counter() - t > timeout:
-            raise RuntimeError(f"no guest output after {' '.join(argv)}")
+        if time.perf_counter() - since > timeout:
+            raise RuntimeError(f"no guest output {what}")
         time.sleep(0.002)
-    return time.perf_counter() - t
+    return time.perf_counter() - since
 
 
 class GapWatch:
