@@ -41,6 +41,13 @@ class Command:
     bare: str = "masks"  # what bare words are: "masks" (any number), "one", or "none"
     details: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # Reads only (no lock, nothing written): works on a read-only or full workdir. For a
+    # command with modes, the modes that only read.
+    readonly: bool = False
+    readonly_modes: tuple[str, ...] = ()
+
+    def writes(self, args: dict[str, Any]) -> bool:
+        return not (self.readonly or args.get("mode") in self.readonly_modes)
 
     def key(self, name: str) -> Key | None:
         return next((k for k in self.keys if k.name == name), None)
@@ -75,13 +82,17 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
             raise UsageError(f"{cmd.name}: bad value for {what}: contains a NUL byte")
         return raw
     if key.kind == "hostfwd":
-        rules = []
+        rules: list[str] = []
         for rule in filter(None, raw.split(",")):
             m = _FWD_RE.fullmatch(rule)
             if not m or not all(1 <= int(p) <= 65535 for p in m.groups()[1:]):
                 raise UsageError(f"{cmd.name}: bad value for hostfwd: '{rule}' "
                                  "(use tcp:HOSTPORT:GUESTPORT)")
-            rules.append(f"{m.group(1) or 'tcp'}:{int(m.group(2))}:{int(m.group(3))}")
+            proto, host_port = m.group(1) or "tcp", int(m.group(2))
+            if any(r.split(":")[:2] == [proto, str(host_port)] for r in rules):
+                raise UsageError(f"{cmd.name}: bad value for hostfwd: host port {proto}:"
+                                 f"{host_port} is forwarded twice")
+            rules.append(f"{proto}:{host_port}:{int(m.group(3))}")
         return rules
     if key.kind == "list":
         items = [x.strip().lower() for x in raw.split(",") if x.strip()]

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 from cbsd import cancel
 from cbsd.cli import output
 from cbsd.core.context import Context
-from cbsd.errors import CbsdError, UsageError
+from cbsd.errors import UsageError, describe
 
 Args = dict[str, Any]
 
@@ -29,14 +29,16 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
             stream.flush()
 
     def one(jname: str) -> int:
-        # SQLite connections are per thread: a worker gets its own context.
-        local = ctx if parallel == 1 or len(vms) == 1 else Context(ctx.workdir)
         try:
+            # SQLite connections are per thread: a worker gets its own context.
+            local = (ctx if parallel == 1 or len(vms) == 1
+                     else Context(ctx.workdir, writable=ctx.writable))
             cancel.check()  # after SIGINT/SIGTERM, VMs not yet begun are left alone
             msg = fn(local, jname)
-        except CbsdError as e:
-            report(e.message, sys.stderr)
-            return e.exit_code
+        except Exception as e:  # one VM's failure, whatever it is, is one line; others go on
+            message, code = describe(e)
+            report(message, sys.stderr)
+            return code
         if msg:
             report(msg, sys.stdout)
         return 0
@@ -88,8 +90,9 @@ def _targets(ctx: Context, a: Args) -> list[str]:
     (boot=1) or shutdown (running_only=1) where the command has those keys."""
     from cbsd.core import lifecycle
 
-    vms = ctx.resolve(a["names"])
-    if a.get("boot") or a.get("running_only"):
+    narrowed = bool(a.get("boot") or a.get("running_only"))
+    vms = ctx.resolve(a["names"], may_be_empty=narrowed)
+    if narrowed:
         vms = lifecycle.select(ctx, vms, boot=bool(a.get("boot")),
                                running=bool(a.get("running_only")))
     return vms
@@ -115,6 +118,21 @@ def bremove(ctx: Context, a: Args) -> int:
     return each(ctx, ctx.resolve(a["names"]), lifecycle.remove)
 
 
+def bregister(ctx: Context, a: Args) -> int:
+    from cbsd.core import lifecycle
+    from cbsd.core.names import is_mask, match_mask
+    from cbsd.errors import NoSuchVM
+
+    found: list[str] = []
+    candidates = lifecycle.unregistered(ctx)
+    for mask in a["names"]:
+        hits = match_mask(mask, candidates) if is_mask(mask) else [mask]
+        if not hits:
+            raise NoSuchVM(f"No unregistered VM matches the mask: {mask}")
+        found += [h for h in hits if h not in found]
+    return each(ctx, found, lifecycle.register)
+
+
 def bpause(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
@@ -125,7 +143,9 @@ def bls(ctx: Context, a: Args) -> int:
     from cbsd.core import listing
 
     names = ctx.resolve(a["names"]) if a["names"] else None
-    rows = listing.rows(ctx, names)
+    rows, notes = listing.rows(ctx, names)
+    for note in notes:
+        print(note, file=sys.stderr)
     columns = a["display"] or list(listing.COLUMNS)
     if a["format"] == "json":
         sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))

@@ -6,7 +6,7 @@ import os
 import sys
 
 from cbsd import __version__, cancel
-from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, CbsdError, UsageError
+from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, UsageError, describe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         _cancel_on_signals()
         from cbsd.core.context import Context
 
-        return int(getattr(commands, cmd.name)(Context(), parsed))
-    except CbsdError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
-        return EXIT_FAILED
+        ctx = Context(writable=cmd.writes(parsed))
+        return int(getattr(commands, cmd.name)(ctx, parsed))
     except BrokenPipeError:
         # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that
         # breaks a pipe is turned into a CbsdError with a message where it happens.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
+    except BaseException as e:  # everything, SystemExit included, becomes one line
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            return 0
+        message, code = describe(e)
+        print(message, file=sys.stderr)
+        return code

@@ -72,11 +72,20 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("format", "enum", "table", help="output format", choices=("table", "json")),
         ),
         "cbsd bls display=jname,status,vnc_port header=0",
+        readonly=True,
     ),
     Command(
         "bremove", "Delete VMs with their disks, checkpoints and hibernation image.",
         (J_MASK,),
         "cbsd bremove jname=test1",
+    ),
+    Command(
+        "bregister", "Bring back VMs whose inventory entry was lost, from their files.",
+        (Key("jname", "mask", required=True, help="VM name or mask (* and ?) among the VM "
+             "folders under jails-system/ that the inventory does not list"),),
+        "cbsd bregister jname='*'",
+        details=("Each VM's definition is kept beside its files (jails-system/VM/vm.json); "
+                 "a VM made before cbsd kept one\nis registered from its newest saved state."),
     ),
     Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",
@@ -102,6 +111,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "cbsd bcheckpoint mode=create jname=vm1 name=after_update",
         details=("A checkpoint holds memory, CPU and device state and the disk contents of one "
                  "instant.\nRestore with: cbsd bstart jname=VM checkpoint=NAME"),
+        readonly_modes=("list", "verify"),
     ),
     Command(
         "bsuspend", "Hibernate VMs (state to disk, QEMU ends, RAM freed) or discard the image.",

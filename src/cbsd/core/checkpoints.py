@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import savestate
+from cbsd.core import load, recovery, save
 from cbsd.core.context import Context
 from cbsd.core.model import Action, require
 from cbsd.core.names import check_name
@@ -15,13 +16,13 @@ from cbsd.storage import ckpstore
 
 
 def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live: bool = False,
-           progress: savestate.Progress | None = None) -> str:
+           progress: save.Progress | None = None) -> str:
     check_name(name, "checkpoint name")
     with ctx.locked_vm(jname, "bcheckpoint create") as vm:
         require(jname, vm.status(mine=True), Action.CHECKPOINT)
         final = ctx.workdir.checkpoint(jname, name)
-        savestate.save(vm, final, name=name, kind="checkpoint", live=live,
-                       keep_running=not poweroff, progress=progress)
+        save.save(vm, final, name=name, kind="checkpoint", live=live,
+                  keep_running=not poweroff, progress=progress)
         if poweroff:
             vm.power_off()
     return f"Checkpoint was created!: {final}"
@@ -36,18 +37,23 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     out = []
     for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
         name = ckpstore.state_name(path)
+        try:
+            size = _size(path)
+        except FileNotFoundError:
+            continue  # destroyed while we listed
         if m is None:
-            out.append({"name": name, "created": None, "size": _size(path), "damaged": True})
+            out.append({"name": name, "created": None, "size": size, "damaged": True})
             continue
         out.append({
             "name": name,
             "created": m.created,
-            "size": _size(path),
-            "ram_mb": m.data["spec"]["ram"] >> 20,
-            "was_running": m.data["was_running"],
-            "live": m.data["live"],
-            "qemu_version": m.data["qemu_version"],
-            "machine": m.data["machine"],
+            "size": size,
+            "ram_mb": m.spec["ram"] >> 20,
+            "was_running": m.was_running,
+            "live": m.live,
+            "qemu_version": m.qemu_version,
+            "machine": m.machine,
+            "parent": m.parent,
             "damaged": False,
         })
     return out
@@ -57,9 +63,9 @@ def destroy(ctx: Context, jname: str, name: str) -> str:
     check_name(name, "checkpoint name")
     with ctx.locked_vm(jname, "bcheckpoint destroy") as vm:
         final = ctx.workdir.checkpoint(jname, name)
-        if not final.is_dir():
+        if not final.is_dir() or final.is_symlink():
             raise CheckpointError(f"{jname}: no checkpoint {name}")
-        savestate.drop(vm, final)
+        recovery.drop_state_and_sweep(vm, final)
     return f"{jname}: checkpoint {name} destroyed"
 
 
@@ -67,28 +73,59 @@ def destroyall(ctx: Context, jname: str) -> str:
     with ctx.locked_vm(jname, "bcheckpoint destroyall") as vm:
         states = ckpstore.list_states(ctx.workdir.checkpoints(jname))
         for path, _ in states:
-            savestate.drop(vm, path)
+            recovery.drop_state_and_sweep(vm, path)
     return f"{jname}: {len(states)} checkpoint(s) destroyed"
 
 
 def verify(ctx: Context, jname: str, name: str | None = None) -> list[tuple[str, str | None]]:
-    """[(checkpoint, None if intact else what is wrong)]."""
+    """[(checkpoint, None if intact else what is wrong)].
+
+    Runs without the VM's lock (a long verify must not make the VM busy), so another command
+    may destroy or replace a checkpoint meanwhile. A finding counts only if the checkpoint is
+    still the one that was read (same directory, by inode) and its disk snapshots were read
+    after it was listed; otherwise that checkpoint is read again, or left out once gone."""
     vm = VM.load(ctx, jname)
     if name is not None:
         check_name(name, "checkpoint name")
-        path = ctx.workdir.checkpoint(jname, name)
-        if not path.is_dir():
-            raise CheckpointError(f"{jname}: no checkpoint {name}")
-        paths = [path]
+        names = [name]
     else:
-        paths = [p for p, _ in ckpstore.list_states(ctx.workdir.checkpoints(jname))]
-    present = savestate.disk_snapshots(vm)
+        names = [ckpstore.state_name(p)
+                 for p, _ in ckpstore.list_states(ctx.workdir.checkpoints(jname))]
     results: list[tuple[str, str | None]] = []
-    for path in paths:
-        ck = ckpstore.state_name(path)
-        try:
-            savestate.check_intact(vm, path, ckpstore.read_manifest(path), present)
-            results.append((ck, None))
-        except CheckpointError as e:
-            results.append((ck, str(e)))
+    for ck in names:
+        verdict = _verify_one(vm, ctx.workdir.checkpoint(jname, ck))
+        if verdict is _GONE:
+            if name is not None:
+                raise CheckpointError(f"{jname}: no checkpoint {name}")
+            continue
+        results.append((ck, verdict))
     return results
+
+
+_GONE = "gone"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    from stat import S_ISDIR
+
+    return (st.st_dev, st.st_ino) if S_ISDIR(st.st_mode) else None
+
+
+def _verify_one(vm: VM, path: Path, tries: int = 3) -> str | None:
+    for _ in range(tries):
+        before = _identity(path)
+        if before is None:
+            return _GONE  # absent, a symlink or a file: no checkpoint by that name
+        present = load.disk_snapshots(vm)
+        try:
+            load.check_intact(path, ckpstore.read_manifest(path), present)
+            return None
+        except CheckpointError as e:
+            if _identity(path) == before:
+                return str(e)
+            # Destroyed or replaced while it was read: read it again under its new identity.
+    return None if _identity(path) is None else "it kept changing while it was verified"

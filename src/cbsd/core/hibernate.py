@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from cbsd.core import savestate
+from pathlib import Path
+
+from cbsd.core import load, recovery, save
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, require
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError
 from cbsd.failpoints import failpoint
+from cbsd.storage import ckpstore
+from cbsd.storage.atomic import remove_tree_later
 
 NAME = "hibernation"
 
 
-def suspend(ctx: Context, jname: str, progress: savestate.Progress | None = None) -> str:
+def suspend(ctx: Context, jname: str, progress: save.Progress | None = None) -> str:
     with ctx.locked_vm(jname, "bsuspend") as vm:
         require(jname, vm.status(mine=True), Action.SUSPEND)
-        savestate.save(vm, ctx.workdir.hibernation(jname), name=NAME, kind="hibernation",
-                       keep_running=False, progress=progress)
+        save.save(vm, ctx.workdir.hibernation(jname), name=NAME, kind="hibernation",
+                  keep_running=False, progress=progress)
         failpoint("suspend:saved")
         vm.power_off()
         if vm.status(mine=True) is not Status.SUSPENDED:
@@ -27,14 +31,26 @@ def suspend(ctx: Context, jname: str, progress: savestate.Progress | None = None
 def discard(ctx: Context, jname: str) -> str:
     with ctx.locked_vm(jname, "bsuspend discard") as vm:
         require(jname, vm.status(mine=True), Action.DISCARD)
-        savestate.drop(vm, ctx.workdir.hibernation(jname))
+        recovery.drop_state_and_sweep(vm, ctx.workdir.hibernation(jname))
     return f"{jname}: hibernation image discarded"
 
 
-def resume(vm: VM, *, paused: bool) -> None:
-    """Load the hibernation image (lock held by the caller); drop it once the VM runs.
-    A failed resume keeps the image."""
+def resume(vm: VM, *, paused: bool | None) -> bool:
+    """Load the hibernation image (lock held by the caller); *paused* None: as it was when
+    hibernated. Returns whether the VM was left paused.
+
+    The image is retired (hidden, then deleted) once QEMU holds the loaded state and before
+    the guest runs again: from then on the disk moves on, and an image older than the disk
+    must never be resumed. A failure before that keeps the image."""
     image = vm.ctx.workdir.hibernation(vm.jname)
-    savestate.load(vm, image, paused=paused)
+    retired: list[tuple[ckpstore.Manifest, Path]] = []
+
+    def retire(m: ckpstore.Manifest) -> None:
+        retired.append((m, ckpstore.retire(image)))
+
+    left_paused = load.load(vm, image, paused=paused, before_run=retire)
     failpoint("resume:loaded")
-    savestate.drop(vm, image)
+    for m, path in retired:
+        remove_tree_later(path)
+        recovery.delete_tags(vm, recovery.state_tags(vm, m))
+    return left_paused

@@ -1,25 +1,46 @@
-"""bcreate, bstart, bstop, bremove, bpause: the VM lifecycle and its state transitions."""
+"""bcreate, bstart, bstop, bremove, bregister, bpause: the VM lifecycle and its transitions.
+
+What cbsd deletes: only files it can prove it made. bcreate and bremove mark the VM's folder
+(Workdir.unfinished) before they create or delete anything, and remove the mark last; files
+of a VM that has no inventory entry and no mark are never deleted -- they may be a whole VM
+whose entry was lost, and `bregister` brings it back from its vm.json.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
+from cbsd.core import recovery
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import MIB, check_name
 from cbsd.core.pause import switch
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError, StateError, UsageError
+from cbsd.failpoints import failpoint
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
-from cbsd.storage.atomic import remove_tree
+from cbsd.qemu.runstate import RunState
+from cbsd.storage import ckpstore
+from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
 
 FIRST_DISK = "dsk1.qcow2"
-
-
 DEFAULT_IMGSIZE = 10 << 30
+
+
+def host_memory() -> int:
+    """MemTotal of this host in bytes (0 if /proc does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _validate(spec: VMSpec, image: str | None) -> None:
@@ -27,6 +48,10 @@ def _validate(spec: VMSpec, image: str | None) -> None:
     if spec.ram < 16 * MIB:
         raise UsageError(f"vm_ram={spec.ram >> 20}m is under 16 MiB: a likely mistake "
                          "(sizes take a suffix, e.g. vm_ram=512m)")
+    total = host_memory()
+    if total and spec.ram > total:
+        raise UsageError(f"vm_ram={spec.ram >> 20}m is more than this host's memory "
+                         f"({total >> 20} MiB): QEMU could not start it")
     for key, value in (("image", image), ("iso", spec.iso), ("kernel", spec.kernel),
                        ("initrd", spec.initrd)):
         if value is not None and not Path(value).is_file():
@@ -45,12 +70,21 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
     is *image* converted to qcow2 (grown to *imgsize* if larger), or a new empty one."""
     _validate(spec, image)
     jname = spec.jname
+    wd = ctx.workdir
     with ctx.lock(jname, "bcreate"):
         if ctx.inventory.get(jname) is not None:
             raise StateError(f"VM already exist: {jname}")
-        wd = ctx.workdir
-        _remove_files(ctx, jname)  # of a bcreate killed half-way (never in the inventory)
+        _clear_unfinished(ctx, jname)
+        found = [p for p in (wd.system(jname), wd.vm_dir(jname)) if p.exists()]
+        if found:
+            raise StateError(
+                f"bcreate: {jname} is not in the inventory, but files of a VM by that name "
+                f"exist ({', '.join(map(str, found))}): if it is a VM whose inventory entry "
+                f"was lost, 'cbsd bregister jname={jname}' brings it back; otherwise move "
+                "them away first (cbsd deletes nothing it did not make)")
         try:
+            wd.system(jname).mkdir(mode=0o700)
+            _mark_unfinished(ctx, jname)
             wd.ensure_vm(jname)
             disk = wd.disk(jname, FIRST_DISK)
             if image:
@@ -59,24 +93,103 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
                     img.resize(disk, imgsize)
             else:
                 img.create(disk, imgsize or DEFAULT_IMGSIZE)
+            failpoint("bcreate:disk")
             spec = dataclasses.replace(
                 spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
                 iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd))
+            save_spec_file(ctx, spec)
+            # The mark goes before the entry comes: a crash between the two leaves a whole VM
+            # that only needs `bregister`, never an entry beside files marked for deletion.
+            _unmark(ctx, jname)
             ctx.inventory.add(spec)
         except BaseException:
-            _remove_files(ctx, jname)
+            _clear_unfinished(ctx, jname)
             raise
     return spec
 
 
-def _remove_files(ctx: Context, jname: str) -> None:
-    """A VM's runtime/metadata directory (checkpoints included) and its disks."""
-    remove_tree(ctx.workdir.system(jname))
-    remove_tree(ctx.workdir.vm_dir(jname))
+def save_spec_file(ctx: Context, spec: VMSpec) -> None:
+    write_atomic(ctx.workdir.spec_file(spec.jname),
+                 json.dumps(spec.to_dict(), indent=1, sort_keys=True).encode())
+
+
+def _mark_unfinished(ctx: Context, jname: str) -> None:
+    write_atomic(ctx.workdir.unfinished(jname), b"")
+
+
+def _unmark(ctx: Context, jname: str) -> None:
+    mark = ctx.workdir.unfinished(jname)
+    mark.unlink(missing_ok=True)
+    fsync_dir(mark.parent)
+
+
+def _clear_unfinished(ctx: Context, jname: str) -> None:
+    """Delete the files of a bcreate or bremove that was cut short -- only under its mark."""
+    wd = ctx.workdir
+    if wd.unfinished(jname).exists():
+        remove_tree(wd.vm_dir(jname))
+        remove_tree(wd.system(jname))  # the mark goes last, with this folder
 
 
 def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
+
+
+def register(ctx: Context, jname: str) -> str:
+    """Bring back a VM whose inventory entry was lost, from the files beside its disks."""
+    check_name(jname)
+    wd = ctx.workdir
+    with ctx.lock(jname, "bregister"):
+        if ctx.inventory.get(jname) is not None:
+            raise StateError(f"{jname}: already registered")
+        if wd.unfinished(jname).exists():
+            raise StateError(f"{jname}: its files are those of a bcreate or bremove that was "
+                             "cut short: nothing to register ('cbsd bcreate' clears them)")
+        spec = _spec_from_files(ctx, jname)
+        missing = [d for d in spec.disks if not wd.disk(jname, d).is_file()]
+        if missing:
+            raise StateError(f"{jname}: cannot register: disk {', '.join(missing)} is missing "
+                             f"from {wd.vm_dir(jname)}")
+        if not wd.spec_file(jname).exists():
+            save_spec_file(ctx, spec)
+        ctx.inventory.add(spec)
+        recovery.adopt_lost_qemu(VM.load(ctx, jname), scan=True)  # a QEMU that kept running
+    return f"{jname}: registered"
+
+
+def _spec_from_files(ctx: Context, jname: str) -> VMSpec:
+    """vm.json; for a VM made before cbsd kept one, the definition its newest saved state
+    recorded."""
+    wd = ctx.workdir
+    try:
+        spec = VMSpec.from_dict(json.loads(wd.spec_file(jname).read_bytes()))
+    except FileNotFoundError:
+        states = [m for _, m in ckpstore.list_states(wd.checkpoints(jname)) if m is not None]
+        if ckpstore.has_manifest(wd.hibernation(jname)):
+            states.append(ckpstore.read_manifest(wd.hibernation(jname)))
+        if not states:
+            raise StateError(f"{jname}: no VM files to register under {wd.system(jname)} "
+                             "(no vm.json, no saved state)") from None
+        spec = VMSpec.from_dict(max(states, key=lambda m: m.created_ts).spec)
+    except (OSError, ValueError, TypeError) as e:
+        raise StateError(f"{jname}: cannot register: {wd.spec_file(jname)} is unreadable "
+                         f"({e})") from e
+    if spec.jname != jname:
+        raise StateError(f"{jname}: cannot register: {wd.spec_file(jname)} describes "
+                         f"'{spec.jname}'")
+    return spec
+
+
+def unregistered(ctx: Context) -> list[str]:
+    """VM folders with a definition and no inventory entry (what `bregister '*'` may take)."""
+    root = ctx.workdir.root / "jails-system"
+    known = set(ctx.inventory.names())
+    try:
+        names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n not in known and not ctx.workdir.unfinished(n).exists()
+            and (ctx.workdir.spec_file(n).exists() or ctx.workdir.checkpoints(n).is_dir())]
 
 
 def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
@@ -87,21 +200,23 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
         if checkpoint is not None:
             check_name(checkpoint, "checkpoint name")
             require(jname, status, Action.RESTORE)
-            from cbsd.core import savestate
+            from cbsd.core import load
 
-            savestate.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
+            load.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
             done = f"restored from checkpoint {checkpoint}"
         else:
             require(jname, status, Action.START)
             if status is Status.SUSPENDED:
                 from cbsd.core.hibernate import resume
 
-                resume(vm, paused=paused)
+                # A VM hibernated while paused comes back paused, as it was.
+                paused = resume(vm, paused=True if paused else None)
                 done = "resumed from hibernation"
             else:
                 mon = vm.launch(paused=paused)
                 state = mon.status()
-                ok = state in ("paused", "prelaunch") if paused else state == "running"
+                ok = (state in (RunState.PAUSED, RunState.PRELAUNCH) if paused
+                      else state == RunState.RUNNING)
                 if not ok:
                     vm.kill()
                     raise QemuError(f"{jname}: QEMU started but reports '{state}'")
@@ -110,14 +225,13 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
 
 
 def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 30) -> str:
+    if noacpi:
+        return _power_off(ctx, jname)
     with ctx.locked_vm(jname, "bstop") as vm:
         status = vm.status(mine=True)
         if status is Status.OFF:
             raise StateError(f"{jname}: not running")
         require(jname, status, Action.STOP)
-        if noacpi:
-            vm.power_off()
-            return f"{jname}: powered off"
         mon = vm.monitor()
         if status is Status.PAUSED:
             # A frozen guest cannot see the power button: thaw it so it can shut down.
@@ -132,14 +246,38 @@ def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 
         return f"{jname}: did not shut down within {hard_timeout} s: powered off"
 
 
+def _power_off(ctx: Context, jname: str) -> str:
+    """bstop noacpi=1, the escape hatch: QEMU ends whatever its monitor does (a wedged or
+    stopped QEMU never answers). Recovery runs after, on a VM with no QEMU: ending QEMU first
+    is safe in every state recovery knows (core/recovery.py: a published hibernation image
+    is never older than the guest, so it stays valid)."""
+    with ctx.locked_vm(jname, "bstop", recover=False) as vm:
+        recovery.adopt_lost_qemu(vm, scan=bool(vm.died))
+        if not vm.alive():
+            recovery.recover(vm, vm.died)
+            status = vm.status(mine=True)
+            require(jname, status, Action.STOP)
+            raise StateError(f"{jname}: not running")
+        if ckpstore.has_manifest(ctx.workdir.hibernation(jname)) and \
+                vm.probe_state() is RunState.RUNNING:
+            recovery.recover(vm, vm.died)  # a stale image an older cbsd left: dropped first
+        vm.power_off()
+        recovery.recover(vm, vm.died)
+    return f"{jname}: powered off"
+
+
 def remove(ctx: Context, jname: str) -> str:
     with ctx.lock(jname, "bremove"):
         vm = VM.load(ctx, jname)
+        recovery.adopt_lost_qemu(vm, scan=True)
         if vm.alive():
             vm.power_off()
-        # Inventory first: a crash after this leaves only files, which bcreate clears.
+        # Marked first, entry dropped next, files last: a crash anywhere leaves either a VM
+        # or marked files that the next bcreate clears.
+        _mark_unfinished(ctx, jname)
         ctx.inventory.remove(jname)
-        _remove_files(ctx, jname)
+        failpoint("bremove:unlisted")
+        _clear_unfinished(ctx, jname)
     return f"{jname}: removed"
 
 

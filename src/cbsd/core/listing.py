@@ -12,14 +12,20 @@ from cbsd.core.vm import VM
 __all__ = ["COLUMNS", "rows"]
 
 
-def rows(ctx: Context, names: list[str] | None) -> list[dict[str, Any]]:
+def rows(ctx: Context, names: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """(one row per VM, notes on what could not be learned: a QEMU that does not answer its
+    monitor is listed as On after a short wait, and noted)."""
     out = []
+    notes = []
     wanted = set(names) if names is not None else None
     for spec, pid, port in ctx.inventory.all():
         if wanted is not None and spec.jname not in wanted:
             continue
         vm = VM(ctx, spec, (pid, port))
         status = vm.status()
+        if vm.unresponsive:
+            notes.append(f"{spec.jname}: QEMU (pid {vm.pid}) does not answer its monitor; "
+                         f"'cbsd bstop jname={spec.jname} noacpi=1' powers it off")
         live = status in (Status.ON, Status.PAUSED) or (status is Status.MAINTENANCE and vm.alive())
         curmem, pcpu = vm.rss_and_cpu() if live else (0, 0.0)
         out.append({
@@ -34,4 +40,4 @@ def rows(ctx: Context, names: list[str] | None) -> list[dict[str, Any]]:
             "status": status.value,
             "vnc_port": f"{spec.vnc_bind}:{vm.vnc_port}" if live and vm.vnc_port else "0",
         })
-    return out
+    return out, notes

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+HOLDER_GRACE = 0.5
+
+
 class VMLock:
-    def __init__(self, path: Path, jname: str, what: str) -> None:
+    def __init__(self, path: str | Path, jname: str, what: str) -> None:
         self.path = path
         self.jname = jname
         self.what = what
@@ -28,30 +31,46 @@ class VMLock:
         self.died = ""  # "PID COMMAND" of a previous holder that never released the lock
 
     def acquire(self, wait: float = 0.0) -> VMLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            from cbsd.storage.atomic import os_error
+
+            raise os_error(e, f"{self.jname}: cannot open its lock file {self.path}") from e
         deadline = time.monotonic() + wait
+        # A holder that wrote nothing (yet) is a status probe (is_held: microseconds) or a
+        # command between taking the lock and writing its line: worth a short wait.
+        anonymous = time.monotonic() + HOLDER_GRACE
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
+                holder = _read_holder(fd)
+                now = time.monotonic()
+                if now >= deadline and (holder or now >= anonymous):
                     os.close(fd)
-                    raise BusyError(
-                        f"{self.jname}: busy: another cbsd command holds it{holder}") from None
-                time.sleep(0.05)
+                    raise BusyError(f"{self.jname}: busy: another cbsd command holds it"
+                                    f"{holder or ' (it has not said which yet)'}") from None
+                time.sleep(0.01 if not holder else 0.05)
         self.died = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
+        line = f"{os.getpid()} {self.what}\n".encode()
+        try:
+            # Write, then cut to length: a reader never sees the file empty while it is held.
+            os.pwrite(fd, line, 0)
+            os.ftruncate(fd, len(line))
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its holder goes unnamed
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd >= 0:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing releases the flock
-            self._fd = -1
+            try:
+                os.ftruncate(self._fd, 0)  # empty: this holder ended normally (see `died`)
+            finally:
+                os.close(self._fd)  # closing releases the flock
+                self._fd = -1
 
     def __enter__(self) -> VMLock:
         return self

@@ -9,8 +9,9 @@ socket: quick(). Anything else returns None from it and the full command (lifecy
 runs, with every check and message. Both end in switch(), so both report the same.
 
 Why the lane may skip the inventory and the recovery the full command runs first:
-  - a live QEMU whose command line names this VM's QMP socket exists only for a VM in the
-    inventory (bremove powers it off under the VM's lock before it drops the row);
+  - a live QEMU whose command line names this VM's QMP socket exists only for a VM cbsd made
+    (bremove powers it off under the VM's lock before it drops the row; a VM whose inventory
+    entry was lost is still this VM, and `bregister` brings the entry back);
   - recovery has work only after a command died mid-way (kill -9, power loss), and such a
     command leaves its line in the lock file (VMLock.died); a live QEMU in a migration state
     (anything but running/paused) or a hibernation image beside a live QEMU also go the full way.

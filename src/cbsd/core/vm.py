@@ -1,20 +1,37 @@
-"""One VM at run time: its QEMU process, its monitor, and its status derived from reality."""
+"""One VM at run time: its QEMU process, its monitor, and its status derived from reality.
+
+Which QEMU is this VM's: the live process whose command line carries the VM's QMP socket path.
+The inventory records its pid when cbsd starts it, but that record is only a hint: QEMU's own
+pid file (written as it starts) is read when the hint is stale, and recovery scans every
+process after a command died (core/recovery.py), so a QEMU is never lost because the command
+that launched it was killed before it could record it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cbsd.core.context import Context
+from cbsd import debug
 from cbsd.core.lock import is_held
 from cbsd.core.model import Status, VMSpec
-from cbsd.errors import QemuError
+from cbsd.errors import EnvironmentFault, QemuError
 from cbsd.qemu import process
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.qmp import Monitor
+from cbsd.qemu.runstate import RunState
+
+if TYPE_CHECKING:
+    from cbsd.core.context import Context
+
+# Without the VM's lock (bls, status), a monitor that does not answer within this is reported
+# as such instead of holding up the listing; QEMU answers in about a millisecond.
+PROBE_TIMEOUT = 1.0
+# 'quit' gets this long before a power-off falls back to SIGKILL (a wedged QEMU never answers).
+QUIT_TIMEOUT = 3.0
 
 
 class VM:
@@ -34,6 +51,8 @@ class VM:
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
         self._mon: Monitor | None = None
+        self.unresponsive = ""  # why the monitor did not answer a status probe
+        self.died = ""  # VMLock.died of the lock this command holds on the VM
 
     @classmethod
     def load(cls, ctx: Context, jname: str) -> VM:
@@ -42,13 +61,43 @@ class VM:
     # --- process --------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        return process.alive(self.pid, self.paths.qmp_sock)
+        if process.alive(self.pid, self.paths.qmp_sock):
+            return True
+        pid = process.read_pidfile(self.paths.pidfile)
+        if pid and pid != self.pid and process.alive(pid, self.paths.qmp_sock):
+            self.pid = pid  # a launch whose pid never reached the inventory
+            return True
+        return False
 
-    def monitor(self) -> Monitor:
+    def adopt(self) -> None:
+        """Record a QEMU found running (lock held): its pid and VNC port, its files tightened."""
+        self._owner_only()
+        if self.spec.vnc:
+            with contextlib.suppress(QemuError):
+                self.vnc_port = int(self.monitor(timeout=PROBE_TIMEOUT).cmd("query-vnc")
+                                    .get("service", 0))
+            self.close()  # the command's own session gets the normal timeouts
+        self._record(self.pid, self.vnc_port)
+
+    def probe_state(self) -> RunState | None:
+        """QEMU's run state if it answers within PROBE_TIMEOUT, else None (no QEMU, or one
+        that does not answer)."""
+        if not self.alive():
+            return None
+        try:
+            return RunState.parse(self.monitor(timeout=PROBE_TIMEOUT).status())
+        except QemuError:
+            return None
+        finally:
+            self.close()
+
+    def monitor(self, timeout: float | None = None) -> Monitor:
         """The VM's QMP session, opened once and shared by everything this command does (a
         session costs a connect and a capabilities negotiation)."""
         if self._mon is None or self._mon.closed:
-            self._mon = Monitor(Path(self.paths.qmp_sock), self.jname)
+            self._mon = (Monitor(Path(self.paths.qmp_sock), self.jname) if timeout is None
+                         else Monitor(Path(self.paths.qmp_sock), self.jname, timeout=timeout,
+                                      connect_timeout=timeout))
         return self._mon
 
     def close(self) -> None:
@@ -63,11 +112,14 @@ class VM:
 
     def launch(self, *, incoming: bool = False, paused: bool = False) -> Monitor:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails."""
+        from cbsd.failpoints import failpoint
+
         self.ctx.workdir.ensure_vm(self.jname)
         for sock in (self.paths.qmp_sock, self.paths.console_sock):
             Path(sock).unlink(missing_ok=True)
         self.pid = process.launch(self.argv(incoming=incoming, paused=paused),
                                   Path(self.paths.pidfile), Path(self.paths.qemu_log))
+        failpoint("launch:started")
         try:
             self._owner_only()
             self.close()  # a session to an earlier QEMU of this VM is dead
@@ -78,8 +130,19 @@ class VM:
         except BaseException:
             self.kill()
             raise
-        self.ctx.inventory.set_runtime(self.jname, self.pid, self.vnc_port)
+        self._record(self.pid, self.vnc_port)
         return mon
+
+    def _record(self, pid: int, vnc_port: int) -> None:
+        """Note the pid in the inventory. Only a hint (see the module's docstring), so a full
+        disk that refuses the write must not fail the command that started or ended QEMU."""
+        import sqlite3
+
+        try:
+            self.ctx.inventory.set_runtime(self.jname, pid, vnc_port)
+        except (sqlite3.OperationalError, EnvironmentFault) as e:
+            if debug.ON:
+                debug.log("inventory", f"{self.jname}: pid not recorded: {e}")
 
     def _owner_only(self) -> None:
         """QEMU's -daemonize sets its umask to 027, so its sockets and logs come out group-
@@ -97,11 +160,16 @@ class VM:
         self.forget_process()
 
     def power_off(self) -> None:
-        """Power off now, but through QEMU's 'quit' so disk images are flushed; SIGKILL if that
-        does not end it."""
-        with contextlib.suppress(QemuError):
-            self.monitor().cmd("quit")
-        if process.wait_gone(self.pid, self.paths.qmp_sock, 10):
+        """Power off now, through QEMU's 'quit' so disk images are flushed; SIGKILL if QEMU
+        does not answer or end within QUIT_TIMEOUT (a wedged or stopped QEMU)."""
+        try:
+            mon = self.monitor(timeout=QUIT_TIMEOUT)
+            mon.timeout = QUIT_TIMEOUT
+            mon.cmd("quit")
+        except QemuError as e:
+            if debug.ON:
+                debug.log("proc", f"{self.jname}: quit failed ({e}): SIGKILL")
+        if process.wait_gone(self.pid, self.paths.qmp_sock, QUIT_TIMEOUT):
             self.forget_process()
         else:
             self.kill()
@@ -110,7 +178,7 @@ class VM:
         self.close()
         self.pid = 0
         self.vnc_port = 0
-        self.ctx.inventory.set_runtime(self.jname, 0, 0)
+        self._record(0, 0)
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile):
             Path(p).unlink(missing_ok=True)
 
@@ -122,9 +190,11 @@ class VM:
             return Status.MAINTENANCE
         if self.alive():
             try:
-                return Status.ON if self.monitor().running() else Status.PAUSED
-            except QemuError:
+                mon = self.monitor() if mine else self.monitor(timeout=PROBE_TIMEOUT)
+                return Status.ON if mon.running() else Status.PAUSED
+            except QemuError as e:
                 # Alive but not answering (starting up, or wedged): it is not Off.
+                self.unresponsive = str(e)
                 return Status.ON if self.alive() else self._status_off()
             finally:
                 if not mine:
@@ -134,25 +204,15 @@ class VM:
         return self._status_off()
 
     def _status_off(self) -> Status:
-        from cbsd.storage.ckpstore import is_complete
+        from cbsd.storage.ckpstore import has_manifest
 
-        if is_complete(self.ctx.workdir.hibernation(self.jname)):
+        if has_manifest(self.ctx.workdir.hibernation(self.jname)):
             return Status.SUSPENDED
         return Status.OFF
 
     def rss_and_cpu(self) -> tuple[int, float]:
         """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
-        import psutil
-
-        try:
-            p = psutil.Process(self.pid)
-            with p.oneshot():
-                t = p.cpu_times()
-                elapsed = max(1e-3, time.time() - p.create_time())
-            rss = process.resident_bytes(self.pid) >> 20
-            return rss, round(100.0 * (t.user + t.system) / elapsed, 1)
-        except (psutil.Error, OSError):
-            return 0, 0.0
+        return process.resident_bytes(self.pid) >> 20, process.cpu_percent(self.pid)
 
 
 def free_bytes(path: Path) -> int:

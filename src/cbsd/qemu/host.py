@@ -37,19 +37,19 @@ def _which(name: str) -> str:
     return path
 
 
-def kvm_usable() -> bool:
+def kvm_usable(cpuinfo: str = "/proc/cpuinfo", kvm: str = "/dev/kvm") -> bool:
     """KVM only where the CPU advertises vmx/svm (nested KVM without it is slower than TCG)."""
     if os.environ.get("CBSD_ACCEL") in ("tcg", "kvm"):
         return os.environ["CBSD_ACCEL"] == "kvm"
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
             flags = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         return False
     if not re.search(r"\b(vmx|svm)\b", flags):
         return False
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
+        fd = os.open(kvm, os.O_RDWR)
     except OSError:
         return False
     os.close(fd)
@@ -90,19 +90,34 @@ def _read_cache(cache: Path | None, key: str) -> dict[str, Any] | None:
 
 
 def _ask_qemu(qemu: str) -> dict[str, Any]:
+    from cbsd import debug
+
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
-    if not m:
-        raise QemuError(f"cannot tell the version of {qemu}: {out.strip()[:80]!r}")
-    machines = []
     help_text = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
                                check=False).stdout
-    for line in help_text.splitlines()[1:]:
+    if debug.ON:
+        debug.log("proc", f"{qemu} --version, -machine help: probed")
+    version = parse_version(out)
+    if version is None:
+        raise QemuError(f"cannot tell the version of {qemu}: {out.strip()[:80]!r}")
+    return {"version": version, "machines": parse_machines(help_text)}
+
+
+def parse_version(text: str) -> str | None:
+    """`qemu-system-x86_64 --version` -> '7.2.22' (pure; tested on recorded outputs)."""
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
+
+
+def parse_machines(text: str) -> list[tuple[str, str | None]]:
+    """`-machine help` -> [(name, alias_of or None)] (pure; tested on recorded outputs)."""
+    machines = []
+    for line in text.splitlines()[1:]:
         name = line.split(" ", 1)[0]
         alias = re.search(r"\(alias of (\S+)\)", line)
         if name:
             machines.append((name, alias.group(1) if alias else None))
-    return {"version": m.group(1), "machines": machines}
+    return machines
 
 
 def machine_known(host: Host, machine: str) -> bool:

@@ -12,7 +12,11 @@ from cbsd.qemu.host import qemu_img_path
 
 
 def _run(*args: str) -> str:
+    from cbsd import debug
+
     res = subprocess.run([qemu_img_path(), *args], capture_output=True, text=True, check=False)
+    if debug.ON:
+        debug.log("proc", f"qemu-img {' '.join(args)} -> exit {res.returncode}")
     if res.returncode != 0:
         msg = (res.stderr.strip().splitlines() or ["failed"])[-1]
         raise QemuError(f"qemu-img {args[0]}: {msg.removeprefix('qemu-img: ')}")

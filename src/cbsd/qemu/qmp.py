@@ -23,11 +23,12 @@ import time
 from _socket import AF_UNIX, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as _socket
 
-from cbsd import cancel
-from cbsd.errors import QemuError
+from cbsd import cancel, debug
+from cbsd.errors import MigrationFailed, QemuError, QmpCommandError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any
 
@@ -46,14 +47,16 @@ class _JSONContext:
     parse_constant = float  # 'NaN', 'Infinity', '-Infinity': float() reads all three
 
 
-def _json_loads() -> Any:
+def _json_loads() -> Callable[[bytes], Any]:
     try:
         from _json import make_scanner
     except ImportError:  # a Python without the C accelerator: the real thing
-        from json import loads
+        import json
 
-        return loads
-    scan = make_scanner(_JSONContext())
+        return json.loads
+    # The C scanner reads only these attributes of the decoder it is given (typeshed types
+    # the argument as the scanner class itself).
+    scan = make_scanner(_JSONContext())  # type: ignore[arg-type]
 
     def loads(line: bytes) -> Any:
         text = line.decode()
@@ -84,6 +87,12 @@ class _Lost(Exception):
     """The socket closed or broke, or what came back was not QMP."""
 
 
+def _redacted(req: dict[str, Any]) -> dict[str, Any]:
+    if req.get("execute") == "set_password":
+        return {**req, "arguments": {**req.get("arguments", {}), "password": "***"}}
+    return req
+
+
 def _why(e: Exception) -> str:
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
@@ -91,19 +100,21 @@ def _why(e: Exception) -> str:
 class Monitor:
     """One QMP session to one VM. Every failure becomes a QemuError naming the command."""
 
-    def __init__(self, path: str | Path, jname: str, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | Path, jname: str, timeout: float = 30.0,
+                 connect_timeout: float = 10.0) -> None:
         self.jname = jname
-        self.timeout = timeout
+        self.timeout = connect_timeout  # for the greeting and the negotiation
         self.closed = False
         self._next_id = 0
         self._buf = bytearray()
         self._sock = _socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
         try:
-            self._sock.settimeout(10.0)
+            self._sock.settimeout(connect_timeout)
             self._sock.connect(str(path))
             if "QMP" not in self._read():
                 raise _Lost("no QMP greeting")
             self._exchange("qmp_capabilities", None)
+            self.timeout = timeout
         except (OSError, _Lost) as e:
             self.close()
             reason = "it did not answer in time" if isinstance(e, TimeoutError) else _why(e)
@@ -133,6 +144,8 @@ class Monitor:
         if args:
             req["arguments"] = args
         data = _encode(req)
+        if debug.ON:
+            debug.log("qmp", f"{self.jname} --> {_redacted(req)}" + (" +fd" if fd else ""))
         self._sock.settimeout(self.timeout)
         if fd is None:
             self._sock.sendall(data)
@@ -144,12 +157,16 @@ class Monitor:
                 self._sock.sendall(data[sent:])
         while True:
             msg = self._read()
+            if debug.ON:
+                debug.log("qmp", f"{self.jname} <-- {msg}")
             if msg.get("id") != self._next_id:
                 continue  # an event, or (never expected) a stale reply
             if "error" in msg:
                 err = msg["error"]
-                raise QemuError(f"{self.jname}: QEMU refused {command}: "
-                                f"{err.get('desc', err) if isinstance(err, dict) else err}")
+                if not isinstance(err, dict):
+                    err = {"desc": str(err)}
+                raise QmpCommandError(self.jname, command, str(err.get("class", "")),
+                                      str(err.get("desc", err)))
             if "return" not in msg:
                 raise _Lost(f"a reply to {command} without a result")
             return msg["return"]
@@ -188,8 +205,7 @@ class Monitor:
             if state == "completed":
                 return dict(info)
             if state in ("failed", "cancelled"):
-                raise QemuError(f"{self.jname}: saving/loading the state failed: "
-                                f"{info.get('error-desc', state)}")
+                raise MigrationFailed(self.jname, str(state), str(info.get("error-desc", "")))
             if progress is not None and "ram" in info:
                 progress(info["ram"])
             cancel.check()

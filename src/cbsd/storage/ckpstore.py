@@ -16,17 +16,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cbsd.errors import CheckpointError
 from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
+from cbsd.storage.manifest import FORMAT, MEMORY, Manifest
 from cbsd.storage.paths import HIBERNATION_DIR
 
-FORMAT = 1
-MEMORY = "memory"
 MANIFEST = "manifest.json"
 SUFFIX = ".ckp"
 CHUNK = 8 << 20
@@ -63,29 +61,10 @@ def _seal(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "manifest_checksum": xxhash.xxh3_128_hexdigest(canon)}
 
 
-@dataclass
-class Manifest:
-    data: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.data["name"])
-
-    @property
-    def created(self) -> str:
-        return str(self.data["created"])
-
-    @property
-    def disk_snapshots(self) -> list[dict[str, str]]:
-        return list(self.data["disk_snapshots"])
-
-    @property
-    def memory_size(self) -> int:
-        return int(self.data["files"][MEMORY]["size"])
-
-    def save(self, ckdir: Path) -> None:
-        body = {k: v for k, v in self.data.items() if k != "manifest_checksum"}
-        write_atomic(ckdir / MANIFEST, json.dumps(_seal(body), indent=1, sort_keys=True).encode())
+def save_manifest(manifest: Manifest, ckdir: Path) -> None:
+    """Write *manifest* sealed with its own checksum into *ckdir* (atomically)."""
+    write_atomic(ckdir / MANIFEST,
+                 json.dumps(_seal(manifest.to_json()), indent=1, sort_keys=True).encode())
 
 
 def describe(ckdir: Path) -> str:
@@ -108,30 +87,32 @@ def read_manifest(ckdir: Path) -> Manifest:
     if data.get("manifest_checksum") != sealed["manifest_checksum"]:
         raise CheckpointError(f"{name} is damaged: its manifest was altered "
                               "(checksum mismatch)")
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"{name} has format {data.get('format')}, "
-                              f"this cbsd reads format {FORMAT}")
-    return Manifest(data)
+    try:
+        return Manifest.from_json(data)
+    except ValueError as e:
+        raise CheckpointError(f"{name} cannot be read: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{name} is damaged: its manifest lacks {e}") from None
 
 
 def check_files(ckdir: Path, manifest: Manifest) -> None:
     """Every file the manifest lists is there with its size (cheap: no data is read)."""
     what = describe(ckdir)
-    for fname, meta in manifest.data["files"].items():
+    for fname, meta in manifest.files.items():
         path = ckdir / fname
         if not path.is_file() or path.is_symlink():
             raise CheckpointError(f"{what} is damaged: {fname} is missing")
         size = path.stat().st_size
-        if size != meta["size"]:
+        if size != meta.size:
             raise CheckpointError(f"{what} is damaged: {fname} has {size} "
-                                  f"bytes, expected {meta['size']} (truncated?)")
+                                  f"bytes, expected {meta.size} (truncated?)")
 
 
 def verify_checksums(ckdir: Path, manifest: Manifest) -> None:
     """Every file's content matches the manifest's checksum (reads all of it)."""
-    for fname, meta in manifest.data["files"].items():
+    for fname, meta in manifest.files.items():
         size, digest = digest_file(ckdir / fname)
-        if size != meta["size"] or digest != meta["xxh3_128"]:
+        if size != meta.size or digest != meta.xxh3_128:
             raise CheckpointError(f"{describe(ckdir)} is damaged: {fname} checksum mismatch")
 
 
@@ -140,7 +121,7 @@ def verify_files(ckdir: Path, manifest: Manifest) -> None:
     verify_checksums(ckdir, manifest)
 
 
-def is_complete(ckdir: Path) -> bool:
+def has_manifest(ckdir: Path) -> bool:
     """Cheap presence test (for status): a published state with a manifest."""
     return (ckdir / MANIFEST).is_file()
 
@@ -172,11 +153,10 @@ def list_states(directory: Path) -> list[tuple[Path, Manifest | None]]:
             continue
         p = Path(e.path)
         try:
-            m: Manifest | None = read_manifest(p)
-            key = float(m.data.get("created_ts", 0)) if m else 0.0
+            manifest = read_manifest(p)
+            out.append((manifest.created_ts, e.name, p, manifest))
         except CheckpointError:
-            m, key = None, e.stat(follow_symlinks=False).st_mtime
-        out.append((key, e.name, p, m))
+            out.append((e.stat(follow_symlinks=False).st_mtime, e.name, p, None))
     out.sort(key=lambda t: (t[0], t[1]))
     return [(p, m) for _, _, p, m in out]
 
@@ -219,7 +199,7 @@ def leftovers(directory: Path) -> tuple[list[Path], list[Path]]:
     return tmps, olds
 
 
-def recover(directory: Path) -> list[Path]:
+def settle(directory: Path) -> list[Path]:
     """Finish or undo an interrupted publish; returns the directories that must be deleted
     (after their disk snapshots are released by the caller)."""
     tmps, olds = leftovers(directory)
@@ -247,18 +227,20 @@ def now_iso() -> tuple[str, float]:
 
 
 __all__ = [
+    "FORMAT",
     "MEMORY",
     "Manifest",
     "digest_file",
-    "is_complete",
+    "has_manifest",
     "list_states",
     "new_tmpdir",
     "now_iso",
     "publish",
     "read_manifest",
-    "recover",
     "remove_tree",
     "retire",
+    "save_manifest",
+    "settle",
     "state_name",
     "verify_files",
 ]

@@ -1,7 +1,13 @@
 """The VM inventory: one SQLite file (WAL, busy timeout), schema versioned by user_version.
 
 Only definitions and a little runtime bookkeeping live here (the QEMU pid and VNC port of the
-last start); a VM's status is always derived from the live system, never read from this file.
+last start, a hint: core/vm.py); a VM's status is always derived from the live system, never
+read from this file. Each VM's definition is also kept beside its files (vm.json), so a lost
+or damaged inventory can be rebuilt: `cbsd bregister jname='*'` (docs/reliability.md).
+
+Every SQLite error becomes an EnvironmentFault naming the file and what to do. A read-only
+inventory (readonly=True) never writes: it reads a missing file as empty, and a file on a
+read-only filesystem through SQLite's read-only and immutable modes.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cbsd.core.model import VMSpec
-from cbsd.errors import CbsdError, StateError
+from cbsd.errors import EnvironmentFault, StateError
 
 SCHEMA_VERSION = 1
 
@@ -33,83 +40,170 @@ _MIGRATIONS: list[str] = [
 
 
 class Inventory:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
+        self._cannot_write = f"inventory {path} is open read-only"
+        self._db: sqlite3.Connection | None = None
+        with self._errors():
+            if readonly:
+                self._db = _open_readonly(path)
+                if self._db is not None and self._version() != SCHEMA_VERSION:
+                    if self._version() == 0:
+                        self._db = None  # created but never set up: no VMs
+                    else:
+                        self._check_version(self._version())
+            else:
+                try:
+                    self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+                    self._db.execute("PRAGMA busy_timeout = 30000")
+                    self._migrate()
+                except sqlite3.OperationalError as e:
+                    # A full disk: SQLite cannot even write its WAL index. Reads still work
+                    # through the read-only modes, and every write says why it cannot.
+                    self._db = _open_readonly(path) if path.exists() else None
+                    if self._db is None:
+                        raise
+                    self.readonly = True
+                    self._cannot_write = _explain(path, e)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
         try:
-            self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            yield
+        except sqlite3.IntegrityError:
+            raise
         except sqlite3.Error as e:
-            raise CbsdError(f"cannot open inventory {path}: {e}") from e
-        self._db.execute("PRAGMA busy_timeout = 30000")
-        self._migrate()
+            raise EnvironmentFault(_explain(self.path, e)) from e
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+
+    def _version(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise EnvironmentFault(
+                f"inventory {self.path} has schema {version}, newer than this cbsd knows "
+                f"({SCHEMA_VERSION}): upgrade cbsd")
 
     def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        assert self._db is not None
+        version = self._version()
         if version == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise CbsdError(
-                f"inventory {self.path} has schema {version}, newer than this cbsd knows "
-                f"({SCHEMA_VERSION}): upgrade cbsd"
-            )
+        self._check_version(version)
         self._db.execute("PRAGMA journal_mode = WAL")
         with self._tx():
             # Re-read under the write lock: another process may have migrated meanwhile.
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(version, SCHEMA_VERSION):
+            for step in range(self._version(), SCHEMA_VERSION):
                 for stmt in filter(str.strip, _MIGRATIONS[step].split(";")):
                     self._db.execute(stmt)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self._db is None or self.readonly:
+            raise EnvironmentFault(self._cannot_write)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
+    def _rows(self, sql: str, *params: Any) -> list[Any]:
+        if self._db is None:
+            return []
+        with self._errors():
+            return list(self._db.execute(sql, params))
+
+    def _write(self, sql: str, *params: Any) -> None:
+        with self._errors(), self._tx() as db:
+            db.execute(sql, params)
+
     def add(self, spec: VMSpec) -> None:
         try:
-            with self._tx():
-                self._db.execute(
-                    "INSERT INTO vm (jname, spec, created) VALUES (?, ?, ?)",
-                    (spec.jname, json.dumps(spec.to_dict()), time.time()),
-                )
+            self._write("INSERT INTO vm (jname, spec, created) VALUES (?, ?, ?)",
+                        spec.jname, json.dumps(spec.to_dict()), time.time())
         except sqlite3.IntegrityError:
             raise StateError(f"VM already exist: {spec.jname}") from None
 
     def update_spec(self, spec: VMSpec) -> None:
-        with self._tx():
-            self._db.execute(
-                "UPDATE vm SET spec = ? WHERE jname = ?", (json.dumps(spec.to_dict()), spec.jname)
-            )
+        self._write("UPDATE vm SET spec = ? WHERE jname = ?", json.dumps(spec.to_dict()),
+                    spec.jname)
 
     def remove(self, jname: str) -> None:
-        with self._tx():
-            self._db.execute("DELETE FROM vm WHERE jname = ?", (jname,))
+        self._write("DELETE FROM vm WHERE jname = ?", jname)
 
     def names(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT jname FROM vm ORDER BY jname")]
+        return [r[0] for r in self._rows("SELECT jname FROM vm ORDER BY jname")]
 
     def get(self, jname: str) -> VMSpec | None:
-        row = self._db.execute("SELECT spec FROM vm WHERE jname = ?", (jname,)).fetchone()
-        return VMSpec.from_dict(json.loads(row[0])) if row else None
+        rows = self._rows("SELECT spec FROM vm WHERE jname = ?", jname)
+        return self._spec(jname, rows[0][0]) if rows else None
 
     def all(self) -> list[tuple[VMSpec, int, int]]:
-        rows = self._db.execute("SELECT spec, pid, vnc_port FROM vm ORDER BY jname")
-        return [(VMSpec.from_dict(json.loads(s)), pid, port) for s, pid, port in rows]
+        rows = self._rows("SELECT jname, spec, pid, vnc_port FROM vm ORDER BY jname")
+        return [(self._spec(j, s), pid, port) for j, s, pid, port in rows]
+
+    def _spec(self, jname: str, text: str) -> VMSpec:
+        try:
+            return VMSpec.from_dict(json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise EnvironmentFault(f"inventory {self.path}: the entry of {jname} is damaged "
+                                   f"({e}); see docs/reliability.md, 'Rebuilding the "
+                                   "inventory'") from e
 
     def runtime(self, jname: str) -> tuple[int, int]:
-        row = self._db.execute("SELECT pid, vnc_port FROM vm WHERE jname = ?", (jname,)).fetchone()
-        return (row[0], row[1]) if row else (0, 0)
+        rows = self._rows("SELECT pid, vnc_port FROM vm WHERE jname = ?", jname)
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
     def set_runtime(self, jname: str, pid: int, vnc_port: int = 0) -> None:
-        with self._tx():
-            self._db.execute(
-                "UPDATE vm SET pid = ?, vnc_port = ? WHERE jname = ?", (pid, vnc_port, jname)
-            )
+        """Raises sqlite3.OperationalError (or EnvironmentFault, read-only) as they are: the pid
+        is only a hint, and the caller decides whether not recording it matters."""
+        with self._tx() as db:
+            db.execute("UPDATE vm SET pid = ?, vnc_port = ? WHERE jname = ?",
+                       (pid, vnc_port, jname))
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection | None:
+    """Read without writing: normally; on a read-only filesystem (SQLite cannot create the WAL
+    index there) through mode=ro, then immutable=1, which is sound because nothing can write
+    that file either."""
+    if not path.exists():
+        return None
+    for query in ("", "?mode=ro", "?immutable=1"):
+        try:
+            db = (sqlite3.connect(path, timeout=30.0, isolation_level=None) if not query
+                  else sqlite3.connect(f"file:{path}{query}", uri=True, isolation_level=None))
+            db.execute("PRAGMA user_version").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            continue  # cannot open this way here: try the next
+    return sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+
+
+def _full(path: Path) -> bool:
+    import os
+
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _explain(path: Path, e: sqlite3.Error) -> str:
+    text = str(e)
+    if "not a database" in text or "malformed" in text:
+        return (f"inventory {path} is damaged ({text}): move it aside, then "
+                "'cbsd bregister jname=*' rebuilds it from the VMs' files")
+    if "disk is full" in text or _full(path):
+        return f"inventory {path}: no space left on device"
+    if "readonly" in text or "read-only" in text:
+        return f"inventory {path} cannot be written ({text})"
+    return f"inventory {path}: {text}"

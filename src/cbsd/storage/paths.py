@@ -67,12 +67,37 @@ class Workdir:
     def hibernation(self, jname: str) -> Path:
         return self.system(jname) / HIBERNATION_DIR
 
+    def spec_file(self, jname: str) -> Path:
+        """The VM's definition beside its files: the inventory can be rebuilt from these."""
+        return self.system(jname) / "vm.json"
+
+    def unfinished(self, jname: str) -> Path:
+        """Present while a bcreate or bremove of the VM is under way: the files beside it are
+        cbsd's own to delete. Without it, cbsd never deletes files of a VM it has no record
+        of (they may be a whole VM whose inventory entry was lost)."""
+        return self.system(jname) / ".unfinished"
+
     def ensure(self) -> None:
-        """Create the top of the tree, owner-only: it will hold guest memory."""
+        """Create the top of the tree, owner-only (it will hold guest memory). Folders that
+        exist keep their mode: the workdir may be a folder cbsd did not create."""
+        from cbsd.errors import EnvironmentFault
+
         for d in (self.root, self.inventory.parent, self.locks, self.root / "jails-system",
                   self.root / "vm"):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except FileExistsError:
+                pass  # not a folder: said below
+            except OSError as e:
+                raise EnvironmentFault(
+                    f"cbsd: cannot use workdir {self.root}: {d} cannot be created "
+                    f"({e.strerror or e}); set CBSD_WORKDIR to a folder you can write") from e
+            if not d.is_dir():
+                raise EnvironmentFault(f"cbsd: cannot use workdir {self.root}: {d} is not a "
+                                       "folder; set CBSD_WORKDIR to a folder you can write")
+        if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+            raise EnvironmentFault(f"cbsd: workdir {self.root} is on a read-only file system: "
+                                   "only bls and bcheckpoint mode=list|verify work there")
 
     def ensure_vm(self, jname: str) -> None:
         for d in (self.system(jname), self.checkpoints(jname), self.vm_dir(jname)):

@@ -1,0 +1,219 @@
+"""Loading a saved state into a stopped VM: restore a checkpoint, resume a hibernation.
+
+Everything that can be checked is checked before QEMU is launched (manifest seal,
+compatibility with this VM and host, file sizes, disk snapshots); the memory file's checksum
+is verified on a second thread while QEMU starts. Disks are reverted only once it matched:
+QEMU waiting for an incoming migration holds its disks inactive (no lock, nothing written,
+metadata re-read when they are activated at the end of the load), so a damaged state still
+leaves the disks untouched. QEMU starts with ``-incoming defer -S``; the guest runs only once
+the load completed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cbsd import cancel
+from cbsd.core.recovery import state_tags
+from cbsd.core.vm import VM
+from cbsd.errors import Cancelled, CheckpointError, QemuError
+from cbsd.failpoints import failpoint
+from cbsd.qemu import img
+from cbsd.qemu.host import machine_known
+from cbsd.qemu.qmp import Monitor, open_fd_for
+from cbsd.qemu.runstate import MigrationStatus, RunState
+from cbsd.storage import ckpstore
+
+
+def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
+    """Everything that can be checked without launching QEMU or reading the files' data (their
+    checksums are _Verifier's, on a second thread). CheckpointError if any fails."""
+    if not ckdir.is_dir() or ckdir.is_symlink():
+        raise CheckpointError(f"{vm.jname}: no checkpoint {ckpstore.state_name(ckdir)}")
+    m = ckpstore.read_manifest(ckdir)
+    host = vm.ctx.host
+    why = incompatibility(m, vm.spec.restore_relevant(), host.accel, host.version,
+                          lambda machine: machine_known(host, machine))
+    if why:
+        raise CheckpointError(f"{vm.jname}: {ckpstore.describe(ckdir)} {why}")
+    try:
+        check_intact(ckdir, m, disk_snapshots(vm), checksums=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{vm.jname}: {e}") from None
+    return m
+
+
+def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: str,
+                    version: str, machine_known: Callable[[str], bool]) -> str | None:
+    """Why a saved state cannot be loaded into this VM on this host, or None (pure)."""
+    saved = m.restore_relevant
+    diffs = [f"{k} was {saved.get(k)!r}, now {v!r}" for k, v in relevant.items()
+             if saved.get(k) != v]
+    if diffs:
+        return "is incompatible with the VM's configuration now: " + "; ".join(diffs)
+    if m.accel != accel:
+        return f"was taken under {m.accel}, this host runs {accel}: cannot restore"
+    if _version(m.qemu_version)[:2] > _version(version)[:2]:
+        return (f"was saved by QEMU {m.qemu_version}, newer than this host's {version}: "
+                "cannot restore")
+    if not machine_known(m.machine):
+        return f"needs machine type {m.machine}, which this QEMU {version} does not provide"
+    return None
+
+
+def disk_snapshots(vm: VM) -> dict[str, set[str]]:
+    """The internal snapshots each of the VM's disks holds now (one qemu-img call per disk)."""
+    return {name: set(img.snapshots(Path(path))) if Path(path).exists() else set()
+            for name, path in zip(vm.spec.disks, vm.paths.disks, strict=True)}
+
+
+def check_intact(ckdir: Path, m: ckpstore.Manifest, present: dict[str, set[str]],
+                 checksums: bool = True) -> None:
+    """A saved state's own integrity: every disk snapshot it names is still in *present*
+    (from disk_snapshots), every file matches its size (and checksum)."""
+    for s in m.disk_snapshots:
+        if s.tag not in present.get(s.disk, set()):
+            raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: disk snapshot "
+                                  f"{s.tag} is missing from {s.disk}")
+    (ckpstore.verify_files if checksums else ckpstore.check_files)(ckdir, m)
+
+
+class _Verifier(threading.Thread):
+    """Checksums a saved state's files on a second thread (the host's other core) while the
+    rest is checked and QEMU starts. Its verdict counts only once check_restorable passed (it
+    reads the manifest on its own). A plain thread: concurrent.futures imports logging."""
+
+    def __init__(self, vm: VM, ckdir: Path) -> None:
+        super().__init__(daemon=True, name="cbsd-verify")
+        self._vm, self._ckdir = vm, ckdir
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir))
+        except CheckpointError as e:
+            self._error = CheckpointError(f"{self._vm.jname}: {e}")
+        except BaseException as e:  # handed to the main thread, which raises it
+            self._error = e
+
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def load(vm: VM, ckdir: Path, *, paused: bool | None,
+         before_run: Callable[[ckpstore.Manifest], None] | None = None) -> bool:
+    """Restore a saved state into a stopped VM. The state itself is left in place.
+
+    paused: leave the VM paused; None: as it was when saved. before_run: called once the
+    state is loaded and before the guest runs (a resume retires its image there). Returns
+    whether the VM was left paused."""
+    checksums = _Verifier(vm, ckdir)
+    try:
+        m = check_restorable(vm, ckdir)
+        mon = vm.launch(incoming=True)
+    finally:
+        checksums.join()  # never leave a thread reading the files behind us
+    if paused is None:
+        paused = not m.was_running
+    try:
+        failpoint("load:launched")
+        checksums.result()
+        failpoint("load:verified")
+        for disk_index, tag in state_tags(vm, m):
+            img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
+        failpoint("load:reverted")
+        fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
+        try:
+            mon.send_fd(fd, "cbsd-load")
+            mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+            _wait_incoming(vm, mon, fd, m.memory_size)
+        finally:
+            os.close(fd)
+        failpoint("load:loaded")
+        if before_run is not None:
+            before_run(m)
+        if not paused:
+            mon.cmd("cont")
+        expected = RunState.PAUSED if paused else RunState.RUNNING
+        if (state := mon.status()) != expected:
+            raise QemuError(f"{vm.jname}: after loading the state QEMU reports '{state}', "
+                            f"expected '{expected}'")
+    except BaseException as e:
+        died = not vm.alive()
+        reason = _qemu_log_tail(vm)
+        vm.kill()
+        what = ckpstore.describe(ckdir)
+        if died and not isinstance(e, KeyboardInterrupt | Cancelled):
+            raise QemuError(f"{vm.jname}: QEMU exited while loading the {what}"
+                            f"{': ' + reason if reason else ''}; the VM is Off") from e
+        if isinstance(e, QemuError) and reason:
+            raise QemuError(f"{vm.jname}: loading the {what} failed: {reason}") from e
+        raise
+    return paused
+
+
+# Following the load through the file offset: QEMU reads its first bytes within milliseconds
+# of migrate-incoming; if the offset shows nothing for FOLLOW_START (a QEMU that reads with
+# pread) or stops moving for FOLLOW_STALL (stuck), ask QMP instead, which answers between
+# stretches of the load (or times out).
+FOLLOW_START = 1.0
+FOLLOW_STALL = 30.0
+
+
+def _wait_incoming(vm: VM, mon: Monitor, fd: int, size: int) -> None:
+    """Until QEMU has loaded the state. While it loads, QEMU answers QMP only now and then
+    (the load runs in its main loop, and reading a file never makes it wait; see
+    docs/reliability.md for what was measured), so a QMP query can outlast any timeout, and
+    polling would compete with the load. Instead follow the load through the file offset,
+    which QEMU's copy of *fd* shares with ours, and ask QMP only once QEMU has read
+    everything. A `cont` must wait for that too: one sent during the load is lost."""
+    exited = f"{vm.jname}: QEMU exited while loading the state"
+    delay, last = 0.002, 0
+    moved = time.monotonic()
+    while (pos := os.lseek(fd, 0, os.SEEK_CUR)) < size:
+        if not vm.alive():
+            raise QemuError(exited)
+        if pos != last:
+            last, moved = pos, time.monotonic()
+        elif time.monotonic() - moved > (FOLLOW_STALL if last else FOLLOW_START):
+            break
+        cancel.check()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+    while True:
+        try:
+            state = mon.status()
+        except QemuError:
+            if not vm.alive():
+                raise QemuError(exited) from None
+            raise
+        if state != RunState.INMIGRATE:
+            break
+        cancel.check()
+        time.sleep(0.002)
+    info = mon.cmd("query-migrate")
+    if info.get("status") not in (None, MigrationStatus.COMPLETED):
+        raise QemuError(f"{vm.jname}: loading the state failed: "
+                        f"{info.get('error-desc', info.get('status'))}")
+
+
+def _qemu_log_tail(vm: VM) -> str:
+    try:
+        lines = Path(vm.paths.qemu_log).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-20:]):
+        if "migration" in line.lower() or "error" in line.lower() or "mismatch" in line.lower():
+            return line.split(": ", 1)[-1].strip()
+    return ""

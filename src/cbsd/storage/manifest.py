@@ -1,0 +1,94 @@
+"""The manifest of a saved state: one typed owner of its schema, versioned, upgraded on read.
+
+Format history (never edit a released step; add one):
+  1  the first format (2026-11).
+  2  adds `parent`: the checkpoint the VM was last restored from or taken after (None if
+     unknown; every format-1 state reads as parentless).
+
+A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
+is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
+on read the same way). A state written by a newer cbsd is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT = 2
+MEMORY = "memory"
+
+
+@dataclass(frozen=True)
+class DiskSnapshot:
+    disk: str  # the disk's file name under vm/<jname>/
+    tag: str  # the qcow2 internal snapshot's name
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    xxh3_128: str
+
+
+@dataclass
+class Manifest:
+    kind: str  # "checkpoint" or "hibernation"
+    name: str
+    jname: str
+    created: str  # ISO 8601, UTC
+    created_ts: float
+    qemu_version: str
+    accel: str
+    machine: str
+    spec: dict[str, Any]  # VMSpec.to_dict() at save time
+    restore_relevant: dict[str, Any]  # VMSpec.restore_relevant() at save time
+    argv: list[str]
+    was_running: bool
+    live: bool
+    disk_snapshots: list[DiskSnapshot]
+    files: dict[str, FileEntry]
+    migration: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+
+    @property
+    def memory_size(self) -> int:
+        return self.files[MEMORY].size
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """A stored manifest (any known format) -> the current one. ValueError if it is from
+        a newer cbsd, KeyError/TypeError if a field is missing or malformed."""
+        data = upgrade(data)
+        body = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        body["disk_snapshots"] = [DiskSnapshot(str(s["disk"]), str(s["tag"]))
+                                  for s in data["disk_snapshots"]]
+        body["files"] = {str(k): FileEntry(int(v["size"]), str(v["xxh3_128"]))
+                         for k, v in data["files"].items()}
+        return cls(**body)
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "parent": None}
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    version = data.get("format")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"unknown manifest format {version!r}")
+    if version > FORMAT:
+        raise ValueError(f"manifest format {version} is newer than this cbsd reads "
+                         f"({FORMAT}): upgrade cbsd")
+    while version < FORMAT:
+        data = _UPGRADES[version](data)
+        version += 1
+        data["format"] = version
+    return data
