@@ -29,6 +29,15 @@ class Result:
         assert self.code == 0, f"exit {self.code}\nstdout: {self.out}\nstderr: {self.err}"
         return self
 
+    def fails(self, code: int, grep: str) -> Result:
+        """Failed with exit *code* and one line on stderr that says *grep* (as virtinst's
+        add_invalid: a failure case must say why it failed, so it cannot pass for the
+        wrong reason)."""
+        assert self.code == code, f"exit {self.code}\nstdout: {self.out}\nstderr: {self.err}"
+        assert grep in self.err, f"{grep!r} not in: {self.err}"
+        assert self.err.count("\n") == 1 and "Traceback" not in self.err, self.err
+        return self
+
 
 class Cbsd:
     """Runs `python -m cbsd ...` in a subprocess with CBSD_WORKDIR set: the real CLI."""
@@ -176,18 +185,13 @@ def cbsd(tmp_path: Path) -> Iterator[Cbsd]:
 
 
 def _kill_vms(wd: Path) -> None:
-    """Whatever a test did, no QEMU outlives it."""
-    db = wd / "var" / "db" / "local.sqlite"
-    if not db.exists():
-        return
-    import sqlite3
-
-    with sqlite3.connect(db) as con:
-        pids = [r[0] for r in con.execute("SELECT pid FROM vm WHERE pid > 0")]
-    for pid in pids:
-        if str(wd).encode() in proc_cmdline(pid):
+    """Whatever a test did, no QEMU outlives it: every QEMU whose command line names this
+    test's workdir (whether or not the inventory recorded it)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and b"qemu-system" in (cmd := proc_cmdline(int(entry))) \
+                and str(wd).encode() in cmd:
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(int(entry), signal.SIGKILL)
 
 
 @pytest.fixture

@@ -131,11 +131,11 @@ def test_kill9_during_restore(cbsd: Cbsd, running_counter: str, point: str) -> N
         cbsd("bpause", "vm1", "mode=off").ok()
         assert_guest_fine(cbsd, "vm1")
     else:
-        # The next command ends a QEMU that never got its state; the VM is cleanly off.
-        cbsd("bcheckpoint", "mode=destroyall", "jname=vm1", "name=c")  # wrong key: exit 2
+        # Nothing was lost: the checkpoint verifies (verify takes no lock: nothing recovered).
         r = cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
         assert "checkpoint c: OK" in r.out
-        r = cbsd("bstop", "vm1", "noacpi=1")
+        # The next locked command ends the QEMU that never got its state: cleanly off.
+        assert cbsd("bstop", "vm1", "noacpi=1").ok().out.strip() == "vm1: powered off"
         assert cbsd.status("vm1") == "Off"
         assert qemu_processes(cbsd.workdir) == []
     restore_is_sound(cbsd, "vm1", "c")
@@ -181,7 +181,8 @@ def test_qemu_dies_during_create(cbsd: Cbsd, running_counter: str) -> None:
     assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
     cbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
     assert hidden_leftovers(cbsd, "vm1") == []
-    assert disk_tags(cbsd, "vm1") == [t for t in disk_tags(cbsd, "vm1") if t.startswith("cbsd-c-")]
+    tags = disk_tags(cbsd, "vm1")
+    assert len(tags) == 1 and tags[0].startswith("cbsd-c-"), tags
     restore_is_sound(cbsd, "vm1", "c")
 
 
@@ -377,19 +378,12 @@ def test_symlink_in_checkpoint_dir_is_never_followed(cbsd: Cbsd, running_counter
     cbsd("bstop", "vm1", "noacpi=1").ok()
     r = cbsd("bstart", "vm1", "checkpoint=evil")
     assert r.code == 1 and "no checkpoint evil" in r.err
-    cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=evil")
-    cbsd("bcheckpoint", "mode=destroyall", "jname=vm1").ok()
+    cbsd("bcheckpoint", "mode=destroy", "jname=vm1", "name=evil").fails(1, "no checkpoint evil")
+    assert link.is_symlink(), "a link is not a checkpoint to destroy"
+    r = cbsd("bcheckpoint", "mode=destroyall", "jname=vm1").ok()
+    assert r.out.strip() == "vm1: 0 checkpoint(s) destroyed"
     assert (outside / "precious").read_text() == "keep me", "nothing outside was touched"
     assert qemu_processes(cbsd.workdir) == []
-
-
-def test_no_shell_anywhere() -> None:
-    """User input never reaches a shell: no shell=True, os.system or os.popen in cbsd."""
-    src = Path(__file__).resolve().parents[2] / "src" / "cbsd"
-    for py in src.rglob("*.py"):
-        text = py.read_text()
-        for bad in ("shell=True", "os.system(", "os.popen(", "commands.getoutput"):
-            assert bad not in text, f"{py}: {bad}"
 
 
 def test_sigterm_cancels_parallel_hibernation(cbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]

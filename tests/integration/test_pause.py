@@ -71,7 +71,7 @@ def test_a_lock_left_by_a_dead_command_sends_bpause_the_full_way(
     lock.write_text("999999 bcheckpoint create\n")  # its holder was kill -9'd mid-command
     r, mods = launched(cbsd, "bpause", "vm1", "mode=on")
     assert r.ok().out == "vm1: paused\n"
-    assert "cbsd.core.savestate" in mods, "the full command runs recovery first"
+    assert "cbsd.core.recovery" in mods, "the full command runs recovery first"
     assert lock.read_text() == ""
     assert cbsd.status("vm1") == "Paused"
 

@@ -10,17 +10,25 @@ import pytest
 
 from cbsd.errors import CheckpointError
 from cbsd.storage import ckpstore
+from cbsd.storage.manifest import FileEntry, Manifest
 
 
-def make_state(directory: Path, name: str, payload: bytes = b"x" * 100_000) -> Path:
+def manifest_for(name: str, size: int, digest: str, created_ts: float | None = None) -> Manifest:
+    created, ts = ckpstore.now_iso()
+    return Manifest(kind="checkpoint", name=name, jname="vm1", created=created,
+                    created_ts=ts if created_ts is None else created_ts, qemu_version="7.2.0",
+                    accel="tcg", machine="pc-i440fx-7.2", spec={"ram": 32 << 20},
+                    restore_relevant={}, argv=[], was_running=True, live=False,
+                    disk_snapshots=[], files={"memory": FileEntry(size, digest)})
+
+
+def make_state(directory: Path, name: str, payload: bytes = b"x" * 100_000,
+               created_ts: float | None = None) -> Path:
     final = directory / f"{name}.ckp"
     tmp = ckpstore.new_tmpdir(final)
     (tmp / "memory").write_bytes(payload)
     size, digest = ckpstore.digest_file(tmp / "memory")
-    created, ts = ckpstore.now_iso()
-    ckpstore.Manifest({"format": 1, "kind": "checkpoint", "name": name, "created": created,
-                       "created_ts": ts, "disk_snapshots": [],
-                       "files": {"memory": {"size": size, "xxh3_128": digest}}}).save(tmp)
+    ckpstore.save_manifest(manifest_for(name, size, digest, created_ts), tmp)
     old = ckpstore.publish(tmp, final)
     if old:
         ckpstore.remove_tree(old)
@@ -88,7 +96,7 @@ def test_partial_states_are_never_listed_and_are_recovered(tmp_path: Path) -> No
     partial = ckpstore.new_tmpdir(tmp_path / "b.ckp")
     (partial / "memory").write_bytes(b"half")
     assert [p.name for p, _ in ckpstore.list_states(tmp_path)] == ["a.ckp"]
-    doomed = ckpstore.recover(tmp_path)
+    doomed = ckpstore.settle(tmp_path)
     assert doomed == [partial]
 
 
@@ -97,7 +105,7 @@ def test_crash_between_renames_keeps_the_old_state(tmp_path: Path) -> None:
     final = make_state(tmp_path, "a", b"old" * 1000)
     old = final.with_name(".a.ckp.old-1234")
     final.rename(old)  # the state right after the first rename
-    assert ckpstore.recover(tmp_path) == []
+    assert ckpstore.settle(tmp_path) == []
     check(final)
     assert (final / "memory").read_bytes() == b"old" * 1000
 
@@ -112,7 +120,7 @@ def test_replacement_keeps_one_state(tmp_path: Path) -> None:
 
 
 def test_list_is_oldest_first(tmp_path: Path) -> None:
-    for n in ("zeta", "alpha", "mid"):
-        make_state(tmp_path, n)
+    for ts, n in enumerate(("zeta", "alpha", "mid")):
+        make_state(tmp_path, n, created_ts=1e9 + ts)  # distinct times: ties sort by name
     assert [p.name for p, _ in ckpstore.list_states(tmp_path)] == ["zeta.ckp", "alpha.ckp",
                                                                    "mid.ckp"]

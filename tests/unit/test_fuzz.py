@@ -4,7 +4,6 @@ traceback. Runs main() in-process against an empty workdir."""
 from __future__ import annotations
 
 import io
-import os
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -58,9 +57,11 @@ def empty_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         "bsuspend", "nosuch"]), st.lists(word, max_size=5))
 def test_main_fails_cleanly(empty_workdir: Path, command: str, argv: list[str]) -> None:
     """No VM exists, so every call is an error or an empty listing: exit 0 or 2, one line."""
-    os.environ["CBSD_WORKDIR"] = str(empty_workdir)
     out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
+    # Scoped to this call: the umask and signal handlers main() sets are restored by the
+    # autouse fixture in tests/unit/conftest.py.
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
+        mp.setenv("CBSD_WORKDIR", str(empty_workdir))
         code = main([command, *argv])
     assert code in (0, 2), (command, argv, code, err.getvalue())
     if code == 2:

@@ -36,6 +36,48 @@ def test_stale_cache_is_ignored(tmp_path: Path) -> None:
     assert json.loads(cache.read_text())["version"] == h.version
 
 
-def test_tcg_without_vmx_or_svm(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cbsd_accel_overrides_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CBSD_ACCEL", "tcg")
     assert host.kvm_usable() is False
+
+
+@pytest.mark.parametrize(("flags", "kvm_exists", "expected"), [
+    ("fpu vme de pse tsc msr pae mce", True, False),  # no vmx/svm: nested KVM is slower
+    ("fpu vme vmx pse", True, True),
+    ("fpu svm pse", True, True),
+    ("fpu vmxx svmx", True, False),  # whole words only
+    ("fpu vmx pse", False, False),  # no usable /dev/kvm
+])
+def test_kvm_needs_vmx_or_svm_and_a_usable_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  flags: str, kvm_exists: bool,
+                                                  expected: bool) -> None:
+    monkeypatch.delenv("CBSD_ACCEL", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+    kvm = tmp_path / "kvm"
+    if kvm_exists:
+        kvm.write_text("")
+    assert host.kvm_usable(str(cpuinfo), str(kvm)) is expected
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(("release", "version", "pc"), [
+    ("7.2", "7.2.22", "pc-i440fx-7.2"),
+    ("10.0", "10.0.2", "pc-i440fx-10.0"),
+])
+def test_recorded_qemu_outputs_parse(release: str, version: str, pc: str) -> None:
+    """Parsing of what Debian 12's and Debian 13's QEMU print (recorded), without a QEMU."""
+    assert host.parse_version((DATA / f"qemu-{release}-version.txt").read_text()) == version
+    machines = host.parse_machines((DATA / f"qemu-{release}-machine-help.txt").read_text())
+    h = host.Host(qemu="q", qemu_img="i", version=version, accel="tcg", qboot=None,
+                  machines=tuple(machines))
+    assert host.resolve_machine(h, "pc") == pc
+    assert host.resolve_machine(h, "q35").startswith("pc-q35-")
+    assert host.machine_known(h, pc) and host.machine_known(h, "pc-i440fx-7.2")
+    assert not host.machine_known(h, "Supported")
+
+
+def test_unparsable_version() -> None:
+    assert host.parse_version("not qemu at all") is None

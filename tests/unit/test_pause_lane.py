@@ -96,3 +96,33 @@ def test_a_lock_tells_whether_its_last_holder_died(tmp_path: Path) -> None:
     path.write_text("4242 bcheckpoint create\n")  # what a kill -9'd holder leaves
     with VMLock(path, "vm1", "bpause").acquire() as after_crash:
         assert after_crash.died == "4242 bcheckpoint create"
+
+
+def test_the_lanes_run_state_literals_are_qemus() -> None:
+    """The lane compares QEMU's run states as plain strings (importing enum costs it more
+    than its work): they must be RunState's spelling."""
+    from cbsd.core import pause
+    from cbsd.qemu.runstate import RunState
+
+    source = Path(pause.__file__).read_text()
+    lane = source[source.index("def quick("):]
+    assert 'state == "paused"' in lane and '("running" if mode == "on" else "paused")' in lane
+    assert {RunState.RUNNING.value, RunState.PAUSED.value} == {"running", "paused"}
+
+
+def test_the_lanes_modules_import_nothing_heavy() -> None:
+    """What bpause's quick lane imports, checked without a VM (the integration test checks
+    the same on a real pause)."""
+    import subprocess
+    import sys
+
+    heavy = {"re", "json", "enum", "typing", "pathlib", "dataclasses", "socket", "sqlite3",
+             "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.lifecycle"}
+    p = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c",
+                        "import sys; sys.path[:0] = " + repr(sys.path) + "; "
+                        "import cbsd.cli.main, cbsd.cli.quick, cbsd.core.pause, cbsd.qemu.qmp"],
+                       capture_output=True, text=True, check=True)
+    mods = {ln.rsplit("|", 1)[1].strip() for ln in p.stderr.splitlines()
+            if ln.startswith("import time:")}
+    assert "cbsd.core.pause" in mods
+    assert not mods & heavy, sorted(mods & heavy)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cbsd.errors import QemuError
+from cbsd.errors import MigrationFailed, QemuError, QmpCommandError
 from cbsd.qemu import qmp
 from cbsd.qemu.qmp import Monitor
 
@@ -99,9 +99,44 @@ def test_an_error_reply_names_the_command_and_keeps_the_session(server) -> None:
         io.send({"return": {"status": "running", "running": True}, "id": req["id"]})
 
     with Monitor(server(script), "vm1") as mon:
-        with pytest.raises(QemuError, match=r"^vm1: QEMU refused snap: no such tag$"):
+        with pytest.raises(QmpCommandError, match=r"^vm1: QEMU refused snap: no such tag$") as e:
             mon.cmd("snap")
+        assert (e.value.command, e.value.error_class, e.value.desc) == (
+            "snap", "GenericError", "no such tag")
         assert mon.running()
+
+
+def test_a_failed_migration_carries_qemus_error_desc(server) -> None:  # type: ignore[no-untyped-def]
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        io.send({"return": {"status": "active", "ram": {"total": 2, "remaining": 1}},
+                 "id": req["id"]})
+        req = io.request()
+        io.send({"return": {"status": "failed", "error-desc": "Unable to write to file: "
+                            "No space left on device"}, "id": req["id"]})
+
+    with Monitor(server(script), "vm1") as mon, pytest.raises(MigrationFailed) as e:
+        mon.wait_migration()
+    assert e.value.status == "failed" and e.value.no_space
+    assert not MigrationFailed("vm1", "failed", "Input/output error").no_space
+
+
+def test_debug_logs_traffic_without_passwords(server, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from cbsd import debug
+
+    def script(conn: socket.socket, io: Lines) -> None:
+        handshake(conn, io)
+        req = io.request()
+        io.send({"return": {}, "id": req["id"]})
+
+    monkeypatch.setattr(debug, "ON", True)
+    with Monitor(server(script), "vm1") as mon:
+        mon.cmd("set_password", protocol="vnc", password="s3cret")
+    err = capsys.readouterr().err
+    assert "--> {'execute': 'set_password'" in err and "'password': '***'" in err
+    assert "<-- {'return': {}" in err and "s3cret" not in err
 
 
 @pytest.mark.parametrize(("reply", "message"), [
@@ -207,9 +242,13 @@ def test_a_file_travels_with_getfd(server, tmp_path: Path) -> None:  # type: ign
 
 # The client decodes with json's own C scanner and encodes bare commands by hand (import cost,
 # see the module docstring): both must agree with the json module on everything.
+def _containers(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4)
+
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    _containers,
     max_leaves=20,
 )
 
