@@ -16,7 +16,7 @@ from cbsd.errors import UsageError
 _BOOL = {"1": True, "0": False, "yes": True, "no": False, "true": True, "false": False,
          "on": True, "off": False}
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]*")
-_FWD_RE = re.compile(r"(?:(tcp|udp):)?(\d{1,5}):(\d{1,5})")
+_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,19 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
         rules: list[str] = []
         for rule in filter(None, raw.split(",")):
             m = _FWD_RE.fullmatch(rule)
-            if not m or not all(1 <= int(p) <= 65535 for p in m.groups()[1:]):
+            bind = m.group(2) if m else None
+            if not m or not all(1 <= int(p) <= 65535 for p in m.groups()[2:]) or (
+                    bind and not all(int(b) <= 255 for b in bind.split("."))):
                 raise UsageError(f"{cmd.name}: bad value for hostfwd: '{rule}' "
-                                 "(use tcp:HOSTPORT:GUESTPORT)")
-            proto, host_port = m.group(1) or "tcp", int(m.group(2))
-            if any(r.split(":")[:2] == [proto, str(host_port)] for r in rules):
+                                 "(use tcp:[BIND:]HOSTPORT:GUESTPORT)")
+            proto, host_port = m.group(1) or "tcp", int(m.group(3))
+            # A forward listens on the host's loopback only, unless an address is given.
+            bind = bind or "127.0.0.1"
+            if any(r.split(":")[0] == proto and r.split(":")[2] == str(host_port)
+                   for r in rules):
                 raise UsageError(f"{cmd.name}: bad value for hostfwd: host port {proto}:"
                                  f"{host_port} is forwarded twice")
-            rules.append(f"{proto}:{host_port}:{int(m.group(3))}")
+            rules.append(f"{proto}:{bind}:{host_port}:{int(m.group(4))}")
         return rules
     if key.kind == "list":
         items = [x.strip().lower() for x in raw.split(",") if x.strip()]

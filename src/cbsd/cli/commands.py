@@ -72,13 +72,16 @@ def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: 
 
 def bcreate(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
+    from cbsd.core.cloudinit import KEYS, settings
     from cbsd.core.model import VMSpec
 
     spec = lifecycle.create(ctx, VMSpec(
         jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
         iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
         vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
-        astart=a["astart"]), imgsize=a["imgsize"], image=a["image"])
+        astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
+        efi=a["vm_efi"],
+        cloud_init=settings({k: a[k] for k in KEYS})), imgsize=a["imgsize"], image=a["image"])
     print(f"{spec.jname}: created")
     if a["runasap"]:
         print(lifecycle.start(ctx, spec.jname))

@@ -9,6 +9,23 @@ J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); ba
 J_NAME = Key("jname", "name", required=True, help="VM name")
 RUNNING_ONLY = Key("running_only", "bool", False, help="skip VMs that are not On or Paused "
                    "(for host shutdown scripts)")
+CLOUD_INIT = (
+    Key("ci_user_add", "str", None, help="cloud-init: a user to create (with sudo)"),
+    Key("ci_user_pubkey", "str", None, help="cloud-init: that user's SSH public key (a "
+        "path, or the key itself)"),
+    Key("ci_user_pw_user", "str", None, help="cloud-init: that user's password (kept "
+        "hashed only)"),
+    Key("ci_user_pw_root", "str", None, help="cloud-init: root's password (kept hashed only)"),
+    Key("ci_jname", "str", None, help="cloud-init: the guest's host name (default: jname)"),
+    Key("ci_fqdn", "str", None, help="cloud-init: the guest's fully qualified name"),
+    Key("ci_ip4_addr", "str", None, help="cloud-init: DHCP or ADDRESS/PREFIX for the "
+        "first NIC"),
+    Key("ci_gw4", "str", None, help="cloud-init: IPv4 gateway (static ci_ip4_addr)"),
+    Key("ci_nameserver_address", "str", None, help="cloud-init: DNS servers, "
+        "comma-separated"),
+    Key("ci_nameserver_search", "str", None, help="cloud-init: DNS search domains, "
+        "comma-separated"),
+)
 PARALLEL = Key("parallel", "int", 4, help="how many VMs to work on at once", lo=1, hi=64)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -30,9 +47,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("vnc", "bool", False, help="VNC console on 127.0.0.1"),
             Key("vnc_password", "str", None, help="VNC password (needs vnc=1)"),
             Key("nic", "enum", "user", help="network", choices=("user", "none")),
-            Key("hostfwd", "hostfwd", [], help="forward host ports: tcp:HOSTPORT:GUESTPORT,..."),
+            Key("hostfwd", "hostfwd", [], help="forward host ports: "
+                "tcp:[BIND:]HOSTPORT:GUESTPORT,... (BIND defaults to 127.0.0.1)"),
             Key("astart", "bool", False, help="start at host boot (cbsd-guests unit)"),
             Key("runasap", "bool", False, help="start right after creating"),
+            Key("vm_efi", "enum", "none", help="firmware: uefi (OVMF, a per-VM variable "
+                "store) or none (BIOS)", choices=("none", "uefi")),
+            Key("virtio_rnd", "bool", True, help="a virtio-rng device fed from the host's "
+                "/dev/urandom"),
+            *CLOUD_INIT,
         ),
         "cbsd bcreate jname=vm1 vm_ram=1g imgsize=20g iso=/srv/debian.iso vnc=1",
         bare="one",

@@ -18,7 +18,7 @@ from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import MIB, check_name
 from cbsd.core.pause import switch
-from cbsd.core.vm import VM
+from cbsd.core.vm import EFI_VARS, VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img, process
@@ -28,6 +28,7 @@ from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
 
 FIRST_DISK = "dsk1.qcow2"
+BOOT_AGENT_WAIT = 300.0  # seconds the helper waits for the agent of a booting guest
 DEFAULT_IMGSIZE = 10 << 30
 
 
@@ -64,11 +65,22 @@ def _validate(spec: VMSpec, image: str | None) -> None:
         raise UsageError("hostfwd= needs nic=user")
 
 
+def _check_host(ctx: Context, spec: VMSpec) -> None:
+    """What the spec asks of this host's QEMU, probed (not assumed)."""
+    host = ctx.host
+    if spec.virtio_rnd and "virtio-rng-pci" not in host.devices:
+        raise UsageError(f"virtio_rnd=1 needs QEMU's virtio-rng-pci, which QEMU "
+                         f"{host.version} lacks (use virtio_rnd=0)")
+    if spec.efi == "uefi" and not host.ovmf:
+        raise UsageError("vm_efi=uefi needs UEFI firmware (OVMF): apt-get install ovmf")
+
+
 def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
            image: str | None = None) -> VMSpec:
     """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
     is *image* converted to qcow2 (grown to *imgsize* if larger), or a new empty one."""
     _validate(spec, image)
+    _check_host(ctx, spec)
     jname = spec.jname
     wd = ctx.workdir
     with ctx.lock(jname, "bcreate"):
@@ -93,6 +105,15 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
                     img.resize(disk, imgsize)
             else:
                 img.create(disk, imgsize or DEFAULT_IMGSIZE)
+            if spec.efi == "uefi":
+                # The VM's own variable store, a qcow2 copy of the template: internal
+                # snapshots (checkpoints) need every writable image to be qcow2.
+                img.convert(Path(ctx.host.ovmf[0][1]), wd.disk(jname, EFI_VARS), source="raw")
+            if spec.cloud_init:
+                from cbsd.core import cloudinit
+
+                cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
+                                                                         spec.cloud_init))
             failpoint("bcreate:disk")
             spec = dataclasses.replace(
                 spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
@@ -220,6 +241,8 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
                 if not ok:
                     vm.kill()
                     raise QemuError(f"{jname}: QEMU started but reports '{state}'")
+                if vm.spec.guest_agent:
+                    vm.tend_agent(settime=False, seconds=BOOT_AGENT_WAIT)
                 done = "started"
     return f"{jname}: {done}" + (" (paused)" if paused else "")
 

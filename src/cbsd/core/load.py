@@ -51,8 +51,9 @@ def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: st
                     version: str, machine_known: Callable[[str], bool]) -> str | None:
     """Why a saved state cannot be loaded into this VM on this host, or None (pure)."""
     saved = m.restore_relevant
-    diffs = [f"{k} was {saved.get(k)!r}, now {v!r}" for k, v in relevant.items()
-             if saved.get(k) != v]
+    keys = [*relevant, *(k for k in saved if k not in relevant)]
+    diffs = [f"{k} was {saved.get(k)!r}, now {relevant.get(k)!r}" for k in keys
+             if saved.get(k) != relevant.get(k)]
     if diffs:
         return "is incompatible with the VM's configuration now: " + "; ".join(diffs)
     if m.accel != accel:
@@ -66,9 +67,9 @@ def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: st
 
 
 def disk_snapshots(vm: VM) -> dict[str, set[str]]:
-    """The internal snapshots each of the VM's disks holds now (one qemu-img call per disk)."""
-    return {name: set(img.snapshots(Path(path))) if Path(path).exists() else set()
-            for name, path in zip(vm.spec.disks, vm.paths.disks, strict=True)}
+    """The internal snapshots each of the VM's images holds now (one qemu-img call each)."""
+    return {image.name: set(img.snapshots(Path(image.path))) if Path(image.path).exists()
+            else set() for image in vm.images()}
 
 
 def check_intact(ckdir: Path, m: ckpstore.Manifest, present: dict[str, set[str]],
@@ -130,8 +131,8 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         failpoint("load:launched")
         checksums.result()
         failpoint("load:verified")
-        for disk_index, tag in state_tags(vm, m):
-            img.snapshot_apply(Path(vm.paths.disks[disk_index]), tag)
+        for image, tag in state_tags(vm, m):
+            img.snapshot_apply(Path(image.path), tag)
         failpoint("load:reverted")
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
@@ -149,6 +150,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         if (state := mon.status()) != expected:
             raise QemuError(f"{vm.jname}: after loading the state QEMU reports '{state}', "
                             f"expected '{expected}'")
+        _fix_guest_clock(vm, m, ckdir)
     except BaseException as e:
         died = not vm.alive()
         reason = _qemu_log_tail(vm)
@@ -161,6 +163,27 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
             raise QemuError(f"{vm.jname}: loading the {what} failed: {reason}") from e
         raise
     return paused
+
+
+AGENT_WAIT = 120.0  # seconds the helper waits for the agent of a restored or resumed guest
+
+
+def _fix_guest_clock(vm: VM, m: ckpstore.Manifest, ckdir: Path) -> None:
+    """After a restore or resume the guest's clock is behind by the state's age. With an agent
+    (one listened when the state was saved) a detached helper sets it from the host's once
+    the agent answers (a paused guest's agent answers once it runs); without one, say so."""
+    if not vm.spec.guest_agent:
+        return
+    if m.agent:
+        vm.tend_agent(settime=True, seconds=AGENT_WAIT)
+        return
+    import sys
+
+    behind = max(0, int(time.time() - m.created_ts))
+    print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
+          f"saved: the guest's clock is about {behind} s behind; install qemu-guest-agent in "
+          "the guest, or set the clock there (e.g. 'systemctl restart chrony')",
+          file=sys.stderr)
 
 
 # Following the load through the file offset: QEMU reads its first bytes within milliseconds

@@ -95,8 +95,14 @@ class VMSpec:
     vnc_password: str | None = None
     vnc_bind: str = "127.0.0.1"
     nic: str = "user"
-    hostfwd: list[str] = dataclasses.field(default_factory=list)
+    hostfwd: list[str] = dataclasses.field(default_factory=list)  # "tcp:BIND:HOST:GUEST"
     astart: bool = False
+    # Defaults below are what a VM defined before the setting existed had (so its saved
+    # states stay restorable); bcreate gives new VMs the current defaults.
+    guest_agent: bool = False  # virtio-serial channel org.qemu.guest_agent.0
+    virtio_rnd: bool = False  # virtio-rng fed from the host's /dev/urandom
+    efi: str = "none"  # "uefi": OVMF with a per-VM variable store
+    cloud_init: dict[str, str] = dataclasses.field(default_factory=dict)  # ci_* keys
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,9 +112,14 @@ class VMSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def seed_attached(self, seed_path: str) -> bool:
+        return bool(self.cloud_init and seed_path)
+
     def restore_relevant(self) -> dict[str, Any]:
-        """The parts of the spec a saved state depends on (QEMU refuses to load otherwise)."""
-        return {
+        """The parts of the spec a saved state depends on (QEMU refuses to load otherwise).
+        Devices added after the first release appear only when present, so a state saved
+        before they existed compares equal to a VM that does not have them."""
+        relevant: dict[str, Any] = {
             "ram": self.ram,
             "cpus": self.cpus,
             "machine": self.machine,
@@ -118,3 +129,8 @@ class VMSpec:
             "vnc": self.vnc,
             "nic": self.nic,
         }
+        later = {"guest_agent": self.guest_agent, "virtio_rnd": self.virtio_rnd,
+                 "efi": self.efi if self.efi != "none" else None,
+                 "seed": bool(self.cloud_init)}
+        relevant.update({k: v for k, v in later.items() if v})
+        return relevant

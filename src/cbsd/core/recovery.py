@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from cbsd import debug
-from cbsd.core.vm import VM
+from cbsd.core.vm import VM, Image
 from cbsd.errors import CheckpointError, QemuError
 from cbsd.qemu import img
 from cbsd.qemu.runstate import RunState
@@ -138,27 +138,27 @@ def _read_intent(path: Path) -> str:
 
 # --- deleting saved states and their disk snapshots ------------------------------------------
 
-def state_tags(vm: VM, manifest: ckpstore.Manifest) -> list[tuple[int, str]]:
-    """(disk index, snapshot tag) of each disk snapshot *manifest* names on a current disk."""
-    index = {d: i for i, d in enumerate(vm.spec.disks)}
-    return [(index[s.disk], s.tag) for s in manifest.disk_snapshots if s.disk in index]
+def state_tags(vm: VM, manifest: ckpstore.Manifest) -> list[tuple[Image, str]]:
+    """(image, snapshot tag) of each snapshot *manifest* names on one of the VM's images."""
+    images = {image.name: image for image in vm.images()}
+    return [(images[s.disk], s.tag) for s in manifest.disk_snapshots if s.disk in images]
 
 
-def delete_tags(vm: VM, tags: list[tuple[int, str]]) -> None:
-    """Release internal disk snapshots: through QEMU while it runs (it holds the image's lock),
+def delete_tags(vm: VM, tags: list[tuple[Image, str]]) -> None:
+    """Release internal snapshots: through QEMU while it runs (it holds the image's lock),
     with qemu-img otherwise."""
     online = vm.alive()
-    for i, tag in tags:
-        disk = Path(vm.paths.disks[i])
+    for image, tag in tags:
+        path = Path(image.path)
         if online:
             try:
-                vm.monitor().cmd("blockdev-snapshot-delete-internal-sync", device=f"disk{i}",
+                vm.monitor().cmd("blockdev-snapshot-delete-internal-sync", device=image.node,
                                  name=tag)
             except QemuError:
-                if tag in img.snapshots(disk):
+                if tag in img.snapshots(path):
                     raise
-        elif disk.exists() and tag in img.snapshots(disk):
-            img.snapshot_delete(disk, tag)
+        elif path.exists() and tag in img.snapshots(path):
+            img.snapshot_delete(path, tag)
 
 
 def published_tags(vm: VM) -> set[str]:
@@ -177,11 +177,11 @@ def published_tags(vm: VM) -> set[str]:
 
 
 def sweep_orphans(vm: VM) -> None:
-    """Delete cbsd's disk snapshots that no published state owns any more."""
+    """Delete cbsd's snapshots that no published state owns any more."""
     keep = published_tags(vm)
-    for i, disk in enumerate(vm.paths.disks):
-        if Path(disk).exists():
-            orphans = [(i, t) for t in img.snapshots(Path(disk))
+    for image in vm.images():
+        if Path(image.path).exists():
+            orphans = [(image, t) for t in img.snapshots(Path(image.path))
                        if t.startswith(TAG_PREFIX) and t not in keep]
             delete_tags(vm, orphans)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from cbsd import cancel
 from cbsd.core.recovery import INTENT, TAG_PREFIX, delete_tags, drop_state
-from cbsd.core.vm import VM, free_bytes
+from cbsd.core.vm import VM, Image, free_bytes
 from cbsd.errors import (
     CbsdError,
     CheckpointError,
@@ -137,10 +137,11 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     mon = vm.monitor()
     _check_space(vm, final.parent)
     tmp = ckpstore.new_tmpdir(final)
-    tags: list[tuple[int, str]] = []
+    tags: list[tuple[Image, str]] = []
     follower: _Follower | None = None
     was_running = mon.running()
     live = live and was_running
+    agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
     try:
         (tmp / INTENT).write_text("running" if was_running else "paused")
         _set_migration(mon, live)
@@ -149,10 +150,10 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         if was_running:
             mon.cmd("stop")
         failpoint("save:stopped")
-        for i in range(len(vm.paths.disks)):
+        for image in vm.images():
             tag = f"{TAG_PREFIX}{name}-{os.urandom(6).hex()}"
-            mon.cmd("blockdev-snapshot-internal-sync", device=f"disk{i}", name=tag)
-            tags.append((i, tag))
+            mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
+            tags.append((image, tag))
         failpoint("save:snapshotted")
         memfile = tmp / ckpstore.MEMORY
         fd = open_fd_for(memfile, write=True)
@@ -180,6 +181,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         (tmp / INTENT).unlink()
         manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
                              elapsed)
+        manifest.agent = agent
         ckpstore.save_manifest(manifest, tmp)
         fsync_dir(tmp)
         _verify_written(tmp, size)
@@ -224,7 +226,7 @@ def _disks_in_place(vm: VM) -> None:
     under a running QEMU keeps being written through QEMU's open file, and a checkpoint of it
     could never be restored."""
     held = process.open_files(vm.pid)
-    for disk in vm.paths.disks:
+    for disk in (image.path for image in vm.images()):
         try:
             st = os.stat(disk)
         except OSError:
@@ -275,7 +277,7 @@ def _verify_written(tmp: Path, size: int) -> None:
                               f"checksummed {size}")
 
 
-def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[int, str]],
+def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
               was_running: bool) -> None:
     """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
     was conditional on success). Every step is attempted even if an earlier one fails."""
@@ -303,7 +305,7 @@ def _cancel_migration(mon: Monitor) -> None:
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
-              tags: list[tuple[int, str]], size: int, digest: str, info: dict[str, Any],
+              tags: list[tuple[Image, str]], size: int, digest: str, info: dict[str, Any],
               elapsed: float) -> Manifest:
     created, ts = ckpstore.now_iso()
     host = vm.ctx.host
@@ -313,7 +315,7 @@ def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
         qemu_version=host.version, accel=host.accel, machine=vm.spec.machine,
         spec=vm.spec.to_dict(), restore_relevant=vm.spec.restore_relevant(),
         argv=vm.argv(incoming=True), was_running=was_running, live=live,
-        disk_snapshots=[DiskSnapshot(vm.spec.disks[i], t) for i, t in tags],
+        disk_snapshots=[DiskSnapshot(image.name, t) for image, t in tags],
         files={ckpstore.MEMORY: FileEntry(size, digest)},
         migration={"seconds": round(elapsed, 4), "ram_total": ram.get("total"),
                    "transferred": ram.get("transferred")},

@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cbsd import debug
 from cbsd.core.lock import is_held
@@ -34,6 +34,17 @@ PROBE_TIMEOUT = 1.0
 QUIT_TIMEOUT = 3.0
 
 
+class Image(NamedTuple):
+    """A qcow2 image of the VM that checkpoints snapshot: a disk, or the UEFI variable store."""
+
+    name: str  # its file name under vm/<jname>/ (what manifests record)
+    node: str  # QEMU's block node name
+    path: str
+
+
+EFI_VARS = "efivars.qcow2"
+
+
 class VM:
     def __init__(self, ctx: Context, spec: VMSpec,
                  runtime: tuple[int, int] | None = None) -> None:
@@ -48,6 +59,9 @@ class VM:
             console_log=str(wd.console_log(self.jname)),
             pidfile=str(wd.pidfile(self.jname)),
             qemu_log=str(wd.qemu_log(self.jname)),
+            qga_sock=str(wd.qga_sock(self.jname)),
+            seed=str(wd.seed(self.jname)),
+            efi_vars=str(wd.disk(self.jname, EFI_VARS)) if spec.efi == "uefi" else "",
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
         self._mon: Monitor | None = None
@@ -57,6 +71,16 @@ class VM:
     @classmethod
     def load(cls, ctx: Context, jname: str) -> VM:
         return cls(ctx, ctx.spec(jname))
+
+    def images(self) -> list[Image]:
+        """Every image a checkpoint snapshots, in a fixed order: the disks, then the UEFI
+        variable store (its contents change with the guest's boot settings)."""
+        out = [Image(name, f"disk{i}", path)
+               for i, (name, path) in enumerate(zip(self.spec.disks, self.paths.disks,
+                                                    strict=True))]
+        if self.paths.efi_vars:
+            out.append(Image(EFI_VARS, "efi-vars", self.paths.efi_vars))
+        return out
 
     # --- process --------------------------------------------------------------------------
 
@@ -107,15 +131,24 @@ class VM:
             self._mon = None
 
     def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
-        return build_argv(self.spec, self.ctx.host, self.paths, incoming=incoming,
-                          start_paused=paused)
+        host = self.ctx.host
+        paths = self.paths
+        if paths.efi_vars:
+            import dataclasses
+
+            code = host.ovmf_code_for(_virtual_size(paths.efi_vars))
+            if code is None:
+                raise QemuError(f"{self.jname}: no UEFI firmware on this host matches its "
+                                "variable store: apt-get install ovmf")
+            paths = dataclasses.replace(paths, efi_code=code)
+        return build_argv(self.spec, host, paths, incoming=incoming, start_paused=paused)
 
     def launch(self, *, incoming: bool = False, paused: bool = False) -> Monitor:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails."""
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
-        for sock in (self.paths.qmp_sock, self.paths.console_sock):
+        for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
             Path(sock).unlink(missing_ok=True)
         self.pid = process.launch(self.argv(incoming=incoming, paused=paused),
                                   Path(self.paths.pidfile), Path(self.paths.qemu_log))
@@ -148,7 +181,7 @@ class VM:
         """QEMU's -daemonize sets its umask to 027, so its sockets and logs come out group-
         readable. The 0700 directory already shuts others out; tighten the files too."""
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.console_log,
-                  self.paths.qemu_log, self.paths.pidfile):
+                  self.paths.qemu_log, self.paths.pidfile, self.paths.qga_sock):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(p, 0o600)
 
@@ -179,7 +212,8 @@ class VM:
         self.pid = 0
         self.vnc_port = 0
         self._record(0, 0)
-        for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile):
+        for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile,
+                  self.paths.qga_sock, str(self.ctx.workdir.agent_state(self.jname))):
             Path(p).unlink(missing_ok=True)
 
     # --- status ---------------------------------------------------------------------------
@@ -210,9 +244,45 @@ class VM:
             return Status.SUSPENDED
         return Status.OFF
 
+    # --- guest agent ----------------------------------------------------------------------
+
+    def agent_listening(self) -> bool:
+        """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the
+        guest opened org.qemu.guest_agent.0), asked of QEMU, not of the guest: instant."""
+        if not self.spec.guest_agent:
+            return False
+        for chardev in self.monitor().cmd("query-chardev"):
+            if chardev.get("label") == "qga0":
+                return bool(chardev.get("frontend-open"))
+        return False
+
+    def tend_agent(self, *, settime: bool, seconds: float) -> None:
+        """Start the detached helper that waits for the agent (and sets the clock)."""
+        from cbsd.qemu import agent
+
+        agent.start_helper(self.paths.qga_sock, self.ctx.workdir.agent_state(self.jname),
+                           seconds, settime)
+
+    def agent_ip4(self) -> str | None:
+        from cbsd.qemu.agent import read_state
+
+        addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
+        return str(addresses[0]) if addresses else None
+
     def rss_and_cpu(self) -> tuple[int, float]:
         """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
         return process.resident_bytes(self.pid) >> 20, process.cpu_percent(self.pid)
+
+
+def _virtual_size(qcow2: str) -> int:
+    """A qcow2 image's virtual size from its header (bytes 24-31, big-endian): no qemu-img
+    call, and it works while QEMU holds the image."""
+    try:
+        with open(qcow2, "rb") as f:
+            header = f.read(32)
+    except OSError:
+        return 0
+    return int.from_bytes(header[24:32], "big") if header[:4] == b"QFI\xfb" else 0
 
 
 def free_bytes(path: Path) -> int:

@@ -20,11 +20,25 @@ class RuntimePaths:
     console_log: str
     pidfile: str
     qemu_log: str
+    qga_sock: str = ""
+    seed: str = ""  # the cloud-init NoCloud seed (an ISO labelled cidata)
+    efi_vars: str = ""  # the VM's UEFI variable store (qcow2), with vm_efi=uefi
+    efi_code: str = ""  # the firmware matching that store (host.ovmf_code_for)
 
 
 def _esc(value: str) -> str:
     """QEMU option values escape ',' by doubling it."""
     return value.replace(",", ",,")
+
+
+def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
+    """'tcp:BIND:HOST:GUEST' -> its four parts. A rule stored before BIND existed
+    ('tcp:HOST:GUEST') binds to 127.0.0.1, as every forward does unless asked otherwise."""
+    parts = rule.split(":")
+    if len(parts) == 3:
+        parts.insert(1, "127.0.0.1")
+    proto, bind, host, guest = parts
+    return proto, bind, host, guest
 
 
 def disk_bus(spec: VMSpec) -> str:
@@ -38,10 +52,13 @@ def nic_model(spec: VMSpec) -> str:
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,
                start_paused: bool = False) -> list[str]:
     accel = host.accel
+    machine = f"{spec.machine},accel={accel}"
+    if paths.efi_vars:
+        machine += ",pflash0=efi-code,pflash1=efi-vars"
     argv = [
         host.qemu,
         "-name", f"guest={spec.jname},debug-threads=on",
-        "-machine", f"{spec.machine},accel={accel}",
+        "-machine", machine,
         "-cpu", "host" if accel == "kvm" else "qemu64",
         "-m", f"{spec.ram >> 20}M",
         "-smp", str(spec.cpus),
@@ -50,6 +67,16 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         "-rtc", "base=utc",
         "-msg", "timestamp=on",
     ]
+    if paths.efi_vars:
+        code = paths.efi_code or host.ovmf[0][0]
+        argv += [
+            "-blockdev", f"driver=file,filename={_esc(code)},node-name=efi-code-file,"
+            "read-only=on",
+            "-blockdev", "driver=raw,file=efi-code-file,node-name=efi-code,read-only=on",
+            "-blockdev", f"driver=file,filename={_esc(paths.efi_vars)},"
+            "node-name=efi-vars-file",
+            "-blockdev", "driver=qcow2,file=efi-vars-file,node-name=efi-vars",
+        ]
     for i, disk in enumerate(paths.disks):
         argv += [
             "-blockdev", f"driver=file,filename={_esc(disk)},node-name=disk{i}-file",
@@ -63,20 +90,34 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-device", f"ide-cd,drive=cd0,id=cd0-dev,bootindex={len(paths.disks) + 1}",
         ]
     if spec.kernel:
-        if host.qboot:
+        if host.qboot and not paths.efi_vars:
             argv += ["-bios", host.qboot]
         argv += ["-kernel", spec.kernel]
         if spec.initrd:
             argv += ["-initrd", spec.initrd]
         if spec.cmdline:
             argv += ["-append", spec.cmdline]
+    if spec.seed_attached(paths.seed):
+        argv += [
+            "-blockdev", f"driver=file,filename={_esc(paths.seed)},node-name=seed0-file,"
+            "read-only=on",
+            "-blockdev", "driver=raw,file=seed0-file,node-name=seed0,read-only=on",
+            "-device", "ide-cd,drive=seed0,id=seed0-dev",
+        ]
     if spec.nic == "user":
         netdev = "user,id=net0" + "".join(
-            f",hostfwd={rule.split(':')[0]}::{rule.split(':')[1]}-:{rule.split(':')[2]}"
-            for rule in spec.hostfwd
-        )
+            ",hostfwd={}:{}:{}-:{}".format(*hostfwd_parts(rule)) for rule in spec.hostfwd)
         # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
         argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0,romfile="]
+    if spec.virtio_rnd:
+        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
+                 "-device", "virtio-rng-pci,rng=rng0"]
+    if spec.guest_agent and paths.qga_sock:
+        argv += [
+            "-chardev", f"socket,id=qga0,path={_esc(paths.qga_sock)},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
     if spec.vnc:
         vnc = f"{spec.vnc_bind}:0,to=99"
         if spec.vnc_password:

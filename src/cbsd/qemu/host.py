@@ -17,6 +17,10 @@ from cbsd.errors import CbsdError, QemuError
 from cbsd.storage.atomic import write_atomic
 
 QBOOT_PATHS = ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/qboot.bin")
+# UEFI firmware (Debian's ovmf package, 12 and 13): code and its variable-store template,
+# the 4 MiB build first. Secure-boot builds are left out: they need SMM and q35.
+OVMF_PAIRS = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+              ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"))
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,20 @@ class Host:
     accel: str  # "kvm" or "tcg"
     qboot: str | None  # fast firmware for direct kernel boot, if installed
     machines: tuple[tuple[str, str | None], ...] = ()  # (name, alias_of)
+    ovmf: tuple[tuple[str, str], ...] = ()  # (code, vars template) pairs found
+    devices: frozenset[str] = frozenset()  # device models this QEMU offers (-device help)
+
+    @property
+    def agent_channel(self) -> bool:
+        return {"virtio-serial-pci", "virtserialport"} <= self.devices
+
+    def ovmf_code_for(self, vars_size: int) -> str | None:
+        """The firmware whose variable store has *vars_size* bytes (a VM's store was made
+        from one template; its code must be the same build)."""
+        for code, template in self.ovmf:
+            if os.path.getsize(template) == vars_size:
+                return code
+        return None
 
 
 def _which(name: str) -> str:
@@ -74,9 +92,11 @@ def probe(cache: Path | None = None) -> Host:
         with contextlib.suppress(OSError, CbsdError):
             write_atomic(cache, json.dumps({**facts, "key": key}).encode())
     qboot = next((p for p in QBOOT_PATHS if os.path.exists(p)), None)
+    ovmf = tuple((c, v) for c, v in OVMF_PAIRS if os.path.exists(c) and os.path.exists(v))
     return Host(qemu=qemu, qemu_img=qemu_img_path(), version=facts["version"],
                 accel="kvm" if kvm_usable() else "tcg", qboot=qboot,
-                machines=tuple((m, a) for m, a in facts["machines"]))
+                machines=tuple((m, a) for m, a in facts["machines"]), ovmf=ovmf,
+                devices=frozenset(facts["devices"]))
 
 
 def _read_cache(cache: Path | None, key: str) -> dict[str, Any] | None:
@@ -86,7 +106,10 @@ def _read_cache(cache: Path | None, key: str) -> dict[str, Any] | None:
         facts = json.loads(cache.read_bytes())
     except (OSError, ValueError):
         return None
-    return facts if isinstance(facts, dict) and facts.get("key") == key else None
+    if not isinstance(facts, dict) or facts.get("key") != key:
+        return None
+    # A cache written by an older cbsd lacks what was added since: probe again.
+    return facts if all(k in facts for k in ("version", "machines", "devices")) else None
 
 
 def _ask_qemu(qemu: str) -> dict[str, Any]:
@@ -95,12 +118,20 @@ def _ask_qemu(qemu: str) -> dict[str, Any]:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
     help_text = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
                                check=False).stdout
+    device_text = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True,
+                                 check=False).stdout
     if debug.ON:
-        debug.log("proc", f"{qemu} --version, -machine help: probed")
+        debug.log("proc", f"{qemu} --version, -machine help, -device help: probed")
     version = parse_version(out)
     if version is None:
         raise QemuError(f"cannot tell the version of {qemu}: {out.strip()[:80]!r}")
-    return {"version": version, "machines": parse_machines(help_text)}
+    return {"version": version, "machines": parse_machines(help_text),
+            "devices": sorted(parse_devices(device_text))}
+
+
+def parse_devices(text: str) -> set[str]:
+    """`-device help` -> the device model names (pure; tested on recorded outputs)."""
+    return set(re.findall(r'^name "([^"]+)"', text, re.MULTILINE))
 
 
 def parse_version(text: str) -> str | None:

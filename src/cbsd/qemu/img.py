@@ -27,8 +27,10 @@ def create(path: Path, size: int) -> None:
     _run("create", "-q", "-f", "qcow2", str(path), str(size))
 
 
-def convert(src: Path, dst: Path) -> None:
-    _run("convert", "-q", "-O", "qcow2", str(src), str(dst))
+def convert(src: Path, dst: Path, source: str | None = None) -> None:
+    """Any image qemu-img reads -> qcow2 (*source*: its format, when probing is unsafe)."""
+    _run("convert", "-q", *(("-f", source) if source else ()), "-O", "qcow2", str(src),
+         str(dst))
 
 
 def resize(path: Path, size: int) -> None:

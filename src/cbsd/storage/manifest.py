@@ -3,7 +3,8 @@
 Format history (never edit a released step; add one):
   1  the first format (2026-11).
   2  adds `parent`: the checkpoint the VM was last restored from or taken after (None if
-     unknown; every format-1 state reads as parentless).
+     unknown; every format-1 state reads as parentless), and `agent`: whether a guest agent
+     listened when the state was saved (format 1: no).
 
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
@@ -52,6 +53,7 @@ class Manifest:
     files: dict[str, FileEntry]
     migration: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
+    agent: bool = False  # a guest agent had its channel open when the state was saved
 
     @property
     def memory_size(self) -> int:

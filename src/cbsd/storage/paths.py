@@ -52,6 +52,17 @@ class Workdir:
     def qmp_sock(self, jname: str) -> Path:
         return self.system(jname) / "qmp.sock"
 
+    def qga_sock(self, jname: str) -> Path:
+        return self.system(jname) / "qga.sock"
+
+    def agent_state(self, jname: str) -> Path:
+        """What the guest agent last reported (written by cbsd.qemu.agent's helper)."""
+        return self.system(jname) / "agent.json"
+
+    def seed(self, jname: str) -> Path:
+        """The cloud-init NoCloud seed (holds password hashes and keys: owner-only)."""
+        return self.vm_dir(jname) / "seed.iso"
+
     def pidfile(self, jname: str) -> Path:
         return self.system(jname) / "qemu.pid"
 

@@ -1,0 +1,166 @@
+"""QEMU's guest agent (qemu-guest-agent in the guest), over the VM's virtio-serial channel.
+
+The protocol is QMP's framing without a greeting: one JSON request per line, one reply. A
+client first sends `guest-sync-delimited` with a random id and skips everything up to the
+0xFF byte the agent puts before its answer, so a reply left over from an earlier client is
+never taken for this one. An agent that is not running (no agent installed, guest still
+booting, guest paused) leaves the connection silent: every call has a deadline.
+
+`python -m cbsd.qemu.agent SOCKET STATEFILE SECONDS [settime]` is the helper cbsd starts,
+detached, after a VM boots, restores or resumes: it waits up to SECONDS for the agent, sets
+the guest's clock from the host's (settime: after a restore or resume the guest's clock is
+behind by the checkpoint's age or the time hibernated), and records what the agent reports
+(its IPv4 address, for bls) in STATEFILE. The command that started it does not wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cbsd.errors import QemuError
+
+
+class Agent:
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout)
+        self._buf = b""
+        try:
+            self._sock.connect(path)
+            token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+            self._sock.sendall(b"\xff" + _line({"execute": "guest-sync-delimited",
+                                                "arguments": {"id": token}}))
+            self._skip_to_delimiter()
+            if self._reply() != token:
+                raise QemuError("the guest agent answered another client's request")
+        except (OSError, ValueError) as e:
+            self.close()
+            raise QemuError(f"the guest agent does not answer ({e})") from e
+        except QemuError:
+            self.close()
+            raise
+
+    def _skip_to_delimiter(self) -> None:
+        while (i := self._buf.find(b"\xff")) < 0:
+            self._buf = b""
+            self._recv()
+        self._buf = self._buf[i + 1:]
+
+    def _recv(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the agent's channel closed")
+        self._buf += chunk
+
+    def _reply(self) -> Any:
+        while (end := self._buf.find(b"\n")) < 0:
+            self._recv()
+        line, self._buf = self._buf[:end], self._buf[end + 1:]
+        msg = json.loads(line)
+        if "error" in msg:
+            raise QemuError(f"the guest agent refused: {msg['error'].get('desc', msg)}")
+        return msg.get("return")
+
+    def call(self, command: str, **args: Any) -> Any:
+        try:
+            self._sock.sendall(_line({"execute": command, **({"arguments": args} if args
+                                                              else {})}))
+            return self._reply()
+        except (OSError, ValueError) as e:
+            raise QemuError(f"the guest agent does not answer {command} ({e})") from e
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def ipv4_addresses(interfaces: list[dict[str, Any]]) -> list[str]:
+    """The guest's IPv4 addresses from guest-network-get-interfaces, loopback left out."""
+    out = []
+    for iface in interfaces:
+        for a in iface.get("ip-addresses", []):
+            if a.get("ip-address-type") == "ipv4" and not a["ip-address"].startswith("127."):
+                out.append(str(a["ip-address"]))
+    return out
+
+
+def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool) -> dict[str, Any]:
+    """The helper's work: wait for the agent, set the clock, record what it says."""
+    deadline = time.monotonic() + seconds
+    state: dict[str, Any] = {"agent": False}
+    while True:
+        try:
+            agent = Agent(path, timeout=min(3.0, max(0.1, deadline - time.monotonic())))
+            break
+        except QemuError as e:
+            if isinstance(e.__cause__, FileNotFoundError | ConnectionRefusedError):
+                return state  # QEMU is gone (its socket with it): nobody left to serve
+            if time.monotonic() >= deadline:
+                state["checked"] = time.time()
+                _write(state_file, state)
+                return state
+            time.sleep(0.5)
+    try:
+        state = {"agent": True, "checked": time.time()}
+        if settime:
+            agent.call("guest-set-time", time=time.time_ns())
+            state["clock_set"] = time.time()
+        try:
+            state["ip4"] = ipv4_addresses(agent.call("guest-network-get-interfaces"))
+        except QemuError:
+            state["ip4"] = []
+    finally:
+        agent.close()
+    _write(state_file, state)
+    return state
+
+
+def _write(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def start_helper(sock: str, state_file: Path, seconds: float, settime: bool) -> None:
+    """Run the helper detached: it outlives the command, which does not wait for it."""
+    import subprocess
+
+    from cbsd import debug
+
+    state_file.unlink(missing_ok=True)
+    src = str(Path(__file__).resolve().parents[2])
+    argv = [sys.executable, "-I", "-c",
+            f"import sys; sys.path.insert(0, {src!r}); from cbsd.qemu.agent import main; "
+            "sys.exit(main(sys.argv[1:]))", sock, str(state_file), str(seconds)]
+    if settime:
+        argv.append("settime")
+    if debug.ON:
+        debug.log("proc", " ".join(argv) + " &")
+    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def main(args: list[str]) -> int:
+    sock, state_file, seconds = args[0], Path(args[1]), float(args[2])
+    try:
+        wait_and_tend(sock, state_file, seconds, settime="settime" in args[3:])
+    except (OSError, QemuError):
+        return 1
+    return 0
