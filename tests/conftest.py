@@ -42,19 +42,22 @@ class Result:
 class Cbsd:
     """Runs `python -m cbsd ...` in a subprocess with CBSD_WORKDIR set: the real CLI."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, prefix: list[str] | None = None) -> None:
         self.workdir = workdir
         self.env = {**os.environ, "CBSD_WORKDIR": str(workdir)}
+        # e.g. ["ip", "netns", "exec", NS]: cbsd, and the QEMUs it starts, run inside NS
+        self.prefix = prefix or []
 
     def __call__(self, *args: str, timeout: float = 120) -> Result:
-        p = subprocess.run([sys.executable, "-m", "cbsd", *args], capture_output=True, text=True,
-                           env=self.env, timeout=timeout, stdin=subprocess.DEVNULL)
+        p = subprocess.run([*self.prefix, sys.executable, "-m", "cbsd", *args],
+                           capture_output=True, text=True, env=self.env, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
         return Result(p.returncode, p.stdout, p.stderr)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "cbsd", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen([*self.prefix, sys.executable, "-m", "cbsd", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env, stdin=subprocess.DEVNULL)
 
     def at_failpoint(self, point: str, *args: str) -> Stopped:
         """Start a command that stops itself (SIGSTOP) at failpoint *point*; returns once it
@@ -192,6 +195,28 @@ def _kill_vms(wd: Path) -> None:
                 and str(wd).encode() in cmd:
             with contextlib.suppress(OSError):
                 os.kill(int(entry), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at *mnt* (full-disk and read-only tests); its QEMUs end with it."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        _kill_vms(mnt)
+        time.sleep(0.2)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def start_counter(cbsd: Cbsd, image: Path, jname: str = "vm1") -> str:
+    """Define and boot a boot-sector VM from *image*; returns once it counts."""
+    cbsd("bcreate", f"jname={jname}", f"image={image}", "vm_os_type=other", "vm_ram=32m").ok()
+    cbsd("bstart", jname).ok()
+    cbsd.console(jname).wait(COUNTER_RE, count=2)
+    return jname
 
 
 @pytest.fixture

@@ -171,3 +171,53 @@ if __name__ == "__main__":
         print(counter_bin())
     if what in ("linux", "all"):
         print(*linux_guest())
+
+
+# --- UEFI boot medium -------------------------------------------------------------------------
+
+SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+
+
+def uefi_iso(dest: Path) -> Path:
+    """A CD that UEFI firmware boots (El Torito, no emulation, EFI platform): systemd-boot
+    from Debian's systemd-boot-efi as EFI/BOOT/BOOTX64.EFI, one loader entry, and the Linux
+    test guest's kernel and initramfs, all on a FAT image (dosfstools, mtools: no mount).
+    The guest's disk stays free for its counter."""
+    import io
+
+    import pycdlib
+
+    kernel, initrd = linux_guest()
+    key = _key(SYSTEMD_BOOT.read_bytes(), kernel.name.encode(), initrd.name.encode())
+    cached = cache_dir() / f"uefi-{key}.iso"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            fat = Path(tmp) / "efi.img"
+            size_kib = (kernel.stat().st_size + initrd.stat().st_size) // 1024 + 4096
+            subprocess.run(["mkfs.vfat", "-C", "-n", "CBSDEFI", str(fat), str(size_kib)],
+                           check=True, capture_output=True)
+            entry = ("title cbsd test guest\nlinux /vmlinuz\ninitrd /initrd\n"
+                     "options console=ttyS0 loglevel=4 panic=-1\n")
+            files = {"loader.conf": "default cbsd.conf\ntimeout 0\n", "cbsd.conf": entry}
+            for name, text in files.items():
+                (Path(tmp) / name).write_text(text)
+            env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+            for d in ("::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"):
+                subprocess.run(["mmd", "-i", str(fat), d], check=True, env=env)
+            for src, dst in ((SYSTEMD_BOOT, "::/EFI/BOOT/BOOTX64.EFI"), (kernel, "::/vmlinuz"),
+                             (initrd, "::/initrd"), (Path(tmp) / "loader.conf",
+                                                     "::/loader/loader.conf"),
+                             (Path(tmp) / "cbsd.conf", "::/loader/entries/cbsd.conf")):
+                subprocess.run(["mcopy", "-i", str(fat), str(src), dst], check=True, env=env)
+            iso = pycdlib.PyCdlib()
+            iso.new(interchange_level=3, joliet=3, vol_ident="CBSDUEFI")
+            data = fat.read_bytes()
+            iso.add_fp(io.BytesIO(data), len(data), "/EFI.IMG;1")
+            iso.add_eltorito("/EFI.IMG;1", bootcatfile="/BOOT.CAT;1", media_name="noemul",
+                             platform_id=0xEF, efi=True)
+            tmp_iso = cached.with_suffix(".tmp")
+            iso.write(str(tmp_iso))
+            iso.close()
+            tmp_iso.rename(cached)
+    shutil.copy(cached, dest)
+    return dest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines, tmpfs
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 
 pytestmark = pytest.mark.vm
@@ -264,16 +264,8 @@ def test_concurrent_creates_keep_the_inventory_whole(cbsd: Cbsd, counter_image) 
 
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    runner = Cbsd(mnt / "wd")
-    yield runner
-    for pid in qemu_processes(mnt):
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "small", "96m") as mnt:
+        yield Cbsd(mnt / "wd")
 
 
 def test_full_disk(small_disk: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]

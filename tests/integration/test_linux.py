@@ -86,3 +86,51 @@ def test_checkpoint_restore_keeps_uptime_and_disk(cbsd: Cbsd, linux_guest) -> No
     assert up < moved_on[1], "uptime is the checkpoint's, not the later run's"
     assert disk < moved_on[2], "the disk is back at the checkpoint's contents"
     assert all(t[3] == "OK" for t in restored), restored
+
+
+def test_a_restore_says_when_the_guest_has_no_agent(cbsd: Cbsd, linux_guest) -> None:  # type: ignore[no-untyped-def]
+    """The busybox guest runs no guest agent: after a restore cbsd cannot set its clock, and
+    says so (and what to do) instead of staying silent."""
+    create_linux(cbsd, linux_guest)
+    cbsd("bstart", "lx").ok()
+    con = cbsd.console("lx")
+    con.wait(TICK_RE, count=2, timeout=90)
+    cbsd("bcheckpoint", "mode=create", "jname=lx", "name=c").ok()
+    cbsd("bstop", "lx", "noacpi=1").ok()
+    r = cbsd("bstart", "lx", "checkpoint=c").ok()
+    assert r.out.strip() == "lx: restored from checkpoint c"
+    assert "lx: no guest agent answered when the checkpoint c was saved" in r.err
+    assert "clock is about" in r.err and "qemu-guest-agent" in r.err
+
+
+def test_a_uefi_guest_boots_checkpoints_and_restores(cbsd: Cbsd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """vm_efi=uefi: Debian's OVMF boots systemd-boot from an EFI CD, which boots the Linux
+    guest; a checkpoint covers the disk and the VM's own UEFI variable store (qcow2), and a
+    restore continues where the guest was."""
+    from tests.guests.build import uefi_iso
+
+    iso = uefi_iso(tmp_path / "uefi.iso")
+    cbsd("bcreate", "jname=efi", "vm_efi=uefi", f"iso={iso}", "imgsize=16m",
+         "vm_ram=256m").ok()
+    varstore = cbsd.workdir / "vm" / "efi" / "efivars.qcow2"
+    assert varstore.is_file() and varstore.stat().st_mode & 0o077 == 0
+    cbsd("bstart", "efi").ok()
+    con = cbsd.console("efi")
+    con.wait(r"cbsd-guest: up", timeout=180)
+    con.wait(TICK_RE, count=3, timeout=60)
+    assert "EFI" in con.text() or "efi" in con.text().lower()
+    before = ticks(con.text())[-1]
+    cbsd("bcheckpoint", "mode=create", "jname=efi", "name=c").ok()
+    snapshots = __import__("json").loads(__import__("subprocess").run(
+        ["qemu-img", "info", "-U", "--output=json", str(varstore)], capture_output=True,
+        text=True, check=True).stdout).get("snapshots", [])
+    assert len(snapshots) == 1, "the variable store is part of the checkpoint"
+    con.wait(TICK_RE, since=con.mark(), count=4, timeout=60)
+    cbsd("bstop", "efi", "noacpi=1").ok()
+    mark = con.mark()
+    cbsd("bstart", "efi", "checkpoint=c").ok()
+    con.wait(TICK_RE, since=mark, count=3, timeout=60)
+    restored = ticks(con.since(mark))
+    assert "cbsd-guest: up" not in con.since(mark), "no reboot"
+    assert before[0] + 1 <= restored[0][0] <= before[0] + 3
+    assert all(t[3] == "OK" for t in restored), restored

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive
+from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
 
@@ -220,15 +220,8 @@ def test_host_integration_on_a_host_with_no_vms(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    yield mnt
-    for pid in qemu_processes(mnt):
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tiny", "64m") as mnt:
+        yield mnt
 
 
 def fill(path: Path) -> None:
@@ -247,10 +240,7 @@ def fill(path: Path) -> None:
 def test_a_full_disk_still_lets_cbsd_list_stop_and_free_space(tiny_fs: Path,
                                                               counter_image) -> None:  # type: ignore[no-untyped-def]
     cbsd = Cbsd(tiny_fs / "wd")
-    cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=8)}", "vm_os_type=other",
-         "vm_ram=32m").ok()
-    cbsd("bstart", "vm1").ok()
-    cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    start_counter(cbsd, counter_image(fill_mib=8))
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=d").ok()
     fill(tiny_fs)
@@ -276,10 +266,7 @@ def test_a_full_disk_still_lets_cbsd_list_stop_and_free_space(tiny_fs: Path,
 
 def test_a_read_only_workdir_can_still_be_listed(tiny_fs: Path, counter_image) -> None:  # type: ignore[no-untyped-def]
     cbsd = Cbsd(tiny_fs / "wd")
-    cbsd("bcreate", "jname=vm1", f"image={counter_image()}", "vm_os_type=other",
-         "vm_ram=32m").ok()
-    cbsd("bstart", "vm1").ok()
-    cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    start_counter(cbsd, counter_image())
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
     cbsd("bstop", "vm1", "noacpi=1").ok()
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)

@@ -32,6 +32,9 @@ BAD = [
     ("bcreate", ["jname=vm1", "nic=tap"], "bad value for nic"),
     ("bcreate", ["jname=vm1", "hostfwd=tcp:99999:22"], "bad value for hostfwd"),
     ("bcreate", ["jname=vm1", "hostfwd=ssh"], "bad value for hostfwd"),
+    ("bcreate", ["jname=vm1", "hostfwd=tcp:300.0.0.1:22:22"], "bad value for hostfwd"),
+    ("bcreate", ["jname=vm1", "hostfwd=tcp:localhost:22:22"], "bad value for hostfwd"),
+    ("bcreate", ["jname=vm1", "hostfwd=tcp:2222:22,tcp:0.0.0.0:2222:80"], "forwarded twice"),
     ("bcreate", ["vm1", "vm2"], "takes one VM name, got 2"),
     ("bcheckpoint", ["jname=vm1"], "missing required key 'mode'"),
     ("bcheckpoint", ["jname=vm1", "mode=snapshot"], "bad value for mode: 'snapshot'"),
@@ -76,7 +79,10 @@ def test_sizes_and_hostfwd_are_converted() -> None:
                                     "hostfwd=tcp:2222:22,udp:5353:53,8080:80"])
     assert a["vm_ram"] == 1 << 30
     assert a["imgsize"] == 512 << 20
-    assert a["hostfwd"] == ["tcp:2222:22", "udp:5353:53", "tcp:8080:80"]
+    assert a["hostfwd"] == ["tcp:127.0.0.1:2222:22", "udp:127.0.0.1:5353:53",
+                            "tcp:127.0.0.1:8080:80"]
+    a = parse(COMMANDS["bcreate"], ["jname=vm1", "hostfwd=tcp:0.0.0.0:2222:22,10.1.2.3:80:80"])
+    assert a["hostfwd"] == ["tcp:0.0.0.0:2222:22", "tcp:10.1.2.3:80:80"]
 
 
 def test_suspend_is_an_alias_of_poweroff() -> None:

@@ -77,6 +77,20 @@ def test_recorded_qemu_outputs_parse(release: str, version: str, pc: str) -> Non
     assert host.resolve_machine(h, "q35").startswith("pc-q35-")
     assert host.machine_known(h, pc) and host.machine_known(h, "pc-i440fx-7.2")
     assert not host.machine_known(h, "Supported")
+    devices = host.parse_devices((DATA / f"qemu-{release}-device-help.txt").read_text())
+    assert {"virtio-serial-pci", "virtserialport", "virtio-rng-pci", "ide-cd",
+            "virtio-blk-pci"} <= devices
+    assert host.Host(qemu="q", qemu_img="i", version=version, accel="tcg", qboot=None,
+                     devices=frozenset(devices)).agent_channel
+
+
+def test_a_cache_from_before_device_probing_is_probed_again(tmp_path: Path) -> None:
+    first = host.probe(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    del data["devices"]
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    host.probe.cache_clear()
+    assert host.probe(tmp_path / "c.json").devices == first.devices != frozenset()
 
 
 def test_unparsable_version() -> None:
