@@ -30,8 +30,11 @@ opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=-"
       -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
       -o "APT::Sandbox::User=root" -qq)
 apt-get "${opts[@]}" update
+# Every package that ships QEMU modules, so that QEMU 10 finds each of its modules in its own
+# folder and never falls back to (and aborts on) the system's 7.2 modules.
 (cd "$work/debs" && apt-get "${opts[@]}" download qemu-system-x86 qemu-system-common \
-    qemu-system-data qemu-utils qemu-block-extra)
+    qemu-system-data qemu-utils qemu-block-extra qemu-system-gui qemu-system-modules-opengl \
+    qemu-system-modules-spice)
 rm -rf "$root"
 for deb in "$work"/debs/*.deb; do dpkg -x "$deb" "$root"; done
 for b in qemu-system-x86_64 qemu-img; do

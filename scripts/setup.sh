@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates)
+# QEMU and the test guests' tools: nasm (boot sector), busybox-static (initramfs guest),
+# debootstrap + e2fsprogs (the Debian guest), openssh-client and iproute2 (tests reach guests
+# over SSH inside network namespaces), ovmf + dosfstools + mtools + systemd-boot-efi (UEFI),
+# openssl (cloud-init password hashes).
+PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates
+          debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
+          openssl)
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do
