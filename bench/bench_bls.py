@@ -14,7 +14,7 @@ from bench.timing import run as timed
 PREFIX = "cbsd-bench-bls-"
 
 
-def run(counts: tuple[int, ...] = (10, 200), repeat: int = 9) -> list[Case]:
+def run(counts: tuple[int, ...] = (10, 200, 1000), repeat: int = 9) -> list[Case]:
     cases = []
     with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp:
         wd = Path(tmp)

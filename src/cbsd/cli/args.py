@@ -22,7 +22,7 @@ _FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(
 @dataclass(frozen=True)
 class Key:
     name: str
-    kind: str  # name mask size int bool enum path str hostfwd list
+    kind: str  # name mask size int bool enum path str hostfwd list mac ifname
     default: Any = None
     required: bool = False
     help: str = ""
@@ -38,7 +38,9 @@ class Command:
     summary: str
     keys: tuple[Key, ...]
     example: str
-    bare: str = "masks"  # what bare words are: "masks" (any number), "one", or "none"
+    # What bare words are: "masks" (any number), "one", "none", or "one-then-words" (a VM
+    # name, then words the command reads: bget's setting names).
+    bare: str = "masks"
     details: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     # Reads only (no lock, nothing written): works on a read-only or full workdir. For a
@@ -99,6 +101,23 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
                                  f"{host_port} is forwarded twice")
             rules.append(f"{proto}:{bind}:{host_port}:{int(m.group(4))}")
         return rules
+    if key.kind == "ifname":
+        from cbsd.qemu.network import check_ifname
+
+        if raw == "":
+            return ""  # cleared: the default (bset interface= goes back to cbsd0)
+        try:
+            return check_ifname(raw, what)
+        except UsageError as e:
+            raise UsageError(f"{cmd.name}: {e}") from None
+    if key.kind == "mac":
+        mac = raw.lower().replace("-", ":")
+        octets = mac.split(":")
+        if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdef" for c in o)
+                                       for o in octets) or int(octets[0], 16) & 1:
+            raise UsageError(f"{cmd.name}: bad value for {what}: '{raw}' (a unicast MAC "
+                             "address, e.g. 52:54:00:12:34:56)")
+        return mac
     if key.kind == "list":
         items = [x.strip().lower() for x in raw.split(",") if x.strip()]
         bad = [x for x in items if x not in key.choices]
@@ -137,7 +156,14 @@ def parse(cmd: Command, argv: list[str]) -> dict[str, Any]:
             raise UsageError(f"{cmd.name}: key '{target}' given twice")
         out[target] = convert(cmd, cmd.key(target) or key, raw)
     jname = cmd.key("jname")
-    if cmd.bare == "one":
+    if cmd.bare == "one-then-words":
+        # `bget vm1 vm_ram vm_cpus`: the VM first (unless jname= named it), then words.
+        given = [w for w in argv if w.startswith("jname=")]
+        if not given and names:
+            names, out["extra"] = names[:1], names[1:]
+        else:
+            names, out["extra"] = names[:len(given)], names[len(given):]
+    if cmd.bare in ("one", "one-then-words"):
         if len(names) > 1:
             raise UsageError(f"{cmd.name}: takes one VM name, got {len(names)}")
         if names:
@@ -166,18 +192,20 @@ def help_text(cmd: Command) -> str:
         if k.alias_of:
             lines.append(f"  {k.name:<14} alias of {k.alias_of}=")
             continue
-        default = "required" if k.required else f"default: {_show(k.default)}"
+        default = "required" if k.required else f"default: {show_value(k.default)}"
         choices = f" ({'|'.join(k.choices)})" if k.choices and k.kind == "enum" else ""
         lines.append(f"  {k.name:<14} {k.help}{choices} [{default}]")
     lines += ["", "example:", f"  {cmd.example}"]
     return "\n".join(lines)
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any, none: str = "none") -> str:
+    """A value as the user would type it (bools 1/0, lists comma-separated); *none* for
+    no value (help says "none", bget prints nothing)."""
     if v is None:
-        return "none"
+        return none
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, list):
-        return ",".join(map(str, v)) or "none"
+        return ",".join(map(str, v)) or none
     return str(v)

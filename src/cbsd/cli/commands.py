@@ -63,11 +63,12 @@ def _main_thread_gets_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args) -> None:
+def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args,
+          command: str = "bcheckpoint") -> None:
     """Reject keys that mean nothing for this mode instead of silently ignoring them."""
     for key, default in defaults.items():
         if args.get(key) != default and mode not in allowed[key]:
-            raise UsageError(f"bcheckpoint: {key}= is not used with mode={mode}")
+            raise UsageError(f"{command}: {key}= is not used with mode={mode}")
 
 
 def bcreate(ctx: Context, a: Args) -> int:
@@ -80,7 +81,7 @@ def bcreate(ctx: Context, a: Args) -> int:
         iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
         vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
         astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
-        efi=a["vm_efi"],
+        efi=a["vm_efi"], mac=a["nic_hwaddr"] or "", interface=a["interface"] or "",
         cloud_init=settings({k: a[k] for k in KEYS})), imgsize=a["imgsize"], image=a["image"])
     print(f"{spec.jname}: created")
     if a["runasap"]:
@@ -136,6 +137,72 @@ def bregister(ctx: Context, a: Args) -> int:
     return each(ctx, found, lifecycle.register)
 
 
+def bset(ctx: Context, a: Args) -> int:
+    from cbsd.core import manage
+
+    changes = {k: v for k, v in a.items() if k in manage.SETTABLE and v is not None}
+    return each(ctx, ctx.resolve(a["names"]), lambda c, j: manage.set_(c, j, changes))
+
+
+def bget(ctx: Context, a: Args) -> int:
+    from cbsd.cli.args import show_value
+    from cbsd.core import manage
+
+    values = manage.get(ctx, a["jname"])
+    wanted = [*([a["key"]] if a["key"] else []), *a.get("extra", [])]
+    unknown = [k for k in wanted if k not in values]
+    if unknown:
+        raise UsageError(f"bget: unknown setting '{unknown[0]}' (settings: "
+                         f"{', '.join(values)})")
+    if a["format"] == "json":
+        sys.stdout.write(output.as_json({k: values[k] for k in wanted} if wanted else values))
+    elif len(wanted) == 1:
+        print(show_value(values[wanted[0]], none=""))
+    else:
+        for k in wanted or values:
+            print(f"{k}: {show_value(values[k], none='')}")
+    return 0
+
+
+def brename(ctx: Context, a: Args) -> int:
+    from cbsd.core import manage
+
+    print(manage.rename(ctx, a["old"], a["new"]))
+    return 0
+
+
+def bclone(ctx: Context, a: Args) -> int:
+    from cbsd.core import manage
+
+    print(manage.clone(ctx, a["old"], a["new"], a["checkpoint"]))
+    return 0
+
+
+def bhyve_dsk(ctx: Context, a: Args) -> int:
+    from cbsd.core import disks
+
+    mode, jname = a["mode"], a["jname"]
+    _only(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
+                    "dsk_name": ("attach", "detach"), "format": ("list",)},
+          {"dsk_size": None, "dsk_controller": None, "dsk_name": None, "format": "text"},
+          "bhyve-dsk")
+    if mode == "list":
+        rows = disks.listing(ctx, jname)
+        if a["format"] == "json":
+            sys.stdout.write(output.as_json(rows))
+        else:
+            sys.stdout.write(output.table(rows, ["dsk_name", "dsk_size", "dsk_controller"],
+                                          True))
+        return 0
+    if mode == "attach":
+        print(disks.attach(ctx, jname, a["dsk_size"], a["dsk_controller"], a["dsk_name"]))
+        return 0
+    if not a["dsk_name"]:
+        raise UsageError("bhyve-dsk: mode=detach needs dsk_name= (see mode=list)")
+    print(disks.detach(ctx, jname, a["dsk_name"]))
+    return 0
+
+
 def bpause(ctx: Context, a: Args) -> int:
     from cbsd.core import lifecycle
 
@@ -149,6 +216,9 @@ def bls(ctx: Context, a: Args) -> int:
     rows, notes = listing.rows(ctx, names)
     for note in notes:
         print(note, file=sys.stderr)
+    order = a["order"]
+    column = order.lstrip("-")
+    rows.sort(key=lambda r: (r[column], r["jname"]), reverse=order.startswith("-"))
     columns = a["display"] or list(listing.COLUMNS)
     if a["format"] == "json":
         sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))
@@ -193,7 +263,8 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
         sys.stdout.write(output.as_json(data))
         return 0
     for j in vms:
-        names = [ck["name"] + (" (damaged)" if ck["damaged"] else "")
+        names = [ck["name"] + (" (damaged)" if ck["damaged"] else "" if ck["restorable"]
+                               else f" (not restorable now: {ck['why_not']})")
                  for ck in checkpoints.listing(ctx, j)]
         print(f"Created checkpoint for {j}:" + ("" if names else " none"))
         for n in names:

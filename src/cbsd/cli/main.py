@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-V", "--version", "version"):
         print(f"cbsd {__version__}")
         return 0
+    if args[0] == "__complete" and len(args) >= 2:  # for contrib/bash-completion/cbsd
+        from cbsd.cli.complete import candidates
+
+        print("\n".join(candidates(args[1], args[2:])))
+        return 0
     try:
         if args[0] == "bpause":
             from cbsd.cli.quick import bpause
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from cbsd.core.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))
-        return int(getattr(commands, cmd.name)(ctx, parsed))
+        return int(getattr(commands, cmd.name.replace("-", "_"))(ctx, parsed))
     except BrokenPipeError:
         # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that
         # breaks a pipe is turned into a CbsdError with a message where it happens.

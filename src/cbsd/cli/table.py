@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from cbsd.cli.args import Command, Key
 from cbsd.core.model import BLS_COLUMNS as COLUMNS
 
@@ -26,6 +28,42 @@ CLOUD_INIT = (
     Key("ci_nameserver_search", "str", None, help="cloud-init: DNS search domains, "
         "comma-separated"),
 )
+BCREATE_KEYS = (
+        Key("vm_ram", "size", 512 << 20, help="RAM (k/m/g/t suffix; default 512m)"),
+        Key("vm_cpus", "int", 1, help="virtual CPUs", lo=1, hi=255),
+        Key("vm_os_type", "enum", "linux", help="guest OS family",
+            choices=("linux", "freebsd", "windows", "other")),
+        Key("imgsize", "size", None, help="size of a new empty first disk (default 10g), "
+            "or grow an imported one to it"),
+        Key("image", "path", None, help="import this disk image (any format qemu-img reads)"),
+        Key("iso", "path", None, help="attach this CD-ROM image"),
+        Key("kernel", "path", None, help="boot this Linux kernel directly"),
+        Key("initrd", "path", None, help="initial ramdisk for kernel="),
+        Key("cmdline", "str", None, help="kernel command line for kernel="),
+        Key("vnc", "bool", False, help="VNC console on 127.0.0.1"),
+        Key("vnc_password", "str", None, help="VNC password (needs vnc=1)"),
+        Key("nic", "enum", "user", help="network: user (QEMU's NAT, hostfwd), bridge (a tap "
+            "on interface=, or on cbsd's own network cbsd0), none",
+            choices=("user", "bridge", "none")),
+        Key("interface", "ifname", None, help="nic=bridge: the Linux bridge (default: cbsd0, "
+            "which cbsd sets up with DHCP, DNS and NAT)"),
+        Key("nic_hwaddr", "mac", None, help="the NIC's MAC address (default: a random "
+            "52:54:00:xx:xx:xx)"),
+        Key("hostfwd", "hostfwd", [], help="forward host ports: "
+            "tcp:[BIND:]HOSTPORT:GUESTPORT,... (BIND defaults to 127.0.0.1)"),
+        Key("astart", "bool", False, help="start at host boot (cbsd-guests unit)"),
+        Key("runasap", "bool", False, help="start right after creating"),
+        Key("vm_efi", "enum", "none", help="firmware: uefi (OVMF, a per-VM variable "
+            "store) or none (BIOS)", choices=("none", "uefi")),
+        Key("virtio_rnd", "bool", True, help="a virtio-rng device fed from the host's "
+            "/dev/urandom"),
+        *CLOUD_INIT,
+)
+# bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):
+# the same keys, without defaults (a key not given is left as it is).
+_ONCE = {"imgsize", "image", "iso", "kernel", "initrd", "cmdline", "runasap"}
+BSET_KEYS = tuple(dataclasses.replace(k, default=None) for k in BCREATE_KEYS
+                  if k.name not in _ONCE)
 PARALLEL = Key("parallel", "int", 4, help="how many VMs to work on at once", lo=1, hi=64)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -33,29 +71,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "bcreate", "Define a VM (and create or import its first disk).",
         (
             J_NAME,
-            Key("vm_ram", "size", 512 << 20, help="RAM (k/m/g/t suffix; default 512m)"),
-            Key("vm_cpus", "int", 1, help="virtual CPUs", lo=1, hi=255),
-            Key("vm_os_type", "enum", "linux", help="guest OS family",
-                choices=("linux", "freebsd", "windows", "other")),
-            Key("imgsize", "size", None, help="size of a new empty first disk (default 10g), "
-                "or grow an imported one to it"),
-            Key("image", "path", None, help="import this disk image (any format qemu-img reads)"),
-            Key("iso", "path", None, help="attach this CD-ROM image"),
-            Key("kernel", "path", None, help="boot this Linux kernel directly"),
-            Key("initrd", "path", None, help="initial ramdisk for kernel="),
-            Key("cmdline", "str", None, help="kernel command line for kernel="),
-            Key("vnc", "bool", False, help="VNC console on 127.0.0.1"),
-            Key("vnc_password", "str", None, help="VNC password (needs vnc=1)"),
-            Key("nic", "enum", "user", help="network", choices=("user", "none")),
-            Key("hostfwd", "hostfwd", [], help="forward host ports: "
-                "tcp:[BIND:]HOSTPORT:GUESTPORT,... (BIND defaults to 127.0.0.1)"),
-            Key("astart", "bool", False, help="start at host boot (cbsd-guests unit)"),
-            Key("runasap", "bool", False, help="start right after creating"),
-            Key("vm_efi", "enum", "none", help="firmware: uefi (OVMF, a per-VM variable "
-                "store) or none (BIOS)", choices=("none", "uefi")),
-            Key("virtio_rnd", "bool", True, help="a virtio-rng device fed from the host's "
-                "/dev/urandom"),
-            *CLOUD_INIT,
+            *BCREATE_KEYS,
         ),
         "cbsd bcreate jname=vm1 vm_ram=1g imgsize=20g iso=/srv/debian.iso vnc=1",
         bare="one",
@@ -93,8 +109,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                 choices=COLUMNS),
             Key("header", "bool", True, help="print the header line"),
             Key("format", "enum", "table", help="output format", choices=("table", "json")),
+            Key("order", "enum", "jname", help="sort by this column ('-' before it: "
+                "descending)", choices=(*COLUMNS, *(f"-{c}" for c in COLUMNS))),
         ),
-        "cbsd bls display=jname,status,vnc_port header=0",
+        "cbsd bls display=jname,status,vnc_port header=0 order=-vm_ram",
         readonly=True,
     ),
     Command(
@@ -109,6 +127,63 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "cbsd bregister jname='*'",
         details=("Each VM's definition is kept beside its files (jails-system/VM/vm.json); "
                  "a VM made before cbsd kept one\nis registered from its newest saved state."),
+    ),
+    Command(
+        "bset", "Change the settings of stopped VMs (the keys bcreate takes).",
+        (J_MASK, *BSET_KEYS),
+        "cbsd bset jname=vm1 vm_ram=2g vm_cpus=2",
+        details=("The VM must be Off. Checkpoints taken with other settings stay listed, marked "
+                 "as not restorable\n(bcheckpoint mode=list shows why); setting them back makes "
+                 "them restorable again.\nA ci_* key given empty (ci_gw4=) removes it; any "
+                 "ci_* change gives cloud-init a new instance\nid, so the guest applies it at "
+                 "its next boot."),
+    ),
+    Command(
+        "bget", "Show a VM's settings.",
+        (J_NAME, Key("key", "str", None, help="only this setting (its value alone)"),
+         Key("format", "enum", "text", help="output format", choices=("text", "json"))),
+        "cbsd bget jname=vm1 vm_ram",
+        bare="one-then-words",
+        readonly=True,
+        details="Bare words after the VM name are setting names: cbsd bget vm1 vm_ram vm_cpus",
+    ),
+    Command(
+        "brename", "Rename a stopped VM, with its disks, checkpoints and files.",
+        (Key("old", "name", None, required=True, help="the VM's name now"),
+         Key("new", "name", None, required=True, help="its new name")),
+        "cbsd brename old=vm1 new=web1",
+        bare="none",
+    ),
+    Command(
+        "bclone", "Copy a stopped VM (optionally with one checkpoint) into a new one.",
+        (Key("old", "name", None, required=True, help="the VM to copy"),
+         Key("new", "name", None, required=True, help="the copy's name"),
+         Key("checkpoint", "name", None, help="also copy this checkpoint, so the copy can "
+             "continue from its instant (bstart jname=NEW checkpoint=NAME)")),
+        "cbsd bclone old=vm1 new=vm2 checkpoint=before_upgrade",
+        bare="none",
+        details=("The copy gets its own MAC address and cloud-init identity; disks are copied "
+                 "with reflinks where\nthe filesystem has them. A copy restored from a "
+                 "checkpoint is the same machine until it reboots:\nits guest still sees the "
+                 "original's MAC address (see docs/management.md)."),
+    ),
+    Command(
+        "bhyve-dsk", "List, attach or detach a stopped VM's disks.",
+        (J_NAME,
+         Key("mode", "enum", None, required=True, help="action",
+             choices=("list", "attach", "detach")),
+         Key("dsk_size", "size", None, help="attach: size of the new disk (k/m/g/t)"),
+         Key("dsk_controller", "enum", None, help="attach: controller (default virtio-blk "
+             "for linux/freebsd, ahci otherwise)", choices=("virtio-blk", "ahci", "nvme")),
+         Key("dsk_name", "name", None, help="attach: a name (default dsk2, dsk3, ...; an "
+             "image detached earlier is attached again); detach: required"),
+         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
+        "cbsd bhyve-dsk mode=attach jname=vm1 dsk_size=20g dsk_controller=nvme",
+        bare="one",
+        readonly_modes=("list",),
+        details=("Checkpoints snapshot every disk. A disk a checkpoint holds a snapshot of "
+                 "cannot be detached\n(destroy those checkpoints first); a detached disk's "
+                 "image stays in the VM's folder."),
     ),
     Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",

@@ -33,7 +33,12 @@ def _size(path: Path) -> int:
 
 
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
-    ctx.spec(jname)
+    """Each checkpoint with what restore would say of it now (restorable, and why not)."""
+    from cbsd.qemu.host import machine_known
+
+    spec = ctx.spec(jname)
+    host = ctx.host
+    relevant = spec.restore_relevant()
     out = []
     for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
         name = ckpstore.state_name(path)
@@ -42,7 +47,8 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
         except FileNotFoundError:
             continue  # destroyed while we listed
         if m is None:
-            out.append({"name": name, "created": None, "size": size, "damaged": True})
+            out.append({"name": name, "created": None, "size": size, "damaged": True,
+                        "restorable": False, "why_not": "damaged (bcheckpoint mode=verify)"})
             continue
         out.append({
             "name": name,
@@ -55,8 +61,14 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
             "machine": m.machine,
             "parent": m.parent,
             "damaged": False,
+            **_restorable(load.incompatibility(m, relevant, host.accel, host.version,
+                                               lambda t: machine_known(host, t))),
         })
     return out
+
+
+def _restorable(why: str | None) -> dict[str, Any]:
+    return {"restorable": why is None, "why_not": why}
 
 
 def destroy(ctx: Context, jname: str, name: str) -> str:
@@ -124,8 +136,12 @@ def _verify_one(vm: VM, path: Path, tries: int = 3) -> str | None:
         try:
             load.check_intact(path, ckpstore.read_manifest(path), present)
             return None
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:
+            # A file that vanished while it was read is damage only if the checkpoint is
+            # still the one we started with.
             if _identity(path) == before:
+                if isinstance(e, OSError):
+                    return f"{ckpstore.describe(path)} is damaged: {e.strerror or e}"
                 return str(e)
             # Destroyed or replaced while it was read: read it again under its new identity.
     return None if _identity(path) is None else "it kept changing while it was verified"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cbsd.core import recovery
@@ -44,7 +46,8 @@ def host_memory() -> int:
     return 0
 
 
-def _validate(spec: VMSpec, image: str | None) -> None:
+def validate(spec: VMSpec, image: str | None = None) -> None:
+    """What a definition must satisfy (bcreate and bset): UsageError naming the key."""
     check_name(spec.jname)
     if spec.ram < 16 * MIB:
         raise UsageError(f"vm_ram={spec.ram >> 20}m is under 16 MiB: a likely mistake "
@@ -63,9 +66,11 @@ def _validate(spec: VMSpec, image: str | None) -> None:
         raise UsageError("vnc_password= needs vnc=1")
     if spec.hostfwd and spec.nic != "user":
         raise UsageError("hostfwd= needs nic=user")
+    if spec.interface and spec.nic != "bridge":
+        raise UsageError("interface= needs nic=bridge")
 
 
-def _check_host(ctx: Context, spec: VMSpec) -> None:
+def check_host(ctx: Context, spec: VMSpec) -> None:
     """What the spec asks of this host's QEMU, probed (not assumed)."""
     host = ctx.host
     if spec.virtio_rnd and "virtio-rng-pci" not in host.devices:
@@ -75,12 +80,49 @@ def _check_host(ctx: Context, spec: VMSpec) -> None:
         raise UsageError("vm_efi=uefi needs UEFI firmware (OVMF): apt-get install ovmf")
 
 
+def new_mac() -> str:
+    """A random address in QEMU's locally administered range 52:54:00:xx:xx:xx."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
 def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
            image: str | None = None) -> VMSpec:
     """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
     is *image* converted to qcow2 (grown to *imgsize* if larger), or a new empty one."""
-    _validate(spec, image)
-    _check_host(ctx, spec)
+    validate(spec, image)
+    check_host(ctx, spec)
+    spec = dataclasses.replace(
+        spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
+        iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd),
+        mac=spec.mac or new_mac())
+    wd = ctx.workdir
+    jname = spec.jname
+
+    def make(_: Path) -> None:
+        disk = wd.disk(jname, FIRST_DISK)
+        if image:
+            img.convert(Path(image), disk)
+            if imgsize and imgsize > int(img.info(disk)["virtual-size"]):
+                img.resize(disk, imgsize)
+        else:
+            img.create(disk, imgsize or DEFAULT_IMGSIZE)
+        if spec.efi == "uefi":
+            # The VM's own variable store, a qcow2 copy of the template: internal snapshots
+            # (checkpoints) need every writable image to be qcow2.
+            img.convert(Path(ctx.host.ovmf[0][1]), wd.disk(jname, EFI_VARS), source="raw")
+        if spec.cloud_init:
+            from cbsd.core import cloudinit
+
+            cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname, spec.cloud_init))
+        failpoint("bcreate:disk")
+
+    return create_from(ctx, spec, make)
+
+
+def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMSpec:
+    """Register a new VM whose files *make* writes into its folder (bcreate, bclone), under
+    the protocol that lets cbsd delete only what it made: the folder is marked unfinished
+    first, the definition written, the mark removed, and only then the inventory entry made."""
     jname = spec.jname
     wd = ctx.workdir
     with ctx.lock(jname, "bcreate"):
@@ -98,26 +140,7 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
             wd.system(jname).mkdir(mode=0o700)
             _mark_unfinished(ctx, jname)
             wd.ensure_vm(jname)
-            disk = wd.disk(jname, FIRST_DISK)
-            if image:
-                img.convert(Path(image), disk)
-                if imgsize and imgsize > int(img.info(disk)["virtual-size"]):
-                    img.resize(disk, imgsize)
-            else:
-                img.create(disk, imgsize or DEFAULT_IMGSIZE)
-            if spec.efi == "uefi":
-                # The VM's own variable store, a qcow2 copy of the template: internal
-                # snapshots (checkpoints) need every writable image to be qcow2.
-                img.convert(Path(ctx.host.ovmf[0][1]), wd.disk(jname, EFI_VARS), source="raw")
-            if spec.cloud_init:
-                from cbsd.core import cloudinit
-
-                cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
-                                                                         spec.cloud_init))
-            failpoint("bcreate:disk")
-            spec = dataclasses.replace(
-                spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
-                iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd))
+            make(wd.vm_dir(jname))
             save_spec_file(ctx, spec)
             # The mark goes before the entry comes: a crash between the two leaves a whole VM
             # that only needs `bregister`, never an entry beside files marked for deletion.

@@ -36,7 +36,7 @@ def rows(ctx: Context, names: list[str] | None) -> tuple[list[dict[str, Any]], l
             "vm_cpus": spec.cpus,
             "pcpu": pcpu,
             "vm_os_type": spec.os_type,
-            "ip4_addr": (live and vm.agent_ip4()) or ("DHCP" if spec.nic == "user" else "-"),
+            "ip4_addr": (live and vm.agent_ip4()) or ("DHCP" if spec.nic != "none" else "-"),
             "status": status.value,
             "vnc_port": f"{spec.vnc_bind}:{vm.vnc_port}" if live and vm.vnc_port else "0",
         })

@@ -35,6 +35,10 @@ class Action(enum.Enum):
     SUSPEND = "hibernate"
     DISCARD = "discard the hibernation image of"
     LOGIN = "attach to the console of"
+    CONFIGURE = "change the settings of"
+    RENAME = "rename"
+    CLONE = "clone"
+    DISKS = "attach or detach disks of"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -48,6 +52,10 @@ ALLOWED: dict[Action, set[Status]] = {
     Action.SUSPEND: _RUNNING,
     Action.DISCARD: {Status.SUSPENDED},
     Action.LOGIN: _RUNNING,
+    Action.CONFIGURE: {Status.OFF},
+    Action.RENAME: {Status.OFF},
+    Action.CLONE: {Status.OFF},
+    Action.DISKS: {Status.OFF},
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.
@@ -59,6 +67,12 @@ _WHY = {
     (Action.RESTORE, Status.SUSPENDED): (
         "is hibernated: resume it with bstart or drop the image with "
         "'bsuspend mode=discard' before restoring a checkpoint"
+    ),
+    (Action.CONFIGURE, Status.ON): "is running: stop it first (cbsd bstop), then change it",
+    (Action.CONFIGURE, Status.PAUSED): "is running (paused): stop it first (cbsd bstop)",
+    (Action.CONFIGURE, Status.SUSPENDED): (
+        "is hibernated: resume and stop it (bstart, bstop), or drop the image with "
+        "'bsuspend mode=discard', before changing it"
     ),
     (Action.STOP, Status.SUSPENDED): (
         "is hibernated: 'bstop' would throw its saved state away; "
@@ -103,6 +117,10 @@ class VMSpec:
     virtio_rnd: bool = False  # virtio-rng fed from the host's /dev/urandom
     efi: str = "none"  # "uefi": OVMF with a per-VM variable store
     cloud_init: dict[str, str] = dataclasses.field(default_factory=dict)  # ci_* keys
+    mac: str = ""  # the NIC's MAC address ("": QEMU's default, as VMs before nic_hwaddr)
+    interface: str = ""  # nic=bridge: the Linux bridge ("": cbsd's managed network cbsd0)
+    # Disk file name -> controller (virtio-blk, ahci, nvme) where it is not the OS default.
+    disk_controllers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +149,7 @@ class VMSpec:
         }
         later = {"guest_agent": self.guest_agent, "virtio_rnd": self.virtio_rnd,
                  "efi": self.efi if self.efi != "none" else None,
-                 "seed": bool(self.cloud_init)}
+                 "seed": bool(self.cloud_init),
+                 "disk_controllers": dict(self.disk_controllers)}
         relevant.update({k: v for k, v in later.items() if v})
         return relevant

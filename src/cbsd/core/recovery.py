@@ -17,6 +17,7 @@ by an older cbsd: its image is stale and dropped.
 from __future__ import annotations
 
 import enum
+import json
 import time
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def recover(vm: VM, died: str = "") -> None:
     """Bring *vm* back to a sound state; needs the VM's lock. *died*: what the lock file
     said of a previous holder that never released it (VMLock.died)."""
     wd = vm.ctx.workdir
+    _settle_definition(vm)
     adopt_lost_qemu(vm, scan=bool(died))
     doomed: list[Path] = []
     for d in (wd.checkpoints(vm.jname), wd.system(vm.jname)):
@@ -92,6 +94,38 @@ def recover(vm: VM, died: str = "") -> None:
         remove_tree(path)
     if doomed:
         sweep_orphans(vm)
+
+
+def _settle_definition(vm: VM) -> None:
+    """Finish what a cut-short brename or bset left: folders still under the old name (the
+    inventory entry already moved: brename's note names this VM), a stale note (the entry
+    never moved), or a vm.json older than the inventory."""
+    wd = vm.ctx.workdir
+    from cbsd.core.manage import RENAME_NOTE, finish_rename
+
+    note = wd.system(vm.jname) / RENAME_NOTE
+    if note.exists():
+        note.unlink()  # the entry still has this name: the rename never happened
+    if not wd.system(vm.jname).exists():
+        for other in (wd.root / "jails-system").glob(f"*/{RENAME_NOTE}"):
+            if other.read_text().strip() == vm.jname:
+                if debug.ON:
+                    debug.log("recover", f"{vm.jname}: finishing brename from "
+                              f"{other.parent.name}")
+                finish_rename(vm.ctx, other.parent.name, vm.jname)
+                break
+    from cbsd.core.disks import clear_unfinished_attach
+
+    clear_unfinished_attach(vm.ctx, vm.spec)
+    spec_file = wd.spec_file(vm.jname)
+    try:
+        on_disk = json.loads(spec_file.read_bytes())
+    except (OSError, ValueError):
+        on_disk = None
+    if on_disk != vm.spec.to_dict() and wd.system(vm.jname).exists():
+        from cbsd.core.lifecycle import save_spec_file
+
+        save_spec_file(vm.ctx, vm.spec)
 
 
 def _settled_state(vm: VM) -> RunState | None:

@@ -21,6 +21,7 @@ from cbsd.core.model import Status, VMSpec
 from cbsd.errors import EnvironmentFault, QemuError
 from cbsd.qemu import process
 from cbsd.qemu.argv import RuntimePaths, build_argv
+from cbsd.qemu.network import tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
 
@@ -62,6 +63,8 @@ class VM:
             qga_sock=str(wd.qga_sock(self.jname)),
             seed=str(wd.seed(self.jname)),
             efi_vars=str(wd.disk(self.jname, EFI_VARS)) if spec.efi == "uefi" else "",
+            tap=tap_name(wd.root, self.jname) if spec.nic == "bridge" else "",
+            ifup=str(wd.system(self.jname) / "ifup") if spec.nic == "bridge" else "",
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
         self._mon: Monitor | None = None
@@ -136,7 +139,7 @@ class VM:
         if paths.efi_vars:
             import dataclasses
 
-            code = host.ovmf_code_for(_virtual_size(paths.efi_vars))
+            code = host.ovmf_code_for(qcow2_virtual_size(paths.efi_vars))
             if code is None:
                 raise QemuError(f"{self.jname}: no UEFI firmware on this host matches its "
                                 "variable store: apt-get install ovmf")
@@ -148,6 +151,8 @@ class VM:
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
+        if self.spec.nic == "bridge":
+            self._prepare_bridge()
         for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
             Path(sock).unlink(missing_ok=True)
         self.pid = process.launch(self.argv(incoming=incoming, paused=paused),
@@ -165,6 +170,22 @@ class VM:
             raise
         self._record(self.pid, self.vnc_port)
         return mon
+
+    def _prepare_bridge(self) -> None:
+        """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
+        from cbsd.errors import QemuError as Refused
+        from cbsd.qemu import network
+
+        wd = self.ctx.workdir
+        bridge = self.spec.interface or network.MANAGED
+        if not self.spec.interface:
+            with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30):
+                network.ensure_managed(wd.run_dir, wd.inventory.parent)
+        elif not network.bridge_exists(bridge):
+            raise Refused(f"{self.jname}: interface={bridge}: no such bridge on this host "
+                          f"(create it, e.g. 'ip link add {bridge} type bridge', or leave "
+                          "interface= empty for cbsd's own network cbsd0)")
+        network.write_ifup(Path(self.paths.ifup), bridge)
 
     def _record(self, pid: int, vnc_port: int) -> None:
         """Note the pid in the inventory. Only a hint (see the module's docstring), so a full
@@ -264,17 +285,24 @@ class VM:
                            seconds, settime)
 
     def agent_ip4(self) -> str | None:
+        """The guest's address: as its agent reports it, or as cbsd0's DHCP server leased it."""
         from cbsd.qemu.agent import read_state
 
         addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
-        return str(addresses[0]) if addresses else None
+        if addresses:
+            return str(addresses[0])
+        if self.spec.nic == "bridge" and not self.spec.interface and self.spec.mac:
+            from cbsd.qemu.network import lease_ip
+
+            return lease_ip(self.ctx.workdir.inventory.parent, self.spec.mac)
+        return None
 
     def rss_and_cpu(self) -> tuple[int, float]:
         """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
         return process.resident_bytes(self.pid) >> 20, process.cpu_percent(self.pid)
 
 
-def _virtual_size(qcow2: str) -> int:
+def qcow2_virtual_size(qcow2: str) -> int:
     """A qcow2 image's virtual size from its header (bytes 24-31, big-endian): no qemu-img
     call, and it works while QEMU holds the image."""
     try:

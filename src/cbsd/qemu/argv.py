@@ -24,6 +24,8 @@ class RuntimePaths:
     seed: str = ""  # the cloud-init NoCloud seed (an ISO labelled cidata)
     efi_vars: str = ""  # the VM's UEFI variable store (qcow2), with vm_efi=uefi
     efi_code: str = ""  # the firmware matching that store (host.ovmf_code_for)
+    tap: str = ""  # nic=bridge: the tap QEMU creates
+    ifup: str = ""  # nic=bridge: the script QEMU runs to put the tap on its bridge
 
 
 def _esc(value: str) -> str:
@@ -41,8 +43,24 @@ def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
     return proto, bind, host, guest
 
 
-def disk_bus(spec: VMSpec) -> str:
-    return "virtio-blk-pci" if spec.os_type in ("linux", "freebsd") else "ide-hd"
+CONTROLLERS = ("virtio-blk", "ahci", "nvme")
+
+
+def default_controller(spec: VMSpec) -> str:
+    return "virtio-blk" if spec.os_type in ("linux", "freebsd") else "ide"
+
+
+def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
+    """The -device of disk *i* on its controller (an AHCI controller is added once)."""
+    controller = spec.disk_controllers.get(name) or default_controller(spec)
+    common = f"drive=disk{i},id=disk{i}-dev,bootindex={i + 1}"
+    if controller == "virtio-blk":
+        return ["-device", f"virtio-blk-pci,{common}"]
+    if controller == "nvme":
+        return ["-device", f"nvme,{common},serial=cbsd-{i}"]
+    if controller == "ahci":
+        return ["-device", f"ide-hd,{common},bus=ahci0.{i}"]
+    return ["-device", f"ide-hd,{common}"]
 
 
 def nic_model(spec: VMSpec) -> str:
@@ -77,12 +95,14 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "node-name=efi-vars-file",
             "-blockdev", "driver=qcow2,file=efi-vars-file,node-name=efi-vars",
         ]
+    if "ahci" in spec.disk_controllers.values():
+        argv += ["-device", "ahci,id=ahci0"]
     for i, disk in enumerate(paths.disks):
         argv += [
             "-blockdev", f"driver=file,filename={_esc(disk)},node-name=disk{i}-file",
             "-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}",
-            "-device", f"{disk_bus(spec)},drive=disk{i},id=disk{i}-dev,bootindex={i + 1}",
         ]
+        argv += _disk_device(spec, spec.disks[i] if i < len(spec.disks) else "", i)
     if spec.iso:
         argv += [
             "-blockdev", f"driver=file,filename={_esc(spec.iso)},node-name=cd0-file,read-only=on",
@@ -108,7 +128,13 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         netdev = "user,id=net0" + "".join(
             ",hostfwd={}:{}:{}-:{}".format(*hostfwd_parts(rule)) for rule in spec.hostfwd)
         # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
-        argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0,romfile="]
+        mac = f",mac={spec.mac}" if spec.mac else ""
+        argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
+    elif spec.nic == "bridge":
+        mac = f",mac={spec.mac}" if spec.mac else ""
+        argv += ["-netdev", f"tap,id=net0,ifname={paths.tap},script={_esc(paths.ifup)},"
+                 "downscript=no",
+                 "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
     if spec.virtio_rnd:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-pci,rng=rng0"]

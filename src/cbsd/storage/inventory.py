@@ -137,6 +137,15 @@ class Inventory:
         self._write("UPDATE vm SET spec = ? WHERE jname = ?", json.dumps(spec.to_dict()),
                     spec.jname)
 
+    def rename(self, old: str, spec: VMSpec) -> None:
+        """Move *old*'s entry to spec.jname, runtime fields and all, in one transaction."""
+        try:
+            with self._errors(), self._tx() as db:
+                db.execute("UPDATE vm SET jname = ?, spec = ? WHERE jname = ?",
+                           (spec.jname, json.dumps(spec.to_dict()), old))
+        except sqlite3.IntegrityError:
+            raise StateError(f"VM already exist: {spec.jname}") from None
+
     def remove(self, jname: str) -> None:
         self._write("DELETE FROM vm WHERE jname = ?", jname)
 

@@ -28,6 +28,11 @@ class Workdir:
         return self.root / "var" / "db" / "local.sqlite"
 
     @property
+    def run_dir(self) -> Path:
+        """Runtime files of host services cbsd starts (dnsmasq of the managed network)."""
+        return self.root / "var" / "run"
+
+    @property
     def locks(self) -> Path:
         return self.root / "var" / "lock"
 
@@ -93,8 +98,8 @@ class Workdir:
         exist keep their mode: the workdir may be a folder cbsd did not create."""
         from cbsd.errors import EnvironmentFault
 
-        for d in (self.root, self.inventory.parent, self.locks, self.root / "jails-system",
-                  self.root / "vm"):
+        for d in (self.root, self.inventory.parent, self.locks, self.run_dir,
+                  self.root / "jails-system", self.root / "vm"):
             try:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
             except FileExistsError:

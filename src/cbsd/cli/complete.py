@@ -1,0 +1,58 @@
+"""Shell completion, from the registry (commands, keys, choices) and the inventory (VM and
+checkpoint names). contrib/bash-completion/cbsd calls `cbsd __complete CURRENT WORDS...`.
+Never fails: a completion that cannot be computed is simply empty."""
+
+from __future__ import annotations
+
+import contextlib
+
+from cbsd.cli.table import COMMANDS
+
+VM_KEYS = {"jname", "old"}
+
+
+def candidates(current: str, words: list[str]) -> list[str]:
+    if not words:
+        return sorted(c for c in COMMANDS if c.startswith(current))
+    cmd = COMMANDS.get(words[0])
+    if cmd is None:
+        return []
+    key, eq, value = current.partition("=")
+    if not eq:
+        keys = [f"{k.name}=" for k in cmd.keys if k.name.startswith(current)]
+        return sorted(keys + (_vms(current) if cmd.bare != "none" else []))
+    k = cmd.key(key)
+    if k is None:
+        return []
+    if k.choices:
+        return [f"{key}={c}" for c in k.choices if c.startswith(value)]
+    if k.kind == "bool":
+        return [f"{key}={v}" for v in ("0", "1") if v.startswith(value)]
+    if key in VM_KEYS:
+        return [f"{key}={n}" for n in _vms(value)]
+    if key in ("checkpoint", "name"):
+        vm = next((w.split("=", 1)[1] for w in words if w.startswith(("jname=", "old="))),
+                  next((w for w in words[1:] if "=" not in w), None))
+        return [f"{key}={n}" for n in _checkpoints(vm) if n.startswith(value)]
+    return []
+
+
+def _vms(prefix: str) -> list[str]:
+    with contextlib.suppress(Exception):
+        from cbsd.core.context import Context
+
+        return [n for n in Context(writable=False).inventory.names() if n.startswith(prefix)]
+    return []
+
+
+def _checkpoints(jname: str | None) -> list[str]:
+    if not jname:
+        return []
+    with contextlib.suppress(Exception):
+        from cbsd.core.context import Context
+        from cbsd.storage import ckpstore
+
+        ctx = Context(writable=False)
+        return [ckpstore.state_name(p) for p, _ in
+                ckpstore.list_states(ctx.workdir.checkpoints(jname))]
+    return []
