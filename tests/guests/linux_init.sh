@@ -26,13 +26,39 @@ for ev in /sys/class/input/event*; do
     fi
 done
 
-# Network (QEMU user networking): a tiny web server for hostfwd tests.
+# Network. cbsd.net=dhcp (kernel command line): ask DHCP (a bridge network), print the
+# address; otherwise QEMU user networking's fixed address. A tiny web server for hostfwd tests.
 if ip link set eth0 up 2>/dev/null; then
-    ip addr add 10.0.2.15/24 dev eth0
-    ip route add default via 10.0.2.2
+    if grep -q "cbsd.net=dhcp" /proc/cmdline; then
+        cat > /bin/dhcp-event <<'EOS'
+#!/bin/busybox sh
+[ "$1" = bound ] || [ "$1" = renew ] || exit 0
+ip addr add "$ip/${mask:-24}" dev "$interface"
+[ -n "$router" ] && ip route add default via "${router%% *}"
+echo "cbsd-guest: ip=$ip" > /dev/console
+exit 0
+EOS
+        chmod 755 /bin/dhcp-event
+        ok=""
+        for try in 1 2 3; do
+            udhcpc -i eth0 -s /bin/dhcp-event -q -n -t 10 -T 3 >/dev/null 2>&1 && ok=1 && break
+        done
+        [ -n "$ok" ] || echo "cbsd-guest: no DHCP answer"
+    else
+        ip addr add 10.0.2.15/24 dev eth0
+        ip route add default via 10.0.2.2
+    fi
     mkdir -p /www && echo "cbsd-guest-http" > /www/index.html
     httpd -p 80 -h /www
 fi
+# Commands typed on the serial console (the tests write them to its socket):
+#   ping ADDRESS  ->  "cbsd-guest: ping ADDRESS ok|failed"
+( while read -r cmd arg; do
+    case "$cmd" in
+    ping) if ping -c 1 -W 3 "$arg" >/dev/null 2>&1; then r=ok; else r=failed; fi
+          echo "cbsd-guest: ping $arg $r" ;;
+    esac
+  done < /dev/ttyS0 ) &
 
 readdisk() {
     blockdev --flushbufs /dev/vda

@@ -30,11 +30,13 @@ def lose_inventory(cbsd: Cbsd) -> None:
 
 
 def vm_files(cbsd: Cbsd, jname: str) -> dict[str, int]:
+    """Every file of the VM by its inode: none deleted, none replaced. (Not by size: the
+    running guest keeps writing its disk.)"""
     out = {}
     for top in (cbsd.system(jname), cbsd.workdir / "vm" / jname):
         for p in top.rglob("*"):
             if p.is_file() and not p.is_socket() and p.name != "console.log":
-                out[str(p.relative_to(cbsd.workdir))] = p.stat().st_size
+                out[str(p.relative_to(cbsd.workdir))] = p.stat().st_ino
     return out
 
 
