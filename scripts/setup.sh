@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 # QEMU and the test guests' tools: nasm (boot sector), busybox-static (initramfs guest),
 # debootstrap + e2fsprogs (the Debian guest), openssh-client and iproute2 (tests reach guests
 # over SSH inside network namespaces), ovmf + dosfstools + mtools + systemd-boot-efi (UEFI),
-# openssl (cloud-init password hashes).
+# openssl (cloud-init password hashes), dnsmasq-base + nftables (the managed network cbsd0).
 PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates
           debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
-          openssl)
+          openssl dnsmasq-base nftables)
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -37,22 +37,14 @@ fi
 # The `cbsd` command, in place of the script pip generates: that one runs Python with site
 # processing (.pth files, ~5 ms) and imports `re` (~4 ms) before cbsd starts -- half of what
 # a pause costs in all. This one starts Python isolated (-I -S) with the import paths site
-# would have added. Rewritten on every run, so a reinstall by pip cannot leave the slow one.
-.venv/bin/python - <<'PY'
-import os, sysconfig
-
-root = os.getcwd()
-paths = [os.path.join(root, "src")]
-paths += dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-launcher = os.path.join(root, ".venv", "bin", "cbsd")
-with open(launcher + ".tmp", "w") as f:
-    f.write(f"""#!{os.path.join(root, ".venv", "bin", "python3")} -IS
-# Written by scripts/setup.sh: an isolated start (-I -S) with the paths site would add.
-import sys
-sys.path += {paths!r}
-from cbsd.cli.main import main
-sys.exit(main())
-""")
-os.chmod(launcher + ".tmp", 0o755)
-os.replace(launcher + ".tmp", launcher)
-PY
+# would have added (cbsd/cli/launcher.py). Rewritten on every run, so a reinstall by pip
+# cannot leave the slow one.
+.venv/bin/python -m cbsd.cli.launcher .venv/bin/cbsd "$PWD/src"
+# On the PATH, with its man page and bash completion (as root: what an admin expects).
+if [ "$(id -u)" = 0 ]; then
+    ln -sfn "$PWD/.venv/bin/cbsd" /usr/local/bin/cbsd
+    mkdir -p /usr/local/share/man/man8 /usr/share/bash-completion/completions
+    .venv/bin/python -m cbsd.cli.manpage > /usr/local/share/man/man8/cbsd.8.tmp
+    mv /usr/local/share/man/man8/cbsd.8.tmp /usr/local/share/man/man8/cbsd.8
+    install -m 0644 contrib/bash-completion/cbsd /usr/share/bash-completion/completions/cbsd
+fi
