@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cbsd.errors import QemuError
 from cbsd.qemu import host
 
 
@@ -95,3 +96,21 @@ def test_a_cache_from_before_device_probing_is_probed_again(tmp_path: Path) -> N
 
 def test_unparsable_version() -> None:
     assert host.parse_version("not qemu at all") is None
+
+
+def test_cbsd_qemu_chooses_the_binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CBSD_QEMU", str(fake))
+    monkeypatch.setenv("CBSD_QEMU_IMG", str(fake))
+    host.qemu_img_path.cache_clear()
+    try:
+        h = host.probe(tmp_path / "c.json")
+        assert (h.qemu, h.qemu_img, h.version) == (str(fake), str(fake), "10.0.2")
+        monkeypatch.setenv("CBSD_QEMU", str(tmp_path / "missing"))
+        host.probe.cache_clear()
+        with pytest.raises(QemuError, match=r"CBSD_QEMU=.*not an executable file"):
+            host.probe(tmp_path / "c.json")
+    finally:
+        host.qemu_img_path.cache_clear()

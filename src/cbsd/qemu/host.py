@@ -47,7 +47,17 @@ class Host:
         return None
 
 
+# Which binaries: CBSD_QEMU / CBSD_QEMU_IMG (a path, e.g. a private QEMU 10 on Debian 12:
+# scripts/qemu10.sh), else the ones on the PATH.
+OVERRIDES = {"qemu-system-x86_64": "CBSD_QEMU", "qemu-img": "CBSD_QEMU_IMG"}
+
+
 def _which(name: str) -> str:
+    override = os.environ.get(OVERRIDES.get(name, ""), "")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise QemuError(f"{OVERRIDES[name]}={override}: not an executable file")
+        return os.path.abspath(override)
     path = shutil.which(name)
     if not path:
         raise QemuError(f"{name} not found: install QEMU "
