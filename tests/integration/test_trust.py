@@ -368,11 +368,8 @@ def test_a_paused_vm_comes_back_from_hibernation_paused(cbsd: Cbsd, running_coun
     assert "BOOT" not in con.since(mark)
 
 
-def test_verify_does_not_follow_a_planted_symlink(cbsd: Cbsd, running_counter: str,
-                                                  tmp_path: Path) -> None:
+def test_verify_does_not_follow_a_planted_symlink(cbsd: Cbsd, running_counter: str) -> None:
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
-    outside = tmp_path / "outside"
-    os.symlink(cbsd.system("vm1") / "checkpoints" / "c.ckp", outside)
     (cbsd.system("vm1") / "checkpoints" / "evil.ckp").symlink_to(
         cbsd.system("vm1") / "checkpoints" / "c.ckp")
     cbsd("bcheckpoint", "mode=verify", "jname=vm1", "name=evil").fails(1, "no checkpoint evil")

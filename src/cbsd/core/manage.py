@@ -9,7 +9,6 @@ rewrites vm.json from the inventory if a crash fell between the two.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -83,9 +82,10 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         fields = {s.field: changes[s.key] for s in SETTINGS if s.key in changes}
         if any(k in changes for k in cloudinit.KEYS):
             given = {k: changes[k] for k in cloudinit.KEYS if k in changes}
-            merged = {**old.cloud_init, **cloudinit.settings(given)}
-            # An emptied key is removed; the new instance id makes cloud-init apply it.
-            merged = {k: v for k, v in merged.items() if given.get(k, "x") != ""}
+            cleared = {k for k, v in given.items() if v == ""}  # ci_gw4= removes the key
+            # The new instance id (from settings()) makes cloud-init apply the change.
+            merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given)}.items()
+                      if k not in cleared}
             fields["cloud_init"] = merged if set(merged) - {"instance_id"} else {}
         new = dataclasses.replace(old, **fields)
         lifecycle.validate(new)
@@ -222,6 +222,3 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     ckpstore.save_manifest(m, tmp)
     ckpstore.publish(tmp, final)
 
-
-def settings_json(spec: VMSpec) -> str:
-    return json.dumps(describe(spec), indent=1)

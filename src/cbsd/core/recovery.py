@@ -156,10 +156,10 @@ def adopt_lost_qemu(vm: VM, *, scan: bool) -> None:
         pid = find_by_marker(vm.paths.qmp_sock)
         if pid:
             vm.pid = pid
-    recorded, _ = vm.ctx.inventory.runtime(vm.jname)
-    if vm.pid and vm.pid != recorded and vm.alive():
+    if vm.pid and vm.pid != vm.recorded_pid and vm.alive():
         if debug.ON:
-            debug.log("recover", f"{vm.jname}: adopting QEMU pid {vm.pid} (recorded {recorded})")
+            debug.log("recover", f"{vm.jname}: adopting QEMU pid {vm.pid} "
+                      f"(recorded {vm.recorded_pid})")
         vm.adopt()
 
 

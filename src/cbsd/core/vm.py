@@ -67,6 +67,7 @@ class VM:
             ifup=str(wd.system(self.jname) / "ifup") if spec.nic == "bridge" else "",
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
+        self.recorded_pid = self.pid  # what the inventory says (self.pid may be found later)
         self._mon: Monitor | None = None
         self.unresponsive = ""  # why the monitor did not answer a status probe
         self.died = ""  # VMLock.died of the lock this command holds on the VM
@@ -173,7 +174,6 @@ class VM:
 
     def _prepare_bridge(self) -> None:
         """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
-        from cbsd.errors import QemuError as Refused
         from cbsd.qemu import network
 
         wd = self.ctx.workdir
@@ -182,7 +182,7 @@ class VM:
             with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30):
                 network.ensure_managed(wd.run_dir, wd.inventory.parent)
         elif not network.bridge_exists(bridge):
-            raise Refused(f"{self.jname}: interface={bridge}: no such bridge on this host "
+            raise QemuError(f"{self.jname}: interface={bridge}: no such bridge on this host "
                           f"(create it, e.g. 'ip link add {bridge} type bridge', or leave "
                           "interface= empty for cbsd's own network cbsd0)")
         network.write_ifup(Path(self.paths.ifup), bridge)
@@ -194,6 +194,7 @@ class VM:
 
         try:
             self.ctx.inventory.set_runtime(self.jname, pid, vnc_port)
+            self.recorded_pid = pid
         except (sqlite3.OperationalError, EnvironmentFault) as e:
             if debug.ON:
                 debug.log("inventory", f"{self.jname}: pid not recorded: {e}")

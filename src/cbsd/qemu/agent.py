@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from cbsd.errors import QemuError
 
 class Agent:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
+        import socket  # here, not at the top: bls imports this module only for read_state()
+
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
         self._buf = b""
