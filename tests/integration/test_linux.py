@@ -3,8 +3,10 @@ ACPI button, and survives checkpoint/restore with its uptime and disk continuing
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -16,6 +18,18 @@ pytestmark = [pytest.mark.vm, pytest.mark.linux]
 
 def ticks(text: str) -> list[tuple[int, float, int, str]]:
     return [(int(n), float(u), int(d), ok) for n, u, d, ok in re.findall(TICK_RE, text)]
+
+
+def restore_ticks(cbsd: Cbsd, jname: str, checkpoint: str) -> list[tuple[int, float, int, str]]:
+    """Stop the VM, restore *checkpoint*, and return the ticks it prints (at least 3), having
+    checked it did not boot."""
+    con = cbsd.console(jname)
+    cbsd("bstop", jname, "noacpi=1").ok()
+    mark = con.mark()
+    cbsd("bstart", jname, f"checkpoint={checkpoint}").ok()
+    con.wait(TICK_RE, since=mark, count=3, timeout=60)
+    assert "cbsd-guest: up" not in con.since(mark), "no reboot"
+    return ticks(con.since(mark))
 
 
 def free_port() -> int:
@@ -74,12 +88,7 @@ def test_checkpoint_restore_keeps_uptime_and_disk(cbsd: Cbsd, linux_guest) -> No
     con.wait(TICK_RE, since=mark, count=6, timeout=60)  # keeps running and writing its disk
     moved_on = ticks(con.text())[-1]
     assert moved_on[0] >= after_create[0] + 5 and moved_on[2] > after_create[2]
-    cbsd("bstop", "lx", "noacpi=1").ok()
-    mark = con.mark()
-    cbsd("bstart", "lx", "checkpoint=c").ok()
-    con.wait(TICK_RE, since=mark, count=3, timeout=60)
-    restored = ticks(con.since(mark))
-    assert "cbsd-guest: up" not in con.since(mark), "no reboot"
+    restored = restore_ticks(cbsd, "lx", "c")
     n, up, disk, _ok = restored[0]
     assert before[0] + 1 <= n <= after_create[0] + 1, (before, after_create, restored)
     assert before[1] < up < after_create[1] + 2.0, "uptime continues from the checkpoint"
@@ -121,16 +130,11 @@ def test_a_uefi_guest_boots_checkpoints_and_restores(cbsd: Cbsd, tmp_path) -> No
     assert "EFI" in con.text() or "efi" in con.text().lower()
     before = ticks(con.text())[-1]
     cbsd("bcheckpoint", "mode=create", "jname=efi", "name=c").ok()
-    snapshots = __import__("json").loads(__import__("subprocess").run(
+    snapshots = json.loads(subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", str(varstore)], capture_output=True,
         text=True, check=True).stdout).get("snapshots", [])
     assert len(snapshots) == 1, "the variable store is part of the checkpoint"
     con.wait(TICK_RE, since=con.mark(), count=4, timeout=60)
-    cbsd("bstop", "efi", "noacpi=1").ok()
-    mark = con.mark()
-    cbsd("bstart", "efi", "checkpoint=c").ok()
-    con.wait(TICK_RE, since=mark, count=3, timeout=60)
-    restored = ticks(con.since(mark))
-    assert "cbsd-guest: up" not in con.since(mark), "no reboot"
+    restored = restore_ticks(cbsd, "efi", "c")
     assert before[0] + 1 <= restored[0][0] <= before[0] + 3
     assert all(t[3] == "OK" for t in restored), restored
