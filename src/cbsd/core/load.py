@@ -22,7 +22,7 @@ from cbsd.core.recovery import state_tags
 from cbsd.core.vm import VM
 from cbsd.errors import Cancelled, CheckpointError, QemuError
 from cbsd.failpoints import failpoint
-from cbsd.qemu import img
+from cbsd.qemu import img, migration
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import MigrationStatus, RunState
@@ -136,12 +136,15 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         failpoint("load:reverted")
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
-            mon.send_fd(fd, "cbsd-load")
-            mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+            channel = migration.attach(mon, fd, "cbsd-load", migration.capabilities(mon))
+            mon.cmd("migrate-incoming", uri=channel.uri)
             _wait_incoming(vm, mon, fd, m.memory_size)
+            migration.detach(mon, channel)
         finally:
             os.close(fd)
         failpoint("load:loaded")
+        if paused:
+            migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
         if before_run is not None:
             before_run(m)
         if not paused:

@@ -32,7 +32,7 @@ from cbsd.errors import (
     QmpCommandError,
 )
 from cbsd.failpoints import failpoint
-from cbsd.qemu import process
+from cbsd.qemu import migration, process
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
 from cbsd.storage import ckpstore
@@ -119,7 +119,7 @@ def put_back(mon: Monitor, was_running: bool) -> None:
     if was_running:
         if state != RunState.RUNNING:
             mon.cmd("cont")
-    elif state == RunState.POSTMIGRATE:
+    elif state == RunState.POSTMIGRATE and not migration.activate_disks(mon):
         # QEMU 7.2 has no way to reactivate disks without running the vCPUs: the guest runs
         # for one QMP round trip (~0.5 ms). Sending 'stop' without awaiting 'cont' is no
         # way out: QEMU then asserts on a write to a still-inactive disk.
@@ -144,7 +144,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
     try:
         (tmp / INTENT).write_text("running" if was_running else "paused")
-        _set_migration(mon, live)
+        caps = migration.capabilities(mon)
+        _set_migration(mon, caps, live)
         # Disk and memory must be of the same instant: freeze first, even for live=1
         # (background-snapshot records memory as of its start, then resumes the guest).
         if was_running:
@@ -160,13 +161,14 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         try:
             follower = _Follower(memfile)
             follower.start()
-            mon.send_fd(fd, "cbsd-save")
+            channel = migration.attach(mon, fd, "cbsd-save", caps)
         finally:
             os.close(fd)
         started = time.monotonic()
-        mon.cmd("migrate", uri="fd:cbsd-save")
+        mon.cmd("migrate", uri=channel.uri)
         failpoint("save:migrating")
         info = mon.wait_migration(progress=_ram_progress(progress))
+        migration.detach(mon, channel)
         if progress is not None:
             total = int(info.get("ram", {}).get("total", 1))
             progress(total, total)  # done: lets a progress bar finish and go away
@@ -238,8 +240,7 @@ def _disks_in_place(vm: VM) -> None:
                                   "be restored")
 
 
-def _set_migration(mon: Monitor, live: bool) -> None:
-    caps = {c["capability"] for c in mon.cmd("query-migrate-capabilities")}
+def _set_migration(mon: Monitor, caps: frozenset[str], live: bool) -> None:
     if live and "background-snapshot" not in caps:
         raise CbsdError(f"{mon.jname}: live=1 needs QEMU's background-snapshot, which this "
                         "QEMU lacks")

@@ -178,6 +178,10 @@ class Monitor:
         """Hand an open file to QEMU (SCM_RIGHTS with `getfd`) under *name*."""
         self._call("getfd", {"fdname": name}, fd, "while passing a file")
 
+    def add_fd(self, fd: int) -> dict[str, Any]:
+        """Hand an open file to QEMU into a new fdset (`add-fd`); returns its fdset-id."""
+        return dict(self._call("add-fd", {}, fd, "while passing a file"))
+
     def _call(self, command: str, args: dict[str, Any], fd: int | None, during: str) -> Any:
         if self.closed:
             raise QemuError(f"{self.jname}: QEMU's monitor is closed; cannot send {command}")

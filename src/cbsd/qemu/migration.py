@@ -1,0 +1,71 @@
+"""How cbsd hands QEMU a file to save a VM's state into or load it from, by what the QEMU in hand
+offers (probed on the live QEMU with query-migrate-capabilities, never guessed from a version).
+
+- QEMU 7.2: the file travels with `getfd` and the URI is `fd:NAME`.
+- QEMU 9.0 and later (recognised by the `mapped-ram` capability, which came after `file:`):
+  `fd:` migration to a plain file is deprecated there. The file goes into an fdset with
+  `add-fd` and the URI is `file:/dev/fdset/N`; QEMU duplicates the descriptor, so it shares the
+  file offset with cbsd's copy (the load is followed through it, as with `fd:`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from cbsd.errors import QemuError, QmpCommandError
+from cbsd.qemu.qmp import Monitor
+
+
+@dataclass(frozen=True)
+class Channel:
+    uri: str
+    fdset: int | None = None  # the fdset to remove once QEMU is done with the file
+
+
+def capabilities(mon: Monitor) -> frozenset[str]:
+    return frozenset(str(c["capability"]) for c in mon.cmd("query-migrate-capabilities"))
+
+
+def has_file_uri(caps: frozenset[str]) -> bool:
+    return "mapped-ram" in caps
+
+
+def attach(mon: Monitor, fd: int, name: str, caps: frozenset[str]) -> Channel:
+    """Give QEMU the open file *fd* and return the URI that names it."""
+    if has_file_uri(caps):
+        fdset = int(mon.add_fd(fd)["fdset-id"])
+        return Channel(f"file:/dev/fdset/{fdset}", fdset)
+    mon.send_fd(fd, name)
+    return Channel(f"fd:{name}")
+
+
+def detach(mon: Monitor, channel: Channel) -> None:
+    """Release the fdset (QEMU closes its own copy when the migration ends). Best effort: a QEMU
+    that has gone took its fdsets with it."""
+    if channel.fdset is None or mon.closed:
+        return
+    with contextlib.suppress(QemuError):
+        mon.cmd("remove-fd", **{"fdset-id": channel.fdset})
+
+
+def set_capabilities(mon: Monitor, caps: frozenset[str], wanted: dict[str, bool]) -> None:
+    """Set each capability this QEMU has to the wanted state (ones it lacks are off anyway)."""
+    present = [{"capability": k, "state": v} for k, v in wanted.items() if k in caps]
+    if present:
+        mon.cmd("migrate-set-capabilities", capabilities=present)
+
+
+def activate_disks(mon: Monitor) -> bool:
+    """Make the disks writable again while the vCPUs stay stopped. After a completed migration
+    (out of a saved VM, or into one launched with -S) QEMU 10 leaves them inactive until
+    `cont`, and a write to an inactive disk aborts QEMU; `blockdev-set-active` (QEMU 10.0)
+    activates them without running the guest. False where QEMU lacks it (7.2, whose incoming
+    side activates them itself)."""
+    try:
+        mon.cmd("blockdev-set-active", active=True)
+    except QmpCommandError as e:
+        if e.error_class == "CommandNotFound":
+            return False
+        raise
+    return True
