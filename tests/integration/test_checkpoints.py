@@ -150,7 +150,8 @@ def test_list_destroy_destroyall(cbsd: Cbsd, running_counter: str) -> None:
         checkpoint(cbsd, "vm1", name)
     assert len(disk_tags(cbsd, "vm1")) == 3
     out = cbsd("bcheckpoint", "mode=list", "jname=vm1").ok().out
-    assert out == "Created checkpoint for vm1:\n  zeta\n  alpha\n  mid\n"  # oldest first
+    # Each taken after the one before: a chain, '*' where the running VM is.
+    assert out == "Created checkpoint for vm1:\n  zeta\n  └─ alpha\n     └─ mid *\n"
     data = cbsd.checkpoints("vm1")
     assert [d["name"] for d in data] == ["zeta", "alpha", "mid"]
     for d in data:

@@ -242,12 +242,12 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
 
     mode = a["mode"]
     _only(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
-                    "live": ("create",), "format": ("list",)},
-          {"name": None, "poweroff": False, "live": False, "format": "text"})
+                    "live": ("create",), "keep": ("create",), "format": ("list",)},
+          {"name": None, "poweroff": False, "live": False, "keep": None, "format": "text"})
     if mode == "create":
         name = a["name"] or "checkpoint"
         return each(ctx, ctx.resolve(a["names"]), lambda c, j: checkpoints.create(
-            c, j, name, poweroff=a["poweroff"], live=a["live"],
+            c, j, name, poweroff=a["poweroff"], live=a["live"], keep=a["keep"],
             progress=output.progress(f"{j}: saving")))
     if mode == "destroy":
         if not a["name"]:
@@ -263,12 +263,10 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
         sys.stdout.write(output.as_json(data))
         return 0
     for j in vms:
-        names = [ck["name"] + (" (damaged)" if ck["damaged"] else "" if ck["restorable"]
-                               else f" (not restorable now: {ck['why_not']})")
-                 for ck in checkpoints.listing(ctx, j)]
-        print(f"Created checkpoint for {j}:" + ("" if names else " none"))
-        for n in names:
-            print(f"  {n}")
+        lines = checkpoints.tree_lines(ctx, j, checkpoints.listing(ctx, j))
+        print(f"Created checkpoint for {j}:" + ("" if lines else " none"))
+        for line in lines:
+            print(line)
     return 0
 
 

@@ -204,11 +204,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("suspend", "bool", alias_of="poweroff"),
             Key("live", "bool", False, help="create: keep the guest running while its memory "
                 "is written"),
+            Key("keep", "int", None, help="create: then delete the oldest checkpoints of the VM "
+                "so that this many remain", lo=1, hi=100000),
             Key("format", "enum", "text", help="list: output format", choices=("text", "json")),
         ),
         "cbsd bcheckpoint mode=create jname=vm1 name=after_update",
         details=("A checkpoint holds memory, CPU and device state and the disk contents of one "
-                 "instant.\nRestore with: cbsd bstart jname=VM checkpoint=NAME"),
+                 "instant.\nRestore with: cbsd bstart jname=VM checkpoint=NAME\n"
+                 "mode=list shows them as a tree: each under the checkpoint the VM was restored "
+                 "from or\ntaken after ('*': the one the running VM descends from)."),
         readonly_modes=("list", "verify"),
     ),
     Command(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import load, recovery, save
+from cbsd.core import load, recovery, save, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, require
 from cbsd.core.names import check_name
@@ -16,16 +16,51 @@ from cbsd.storage import ckpstore
 
 
 def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live: bool = False,
-           progress: save.Progress | None = None) -> str:
+           keep: int | None = None, progress: save.Progress | None = None) -> str:
+    """Save a checkpoint; with *keep*, then delete the oldest so that *keep* remain (only once
+    the new one is safely published)."""
     check_name(name, "checkpoint name")
+    wd = ctx.workdir
     with ctx.locked_vm(jname, "bcheckpoint create") as vm:
         require(jname, vm.status(mine=True), Action.CHECKPOINT)
-        final = ctx.workdir.checkpoint(jname, name)
+        final = wd.checkpoint(jname, name)
+        replaced = _parent_of(final)
         save.save(vm, final, name=name, kind="checkpoint", live=live,
                   keep_running=not poweroff, progress=progress)
+        if replaced is not None:  # the old state of that name is gone: its children move up
+            tree.reparent(wd, jname, name, replaced[0])
+        if not poweroff:
+            tree.set_current(wd, jname, name)
+        removed = []
+        if keep is not None:
+            names = [ckpstore.state_name(p) for p, _ in ckpstore.list_states(wd.checkpoints(jname))]
+            for old in tree.beyond_keep(names, keep, name):
+                _drop(vm, old)
+                removed.append(old)
         if poweroff:
             vm.power_off()
-    return f"Checkpoint was created!: {final}"
+    gone = (f"\n{jname}: keep={keep}: removed the oldest checkpoint(s): {', '.join(removed)}"
+            if removed else "")
+    return f"Checkpoint was created!: {final}{gone}"
+
+
+def _parent_of(ckdir: Path) -> tuple[str | None] | None:
+    """(parent,) of an existing, readable checkpoint; None if there is none."""
+    if not ckpstore.has_manifest(ckdir):
+        return None
+    try:
+        return (ckpstore.read_manifest(ckdir).parent,)
+    except CheckpointError:
+        return (None,)
+
+
+def _drop(vm: VM, name: str) -> None:
+    """Delete one checkpoint (lock held); its children and the VM move up to its parent."""
+    wd = vm.ctx.workdir
+    final = wd.checkpoint(vm.jname, name)
+    parent = _parent_of(final)
+    recovery.drop_state_and_sweep(vm, final)
+    tree.reparent(wd, vm.jname, name, parent[0] if parent else None)
 
 
 def _size(path: Path) -> int:
@@ -67,6 +102,15 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     return out
 
 
+def tree_lines(ctx: Context, jname: str, listed: list[dict[str, Any]]) -> list[str]:
+    """mode=list's text: the checkpoints as a tree, '*' at the one the running VM descends
+    from, and why a checkpoint cannot be restored now."""
+    states = [(ck["name"], ck.get("parent"),
+               " (damaged)" if ck["damaged"] else "" if ck["restorable"]
+               else f" (not restorable now: {ck['why_not']})") for ck in listed]
+    return tree.render(states, tree.current(ctx.workdir, jname))
+
+
 def _restorable(why: str | None) -> dict[str, Any]:
     return {"restorable": why is None, "why_not": why}
 
@@ -77,7 +121,7 @@ def destroy(ctx: Context, jname: str, name: str) -> str:
         final = ctx.workdir.checkpoint(jname, name)
         if not final.is_dir() or final.is_symlink():
             raise CheckpointError(f"{jname}: no checkpoint {name}")
-        recovery.drop_state_and_sweep(vm, final)
+        _drop(vm, name)
     return f"{jname}: checkpoint {name} destroyed"
 
 
@@ -86,6 +130,8 @@ def destroyall(ctx: Context, jname: str) -> str:
         states = ckpstore.list_states(ctx.workdir.checkpoints(jname))
         for path, _ in states:
             recovery.drop_state_and_sweep(vm, path)
+        if states:
+            tree.set_current(ctx.workdir, jname, None)
     return f"{jname}: {len(states)} checkpoint(s) destroyed"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cbsd.core import load, recovery, save
+from cbsd.core import load, recovery, save, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, require
 from cbsd.core.vm import VM
@@ -51,6 +51,7 @@ def resume(vm: VM, *, paused: bool | None) -> bool:
     left_paused = load.load(vm, image, paused=paused, before_run=retire)
     failpoint("resume:loaded")
     for m, path in retired:
+        tree.set_current(vm.ctx.workdir, vm.jname, m.parent)
         remove_tree_later(path)
         recovery.delete_tags(vm, recovery.state_tags(vm, m))
     return left_paused

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cbsd.core import recovery
+from cbsd.core import recovery, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import MIB, check_name
@@ -247,6 +247,7 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
             from cbsd.core import load
 
             load.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
+            tree.set_current(ctx.workdir, jname, checkpoint)
             done = f"restored from checkpoint {checkpoint}"
         else:
             require(jname, status, Action.START)
@@ -257,6 +258,7 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
                 paused = resume(vm, paused=True if paused else None)
                 done = "resumed from hibernation"
             else:
+                tree.set_current(ctx.workdir, jname, None)  # a cold boot descends from nothing
                 mon = vm.launch(paused=paused)
                 state = mon.status()
                 ok = (state in (RunState.PAUSED, RunState.PRELAUNCH) if paused

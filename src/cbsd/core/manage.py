@@ -219,6 +219,7 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     _copy(source / ckpstore.MEMORY, tmp / ckpstore.MEMORY)
     m.jname = spec.jname
     m.spec = {**m.spec, "jname": spec.jname}
+    m.parent = None  # the clone has none of the original's other checkpoints
     ckpstore.save_manifest(m, tmp)
     ckpstore.publish(tmp, final)
 

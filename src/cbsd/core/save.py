@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd import cancel
+from cbsd.core import tree
 from cbsd.core.recovery import INTENT, TAG_PREFIX, delete_tags, drop_state
 from cbsd.core.vm import VM, Image, free_bytes
 from cbsd.errors import (
@@ -184,6 +185,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
                              elapsed)
         manifest.agent = agent
+        manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
         ckpstore.save_manifest(manifest, tmp)
         fsync_dir(tmp)
         _verify_written(tmp, size)

@@ -235,7 +235,8 @@ class VM:
         self.vnc_port = 0
         self._record(0, 0)
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile,
-                  self.paths.qga_sock, str(self.ctx.workdir.agent_state(self.jname))):
+                  self.paths.qga_sock, str(self.ctx.workdir.agent_state(self.jname)),
+                  str(self.ctx.workdir.current_checkpoint(self.jname))):
             Path(p).unlink(missing_ok=True)
 
     # --- status ---------------------------------------------------------------------------

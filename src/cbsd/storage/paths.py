@@ -80,6 +80,10 @@ class Workdir:
     def checkpoint(self, jname: str, name: str) -> Path:
         return self.checkpoints(jname) / f"{name}.ckp"
 
+    def current_checkpoint(self, jname: str) -> Path:
+        """While the VM runs: the checkpoint it descends from (core/tree.py)."""
+        return self.system(jname) / "current"
+
     def hibernation(self, jname: str) -> Path:
         return self.system(jname) / HIBERNATION_DIR
 
