@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 # QEMU and the test guests' tools: nasm (boot sector), busybox-static (initramfs guest),
 # debootstrap + e2fsprogs (the Debian guest), openssh-client and iproute2 (tests reach guests
 # over SSH inside network namespaces), ovmf + dosfstools + mtools + systemd-boot-efi (UEFI),
-# openssl (cloud-init password hashes), dnsmasq-base + nftables (the managed network cbsd0).
+# openssl (cloud-init password hashes), dnsmasq-base + nftables (the managed network cbsd0),
+# xfsprogs (the tests' loop-mounted XFS with reflink, where VMs keep RAM in a file).
 PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates
           debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
-          openssl dnsmasq-base nftables)
+          openssl dnsmasq-base nftables xfsprogs)
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -179,9 +179,38 @@ def proc_cmdline(pid: int) -> bytes:
         return b""
 
 
+# CBSD_TEST_RAMFILE=1: every test's workdir lies on an XFS that clones files, so VMs keep
+# their RAM in a file (vm_ramfile=auto) and the same tests check that engine too.
+RAMFILE_MODE = os.environ.get("CBSD_TEST_RAMFILE") == "1"
+
+
+@contextlib.contextmanager
+def xfs_mount(mnt: Path, size: str = "24G") -> Iterator[Path]:
+    """A loop-mounted XFS made with reflink=1 at *mnt* (a sparse image beside it)."""
+    image = mnt.with_name(mnt.name + ".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    mnt.mkdir(mode=0o700)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        _kill_vms(mnt)
+        time.sleep(0.2)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        image.unlink()
+
+
+@pytest.fixture(scope="session")
+def reflink_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with xfs_mount(tmp_path_factory.mktemp("xfs") / "mnt") as mnt:
+        yield mnt
+
+
 @pytest.fixture
-def cbsd(tmp_path: Path) -> Iterator[Cbsd]:
-    wd = tmp_path / "wd"
+def cbsd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cbsd]:
+    base = request.getfixturevalue("reflink_root") / tmp_path.name if RAMFILE_MODE else tmp_path
+    wd = base / "wd"
     runner = Cbsd(wd)
     yield runner
     _kill_vms(wd)

@@ -54,6 +54,9 @@ CASES = {
                            disks=["dsk1.qcow2"], iso="/iso/win,1.iso"), {}),
     "restore-incoming": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",
                                 disks=["dsk1.qcow2"]), {"incoming": True}),
+    "ram-file-incoming": (VMSpec(jname="x", ram=1 << 30, machine="pc-i440fx-7.2",
+                                 disks=["dsk1.qcow2"]),
+                          {"incoming": True, "paths": {"ram_file": "/w/js/x/ram"}}),
     "start-paused": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",
                             disks=["dsk1.qcow2"]), {"paused": True}),
 }

@@ -57,6 +57,9 @@ BCREATE_KEYS = (
             "store) or none (BIOS)", choices=("none", "uefi")),
         Key("virtio_rnd", "bool", True, help="a virtio-rng device fed from the host's "
             "/dev/urandom"),
+        Key("vm_ramfile", "enum", "auto", help="auto: guest RAM in a file where the workdir "
+            "can clone files (XFS reflink, btrfs): checkpoints and restores then cost "
+            "metadata, not RAM size; off: never", choices=("auto", "off")),
         *CLOUD_INIT,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):

@@ -2,11 +2,13 @@
 
 Everything that can be checked is checked before QEMU is launched (manifest seal,
 compatibility with this VM and host, file sizes, disk snapshots); the memory file's checksum
-is verified on a second thread while QEMU starts. Disks are reverted only once it matched:
-QEMU waiting for an incoming migration holds its disks inactive (no lock, nothing written,
-metadata re-read when they are activated at the end of the load), so a damaged state still
-leaves the disks untouched. QEMU starts with ``-incoming defer -S``; the guest runs only once
-the load completed.
+is verified on a second thread while QEMU starts. A state whose RAM is a file (core/ramfile.py)
+has that file cloned into place before QEMU starts; its size is checked, its checksum only by
+`bcheckpoint mode=verify` (reading it all would make a restore as slow as RAM is large).
+Disks are reverted only once the checksums matched: QEMU waiting for an incoming migration
+holds its disks inactive (no lock, nothing written, metadata re-read when they are activated
+at the end of the load), so a damaged state still leaves the disks untouched. QEMU starts
+with ``-incoming defer -S``; the guest runs only once the load completed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cbsd import cancel
+from cbsd.core import ramfile
 from cbsd.core.recovery import state_tags
 from cbsd.core.vm import VM
 from cbsd.errors import Cancelled, CheckpointError, QemuError
@@ -96,7 +99,10 @@ class _Verifier(threading.Thread):
 
     def run(self) -> None:
         try:
-            ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir))
+            # A RAM file is checked by size here and in full by mode=verify: reading all of
+            # it would make every restore as slow as the RAM is large (docs/reliability.md).
+            ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir),
+                                      skip=frozenset({ckpstore.RAM}))
         except CheckpointError as e:
             self._error = CheckpointError(f"{self._vm.jname}: {e}")
         except BaseException as e:  # handed to the main thread, which raises it
@@ -122,7 +128,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
     checksums = _Verifier(vm, ckdir)
     try:
         m = check_restorable(vm, ckdir)
-        mon = vm.launch(incoming=True)
+        mon = vm.launch(incoming=True, ram_file=ramfile.place(vm, ckdir, m))
     finally:
         checksums.join()  # never leave a thread reading the files behind us
     if paused is None:
@@ -136,7 +142,13 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         failpoint("load:reverted")
         fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
         try:
-            channel = migration.attach(mon, fd, "cbsd-load", migration.capabilities(mon))
+            caps = migration.capabilities(mon)
+            if m.ram_file and "x-ignore-shared" not in caps:
+                raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} keeps RAM "
+                                      "in a file, which this QEMU cannot load (no "
+                                      "x-ignore-shared)")
+            migration.set_capabilities(mon, caps, {"x-ignore-shared": m.ram_file})
+            channel = migration.attach(mon, fd, "cbsd-load", caps)
             mon.cmd("migrate-incoming", uri=channel.uri)
             _wait_incoming(vm, mon, fd, m.memory_size)
             migration.detach(mon, channel)

@@ -50,6 +50,7 @@ SETTINGS = (
     Setting("astart", "astart"),
     Setting("vm_efi", "efi"),
     Setting("virtio_rnd", "virtio_rnd"),
+    Setting("vm_ramfile", "ram_file"),
 )
 SETTABLE = {s.key for s in SETTINGS} | set(cloudinit.KEYS)
 
@@ -216,7 +217,8 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     m = ckpstore.read_manifest(source)
     final = ctx.workdir.checkpoint(spec.jname, m.name)
     tmp = ckpstore.new_tmpdir(final)
-    _copy(source / ckpstore.MEMORY, tmp / ckpstore.MEMORY)
+    for fname in m.files:  # memory, and the RAM file of a VM that has one (cloned if it can)
+        _copy(source / fname, tmp / fname)
     m.jname = spec.jname
     m.spec = {**m.spec, "jname": spec.jname}
     m.parent = None  # the clone has none of the original's other checkpoints

@@ -121,6 +121,10 @@ class VMSpec:
     interface: str = ""  # nic=bridge: the Linux bridge ("": cbsd's managed network cbsd0)
     # Disk file name -> controller (virtio-blk, ahci, nvme) where it is not the OS default.
     disk_controllers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # "auto": guest RAM lives in a file where the workdir's filesystem can clone files (XFS
+    # reflink, btrfs), so checkpoints and restores cost metadata, not RAM size; "off": never.
+    # Not restore-relevant: states saved either way load into both.
+    ram_file: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,8 +3,10 @@
 Save (VM On or Paused, lock held, recovery already run by Context.locked_vm):
   1. stop the vCPUs (also with live=1), so memory and disks are taken at one instant;
   2. an internal qcow2 snapshot of every disk (metadata only, a few ms);
-  3. QEMU migrates RAM, CPU and device state into a file we opened (fd:), bandwidth uncapped,
-     while a thread checksums the file as it grows (no second pass);
+  3. QEMU migrates RAM, CPU and device state into a file we opened (fd: or an fdset, by what
+     QEMU offers), bandwidth uncapped, while a thread checksums the file as it grows (no
+     second pass). A VM whose RAM is a file (core/ramfile.py) writes its device state only,
+     and its RAM file is cloned (reflink) into the state, then checksummed while it runs on;
   4. fsync, check the disks QEMU snapshotted are the VM's files, manifest, fsync, verify,
      rename into place; the VM is put back as it was.
 Any failure or signal undoes 1-4: disk snapshots deleted, temporary files removed, VM resumed.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd import cancel
-from cbsd.core import tree
+from cbsd.core import ramfile, tree
 from cbsd.core.recovery import INTENT, TAG_PREFIX, delete_tags, drop_state
 from cbsd.core.vm import VM, Image, free_bytes
 from cbsd.errors import (
@@ -36,7 +38,7 @@ from cbsd.failpoints import failpoint
 from cbsd.qemu import migration, process
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
-from cbsd.storage import ckpstore
+from cbsd.storage import ckpstore, reflink
 from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
 from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
 
@@ -136,7 +138,11 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     mon = vm.monitor()
-    _check_space(vm, final.parent)
+    caps = migration.capabilities(mon)
+    # Guest RAM in a file: the stream carries device state only, RAM is cloned (metadata).
+    ram_file = vm.uses_ram_file() and "x-ignore-shared" in caps
+    if not ram_file:
+        _check_space(vm, final.parent)
     tmp = ckpstore.new_tmpdir(final)
     tags: list[tuple[Image, str]] = []
     follower: _Follower | None = None
@@ -145,8 +151,12 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
     try:
         (tmp / INTENT).write_text("running" if was_running else "paused")
-        caps = migration.capabilities(mon)
-        _set_migration(mon, caps, live)
+        # With a RAM file, live=1 needs no background snapshot: the guest stops only while its
+        # device state is written and its RAM cloned.
+        _set_migration(mon, caps, live and not ram_file)
+        migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
+        if ram_file and was_running:
+            ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now
         # Disk and memory must be of the same instant: freeze first, even for live=1
         # (background-snapshot records memory as of its start, then resumes the guest).
         if was_running:
@@ -177,18 +187,22 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         size, digest = follower.finish()
         follower = None
         fsync_path(memfile)
+        if ram_file:
+            reflink.clone(vm.ram_path, tmp / ckpstore.RAM)
         failpoint("save:saved")
         _disks_in_place(vm)
         if keep_running:
             put_back(mon, was_running)
         (tmp / INTENT).unlink()
-        manifest = _manifest(vm, name, kind, was_running, live, tags, size, digest, info,
-                             elapsed)
+        files = {ckpstore.MEMORY: FileEntry(size, digest)}
+        if ram_file:  # checksummed while the guest runs on: the clone no longer changes
+            files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
+        manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
         manifest.agent = agent
         manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
         ckpstore.save_manifest(manifest, tmp)
         fsync_dir(tmp)
-        _verify_written(tmp, size)
+        _verify_written(tmp, files)
         failpoint("save:verified")
         cancel.check()  # last moment a cancel rolls back; once published, it stands
         old = ckpstore.publish(tmp, final)
@@ -271,13 +285,14 @@ def _ram_progress(progress: Progress | None) -> Callable[[dict[str, Any]], None]
     return lambda ram: progress(max(0, ram["total"] - ram["remaining"]), ram["total"])
 
 
-def _verify_written(tmp: Path, size: int) -> None:
+def _verify_written(tmp: Path, files: dict[str, FileEntry]) -> None:
     """What we publish must read back as what we checksummed and sealed."""
     m = ckpstore.read_manifest(tmp)
-    actual = (tmp / ckpstore.MEMORY).stat().st_size
-    if actual != size or m.memory_size != size:
-        raise CheckpointError(f"verification failed: memory file has {actual} bytes, "
-                              f"checksummed {size}")
+    for fname, entry in files.items():
+        actual = (tmp / fname).stat().st_size
+        if actual != entry.size or m.files.get(fname) != entry:
+            raise CheckpointError(f"verification failed: {fname} file has {actual} bytes, "
+                                  f"checksummed {entry.size}")
 
 
 def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
@@ -308,7 +323,7 @@ def _cancel_migration(mon: Monitor) -> None:
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
-              tags: list[tuple[Image, str]], size: int, digest: str, info: dict[str, Any],
+              tags: list[tuple[Image, str]], files: dict[str, FileEntry], info: dict[str, Any],
               elapsed: float) -> Manifest:
     created, ts = ckpstore.now_iso()
     host = vm.ctx.host
@@ -317,9 +332,10 @@ def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
         kind=kind, name=name, jname=vm.jname, created=created, created_ts=ts,
         qemu_version=host.version, accel=host.accel, machine=vm.spec.machine,
         spec=vm.spec.to_dict(), restore_relevant=vm.spec.restore_relevant(),
-        argv=vm.argv(incoming=True), was_running=was_running, live=live,
+        argv=vm.argv(incoming=True, ram_file=ckpstore.RAM in files),
+        was_running=was_running, live=live,
         disk_snapshots=[DiskSnapshot(image.name, t) for image, t in tags],
-        files={ckpstore.MEMORY: FileEntry(size, digest)},
+        files=files,
         migration={"seconds": round(elapsed, 4), "ram_total": ram.get("total"),
                    "transferred": ram.get("transferred")},
     )

@@ -134,21 +134,46 @@ class VM:
             self._mon.close()
             self._mon = None
 
-    def argv(self, *, incoming: bool = False, paused: bool = False) -> list[str]:
+    def argv(self, *, incoming: bool = False, paused: bool = False,
+             ram_file: bool = False) -> list[str]:
+        import dataclasses
+
         host = self.ctx.host
         paths = self.paths
         if paths.efi_vars:
-            import dataclasses
-
             code = host.ovmf_code_for(qcow2_virtual_size(paths.efi_vars))
             if code is None:
                 raise QemuError(f"{self.jname}: no UEFI firmware on this host matches its "
                                 "variable store: apt-get install ovmf")
             paths = dataclasses.replace(paths, efi_code=code)
+        if ram_file:
+            paths = dataclasses.replace(paths, ram_file=str(self.ram_path))
         return build_argv(self.spec, host, paths, incoming=incoming, start_paused=paused)
 
-    def launch(self, *, incoming: bool = False, paused: bool = False) -> Monitor:
-        """Start QEMU and return a monitor session. Kills QEMU again if set-up fails."""
+    @property
+    def ram_path(self) -> Path:
+        return self.ctx.workdir.ram_file(self.jname)
+
+    def uses_ram_file(self) -> bool:
+        """Whether the running QEMU keeps guest RAM in the VM's RAM file (asked of the process,
+        not of the settings, which may have changed since it started)."""
+        from cbsd.qemu.argv import RAM_FILE_OPTION
+
+        return RAM_FILE_OPTION in process.cmdline(self.pid)
+
+    def fresh_ram_file(self) -> bool:
+        """Before a launch that brings no RAM file of its own: remove a stale one (never reused:
+        it holds an earlier run's memory) and say whether this launch should use one."""
+        from cbsd.storage.reflink import can_clone
+
+        self.ram_path.unlink(missing_ok=True)
+        return self.spec.ram_file == "auto" and can_clone(self.ram_path.parent)
+
+    def launch(self, *, incoming: bool = False, paused: bool = False,
+               ram_file: bool | None = None) -> Monitor:
+        """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
+        *ram_file*: guest RAM in the VM's RAM file (True: one already in place; None: a new
+        one where the workdir can clone files)."""
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
@@ -156,7 +181,9 @@ class VM:
             self._prepare_bridge()
         for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
             Path(sock).unlink(missing_ok=True)
-        self.pid = process.launch(self.argv(incoming=incoming, paused=paused),
+        if ram_file is None:
+            ram_file = self.fresh_ram_file()
+        self.pid = process.launch(self.argv(incoming=incoming, paused=paused, ram_file=ram_file),
                                   Path(self.paths.pidfile), Path(self.paths.qemu_log))
         failpoint("launch:started")
         try:
@@ -203,7 +230,8 @@ class VM:
         """QEMU's -daemonize sets its umask to 027, so its sockets and logs come out group-
         readable. The 0700 directory already shuts others out; tighten the files too."""
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.console_log,
-                  self.paths.qemu_log, self.paths.pidfile, self.paths.qga_sock):
+                  self.paths.qemu_log, self.paths.pidfile, self.paths.qga_sock,
+                  str(self.ram_path)):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(p, 0o600)
 
@@ -236,7 +264,7 @@ class VM:
         self._record(0, 0)
         for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile,
                   self.paths.qga_sock, str(self.ctx.workdir.agent_state(self.jname)),
-                  str(self.ctx.workdir.current_checkpoint(self.jname))):
+                  str(self.ctx.workdir.current_checkpoint(self.jname)), str(self.ram_path)):
             Path(p).unlink(missing_ok=True)
 
     # --- status ---------------------------------------------------------------------------

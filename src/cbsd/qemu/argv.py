@@ -26,6 +26,7 @@ class RuntimePaths:
     efi_code: str = ""  # the firmware matching that store (host.ovmf_code_for)
     tap: str = ""  # nic=bridge: the tap QEMU creates
     ifup: str = ""  # nic=bridge: the script QEMU runs to put the tap on its bridge
+    ram_file: str = ""  # guest RAM as this file (shared mapping), where it can be cloned
 
 
 def _esc(value: str) -> str:
@@ -44,6 +45,8 @@ def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
 
 
 CONTROLLERS = ("virtio-blk", "ahci", "nvme")
+RAM_ID = "pc.ram"
+RAM_FILE_OPTION = b"memory-backend-file"  # how a running QEMU's argv shows a RAM file
 
 
 def default_controller(spec: VMSpec) -> str:
@@ -73,6 +76,8 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
     machine = f"{spec.machine},accel={accel}"
     if paths.efi_vars:
         machine += ",pflash0=efi-code,pflash1=efi-vars"
+    if paths.ram_file:
+        machine += f",memory-backend={RAM_ID}"
     argv = [
         host.qemu,
         "-name", f"guest={spec.jname},debug-threads=on",
@@ -85,6 +90,11 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         "-rtc", "base=utc",
         "-msg", "timestamp=on",
     ]
+    if paths.ram_file:
+        # The backend takes the id QEMU gives x86 RAM itself (pc.ram): the migration stream
+        # names RAM by it, so states saved with and without a RAM file load into each other.
+        argv += ["-object", f"memory-backend-file,id={RAM_ID},size={spec.ram >> 20}M,"
+                 f"mem-path={_esc(paths.ram_file)},share=on"]
     if paths.efi_vars:
         code = paths.efi_code or host.ovmf[0][0]
         argv += [

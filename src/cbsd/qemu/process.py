@@ -35,6 +35,15 @@ def alive(pid: int, marker: str) -> bool:
     return state not in (b"Z", b"X") and marker.encode() in cmdline
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's argv, NUL-separated (b"" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def read_pidfile(path: str) -> int:
     """The pid QEMU wrote into its -pidfile (0 if none): QEMU writes it as it starts, before
     cbsd records anything, so it survives a cbsd killed during the launch."""

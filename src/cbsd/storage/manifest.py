@@ -5,6 +5,10 @@ Format history (never edit a released step; add one):
   2  adds `parent`: the checkpoint the VM was last restored from or taken after (None if
      unknown; every format-1 state reads as parentless), and `agent`: whether a guest agent
      listened when the state was saved (format 1: no).
+  3  `files` may hold `ram`: the guest's RAM as a file (a clone of the running VM's RAM
+     file); `memory` then holds device state only. Nothing to upgrade (a format-2 state has
+     no `ram`), but a cbsd that reads only format 2 must refuse such a state rather than load
+     its device state into empty RAM.
 
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
@@ -18,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT = 2
+FORMAT = 3
 MEMORY = "memory"
+RAM = "ram"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,11 @@ class Manifest:
     def memory_size(self) -> int:
         return self.files[MEMORY].size
 
+    @property
+    def ram_file(self) -> bool:
+        """Saved from a VM whose RAM is a file: restore clones `ram` and loads the rest."""
+        return RAM in self.files
+
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}
 
@@ -79,7 +89,8 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "parent": None}
 
 
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2,
+                                                                 2: dict}
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,11 @@ class Workdir:
     def checkpoint(self, jname: str, name: str) -> Path:
         return self.checkpoints(jname) / f"{name}.ckp"
 
+    def ram_file(self, jname: str) -> Path:
+        """While the VM runs with vm_ramfile=auto on a filesystem that clones: its guest RAM
+        (core/ramfile.py). Holds guest memory: owner-only."""
+        return self.system(jname) / "ram"
+
     def current_checkpoint(self, jname: str) -> Path:
         """While the VM runs: the checkpoint it descends from (core/tree.py)."""
         return self.system(jname) / "current"
