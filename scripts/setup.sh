@@ -27,7 +27,7 @@ if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis, fastcdc' 2>/dev/null; then
     echo "setup: creating .venv" >&2
     /usr/bin/python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -256,10 +256,12 @@ def counter_image(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def counter_vm(cbsd: Cbsd, counter_image) -> str:  # type: ignore[no-untyped-def]
-    """A defined (not started) boot-sector VM named 'vm1'."""
+def counter_vm(request: pytest.FixtureRequest, cbsd: Cbsd, counter_image) -> str:  # type: ignore[no-untyped-def]
+    """A defined (not started) boot-sector VM named 'vm1'. A test marked `stream` damages or
+    inspects a checkpoint's plain `memory` file: its VM keeps it (no background fold)."""
+    stream = ["vm_dedup=off"] if request.node.get_closest_marker("stream") else []
     cbsd("bcreate", "jname=vm1", f"image={counter_image()}", "vm_os_type=other",
-         "vm_ram=32m").ok()
+         "vm_ram=32m", *stream).ok()
     return "vm1"
 
 

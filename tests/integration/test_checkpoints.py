@@ -183,6 +183,7 @@ def test_same_name_is_replaced_only_when_complete(cbsd: Cbsd, running_counter: s
     assert lo + 1 <= first[0][0] <= hi + 1, "the newer checkpoint is the one kept"
 
 
+@pytest.mark.stream
 def test_damaged_checkpoint_is_refused_and_the_disk_untouched(cbsd: Cbsd,
                                                               running_counter: str) -> None:
     checkpoint(cbsd, "vm1", "good")

@@ -42,6 +42,7 @@ def vm_files(cbsd: Cbsd, jname: str) -> dict[str, int]:
 
 # --- 1. never delete what cbsd cannot prove it made -------------------------------------------
 
+@pytest.mark.stream  # compares every file before and after: no background fold meanwhile
 def test_bcreate_over_a_vm_that_lost_its_inventory_entry_deletes_nothing(
         cbsd: Cbsd, running_counter: str, counter_image) -> None:  # type: ignore[no-untyped-def]
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()

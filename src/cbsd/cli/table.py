@@ -60,6 +60,9 @@ BCREATE_KEYS = (
         Key("vm_ramfile", "enum", "auto", help="auto: guest RAM in a file where the workdir "
             "can clone files (XFS reflink, btrfs): checkpoints and restores then cost "
             "metadata, not RAM size; off: never", choices=("auto", "off")),
+        Key("vm_dedup", "enum", "auto", help="auto: where RAM is not a file, fold checkpoints "
+            "into a deduplicating chunk store in the background (N similar checkpoints cost "
+            "about one); off: never", choices=("auto", "off")),
         *CLOUD_INIT,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import load, recovery, save, tree
+from cbsd.core import fold, load, recovery, save, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, require
 from cbsd.core.names import check_name
@@ -39,6 +39,9 @@ def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live:
                 removed.append(old)
         if poweroff:
             vm.power_off()
+        dedup = vm.spec.dedup == "auto" and bool(fold.foldable(wd, jname))
+    if dedup:  # once the lock is released: the helper takes it (and gives way to commands)
+        fold.start_helper(wd, jname)
     gone = (f"\n{jname}: keep={keep}: removed the oldest checkpoint(s): {', '.join(removed)}"
             if removed else "")
     return f"Checkpoint was created!: {final}{gone}"
@@ -95,6 +98,8 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
             "qemu_version": m.qemu_version,
             "machine": m.machine,
             "parent": m.parent,
+            # Where its RAM is: a clone of the VM's RAM file, the chunk store, or its stream.
+            "stored": "ram-file" if m.ram_file else "chunks" if m.folded else "stream",
             "damaged": False,
             **_restorable(load.incompatibility(m, relevant, host.accel, host.version,
                                                lambda t: machine_known(host, t))),

@@ -13,6 +13,7 @@ with ``-incoming defer -S``; the guest runs only once the load completed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -140,20 +141,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         for image, tag in state_tags(vm, m):
             img.snapshot_apply(Path(image.path), tag)
         failpoint("load:reverted")
-        fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
-        try:
-            caps = migration.capabilities(mon)
-            if m.ram_file and "x-ignore-shared" not in caps:
-                raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} keeps RAM "
-                                      "in a file, which this QEMU cannot load (no "
-                                      "x-ignore-shared)")
-            migration.set_capabilities(mon, caps, {"x-ignore-shared": m.ram_file})
-            channel = migration.attach(mon, fd, "cbsd-load", caps)
-            mon.cmd("migrate-incoming", uri=channel.uri)
-            _wait_incoming(vm, mon, fd, m.memory_size)
-            migration.detach(mon, channel)
-        finally:
-            os.close(fd)
+        _load_stream(vm, mon, ckdir, m)
         failpoint("load:loaded")
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
@@ -178,6 +166,80 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
             raise QemuError(f"{vm.jname}: loading the {what} failed: {reason}") from e
         raise
     return paused
+
+
+def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
+    caps = migration.capabilities(mon)
+    if m.ram_file and "x-ignore-shared" not in caps:
+        raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} keeps RAM in a "
+                              "file, which this QEMU cannot load (no x-ignore-shared)")
+    migration.set_capabilities(mon, caps, {"x-ignore-shared": m.ram_file})
+    needed = set(m.migration.get("capabilities") or ())
+    if not needed <= caps:
+        raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} was saved with "
+                              f"QEMU's {', '.join(sorted(needed - caps))}, which this QEMU "
+                              "lacks")
+    mapped = set(migration.MAPPED_RAM) <= needed
+    migration.use_mapped_ram(mon, caps, mapped)
+    if m.folded:
+        _load_from_store(vm, mon, ckdir, m)
+        return
+    fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
+    try:
+        channel = migration.attach(mon, fd, "cbsd-load", caps)
+        mon.cmd("migrate-incoming", uri=channel.uri)
+        # QEMU's copy of fd shares its file offset with ours: the load is followed by it
+        # (mapped-ram reads at offsets, leaving it alone: then QMP is asked from the start).
+        _wait_incoming(vm, mon, (lambda: m.memory_size) if mapped
+                       else lambda: os.lseek(fd, 0, os.SEEK_CUR), m.memory_size)
+        migration.detach(mon, channel)
+    finally:
+        os.close(fd)
+
+
+class _Feeder(threading.Thread):
+    """Writes a stream folded into the chunk store into the pipe QEMU loads from."""
+
+    def __init__(self, ckdir: Path, out: int) -> None:
+        super().__init__(daemon=True, name="cbsd-feed")
+        self._ckdir, self._out = ckdir, out
+        self.sent = [0]
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from cbsd.storage.chunkstore import RECIPE, Recipe, Store
+
+        try:
+            Store(ckpstore.store_of(self._ckdir)).write_to(
+                Recipe.read(self._ckdir / RECIPE), self._out, self.sent)
+        except BaseException as e:  # QEMU gone (EPIPE), or the store damaged since verified
+            self.error = e
+        finally:
+            os.close(self._out)
+
+
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups of QEMU and the feeder (Linux's max default)
+
+
+def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
+    """Through a pipe (fd:, which QEMU 10 does not deprecate for pipes): the chunks are
+    spliced into it in stream order, already verified by _Verifier."""
+    import fcntl
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    feeder = _Feeder(ckdir, w)
+    try:
+        mon.send_fd(r, "cbsd-load")
+    finally:
+        os.close(r)
+    feeder.start()
+    mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+    _wait_incoming(vm, mon, lambda: feeder.sent[0], m.memory_size)
+    feeder.join(10)
+    if feeder.error is not None:
+        raise QemuError(f"{vm.jname}: feeding the state to QEMU failed: {feeder.error}")
 
 
 AGENT_WAIT = 120.0  # seconds the helper waits for the agent of a restored or resumed guest
@@ -209,17 +271,17 @@ FOLLOW_START = 1.0
 FOLLOW_STALL = 30.0
 
 
-def _wait_incoming(vm: VM, mon: Monitor, fd: int, size: int) -> None:
+def _wait_incoming(vm: VM, mon: Monitor, position: Callable[[], int], size: int) -> None:
     """Until QEMU has loaded the state. While it loads, QEMU answers QMP only now and then
     (the load runs in its main loop, and reading a file never makes it wait; see
     docs/reliability.md for what was measured), so a QMP query can outlast any timeout, and
-    polling would compete with the load. Instead follow the load through the file offset,
-    which QEMU's copy of *fd* shares with ours, and ask QMP only once QEMU has read
-    everything. A `cont` must wait for that too: one sent during the load is lost."""
+    polling would compete with the load. Instead follow the load through *position* (how
+    far QEMU has read) and ask QMP only once QEMU has read everything. A `cont` must wait
+    for that too: one sent during the load is lost."""
     exited = f"{vm.jname}: QEMU exited while loading the state"
     delay, last = 0.002, 0
     moved = time.monotonic()
-    while (pos := os.lseek(fd, 0, os.SEEK_CUR)) < size:
+    while (pos := position()) < size:
         if not vm.alive():
             raise QemuError(exited)
         if pos != last:

@@ -4,10 +4,16 @@ fcntl.flock is released by the kernel when its holder dies (even by kill -9), so
 can never block a VM: the next command simply gets it. The holder writes its pid and command
 into the file, so a busy error can say who holds the VM, and empties it when it releases the
 lock: text found in the file on acquiring means the last holder died mid-command (`died`).
+
+A background job that can stop at any moment (folding checkpoints into the chunk store) holds
+the lock as a *yielding* holder: its line ends with YIELDS. A command that finds one asks it
+to give way (a `.yield` file beside the lock) and waits for it, instead of reporting the VM
+busy; a status probe does not count it as Maintenance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -20,6 +26,8 @@ if TYPE_CHECKING:
 
 
 HOLDER_GRACE = 0.5
+YIELDS = "(yields)"
+YIELD_WAIT = 10.0  # a yielding holder checks for the request every few milliseconds
 
 
 class VMLock:
@@ -41,6 +49,7 @@ class VMLock:
         # A holder that wrote nothing (yet) is a status probe (is_held: microseconds) or a
         # command between taking the lock and writing its line: worth a short wait.
         anonymous = time.monotonic() + HOLDER_GRACE
+        asked = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -48,11 +57,23 @@ class VMLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 now = time.monotonic()
+                yielding = YIELDS in holder and YIELDS not in self.what
+                if yielding:
+                    # Asked again each time: a holder that took the lock after our first
+                    # request cleared it as stale.
+                    with contextlib.suppress(OSError), open(yield_file(self.path), "w"):
+                        pass
+                    if not asked:
+                        asked = True
+                        deadline = max(deadline, now + YIELD_WAIT)
                 if now >= deadline and (holder or now >= anonymous):
                     os.close(fd)
                     raise BusyError(f"{self.jname}: busy: another cbsd command holds it"
                                     f"{holder or ' (it has not said which yet)'}") from None
-                time.sleep(0.01 if not holder else 0.05)
+                time.sleep(0.002 if yielding else 0.01 if not holder else 0.05)
+        if asked:
+            with contextlib.suppress(OSError):
+                os.unlink(yield_file(self.path))
         self.died = os.pread(fd, 200, 0).decode(errors="replace").strip()
         line = f"{os.getpid()} {self.what}\n".encode()
         try:
@@ -89,7 +110,8 @@ def _read_holder(fd: int) -> str:
 
 
 def is_held(path: Path) -> bool:
-    """True while another process holds the VM's lock (status Maintenance)."""
+    """True while another process holds the VM's lock (status Maintenance), unless it is a
+    yielding holder (it gives way to any command)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -98,6 +120,14 @@ def is_held(path: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
-        return True
+        return YIELDS not in _read_holder(fd)
     finally:
         os.close(fd)
+
+
+def yield_file(lock_path: str | Path) -> str:
+    return f"{lock_path}.yield"
+
+
+def asked_to_yield(lock_path: str | Path) -> bool:
+    return os.path.exists(yield_file(lock_path))

@@ -51,6 +51,7 @@ SETTINGS = (
     Setting("vm_efi", "efi"),
     Setting("virtio_rnd", "virtio_rnd"),
     Setting("vm_ramfile", "ram_file"),
+    Setting("vm_dedup", "dedup"),
 )
 SETTABLE = {s.key for s in SETTINGS} | set(cloudinit.KEYS)
 
@@ -218,7 +219,16 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     final = ctx.workdir.checkpoint(spec.jname, m.name)
     tmp = ckpstore.new_tmpdir(final)
     for fname in m.files:  # memory, and the RAM file of a VM that has one (cloned if it can)
-        _copy(source / fname, tmp / fname)
+        if fname != ckpstore.RECIPE:
+            _copy(source / fname, tmp / fname)
+    if m.stream is not None:  # the original's chunk store stays its own: a plain stream
+        from cbsd.storage.chunkstore import Recipe, Store
+
+        Store(ckpstore.store_of(source)).rebuild(Recipe.read(source / ckpstore.RECIPE),
+                                                 tmp / ckpstore.MEMORY)
+        m.files = {**{k: v for k, v in m.files.items() if k != ckpstore.RECIPE},
+                   ckpstore.MEMORY: m.stream}
+        m.stream = None
     m.jname = spec.jname
     m.spec = {**m.spec, "jname": spec.jname}
     m.parent = None  # the clone has none of the original's other checkpoints

@@ -125,6 +125,9 @@ class VMSpec:
     # reflink, btrfs), so checkpoints and restores cost metadata, not RAM size; "off": never.
     # Not restore-relevant: states saved either way load into both.
     ram_file: str = "auto"
+    # "auto": where RAM is not a file, checkpoints' streams are folded into the VM's chunk
+    # store once published (core/fold.py), so checkpoints share what they repeat; "off": never.
+    dedup: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

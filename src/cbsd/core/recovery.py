@@ -94,6 +94,23 @@ def recover(vm: VM, died: str = "") -> None:
         remove_tree(path)
     if doomed:
         sweep_orphans(vm)
+    collect_chunks(vm)
+
+
+def collect_chunks(vm: VM) -> None:
+    """Free chunk-store data no saved state references, if a fold or a delete may have left
+    some (the store's .dirty mark); never while a recipe is unreadable (what it references is
+    unknown then: verify reports it)."""
+    from cbsd.storage.chunkstore import Store
+
+    store = Store(vm.ctx.workdir.store(vm.jname))
+    if not store.dirty():
+        return
+    known = ckpstore.recipes(vm.ctx.workdir.system(vm.jname))
+    if known is not None:
+        freed = store.collect(known)
+        if debug.ON:
+            debug.log("recover", f"{vm.jname}: chunk store: {freed} bytes freed")
 
 
 def _settle_definition(vm: VM) -> None:
@@ -229,11 +246,18 @@ def drop_state(vm: VM, path: Path) -> None:
         m: ckpstore.Manifest | None = ckpstore.read_manifest(path)
     except CheckpointError:
         m = None
+    folded = (path / ckpstore.RECIPE).exists()
+    if folded:
+        from cbsd.storage.chunkstore import Store
+
+        Store(vm.ctx.workdir.store(vm.jname)).mark_dirty()
     if not path.name.startswith("."):
         path = ckpstore.retire(path)
     remove_tree_later(path)
     if m is not None:
         delete_tags(vm, state_tags(vm, m))
+    if folded:
+        collect_chunks(vm)  # the hidden state's recipe no longer counts
 
 
 def drop_state_and_sweep(vm: VM, path: Path) -> None:

@@ -155,6 +155,11 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         # device state is written and its RAM cloned.
         _set_migration(mon, caps, live and not ram_file)
         migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
+        # A checkpoint to be folded into the chunk store keeps the plain stream: a folded
+        # stream is fed back through a pipe, and mapped-ram loads only from a file.
+        mapped = migration.mapped_ram_usable(caps, live=live, ram_file=ram_file) and not (
+            kind == "checkpoint" and vm.spec.dedup == "auto")
+        migration.use_mapped_ram(mon, caps, mapped)
         if ram_file and was_running:
             ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now
         # Disk and memory must be of the same instant: freeze first, even for live=1
@@ -170,8 +175,9 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         memfile = tmp / ckpstore.MEMORY
         fd = open_fd_for(memfile, write=True)
         try:
-            follower = _Follower(memfile)
-            follower.start()
+            if not mapped:  # a mapped-ram file is written at many offsets at once
+                follower = _Follower(memfile)
+                follower.start()
             channel = migration.attach(mon, fd, "cbsd-save", caps)
         finally:
             os.close(fd)
@@ -184,8 +190,11 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             total = int(info.get("ram", {}).get("total", 1))
             progress(total, total)  # done: lets a progress bar finish and go away
         elapsed = time.monotonic() - started
-        size, digest = follower.finish()
-        follower = None
+        if follower is not None:
+            size, digest = follower.finish()
+            follower = None
+        else:
+            size, digest = ckpstore.digest_file(memfile)  # from the page cache
         fsync_path(memfile)
         if ram_file:
             reflink.clone(vm.ram_path, tmp / ckpstore.RAM)
@@ -199,6 +208,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
         manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
         manifest.agent = agent
+        if mapped:  # the load must switch on the same capabilities
+            manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
         manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
         ckpstore.save_manifest(manifest, tmp)
         fsync_dir(tmp)

@@ -24,6 +24,7 @@ from typing import Any
 from cbsd.errors import CheckpointError
 from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
+from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 from cbsd.storage.manifest import FORMAT, MEMORY, RAM, Manifest
 from cbsd.storage.paths import HIBERNATION_DIR
 
@@ -36,24 +37,46 @@ def digest_file(path: Path) -> tuple[int, str]:
     """(size, xxh3-128 hex) of a file: fast enough (>5 GB/s) to check before every restore.
 
     Mapped, not read: hashing straight from the page cache skips copying every byte into a
-    buffer first (~0.05 s per GiB here). Saved states are only read under the VM's lock, so
-    the file cannot shrink under the mapping."""
+    buffer first (~0.05 s per GiB here). Holes (a mapped-ram stream is a sparse file the size
+    of RAM) are hashed as the zeros they read as, without faulting in a page for each.
+    Saved states are only read under the VM's lock, so the file cannot shrink under the
+    mapping."""
+    import errno
     import mmap
 
     import xxhash
 
     h = xxhash.xxh3_128()
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    for offset in range(0, size, CHUNK):
-                        h.update(view[offset:offset + CHUNK])
-                finally:
-                    view.release()
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if not size:
+            return 0, h.hexdigest()
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                pos = 0
+                while pos < size:
+                    try:
+                        data = os.lseek(fd, pos, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno != errno.ENXIO:
+                            raise
+                        data = size  # only a hole is left
+                    while pos < data:
+                        n = min(CHUNK, data - pos)
+                        h.update(_ZEROS[:n])
+                        pos += n
+                    end = os.lseek(fd, pos, os.SEEK_HOLE) if pos < size else size
+                    for offset in range(pos, end, CHUNK):
+                        h.update(view[offset:min(offset + CHUNK, end)])
+                    pos = end
+            finally:
+                view.release()
     return size, h.hexdigest()
+
+
+_ZEROS = memoryview(bytes(CHUNK))
 
 
 def _seal(body: dict[str, Any]) -> dict[str, Any]:
@@ -112,13 +135,44 @@ def check_files(ckdir: Path, manifest: Manifest) -> None:
 
 def verify_checksums(ckdir: Path, manifest: Manifest,
                      skip: frozenset[str] = frozenset()) -> None:
-    """Every file's content (but those in *skip*) matches the manifest's checksum."""
+    """Every file's content (but those in *skip*) matches the manifest's checksum; a stream
+    folded into the chunk store is rebuilt and checked chunk by chunk."""
     for fname, meta in manifest.files.items():
         if fname in skip:
             continue
         size, digest = digest_file(ckdir / fname)
         if size != meta.size or digest != meta.xxh3_128:
             raise CheckpointError(f"{describe(ckdir)} is damaged: {fname} checksum mismatch")
+    if manifest.stream is not None:
+        try:
+            Store(store_of(ckdir)).verify(Recipe.read(ckdir / RECIPE), manifest.stream.size,
+                                          manifest.stream.xxh3_128)
+        except CheckpointError as e:
+            raise CheckpointError(f"{describe(ckdir)} is damaged: {e}") from None
+
+
+def store_of(ckdir: Path) -> Path:
+    """The chunk store of the VM a saved state belongs to: jails-system/<jname>/store (a
+    checkpoint lies in jails-system/<jname>/checkpoints/, the hibernation image beside it)."""
+    system = ckdir.parent.parent if ckdir.parent.name == "checkpoints" else ckdir.parent
+    return system / "store"
+
+
+def recipes(system: Path) -> list[Recipe] | None:
+    """Every chunk recipe a state of the VM holds (published, damaged or pending: a recipe
+    present counts, whatever its manifest says), or None if one cannot be read: then nothing
+    may be collected, since what it references is unknown."""
+    out: list[Recipe] = []
+    dirs = [p for p, _ in list_states(system / "checkpoints")] + [system / HIBERNATION_DIR]
+    for d in dirs:
+        path = d / RECIPE
+        if not path.exists():
+            continue
+        try:
+            out.append(Recipe.read(path))
+        except (OSError, ValueError, KeyError, CheckpointError):
+            return None
+    return out
 
 
 def verify_files(ckdir: Path, manifest: Manifest) -> None:
@@ -235,6 +289,7 @@ __all__ = [
     "FORMAT",
     "MEMORY",
     "RAM",
+    "RECIPE",
     "Manifest",
     "digest_file",
     "has_manifest",

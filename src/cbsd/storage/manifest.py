@@ -6,9 +6,10 @@ Format history (never edit a released step; add one):
      unknown; every format-1 state reads as parentless), and `agent`: whether a guest agent
      listened when the state was saved (format 1: no).
   3  `files` may hold `ram`: the guest's RAM as a file (a clone of the running VM's RAM
-     file); `memory` then holds device state only. Nothing to upgrade (a format-2 state has
-     no `ram`), but a cbsd that reads only format 2 must refuse such a state rather than load
-     its device state into empty RAM.
+     file); `memory` then holds device state only. Or `memory` may have been folded into the
+     VM's chunk store: `files` then holds `memory.recipe` and `stream` the stream's own size
+     and checksum. Nothing to upgrade (a format-2 state has neither), but a cbsd that reads
+     only format 2 must refuse such states rather than load them wrongly.
 
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
@@ -59,10 +60,16 @@ class Manifest:
     migration: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
     agent: bool = False  # a guest agent had its channel open when the state was saved
+    stream: FileEntry | None = None  # folded into the chunk store: the stream's size, checksum
 
     @property
     def memory_size(self) -> int:
-        return self.files[MEMORY].size
+        return self.stream.size if self.stream is not None else self.files[MEMORY].size
+
+    @property
+    def folded(self) -> bool:
+        """The stream lives in the VM's chunk store (storage/chunkstore.py), not in `memory`."""
+        return self.stream is not None
 
     @property
     def ram_file(self) -> bool:
@@ -82,6 +89,9 @@ class Manifest:
                                   for s in data["disk_snapshots"]]
         body["files"] = {str(k): FileEntry(int(v["size"]), str(v["xxh3_128"]))
                          for k, v in data["files"].items()}
+        if data.get("stream") is not None:
+            body["stream"] = FileEntry(int(data["stream"]["size"]),
+                                       str(data["stream"]["xxh3_128"]))
         return cls(**body)
 
 

@@ -85,6 +85,10 @@ class Workdir:
         (core/ramfile.py). Holds guest memory: owner-only."""
         return self.system(jname) / "ram"
 
+    def store(self, jname: str) -> Path:
+        """The VM's chunk store (storage/chunkstore.py): checkpoints' streams, deduplicated."""
+        return self.system(jname) / "store"
+
     def current_checkpoint(self, jname: str) -> Path:
         """While the VM runs: the checkpoint it descends from (core/tree.py)."""
         return self.system(jname) / "current"

@@ -1,0 +1,280 @@
+"""A per-VM deduplicating store for memory streams, where files cannot be cloned (ext4).
+
+Checkpoints of a VM whose RAM changes little repeat most of their stream. Once a checkpoint is
+safely published, a background helper (core/fold.py) cuts its `memory` stream into content-
+defined chunks (FastCDC, ~16 KiB: the stream's page headers and 9-byte zero pages shift every
+offset, so fixed-size chunks would never match), stores each chunk it has not stored before,
+and replaces `memory` by `memory.recipe`: the stream as a list of chunk references.
+
+    jails-system/<jname>/store/
+        packs/<id>.pack          chunk data, appended by one fold, never rewritten; ranges no
+                                 recipe references are punched out (fallocate), a pack no
+                                 recipe references is deleted
+        packs/.tmp-<id>.pack     a fold in progress (only the VM's lock holder writes one)
+        .dirty                   a fold or a delete may have left unreferenced data: the next
+                                 command holding the VM's lock collects it
+    <name>.ckp/memory.recipe     MAGIC, one JSON line (packs, stream size), then ENTRY records
+
+Integrity: each entry carries its chunk's XXH3-128, the recipe's own checksum is in the sealed
+manifest, and the manifest keeps the whole stream's size and checksum (`stream`), so a restore
+or `mode=verify` checks every chunk and the stream they make. A kill -9 anywhere leaves no
+dangling reference: a recipe is written only after the pack it references is flushed and in
+place, and garbage is collected only from what no published recipe references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbsd.errors import CheckpointError
+
+RECIPE = "memory.recipe"
+MAGIC = b"CBSD-RECIPE-1\n"
+ENTRY = struct.Struct("<16sHQI")  # chunk digest (xxh3-128), pack index, offset, length
+MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 8 << 10, 16 << 10, 64 << 10
+DIRTY = ".dirty"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class Recipe:
+    packs: list[str]  # pack ids
+    size: int  # the stream's length
+    entries: list[tuple[bytes, int, int, int]]
+
+    def to_bytes(self) -> bytes:
+        head = json.dumps({"packs": self.packs, "size": self.size,
+                           "count": len(self.entries)}).encode()
+        return MAGIC + head + b"\n" + b"".join(ENTRY.pack(*e) for e in self.entries)
+
+    @classmethod
+    def read(cls, path: Path) -> Recipe:
+        data = path.read_bytes()
+        if not data.startswith(MAGIC):
+            raise CheckpointError(f"{path.name} is not a chunk recipe")
+        end = data.index(b"\n", len(MAGIC))
+        head = json.loads(data[len(MAGIC):end])
+        body = memoryview(data)[end + 1:]
+        if len(body) != head["count"] * ENTRY.size:
+            raise CheckpointError(f"{path.name} is truncated")
+        return cls([str(p) for p in head["packs"]], int(head["size"]),
+                   list(ENTRY.iter_unpack(body)))
+
+
+class Yielded(Exception):
+    """A fold gave way to a command that needs the VM (it is retried later)."""
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.packs = root / "packs"
+
+    def pack_path(self, pack: str) -> Path:
+        return self.packs / f"{pack}.pack"
+
+    # --- folding a stream into the store ----------------------------------------------------
+
+    def fold(self, stream: Path, recipes: Iterable[Recipe],
+             should_yield: Callable[[], bool] = lambda: False) -> tuple[Recipe, str]:
+        """Cut *stream* into chunks, append the new ones to a new pack, and return its recipe
+        and the XXH3-128 of the stream as read (the pack is flushed and in place; the caller
+        then publishes the recipe). Chunks the given recipes hold are referenced, not stored
+        again. Yielded if *should_yield* says so (the unfinished pack is removed)."""
+        import mmap
+
+        import xxhash
+        from fastcdc import fastcdc
+
+        known = self._index(recipes)
+        self.packs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / DIRTY).touch(mode=0o600)  # from here a kill may leave an orphan pack
+        pack = os.urandom(8).hex()
+        tmp = self.packs / f"{TMP_PREFIX}{pack}.pack"
+        packs: list[str] = []
+        entries: list[tuple[bytes, int, int, int]] = []
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        written = 0
+        whole = xxhash.xxh3_128()
+        try:
+            with open(stream, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else None
+                view = memoryview(mm) if mm is not None else memoryview(b"")
+                cuts = fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) if mm is not None else ()
+                try:
+                    for i, c in enumerate(cuts):
+                        if i % 64 == 0 and should_yield():
+                            raise Yielded
+                        data = view[c.offset:c.offset + c.length]
+                        whole.update(data)
+                        digest = xxhash.xxh3_128_digest(data)
+                        ref = known.get(digest)
+                        if ref is None:
+                            os.write(fd, data)
+                            ref = (pack, written, c.length)
+                            known[digest] = ref
+                            written += c.length
+                        if ref[0] not in packs:
+                            packs.append(ref[0])
+                        entries.append((digest, packs.index(ref[0]), ref[1], ref[2]))
+                finally:
+                    # Not closed by hand: the chunker and the slices hold the mapping's buffer
+                    # until they are gone; the mapping goes with the last of them.
+                    del cuts, view, mm
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if written:
+            os.rename(tmp, self.pack_path(pack))
+            _fsync_dir(self.packs)
+        else:
+            tmp.unlink()
+        return Recipe(packs, size, entries), whole.hexdigest()
+
+    @staticmethod
+    def _index(recipes: Iterable[Recipe]) -> dict[bytes, tuple[str, int, int]]:
+        known: dict[bytes, tuple[str, int, int]] = {}
+        for r in recipes:
+            for digest, pack, offset, length in r.entries:
+                known.setdefault(digest, (r.packs[pack], offset, length))
+        return known
+
+    # --- reading a stream back --------------------------------------------------------------
+
+    def chunks(self, recipe: Recipe) -> Iterator[tuple[int, int, int, bytes]]:
+        """(pack fd, offset, length, digest) of each chunk, in stream order; the pack files
+        stay open until the iteration ends."""
+        fds: dict[int, int] = {}
+        try:
+            for digest, pack, offset, length in recipe.entries:
+                fd = fds.get(pack)
+                if fd is None:
+                    try:
+                        fd = os.open(self.pack_path(recipe.packs[pack]),
+                                     os.O_RDONLY | os.O_CLOEXEC)
+                    except (FileNotFoundError, IndexError):
+                        raise CheckpointError(f"chunk pack {recipe.packs[pack]} is "
+                                              "missing") from None
+                    fds[pack] = fd
+                yield fd, offset, length, digest
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def verify(self, recipe: Recipe, size: int, xxh3_128: str) -> None:
+        """Every chunk matches its digest and together they are the stream that was saved."""
+        import xxhash
+
+        whole = xxhash.xxh3_128()
+        total = 0
+        for fd, offset, length, digest in self.chunks(recipe):
+            data = os.pread(fd, length, offset)
+            if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
+                raise CheckpointError(f"a chunk at stream offset {total} does not match its "
+                                      "checksum (the store is damaged)")
+            whole.update(data)
+            total += length
+        if total != size or whole.hexdigest() != xxh3_128:
+            raise CheckpointError("the stream rebuilt from its chunks does not match the one "
+                                  "saved")
+
+    def write_to(self, recipe: Recipe, out: int, progress: list[int]) -> None:
+        """Write the stream into *out* (a pipe to QEMU), moving page-cache pages with
+        splice(2) instead of copying them; progress[0] counts the bytes sent."""
+        for fd, offset, length, _ in self.chunks(recipe):
+            pos = offset
+            end = offset + length
+            while pos < end:
+                n = os.splice(fd, out, end - pos, offset_src=pos)
+                if n == 0:
+                    raise CheckpointError("a chunk pack ended early (the store is damaged)")
+                pos += n
+                progress[0] += n
+
+    def rebuild(self, recipe: Recipe, dst: Path) -> None:
+        """Write the stream back out as a plain file *dst* (owner-only, flushed)."""
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            for src, offset, length, _ in self.chunks(recipe):
+                os.write(fd, os.pread(src, length, offset))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- collecting garbage -----------------------------------------------------------------
+
+    def collect(self, recipes: Iterable[Recipe]) -> int:
+        """Free what no published recipe references (caller holds the VM's lock, so no fold
+        runs): orphaned temporary packs, whole packs, and the dead ranges inside live packs
+        (punched out, so the pack keeps its offsets). Returns the bytes freed."""
+        live: dict[str, list[tuple[int, int]]] = {}
+        for r in recipes:
+            for _, index, offset, length in r.entries:
+                live.setdefault(r.packs[index], []).append((offset, offset + length))
+        freed = 0
+        try:
+            entries = list(os.scandir(self.packs))
+        except FileNotFoundError:
+            entries = []
+        for e in entries:
+            if not e.name.endswith(".pack"):
+                continue
+            pack_id = e.name.removesuffix(".pack")
+            st = e.stat(follow_symlinks=False)
+            if pack_id.startswith(TMP_PREFIX) or pack_id not in live:
+                os.unlink(e.path)
+                freed += st.st_blocks * 512
+                continue
+            freed += _punch_dead(e.path, live[pack_id], st.st_size)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / DIRTY).unlink()
+        return freed
+
+    def dirty(self) -> bool:
+        return (self.root / DIRTY).exists()
+
+    def mark_dirty(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / DIRTY).touch(mode=0o600)
+
+
+def _punch_dead(path: str, ranges: list[tuple[int, int]], size: int) -> int:
+    """Punch holes where no live range is (whole 4 KiB blocks only); returns bytes punched."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    falloc = libc.fallocate
+    falloc.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    block = 4096
+    punched = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        pos = 0
+        for start, end in [*sorted(ranges), (size, size)]:
+            lo = -(-pos // block) * block  # round the gap inwards to whole blocks
+            hi = start // block * block
+            if hi > lo and falloc(fd, punch, lo, hi - lo) == 0:
+                punched += hi - lo
+            pos = max(pos, end)
+    finally:
+        os.close(fd)
+    return punched
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
