@@ -2,7 +2,10 @@
 
 cases: peer (cbsd vs libvirt vs floor, writes docs/benchmarks.md, .png and .json; default),
        report (re-render docs/benchmarks.md and .png from docs/benchmarks.json),
-       checkpoint (cbsd vs the dd floor only), bls."""
+       checkpoint (cbsd vs the dd floor only), bls,
+       engine (restore vs RAM size per engine, space of many checkpoints; writes
+       docs/benchmarks-engine.md, .json and .png; BENCH_ENGINE_SIZES=256m:200,1g:768 for a
+       quick run)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ def main(argv: list[str]) -> None:
             results, versions = report.load_json(ROOT_BENCH.parent / "docs" / "benchmarks.json")
             analysis = ROOT_BENCH / "analysis.md"
             report.write(results, versions, analysis.read_text() if analysis.exists() else "")
+            continue
+        if case == "engine":
+            from bench import bench_engine
+
+            print(bench_engine.write(*bench_engine.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

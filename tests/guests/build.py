@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FILL_OFFSET = 0x1FC
+CHURN_OFFSET = 0x1FA
 LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev", "ata_piix",
                  "sr_mod")
 
@@ -54,10 +55,13 @@ def counter_bin() -> Path:
     return out
 
 
-def counter_image(dest: Path, fill_mib: int = 0, size: int = 1 << 20) -> Path:
-    """A raw disk: the boot sector (with FILL_MIB patched in), then zeros (LBA 1 = 0)."""
+def counter_image(dest: Path, fill_mib: int = 0, size: int = 1 << 20,
+                  churn_pages: int = 0) -> Path:
+    """A raw disk: the boot sector (with FILL_MIB and CHURN_PAGES patched in), then zeros
+    (LBA 1 = 0)."""
     code = bytearray(counter_bin().read_bytes())
     code[FILL_OFFSET:FILL_OFFSET + 2] = fill_mib.to_bytes(2, "little")
+    code[CHURN_OFFSET:CHURN_OFFSET + 2] = churn_pages.to_bytes(2, "little")
     with open(dest, "wb") as f:
         f.write(code)
         f.truncate(size)

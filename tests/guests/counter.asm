@@ -8,7 +8,9 @@
 ; not match its memory therefore prints BAD on its first line.
 ;
 ; The word at offset 0x1FC (FILL_MIB) asks the guest to fill that many MiB of RAM above 1 MiB
-; with pseudo-random data at boot (unreal mode), for large-state tests and benchmarks.
+; with pseudo-random data at boot (unreal mode), for large-state tests and benchmarks. The word
+; at 0x1FA (CHURN_PAGES) then has it rewrite that many 4 KiB pages of the filled RAM with new
+; random data after each line, round and round (RAM that keeps changing, for dedup benchmarks).
 
 bits 16
 org 0x7c00
@@ -17,6 +19,8 @@ BUF   equ 0x7e00        ; 512-byte sector buffer
 COUNT equ 0x8000        ; dword: RAM counter
 LAST  equ 0x8004        ; dword: value RAM believes is on disk
 DRIVE equ 0x8008        ; byte: BIOS boot drive
+RNG   equ 0x800c        ; dword: xorshift32 state, carried from the fill into the churn
+CPTR  equ 0x8010        ; dword: the churn's next offset into the filled RAM
 
 start:
     cli
@@ -75,7 +79,43 @@ main_loop:
     call disk_io
     mov eax, [COUNT]
     mov [LAST], eax
+    call churn
     jmp main_loop
+
+churn:                      ; rewrite churn_pages pages at CPTR (fs is flat from the fill)
+    movzx ecx, word [churn_pages]
+    shl ecx, 10
+    jz .done
+    mov edi, [CPTR]
+    mov eax, [RNG]
+    call rewrite
+.done:
+    ret
+
+rewrite:                    ; ecx dwords of xorshift32(eax) from offset edi of the filled RAM,
+    movzx ebx, word [fill_mib]  ; wrapping at its end; leaves CPTR and RNG where it stopped
+    shl ebx, 20
+.next:
+    cmp edi, ebx            ; checked before the write: CPTR is not zeroed by a warm reboot
+    jb .inside
+    xor edi, edi
+.inside:
+    mov edx, eax            ; xorshift32 inline: a call per dword would slow TCG's fill
+    shl edx, 13
+    xor eax, edx
+    mov edx, eax
+    shr edx, 17
+    xor eax, edx
+    mov edx, eax
+    shl edx, 5
+    xor eax, edx
+    mov [fs:edi+0x100000], eax
+    add edi, 4
+    dec ecx
+    jnz .next
+    mov [CPTR], edi
+    mov [RNG], eax
+    ret
 
 read_disk:                  ; -> eax = dword at the start of LBA 1
     mov ah, 2
@@ -152,22 +192,9 @@ fill:                       ; unreal mode: flat FS, then xorshift32 over fill_mi
     sti
     movzx ecx, word [fill_mib]
     shl ecx, 18
-    mov edi, 0x100000
+    xor edi, edi
     mov eax, 0x12345678
-.next:
-    mov edx, eax
-    shl edx, 13
-    xor eax, edx
-    mov edx, eax
-    shr edx, 17
-    xor eax, edx
-    mov edx, eax
-    shl edx, 5
-    xor eax, edx
-    mov [fs:edi], eax
-    add edi, 4
-    dec ecx
-    jnz .next
+    call rewrite
     mov si, s_filled
     call puts
     ret
@@ -188,6 +215,7 @@ s_bad:    db " BAD", 13, 10, 0
 s_crlf:   db 13, 10, 0
 s_filled: db "FILLED", 13, 10, 0
 
-times 0x1fc - ($ - $$) db 0
+times 0x1fa - ($ - $$) db 0
+churn_pages: dw 0
 fill_mib: dw 0
 dw 0xaa55

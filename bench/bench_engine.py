@@ -1,0 +1,321 @@
+"""Checkpoint engine v2: restore time against RAM size, checkpoint create against the dd floor,
+and the disk space of many checkpoints, for each of cbsd's engines, QEMU's own stream load and
+libvirt, in one run (python -m bench.run engine -> docs/benchmarks-engine.md, .json, .png).
+
+Engines: the plain stream (ext4), the stream folded into the chunk store (ext4), guest RAM in a
+file cloned with reflink (XFS made with reflink=1, loop-mounted from a file on the same disk).
+Every measurement starts from a quiet disk (timing.settle) and the cases alternate within each
+repetition (A B C A B C ...)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.guests.build import counter_image
+
+from bench import peer_libvirt as lv
+from bench.bench_peer import Case, dd_floor
+from bench.common import CBSD, ROOT, workdir_env
+from bench.floor_restore import qemu_alone
+from bench.guests import wait_counting
+from bench.timing import GapWatch, run, until_output
+
+SIZES = [("256m", 200), ("1g", 768), ("4g", 3000), ("8g", 6000)]
+STREAM, CHUNKS, RAMFILE = "cbsd stream (ext4)", "cbsd chunk store (ext4)", \
+    "cbsd RAM file (XFS reflink)"
+FLOOR_LOAD = "QEMU alone: start + stream load (floor)"
+PEER = "virsh restore"
+
+
+@contextlib.contextmanager
+def xfs(base: Path, size: str = "60G") -> Iterator[Path]:
+    image, mnt = base / "xfs.img", base / "xfs"
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        image.unlink()
+
+
+def cli(env: dict[str, str], *args: str) -> None:
+    p = subprocess.run([CBSD, *args], env=env, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"cbsd {' '.join(args)}: {p.stderr.strip()}")
+
+
+def guest(env: dict[str, str], wd: Path, name: str, ram: str, fill: int, *extra: str,
+          churn: int = 0) -> Path:
+    img = counter_image(wd / f"{name}.raw", fill, churn_pages=churn)
+    cli(env, "bcreate", f"jname={name}", f"image={img}", "vm_os_type=other", f"vm_ram={ram}",
+        *extra)
+    img.unlink()
+    cli(env, "bstart", name)
+    log = wd / "jails-system" / name / "console.log"
+    wait_counting(log, fill, timeout=1800)
+    return log
+
+
+def fold_now(wd: Path, name: str) -> float:
+    """Fold the VM's checkpoints in the foreground (what the background helper does)."""
+    from cbsd.core.fold import fold_vm
+    from cbsd.storage.paths import Workdir
+
+    t = time.perf_counter()
+    folded = fold_vm(Workdir(wd), name)
+    if not folded:
+        raise RuntimeError(f"{name}: nothing was folded")
+    return time.perf_counter() - t
+
+
+def by_size(ram: str, fill: int, repeat: int, ext4: Path, xfs_wd: Path,
+            peer: bool) -> list[Case]:
+    label = f"{ram} guest / {fill} MiB random RAM"
+    create, restore = Case(f"checkpoint create, {label}"), Case(f"restore to first guest "
+                                                                 f"output, {label}")
+    gap = Case(f"longest guest output gap during a checkpoint, {label}")
+    env_e, env_x = workdir_env(ext4), workdir_env(xfs_wd)
+    e, x = f"e{ram}", f"x{ram}"
+    log_e = guest(env_e, ext4, e, ram, fill, "vm_dedup=off")
+    log_x = guest(env_x, xfs_wd, x, ram, fill)
+    dom = None
+    if peer:
+        dom, lv_log = _libvirt_twin(ext4, ram, fill)
+    sizes: dict[str, int] = {}
+    try:
+        for _ in range(repeat):
+            create.add(STREAM, run([CBSD, "bcheckpoint", "mode=create", f"jname={e}",
+                                    "name=b"], env_e))
+            stream = ext4 / "jails-system" / e / "checkpoints" / "b.ckp" / "memory"
+            sizes["stream"] = stream.stat().st_size
+            create.add("dd + fdatasync of the stream's bytes, ext4 (floor)",
+                       dd_floor(ext4 / "floor.bin", sizes["stream"]))
+            with GapWatch(log_x) as w:
+                time.sleep(0.3)
+                s = time.perf_counter()
+                create.add(RAMFILE, run([CBSD, "bcheckpoint", "mode=create", f"jname={x}",
+                                         "name=b"], env_x))
+                end = time.perf_counter()
+                time.sleep(0.5)
+            gap.add(RAMFILE, w.max_gap(s, end))
+            create.add("dd + fdatasync of the RAM in use, XFS (floor)",
+                       dd_floor(xfs_wd / "floor.bin", fill << 20))
+            if dom is not None:
+                img = ext4 / "lv-save.img"
+                create.add("virsh save", run(["virsh", "-c", lv.URI, "save", dom, str(img)]))
+                restore.add(PEER, until_output(["virsh", "-c", lv.URI, "restore", str(img)],
+                                               lv_log, timeout=600))
+                img.unlink()
+            run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_e)
+            restore.add(FLOOR_LOAD, qemu_alone(ext4, e, "b", log_e))
+            restore.add(STREAM, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
+                                             log_e, env_e, timeout=600))
+            run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_e)
+            create.add("fold into the chunk store (background, after the command)",
+                       fold_now(ext4, e))
+            restore.add(CHUNKS, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
+                                             log_e, env_e, timeout=600))
+            run([CBSD, "bstop", f"jname={x}", "noacpi=1"], env_x)
+            restore.add(RAMFILE, until_output([CBSD, "bstart", f"jname={x}", "checkpoint=b"],
+                                              log_x, env_x, timeout=600))
+            for env, name in ((env_e, e), (env_x, x)):
+                run([CBSD, "bcheckpoint", "mode=destroy", f"jname={name}", "name=b"], env)
+        create.notes.append(f"stream size {sizes['stream'] / 2**20:.0f} MiB")
+    finally:
+        for env, name in ((env_e, e), (env_x, x)):
+            subprocess.run([CBSD, "bremove", f"jname={name}"], env=env, capture_output=True)
+        if dom is not None:
+            lv.undefine(dom)
+    return [create, restore, gap]
+
+
+def _libvirt_twin(wd: Path, ram: str, fill: int) -> tuple[str, Path]:
+    raw = counter_image(wd / f"lv-{ram}.raw", fill)
+    disk = wd / f"lv-{ram}.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True)
+    raw.unlink()
+    dom, log = f"cbsd-engine-{ram}", wd / f"lv-{ram}.console.log"
+    ram_mib = int(ram[:-1]) * (1024 if ram.endswith("g") else 1)
+    lv.define(dom, disk, ram_mib, log, wd)
+    lv.virsh("start", dom)
+    wait_counting(log, fill, timeout=1800)
+    return dom, log
+
+
+def used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def allocated(*roots: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for r in roots if r.exists() for p in r.rglob("*")
+               if p.is_file())
+
+
+def space(ext4: Path, xfs_wd: Path, n: int = 10, churn: int = 64) -> Case:
+    """n checkpoints of a 256 MiB guest (200 MiB random) rewriting *churn* pages per tick:
+    the filesystem space they take, per engine, against one plain checkpoint."""
+    case = Case(f"disk space of {n} checkpoints, 256 MiB guest / 200 MiB random RAM, "
+                "~10% of it changing between checkpoints (MiB)")
+    env_e, env_x = workdir_env(ext4), workdir_env(xfs_wd)
+    logs = {"s": guest(env_e, ext4, "s", "256m", 200, "vm_dedup=off", churn=churn),
+            "d": guest(env_e, ext4, "d", "256m", 200, churn=churn),
+            "r": guest(env_x, xfs_wd, "r", "256m", 200, churn=churn)}
+    ticks = _ticks_for(0.10 * (200 << 20), churn)
+    try:
+        base = used(xfs_wd)
+        for i in range(n):
+            for name, env in (("s", env_e), ("d", env_e), ("r", env_x)):
+                cli(env, "bcheckpoint", "mode=create", f"jname={name}", f"name=c{i}")
+            _wait_ticks(logs["r"], ticks)
+        fold_now(ext4, "d")
+        one = (ext4 / "jails-system/s/checkpoints/c0.ckp/memory").stat().st_blocks * 512
+        case.add("one plain checkpoint (stream)", one / 2**20)
+        case.add(f"{n} checkpoints, cbsd stream (ext4)",
+                 allocated(ext4 / "jails-system/s/checkpoints") / 2**20)
+        case.add(f"{n} checkpoints, cbsd chunk store (ext4)",
+                 allocated(ext4 / "jails-system/d/checkpoints", ext4 / "jails-system/d/store")
+                 / 2**20)
+        cli(env_x, "bstop", "r", "noacpi=1")  # the running RAM file is not a checkpoint's
+        case.add(f"{n} checkpoints, cbsd RAM file (XFS reflink, space used on the filesystem)",
+                 (used(xfs_wd) - base) / 2**20)
+        case.notes.append(f"the guest rewrote {churn} pages per tick, {ticks} ticks between "
+                          "checkpoints: ~10% of its random RAM")
+    finally:
+        for name, env in (("s", env_e), ("d", env_e), ("r", env_x)):
+            subprocess.run([CBSD, "bremove", f"jname={name}"], env=env, capture_output=True)
+    return case
+
+
+def _ticks_for(nbytes: float, churn_pages: int) -> int:
+    return max(1, round(nbytes / (churn_pages * 4096)))
+
+
+def _wait_ticks(log: Path, ticks: int) -> None:
+    import re
+
+    start = len(re.findall(rb"n=\d+", log.read_bytes()))
+    deadline = time.monotonic() + 600
+    while len(re.findall(rb"n=\d+", log.read_bytes())) < start + ticks:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the churning guest stopped counting")
+        time.sleep(0.1)
+
+
+def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
+    import tempfile
+
+    sizes = SIZES
+    if os.environ.get("BENCH_ENGINE_SIZES"):  # e.g. "256m:200,1g:768" for a quick run
+        sizes = [(s.split(":")[0], int(s.split(":")[1]))
+                 for s in os.environ["BENCH_ENGINE_SIZES"].split(",")]
+    versions = {"libvirt": lv.ensure()}
+    cases: list[Case] = []
+    with tempfile.TemporaryDirectory(prefix="cbsd-bench-engine-", dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        ext4 = base / "ext4"
+        ext4.mkdir()
+        with xfs(base) as mnt:
+            xfs_wd = mnt / "wd"
+            for ram, fill in sizes:
+                peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
+                cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)
+            cases.append(space(ext4, xfs_wd))
+    return cases, versions
+
+
+def write(cases: list[Case], versions: dict[str, str]) -> str:
+    from bench.report import machine
+
+    out = ROOT / "docs"
+    (out / "benchmarks-engine.json").write_text(json.dumps(
+        {"versions": versions, "cases": [{"title": c.title, "notes": c.notes,
+                                          "series": {k: s.samples for k, s in c.series.items()}}
+                                         for c in cases]}, indent=1))
+    lines = ["# Checkpoint engine benchmarks", "",
+             "Generated by `python -m bench.run engine` (bench/bench_engine.py); analysis in "
+             "[benchmarks.md](benchmarks.md#checkpoint-engine-v2).", "", *machine(),
+             f"- libvirt {versions.get('libvirt', '?')}", ""]
+    for c in cases:
+        unit = "MiB" if "space" in c.title else "s"
+        lines += [f"## {c.title}", "", "| series | median | min | max | runs |",
+                  "|---|---|---|---|---|", *(s.row(unit) for s in c.series.values())]
+        lines += [f"- {n}" for n in c.notes] + [""]
+    lines += _ratios(cases)
+    _chart(cases, out / "benchmarks-engine.png")
+    lines += ["", "![restore time against RAM size](benchmarks-engine.png)", ""]
+    text = "\n".join(lines)
+    (out / "benchmarks-engine.md").write_text(text)
+    return text
+
+
+def _ratios(cases: list[Case]) -> list[str]:
+    out = ["## Against the targets (medians, same run)", ""]
+    restores = {c.title.split(", ", 1)[1]: c for c in cases if c.title.startswith("restore")}
+    one = next((c for k, c in restores.items() if k.startswith("1g")), None)
+    four = next((c for k, c in restores.items() if k.startswith("4g")), None)
+    if one and four and RAMFILE in one.series and RAMFILE in four.series:
+        r = four.series[RAMFILE].median / one.series[RAMFILE].median
+        out.append(f"- RAM-file restore, 4 GiB / 1 GiB: **{r:.2f}x** (target <= 1.5x)")
+        if PEER in four.series:
+            p = four.series[RAMFILE].median / four.series[PEER].median
+            out.append(f"- RAM-file restore of the 4 GiB guest vs virsh restore: **{p:.2f}x** "
+                       "(target <= 0.2x)")
+    for c in cases:
+        if not c.title.startswith("checkpoint create"):
+            continue
+        s = c.series
+        floor_e = s.get("dd + fdatasync of the stream's bytes, ext4 (floor)")
+        floor_x = s.get("dd + fdatasync of the RAM in use, XFS (floor)")
+        if floor_e and STREAM in s:
+            ratio = s[STREAM].median / floor_e.median
+            out.append(f"- {c.title}: stream / dd floor **{ratio:.2f}x** (target <= 1.25x)")
+        if floor_x and RAMFILE in s:
+            out.append(f"- {c.title}: RAM file / dd floor "
+                       f"**{s[RAMFILE].median / floor_x.median:.2f}x** (target <= 1.25x)")
+    for c in cases:
+        if "space" in c.title:
+            one_ck = c.series["one plain checkpoint (stream)"].median
+            for k, v in c.series.items():
+                if k.startswith(("10 checkpoints", "5 checkpoints")):
+                    out.append(f"- {k}: **{v.median / one_ck:.2f}x** one checkpoint")
+        if c.title.startswith("longest guest output gap") and RAMFILE in c.series:
+            out.append(f"- {c.title}: {c.series[RAMFILE].median * 1000:.0f} ms (target <= 250)")
+    return out
+
+
+def _chart(cases: list[Case], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    gib = {"256m": 0.25, "1g": 1, "4g": 4, "8g": 8}
+    series: dict[str, list[tuple[float, float]]] = {}
+    for c in cases:
+        if c.title.startswith("restore"):
+            ram = c.title.split(", ", 1)[1].split(" ")[0]
+            for name, s in c.series.items():
+                series.setdefault(name, []).append((gib[ram], s.median))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("guest RAM (GiB, most of it random)")
+    ax.set_ylabel("restore to first guest output (s, median)")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
