@@ -341,3 +341,24 @@ def test_progress_on_a_terminal_only(cbsd: Cbsd, counter_image) -> None:  # type
     assert text.rstrip().endswith("checkpoints/tty.ckp"), "the result line comes last"
     r = cbsd("bcheckpoint", "mode=create", "jname=big", "name=pipe").ok()
     assert r.err == "", "no progress output when stderr is not a terminal"
+
+
+@pytest.mark.stream
+def test_mapped_ram_where_qemu_has_it(cbsd: Cbsd, running_counter: str) -> None:
+    """QEMU 9+ (probed): a checkpoint that is not folded is saved with mapped-ram + multifd (a
+    sparse file the size of RAM) and loads back with the same capabilities; QEMU 7.2: the plain
+    stream. Either way the guest continues, and QEMU logs no deprecation."""
+    lo, hi = checkpoint(cbsd, "vm1", "m")
+    ckdir = cbsd.system("vm1") / "checkpoints" / "m.ckp"
+    m = json.loads((ckdir / "manifest.json").read_text())
+    major = int(m["qemu_version"].split(".")[0])
+    if major >= 9:
+        assert m["migration"]["capabilities"] == ["mapped-ram", "multifd"]
+        assert (ckdir / "memory").stat().st_size >= 32 << 20, "a page-addressed file"
+    else:
+        assert "capabilities" not in m["migration"]
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    first = restore(cbsd, "vm1", "m")[0]
+    assert lo <= first[0] <= hi + 1 and first[2] == "OK"
+    log = (cbsd.system("vm1") / "qemu.log").read_text()
+    assert "deprecated" not in log, log

@@ -155,10 +155,13 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         # device state is written and its RAM cloned.
         _set_migration(mon, caps, live and not ram_file)
         migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
-        # A checkpoint to be folded into the chunk store keeps the plain stream: a folded
-        # stream is fed back through a pipe, and mapped-ram loads only from a file.
-        mapped = migration.mapped_ram_usable(caps, live=live, ram_file=ram_file) and not (
-            kind == "checkpoint" and vm.spec.dedup == "auto")
+        # Only for checkpoints that are not folded into the chunk store (a folded stream is
+        # fed back through a pipe; mapped-ram loads only from a file). Not for hibernation:
+        # under load, a SIGTERM during a parallel mapped-ram hibernation once left the VM Off
+        # on QEMU 10 (QEMU logged the cancelled save as an I/O error), never with the plain
+        # stream; host shutdown relies on that cancel (docs/checkpoints.md).
+        mapped = (kind == "checkpoint" and vm.spec.dedup == "off"
+                  and migration.mapped_ram_usable(caps, live=live, ram_file=ram_file))
         migration.use_mapped_ram(mon, caps, mapped)
         if ram_file and was_running:
             ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now

@@ -215,7 +215,11 @@ def list_states(directory: Path) -> list[tuple[Path, Manifest | None]]:
             manifest = read_manifest(p)
             out.append((manifest.created_ts, e.name, p, manifest))
         except CheckpointError:
-            out.append((e.stat(follow_symlinks=False).st_mtime, e.name, p, None))
+            try:
+                mtime = e.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # deleted while we listed (a concurrent destroy): not a state now
+            out.append((mtime, e.name, p, None))
     out.sort(key=lambda t: (t[0], t[1]))
     return [(p, m) for _, _, p, m in out]
 
