@@ -26,7 +26,10 @@ from bench.floor_restore import qemu_alone
 from bench.guests import wait_counting
 from bench.timing import GapWatch, run, until_output
 
-SIZES = [("256m", 200), ("1g", 768), ("4g", 3000), ("8g", 6000)]
+# The boot-sector guest fills RAM from 1 MiB in 32-bit unreal mode: it reaches the low 4 GiB
+# only (and the PCI hole starts below that), so the 8 GiB guest gets 3300 MiB of random RAM.
+# (The run of 2026-12-02 asked for 6000, which wrapped at 4 GiB: 1922 MiB were random.)
+SIZES = [("256m", 200), ("1g", 768), ("4g", 3000), ("8g", 3300)]
 STREAM, CHUNKS, RAMFILE = "cbsd stream (ext4)", "cbsd chunk store (ext4)", \
     "cbsd RAM file (XFS reflink)"
 FLOOR_LOAD = "QEMU alone: start + stream load (floor)"
@@ -55,6 +58,7 @@ def cli(env: dict[str, str], *args: str) -> None:
 
 def guest(env: dict[str, str], wd: Path, name: str, ram: str, fill: int, *extra: str,
           churn: int = 0) -> Path:
+    wd.mkdir(parents=True, exist_ok=True)
     img = counter_image(wd / f"{name}.raw", fill, churn_pages=churn)
     cli(env, "bcreate", f"jname={name}", f"image={img}", "vm_os_type=other", f"vm_ram={ram}",
         *extra)
@@ -65,15 +69,22 @@ def guest(env: dict[str, str], wd: Path, name: str, ram: str, fill: int, *extra:
     return log
 
 
-def fold_now(wd: Path, name: str) -> float:
-    """Fold the VM's checkpoints in the foreground (what the background helper does)."""
-    from cbsd.core.fold import fold_vm
+def fold_now(wd: Path, name: str, *, required: bool = True) -> float:
+    """Fold the VM's checkpoints in the foreground (what the background helper does); with
+    required=False, only what the background helpers have not folded yet."""
+    from cbsd.core.fold import fold_vm, foldable
     from cbsd.storage.paths import Workdir
 
     t = time.perf_counter()
     folded = fold_vm(Workdir(wd), name)
-    if not folded:
+    if required and not folded:
         raise RuntimeError(f"{name}: nothing was folded")
+    deadline = time.monotonic() + 300
+    while foldable(Workdir(wd), name):  # a background helper may hold the VM meanwhile
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: checkpoints still not folded")
+        fold_vm(Workdir(wd), name)
+        time.sleep(0.5)
     return time.perf_counter() - t
 
 
@@ -177,7 +188,7 @@ def space(ext4: Path, xfs_wd: Path, n: int = 10, churn: int = 64) -> Case:
             for name, env in (("s", env_e), ("d", env_e), ("r", env_x)):
                 cli(env, "bcheckpoint", "mode=create", f"jname={name}", f"name=c{i}")
             _wait_ticks(logs["r"], ticks)
-        fold_now(ext4, "d")
+        fold_now(ext4, "d", required=False)
         one = (ext4 / "jails-system/s/checkpoints/c0.ckp/memory").stat().st_blocks * 512
         case.add("one plain checkpoint (stream)", one / 2**20)
         case.add(f"{n} checkpoints, cbsd stream (ext4)",
@@ -229,7 +240,10 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
             for ram, fill in sizes:
                 peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
                 cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)
-            cases.append(space(ext4, xfs_wd))
+            try:
+                cases.append(space(ext4, xfs_wd))
+            except RuntimeError as e:  # the restore cases above still get written
+                print(f"space case failed: {e}", flush=True)
     return cases, versions
 
 
