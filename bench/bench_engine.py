@@ -241,7 +241,8 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
                 peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
                 cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)
             try:
-                cases.append(space(ext4, xfs_wd))
+                if os.environ.get("BENCH_ENGINE_SPACE", "1") != "0":
+                    cases.append(space(ext4, xfs_wd))
             except RuntimeError as e:  # the restore cases above still get written
                 print(f"space case failed: {e}", flush=True)
     return cases, versions
@@ -251,7 +252,9 @@ def write(cases: list[Case], versions: dict[str, str]) -> str:
     from bench.report import machine
 
     out = ROOT / "docs"
-    (out / "benchmarks-engine.json").write_text(json.dumps(
+    # BENCH_ENGINE_OUT=NAME: a partial re-run writes docs/NAME.md/.json/.png instead.
+    stem = os.environ.get("BENCH_ENGINE_OUT", "benchmarks-engine")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"versions": versions, "cases": [{"title": c.title, "notes": c.notes,
                                           "series": {k: s.samples for k, s in c.series.items()}}
                                          for c in cases]}, indent=1))
@@ -265,10 +268,10 @@ def write(cases: list[Case], versions: dict[str, str]) -> str:
                   "|---|---|---|---|---|", *(s.row(unit) for s in c.series.values())]
         lines += [f"- {n}" for n in c.notes] + [""]
     lines += _ratios(cases)
-    _chart(cases, out / "benchmarks-engine.png")
-    lines += ["", "![restore time against RAM size](benchmarks-engine.png)", ""]
+    _chart(cases, out / f"{stem}.png")
+    lines += ["", f"![restore time against RAM size]({stem}.png)", ""]
     text = "\n".join(lines)
-    (out / "benchmarks-engine.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     return text
 
 

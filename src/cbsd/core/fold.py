@@ -47,12 +47,18 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
     from cbsd.core.context import Context
 
     ctx = Context(wd)
+    pending = foldable(wd, jname)
+    if not pending or _free(wd.system(jname)) < 2 * max(
+            ckpstore.read_manifest(p).memory_size for p in pending):
+        return []  # nothing to do, or a nearly full disk: a fold would only make it fuller
     try:
         lock = ctx.lock(jname, WHAT)
     except BusyError:
         return []  # a command holds the VM; it starts another fold when it is done, if needed
     done: list[str] = []
     with lock:
+        if YIELDS not in Path(wd.lock_file(jname)).read_text():
+            return []  # the lock file could not say we yield (a full disk): others would wait
         Path(yield_file(wd.lock_file(jname))).unlink(missing_ok=True)  # a stale request
         from cbsd.core import recovery
         from cbsd.core.vm import VM
@@ -72,6 +78,13 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
             if known is not None:
                 store.collect(known)
     return done
+
+
+def _free(path: Path) -> int:
+    import os
+
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def fold_one(store: Store, ckdir: Path, should_yield: Callable[[], bool]) -> bool:
