@@ -138,28 +138,3 @@ def test_digest_of_a_sparse_file_counts_its_holes_as_zeros(tmp_path: Path) -> No
                 f.write(os.urandom(n))
         data = path.read_bytes()
         assert digest_file(path) == (len(data), xxhash.xxh3_128_hexdigest(data)), name
-
-
-def test_runs_group_adjacent_chunks_into_reads_and_cover_the_stream(tmp_path: Path,
-                                                                     blocks: list[bytes]) -> None:
-    store = Store(tmp_path / "store")
-    a = stream(tmp_path / "a", blocks)
-    r1, _ = store.fold(a, [])
-    changed = list(blocks)
-    changed[300] = b"\2" * 4096
-    b = stream(tmp_path / "b", changed)
-    r2, _ = store.fold(b, [r1])
-    for recipe, src, limit in ((r1, a, 8 << 20), (r2, b, 8 << 20), (r2, b, 64 << 10)):
-        out = bytearray()
-        runs = 0
-        for fd, offset, parts in store.runs(recipe, limit):  # the packs are open meanwhile
-            runs += 1
-            size = parts[-1][0] + parts[-1][1]
-            assert size <= max(limit, max(n for _, n, _ in parts))
-            data = os.pread(fd, size, offset)
-            for start, length, digest in parts:
-                assert xxhash.xxh3_128_digest(data[start:start + length]) == digest
-            out += data
-        assert bytes(out) == src.read_bytes()
-        if limit == 8 << 20:
-            assert runs <= 4, "adjacent chunks are read together (a change splits a run)"

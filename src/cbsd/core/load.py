@@ -103,7 +103,7 @@ class _Verifier(threading.Thread):
             # A RAM file is checked by size here and in full by mode=verify: reading all of
             # it would make every restore as slow as the RAM is large (docs/reliability.md).
             ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir),
-                                      skip=frozenset({ckpstore.RAM}), store=False)
+                                      skip=frozenset({ckpstore.RAM}))
         except CheckpointError as e:
             self._error = CheckpointError(f"{self._vm.jname}: {e}")
         except BaseException as e:  # handed to the main thread, which raises it
@@ -138,15 +138,10 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         failpoint("load:launched")
         checksums.result()
         failpoint("load:verified")
-
-        def revert() -> None:
-            for image, tag in state_tags(vm, m):
-                img.snapshot_apply(Path(image.path), tag)
-            failpoint("load:reverted")
-
-        if not m.folded:
-            revert()
-        _load_stream(vm, mon, ckdir, m, revert)
+        for image, tag in state_tags(vm, m):
+            img.snapshot_apply(Path(image.path), tag)
+        failpoint("load:reverted")
+        _load_stream(vm, mon, ckdir, m)
         failpoint("load:loaded")
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
@@ -173,8 +168,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
     return paused
 
 
-def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest,
-                 revert: Callable[[], None]) -> None:
+def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
     caps = migration.capabilities(mon)
     if m.ram_file and "x-ignore-shared" not in caps:
         raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} keeps RAM in a "
@@ -188,7 +182,7 @@ def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest,
     mapped = set(migration.MAPPED_RAM) <= needed
     migration.use_mapped_ram(mon, caps, mapped)
     if m.folded:
-        _load_from_store(vm, mon, ckdir, m, revert)
+        _load_from_store(vm, mon, ckdir, m)
         return
     fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
     try:
@@ -204,102 +198,44 @@ def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest,
 
 
 class _Feeder(threading.Thread):
-    """Feeds a stream folded into the chunk store into the pipe QEMU loads from, checking each
-    chunk's digest and the whole stream's checksum as it goes. The stream's last run is held
-    back until the caller has reverted the disks: until QEMU has read the whole stream it
-    cannot finish the load, so its disks stay inactive (untouched), and a damaged chunk found
-    on the way leaves them as they were."""
+    """Writes a stream folded into the chunk store into the pipe QEMU loads from."""
 
-    def __init__(self, jname: str, ckdir: Path, m: ckpstore.Manifest, out: int) -> None:
+    def __init__(self, ckdir: Path, out: int) -> None:
         super().__init__(daemon=True, name="cbsd-feed")
-        self._jname, self._ckdir, self._m, self._out = jname, ckdir, m, out
-        self.abort = False  # set with release: the load failed, send nothing more
+        self._ckdir, self._out = ckdir, out
         self.sent = [0]
         self.error: BaseException | None = None
-        self.verified = threading.Event()  # everything checked; only the last run is unsent
-        self.release = threading.Event()  # the disks are reverted: send it
 
     def run(self) -> None:
-        import xxhash
-
         from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
         try:
-            store = Store(ckpstore.store_of(self._ckdir))
-            whole = xxhash.xxh3_128()
-            held: bytes | None = None
-            for fd, offset, parts in store.runs(Recipe.read(self._ckdir / RECIPE)):
-                size = parts[-1][0] + parts[-1][1]
-                data = os.pread(fd, size, offset)
-                view = memoryview(data)
-                for start, length, digest in parts:
-                    if len(data) < start + length or \
-                            xxhash.xxh3_128_digest(view[start:start + length]) != digest:
-                        raise CheckpointError("a chunk does not match its checksum")
-                whole.update(data)
-                if held is not None:
-                    self._send(held)
-                held = data
-            stream = self._m.stream
-            if stream is None or self.sent[0] + len(held or b"") != stream.size \
-                    or whole.hexdigest() != stream.xxh3_128:
-                raise CheckpointError("the stream rebuilt from its chunks does not match "
-                                      "the one saved")
-            self.verified.set()
-            self.release.wait()
-            if held and not self.abort:
-                self._send(held)
-        except CheckpointError as e:
-            what = ckpstore.describe(self._ckdir)
-            text = str(e) if what in str(e) else f"{what} is damaged: {e}"
-            self.error = CheckpointError(f"{self._jname}: {text}")
-        except BaseException as e:  # QEMU gone (EPIPE)
+            Store(ckpstore.store_of(self._ckdir)).write_to(
+                Recipe.read(self._ckdir / RECIPE), self._out, self.sent)
+        except BaseException as e:  # QEMU gone (EPIPE), or the store damaged since verified
             self.error = e
         finally:
             os.close(self._out)
-            self.verified.set()
-
-    def _send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._out, view)
-            view = view[n:]
-            self.sent[0] += n
 
 
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups of QEMU and the feeder (Linux's max default)
 
 
-def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest,
-                     revert: Callable[[], None]) -> None:
-    """Through a pipe (fd:, which QEMU 10 does not deprecate for pipes), in one pass: the
-    feeder checks every chunk as it sends it and holds back the last run until the disks are
-    reverted (see _Feeder)."""
+def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
+    """Through a pipe (fd:, which QEMU 10 does not deprecate for pipes): the chunks are
+    spliced into it in stream order, already verified by _Verifier."""
     import fcntl
 
     r, w = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    feeder = _Feeder(vm.jname, ckdir, m, w)
+    feeder = _Feeder(ckdir, w)
     try:
         mon.send_fd(r, "cbsd-load")
     finally:
         os.close(r)
     feeder.start()
-    try:
-        mon.cmd("migrate-incoming", uri="fd:cbsd-load")
-        while not feeder.verified.wait(0.005):
-            if not vm.alive():
-                raise QemuError(f"{vm.jname}: QEMU exited while loading the state")
-            cancel.check()
-        if feeder.error is not None:
-            raise feeder.error
-        revert()
-    except BaseException:
-        feeder.abort = True  # the last run is never sent: QEMU cannot finish the load
-        raise
-    finally:
-        feeder.release.set()
+    mon.cmd("migrate-incoming", uri="fd:cbsd-load")
     _wait_incoming(vm, mon, lambda: feeder.sent[0], m.memory_size)
     feeder.join(10)
     if feeder.error is not None:

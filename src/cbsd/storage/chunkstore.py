@@ -17,10 +17,9 @@ and replaces `memory` by `memory.recipe`: the stream as a list of chunk referenc
 
 Integrity: each entry carries its chunk's XXH3-128, the recipe's own checksum is in the sealed
 manifest, and the manifest keeps the whole stream's size and checksum (`stream`), so a restore
-(as it feeds QEMU, core/load.py) or `mode=verify` checks every chunk and the stream they
-make. A kill -9 anywhere leaves no dangling reference: a recipe is written only after the pack
-it references is flushed and in place, and garbage is collected only from what no published
-recipe references.
+or `mode=verify` checks every chunk and the stream they make. A kill -9 anywhere leaves no
+dangling reference: a recipe is written only after the pack it references is flushed and in
+place, and garbage is collected only from what no published recipe references.
 """
 
 from __future__ import annotations
@@ -158,21 +157,19 @@ class Store:
         fds: dict[int, int] = {}
         try:
             for digest, pack, offset, length in recipe.entries:
-                yield self._open(fds, recipe, pack), offset, length, digest
+                fd = fds.get(pack)
+                if fd is None:
+                    try:
+                        fd = os.open(self.pack_path(recipe.packs[pack]),
+                                     os.O_RDONLY | os.O_CLOEXEC)
+                    except (FileNotFoundError, IndexError):
+                        raise CheckpointError(f"chunk pack {recipe.packs[pack]} is "
+                                              "missing") from None
+                    fds[pack] = fd
+                yield fd, offset, length, digest
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-    def _open(self, fds: dict[int, int], recipe: Recipe, pack: int) -> int:
-        fd = fds.get(pack)
-        if fd is None:
-            try:
-                fd = os.open(self.pack_path(recipe.packs[pack]), os.O_RDONLY | os.O_CLOEXEC)
-            except (FileNotFoundError, IndexError):
-                name = recipe.packs[pack] if pack < len(recipe.packs) else f"#{pack}"
-                raise CheckpointError(f"chunk pack {name} is missing") from None
-            fds[pack] = fd
-        return fd
 
     def verify(self, recipe: Recipe, size: int, xxh3_128: str) -> None:
         """Every chunk matches its digest and together they are the stream that was saved."""
@@ -191,29 +188,18 @@ class Store:
             raise CheckpointError("the stream rebuilt from its chunks does not match the one "
                                   "saved")
 
-    def runs(self, recipe: Recipe, limit: int = 8 << 20
-             ) -> Iterator[tuple[int, int, list[tuple[int, int, bytes]]]]:
-        """The chunks in stream order, grouped into runs that lie back to back in one pack:
-        (pack fd, offset, [(start in run, length, digest)]), each at most *limit* long, so
-        that a run is one read (a fold writes new chunks in stream order)."""
-        fd0, start, end = -1, 0, 0
-        parts: list[tuple[int, int, bytes]] = []
-        fds: dict[int, int] = {}
-        try:
-            for digest, pack, offset, length in recipe.entries:
-                fd = self._open(fds, recipe, pack)
-                if parts and (fd != fd0 or offset != end or end - start + length > limit):
-                    yield fd0, start, parts
-                    parts = []
-                if not parts:
-                    fd0, start = fd, offset
-                parts.append((offset - start, length, digest))
-                end = offset + length
-            if parts:
-                yield fd0, start, parts
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+    def write_to(self, recipe: Recipe, out: int, progress: list[int]) -> None:
+        """Write the stream into *out* (a pipe to QEMU), moving page-cache pages with
+        splice(2) instead of copying them; progress[0] counts the bytes sent."""
+        for fd, offset, length, _ in self.chunks(recipe):
+            pos = offset
+            end = offset + length
+            while pos < end:
+                n = os.splice(fd, out, end - pos, offset_src=pos)
+                if n == 0:
+                    raise CheckpointError("a chunk pack ended early (the store is damaged)")
+                pos += n
+                progress[0] += n
 
     def rebuild(self, recipe: Recipe, dst: Path) -> None:
         """Write the stream back out as a plain file *dst* (owner-only, flushed)."""
