@@ -272,7 +272,15 @@ def test_a_read_only_workdir_can_still_be_listed(tiny_fs: Path, counter_image) -
     start_counter(cbsd, counter_image())
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
     cbsd("bstop", "vm1", "noacpi=1").ok()
-    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    # Detached helpers (a background fold that just gave way, a deletion) may still have a
+    # file open for writing for a moment: the remount waits for them.
+    for _ in range(100):
+        if subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)],
+                          capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"{tiny_fs} stayed busy: it could not be made read-only")
     try:
         assert [v["status"] for v in cbsd.bls()] == ["Off"]
         assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["c"]
