@@ -33,8 +33,7 @@ def clone(src: Path, dst: Path) -> None:
 
 
 def clone_or_copy(src: Path, dst: Path) -> bool:
-    """A clone where the filesystem can, else a full copy (copy_file_range, in the kernel).
-    Returns whether it was a clone."""
+    """A clone where the filesystem can, else a full copy. Returns whether it was a clone."""
     try:
         clone(src, dst)
         return True
@@ -56,24 +55,12 @@ def clone_or_copy(src: Path, dst: Path) -> bool:
 
 
 def can_clone(directory: Path) -> bool:
-    """Whether files in *directory* can be cloned: tried on two small files, removed again."""
+    """Whether files in *directory* can be cloned: tried on a small file, removed again."""
     probe = directory / f".reflink-probe-{os.getpid()}-{os.urandom(3).hex()}"
     copy = probe.with_name(probe.name + ".clone")
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"\0" * 4096)
-        finally:
-            os.close(fd)
-        fd_src = os.open(probe, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fd_dst = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.ioctl(fd_dst, FICLONE, fd_src)
-            finally:
-                os.close(fd_dst)
-        finally:
-            os.close(fd_src)
+        probe.write_bytes(b"\0" * 4096)
+        clone(probe, copy)
         return True
     except OSError:
         return False
