@@ -193,11 +193,9 @@ def xfs_mount(mnt: Path, size: str = "24G") -> Iterator[Path]:
     mnt.mkdir(mode=0o700)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
-        yield mnt
+        with _unmounted_after(mnt):
+            yield mnt
     finally:
-        _kill_vms(mnt)
-        time.sleep(0.2)
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
         image.unlink()
 
 
@@ -232,8 +230,15 @@ def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
                    check=True)
-    try:
+    with _unmounted_after(mnt):
         yield mnt
+
+
+@contextlib.contextmanager
+def _unmounted_after(mnt: Path) -> Iterator[None]:
+    """Whatever happens inside: the QEMUs under *mnt* end, then it is unmounted."""
+    try:
+        yield
     finally:
         _kill_vms(mnt)
         time.sleep(0.2)
