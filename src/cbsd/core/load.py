@@ -7,8 +7,11 @@ has that file cloned into place before QEMU starts; its size is checked, its che
 `bcheckpoint mode=verify` (reading it all would make a restore as slow as RAM is large).
 Disks are reverted only once the checksums matched: QEMU waiting for an incoming migration
 holds its disks inactive (no lock, nothing written, metadata re-read when they are activated
-at the end of the load), so a damaged state still leaves the disks untouched. QEMU starts
-with ``-incoming defer -S``; the guest runs only once the load completed.
+at the end of the load), so a damaged state still leaves the disks untouched. A stream
+folded into the chunk store is checked while QEMU loads it: every chunk before QEMU gets it,
+and the disks are reverted once all passed, while QEMU still waits for the last piece (one
+pass over the state instead of a check and then a load). QEMU starts with
+``-incoming defer -S``; the guest runs only once the load completed.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ class _Verifier(threading.Thread):
         try:
             # A RAM file is checked by size here and in full by mode=verify: reading all of
             # it would make every restore as slow as the RAM is large (docs/reliability.md).
+            # A folded stream's chunks are checked as they are fed to QEMU (_Feeder).
             ckpstore.verify_checksums(self._ckdir, ckpstore.read_manifest(self._ckdir),
-                                      skip=frozenset({ckpstore.RAM}))
+                                      skip=frozenset({ckpstore.RAM}), chunks=False)
         except CheckpointError as e:
             self._error = CheckpointError(f"{self._vm.jname}: {e}")
         except BaseException as e:  # handed to the main thread, which raises it
@@ -137,11 +141,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
     try:
         failpoint("load:launched")
         checksums.result()
-        failpoint("load:verified")
-        for image, tag in state_tags(vm, m):
-            img.snapshot_apply(Path(image.path), tag)
-        failpoint("load:reverted")
-        _load_stream(vm, mon, ckdir, m)
+        _load_memory(vm, mon, ckdir, m)
         failpoint("load:loaded")
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
@@ -159,7 +159,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         reason = _qemu_log_tail(vm)
         vm.kill()
         what = ckpstore.describe(ckdir)
-        if died and not isinstance(e, KeyboardInterrupt | Cancelled):
+        if died and not isinstance(e, KeyboardInterrupt | Cancelled | CheckpointError):
             raise QemuError(f"{vm.jname}: QEMU exited while loading the {what}"
                             f"{': ' + reason if reason else ''}; the VM is Off") from e
         if isinstance(e, QemuError) and reason:
@@ -168,7 +168,16 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
     return paused
 
 
-def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
+def _revert_disks(vm: VM, m: ckpstore.Manifest) -> None:
+    """Once the whole state is known good, and before QEMU finishes loading it (QEMU 7.2
+    activates the disks at the end of the load)."""
+    failpoint("load:verified")
+    for image, tag in state_tags(vm, m):
+        img.snapshot_apply(Path(image.path), tag)
+    failpoint("load:reverted")
+
+
+def _load_memory(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
     caps = migration.capabilities(mon)
     if m.ram_file and "x-ignore-shared" not in caps:
         raise CheckpointError(f"{vm.jname}: the {ckpstore.describe(ckdir)} keeps RAM in a "
@@ -184,6 +193,7 @@ def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> Non
     if m.folded:
         _load_from_store(vm, mon, ckdir, m)
         return
+    _revert_disks(vm, m)
     fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
     try:
         channel = migration.attach(mon, fd, "cbsd-load", caps)
@@ -198,44 +208,81 @@ def _load_stream(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> Non
 
 
 class _Feeder(threading.Thread):
-    """Writes a stream folded into the chunk store into the pipe QEMU loads from."""
+    """Writes a stream folded into the chunk store into the pipe QEMU loads from, checking
+    every chunk before QEMU gets it; the last piece waits for release() (see Store.feed)."""
 
-    def __init__(self, ckdir: Path, out: int) -> None:
+    def __init__(self, ckdir: Path, out: int, size: int) -> None:
         super().__init__(daemon=True, name="cbsd-feed")
-        self._ckdir, self._out = ckdir, out
+        self._ckdir, self._out, self._size = ckdir, out, size
         self.sent = [0]
         self.error: BaseException | None = None
+        self.checked = threading.Event()  # every chunk checked, or the feed ended
+        self._go, self._aborted = threading.Event(), False
 
     def run(self) -> None:
         from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
         try:
-            Store(ckpstore.store_of(self._ckdir)).write_to(
-                Recipe.read(self._ckdir / RECIPE), self._out, self.sent)
-        except BaseException as e:  # QEMU gone (EPIPE), or the store damaged since verified
+            Store(ckpstore.store_of(self._ckdir)).feed(
+                Recipe.read(self._ckdir / RECIPE), self._size, self._out, self.sent,
+                self._hold)
+        except BaseException as e:  # a damaged chunk, QEMU gone (EPIPE), or aborted
             self.error = e
         finally:
             os.close(self._out)
+            self.checked.set()
+
+    def _hold(self) -> None:
+        self.checked.set()
+        self._go.wait()
+        if self._aborted:
+            raise Cancelled("the load was abandoned")
+
+    def wait_checked(self, vm: VM) -> None:
+        while not self.checked.wait(0.05):
+            cancel.check()
+        if isinstance(self.error, CheckpointError):
+            raise CheckpointError(f"{vm.jname}: {ckpstore.describe(self._ckdir)} is damaged: "
+                                  f"{self.error}")
+        if self.error is not None:
+            raise QemuError(f"{vm.jname}: feeding the state to QEMU failed: {self.error}")
+
+    def release(self, *, abort: bool = False) -> None:
+        self._aborted = abort
+        self._go.set()
 
 
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups of QEMU and the feeder (Linux's max default)
 
 
 def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> None:
-    """Through a pipe (fd:, which QEMU 10 does not deprecate for pipes): the chunks are
-    spliced into it in stream order, already verified by _Verifier."""
+    """Through a pipe (fd:, which QEMU 10 does not deprecate for pipes). QEMU loads while
+    the feeder checks the chunks, so a restore costs one pass over the state instead of a
+    check and then a load; the disks are reverted once every chunk passed, while QEMU still
+    waits for the last piece."""
     import fcntl
 
+    assert m.stream is not None
     r, w = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    feeder = _Feeder(ckdir, w)
+    feeder = _Feeder(ckdir, w, m.stream.size)
     try:
         mon.send_fd(r, "cbsd-load")
+    except BaseException:
+        os.close(w)
+        raise
     finally:
         os.close(r)
     feeder.start()
-    mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+    try:
+        mon.cmd("migrate-incoming", uri="fd:cbsd-load")
+        feeder.wait_checked(vm)
+        _revert_disks(vm, m)
+    except BaseException:
+        feeder.release(abort=True)
+        raise
+    feeder.release()
     _wait_incoming(vm, mon, lambda: feeder.sent[0], m.memory_size)
     feeder.join(10)
     if feeder.error is not None:

@@ -38,6 +38,7 @@ RECIPE = "memory.recipe"
 MAGIC = b"CBSD-RECIPE-1\n"
 ENTRY = struct.Struct("<16sHQI")  # chunk digest (xxh3-128), pack index, offset, length
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 8 << 10, 16 << 10, 64 << 10
+RUN_MAX = 1 << 20  # bytes read at once when a stream is read back
 DIRTY = ".dirty"
 TMP_PREFIX = ".tmp-"
 
@@ -151,62 +152,98 @@ class Store:
 
     # --- reading a stream back --------------------------------------------------------------
 
-    def chunks(self, recipe: Recipe) -> Iterator[tuple[int, int, int, bytes]]:
-        """(pack fd, offset, length, digest) of each chunk, in stream order; the pack files
-        stay open until the iteration ends."""
-        fds: dict[int, int] = {}
+    def runs(self, recipe: Recipe, fds: dict[int, int]
+             ) -> Iterator[tuple[int, int, list[tuple[int, bytes]]]]:
+        """(pack fd, offset, [(length, digest), ...]) for runs of chunks that lie one after
+        another in one pack, at most RUN_MAX bytes each, in stream order: a fresh stream's
+        chunks, and most of a later one's, are read back in large pieces. Packs are opened
+        into *fds* (pack index -> fd), which the caller closes (_closing)."""
+        run_fd, start, run_len = -1, 0, 0
+        parts: list[tuple[int, bytes]] = []
+        for digest, pack, offset, length in recipe.entries:
+            fd = fds.get(pack)
+            if fd is None:
+                fd = fds[pack] = self._open_pack(recipe, pack)
+            if fd == run_fd and start + run_len == offset and run_len + length <= RUN_MAX:
+                run_len += length
+                parts.append((length, digest))
+                continue
+            if parts:
+                yield run_fd, start, parts
+            run_fd, start, run_len, parts = fd, offset, length, [(length, digest)]
+        if parts:
+            yield run_fd, start, parts
+
+    def _open_pack(self, recipe: Recipe, pack: int) -> int:
         try:
-            for digest, pack, offset, length in recipe.entries:
-                fd = fds.get(pack)
-                if fd is None:
-                    try:
-                        fd = os.open(self.pack_path(recipe.packs[pack]),
-                                     os.O_RDONLY | os.O_CLOEXEC)
-                    except (FileNotFoundError, IndexError):
-                        raise CheckpointError(f"chunk pack {recipe.packs[pack]} is "
-                                              "missing") from None
-                    fds[pack] = fd
-                yield fd, offset, length, digest
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+            return os.open(self.pack_path(recipe.packs[pack]), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IndexError):
+            name = recipe.packs[pack] if pack < len(recipe.packs) else f"#{pack}"
+            raise CheckpointError(f"chunk pack {name} is missing") from None
+
+    def checked(self, recipe: Recipe, size: int, fds: dict[int, int]
+                ) -> Iterator[tuple[int, int, bytes]]:
+        """(pack fd, offset, data) of the stream, run by run, each run's chunks checked
+        against their digests before it is handed out (the recipe's own checksum is the
+        caller's: the manifest has it)."""
+        import xxhash
+
+        total = 0
+        for fd, offset, parts in self.runs(recipe, fds):
+            length = sum(n for n, _ in parts)
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise CheckpointError(f"a chunk pack ends before stream offset "
+                                      f"{total + length} (the store is damaged)")
+            view, at = memoryview(data), 0
+            for n, digest in parts:
+                if xxhash.xxh3_128_digest(view[at:at + n]) != digest:
+                    raise CheckpointError(f"a chunk at stream offset {total + at} does not "
+                                          "match its checksum (the store is damaged)")
+                at += n
+            total += length
+            yield fd, offset, data
+        if total != size:
+            raise CheckpointError(f"the chunks make {total} bytes, the stream saved had {size}")
 
     def verify(self, recipe: Recipe, size: int, xxh3_128: str) -> None:
         """Every chunk matches its digest and together they are the stream that was saved."""
         import xxhash
 
         whole = xxhash.xxh3_128()
-        total = 0
-        for fd, offset, length, digest in self.chunks(recipe):
-            data = os.pread(fd, length, offset)
-            if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
-                raise CheckpointError(f"a chunk at stream offset {total} does not match its "
-                                      "checksum (the store is damaged)")
-            whole.update(data)
-            total += length
-        if total != size or whole.hexdigest() != xxh3_128:
+        with _closing() as fds:
+            for _, _, data in self.checked(recipe, size, fds):
+                whole.update(data)
+        if whole.hexdigest() != xxh3_128:
             raise CheckpointError("the stream rebuilt from its chunks does not match the one "
                                   "saved")
 
-    def write_to(self, recipe: Recipe, out: int, progress: list[int]) -> None:
-        """Write the stream into *out* (a pipe to QEMU), moving page-cache pages with
-        splice(2) instead of copying them; progress[0] counts the bytes sent."""
-        for fd, offset, length, _ in self.chunks(recipe):
-            pos = offset
-            end = offset + length
-            while pos < end:
-                n = os.splice(fd, out, end - pos, offset_src=pos)
-                if n == 0:
-                    raise CheckpointError("a chunk pack ended early (the store is damaged)")
-                pos += n
-                progress[0] += n
+    def feed(self, recipe: Recipe, size: int, out: int, progress: list[int],
+             before_last: Callable[[], None]) -> None:
+        """Write the stream into *out* (a pipe QEMU loads from); progress[0] counts the bytes
+        written. QEMU never gets a byte that was not checked: each run is read and checked,
+        then moved from the page cache with splice(2) (a copy through Python measured twice
+        as slow), one run behind. *before_last* is called once every chunk is checked, before
+        the last run is written (QEMU cannot finish loading before: a restore reverts the
+        disks there, once the whole state is known good)."""
+        pending: tuple[int, int, int] | None = None
+        with _closing() as fds:
+            for fd, offset, data in self.checked(recipe, size, fds):
+                if pending is not None:
+                    _splice_all(*pending, out, progress)
+                pending = fd, offset, len(data)
+            before_last()
+            if pending is not None:
+                _splice_all(*pending, out, progress)
 
     def rebuild(self, recipe: Recipe, dst: Path) -> None:
-        """Write the stream back out as a plain file *dst* (owner-only, flushed)."""
+        """Write the stream back out as a plain file *dst* (owner-only, flushed), checking
+        every chunk on the way."""
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            for src, offset, length, _ in self.chunks(recipe):
-                os.write(fd, os.pread(src, length, offset))
+            with _closing() as fds:
+                for _, _, data in self.checked(recipe, recipe.size, fds):
+                    os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -246,6 +283,26 @@ class Store:
     def mark_dirty(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / DIRTY).touch(mode=0o600)
+
+
+@contextlib.contextmanager
+def _closing() -> Iterator[dict[int, int]]:
+    fds: dict[int, int] = {}
+    try:
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _splice_all(src: int, offset: int, length: int, out: int, progress: list[int]) -> None:
+    end = offset + length
+    while offset < end:
+        n = os.splice(src, out, end - offset, offset_src=offset)
+        if n == 0:
+            raise CheckpointError("a chunk pack ended early (the store is damaged)")
+        offset += n
+        progress[0] += n
 
 
 def _punch_dead(path: str, ranges: list[tuple[int, int]], size: int) -> int:

@@ -134,16 +134,17 @@ def check_files(ckdir: Path, manifest: Manifest) -> None:
 
 
 def verify_checksums(ckdir: Path, manifest: Manifest,
-                     skip: frozenset[str] = frozenset()) -> None:
+                     skip: frozenset[str] = frozenset(), *, chunks: bool = True) -> None:
     """Every file's content (but those in *skip*) matches the manifest's checksum; a stream
-    folded into the chunk store is rebuilt and checked chunk by chunk."""
+    folded into the chunk store is rebuilt and checked chunk by chunk (unless not *chunks*:
+    a restore checks them as it feeds them to QEMU)."""
     for fname, meta in manifest.files.items():
         if fname in skip:
             continue
         size, digest = digest_file(ckdir / fname)
         if size != meta.size or digest != meta.xxh3_128:
             raise CheckpointError(f"{describe(ckdir)} is damaged: {fname} checksum mismatch")
-    if manifest.stream is not None:
+    if manifest.stream is not None and chunks:
         try:
             Store(store_of(ckdir)).verify(Recipe.read(ckdir / RECIPE), manifest.stream.size,
                                           manifest.stream.xxh3_128)
