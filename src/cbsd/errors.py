@@ -5,7 +5,8 @@ command) and ``cli/commands.each`` (one VM of several) both call; nothing else e
 
     CbsdError (1)                   the operation failed
     ├── UsageError (2)              bad arguments or bad input: nothing was done
-    │   └── NoSuchVM (2)            a name or mask that matches no VM
+    │   ├── NoSuchVM (2)            a name or mask that matches no VM
+    │   └── ArchiveError (2)        an export archive is damaged, truncated or altered
     ├── StateError (1)              the VM is in the wrong state for the command
     ├── BusyError (75)              another cbsd command holds the VM's lock
     ├── QemuError (1)               QEMU refused, failed or died
@@ -48,6 +49,10 @@ class UsageError(CbsdError):
 
 class NoSuchVM(UsageError):
     pass
+
+
+class ArchiveError(UsageError):
+    """An export archive is damaged, truncated, altered, or not one (bad input)."""
 
 
 class StateError(CbsdError):

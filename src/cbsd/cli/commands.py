@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from cbsd import cancel
 from cbsd.cli import output
 from cbsd.core.context import Context
+from cbsd.core.names import check_name
 from cbsd.errors import UsageError, describe
 
 Args = dict[str, Any]
@@ -214,19 +215,45 @@ def bpause(ctx: Context, a: Args) -> int:
 def bls(ctx: Context, a: Args) -> int:
     from cbsd.core import listing
 
-    names = ctx.resolve(a["names"]) if a["names"] else None
-    rows, notes = listing.rows(ctx, names)
-    for note in notes:
-        print(note, file=sys.stderr)
+    columns = a["display"] or list(listing.COLUMNS)
+    if a["node"]:
+        rows = _across_nodes(ctx, a, columns)
+    else:
+        names = ctx.resolve(a["names"]) if a["names"] else None
+        rows, notes = listing.rows(ctx, names)
+        for note in notes:
+            print(note, file=sys.stderr)
     order = a["order"]
     column = order.lstrip("-")
-    rows.sort(key=lambda r: (r[column], r["jname"]), reverse=order.startswith("-"))
-    columns = a["display"] or list(listing.COLUMNS)
+    rows.sort(key=lambda r: (r.get(column) or 0, r["jname"], r.get("node", "")),
+              reverse=order.startswith("-"))
     if a["format"] == "json":
         sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))
     else:
         sys.stdout.write(output.table(rows, columns, a["header"]))
     return 0
+
+
+def _across_nodes(ctx: Context, a: Args, columns: list[str]) -> list[dict[str, Any]]:
+    """bls node=N|'*': each node's own `bls format=json`, with a node column ('*' adds this
+    host's VMs as node 'local'). A node that cannot be reached is named on stderr; the
+    command then exits 1 after listing the others."""
+    from cbsd.core import listing, nodes
+
+    want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
+    rows: list[dict[str, Any]] = []
+    if a["node"] == "*":
+        local, notes = listing.rows(ctx, ctx.resolve(a["names"]) if a["names"] else None)
+        for note in notes:
+            print(note, file=sys.stderr)
+        rows += [{**r, "node": "local"} for r in local]
+    args = ["bls", *(f"jname={n}" for n in a["names"])]
+    for name in want:
+        found = nodes.get(ctx, name).call_json(args)
+        rows += [{**r, "node": name} for r in found]
+    if "node" not in columns:
+        columns.insert(0, "node")
+    return rows
 
 
 def blogin(ctx: Context, a: Args) -> int:
@@ -295,3 +322,114 @@ def bsuspend(ctx: Context, a: Args) -> int:
         return each(ctx, ctx.resolve(a["names"]), hibernate.discard)
     return each(ctx, _targets(ctx, a), lambda c, j: hibernate.suspend(
         c, j, progress=output.progress(f"{j}: saving")), a["parallel"])
+
+
+def bexport(ctx: Context, a: Args) -> int:
+    import os
+    from pathlib import Path
+
+    from cbsd.core import transfer
+
+    jname, out = a["jname"], a["out"]
+    chosen = a["checkpoints"]
+    selection = None if chosen == "all" else [] if chosen == "none" else [
+        check_name(n.strip(), "checkpoint name") for n in chosen.split(",") if n.strip()]
+    if out == "-":
+        if sys.stdout.isatty():
+            raise UsageError("bexport: out=- would write the archive to a terminal: pipe it "
+                             "on, or give out=PATH")
+        print(transfer.export(ctx, jname, lambda: sys.stdout.buffer, selection,
+                              suspend=a["suspend"]), file=sys.stderr)
+        return 0
+    path = Path(out).absolute()
+    if path.exists():
+        raise UsageError(f"bexport: {path} exists (cbsd does not overwrite it)")
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    opened: list[Any] = []
+
+    def create() -> Any:
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115  (closed below, after the rename decision)
+        except OSError as e:
+            raise UsageError(f"bexport: cannot create {path}: {e.strerror}") from None
+        opened.append(f)
+        return f
+
+    try:
+        msg = transfer.export(ctx, jname, create, selection, suspend=a["suspend"])
+        f = opened[0]
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.rename(tmp, path)
+    except BaseException:
+        for f in opened:
+            f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"{msg}: {path}")
+    return 0
+
+
+def bimport(ctx: Context, a: Args) -> int:
+    from cbsd.core import transfer
+
+    mode = a["mode"]
+    names = a.get("names") or []
+    if len(names) > 1:
+        raise UsageError("bimport: takes one jname=")
+    new = check_name(names[0]) if names else None
+    if mode in ("commit", "abort"):
+        if not a["id"]:
+            raise UsageError(f"bimport: mode={mode} needs id=")
+        if mode == "commit":
+            print(f"{transfer.commit(ctx, a['id'])}: imported")
+        else:
+            print(transfer.abort(ctx, a["id"]))
+        return 0
+    if not a["in"]:
+        raise UsageError("bimport: missing required key 'in' (a path, or - for stdin)")
+    if a["in"] == "-":
+        if sys.stdin.isatty():
+            raise UsageError("bimport: in=- reads the archive from stdin: pipe it in")
+        jname, ident = transfer.import_(ctx, sys.stdin.buffer, new, stage=mode == "stage")
+    else:
+        try:
+            f = open(a["in"], "rb")  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"bimport: cannot read {a['in']}: {e.strerror}") from None
+        with f:
+            jname, ident = transfer.import_(ctx, f, new, stage=mode == "stage")
+    print(ident if mode == "stage" else f"{jname}: imported")
+    return 0
+
+
+def node(ctx: Context, a: Args) -> int:
+    from cbsd.core import nodes
+
+    mode = a["mode"]
+    _only(a, mode, {"host": ("add",), "port": ("add",), "format": ("list",)},
+          {"host": None, "port": 22, "format": "text"}, "node")
+    if mode == "list":
+        rows = nodes.listing(ctx)
+        if a["format"] == "json":
+            sys.stdout.write(output.as_json(rows))
+        else:
+            sys.stdout.write(output.table(rows, ["name", "host", "port"], True))
+        return 0
+    if not a["name"]:
+        raise UsageError(f"node: mode={mode} needs name=")
+    if mode == "add":
+        if not a["host"]:
+            raise UsageError("node: mode=add needs host=[USER@]ADDRESS")
+        print(nodes.add(ctx, a["name"], a["host"], a["port"]))
+    else:
+        print(nodes.remove(ctx, a["name"]))
+    return 0
+
+
+def bmove(ctx: Context, a: Args) -> int:
+    from cbsd.core import move
+
+    print(move.move(ctx, a["jname"], a["node"]))
+    return 0

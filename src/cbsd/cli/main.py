@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             print(help_text(cmd))
             return 0
         parsed = parse(cmd, args[1:])
+        if parsed.get("node") and cmd.name not in ("bls", "bmove", "node"):
+            from cbsd.core import nodes
+            from cbsd.core.context import Context
+
+            rest = [w for w in args[1:] if not w.startswith("node=")]
+            return nodes.forward(Context(writable=False), parsed["node"], [args[0], *rest])
         _cancel_on_signals()
         from cbsd.core.context import Context
 

@@ -117,6 +117,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("format", "enum", "table", help="output format", choices=("table", "json")),
             Key("order", "enum", "jname", help="sort by this column ('-' before it: "
                 "descending)", choices=(*COLUMNS, *(f"-{c}" for c in COLUMNS))),
+            Key("node", "str", None, help="list the VMs of this node (cbsd node), or of this "
+                "host and every node ('*'), with a node column"),
         ),
         "cbsd bls display=jname,status,vnc_port header=0 order=-vm_ram",
         readonly=True,
@@ -233,6 +235,64 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         details="bstart resumes a hibernated VM where it was.",
     ),
     Command(
+        "bexport", "Write a stopped or hibernated VM, with its checkpoints, to one archive.",
+        (
+            J_NAME,
+            Key("out", "str", None, required=True, help="the archive's path (created; not "
+                "overwritten), or - for stdout"),
+            Key("checkpoints", "str", "all", help="all, none, or the names to include, "
+                "comma-separated"),
+            Key("suspend", "bool", False, help="hibernate a running VM first (it stays "
+                "hibernated)"),
+        ),
+        "cbsd bexport jname=vm1 out=- | ssh host2 cbsd bimport in=-",
+        bare="one",
+        details=("The archive is a tar stream whose every member is checksummed "
+                 "(docs/many-hosts.md).\nA hibernated VM travels with its image and resumes "
+                 "where it was."),
+    ),
+    Command(
+        "bimport", "Register a VM from a bexport archive, verified before anything is kept.",
+        (
+            Key("in", "str", None, help="the archive's path, or - for stdin"),
+            Key("jname", "name", None, help="register it under this name instead"),
+            Key("mode", "enum", "import", help="import; stage, commit, abort: the two "
+                "phases bmove drives", choices=("import", "stage", "commit", "abort")),
+            Key("id", "str", None, help="commit, abort: what mode=stage answered"),
+        ),
+        "cbsd bimport in=/backup/vm1.cbsd jname=vm1copy",
+        bare="none",
+    ),
+    Command(
+        "node", "Add, list or remove the other hosts cbsd drives over SSH.",
+        (
+            Key("mode", "enum", None, required=True, help="action",
+                choices=("add", "list", "remove")),
+            Key("name", "name", None, help="the node's name (add, remove)"),
+            Key("host", "str", None, help="add: [USER@]ADDRESS to ssh to"),
+            Key("port", "int", 22, help="add: its SSH port", lo=1, hi=65535),
+            Key("format", "enum", "text", help="list: output format", choices=("text", "json")),
+        ),
+        "cbsd node mode=add name=host2 host=root@192.0.2.7",
+        bare="none",
+        details=("Key authentication and the node's host key (known_hosts) are required, as "
+                 "ssh checks them;\ncbsd never turns the checks off. Per-VM commands take "
+                 "node=N to act there."),
+        readonly_modes=("list",),
+    ),
+    Command(
+        "bmove", "Move a VM with its checkpoints to another node (a running one is "
+        "hibernated and resumed there).",
+        (
+            J_NAME,
+            Key("node", "name", None, required=True, help="the node to move it to"),
+        ),
+        "cbsd bmove jname=vm1 node=host2",
+        bare="one",
+        details=("Verified on arrival; registered on exactly one host at every instant "
+                 "(docs/many-hosts.md)."),
+    ),
+    Command(
         "bpause", "Pause (freeze vCPUs, memory stays in RAM) or resume VMs.",
         (
             J_MASK,
@@ -242,3 +302,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "cbsd bpause jname=vm1 mode=on",
     ),
 )}
+
+# Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
+REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
+LOCAL_ONLY = {"bls", "node", "bmove", "bimport", "bregister"}
+for _name, _cmd in list(COMMANDS.items()):
+    if _name not in LOCAL_ONLY and _cmd.key("node") is None:
+        COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

@@ -316,17 +316,21 @@ def _power_off(ctx: Context, jname: str) -> str:
 
 def remove(ctx: Context, jname: str) -> str:
     with ctx.lock(jname, "bremove"):
-        vm = VM.load(ctx, jname)
-        recovery.adopt_lost_qemu(vm, scan=True)
-        if vm.alive():
-            vm.power_off()
-        # Marked first, entry dropped next, files last: a crash anywhere leaves either a VM
-        # or marked files that the next bcreate clears.
-        _mark_unfinished(ctx, jname)
-        ctx.inventory.remove(jname)
-        failpoint("bremove:unlisted")
-        _clear_unfinished(ctx, jname)
+        remove_held(ctx, VM.load(ctx, jname))
     return f"{jname}: removed"
+
+
+def remove_held(ctx: Context, vm: VM) -> None:
+    """Delete a VM whose lock the caller holds."""
+    recovery.adopt_lost_qemu(vm, scan=True)
+    if vm.alive():
+        vm.power_off()
+    # Marked first, entry dropped next, files last: a crash anywhere leaves either a VM or
+    # marked files that the next bcreate clears.
+    _mark_unfinished(ctx, vm.jname)
+    ctx.inventory.remove(vm.jname)
+    failpoint("bremove:unlisted")
+    _clear_unfinished(ctx, vm.jname)
 
 
 def select(ctx: Context, names: list[str], *, running: bool = False,

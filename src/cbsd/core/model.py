@@ -39,6 +39,7 @@ class Action(enum.Enum):
     RENAME = "rename"
     CLONE = "clone"
     DISKS = "attach or detach disks of"
+    EXPORT = "export"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -56,6 +57,7 @@ ALLOWED: dict[Action, set[Status]] = {
     Action.RENAME: {Status.OFF},
     Action.CLONE: {Status.OFF},
     Action.DISKS: {Status.OFF},
+    Action.EXPORT: {Status.OFF, Status.SUSPENDED},
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.
@@ -74,6 +76,10 @@ _WHY = {
         "is hibernated: resume and stop it (bstart, bstop), or drop the image with "
         "'bsuspend mode=discard', before changing it"
     ),
+    (Action.EXPORT, Status.ON): ("is running: stop it, or let the export hibernate it first "
+                                 "(suspend=1)"),
+    (Action.EXPORT, Status.PAUSED): ("is running (paused): stop it, or let the export "
+                                     "hibernate it first (suspend=1)"),
     (Action.STOP, Status.SUSPENDED): (
         "is hibernated: 'bstop' would throw its saved state away; "
         "use 'bsuspend mode=discard' to drop it, or 'bstart' to resume it"

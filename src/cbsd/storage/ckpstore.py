@@ -86,10 +86,14 @@ def _seal(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "manifest_checksum": xxhash.xxh3_128_hexdigest(canon)}
 
 
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """*manifest* as stored: JSON sealed with its own checksum."""
+    return json.dumps(_seal(manifest.to_json()), indent=1, sort_keys=True).encode()
+
+
 def save_manifest(manifest: Manifest, ckdir: Path) -> None:
     """Write *manifest* sealed with its own checksum into *ckdir* (atomically)."""
-    write_atomic(ckdir / MANIFEST,
-                 json.dumps(_seal(manifest.to_json()), indent=1, sort_keys=True).encode())
+    write_atomic(ckdir / MANIFEST, manifest_bytes(manifest))
 
 
 def describe(ckdir: Path) -> str:

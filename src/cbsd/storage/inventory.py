@@ -23,7 +23,7 @@ from typing import Any
 from cbsd.core.model import VMSpec
 from cbsd.errors import EnvironmentFault, StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i+1; never edit a released entry.
 _MIGRATIONS: list[str] = [
@@ -34,6 +34,14 @@ _MIGRATIONS: list[str] = [
         created  REAL NOT NULL,
         pid      INTEGER NOT NULL DEFAULT 0,
         vnc_port INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # 2: the other hosts cbsd reaches over SSH (cbsd node).
+    """
+    CREATE TABLE node (
+        name  TEXT PRIMARY KEY,
+        host  TEXT NOT NULL,
+        port  INTEGER NOT NULL DEFAULT 22
     );
     """,
 ]
@@ -167,6 +175,22 @@ class Inventory:
             raise EnvironmentFault(f"inventory {self.path}: the entry of {jname} is damaged "
                                    f"({e}); see docs/reliability.md, 'Rebuilding the "
                                    "inventory'") from e
+
+    def add_node(self, name: str, host: str, port: int) -> None:
+        try:
+            self._write("INSERT INTO node (name, host, port) VALUES (?, ?, ?)", name, host, port)
+        except sqlite3.IntegrityError:
+            raise StateError(f"node already exists: {name} (node mode=remove first)") from None
+
+    def remove_node(self, name: str) -> None:
+        self._write("DELETE FROM node WHERE name = ?", name)
+
+    def nodes(self) -> list[tuple[str, str, int]]:
+        """(name, host, port) of every node; none in an inventory older than nodes."""
+        if self._db is None or self._version() < 2:
+            return []
+        return [(str(n), str(h), int(p))
+                for n, h, p in self._rows("SELECT name, host, port FROM node ORDER BY name")]
 
     def runtime(self, jname: str) -> tuple[int, int]:
         rows = self._rows("SELECT pid, vnc_port FROM vm WHERE jname = ?", jname)

@@ -1,0 +1,146 @@
+"""Other hosts (nodes), reached with OpenSSH: no daemon and no protocol of cbsd's own.
+
+cbsd on a node is run as `ssh -p PORT -- HOST 'cbsd ARG ...'`. ssh hands the command to the
+node's shell, so every argument is quoted for it (shlex.quote); host= is checked so it cannot
+be read as an ssh option. Authentication is the user's SSH keys (BatchMode: never a password
+prompt) and the node's host key is checked as ssh always does, against known_hosts: cbsd
+never relaxes that (docs/many-hosts.md says how to add a node's key). The node's own login
+environment decides its workdir and which cbsd runs (CBSD_REMOTE_CBSD here names the command,
+default `cbsd`). CBSD_SSH_CONFIG names an ssh_config file for cbsd's ssh (`ssh -F`: e.g. a
+key and known_hosts of cbsd's own); its checks stay ssh's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from typing import IO, Any
+
+from cbsd.core.context import Context
+from cbsd.core.names import check_name
+from cbsd.errors import CbsdError, UsageError
+
+_HOST_RE = re.compile(r"([A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9.:_-]*")
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6")
+SSH_FAILED = 255  # ssh's own exit code when it could not connect or authenticate
+
+
+class NodeError(CbsdError):
+    """A node could not be reached, or cbsd there failed (its exit code kept)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    port: int = 22
+
+    def argv(self, args: list[str], *, tty: bool = False) -> list[str]:
+        remote = os.environ.get("CBSD_REMOTE_CBSD", "cbsd")
+        command = " ".join(shlex.quote(a) for a in [*shlex.split(remote), *args])
+        config = os.environ.get("CBSD_SSH_CONFIG")
+        return ["ssh", *(["-F", config] if config else []), *SSH_OPTIONS,
+                *(["-t"] if tty else ["-T"]), "-p", str(self.port), "--", self.host, command]
+
+    def run(self, args: list[str], *, stdin: IO[bytes] | int | None = subprocess.DEVNULL,
+            timeout: float | None = 600) -> subprocess.CompletedProcess[bytes]:
+        """cbsd ARGS on the node, output captured; NodeError if ssh could not get there."""
+        try:
+            res = subprocess.run(self.argv(args), stdin=stdin, capture_output=True,
+                                 timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise NodeError("ssh is not installed (apt install openssh-client)") from None
+        except subprocess.TimeoutExpired:
+            raise NodeError(f"node {self.name}: no answer from {self.host} in {timeout:.0f} "
+                            "s") from None
+        if res.returncode == SSH_FAILED:
+            raise NodeError(f"node {self.name}: cannot reach {self.host}: {_why(res.stderr)}")
+        return res
+
+    def call(self, args: list[str], **kw: Any) -> str:
+        """cbsd ARGS on the node; its stdout, or NodeError with its one-line message."""
+        res = self.run(args, **kw)
+        if res.returncode != 0:
+            raise NodeError(f"node {self.name}: {_last_line(res.stderr)}", res.returncode)
+        return res.stdout.decode(errors="replace")
+
+    def call_json(self, args: list[str]) -> Any:
+        out = self.call([*args, "format=json"])
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise NodeError(f"node {self.name}: cbsd there answered what is not JSON (is it "
+                            "a cbsd of this version?)") from None
+
+
+def _last_line(err: bytes) -> str:
+    lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "failed without a message"
+
+
+def _why(err: bytes) -> str:
+    text = err.decode(errors="replace")
+    if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION" in text:
+        return ("its SSH host key is not the one known_hosts holds, or not known yet: check "
+                "the key's fingerprint and add it (see docs/many-hosts.md)")
+    if "Permission denied" in text:
+        return "SSH refused the login: set up key authentication for it"
+    return _last_line(err)
+
+
+def check_host(host: str) -> str:
+    if not _HOST_RE.fullmatch(host):
+        raise UsageError(f"node: bad host '{host}' (use [USER@]ADDRESS)")
+    return host
+
+
+def get(ctx: Context, name: str) -> Node:
+    for n, host, port in ctx.inventory.nodes():
+        if n == name:
+            return Node(n, host, port)
+    raise UsageError(f"no node {name} (see 'cbsd node mode=list')")
+
+
+def add(ctx: Context, name: str, host: str, port: int) -> str:
+    """Register a node once cbsd answers there over SSH (keys and host key checked)."""
+    check_name(name, "node name")
+    node = Node(name, check_host(host), port)
+    if any(n == name for n, _, _ in ctx.inventory.nodes()):
+        raise UsageError(f"node already exists: {name} (node mode=remove first)")
+    version = node.call(["--version"], timeout=60).strip()
+    ctx.inventory.add_node(name, node.host, port)
+    return f"node {name}: added ({node.host}, {version})"
+
+
+def remove(ctx: Context, name: str) -> str:
+    get(ctx, name)
+    ctx.inventory.remove_node(name)
+    return f"node {name}: removed"
+
+
+def listing(ctx: Context) -> list[dict[str, Any]]:
+    return [{"name": n, "host": h, "port": p} for n, h, p in ctx.inventory.nodes()]
+
+
+def forward(ctx: Context, name: str, args: list[str]) -> int:
+    """Run a whole command on a node, its terminal streams passed through; its exit code."""
+    import sys
+
+    node = get(ctx, name)
+    tty = sys.stdin.isatty() and args[:1] == ["blogin"]
+    try:
+        code = subprocess.run(node.argv(args, tty=tty), check=False).returncode
+    except FileNotFoundError:
+        raise NodeError("ssh is not installed (apt install openssh-client)") from None
+    if code == SSH_FAILED:
+        raise NodeError(f"node {name}: cannot reach {node.host} (ssh failed: see above)")
+    return code

@@ -1,0 +1,466 @@
+"""bexport and bimport: a VM with its settings, disks, checkpoints and hibernation image as one
+archive (storage/archive.py), and back, verified before anything is registered.
+
+Export runs under the VM's lock on a stopped or hibernated VM, so nothing it reads changes; each
+saved state's files are checked against the state's own manifest as they stream out (a damaged
+checkpoint is not exported). Import streams the members into a staging folder of its own
+(var/tmp/bimport-ID, locked while it is written), checks every checksum, the states' manifests
+and this host's compatibility, and only then registers the VM by the same protocol bcreate
+uses (core/lifecycle.create_from): a damaged, truncated or altered archive, or a kill -9 at
+any instant, leaves nothing registered and nothing the next bimport does not clear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from cbsd.core import lifecycle
+from cbsd.core.context import Context
+from cbsd.core.load import incompatibility
+from cbsd.core.model import Action, Status, VMSpec, require
+from cbsd.core.names import check_name
+from cbsd.core.vm import VM
+from cbsd.errors import ArchiveError, CheckpointError, StateError
+from cbsd.failpoints import failpoint
+from cbsd.qemu.host import Host, machine_known
+from cbsd.storage import ckpstore
+from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
+from cbsd.storage.atomic import fsync_dir, remove_tree
+from cbsd.storage.paths import HIBERNATION_DIR
+
+BOOT_MEDIA = ("kernel", "initrd", "iso")
+# Every member name an archive may hold; anything else is refused (no path is ever taken from
+# an archive as it is).
+_MEMBER = re.compile(r"(vm/[A-Za-z0-9][A-Za-z0-9._-]*|boot/(kernel|initrd|iso)|"
+                     r"(checkpoints/[A-Za-z0-9][A-Za-z0-9_-]*\.ckp|hibernate\.ckp)/"
+                     r"[A-Za-z0-9][A-Za-z0-9._-]*)")
+STAGING_PREFIX = "bimport-"
+STAGED = "staged"  # in a staging folder: complete and verified, waiting for a commit
+STALE_STAGED = 24 * 3600.0
+NOT_STAGED = "nothing is staged as"
+
+
+# --- export -------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    members: list[tuple[str, Source, str | None]] = field(default_factory=list)
+
+    def add(self, name: str, src: Source, expect: str | None = None) -> None:
+        self.members.append((name, src, expect))
+
+
+def export(ctx: Context, jname: str, out: Callable[[], IO[bytes]],
+           checkpoints: list[str] | None, *, suspend: bool = False) -> str:
+    """Write the VM to the archive *out* opens (once the VM is known exportable).
+    checkpoints: None for all, else the names to include. suspend: hibernate it first."""
+    if suspend and _status(ctx, jname) in (Status.ON, Status.PAUSED):
+        from cbsd.core import hibernate
+
+        hibernate.suspend(ctx, jname)
+    with ctx.locked_vm(jname, "bexport") as vm:
+        return write_archive(vm, out, checkpoints)
+
+
+def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] | None) -> str:
+    """export() for a VM whose lock the caller holds."""
+    jname = vm.jname
+    status = vm.status(mine=True)
+    require(jname, status, Action.EXPORT)
+    head, plan = _plan(vm, checkpoints, status)
+    stream = out()
+    writer = Writer(stream)
+    try:
+        writer.add_bytes(HEADER, head)
+        for name, src, expect in plan.members:
+            digest = writer.add(name, src)
+            if expect is not None and digest != expect:
+                raise CheckpointError(f"{jname}: {name} does not match its checksum (the "
+                                      "saved state is damaged: bcheckpoint mode=verify)")
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
+    stream.flush()
+    n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
+    return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
+
+
+def _status(ctx: Context, jname: str) -> Status:
+    vm = VM.load(ctx, jname)
+    try:
+        return vm.status()
+    finally:
+        vm.close()
+
+
+def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, _Plan]:
+    import json
+
+    wd, jname, plan = vm.ctx.workdir, vm.jname, _Plan()
+    for f in sorted(wd.vm_dir(jname).iterdir()):
+        if f.is_file() and not f.is_symlink():
+            plan.add(f"vm/{f.name}", Source(f.stat().st_size, f))
+    for medium in BOOT_MEDIA:
+        path = getattr(vm.spec, medium)
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise StateError(f"{jname}: its {medium}= {path} is missing: cannot export")
+            plan.add(f"boot/{medium}", Source(p.stat().st_size, p))
+    states = {ckpstore.state_name(p): p for p, _ in ckpstore.list_states(wd.checkpoints(jname))}
+    wanted = sorted(states) if selection is None else selection
+    for name in wanted:
+        if name not in states:
+            raise StateError(f"{jname}: no checkpoint {name}")
+    dirs = [(f"checkpoints/{n}.ckp", states[n]) for n in wanted]
+    if status is Status.SUSPENDED:
+        dirs.append((HIBERNATION_DIR, wd.hibernation(jname)))
+    summary: dict[str, Any] = {}
+    for prefix, ckdir in dirs:
+        m = ckpstore.read_manifest(ckdir)
+        _add_state(plan, prefix, ckdir, m, set(wanted))
+        summary[prefix] = {"qemu": m.qemu_version, "accel": m.accel, "machine": m.machine}
+    host = vm.ctx.host
+    head = {
+        "format": FORMAT, "jname": jname, "spec": vm.spec.to_dict(), "status": status.value,
+        "created": ckpstore.now_iso()[0], "checkpoints": wanted,
+        "source": {"host": socket.gethostname(), "qemu": host.version, "accel": host.accel,
+                   "cpu": cpu_signature(host)},
+        "states": summary,
+        "members": [[name, src.size] for name, src, _ in plan.members],
+    }
+    return json.dumps(head, indent=1, sort_keys=True).encode(), plan
+
+
+def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
+               exported: set[str]) -> None:
+    """The state's files; its manifest rewritten where what travels differs from what is
+    stored (a folded stream goes as a plain `memory`; a parent not exported is dropped)."""
+    files = dict(m.files)
+    rebuilt = None
+    if m.stream is not None:
+        from cbsd.storage.chunkstore import RECIPE, Recipe, Store
+
+        recipe = Recipe.read(ckdir / RECIPE)
+        store = Store(ckpstore.store_of(ckdir))
+        rebuilt = (m.stream, _pieces(store, recipe, m.stream.size))
+        files.pop(RECIPE)
+        files[ckpstore.MEMORY] = m.stream
+        m.files, m.stream = files, None
+    if m.parent is not None and m.parent not in exported:
+        m.parent = None
+    manifest = ckpstore.manifest_bytes(m)
+    plan.add(f"{prefix}/{ckpstore.MANIFEST}", Source(len(manifest), pieces=(manifest,)))
+    for fname, meta in sorted(files.items()):
+        if rebuilt is not None and fname == ckpstore.MEMORY:
+            plan.add(f"{prefix}/{fname}", Source(meta.size, pieces=rebuilt[1]),
+                     meta.xxh3_128)
+        else:
+            plan.add(f"{prefix}/{fname}", Source(meta.size, ckdir / fname), meta.xxh3_128)
+
+
+def _pieces(store: Any, recipe: Any, size: int) -> Any:
+    from cbsd.storage.chunkstore import _closing
+
+    with _closing() as fds:
+        for _, _, data in store.checked(recipe, size, fds):
+            yield data
+
+
+def cpu_signature(host: Host) -> dict[str, Any]:
+    """The CPU a saved state expects: TCG emulates qemu64 anywhere; under KVM the guest sees
+    the host's CPU (-cpu host), whose features the target must all have."""
+    if host.accel != "kvm":
+        return {"model": "qemu64"}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"model": "host", "flags": sorted(flags)}
+
+
+# --- import -------------------------------------------------------------------------------
+
+def import_(ctx: Context, inp: IO[bytes], new_name: str | None, *,
+            stage: bool = False) -> tuple[str, str]:
+    """Read an archive, verify it whole, and register its VM (as *new_name* if given).
+    stage: leave it verified in its staging folder instead, for commit() (bmove).
+    Returns (jname, staging id)."""
+    try:
+        return _import(ctx, inp, new_name, stage=stage)
+    except ArchiveError as e:
+        raise ArchiveError(f"bimport: {e}: nothing was imported") from None
+
+
+def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
+            stage: bool) -> tuple[str, str]:
+    ctx.workdir.ensure()
+    sweep_staging(ctx)
+    reader = Reader(inp)
+    head = reader.header()
+    try:
+        spec = VMSpec.from_dict(dict(head["spec"]))
+        members = {str(n): int(s) for n, s in head["members"]}
+        source = dict(head["source"])
+        states = {str(k): dict(v) for k, v in head.get("states", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ArchiveError(f"the archive's {HEADER} lacks what a cbsd export has") from None
+    jname = check_name(new_name or spec.jname)
+    bad = [n for n in members if not _MEMBER.fullmatch(n) or ".." in n]
+    if bad:
+        raise ArchiveError(f"the archive holds {bad[0]}, which no cbsd export has")
+    why = host_incompatibility(ctx.host, spec, source, states)
+    if why:
+        raise StateError(f"{jname}: cannot import on this host: {why}")
+    if ctx.inventory.get(jname) is not None:
+        raise StateError(f"VM already exist: {jname} (bimport jname=NEW imports it under "
+                         "another name)")
+    staging, lock = _new_staging(ctx)
+    try:
+        for info in reader.members():
+            if members.get(info.name) != info.size:
+                raise ArchiveError(f"the archive holds {info.name} ({info.size} bytes), "
+                                   f"which its {HEADER} does not list so")
+            dst = staging / info.name
+            dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            reader.extract(info, dst)
+            failpoint("bimport:member")
+        reader.check_seal()
+        missing = set(members) - set(reader.sums)
+        if missing:
+            raise ArchiveError(f"the archive lacks {', '.join(sorted(missing))}")
+        spec = _settle(ctx, staging, spec, jname, reader.sums)
+        (staging / "spec.json").write_text(_json(spec.to_dict()))
+        if stage:
+            (staging / STAGED).write_text(jname)
+            return jname, staging.name[len(STAGING_PREFIX):]
+        register(ctx, staging, spec)
+        return jname, ""
+    finally:
+        if not (staging / STAGED).exists():
+            remove_tree(staging)
+        os.close(lock)
+
+
+def _json(d: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(d, indent=1, sort_keys=True)
+
+
+def host_incompatibility(host: Host, spec: VMSpec, source: dict[str, Any],
+                         states: dict[str, dict[str, Any]]) -> str | None:
+    """Why this host cannot run the VM or load its saved states, or None."""
+    if not machine_known(host, spec.machine):
+        return f"its machine type {spec.machine} is not one this QEMU {host.version} provides"
+    if spec.efi == "uefi" and not host.ovmf:
+        return "it boots with UEFI and this host has no OVMF firmware (apt install ovmf)"
+    for prefix, s in sorted(states.items()):
+        what = "the hibernation image" if prefix == HIBERNATION_DIR else \
+            f"checkpoint {prefix.split('/')[-1][:-4]}"
+        if s.get("accel") != host.accel:
+            return f"{what} was taken under {s.get('accel')}, this host runs {host.accel}"
+        if _version(str(s.get("qemu")))[:2] > _version(host.version)[:2]:
+            return (f"{what} was saved by QEMU {s.get('qemu')}, newer than this host's "
+                    f"{host.version}")
+        if not machine_known(host, str(s.get("machine"))):
+            return f"{what} needs machine type {s.get('machine')}, which this QEMU lacks"
+    cpu = source.get("cpu") or {}
+    if states and cpu.get("model") == "host":
+        lacking = set(cpu.get("flags", ())) - set(cpu_signature(host).get("flags", ()))
+        if lacking:
+            return (f"its saved states expect CPU features this host lacks "
+                    f"({', '.join(sorted(lacking)[:5])})")
+    return None
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def _settle(ctx: Context, staging: Path, spec: VMSpec, jname: str,
+            sums: dict[str, list[Any]]) -> VMSpec:
+    """Check every saved state against its own sealed manifest (by the checksums just
+    computed: nothing is read twice) and against the VM; rename what must be renamed."""
+    import dataclasses
+
+    wd = ctx.workdir
+    boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
+            if (staging / "boot" / m).is_file()}
+    spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
+    for ckdir in _state_dirs(staging):
+        prefix = str(ckdir.relative_to(staging))
+        m = ckpstore.read_manifest(ckdir)
+        for fname, meta in m.files.items():
+            if sums.get(f"{prefix}/{fname}") != [meta.size, meta.xxh3_128]:
+                raise ArchiveError(f"the archive's {ckpstore.describe(ckdir)} is damaged: "
+                                   f"{fname} does not match its manifest")
+        if m.stream is not None:
+            raise ArchiveError(f"the archive's {ckpstore.describe(ckdir)} has no stream")
+        why = incompatibility(m, spec.restore_relevant(), m.accel, ctx.host.version,
+                              lambda machine: machine_known(ctx.host, machine))
+        if why:
+            raise StateError(f"{jname}: {ckpstore.describe(ckdir)} {why}")
+        if m.jname != jname or m.spec.get("jname") != jname:
+            m.jname, m.spec = jname, {**m.spec, "jname": jname, **boot}
+            ckpstore.save_manifest(m, ckdir)
+    return spec
+
+
+def _state_dirs(staging: Path) -> list[Path]:
+    dirs = sorted((staging / "checkpoints").glob("*.ckp")) if \
+        (staging / "checkpoints").is_dir() else []
+    if (staging / HIBERNATION_DIR).is_dir():
+        dirs.append(staging / HIBERNATION_DIR)
+    return dirs
+
+
+def register(ctx: Context, staging: Path, spec: VMSpec) -> None:
+    """Move a verified staging folder's files into place and register the VM (bcreate's
+    protocol: a kill -9 in between leaves files under the unfinished mark, nothing more)."""
+    from cbsd.core import recovery
+
+    wd, jname = ctx.workdir, spec.jname
+
+    def make(_: Path) -> None:
+        for f in sorted((staging / "vm").iterdir()):
+            os.rename(f, wd.disk(jname, f.name))
+        for m in BOOT_MEDIA:
+            if (staging / "boot" / m).is_file():
+                os.rename(staging / "boot" / m, wd.disk(jname, f"boot-{m}"))
+        fsync_dir(wd.vm_dir(jname))
+        for ckdir in _state_dirs(staging):
+            dst = (wd.hibernation(jname) if ckdir.name == HIBERNATION_DIR
+                   else wd.checkpoint(jname, ckdir.name[:-4]))
+            os.rename(ckdir, dst)
+        fsync_dir(wd.checkpoints(jname))
+        fsync_dir(wd.system(jname))
+
+    lifecycle.create_from(ctx, spec, make)
+    vm = VM.load(ctx, jname)
+    try:
+        recovery.sweep_orphans(vm)  # snapshots of checkpoints that were not exported
+    finally:
+        vm.close()
+
+
+# --- staging folders ----------------------------------------------------------------------
+
+def _staging_root(ctx: Context) -> Path:
+    return ctx.workdir.root / "var" / "tmp"
+
+
+def _new_staging(ctx: Context) -> tuple[Path, int]:
+    """A new staging folder, flock-held by this process until it is done with it."""
+    import fcntl
+
+    root = _staging_root(ctx)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = root / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
+    path.mkdir(mode=0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return path, fd
+
+
+def staged(ctx: Context, ident: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{16}", ident):
+        raise ArchiveError(f"bimport: bad staging id '{ident}'")
+    return _staging_root(ctx) / f"{STAGING_PREFIX}{ident}"
+
+
+def sweep_staging(ctx: Context) -> None:
+    """Remove staging folders no live bimport holds: cut short (no STAGED mark), or staged
+    for a commit that has not come for a day."""
+    import fcntl
+
+    root = _staging_root(ctx)
+    if not root.is_dir():
+        return
+    for path in root.glob(f"{STAGING_PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            mark = path / STAGED
+            if not mark.exists() or time.time() - mark.stat().st_mtime > STALE_STAGED:
+                remove_tree(path)
+        finally:
+            os.close(fd)
+
+
+def commit(ctx: Context, ident: str) -> str:
+    """Register a VM staged by bimport mode=stage; its name. Idempotent: a VM already
+    committed from this staging folder is reported, not imported twice."""
+    import json
+
+    path = staged(ctx, ident)
+    with _held(path) as done:
+        if done is not None:
+            return done
+        if not (path / STAGED).exists():
+            raise StateError(f"bimport: {NOT_STAGED} {ident}")
+        spec = VMSpec.from_dict(json.loads((path / "spec.json").read_text()))
+        register(ctx, path, spec)
+        from cbsd.storage.atomic import write_atomic
+
+        write_atomic(_done(path), spec.jname.encode())
+        remove_tree(path)
+    return spec.jname
+
+
+def abort(ctx: Context, ident: str) -> str:
+    """Drop a staged VM unless it was committed: 'aborted', or 'committed NAME'."""
+    path = staged(ctx, ident)
+    with _held(path) as done:
+        if done is None and (path / STAGED).exists() and not (path / "vm").exists():
+            # A commit killed after registering and before it noted so.
+            name = (path / STAGED).read_text()
+            done = name if ctx.inventory.get(name) is not None else None
+        if done is not None:
+            return f"committed {done}"
+        remove_tree(path)
+    return "aborted"
+
+
+def _done(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[str | None]:
+    """The staging folder *path* flock-held (commit and abort exclude each other); yields
+    the name of the VM it was committed as, or None."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        done = _done(path)
+        yield done.read_text() if done.exists() else None
+    finally:
+        if fd >= 0:
+            os.close(fd)
