@@ -5,7 +5,9 @@ cases: peer (cbsd vs libvirt vs floor, writes docs/benchmarks.md, .png and .json
        checkpoint (cbsd vs the dd floor only), bls,
        engine (restore vs RAM size per engine, space of many checkpoints; writes
        docs/benchmarks-engine.md, .json and .png; BENCH_ENGINE_SIZES=256m:200,1g:768 for a
-       quick run)."""
+       quick run),
+       hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
+       writes docs/benchmarks-hosts.md and .json)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_engine
 
             print(bench_engine.write(*bench_engine.run_all()), flush=True)
+            continue
+        if case == "hosts":
+            from bench import bench_hosts
+
+            print(bench_hosts.write(*bench_hosts.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

@@ -22,6 +22,23 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# sshd for the two-host tests, which start their own inside network namespaces: the package's
+# own service must not start (policy-rc.d says so while it installs) nor come up at boot.
+if ! dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup: installing openssh-server (its service stays off)" >&2
+    apt-cache show openssh-server >/dev/null 2>&1 || apt-get update -qq
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends openssh-server >/dev/null || {
+        [ $own_policy = 1 ] && rm -f "$policy"; exit 1; }
+    [ $own_policy = 1 ] && rm -f "$policy"
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    fi
+fi
 # The Linux test guest's kernel is fetched with 'apt-get download': the package lists must exist.
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq

@@ -342,3 +342,117 @@ def test_kill9_of_the_importing_side_leaves_the_vm_on_the_source(two, counter_im
     assert not (a.cbsd.system("vm1") / "moving").exists()
     b.cbsd("bimport", "in=/dev/null").fails(2, "not a cbsd export")  # clears b's staging
     assert list(staging.iterdir()) == []
+
+
+# --- live migration -----------------------------------------------------------------------
+
+@pytest.mark.twohost
+def test_bmigrate_moves_a_running_guest_without_a_restart(two, counter_image) -> None:  # type: ignore[no-untyped-def]
+    a, b = two
+    joined(a, b)
+    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=8)}", "vm_os_type=other",
+           "vm_ram=32m").ok()
+    a.cbsd("bstart", "vm1").ok()
+    before = counting(a.cbsd, "vm1")
+    r = a.cbsd("bmigrate", "jname=vm1", "node=b", timeout=600).ok()
+    assert "migrated to node b (downtime" in r.out, r.out
+    moved(a, b)
+    assert b.cbsd.status("vm1") == "On"
+    # The guest went on where it was (its counter never went back) and its disk, mirrored
+    # while it ran, matches its memory: every line says OK.
+    assert first_after(b.cbsd, "vm1", 0) >= before
+    counting(b.cbsd, "vm1", 5)
+    b.cbsd("bstop", "vm1", "noacpi=1").ok()
+    b.cbsd("bstart", "vm1").ok()  # and it boots there from its own disk
+    counting(b.cbsd, "vm1")
+
+
+@pytest.mark.twohost
+def test_bmigrate_refuses_a_vm_with_checkpoints(two, counter_image) -> None:  # type: ignore[no-untyped-def]
+    a, b = two
+    joined(a, b)
+    vm_with_checkpoints(a.cbsd, counter_image(fill_mib=1), "c1")
+    a.cbsd("bmigrate", "jname=vm1", "node=b").fails(1, "use bmove")
+    a.cbsd("bstop", "vm1", "noacpi=1").ok()
+    a.cbsd("bmigrate", "jname=vm1", "node=b").fails(1, "is Off")
+
+
+@pytest.mark.twohost
+@pytest.mark.parametrize("point", ["bmigrate:forwarded", "bmigrate:mirrored"])
+def test_a_failed_bmigrate_leaves_the_guest_running_here(two, counter_image,  # type: ignore[no-untyped-def]
+                                                         point: str) -> None:
+    a, b = two
+    joined(a, b)
+    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=4)}", "vm_os_type=other",
+           "vm_ram=32m").ok()
+    a.cbsd("bstart", "vm1").ok()
+    counting(a.cbsd, "vm1")
+    p = stopped_at(a.cbsd, point, "bmigrate", "jname=vm1", "node=b")
+    # The node's half goes (as if b crashed): this side must roll back and go on.
+    for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"-m\x00cbsd\x00bmigrate\x00mode=incoming" in cmd:
+            os.kill(pid, signal.SIGKILL)
+    os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and err.count("\n") == 2, err  # the failpoint's line + one
+    assert a.cbsd.status("vm1") == "On"
+    before = counting(a.cbsd, "vm1")
+    assert counting(a.cbsd, "vm1", 3) > before
+    assert b.cbsd("bls", "header=0").ok().out == ""
+    deadline = time.monotonic() + 30
+    while qemu_processes(b.cbsd.workdir):  # the node's QEMU ends with its half
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+@pytest.mark.twohost
+@pytest.mark.parametrize("side", ["here", "node"])
+def test_kill9_after_the_switchover_is_settled_by_the_next_command(two, counter_image,  # type: ignore[no-untyped-def]
+                                                                   side: str) -> None:
+    """Killed once the memory is across, before the node has the VM: the next command here
+    asks the node (which clears what it half received) and the guest runs on here."""
+    a, b = two
+    joined(a, b)
+    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=4)}", "vm_os_type=other",
+           "vm_ram=32m").ok()
+    a.cbsd("bstart", "vm1").ok()
+    before = counting(a.cbsd, "vm1")
+    if side == "here":
+        p = stopped_at(a.cbsd, "bmigrate:migrated", "bmigrate", "jname=vm1", "node=b")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    else:  # b's half stops itself once told "go", and is killed there
+        wrapper = b.root / "bin" / "cbsd"
+        plain = wrapper.read_text()
+        wrapper.write_text(plain.replace("exec ", "CBSD_FAILPOINT=bmigrate:go exec "))
+        p = a.cbsd.popen("bmigrate", "jname=vm1", "node=b")
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None:
+            for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"-m\x00cbsd\x00bmigrate\x00mode=incoming" in cmd and \
+                        proc_state(pid) == "T":
+                    victim = pid
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        wrapper.write_text(plain)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and err.count("\n") == 1, err
+    assert (a.cbsd.system("vm1") / "moving").exists()
+    a.cbsd("bstart", "vm1").fails(1, "already running")  # settled first, then refused
+    assert not (a.cbsd.system("vm1") / "moving").exists()
+    assert a.cbsd.status("vm1") == "On"
+    assert counting(a.cbsd, "vm1", 5) > before
+    assert b.cbsd("bls", "header=0").ok().out == ""
+    assert qemu_processes(b.cbsd.workdir) == []
+    a.cbsd("bmigrate", "jname=vm1", "node=b", timeout=600).ok()  # and it can go after all
+    moved(a, b)

@@ -433,3 +433,18 @@ def bmove(ctx: Context, a: Args) -> int:
 
     print(move.move(ctx, a["jname"], a["node"]))
     return 0
+
+
+def bmigrate(ctx: Context, a: Args) -> int:
+    from cbsd.core import migrate
+
+    jname, mode = a["jname"], a["mode"]
+    if mode == "incoming":
+        return migrate.main_incoming(ctx, jname)
+    if mode == "status":
+        print(migrate.status(ctx, jname))
+        return 0
+    if not a["node"]:
+        raise UsageError("bmigrate: missing required key 'node'")
+    print(migrate.migrate(ctx, jname, a["node"]))
+    return 0

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(help_text(cmd))
             return 0
         parsed = parse(cmd, args[1:])
-        if parsed.get("node") and cmd.name not in ("bls", "bmove", "node"):
+        if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node"):
             from cbsd.core import nodes
             from cbsd.core.context import Context
 

@@ -293,6 +293,20 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "(docs/many-hosts.md)."),
     ),
     Command(
+        "bmigrate", "Move a running VM to another node while it runs (memory and disks, no "
+        "shared storage).",
+        (
+            J_NAME,
+            Key("node", "name", None, help="the node to migrate it to"),
+            Key("mode", "enum", "out", help="out; incoming, status: the node's half, which "
+                "bmigrate runs there itself", choices=("out", "incoming", "status")),
+        ),
+        "cbsd bmigrate jname=vm1 node=host2",
+        bare="one",
+        details=("QEMU mirrors the disks over NBD and migrates the memory, both through ssh; "
+                 "on any failure\nthe VM keeps running here (docs/many-hosts.md)."),
+    ),
+    Command(
         "bpause", "Pause (freeze vCPUs, memory stays in RAM) or resume VMs.",
         (
             J_MASK,
@@ -305,7 +319,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "node", "bmove", "bimport", "bregister"}
+LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

@@ -40,6 +40,7 @@ class Action(enum.Enum):
     CLONE = "clone"
     DISKS = "attach or detach disks of"
     EXPORT = "export"
+    MIGRATE = "migrate live"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -58,6 +59,7 @@ ALLOWED: dict[Action, set[Status]] = {
     Action.CLONE: {Status.OFF},
     Action.DISKS: {Status.OFF},
     Action.EXPORT: {Status.OFF, Status.SUSPENDED},
+    Action.MIGRATE: _RUNNING,
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.

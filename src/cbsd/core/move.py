@@ -127,6 +127,11 @@ def settle(vm: VM) -> None:
     except (ValueError, KeyError, TypeError, OSError):
         intent.unlink(missing_ok=True)  # written atomically: damaged means never finished
         return
+    if record.get("live"):
+        from cbsd.core import migrate
+
+        migrate.settle(vm, node_name, [int(x) for x in record.get("ssh", [])])
+        return
     if ident is None:
         intent.unlink()
         return

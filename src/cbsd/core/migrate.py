@@ -1,0 +1,428 @@
+"""bmigrate: a running VM, its memory and its disks, to another node while it runs; no shared
+storage. QEMU does the work and OpenSSH carries it; cbsd only sequences it.
+
+  node:  `cbsd bmigrate mode=incoming` (over the control ssh, JSON lines on stdin/stdout)
+         creates the VM's folder under the unfinished mark, empty disks of the same sizes,
+         starts its QEMU waiting for a migration (late-block-activate: the disks are taken
+         only at `cont`), exports the disks writable over NBD on a Unix socket, and answers
+         the two sockets' paths. Nothing is registered.
+  here:  a second `ssh -N -L` forwards both sockets; each disk is mirrored into its export
+         (blockdev-mirror sync=full) until all are in step, then the memory is migrated with
+         pause-before-switchover: with the vCPUs stopped the mirrors are completed (the last
+         writes reach the node) and the switchover goes on.
+  node:  told "go", waits for the migration to complete, stops NBD, registers the VM,
+         `cont`s it and answers "running". Only then is the VM removed here.
+Any failure before "go": the migration and mirrors are cancelled, the node ends its QEMU and
+clears its files (an ssh that drops is a failure), and the VM runs on here as before. The one
+instant that needs recovery is a drop after "go": the intent file (jails-system/VM/moving)
+makes the next command here ask the node (`mode=status`, under the VM's lock there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from cbsd.core import lifecycle, nodes, transfer
+from cbsd.core.context import Context
+from cbsd.core.model import Action, Status, VMSpec, require
+from cbsd.core.vm import EFI_VARS, VM
+from cbsd.errors import CbsdError, QemuError, StateError
+from cbsd.failpoints import failpoint
+from cbsd.qemu import img, migration
+from cbsd.qemu.qmp import Monitor
+from cbsd.storage import ckpstore
+from cbsd.storage.atomic import write_atomic
+
+MOVING = "moving"
+READY_TIMEOUT = 120.0
+MIRROR_TIMEOUT = 3600.0
+
+
+def _block_nodes(spec: VMSpec) -> list[tuple[str, str]]:
+    """(QEMU node name, file name under vm/NAME/) of every writable disk (core/argv.py)."""
+    out = [(f"disk{i}", d) for i, d in enumerate(spec.disks)]
+    if spec.efi == "uefi":
+        out.append(("efi-vars", EFI_VARS))
+    return out
+
+
+def why_not(vm: VM) -> str | None:
+    """Why this VM cannot migrate live (pure checks on what is here)."""
+    wd = vm.ctx.workdir
+    if ckpstore.list_states(wd.checkpoints(vm.jname)):
+        return ("it has checkpoints, which QEMU's disk mirror cannot carry (they are "
+                "snapshots inside its disk images): use bmove, or destroy them first")
+    if vm.ctx.host.accel == "kvm":
+        return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
+                "migrate: use bmove (hibernate, move, resume)")
+    return None
+
+
+# --- this side ----------------------------------------------------------------------------
+
+def migrate(ctx: Context, jname: str, node_name: str) -> str:
+    node = nodes.get(ctx, node_name)
+    with ctx.locked_vm(jname, "bmigrate") as vm:
+        require(jname, vm.status(mine=True), Action.MIGRATE)
+        why = why_not(vm)
+        if why:
+            raise StateError(f"{jname}: cannot migrate live: {why}")
+        downtime = _migrate_held(vm, node)
+    return f"{jname}: migrated to node {node.name} (downtime {downtime * 1000:.0f} ms)"
+
+
+def _migrate_held(vm: VM, node: nodes.Node) -> float:
+    wd, jname = vm.ctx.workdir, vm.jname
+    paused = vm.status(mine=True) is Status.PAUSED
+    sizes = {f: int(img.info(wd.disk(jname, f))["virtual-size"]) for _, f in
+             _block_nodes(vm.spec)}
+    control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    forward: subprocess.Popen[bytes] | None = None
+    mon = vm.monitor()
+    local = {k: wd.system(jname) / f"{k[:3]}.sock" for k in ("nbd", "migration")}
+    went = False
+    try:
+        _send(control, {"spec": vm.spec.to_dict(), "sizes": sizes, "paused": paused,
+                        "source": {"qemu": vm.ctx.host.version, "accel": vm.ctx.host.accel,
+                                   "cpu": transfer.cpu_signature(vm.ctx.host)}})
+        ready = _receive(control, node, READY_TIMEOUT)
+        forward = _forward(node, local, ready)
+        failpoint("bmigrate:forwarded")
+        _mirror(mon, vm, local["nbd"])
+        failpoint("bmigrate:mirrored")
+        downtime_ms = _migrate_memory(mon, vm, local["migration"])
+        stopped = time.monotonic()
+        # From here a kill leaves the VM paused here, the node waiting: settle() decides.
+        write_atomic(wd.system(jname) / MOVING, json.dumps({
+            "node": node.name, "live": True,
+            "ssh": [p.pid for p in (control, forward) if p is not None]}).encode())
+        failpoint("bmigrate:migrated")
+        if control.poll() is not None:  # the node's half ended: it cannot take the VM
+            _receive(control, node, 1)
+        went = True
+        _send(control, {"go": True})
+        _receive(control, node, READY_TIMEOUT)
+        downtime = downtime_ms / 1000 + (time.monotonic() - stopped)
+    except BaseException:
+        _kill(control, forward)
+        if not went:
+            _roll_back(mon, vm, paused)
+            with contextlib.suppress(CbsdError):  # the node clears a half-received VM
+                node.call(["bmigrate", "mode=status", f"jname={jname}"], timeout=60)
+        raise
+    finally:
+        for sock in local.values():
+            sock.unlink(missing_ok=True)
+    _kill(control, forward)
+    vm.power_off()
+    lifecycle.remove_held(vm.ctx, vm)
+    return downtime
+
+
+def _send(p: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
+    assert p.stdin is not None
+    try:
+        p.stdin.write(json.dumps(message).encode() + b"\n")
+        p.stdin.flush()
+    except BrokenPipeError:
+        pass  # the node ended: the next _receive says why
+
+
+def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> dict[str, Any]:
+    """The node's next JSON line; NodeError with its message if it ended instead."""
+    import select
+
+    assert p.stdout is not None and p.stderr is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else b""
+    if line:
+        return dict(json.loads(line))
+    try:
+        p.wait(10 if ready else 0.1)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise nodes.NodeError(f"node {node.name}: no answer in {timeout:.0f} s") from None
+    err = p.stderr.read()
+    if p.returncode == nodes.SSH_FAILED and not err.strip().startswith(b"cbsd"):
+        raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {nodes._why(err)}")
+    raise nodes.NodeError(f"node {node.name}: {nodes._last_line(err)}")
+
+
+def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
+             ) -> subprocess.Popen[bytes]:
+    """`ssh -N -L` from this host's sockets (in the VM's owner-only folder) to the node's."""
+    argv = node.argv([])[:-3]  # ssh and its options, without "--", the host and a command
+    for key, path in local.items():
+        path.unlink(missing_ok=True)
+        argv += ["-L", f"{path}:{ready[key]}"]
+    argv += ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
+             "--", node.host]
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not all(s.exists() for s in local.values()):
+        if p.poll() is not None or time.monotonic() > deadline:
+            err = p.stderr.read() if p.stderr and p.poll() is not None else b""
+            p.kill()
+            raise nodes.NodeError(f"node {node.name}: ssh could not forward the migration's "
+                                  f"sockets: {nodes._last_line(err)}")
+        time.sleep(0.02)
+    return p
+
+
+def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
+    """Every writable disk mirrored into the node's export of it, until all are in step."""
+    for node_name, _ in _block_nodes(vm.spec):
+        mon.cmd("blockdev-add", driver="nbd", **{"node-name": f"mig-{node_name}"},
+                server={"type": "unix", "path": str(nbd)}, export=node_name)
+        mon.cmd("blockdev-mirror", **{"job-id": f"mig-{node_name}"}, device=node_name,
+                target=f"mig-{node_name}", sync="full")
+    deadline = time.monotonic() + MIRROR_TIMEOUT
+    while True:
+        jobs = {j["device"]: j for j in mon.cmd("query-block-jobs")}
+        mine = [jobs.get(f"mig-{n}") for n, _ in _block_nodes(vm.spec)]
+        if any(j is None for j in mine):
+            raise QemuError(f"{vm.jname}: a disk mirror to the node ended early")
+        if all(j is not None and j.get("ready") for j in mine):
+            return
+        if time.monotonic() > deadline:
+            raise QemuError(f"{vm.jname}: the disks did not get in step with the node's")
+        time.sleep(0.05)
+
+
+def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
+    """Migrate the memory; at the switchover (vCPUs stopped) complete the mirrors. QEMU's
+    downtime in ms."""
+    caps = migration.capabilities(mon)
+    if "pause-before-switchover" not in caps:
+        raise QemuError(f"{vm.jname}: this QEMU lacks pause-before-switchover")
+    migration.set_capabilities(mon, caps, {"pause-before-switchover": True})
+    mon.cmd("migrate", uri=f"unix:{sock}")
+    while True:
+        info = mon.cmd("query-migrate")
+        state = info.get("status")
+        if state == "pre-switchover":
+            break
+        if state in ("failed", "cancelled", None):
+            raise QemuError(f"{vm.jname}: the migration failed: "
+                            f"{info.get('error-desc', state)}")
+        time.sleep(0.01)
+    for node_name, _ in _block_nodes(vm.spec):
+        mon.cmd("block-job-cancel", device=f"mig-{node_name}")
+    while any(j["device"].startswith("mig-") for j in mon.cmd("query-block-jobs")):
+        time.sleep(0.005)
+    mon.cmd("migrate-continue", state="pre-switchover")
+    info = mon.wait_migration()
+    return float(info.get("downtime", 0))
+
+
+def _roll_back(mon: Monitor, vm: VM, paused: bool) -> None:
+    """After a failure before "go": the VM keeps running here."""
+    with contextlib.suppress(CbsdError):
+        mon.cmd("migrate_cancel")
+        deadline = time.monotonic() + 30
+        while mon.cmd("query-migrate").get("status") in ("cancelling", "active",
+                                                         "pre-switchover", "device"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    with contextlib.suppress(CbsdError):
+        for job in mon.cmd("query-block-jobs"):
+            if str(job["device"]).startswith("mig-"):
+                mon.cmd("block-job-cancel", device=job["device"], force=True)
+    _drop_mirror_nodes(mon, vm)
+    if not paused and vm.alive() and not mon.running():
+        mon.cmd("cont")
+
+
+def _drop_mirror_nodes(mon: Monitor, vm: VM) -> None:
+    """What a migration attempt added to QEMU (mirror targets, the switchover pause)."""
+    with contextlib.suppress(CbsdError):
+        deadline = time.monotonic() + 30
+        while any(str(j["device"]).startswith("mig-") for j in mon.cmd("query-block-jobs")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        present = {n.get("node-name") for n in mon.cmd("query-named-block-nodes")}
+        for node_name, _ in _block_nodes(vm.spec):
+            if f"mig-{node_name}" in present:
+                mon.cmd("blockdev-del", **{"node-name": f"mig-{node_name}"})
+        migration.set_capabilities(mon, migration.capabilities(mon),
+                                   {"pause-before-switchover": False})
+
+
+def _kill(*procs: subprocess.Popen[bytes] | None) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def settle(vm: VM, node_name: str, ssh: list[int] | None = None) -> None:
+    """Recovery after a bmigrate cut off after "go" (the VM's lock is held here): the node
+    says whether it has the VM (asked under the VM's lock there). If it does, the copy here
+    is ended and removed (StateError saying so); if not, the VM runs on here."""
+    _end_ssh(ssh or [], vm.jname)
+    try:
+        answer = nodes.get(vm.ctx, node_name).call(
+            ["bmigrate", "mode=status", f"jname={vm.jname}"], timeout=120).strip()
+    except CbsdError as e:
+        raise StateError(f"{vm.jname}: an interrupted bmigrate to node {node_name} cannot be "
+                         f"settled until the node answers ({e}); the VM is held here "
+                         "meanwhile: retry any command") from None
+    intent = vm.ctx.workdir.system(vm.jname) / MOVING
+    if answer == "registered":
+        if vm.alive():
+            vm.kill()
+        lifecycle.remove_held(vm.ctx, vm)
+        raise StateError(f"{vm.jname}: it was migrated to node {node_name} (an interrupted "
+                         f"bmigrate was completed): use node={node_name}")
+    if vm.alive():
+        mon = vm.monitor()
+        _drop_mirror_nodes(mon, vm)
+        if mon.status() == "postmigrate":
+            mon.cmd("cont")
+    intent.unlink(missing_ok=True)
+
+
+def _end_ssh(pids: list[int], jname: str) -> None:
+    """The ssh processes a killed bmigrate left (the control one ends the node's half)."""
+    import signal
+
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"ssh\x00") and (f"jname={jname}".encode() in cmd or
+                                           f"/{jname}/".encode() in cmd):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- the node's side ----------------------------------------------------------------------
+
+def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
+    """The node's half (see the module's docstring); runs as long as the control ssh."""
+    from cbsd.core import cloudinit
+
+    req = json.loads(inp.readline() or b"{}")
+    spec = VMSpec.from_dict({**req["spec"], "jname": jname})
+    why = transfer.host_incompatibility(ctx.host, spec, req["source"], {"the VM": {
+        "qemu": req["source"]["qemu"], "accel": req["source"]["accel"],
+        "machine": spec.machine}})
+    if why:
+        raise StateError(f"{jname}: cannot migrate here: {why}")
+    for medium in transfer.BOOT_MEDIA:
+        path = getattr(spec, medium)
+        if path and not Path(path).is_file():
+            raise StateError(f"{jname}: its {medium}= {path} is missing on this host: copy "
+                             "it here first (bmove carries it)")
+    wd = ctx.workdir
+    wd.ensure()
+    with ctx.lock(jname, "bmigrate"):
+        if ctx.inventory.get(jname) is not None or wd.system(jname).exists() or \
+                wd.vm_dir(jname).exists():
+            raise StateError(f"VM already exist: {jname} (on this node)")
+        wd.system(jname).mkdir(mode=0o700)
+        lifecycle._mark_unfinished(ctx, jname)
+        vm = VM(ctx, spec, runtime=(0, 0))
+        try:
+            wd.ensure_vm(jname)
+            for _, fname in _block_nodes(spec):
+                img.create(wd.disk(jname, fname), int(req["sizes"][fname]))
+            if spec.cloud_init:
+                cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
+                                                                         spec.cloud_init))
+            _receive_vm(vm, bool(req.get("paused")), inp, out)
+        except BaseException:
+            if vm.alive():
+                vm.kill()
+            lifecycle._clear_unfinished(ctx, jname)
+            raise
+
+
+def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
+    ctx, jname = vm.ctx, vm.jname
+    mon = vm.launch(incoming=True)
+    caps = migration.capabilities(mon)
+    migration.set_capabilities(mon, caps, {"late-block-activate": True})
+    # Names as short as qmp.sock's: a Unix socket's path has at most 107 bytes.
+    sockets = {k: str(ctx.workdir.system(jname) / f"{k[:3]}.sock")
+               for k in ("nbd", "migration")}
+    # SocketAddressLegacy: the address inside "data" (QEMU 7.2 and 10 alike)
+    mon.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sockets["nbd"]}})
+    for node_name, _ in _block_nodes(vm.spec):
+        mon.cmd("block-export-add", type="nbd", id=f"mig-{node_name}",
+                **{"node-name": node_name}, name=node_name, writable=True)
+    mon.cmd("migrate-incoming", uri=f"unix:{sockets['migration']}")
+    for path in sockets.values():
+        os.chmod(path, 0o600)
+    out.write(json.dumps(sockets) + "\n")
+    out.flush()
+    line = inp.readline()
+    if not line or not json.loads(line).get("go"):
+        raise StateError(f"{jname}: the migration was abandoned by the sending host")
+    failpoint("bmigrate:go")
+    deadline = time.monotonic() + 60
+    while mon.status() == "inmigrate":
+        if time.monotonic() > deadline:
+            raise QemuError(f"{jname}: the migration did not complete here")
+        time.sleep(0.01)
+    info = mon.cmd("query-migrate")
+    if info.get("status") not in (None, "completed"):
+        raise QemuError(f"{jname}: the migration failed here: "
+                        f"{info.get('error-desc', info.get('status'))}")
+    mon.cmd("nbd-server-stop")
+    lifecycle.save_spec_file(ctx, vm.spec)
+    lifecycle._unmark(ctx, jname)
+    ctx.inventory.add(vm.spec)
+    ctx.inventory.set_runtime(jname, vm.pid, vm.vnc_port)
+    if paused:
+        migration.activate_disks(mon)
+    else:
+        mon.cmd("cont")
+    for path in sockets.values():
+        Path(path).unlink(missing_ok=True)
+    out.write(json.dumps({"running": not paused}) + "\n")
+    out.flush()
+
+
+def status(ctx: Context, jname: str) -> str:
+    """'registered' or 'absent', once no bmigrate holds the VM here. A VM that came in
+    half-way (its cbsd killed: files under the unfinished mark, maybe its QEMU still up,
+    paused) is cleared first: the QEMU ended, the files removed."""
+    import signal
+
+    from cbsd.qemu import process
+
+    wd = ctx.workdir
+    with ctx.lock(jname, "bmigrate status", wait=120):
+        if ctx.inventory.get(jname) is not None:
+            return "registered"
+        if wd.unfinished(jname).exists():
+            marker = str(wd.qmp_sock(jname))
+            try:
+                pid = int(wd.pidfile(jname).read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid:
+                process.kill(pid, marker, signal.SIGKILL)
+                if not process.wait_gone(pid, marker, 10):
+                    raise QemuError(f"{jname}: QEMU (pid {pid}) did not exit after SIGKILL")
+            lifecycle._clear_unfinished(ctx, jname)
+        return "absent"
+
+
+def main_incoming(ctx: Context, jname: str) -> int:
+    incoming(ctx, jname, sys.stdin.buffer, sys.stdout)
+    return 0
