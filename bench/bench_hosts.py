@@ -6,8 +6,9 @@ on ext4. Export to a file is set against `cat` of the same files into one file (
 flushed); export piped into an import in a second workdir against `cat | cat` of the same
 files; bmove between two hosts (network namespaces, each with its own sshd:
 tests/guests/hosts.py) against `cat | ssh node 'cat > file'` of the same bytes; and the
-downtime of a bmove of the running guest (hibernate, move, resume), as cbsd reports it:
-measured from the start of its hibernation to the guest running on the node. Cases alternate within
+downtime of moving the running guest: bmove (hibernate, move, resume: from the start of its
+hibernation to the guest running there) and bmigrate (QEMU's own downtime plus the time until
+the node has registered the VM and it runs), as cbsd reports them. Cases alternate within
 each repetition; each starts from a quiet disk (timing.settle)."""
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
     export, stream = Case("bexport to a file (same disk)"), \
         Case("bexport out=- | bimport in=- (another workdir, same disk)")
     move = Case("bmove of the stopped VM to another host (ssh over a veth pair)")
-    down = Case("bmove of the running VM: downtime")
+    down = Case("moving the running VM: downtime")
+    live = Case("bmigrate of the running VM (disks mirrored, memory migrated)")
     env_b = workdir_env(b_wd)
     sys.stdout.flush()
     try:
@@ -138,6 +140,18 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
                 down.add("cbsd bmove (reported: hibernate .. running there)", float(m[1]))
                 here, there = there, here
                 time.sleep(2)
+            here.cbsd("bcheckpoint", "mode=destroyall", "jname=m").ok()  # bmigrate: none
+            for _ in range(repeat):
+                settle()
+                t = time.perf_counter()
+                r = here.cbsd("bmigrate", "jname=m", f"node={there.name}", timeout=900).ok()
+                live.add("cbsd bmigrate (whole command)", time.perf_counter() - t)
+                m = re.search(r"downtime ([0-9]+) ms", r.out)
+                assert m, r.out
+                down.add("cbsd bmigrate (reported: QEMU's downtime + until running there)",
+                         float(m[1]) / 1000)
+                here, there = there, here
+                time.sleep(2)
         finally:
             twohosts.remove((a, b))
         move.notes.append(f"{nbytes / 2**20:.0f} MiB of files; bmove also verifies them and "
@@ -147,7 +161,7 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
         subprocess.run(["rm", "-rf", str(base)], check=False)
     versions = {"ssh": subprocess.run(["ssh", "-V"], capture_output=True,
                                       text=True).stderr.strip()}
-    return [export, stream, move, down], versions
+    return [export, stream, move, down, live], versions
 
 
 def write(cases: list[Case], versions: dict[str, str]) -> str:
