@@ -28,6 +28,20 @@ class Case:
     def add(self, who: str, value: float) -> None:
         self.series.setdefault(who, Series(who)).add(value)
 
+    def table(self, unit: str = "s") -> list[str]:
+        """This case as a markdown section: its series' medians, ranges and runs."""
+        return [f"## {self.title}", "", "| series | median | min | max | runs |",
+                "|---|---|---|---|---|", *(s.row(unit) for s in self.series.values())]
+
+
+def cases_json(cases: list[Case], versions: dict[str, str]) -> str:
+    """Every sample of a run, for re-rendering and for the record."""
+    import json
+
+    return json.dumps({"versions": versions, "cases": [
+        {"title": c.title, "notes": c.notes,
+         "series": {k: s.samples for k, s in c.series.items()}} for c in cases]}, indent=1)
+
 
 @dataclass
 class Twins:

@@ -45,10 +45,16 @@ def mark_of(cbsd: Cbsd, jname: str) -> int:
     return len(path.read_text()) if path.exists() else 0
 
 
-def vm_with_checkpoints(cbsd: Cbsd, image: Path, *names: str) -> dict[str, tuple[int, int]]:
-    """vm1 running, with checkpoints *names*: the counter's range at each."""
+def running_vm1(cbsd: Cbsd, image: Path) -> int:
+    """vm1, the counter guest, running; its counter once it counts."""
     cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=32m").ok()
     cbsd("bstart", "vm1").ok()
+    return counting(cbsd, "vm1")
+
+
+def vm_with_checkpoints(cbsd: Cbsd, image: Path, *names: str) -> dict[str, tuple[int, int]]:
+    """vm1 running, with checkpoints *names*: the counter's range at each."""
+    running_vm1(cbsd, image)
     marks = {}
     for name in names:
         before = counting(cbsd, "vm1")
@@ -276,6 +282,22 @@ def stopped_at(cbsd: Cbsd, point: str, *args: str) -> subprocess.Popen[str]:
     return p
 
 
+def stopped_node_half(args: bytes, p: subprocess.Popen[str]) -> int:
+    """The pid of the node's cbsd running `cbsd ARGS...` once it stopped at its failpoint
+    (while *p*, the command on this side, still waits for it)."""
+    deadline = time.monotonic() + 120
+    while True:
+        for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"-m\x00cbsd\x00" + args in cmd and proc_state(pid) == "T":
+                return pid
+        assert time.monotonic() < deadline and p.poll() is None, "the node never stopped"
+        time.sleep(0.02)
+
+
 def _cbsd_pid(p: subprocess.Popen[str]) -> int:
     """The cbsd process itself (under `ip netns exec`, which execs it: the same pid)."""
     return p.pid
@@ -319,19 +341,7 @@ def test_kill9_of_the_importing_side_leaves_the_vm_on_the_source(two, counter_im
     wrapper = b.root / "bin" / "cbsd"
     wrapper.write_text(wrapper.read_text().replace("exec ", "CBSD_FAILPOINT=bimport:member exec "))
     p = a.cbsd.popen("bmove", "jname=vm1", "node=b")
-    deadline = time.monotonic() + 60
-    victim = None
-    while victim is None:
-        for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"-m\x00cbsd\x00bimport\x00in=-\x00mode=stage" in cmd and \
-                    proc_state(pid) == "T":
-                victim = pid
-        assert time.monotonic() < deadline and p.poll() is None
-        time.sleep(0.02)
+    victim = stopped_node_half(b"bimport\x00in=-\x00mode=stage", p)
     staging = b.cbsd.workdir / "var" / "tmp"
     assert [x.name[:8] for x in staging.iterdir()] == ["bimport-"]  # cut short mid-way
     os.kill(victim, signal.SIGKILL)
@@ -350,10 +360,7 @@ def test_kill9_of_the_importing_side_leaves_the_vm_on_the_source(two, counter_im
 def test_bmigrate_moves_a_running_guest_without_a_restart(two, counter_image) -> None:  # type: ignore[no-untyped-def]
     a, b = two
     joined(a, b)
-    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=8)}", "vm_os_type=other",
-           "vm_ram=32m").ok()
-    a.cbsd("bstart", "vm1").ok()
-    before = counting(a.cbsd, "vm1")
+    before = running_vm1(a.cbsd, counter_image(fill_mib=8))
     r = a.cbsd("bmigrate", "jname=vm1", "node=b", timeout=600).ok()
     assert "migrated to node b (downtime" in r.out, r.out
     moved(a, b)
@@ -383,10 +390,7 @@ def test_a_failed_bmigrate_leaves_the_guest_running_here(two, counter_image,  # 
                                                          point: str) -> None:
     a, b = two
     joined(a, b)
-    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=4)}", "vm_os_type=other",
-           "vm_ram=32m").ok()
-    a.cbsd("bstart", "vm1").ok()
-    counting(a.cbsd, "vm1")
+    running_vm1(a.cbsd, counter_image(fill_mib=4))
     p = stopped_at(a.cbsd, point, "bmigrate", "jname=vm1", "node=b")
     # The node's half goes (as if b crashed): this side must roll back and go on.
     for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
@@ -417,10 +421,7 @@ def test_kill9_after_the_switchover_is_settled_by_the_next_command(two, counter_
     asks the node (which clears what it half received) and the guest runs on here."""
     a, b = two
     joined(a, b)
-    a.cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=4)}", "vm_os_type=other",
-           "vm_ram=32m").ok()
-    a.cbsd("bstart", "vm1").ok()
-    before = counting(a.cbsd, "vm1")
+    before = running_vm1(a.cbsd, counter_image(fill_mib=4))
     if side == "here":
         p = stopped_at(a.cbsd, "bmigrate:migrated", "bmigrate", "jname=vm1", "node=b")
         os.kill(p.pid, signal.SIGKILL)
@@ -430,19 +431,7 @@ def test_kill9_after_the_switchover_is_settled_by_the_next_command(two, counter_
         plain = wrapper.read_text()
         wrapper.write_text(plain.replace("exec ", "CBSD_FAILPOINT=bmigrate:go exec "))
         p = a.cbsd.popen("bmigrate", "jname=vm1", "node=b")
-        deadline = time.monotonic() + 120
-        victim = None
-        while victim is None:
-            for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"-m\x00cbsd\x00bmigrate\x00mode=incoming" in cmd and \
-                        proc_state(pid) == "T":
-                    victim = pid
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.02)
+        victim = stopped_node_half(b"bmigrate\x00mode=incoming", p)
         os.kill(victim, signal.SIGKILL)
         wrapper.write_text(plain)
         _, err = p.communicate(timeout=120)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+from cbsd.errors import CheckpointError
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 from cbsd.storage.paths import Workdir
@@ -41,7 +42,7 @@ def parent_for(wd: Workdir, jname: str, name: str, kind: str) -> str | None:
     VM descends from replaces that one, so it takes over the replaced one's parent."""
     parent = current(wd, jname)
     if kind == "checkpoint" and parent == name:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(CheckpointError):  # damaged or gone: no parent to take over
             return ckpstore.read_manifest(wd.checkpoint(jname, name)).parent
         return None
     return parent
