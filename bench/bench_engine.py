@@ -148,6 +148,38 @@ def by_size(ram: str, fill: int, repeat: int, ext4: Path, xfs_wd: Path,
     return [create, restore, gap]
 
 
+def _drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
+    """BENCH_ENGINE_COLD=1: restores with an empty page cache (as after a reboot, or long
+    after the checkpoint), plain stream against chunk store. The warm case above compares a
+    stream the checkpoint just wrote (cached) with packs the fold just wrote (evicted first
+    under memory pressure: written once, they sit on the inactive list)."""
+    label = f"{ram} guest / {fill} MiB random RAM"
+    c = Case(f"restore to first guest output from a cold page cache, {label}")
+    env, e = workdir_env(ext4), f"c{ram}"
+    log = guest(env, ext4, e, ram, fill, "vm_dedup=off")
+    try:
+        for _ in range(repeat):
+            cli(env, "bcheckpoint", "mode=create", f"jname={e}", "name=b")
+            run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
+            _drop_caches()
+            c.add(STREAM, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
+                                       env, timeout=600))
+            run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
+            fold_now(ext4, e)
+            _drop_caches()
+            c.add(CHUNKS, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
+                                       env, timeout=600))
+            run([CBSD, "bcheckpoint", "mode=destroy", f"jname={e}", "name=b"], env)
+    finally:
+        subprocess.run([CBSD, "bremove", f"jname={e}"], env=env, capture_output=True)
+    return c
+
+
 def _libvirt_twin(wd: Path, ram: str, fill: int) -> tuple[str, Path]:
     raw = counter_image(wd / f"lv-{ram}.raw", fill)
     disk = wd / f"lv-{ram}.qcow2"
@@ -237,6 +269,9 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
         with xfs(base) as mnt:
             xfs_wd = mnt / "wd"
             for ram, fill in sizes:
+                if os.environ.get("BENCH_ENGINE_COLD") == "1":
+                    cases.append(cold(ram, fill, repeat, ext4))
+                    continue
                 peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
                 cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)
             try:

@@ -91,12 +91,12 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
             export.add("cat + fsync of the same files (floor)", _sh(
                 f"cat {cat_list} > {out} && sync -f {out}"))
             out.unlink()
-            stream.add("cbsd bexport | cbsd bimport", _sh(
+            stream.add("cbsd bexport out=- piped into cbsd bimport in=-", _sh(
                 f"{CBSD} bexport jname=v out=- | CBSD_WORKDIR={b_wd} {CBSD} bimport in=-",
                 env))
             subprocess.run([CBSD, "bremove", "jname=v"], env=env_b, check=True,
                            capture_output=True)
-            stream.add("cat | cat + fsync (floor)", _sh(
+            stream.add("cat piped into cat, + fsync (floor)", _sh(
                 f"cat {cat_list} | cat > {out} && sync -f {out}"))
             out.unlink()
         for c in (export, stream):
@@ -121,7 +121,7 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
                 floor = there.root / "floor.bin"
                 ssh = (f"ssh -F {here.root / 'ssh_config'} root@{there.addr} "
                        f"'cat > {floor} && sync -f {floor} && rm {floor}'")
-                move.add("cat | ssh 'cat > file' + fsync (floor)", _timed(
+                move.add("cat piped into ssh cat, + fsync (floor)", _timed(
                     [*here.ns.prefix, "sh", "-c", f"cat {src} | {ssh}"]))
                 settle()
                 t = time.perf_counter()
@@ -163,6 +163,15 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
     return [export, stream, move, down, live], versions
 
 
+def nbytes_of(c: Case) -> int | None:
+    """The byte count a case's note records ("N MiB of files ...")."""
+    for n in c.notes:
+        m = re.match(r"(\d+) MiB of files", n)
+        if m:
+            return int(m[1]) << 20
+    return None
+
+
 def write(cases: list[Case], versions: dict[str, str]) -> str:
     from bench.report import machine
 
@@ -174,9 +183,16 @@ def write(cases: list[Case], versions: dict[str, str]) -> str:
              f"- {versions['ssh']}", ""]
     for c in cases:
         lines += c.table()
-        meds = [s.median for s in c.series.values()]
-        if len(meds) == 2 and meds[1] > 0:
-            lines.append(f"- ratio cbsd / floor: {meds[0] / meds[1]:.2f}x")
+        floor = [x for n, x in c.series.items() if "floor" in n]
+        mine = [x for n, x in c.series.items() if "floor" not in n]
+        if floor and mine and floor[0].median > 0:
+            mib = (nbytes_of(c) or 0) / 2**20
+            speed = f" ({mib / mine[0].median:.0f} vs {mib / floor[0].median:.0f} MiB/s)" \
+                if mib else ""
+            lines.append(f"- ratio cbsd / floor: **{mine[0].median / floor[0].median:.2f}x**"
+                         f"{speed}")
+        elif len(mine) == 2 and mine[1].median > 0:
+            lines.append(f"- ratio: {mine[0].median / mine[1].median:.0f}x")
         lines += [f"- {n}" for n in c.notes] + [""]
     text = "\n".join(lines)
     (out / "benchmarks-hosts.md").write_text(text)
