@@ -77,18 +77,15 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     require(jname, status, Action.EXPORT)
     head, plan = _plan(vm, checkpoints, status)
     stream = out()
+    # On a failure the archive just stops (no seal): any importer refuses it as truncated.
     writer = Writer(stream)
-    try:
-        writer.add_bytes(HEADER, head)
-        for name, src, expect in plan.members:
-            digest = writer.add(name, src)
-            if expect is not None and digest != expect:
-                raise CheckpointError(f"{jname}: {name} does not match its checksum (the "
-                                      "saved state is damaged: bcheckpoint mode=verify)")
-        writer.close()
-    except BaseException:
-        writer.abandon()
-        raise
+    writer.add_bytes(HEADER, head)
+    for name, src, expect in plan.members:
+        digest = writer.add(name, src)
+        if expect is not None and digest != expect:
+            raise CheckpointError(f"{jname}: {name} does not match its checksum (the saved "
+                                  "state is damaged: bcheckpoint mode=verify)")
+    writer.close()
     stream.flush()
     n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
     return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
