@@ -180,6 +180,38 @@ def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
     return c
 
 
+def direct_io(ram: str, fill: int, repeat: int, ext4: Path) -> list[Case]:
+    """BENCH_ENGINE_DIRECTIO=1, with CBSD_QEMU naming a QEMU >= 9.1: a mapped-ram checkpoint
+    (vm_dedup=off) created and restored with and without direct-io (CBSD_DIRECT_IO), the
+    restore from a warm and from a cold page cache; the cases alternate."""
+    label = f"{ram} guest / {fill} MiB random RAM, mapped-ram"
+    create = Case(f"checkpoint create, {label}")
+    warm = Case(f"restore to first guest output, {label}")
+    cold_ = Case(f"restore to first guest output from a cold page cache, {label}")
+    e = f"d{ram}"
+    env = workdir_env(ext4)
+    log = guest(env, ext4, e, ram, fill, "vm_dedup=off")
+    modes = {"with direct-io": "auto", "without direct-io": "off"}
+    try:
+        for _ in range(repeat):
+            for who, mode in modes.items():
+                env_m = {**env, "CBSD_DIRECT_IO": mode}
+                _drop_caches()
+                create.add(who, run([CBSD, "bcheckpoint", "mode=create", f"jname={e}",
+                                     "name=b"], env_m))
+                run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_m)
+                warm.add(who, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
+                                           log, env_m, timeout=600))
+                run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_m)
+                _drop_caches()
+                cold_.add(who, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
+                                            log, env_m, timeout=600))
+                run([CBSD, "bcheckpoint", "mode=destroy", f"jname={e}", "name=b"], env_m)
+    finally:
+        subprocess.run([CBSD, "bremove", f"jname={e}"], env=env, capture_output=True)
+    return [create, warm, cold_]
+
+
 def _libvirt_twin(wd: Path, ram: str, fill: int) -> tuple[str, Path]:
     raw = counter_image(wd / f"lv-{ram}.raw", fill)
     disk = wd / f"lv-{ram}.qcow2"
@@ -271,6 +303,9 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
             for ram, fill in sizes:
                 if os.environ.get("BENCH_ENGINE_COLD") == "1":
                     cases.append(cold(ram, fill, repeat, ext4))
+                    continue
+                if os.environ.get("BENCH_ENGINE_DIRECTIO") == "1":
+                    cases += direct_io(ram, fill, repeat, ext4)
                     continue
                 peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
                 cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)

@@ -195,8 +195,13 @@ def _load_memory(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> Non
         return
     _revert_disks(vm, m)
     fd = open_fd_for(ckdir / ckpstore.MEMORY, write=False)
+    direct = None
     try:
-        channel = migration.attach(mon, fd, "cbsd-load", caps)
+        if mapped and migration.direct_io_usable(mon, ckdir / ckpstore.MEMORY):
+            direct = migration.open_direct(ckdir / ckpstore.MEMORY, write=False)
+        if mapped:
+            migration.use_direct_io(mon, direct is not None)
+        channel = migration.attach(mon, fd, "cbsd-load", caps, direct)
         mon.cmd("migrate-incoming", uri=channel.uri)
         # QEMU's copy of fd shares its file offset with ours: the load is followed by it
         # (mapped-ram reads at offsets, leaving it alone: then QMP is asked from the start).
@@ -205,6 +210,8 @@ def _load_memory(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) -> Non
         migration.detach(mon, channel)
     finally:
         os.close(fd)
+        if direct is not None:
+            os.close(direct)
 
 
 class _Feeder(threading.Thread):

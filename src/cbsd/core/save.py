@@ -177,13 +177,20 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         failpoint("save:snapshotted")
         memfile = tmp / ckpstore.MEMORY
         fd = open_fd_for(memfile, write=True)
+        direct = None
         try:
             if not mapped:  # a mapped-ram file is written at many offsets at once
                 follower = _Follower(memfile)
                 follower.start()
-            channel = migration.attach(mon, fd, "cbsd-save", caps)
+            elif migration.direct_io_usable(mon, memfile):
+                direct = migration.open_direct(memfile, write=True)
+            if mapped:
+                migration.use_direct_io(mon, direct is not None)
+            channel = migration.attach(mon, fd, "cbsd-save", caps, direct)
         finally:
             os.close(fd)
+            if direct is not None:
+                os.close(direct)
         started = time.monotonic()
         mon.cmd("migrate", uri=channel.uri)
         failpoint("save:migrating")

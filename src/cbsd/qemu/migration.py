@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from cbsd.errors import QemuError, QmpCommandError
 from cbsd.qemu.qmp import Monitor
@@ -31,10 +32,15 @@ def has_file_uri(caps: frozenset[str]) -> bool:
     return "mapped-ram" in caps
 
 
-def attach(mon: Monitor, fd: int, name: str, caps: frozenset[str]) -> Channel:
-    """Give QEMU the open file *fd* and return the URI that names it."""
+def attach(mon: Monitor, fd: int, name: str, caps: frozenset[str],
+           direct_fd: int | None = None) -> Channel:
+    """Give QEMU the open file *fd* and return the URI that names it. *direct_fd*: the same
+    file opened with O_DIRECT, for direct-io (its multifd channels take that one; the main
+    channel's unaligned header and device state the other)."""
     if has_file_uri(caps):
         fdset = int(mon.add_fd(fd)["fdset-id"])
+        if direct_fd is not None:
+            mon.add_fd(direct_fd, fdset)
         return Channel(f"file:/dev/fdset/{fdset}", fdset)
     mon.send_fd(fd, name)
     return Channel(f"fd:{name}")
@@ -73,10 +79,12 @@ def activate_disks(mon: Monitor) -> bool:
 
 # QEMU 9+: `mapped-ram` writes each RAM page at its own offset in the file (a sparse file the
 # size of RAM) and lets `multifd` channels write and read RAM in parallel: on QEMU 10 here a
-# 1 GiB / 768 MiB guest saved in 0.55x and loaded in 0.71x of the plain stream's time. Not
-# combined with `direct-io`: cbsd checksums what it wrote, and reading it back from the page
-# cache costs ~0.1 s per GiB, from the disk (after O_DIRECT) far more.
+# 1 GiB / 768 MiB guest saved in 0.55x and loaded in 0.71x of the plain stream's time.
+# `direct-io` (O_DIRECT for the multifd channels) keeps the saved RAM out of the page cache;
+# cbsd then reads it back from the disk for its checksum. Used where QEMU and the filesystem
+# have it unless CBSD_DIRECT_IO=off (docs/benchmarks.md has both measured).
 MAPPED_RAM = ("mapped-ram", "multifd")
+DIRECT_IO = "direct-io"  # a migration parameter (QEMU 9.1+), not a capability
 MULTIFD_CHANNELS = 4
 
 
@@ -91,3 +99,31 @@ def use_mapped_ram(mon: Monitor, caps: frozenset[str], on: bool) -> None:
     set_capabilities(mon, caps, dict.fromkeys(MAPPED_RAM, on))
     if on:
         mon.cmd("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS})
+
+
+def direct_io_usable(mon: Monitor, path: Path) -> bool:
+    """Whether a mapped-ram save or load of *path* may use direct-io: QEMU has the parameter,
+    the file's filesystem takes O_DIRECT (tmpfs does not), CBSD_DIRECT_IO is not off."""
+    import os
+
+    if os.environ.get("CBSD_DIRECT_IO", "auto") == "off":
+        return False
+    if DIRECT_IO not in mon.cmd("query-migrate-parameters"):
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def use_direct_io(mon: Monitor, on: bool) -> None:
+    """Set direct-io as wanted (QEMU keeps parameters from one migration to the next)."""
+    if on or DIRECT_IO in mon.cmd("query-migrate-parameters"):
+        mon.cmd("migrate-set-parameters", **{DIRECT_IO: on})
+
+
+def open_direct(path: Path, write: bool) -> int:
+    import os
+
+    return os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC)

@@ -178,9 +178,11 @@ class Monitor:
         """Hand an open file to QEMU (SCM_RIGHTS with `getfd`) under *name*."""
         self._call("getfd", {"fdname": name}, fd, "while passing a file")
 
-    def add_fd(self, fd: int) -> dict[str, Any]:
-        """Hand an open file to QEMU into a new fdset (`add-fd`); returns its fdset-id."""
-        return dict(self._call("add-fd", {}, fd, "while passing a file"))
+    def add_fd(self, fd: int, fdset: int | None = None) -> dict[str, Any]:
+        """Hand an open file to QEMU into a new fdset, or into *fdset* (`add-fd`); returns
+        its fdset-id."""
+        args = {} if fdset is None else {"fdset-id": fdset}
+        return dict(self._call("add-fd", args, fd, "while passing a file"))
 
     def _call(self, command: str, args: dict[str, Any], fd: int | None, during: str) -> Any:
         if self.closed:
