@@ -343,6 +343,14 @@ def test_progress_on_a_terminal_only(cbsd: Cbsd, counter_image) -> None:  # type
     assert r.err == "", "no progress output when stderr is not a terminal"
 
 
+def _takes_o_direct(path: Path) -> bool:
+    try:
+        os.close(os.open(path / "memory", os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.stream
 def test_mapped_ram_where_qemu_has_it(cbsd: Cbsd, running_counter: str) -> None:
     """QEMU 9+ (probed): a checkpoint that is not folded is saved with mapped-ram + multifd (a
@@ -355,6 +363,8 @@ def test_mapped_ram_where_qemu_has_it(cbsd: Cbsd, running_counter: str) -> None:
     if major >= 9:
         assert m["migration"]["capabilities"] == ["mapped-ram", "multifd"]
         assert (ckdir / "memory").stat().st_size >= 32 << 20, "a page-addressed file"
+        # direct-io where QEMU has it (10 here: 9.1+) and the workdir takes O_DIRECT
+        assert m["migration"]["direct-io"] is (major >= 10 and _takes_o_direct(ckdir))
     else:
         assert "capabilities" not in m["migration"]
     cbsd("bstop", "vm1", "noacpi=1").ok()

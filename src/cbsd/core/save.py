@@ -220,6 +220,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         manifest.agent = agent
         if mapped:  # the load must switch on the same capabilities
             manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
+            manifest.migration[migration.DIRECT_IO] = direct is not None  # for the record
         manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
         ckpstore.save_manifest(manifest, tmp)
         fsync_dir(tmp)
