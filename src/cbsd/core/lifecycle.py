@@ -128,7 +128,7 @@ def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMS
     with ctx.lock(jname, "bcreate"):
         if ctx.inventory.get(jname) is not None:
             raise StateError(f"VM already exist: {jname}")
-        _clear_unfinished(ctx, jname)
+        clear_unfinished(ctx, jname)
         found = [p for p in (wd.system(jname), wd.vm_dir(jname)) if p.exists()]
         if found:
             raise StateError(
@@ -138,16 +138,16 @@ def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMS
                 "them away first (cbsd deletes nothing it did not make)")
         try:
             wd.system(jname).mkdir(mode=0o700)
-            _mark_unfinished(ctx, jname)
+            mark_unfinished(ctx, jname)
             wd.ensure_vm(jname)
             make(wd.vm_dir(jname))
             save_spec_file(ctx, spec)
             # The mark goes before the entry comes: a crash between the two leaves a whole VM
             # that only needs `bregister`, never an entry beside files marked for deletion.
-            _unmark(ctx, jname)
+            unmark(ctx, jname)
             ctx.inventory.add(spec)
         except BaseException:
-            _clear_unfinished(ctx, jname)
+            clear_unfinished(ctx, jname)
             raise
     return spec
 
@@ -157,17 +157,17 @@ def save_spec_file(ctx: Context, spec: VMSpec) -> None:
                  json.dumps(spec.to_dict(), indent=1, sort_keys=True).encode())
 
 
-def _mark_unfinished(ctx: Context, jname: str) -> None:
+def mark_unfinished(ctx: Context, jname: str) -> None:
     write_atomic(ctx.workdir.unfinished(jname), b"")
 
 
-def _unmark(ctx: Context, jname: str) -> None:
+def unmark(ctx: Context, jname: str) -> None:
     mark = ctx.workdir.unfinished(jname)
     mark.unlink(missing_ok=True)
     fsync_dir(mark.parent)
 
 
-def _clear_unfinished(ctx: Context, jname: str) -> None:
+def clear_unfinished(ctx: Context, jname: str) -> None:
     """Delete the files of a bcreate or bremove that was cut short -- only under its mark."""
     wd = ctx.workdir
     if wd.unfinished(jname).exists():
@@ -327,10 +327,10 @@ def remove_held(ctx: Context, vm: VM) -> None:
         vm.power_off()
     # Marked first, entry dropped next, files last: a crash anywhere leaves either a VM or
     # marked files that the next bcreate clears.
-    _mark_unfinished(ctx, vm.jname)
+    mark_unfinished(ctx, vm.jname)
     ctx.inventory.remove(vm.jname)
     failpoint("bremove:unlisted")
-    _clear_unfinished(ctx, vm.jname)
+    clear_unfinished(ctx, vm.jname)
 
 
 def select(ctx: Context, names: list[str], *, running: bool = False,

@@ -154,8 +154,8 @@ def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> di
         raise nodes.NodeError(f"node {node.name}: no answer in {timeout:.0f} s") from None
     err = p.stderr.read()
     if p.returncode == nodes.SSH_FAILED and not err.strip().startswith(b"cbsd"):
-        raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {nodes._why(err)}")
-    raise nodes.NodeError(f"node {node.name}: {nodes._last_line(err)}")
+        raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {nodes.why(err)}")
+    raise nodes.NodeError(f"node {node.name}: {nodes.last_line(err)}")
 
 
 def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
@@ -175,7 +175,7 @@ def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
             err = p.stderr.read() if p.stderr and p.poll() is not None else b""
             p.kill()
             raise nodes.NodeError(f"node {node.name}: ssh could not forward the migration's "
-                                  f"sockets: {nodes._last_line(err)}")
+                                  f"sockets: {nodes.last_line(err)}")
         time.sleep(0.02)
     return p
 
@@ -334,7 +334,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
                 wd.vm_dir(jname).exists():
             raise StateError(f"VM already exist: {jname} (on this node)")
         wd.system(jname).mkdir(mode=0o700)
-        lifecycle._mark_unfinished(ctx, jname)
+        lifecycle.mark_unfinished(ctx, jname)
         vm = VM(ctx, spec, runtime=(0, 0))
         try:
             wd.ensure_vm(jname)
@@ -347,7 +347,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         except BaseException:
             if vm.alive():
                 vm.kill()
-            lifecycle._clear_unfinished(ctx, jname)
+            lifecycle.clear_unfinished(ctx, jname)
             raise
 
 
@@ -384,7 +384,7 @@ def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
                         f"{info.get('error-desc', info.get('status'))}")
     mon.cmd("nbd-server-stop")
     lifecycle.save_spec_file(ctx, vm.spec)
-    lifecycle._unmark(ctx, jname)
+    lifecycle.unmark(ctx, jname)
     ctx.inventory.add(vm.spec)
     ctx.inventory.set_runtime(jname, vm.pid, vm.vnc_port)
     if paused:
@@ -419,7 +419,7 @@ def status(ctx: Context, jname: str) -> str:
                 process.kill(pid, marker, signal.SIGKILL)
                 if not process.wait_gone(pid, marker, 10):
                     raise QemuError(f"{jname}: QEMU (pid {pid}) did not exit after SIGKILL")
-            lifecycle._clear_unfinished(ctx, jname)
+            lifecycle.clear_unfinished(ctx, jname)
         return "absent"
 
 

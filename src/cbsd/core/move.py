@@ -36,7 +36,7 @@ MOVING = "moving"
 def move(ctx: Context, jname: str, node_name: str) -> str:
     node = nodes.get(ctx, node_name)
     started = time.monotonic()
-    status = transfer._status(ctx, jname)
+    status = transfer.status_of(ctx, jname)
     was_running = status in (Status.ON, Status.PAUSED)
     if was_running:
         from cbsd.core import hibernate
@@ -63,7 +63,7 @@ def _resume_here(ctx: Context, jname: str) -> None:
 
     with contextlib.suppress(CbsdError):
         if ctx.inventory.get(jname) is not None and \
-                transfer._status(ctx, jname) is Status.SUSPENDED:
+                transfer.status_of(ctx, jname) is Status.SUSPENDED:
             lifecycle.start(ctx, jname)
 
 
@@ -104,11 +104,11 @@ def _send(vm: VM, node: nodes.Node) -> str:
         proc.wait()
         raise
     if proc.returncode == nodes.SSH_FAILED:
-        why = nodes._why(err) if err.strip() else "the import there ended without an answer"
+        why = nodes.why(err) if err.strip() else "the import there ended without an answer"
         raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {why}"
                               if err.strip() else f"node {node.name}: {why}")
     if proc.returncode != 0:
-        raise nodes.NodeError(f"node {node.name}: {nodes._last_line(err)}", proc.returncode)
+        raise nodes.NodeError(f"node {node.name}: {nodes.last_line(err)}", proc.returncode)
     failpoint("bmove:sent")
     return out.decode().strip().splitlines()[-1]
 

@@ -63,14 +63,14 @@ class Node:
             raise NodeError(f"node {self.name}: no answer from {self.host} in {timeout:.0f} "
                             "s") from None
         if res.returncode == SSH_FAILED:
-            raise NodeError(f"node {self.name}: cannot reach {self.host}: {_why(res.stderr)}")
+            raise NodeError(f"node {self.name}: cannot reach {self.host}: {why(res.stderr)}")
         return res
 
     def call(self, args: list[str], **kw: Any) -> str:
         """cbsd ARGS on the node; its stdout, or NodeError with its one-line message."""
         res = self.run(args, **kw)
         if res.returncode != 0:
-            raise NodeError(f"node {self.name}: {_last_line(res.stderr)}", res.returncode)
+            raise NodeError(f"node {self.name}: {last_line(res.stderr)}", res.returncode)
         return res.stdout.decode(errors="replace")
 
     def call_json(self, args: list[str]) -> Any:
@@ -82,19 +82,19 @@ class Node:
                             "a cbsd of this version?)") from None
 
 
-def _last_line(err: bytes) -> str:
+def last_line(err: bytes) -> str:
     lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
     return lines[-1].strip() if lines else "failed without a message"
 
 
-def _why(err: bytes) -> str:
+def why(err: bytes) -> str:
     text = err.decode(errors="replace")
     if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION" in text:
         return ("its SSH host key is not the one known_hosts holds, or not known yet: check "
                 "the key's fingerprint and add it (see docs/many-hosts.md)")
     if "Permission denied" in text:
         return "SSH refused the login: set up key authentication for it"
-    return _last_line(err)
+    return last_line(err)
 
 
 def check_host(host: str) -> str:

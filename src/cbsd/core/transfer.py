@@ -62,7 +62,7 @@ def export(ctx: Context, jname: str, out: Callable[[], IO[bytes]],
            checkpoints: list[str] | None, *, suspend: bool = False) -> str:
     """Write the VM to the archive *out* opens (once the VM is known exportable).
     checkpoints: None for all, else the names to include. suspend: hibernate it first."""
-    if suspend and _status(ctx, jname) in (Status.ON, Status.PAUSED):
+    if suspend and status_of(ctx, jname) in (Status.ON, Status.PAUSED):
         from cbsd.core import hibernate
 
         hibernate.suspend(ctx, jname)
@@ -91,7 +91,7 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
 
 
-def _status(ctx: Context, jname: str) -> Status:
+def status_of(ctx: Context, jname: str) -> Status:
     vm = VM.load(ctx, jname)
     try:
         return vm.status()
