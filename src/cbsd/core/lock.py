@@ -109,18 +109,30 @@ def _read_holder(fd: int) -> str:
     return f" ({what}, pid {pid})" if pid else ""
 
 
+PROBE_GRACE = 0.1  # how long a status probe waits for a new holder to name itself
+
+
 def is_held(path: Path) -> bool:
     """True while another process holds the VM's lock (status Maintenance), unless it is a
-    yielding holder (it gives way to any command)."""
+    yielding holder (it gives way to any command). A holder that has not named itself yet
+    (between its flock and its line: microseconds, more on a loaded host) is given
+    PROBE_GRACE to say whether it yields: a background fold starting must not show as
+    Maintenance."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return YIELDS not in _read_holder(fd)
+        deadline = time.monotonic() + PROBE_GRACE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                if holder or time.monotonic() >= deadline:
+                    return YIELDS not in holder
+                time.sleep(0.005)
     finally:
         os.close(fd)
 
