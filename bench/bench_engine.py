@@ -191,7 +191,7 @@ def direct_io(ram: str, fill: int, repeat: int, ext4: Path) -> list[Case]:
     e = f"d{ram}"
     env = workdir_env(ext4)
     log = guest(env, ext4, e, ram, fill, "vm_dedup=off")
-    modes = {"with direct-io": "auto", "without direct-io": "off"}
+    modes = {"with direct-io": "on", "without direct-io": "off"}
     try:
         for _ in range(repeat):
             for who, mode in modes.items():

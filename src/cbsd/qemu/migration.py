@@ -80,9 +80,11 @@ def activate_disks(mon: Monitor) -> bool:
 # QEMU 9+: `mapped-ram` writes each RAM page at its own offset in the file (a sparse file the
 # size of RAM) and lets `multifd` channels write and read RAM in parallel: on QEMU 10 here a
 # 1 GiB / 768 MiB guest saved in 0.55x and loaded in 0.71x of the plain stream's time.
-# `direct-io` (O_DIRECT for the multifd channels) keeps the saved RAM out of the page cache;
-# cbsd then reads it back from the disk for its checksum. Used where QEMU and the filesystem
-# have it unless CBSD_DIRECT_IO=off (docs/benchmarks.md has both measured).
+# `direct-io` (O_DIRECT for the multifd channels) keeps the saved RAM out of the page cache,
+# and cbsd then reads it back from the disk for its checksum, and again before a restore:
+# measured on QEMU 10 here, create took 1.5-1.6x and a warm restore 1.6-1.7x as long, a cold
+# restore 1.04-1.11x (docs/benchmarks-engine-directio.md). So it is off unless
+# CBSD_DIRECT_IO=on (a host whose page cache matters more than checkpoint speed).
 MAPPED_RAM = ("mapped-ram", "multifd")
 DIRECT_IO = "direct-io"  # a migration parameter (QEMU 9.1+), not a capability
 MULTIFD_CHANNELS = 4
@@ -102,11 +104,11 @@ def use_mapped_ram(mon: Monitor, caps: frozenset[str], on: bool) -> None:
 
 
 def direct_io_usable(mon: Monitor, path: Path) -> bool:
-    """Whether a mapped-ram save or load of *path* may use direct-io: QEMU has the parameter,
-    the file's filesystem takes O_DIRECT (tmpfs does not), CBSD_DIRECT_IO is not off."""
+    """Whether a mapped-ram save or load of *path* uses direct-io: CBSD_DIRECT_IO=on asks for
+    it, QEMU has the parameter, the file's filesystem takes O_DIRECT (tmpfs does not)."""
     import os
 
-    if os.environ.get("CBSD_DIRECT_IO", "auto") == "off":
+    if os.environ.get("CBSD_DIRECT_IO", "off") != "on":
         return False
     if DIRECT_IO not in mon.cmd("query-migrate-parameters"):
         return False
