@@ -19,7 +19,7 @@ for pass in $passes; do
     case $pass in
         1)
             echo "== pass 1: the distribution's QEMU ($(qemu-system-x86_64 --version | head -1))"
-            .venv/bin/python -m pytest "$@" || status=1
+            .venv/bin/python -m pytest --durations=15 "$@" || status=1
             ;;
         2)
             system_major=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
