@@ -343,7 +343,9 @@ def test_kill9_of_the_importing_side_leaves_the_vm_on_the_source(two, counter_im
     p = a.cbsd.popen("bmove", "jname=vm1", "node=b")
     victim = stopped_node_half(b"bimport\x00in=-\x00mode=stage", p)
     staging = b.cbsd.workdir / "var" / "tmp"
-    assert [x.name[:8] for x in staging.iterdir()] == ["bimport-"]  # cut short mid-way
+    # cut short mid-way: a staging folder and its lock file
+    assert [(x.name[:8], x.is_dir()) for x in sorted(staging.iterdir())] == [
+        ("bimport-", True), ("bimport-", False)]
     os.kill(victim, signal.SIGKILL)
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and err.count("\n") == 1, err

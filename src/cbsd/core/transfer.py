@@ -248,7 +248,7 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
         return jname, ""
     finally:
         if not (staging / STAGED).exists():
-            remove_tree(staging)
+            _drop(staging)
         os.close(lock)
 
 
@@ -360,17 +360,29 @@ def _staging_root(ctx: Context) -> Path:
     return ctx.workdir.root / "var" / "tmp"
 
 
+def _lock_of(path: Path) -> Path:
+    """A staging folder's lock file, beside it: taken before the folder exists, so no sweep
+    ever sees the folder without a live holder's lock on it."""
+    return path.with_name(path.name + ".lock")
+
+
 def _new_staging(ctx: Context) -> tuple[Path, int]:
-    """A new staging folder, flock-held by this process until it is done with it."""
+    """A new staging folder, flock-held (its lock file) by this process until it is done."""
     import fcntl
 
     root = _staging_root(ctx)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = root / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
-    path.mkdir(mode=0o700)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(_lock_of(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    path.mkdir(mode=0o700)
     return path, fd
+
+
+def _drop(path: Path) -> None:
+    """A staging folder and its lock file (the caller holds the lock)."""
+    remove_tree(path)
+    _lock_of(path).unlink(missing_ok=True)
 
 
 def staged(ctx: Context, ident: str) -> Path:
@@ -381,15 +393,20 @@ def staged(ctx: Context, ident: str) -> Path:
 
 def sweep_staging(ctx: Context) -> None:
     """Remove staging folders no live bimport holds: cut short (no STAGED mark), or staged
-    for a commit that has not come for a day."""
+    for a commit that has not come for a day; and commit records older than a day."""
     import fcntl
 
     root = _staging_root(ctx)
     if not root.is_dir():
         return
-    for path in root.glob(f"{STAGING_PREFIX}*"):
+    for done in root.glob(f"{STAGING_PREFIX}*.done"):  # what a late commit retry would ask
+        with contextlib.suppress(OSError):
+            if time.time() - done.stat().st_mtime > STALE_STAGED:
+                done.unlink()
+    for lock in root.glob(f"{STAGING_PREFIX}*.lock"):
+        path = lock.with_name(lock.name[:-len(".lock")])
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             continue
         try:
@@ -400,7 +417,7 @@ def sweep_staging(ctx: Context) -> None:
         try:
             mark = path / STAGED
             if not mark.exists() or time.time() - mark.stat().st_mtime > STALE_STAGED:
-                remove_tree(path)
+                _drop(path)
         finally:
             os.close(fd)
 
@@ -421,7 +438,7 @@ def commit(ctx: Context, ident: str) -> str:
         from cbsd.storage.atomic import write_atomic
 
         write_atomic(_done(path), spec.jname.encode())
-        remove_tree(path)
+        _drop(path)
     return spec.jname
 
 
@@ -435,7 +452,7 @@ def abort(ctx: Context, ident: str) -> str:
             done = name if ctx.inventory.get(name) is not None else None
         if done is not None:
             return f"committed {done}"
-        remove_tree(path)
+        _drop(path)
     return "aborted"
 
 
@@ -450,7 +467,7 @@ def _held(path: Path) -> Iterator[str | None]:
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(_lock_of(path), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         fd = -1
     try:
