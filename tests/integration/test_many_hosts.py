@@ -220,6 +220,14 @@ def test_bls_across_nodes_and_commands_forwarded_with_node(two, counter_image) -
     assert a.cbsd("bls", "node=b").ok().out.split()[:2] == ["NODE", "JNAME"]
     a.cbsd("bstop", "jname=there", "node=b", "noacpi=1").ok()
     a.cbsd("bstart", "jname=nosuch", "node=b").fails(2, "No such VM: nosuch")
+    # A node that cannot be reached: named on stderr, the others still listed, exit 1.
+    assert b.sshd is not None
+    b.sshd.terminate()
+    b.sshd.wait(10)
+    r = a.cbsd("bls", "node=*", "format=json")
+    assert r.code == 1 and "node b: cannot reach" in r.err and r.err.count("\n") == 1, r.err
+    assert [(x["node"], x["jname"]) for x in json.loads(r.out)] == [("local", "here")]
+    a.cbsd("bls", "node=b").fails(1, "node b: cannot reach")
 
 
 def moved(a: twohosts.Host, b: twohosts.Host) -> None:

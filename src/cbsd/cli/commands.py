@@ -216,8 +216,9 @@ def bls(ctx: Context, a: Args) -> int:
     from cbsd.core import listing
 
     columns = a["display"] or list(listing.COLUMNS)
+    unreached = 0
     if a["node"]:
-        rows = _across_nodes(ctx, a, columns)
+        rows, unreached = _across_nodes(ctx, a, columns)
     else:
         names = ctx.resolve(a["names"]) if a["names"] else None
         rows, notes = listing.rows(ctx, names)
@@ -231,10 +232,11 @@ def bls(ctx: Context, a: Args) -> int:
         sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))
     else:
         sys.stdout.write(output.table(rows, columns, a["header"]))
-    return 0
+    return 1 if unreached else 0
 
 
-def _across_nodes(ctx: Context, a: Args, columns: list[str]) -> list[dict[str, Any]]:
+def _across_nodes(ctx: Context, a: Args, columns: list[str]
+                  ) -> tuple[list[dict[str, Any]], int]:
     """bls node=N|'*': each node's own `bls format=json`, with a node column ('*' adds this
     host's VMs as node 'local'). A node that cannot be reached is named on stderr; the
     command then exits 1 after listing the others."""
@@ -248,12 +250,21 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]) -> list[dict[str, A
             print(note, file=sys.stderr)
         rows += [{**r, "node": "local"} for r in local]
     args = ["bls", *(f"jname={n}" for n in a["names"])]
+    unreached = 0
     for name in want:
-        found = nodes.get(ctx, name).call_json(args)
+        node = nodes.get(ctx, name)
+        try:
+            found = node.call_json(args)
+        except nodes.NodeError as e:
+            if a["node"] != "*":
+                raise
+            print(e, file=sys.stderr)  # one line per node left out; the others are listed
+            unreached += 1
+            continue
         rows += [{**r, "node": name} for r in found]
     if "node" not in columns:
         columns.insert(0, "node")
-    return rows
+    return rows, unreached
 
 
 def blogin(ctx: Context, a: Args) -> int:
