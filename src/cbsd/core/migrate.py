@@ -40,7 +40,6 @@ from cbsd.qemu.qmp import Monitor
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 
-MOVING = "moving"
 READY_TIMEOUT = 120.0
 MIRROR_TIMEOUT = 3600.0
 
@@ -102,7 +101,7 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
         downtime_ms = _migrate_memory(mon, vm, local["migration"])
         stopped = time.monotonic()
         # From here a kill leaves the VM paused here, the node waiting: settle() decides.
-        write_atomic(wd.system(jname) / MOVING, json.dumps({
+        write_atomic(wd.moving(jname), json.dumps({
             "node": node.name, "live": True,
             "ssh": [p.pid for p in (control, forward) if p is not None]}).encode())
         failpoint("bmigrate:migrated")
@@ -152,10 +151,7 @@ def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> di
         p.kill()
         p.wait()
         raise nodes.NodeError(f"node {node.name}: no answer in {timeout:.0f} s") from None
-    err = p.stderr.read()
-    if p.returncode == nodes.SSH_FAILED and not err.strip().startswith(b"cbsd"):
-        raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {nodes.why(err)}")
-    raise nodes.NodeError(f"node {node.name}: {nodes.last_line(err)}")
+    raise node.failed(p.returncode, p.stderr.read())
 
 
 def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
@@ -279,7 +275,7 @@ def settle(vm: VM, node_name: str, ssh: list[int] | None = None) -> None:
         raise StateError(f"{vm.jname}: an interrupted bmigrate to node {node_name} cannot be "
                          f"settled until the node answers ({e}); the VM is held here "
                          "meanwhile: retry any command") from None
-    intent = vm.ctx.workdir.system(vm.jname) / MOVING
+    intent = vm.ctx.workdir.moving(vm.jname)
     if answer == "registered":
         if vm.alive():
             vm.kill()

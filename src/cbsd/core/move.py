@@ -30,8 +30,6 @@ from cbsd.errors import CbsdError, StateError
 from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import write_atomic
 
-MOVING = "moving"
-
 
 def move(ctx: Context, jname: str, node_name: str) -> str:
     node = nodes.get(ctx, node_name)
@@ -57,10 +55,6 @@ def move(ctx: Context, jname: str, node_name: str) -> str:
 
 
 def _resume_here(ctx: Context, jname: str) -> None:
-    import contextlib
-
-    from cbsd.errors import CbsdError
-
     with contextlib.suppress(CbsdError):
         if ctx.inventory.get(jname) is not None and \
                 transfer.status_of(ctx, jname) is Status.SUSPENDED:
@@ -69,7 +63,7 @@ def _resume_here(ctx: Context, jname: str) -> None:
 
 def _send_and_commit(vm: VM, node: nodes.Node) -> None:
     ctx, jname = vm.ctx, vm.jname
-    intent = ctx.workdir.system(jname) / MOVING
+    intent = ctx.workdir.moving(jname)
     write_atomic(intent, json.dumps({"node": node.name, "id": None}).encode())
     try:
         ident = _send(vm, node)
@@ -103,12 +97,8 @@ def _send(vm: VM, node: nodes.Node) -> str:
         proc.kill()
         proc.wait()
         raise
-    if proc.returncode == nodes.SSH_FAILED:
-        why = nodes.why(err) if err.strip() else "the import there ended without an answer"
-        raise nodes.NodeError(f"node {node.name}: cannot reach {node.host}: {why}"
-                              if err.strip() else f"node {node.name}: {why}")
     if proc.returncode != 0:
-        raise nodes.NodeError(f"node {node.name}: {nodes.last_line(err)}", proc.returncode)
+        raise node.failed(proc.returncode, err)
     failpoint("bmove:sent")
     return out.decode().strip().splitlines()[-1]
 
@@ -118,7 +108,7 @@ def settle(vm: VM) -> None:
     1; from phase 2 ask the node to drop what it staged, which it does unless the commit
     came first: then the move is finished here (StateError saying so)."""
     ctx, jname = vm.ctx, vm.jname
-    intent = ctx.workdir.system(jname) / MOVING
+    intent = ctx.workdir.moving(jname)
     try:
         record = json.loads(intent.read_bytes())
         node_name, ident = str(record["node"]), record.get("id")
@@ -138,7 +128,7 @@ def settle(vm: VM) -> None:
     try:
         answer = nodes.get(ctx, node_name).call(["bimport", "mode=abort", f"id={ident}"],
                                                 timeout=120).strip()
-    except (nodes.NodeError, CbsdError) as e:
+    except CbsdError as e:
         raise StateError(f"{jname}: an interrupted bmove to node {node_name} cannot be "
                          f"settled until the node answers ({e}); the VM is kept here "
                          "meanwhile, unusable: retry any command") from None

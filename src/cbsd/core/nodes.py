@@ -63,8 +63,21 @@ class Node:
             raise NodeError(f"node {self.name}: no answer from {self.host} in {timeout:.0f} "
                             "s") from None
         if res.returncode == SSH_FAILED:
-            raise NodeError(f"node {self.name}: cannot reach {self.host}: {why(res.stderr)}")
+            raise self.failed(res.returncode, res.stderr)
         return res
+
+    def failed(self, returncode: int, err: bytes) -> NodeError:
+        """What an ssh that ended with *returncode* and *err* on stderr means: ssh itself
+        failed (255 with no cbsd message), the command there ended without a word (255,
+        nothing said: killed), or cbsd there failed (its last line and exit code)."""
+        if returncode == SSH_FAILED and not err.strip().startswith(b"cbsd"):
+            if not err.strip():
+                return NodeError(f"node {self.name}: the command there ended without an "
+                                 "answer")
+            return NodeError(f"node {self.name}: cannot reach {self.host}: {why(err)}")
+        # 255 is ssh's code (cbsd there said something, then was killed): not cbsd's own
+        return NodeError(f"node {self.name}: {last_line(err)}",
+                         1 if returncode == SSH_FAILED else returncode)
 
     def call(self, args: list[str], **kw: Any) -> str:
         """cbsd ARGS on the node; its stdout, or NodeError with its one-line message."""

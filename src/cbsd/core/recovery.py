@@ -64,7 +64,7 @@ def recover(vm: VM, died: str = "") -> None:
     """Bring *vm* back to a sound state; needs the VM's lock. *died*: what the lock file
     said of a previous holder that never released it (VMLock.died)."""
     wd = vm.ctx.workdir
-    if (wd.system(vm.jname) / "moving").exists():  # core/move.py's intent: a bmove cut short
+    if wd.moving(vm.jname).exists():  # a bmove or bmigrate cut short
         from cbsd.core import move
 
         move.settle(vm)

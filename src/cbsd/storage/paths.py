@@ -93,6 +93,11 @@ class Workdir:
         """While the VM runs: the checkpoint it descends from (core/tree.py)."""
         return self.system(jname) / "current"
 
+    def moving(self, jname: str) -> Path:
+        """While a bmove or bmigrate of the VM is under way or cut short: its intent
+        (core/move.py, core/migrate.py); the next command on the VM settles it."""
+        return self.system(jname) / "moving"
+
     def hibernation(self, jname: str) -> Path:
         return self.system(jname) / HIBERNATION_DIR
 
