@@ -44,6 +44,10 @@ def test_hibernate_and_resume(cbsd: Cbsd, running_counter: str) -> None:
     last = hibernate(cbsd, "vm1")
     image = cbsd.system("vm1") / "hibernate.ckp"
     assert image.is_dir() and os.stat(image / "memory").st_mode & 0o077 == 0
+    m = json.loads((image / "manifest.json").read_text())
+    # QEMU 9+ (probed): mapped-ram + multifd, unless guest RAM is a file (then RAM is cloned)
+    mapped = int(m["qemu_version"].split(".")[0]) >= 9 and "ram" not in m["files"]
+    assert (m["migration"].get("capabilities") == ["mapped-ram", "multifd"]) is mapped, m
     lines = resume(cbsd, "vm1")
     assert lines[0][0] == last + 1, (last, lines[:2])
     assert all(ok == "OK" for _, _, ok in lines), "disk matches memory after resume"

@@ -155,12 +155,10 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         # device state is written and its RAM cloned.
         _set_migration(mon, caps, live and not ram_file)
         migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
-        # Only for checkpoints that are not folded into the chunk store (a folded stream is
-        # fed back through a pipe; mapped-ram loads only from a file). Not for hibernation:
-        # under load, a SIGTERM during a parallel mapped-ram hibernation once left the VM Off
-        # on QEMU 10 (QEMU logged the cancelled save as an I/O error), never with the plain
-        # stream; host shutdown relies on that cancel (docs/checkpoints.md).
-        mapped = (kind == "checkpoint" and vm.spec.dedup == "off"
+        # Not for checkpoints that will be folded into the chunk store (a folded stream is
+        # fed back through a pipe; mapped-ram loads only from a file). A mapped-ram save is
+        # never cancelled, only waited out (see _end_migration).
+        mapped = ((kind == "hibernation" or vm.spec.dedup == "off")
                   and migration.mapped_ram_usable(caps, live=live, ram_file=ram_file))
         migration.use_mapped_ram(mon, caps, mapped)
         if ram_file and was_running:
@@ -232,7 +230,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         if follower is not None:
             with contextlib.suppress(Exception):
                 follower.abandon()
-        _rollback(vm, mon, tmp, tags, was_running)
+        _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
         error = _save_error(vm, e, kind, name)
         if error is e:
             raise
@@ -318,12 +316,12 @@ def _verify_written(tmp: Path, files: dict[str, FileEntry]) -> None:
 
 
 def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
-              was_running: bool) -> None:
+              was_running: bool, *, wait_out: bool = False) -> None:
     """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
     was conditional on success). Every step is attempted even if an earlier one fails."""
     if vm.alive():
         with contextlib.suppress(CbsdError, OSError):
-            _cancel_migration(mon)
+            _end_migration(mon, wait_out=wait_out)
         with contextlib.suppress(CbsdError, OSError):
             put_back(mon, was_running)
     try:
@@ -334,14 +332,34 @@ def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
     remove_tree(tmp)
 
 
-def _cancel_migration(mon: Monitor) -> None:
-    if mon.cmd("query-migrate").get("status") in IN_PROGRESS:
-        mon.cmd("migrate_cancel")
-        deadline = time.monotonic() + 10
+# How long a mapped-ram save is waited out before it is cancelled after all: such a save of a
+# stopped guest to a local file ends in seconds (1 GiB in ~0.3 s here); only a wedged disk
+# takes longer, and then a QEMU that may crash is better than a command that never returns.
+WAIT_OUT_S = 120.0
+
+
+def _end_migration(mon: Monitor, *, wait_out: bool = False) -> None:
+    """Stop an outgoing migration still in progress. *wait_out*: let it finish (its file is
+    discarded by the caller) instead of cancelling it. QEMU 10.0 can crash when a mapped-ram +
+    multifd save is cancelled: a multifd sender thread still marks pages in the RAM block's
+    file bitmap that the cancel's cleanup has already freed (segfault in `mig/src/send_N`;
+    here about 1 in 10 cancelled hibernations with a cold page cache, docs/checkpoints.md)."""
+    if mon.cmd("query-migrate").get("status") not in IN_PROGRESS:
+        return
+    if wait_out:
+        deadline = time.monotonic() + WAIT_OUT_S
         while mon.cmd("query-migrate").get("status") not in ENDED:
             if time.monotonic() > deadline:
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
+        else:
+            return
+    mon.cmd("migrate_cancel")
+    deadline = time.monotonic() + 10
+    while mon.cmd("query-migrate").get("status") not in ENDED:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
