@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, proc_state
+from tests.conftest import COUNTER_RE, Cbsd, proc_alive, proc_state
 from tests.integration.test_checkpoints import checkpoint, qemu_processes, restore
 
 pytestmark = pytest.mark.vm
@@ -170,6 +170,36 @@ def test_kill9_of_the_fold_leaves_no_dangling_reference(ecbsd: Cbsd, counter_ima
     assert lo <= first[0] <= hi + 1
     ecbsd("bstop", "vm1", "noacpi=1").ok()
     restore(ecbsd, "vm1", "second")
+
+
+def test_a_pack_that_does_not_read_back_keeps_the_stream(ecbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]
+    """The fold reads its chunked copy back before it deletes the stream: a pack damaged
+    after it was written (here: between the write and the read-back) leaves the checkpoint a
+    whole stream, and the damaged pack is collected."""
+    start(ecbsd, counter_image(fill_mib=20))
+    lo, hi = checkpoint(ecbsd, "vm1", "first")
+    wait_folded(ecbsd)
+    old = set(packs(ecbsd))
+    pid = helper_at(ecbsd, "fold:written", "name=second")
+    (new,) = set(packs(ecbsd)) - old
+    data = bytearray(new.read_bytes())
+    data[len(data) // 2] ^= 1
+    new.write_bytes(data)
+    os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while proc_alive(pid):
+        assert time.monotonic() < deadline, "the fold did not end"
+        time.sleep(0.05)
+    assert stored(ecbsd) == {"first": "chunks", "second": "stream"}
+    assert (ecbsd.system("vm1") / "checkpoints" / "second.ckp" / "memory").exists()
+    ecbsd("bcheckpoint", "mode=verify", "jname=vm1").ok()
+    ecbsd("bstop", "vm1", "noacpi=1").ok()  # a locked command: collects the damaged pack
+    assert not new.exists(), "a pack no recipe references is collected"
+    second = restore(ecbsd, "vm1", "second")[0]
+    assert second[2] == "OK" and second[0] > lo
+    ecbsd("bstop", "vm1", "noacpi=1").ok()
+    first = restore(ecbsd, "vm1", "first")[0]
+    assert lo <= first[0] <= hi + 1
 
 
 def test_commands_never_wait_on_a_fold(ecbsd: Cbsd, counter_image) -> None:  # type: ignore[no-untyped-def]

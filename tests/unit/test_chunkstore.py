@@ -71,6 +71,24 @@ def test_verify_finds_a_flipped_byte_and_a_missing_pack(tmp_path: Path,
         store.verify(r, r.size, d)
 
 
+def test_read_back_checks_the_stored_copy_and_gives_way(tmp_path: Path,
+                                                       blocks: list[bytes]) -> None:
+    store = Store(tmp_path / "store")
+    a = stream(tmp_path / "a", blocks)
+    r, d = store.fold(a, [])
+    store.read_back(r, d)
+    with pytest.raises(Yielded):
+        store.read_back(r, d, should_yield=lambda: True)
+    with pytest.raises(CheckpointError, match="does not match the one saved"):
+        store.read_back(r, digest(stream(tmp_path / "b", blocks[1:])))
+    (pack,) = (tmp_path / "store" / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    data[-1] ^= 1  # the last chunk: the read-back reads everything
+    pack.write_bytes(data)
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        store.read_back(r, d)
+
+
 def test_a_truncated_or_foreign_recipe_is_refused(tmp_path: Path, blocks: list[bytes]) -> None:
     store = Store(tmp_path / "store")
     r, _ = store.fold(stream(tmp_path / "a", blocks), [])

@@ -8,7 +8,8 @@ and it gives way within a few milliseconds, leaving its unfinished pack to be co
 
 Per checkpoint, in this order (a kill -9 between any two steps leaves the checkpoint whole):
   1. cut `memory` into chunks, append the new ones to a new pack, check the stream it read is
-     the one the manifest sealed, flush the pack and rename it into place;
+     the one the manifest sealed, flush the pack and rename it into place, read the stream
+     back from the store and check it again (Store.read_back);
   2. write `memory.recipe` (atomically) beside `memory`;
   3. seal and write the manifest that names the recipe instead of `memory` (atomically);
   4. delete `memory`.
@@ -96,6 +97,9 @@ def fold_one(store: Store, ckdir: Path, should_yield: Callable[[], bool]) -> boo
     recipe, digest = store.fold(ckdir / MEMORY, known, should_yield)
     if recipe.size != entry.size or digest != entry.xxh3_128:
         return False
+    failpoint("fold:written")
+    # The stream is deleted in step 4: its chunked copy must read back whole first.
+    store.read_back(recipe, entry.xxh3_128, should_yield)
     failpoint("fold:packed")
     data = recipe.to_bytes()
     write_atomic(ckdir / RECIPE, data)
