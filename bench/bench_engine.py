@@ -182,20 +182,34 @@ def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
 
 def direct_io(ram: str, fill: int, repeat: int, ext4: Path) -> list[Case]:
     """BENCH_ENGINE_DIRECTIO=1, with CBSD_QEMU naming a QEMU >= 9.1: a mapped-ram checkpoint
-    (vm_dedup=off) created and restored with and without direct-io (CBSD_DIRECT_IO), the
-    restore from a warm and from a cold page cache; the cases alternate."""
-    label = f"{ram} guest / {fill} MiB random RAM, mapped-ram"
+    (vm_dedup=off) created and restored with and without direct-io (CBSD_DIRECT_IO)."""
+    return _either_way(ram, fill, repeat, ext4, "mapped-ram", "CBSD_DIRECT_IO",
+                       {"with direct-io": "on", "without direct-io": "off"})
+
+
+def mapped_ram(ram: str, fill: int, repeat: int, ext4: Path) -> list[Case]:
+    """BENCH_ENGINE_MAPPED=1, with CBSD_QEMU naming a QEMU >= 9: a checkpoint of a
+    vm_dedup=off VM saved and loaded with mapped-ram + multifd and as the plain stream
+    (CBSD_MAPPED_RAM)."""
+    return _either_way(ram, fill, repeat, ext4, "QEMU 10", "CBSD_MAPPED_RAM",
+                       {"mapped-ram + multifd": "auto", "plain stream": "off"})
+
+
+def _either_way(ram: str, fill: int, repeat: int, ext4: Path, what: str, variable: str,
+                modes: dict[str, str]) -> list[Case]:
+    """One guest's checkpoint created and restored (from a warm and from a cold page cache)
+    with *variable* set to each of *modes* in turn; the cases alternate."""
+    label = f"{ram} guest / {fill} MiB random RAM, {what}"
     create = Case(f"checkpoint create, {label}")
     warm = Case(f"restore to first guest output, {label}")
     cold_ = Case(f"restore to first guest output from a cold page cache, {label}")
     e = f"d{ram}"
     env = workdir_env(ext4)
     log = guest(env, ext4, e, ram, fill, "vm_dedup=off")
-    modes = {"with direct-io": "on", "without direct-io": "off"}
     try:
         for _ in range(repeat):
             for who, mode in modes.items():
-                env_m = {**env, "CBSD_DIRECT_IO": mode}
+                env_m = {**env, variable: mode}
                 _drop_caches()
                 create.add(who, run([CBSD, "bcheckpoint", "mode=create", f"jname={e}",
                                      "name=b"], env_m))
@@ -306,6 +320,9 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
                     continue
                 if os.environ.get("BENCH_ENGINE_DIRECTIO") == "1":
                     cases += direct_io(ram, fill, repeat, ext4)
+                    continue
+                if os.environ.get("BENCH_ENGINE_MAPPED") == "1":
+                    cases += mapped_ram(ram, fill, repeat, ext4)
                     continue
                 peer = ram != "8g"  # two 8 GiB guests and their saved states do not fit here
                 cases += by_size(ram, fill, repeat if ram != "8g" else 3, ext4, xfs_wd, peer)

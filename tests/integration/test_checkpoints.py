@@ -378,8 +378,15 @@ def test_mapped_ram_where_qemu_has_it(cbsd: Cbsd, running_counter: str) -> None:
         assert m["migration"]["direct-io"] is False  # measured slower: only if asked
     else:
         assert "capabilities" not in m["migration"]
+    cbsd.env["CBSD_MAPPED_RAM"] = "off"  # the way out: the plain stream, on any QEMU
+    checkpoint(cbsd, "vm1", "p")
+    plain = json.loads((cbsd.system("vm1") / "checkpoints/p.ckp/manifest.json").read_text())
+    assert "capabilities" not in plain["migration"]
+    del cbsd.env["CBSD_MAPPED_RAM"]
     cbsd("bstop", "vm1", "noacpi=1").ok()
     first = restore(cbsd, "vm1", "m")[0]
     assert lo <= first[0] <= hi + 1 and first[2] == "OK"
+    cbsd("bstop", "vm1", "noacpi=1").ok()
+    assert restore(cbsd, "vm1", "p")[0][2] == "OK"
     log = (cbsd.system("vm1") / "qemu.log").read_text()
     assert "deprecated" not in log, log

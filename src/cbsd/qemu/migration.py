@@ -92,7 +92,12 @@ MULTIFD_CHANNELS = 4
 
 def mapped_ram_usable(caps: frozenset[str], *, live: bool, ram_file: bool) -> bool:
     """Whether a save uses mapped-ram + multifd: the QEMU has both, the guest is stopped for
-    the save (background-snapshot streams), and RAM is in the stream (not a RAM file)."""
+    the save (background-snapshot streams), RAM is in the stream (not a RAM file), and
+    CBSD_MAPPED_RAM is not `off` (a way out should a QEMU's mapped-ram misbehave)."""
+    import os
+
+    if os.environ.get("CBSD_MAPPED_RAM", "auto") == "off":
+        return False
     return not live and not ram_file and set(MAPPED_RAM) <= caps
 
 
