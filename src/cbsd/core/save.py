@@ -346,20 +346,20 @@ def _end_migration(mon: Monitor, *, wait_out: bool = False) -> None:
     here about 1 in 10 cancelled hibernations with a cold page cache, docs/checkpoints.md)."""
     if mon.cmd("query-migrate").get("status") not in IN_PROGRESS:
         return
-    if wait_out:
-        deadline = time.monotonic() + WAIT_OUT_S
-        while mon.cmd("query-migrate").get("status") not in ENDED:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.005)
-        else:
-            return
+    if wait_out and _ended_within(mon, WAIT_OUT_S, 0.005):
+        return
     mon.cmd("migrate_cancel")
-    deadline = time.monotonic() + 10
+    _ended_within(mon, 10, 0.01)
+
+
+def _ended_within(mon: Monitor, seconds: float, poll: float) -> bool:
+    """Whether the outgoing migration ends (completed, failed, cancelled) within *seconds*."""
+    deadline = time.monotonic() + seconds
     while mon.cmd("query-migrate").get("status") not in ENDED:
         if time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
+            return False
+        time.sleep(poll)
+    return True
 
 
 def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
