@@ -12,17 +12,15 @@ any instant, leaves nothing registered and nothing the next bimport does not cle
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cbsd.core import lifecycle
+from cbsd.core import lifecycle, staging
 from cbsd.core.context import Context
 from cbsd.core.load import incompatibility
 from cbsd.core.model import Action, Status, VMSpec, require
@@ -33,7 +31,7 @@ from cbsd.failpoints import failpoint
 from cbsd.qemu.host import Host, machine_known
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
-from cbsd.storage.atomic import fsync_dir, remove_tree
+from cbsd.storage.atomic import fsync_dir
 from cbsd.storage.paths import HIBERNATION_DIR
 
 BOOT_MEDIA = ("kernel", "initrd", "iso")
@@ -42,9 +40,6 @@ BOOT_MEDIA = ("kernel", "initrd", "iso")
 _MEMBER = re.compile(r"(vm/[A-Za-z0-9][A-Za-z0-9._-]*|boot/(kernel|initrd|iso)|"
                      r"(checkpoints/[A-Za-z0-9][A-Za-z0-9_-]*\.ckp|hibernate\.ckp)/"
                      r"[A-Za-z0-9][A-Za-z0-9._-]*)")
-STAGING_PREFIX = "bimport-"
-STAGED = "staged"  # in a staging folder: complete and verified, waiting for a commit
-STALE_STAGED = 24 * 3600.0
 NOT_STAGED = "nothing is staged as"
 
 
@@ -205,7 +200,7 @@ def import_(ctx: Context, inp: IO[bytes], new_name: str | None, *,
 def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
             stage: bool) -> tuple[str, str]:
     ctx.workdir.ensure()
-    sweep_staging(ctx)
+    staging.sweep(ctx)
     reader = Reader(inp)
     head = reader.header()
     try:
@@ -225,13 +220,13 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
     if ctx.inventory.get(jname) is not None:
         raise StateError(f"VM already exist: {jname} (bimport jname=NEW imports it under "
                          "another name)")
-    staging, lock = _new_staging(ctx)
+    folder, lock = staging.new(ctx)
     try:
         for info in reader.members():
             if members.get(info.name) != info.size:
                 raise ArchiveError(f"the archive holds {info.name} ({info.size} bytes), "
                                    f"which its {HEADER} does not list so")
-            dst = staging / info.name
+            dst = folder / info.name
             dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             reader.extract(info, dst)
             failpoint("bimport:member")
@@ -239,16 +234,16 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
         missing = set(members) - set(reader.sums)
         if missing:
             raise ArchiveError(f"the archive lacks {', '.join(sorted(missing))}")
-        spec = _settle(ctx, staging, spec, jname, reader.sums)
-        (staging / "spec.json").write_text(_json(spec.to_dict()))
+        spec = _settle(ctx, folder, spec, jname, reader.sums)
+        (folder / "spec.json").write_text(_json(spec.to_dict()))
         if stage:
-            (staging / STAGED).write_text(jname)
-            return jname, staging.name[len(STAGING_PREFIX):]
-        register(ctx, staging, spec)
+            (folder / staging.STAGED).write_text(jname)
+            return jname, folder.name[len(staging.PREFIX):]
+        register(ctx, folder, spec)
         return jname, ""
     finally:
-        if not (staging / STAGED).exists():
-            _drop(staging)
+        if not (folder / staging.STAGED).exists():
+            staging.drop(folder)
         os.close(lock)
 
 
@@ -288,7 +283,7 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
-def _settle(ctx: Context, staging: Path, spec: VMSpec, jname: str,
+def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
             sums: dict[str, list[Any]]) -> VMSpec:
     """Check every saved state against its own sealed manifest (by the checksums just
     computed: nothing is read twice) and against the VM; rename what must be renamed."""
@@ -296,10 +291,10 @@ def _settle(ctx: Context, staging: Path, spec: VMSpec, jname: str,
 
     wd = ctx.workdir
     boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
-            if (staging / "boot" / m).is_file()}
+            if (folder / "boot" / m).is_file()}
     spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
-    for ckdir in _state_dirs(staging):
-        prefix = str(ckdir.relative_to(staging))
+    for ckdir in _state_dirs(folder):
+        prefix = str(ckdir.relative_to(folder))
         m = ckpstore.read_manifest(ckdir)
         for fname, meta in m.files.items():
             if sums.get(f"{prefix}/{fname}") != [meta.size, meta.xxh3_128]:
@@ -317,15 +312,15 @@ def _settle(ctx: Context, staging: Path, spec: VMSpec, jname: str,
     return spec
 
 
-def _state_dirs(staging: Path) -> list[Path]:
-    dirs = sorted((staging / "checkpoints").glob("*.ckp")) if \
-        (staging / "checkpoints").is_dir() else []
-    if (staging / HIBERNATION_DIR).is_dir():
-        dirs.append(staging / HIBERNATION_DIR)
+def _state_dirs(folder: Path) -> list[Path]:
+    dirs = sorted((folder / "checkpoints").glob("*.ckp")) if \
+        (folder / "checkpoints").is_dir() else []
+    if (folder / HIBERNATION_DIR).is_dir():
+        dirs.append(folder / HIBERNATION_DIR)
     return dirs
 
 
-def register(ctx: Context, staging: Path, spec: VMSpec) -> None:
+def register(ctx: Context, folder: Path, spec: VMSpec) -> None:
     """Move a verified staging folder's files into place and register the VM (bcreate's
     protocol: a kill -9 in between leaves files under the unfinished mark, nothing more)."""
     from cbsd.core import recovery
@@ -333,13 +328,13 @@ def register(ctx: Context, staging: Path, spec: VMSpec) -> None:
     wd, jname = ctx.workdir, spec.jname
 
     def make(_: Path) -> None:
-        for f in sorted((staging / "vm").iterdir()):
+        for f in sorted((folder / "vm").iterdir()):
             os.rename(f, wd.disk(jname, f.name))
         for m in BOOT_MEDIA:
-            if (staging / "boot" / m).is_file():
-                os.rename(staging / "boot" / m, wd.disk(jname, f"boot-{m}"))
+            if (folder / "boot" / m).is_file():
+                os.rename(folder / "boot" / m, wd.disk(jname, f"boot-{m}"))
         fsync_dir(wd.vm_dir(jname))
-        for ckdir in _state_dirs(staging):
+        for ckdir in _state_dirs(folder):
             dst = (wd.hibernation(jname) if ckdir.name == HIBERNATION_DIR
                    else wd.checkpoint(jname, ckdir.name[:-4]))
             os.rename(ckdir, dst)
@@ -354,127 +349,35 @@ def register(ctx: Context, staging: Path, spec: VMSpec) -> None:
         vm.close()
 
 
-# --- staging folders ----------------------------------------------------------------------
-
-def _staging_root(ctx: Context) -> Path:
-    return ctx.workdir.root / "var" / "tmp"
-
-
-def _lock_of(path: Path) -> Path:
-    """A staging folder's lock file, beside it: taken before the folder exists, so no sweep
-    ever sees the folder without a live holder's lock on it."""
-    return path.with_name(path.name + ".lock")
-
-
-def _new_staging(ctx: Context) -> tuple[Path, int]:
-    """A new staging folder, flock-held (its lock file) by this process until it is done."""
-    import fcntl
-
-    root = _staging_root(ctx)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = root / f"{STAGING_PREFIX}{os.urandom(8).hex()}"
-    fd = os.open(_lock_of(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    path.mkdir(mode=0o700)
-    return path, fd
-
-
-def _drop(path: Path) -> None:
-    """A staging folder and its lock file (the caller holds the lock)."""
-    remove_tree(path)
-    _lock_of(path).unlink(missing_ok=True)
-
-
-def staged(ctx: Context, ident: str) -> Path:
-    if not re.fullmatch(r"[0-9a-f]{16}", ident):
-        raise ArchiveError(f"bimport: bad staging id '{ident}'")
-    return _staging_root(ctx) / f"{STAGING_PREFIX}{ident}"
-
-
-def sweep_staging(ctx: Context) -> None:
-    """Remove staging folders no live bimport holds: cut short (no STAGED mark), or staged
-    for a commit that has not come for a day; and commit records older than a day."""
-    import fcntl
-
-    root = _staging_root(ctx)
-    if not root.is_dir():
-        return
-    for done in root.glob(f"{STAGING_PREFIX}*.done"):  # what a late commit retry would ask
-        with contextlib.suppress(OSError):
-            if time.time() - done.stat().st_mtime > STALE_STAGED:
-                done.unlink()
-    for lock in root.glob(f"{STAGING_PREFIX}*.lock"):
-        path = lock.with_name(lock.name[:-len(".lock")])
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            mark = path / STAGED
-            if not mark.exists() or time.time() - mark.stat().st_mtime > STALE_STAGED:
-                _drop(path)
-        finally:
-            os.close(fd)
-
-
 def commit(ctx: Context, ident: str) -> str:
     """Register a VM staged by bimport mode=stage; its name. Idempotent: a VM already
     committed from this staging folder is reported, not imported twice."""
     import json
 
-    path = staged(ctx, ident)
-    with _held(path) as done:
+    path = staging.staged(ctx, ident)
+    with staging.held(path) as done:
         if done is not None:
             return done
-        if not (path / STAGED).exists():
+        if not (path / staging.STAGED).exists():
             raise StateError(f"bimport: {NOT_STAGED} {ident}")
         spec = VMSpec.from_dict(json.loads((path / "spec.json").read_text()))
         register(ctx, path, spec)
         from cbsd.storage.atomic import write_atomic
 
-        write_atomic(_done(path), spec.jname.encode())
-        _drop(path)
+        write_atomic(staging.done_record(path), spec.jname.encode())
+        staging.drop(path)
     return spec.jname
 
 
 def abort(ctx: Context, ident: str) -> str:
     """Drop a staged VM unless it was committed: 'aborted', or 'committed NAME'."""
-    path = staged(ctx, ident)
-    with _held(path) as done:
-        if done is None and (path / STAGED).exists() and not (path / "vm").exists():
+    path = staging.staged(ctx, ident)
+    with staging.held(path) as done:
+        if done is None and (path / staging.STAGED).exists() and not (path / "vm").exists():
             # A commit killed after registering and before it noted so.
-            name = (path / STAGED).read_text()
+            name = (path / staging.STAGED).read_text()
             done = name if ctx.inventory.get(name) is not None else None
         if done is not None:
             return f"committed {done}"
-        _drop(path)
+        staging.drop(path)
     return "aborted"
-
-
-def _done(path: Path) -> Path:
-    return path.with_name(path.name + ".done")
-
-
-@contextlib.contextmanager
-def _held(path: Path) -> Iterator[str | None]:
-    """The staging folder *path* flock-held (commit and abort exclude each other); yields
-    the name of the VM it was committed as, or None."""
-    import fcntl
-
-    try:
-        fd = os.open(_lock_of(path), os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        fd = -1
-    try:
-        if fd >= 0:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        done = _done(path)
-        yield done.read_text() if done.exists() else None
-    finally:
-        if fd >= 0:
-            os.close(fd)
