@@ -23,7 +23,7 @@ from bench.bench_peer import Case, cases_json, dd_floor
 from bench.common import CBSD, ROOT, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import wait_counting
-from bench.timing import GapWatch, run, until_output
+from bench.timing import GapWatch, run, taken, until_output
 
 # The boot-sector guest fills RAM from 1 MiB in 32-bit unreal mode: it reaches the low 4 GiB
 # only (and the PCI hole starts below that), so the 8 GiB guest gets 3300 MiB of random RAM.
@@ -95,6 +95,7 @@ def by_size(ram: str, fill: int, repeat: int, ext4: Path, xfs_wd: Path,
     gap = Case(f"longest guest output gap during a checkpoint, {label}")
     env_e, env_x = workdir_env(ext4), workdir_env(xfs_wd)
     e, x = f"e{ram}", f"x{ram}"
+    ram_b = taken(fill)
     log_e = guest(env_e, ext4, e, ram, fill, "vm_dedup=off")
     log_x = guest(env_x, xfs_wd, x, ram, fill)
     dom = None
@@ -123,20 +124,20 @@ def by_size(ram: str, fill: int, repeat: int, ext4: Path, xfs_wd: Path,
                 img = ext4 / "lv-save.img"
                 create.add("virsh save", run(["virsh", "-c", lv.URI, "save", dom, str(img)]))
                 restore.add(PEER, until_output(["virsh", "-c", lv.URI, "restore", str(img)],
-                                               lv_log, timeout=600))
+                                               lv_log, timeout=600, ram=ram_b))
                 img.unlink()
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_e)
-            restore.add(FLOOR_LOAD, qemu_alone(ext4, e, "b", log_e))
+            restore.add(FLOOR_LOAD, qemu_alone(ext4, e, "b", log_e, ram=ram_b))
             restore.add(STREAM, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
-                                             log_e, env_e, timeout=600))
+                                             log_e, env_e, timeout=600, ram=ram_b))
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_e)
             create.add("fold into the chunk store (background, after the command)",
                        fold_now(ext4, e))
             restore.add(CHUNKS, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
-                                             log_e, env_e, timeout=600))
+                                             log_e, env_e, timeout=600, ram=ram_b))
             run([CBSD, "bstop", f"jname={x}", "noacpi=1"], env_x)
             restore.add(RAMFILE, until_output([CBSD, "bstart", f"jname={x}", "checkpoint=b"],
-                                              log_x, env_x, timeout=600))
+                                              log_x, env_x, timeout=600, ram=ram_b))
             for env, name in ((env_e, e), (env_x, x)):
                 run([CBSD, "bcheckpoint", "mode=destroy", f"jname={name}", "name=b"], env)
         create.notes.append(f"stream size {sizes['stream'] / 2**20:.0f} MiB")
@@ -155,9 +156,8 @@ def _drop_caches() -> None:
 
 def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
     """BENCH_ENGINE_COLD=1: restores with an empty page cache (as after a reboot, or long
-    after the checkpoint), plain stream against chunk store. The warm case above compares a
-    stream the checkpoint just wrote (cached) with packs the fold just wrote (evicted first
-    under memory pressure: written once, they sit on the inactive list)."""
+    after the checkpoint), plain stream against chunk store; the case above restores from a
+    page cache that holds the state."""
     label = f"{ram} guest / {fill} MiB random RAM"
     c = Case(f"restore to first guest output from a cold page cache, {label}")
     env, e = workdir_env(ext4), f"c{ram}"
@@ -168,12 +168,12 @@ def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
             _drop_caches()
             c.add(STREAM, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
-                                       env, timeout=600))
+                                       env, timeout=600, ram=taken(fill)))
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
             fold_now(ext4, e)
             _drop_caches()
             c.add(CHUNKS, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
-                                       env, timeout=600))
+                                       env, timeout=600, ram=taken(fill)))
             run([CBSD, "bcheckpoint", "mode=destroy", f"jname={e}", "name=b"], env)
     finally:
         subprocess.run([CBSD, "bremove", f"jname={e}"], env=env, capture_output=True)
@@ -215,11 +215,11 @@ def _either_way(ram: str, fill: int, repeat: int, ext4: Path, what: str, variabl
                                      "name=b"], env_m))
                 run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_m)
                 warm.add(who, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
-                                           log, env_m, timeout=600))
+                                           log, env_m, timeout=600, ram=taken(fill)))
                 run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env_m)
                 _drop_caches()
                 cold_.add(who, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"],
-                                            log, env_m, timeout=600))
+                                            log, env_m, timeout=600, ram=taken(fill)))
                 run([CBSD, "bcheckpoint", "mode=destroy", f"jname={e}", "name=b"], env_m)
     finally:
         subprocess.run([CBSD, "bremove", f"jname={e}"], env=env, capture_output=True)

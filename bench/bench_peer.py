@@ -16,7 +16,7 @@ from bench import peer_libvirt as lv
 from bench.common import CBSD, Series, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import start_filled_vm, wait_counting
-from bench.timing import GapWatch, run, until_output
+from bench.timing import GapWatch, run, taken, until_output
 
 
 @dataclass
@@ -69,6 +69,10 @@ class Twins:
     def cbsd(self, *args: str) -> list[str]:
         return [CBSD, *args]
 
+    @property
+    def taken(self) -> int:
+        return taken(self.fill)
+
     def close(self) -> None:
         lv.undefine(self.dom)
         subprocess.run([CBSD, "bremove", f"jname={self.name}"], env=self.env,
@@ -104,16 +108,16 @@ def save_restore(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
             create.add(variant, run(["virsh", "-c", lv.URI, "save", t.dom, str(img), *extra]))
             sizes[variant] = img.stat().st_size
             restore.add("virsh restore" + (" --bypass-cache" if extra else ""), until_output(
-                ["virsh", "-c", lv.URI, "restore", str(img), *extra], t.lv_log))
+                ["virsh", "-c", lv.URI, "restore", str(img), *extra], t.lv_log, ram=t.taken))
             img.unlink()
         _internal_snapshot(t, i, create, restore, sizes)
         create.add("dd + fdatasync (floor)", dd_floor(t.wd / "floor.bin", sizes["cbsd"]))
         create.add("dd oflag=direct (raw disk)", dd_floor(t.wd / "floor.bin", sizes["cbsd"],
                                                           direct=True))
         run(t.cbsd("bstop", f"jname={t.name}", "noacpi=1"), t.env)
-        restore.add(QEMU_ALONE, qemu_alone(t.wd, t.name, "b", t.cbsd_log))
+        restore.add(QEMU_ALONE, qemu_alone(t.wd, t.name, "b", t.cbsd_log, ram=t.taken))
         restore.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}", "checkpoint=b"),
-                                         t.cbsd_log, t.env))
+                                         t.cbsd_log, t.env, ram=t.taken))
         run(t.cbsd("bcheckpoint", "mode=destroy", f"jname={t.name}", "name=b"), t.env)
         del i
     create.notes.append("file sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
@@ -133,7 +137,7 @@ def _internal_snapshot(t: Twins, i: int, create: Case, restore: Case,
         sizes["virsh snapshot-create-as (vmstate in the qcow2)"] = _vmstate_size(t, name)
         lv.virsh("destroy", t.dom)
         restore.add("virsh snapshot-revert", until_output(
-            ["virsh", "-c", lv.URI, "snapshot-revert", t.dom, name], t.lv_log))
+            ["virsh", "-c", lv.URI, "snapshot-revert", t.dom, name], t.lv_log, ram=t.taken))
     except RuntimeError as err:
         if not any("snapshot" in n for n in create.notes):
             create.notes.append(f"virsh snapshot-create-as/revert failed here: {err}")

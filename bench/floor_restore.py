@@ -19,14 +19,16 @@ from cbsd.qemu.qmp import Monitor
 from cbsd.storage.paths import Workdir
 
 
-def qemu_alone(wd: Path, jname: str, checkpoint: str, console_log: Path) -> float:
-    """Seconds from launching QEMU until the restored guest prints. The VM must be Off."""
+def qemu_alone(wd: Path, jname: str, checkpoint: str, console_log: Path, ram: int = 0
+               ) -> float:
+    """Seconds from launching QEMU until the restored guest prints. The VM must be Off.
+    *ram*: see timing.settle."""
     vm = VM.load(Context(Workdir(wd)), jname)
     argv = vm.argv(incoming=True)
     memory = wd / "jails-system" / jname / "checkpoints" / f"{checkpoint}.ckp" / "memory"
     for sock in (vm.paths.qmp_sock, vm.paths.console_sock):
         Path(sock).unlink(missing_ok=True)
-    settle()
+    settle(ram)
     size = console_log.stat().st_size
     t = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)  # -daemonize: back once QEMU is set up

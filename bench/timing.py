@@ -11,16 +11,47 @@ import time
 from pathlib import Path
 
 
-def settle() -> None:
+def settle(ram: int = 0) -> None:
     """Start every measurement from a quiet disk: the step before may have left hundreds of
     MiB dirty (virsh save does not flush) or a deletion running, and whichever command came
-    next would pay for its writeback. Outside the timed span, for every tool alike."""
+    next would pay for its writeback. Outside the timed span, for every tool alike.
+
+    ram: bytes of anonymous memory the timed command will take (a restore's guest RAM), made
+    ready first by back_memory, so that no series pays for what the step before it did."""
     os.sync()
+    if ram:
+        back_memory(ram)
     time.sleep(0.3)
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> float:
-    settle()
+def taken(fill_mib: int) -> int:
+    """Bytes of anonymous memory a restore of a guest with *fill_mib* MiB of random RAM takes:
+    its random RAM (a load leaves zero pages untouched) and QEMU's own (for settle's ram)."""
+    return (fill_mib + 256) << 20
+
+
+def back_memory(nbytes: int) -> None:
+    """Take *nbytes* of anonymous memory in 2 MiB pages, touch it, and let it go.
+
+    This host is a VM whose balloon has free page reporting: RAM left free for about two
+    seconds is handed back to the hypervisor, and whoever takes it next pays the hypervisor's
+    page faults (~450 MB/s here). A restore's QEMU allocating 1 GiB took 2.1-2.3 s after the
+    host had been idle and 0.31 s right after another 1 GiB QEMU had exited, whatever the
+    engine: the order of a bench's steps decided the result (docs/benchmarks.md, "Memory
+    the host gave back"). Backed again just before, every series starts as on bare metal."""
+    import mmap
+
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)  # as QEMU takes guest RAM
+        for offset in range(0, nbytes, mmap.PAGESIZE):
+            m[offset] = 1
+    finally:
+        m.close()
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, ram: int = 0) -> float:
+    settle(ram)
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t
@@ -30,9 +61,10 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> float:
 
 
 def until_output(argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> float:
-    """Wall time from starting *argv* until the guest writes to its console again."""
-    settle()
+                 timeout: float = 120, ram: int = 0) -> float:
+    """Wall time from starting *argv* until the guest writes to its console again (*ram*:
+    see settle)."""
+    settle(ram)
     size = log.stat().st_size if log.exists() else 0
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
