@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cbsd.cli import commands, main
+from cbsd.cli.table import COMMANDS
 from cbsd.errors import (
     BusyError,
     Cancelled,
@@ -120,3 +121,8 @@ def test_describe_never_raises_on_odd_exceptions() -> None:
 
     message, code = describe(Weird())
     assert code == 1 and "internal error: Weird" in message
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_a_handler(name: str) -> None:
+    assert callable(main.handler(name))

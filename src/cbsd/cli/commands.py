@@ -9,7 +9,6 @@ from typing import Any, TextIO
 from cbsd import cancel
 from cbsd.cli import output
 from cbsd.core.context import Context
-from cbsd.core.names import check_name
 from cbsd.errors import UsageError, describe
 
 Args = dict[str, Any]
@@ -64,7 +63,7 @@ def _main_thread_gets_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _only(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args,
+def only_in_modes(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], defaults: Args,
           command: str = "bcheckpoint") -> None:
     """Reject keys that mean nothing for this mode instead of silently ignoring them."""
     for key, default in defaults.items():
@@ -185,7 +184,7 @@ def bhyve_dsk(ctx: Context, a: Args) -> int:
     from cbsd.core import disks
 
     mode, jname = a["mode"], a["jname"]
-    _only(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
+    only_in_modes(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
                     "dsk_name": ("attach", "detach"), "format": ("list",)},
           {"dsk_size": None, "dsk_controller": None, "dsk_name": None, "format": "text"},
           "bhyve-dsk")
@@ -281,7 +280,7 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
     from cbsd.core import checkpoints
 
     mode = a["mode"]
-    _only(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
+    only_in_modes(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
                     "live": ("create",), "keep": ("create",), "format": ("list",)},
           {"name": None, "poweroff": False, "live": False, "keep": None, "format": "text"})
     if mode == "create":
@@ -333,129 +332,3 @@ def bsuspend(ctx: Context, a: Args) -> int:
         return each(ctx, ctx.resolve(a["names"]), hibernate.discard)
     return each(ctx, _targets(ctx, a), lambda c, j: hibernate.suspend(
         c, j, progress=output.progress(f"{j}: saving")), a["parallel"])
-
-
-def bexport(ctx: Context, a: Args) -> int:
-    import os
-    from pathlib import Path
-
-    from cbsd.core import transfer
-
-    jname, out = a["jname"], a["out"]
-    chosen = a["checkpoints"]
-    selection = None if chosen == "all" else [] if chosen == "none" else [
-        check_name(n.strip(), "checkpoint name") for n in chosen.split(",") if n.strip()]
-    if out == "-":
-        if sys.stdout.isatty():
-            raise UsageError("bexport: out=- would write the archive to a terminal: pipe it "
-                             "on, or give out=PATH")
-        print(transfer.export(ctx, jname, lambda: sys.stdout.buffer, selection,
-                              suspend=a["suspend"]), file=sys.stderr)
-        return 0
-    path = Path(out).absolute()
-    if path.exists():
-        raise UsageError(f"bexport: {path} exists (cbsd does not overwrite it)")
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    opened: list[Any] = []
-
-    def create() -> Any:
-        try:
-            f = open(tmp, "xb")  # noqa: SIM115  (closed below, after the rename decision)
-        except OSError as e:
-            raise UsageError(f"bexport: cannot create {path}: {e.strerror}") from None
-        opened.append(f)
-        return f
-
-    try:
-        msg = transfer.export(ctx, jname, create, selection, suspend=a["suspend"])
-        f = opened[0]
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.rename(tmp, path)
-    except BaseException:
-        for f in opened:
-            f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    print(f"{msg}: {path}")
-    return 0
-
-
-def bimport(ctx: Context, a: Args) -> int:
-    from cbsd.core import transfer
-
-    mode = a["mode"]
-    names = a.get("names") or []
-    if len(names) > 1:
-        raise UsageError("bimport: takes one jname=")
-    new = check_name(names[0]) if names else None
-    if mode in ("commit", "abort"):
-        if not a["id"]:
-            raise UsageError(f"bimport: mode={mode} needs id=")
-        if mode == "commit":
-            print(f"{transfer.commit(ctx, a['id'])}: imported")
-        else:
-            print(transfer.abort(ctx, a["id"]))
-        return 0
-    if not a["in"]:
-        raise UsageError("bimport: missing required key 'in' (a path, or - for stdin)")
-    if a["in"] == "-":
-        if sys.stdin.isatty():
-            raise UsageError("bimport: in=- reads the archive from stdin: pipe it in")
-        jname, ident = transfer.import_(ctx, sys.stdin.buffer, new, stage=mode == "stage")
-    else:
-        try:
-            f = open(a["in"], "rb")  # noqa: SIM115
-        except OSError as e:
-            raise UsageError(f"bimport: cannot read {a['in']}: {e.strerror}") from None
-        with f:
-            jname, ident = transfer.import_(ctx, f, new, stage=mode == "stage")
-    print(ident if mode == "stage" else f"{jname}: imported")
-    return 0
-
-
-def node(ctx: Context, a: Args) -> int:
-    from cbsd.core import nodes
-
-    mode = a["mode"]
-    _only(a, mode, {"host": ("add",), "port": ("add",), "format": ("list",)},
-          {"host": None, "port": 22, "format": "text"}, "node")
-    if mode == "list":
-        rows = nodes.listing(ctx)
-        if a["format"] == "json":
-            sys.stdout.write(output.as_json(rows))
-        else:
-            sys.stdout.write(output.table(rows, ["name", "host", "port"], True))
-        return 0
-    if not a["name"]:
-        raise UsageError(f"node: mode={mode} needs name=")
-    if mode == "add":
-        if not a["host"]:
-            raise UsageError("node: mode=add needs host=[USER@]ADDRESS")
-        print(nodes.add(ctx, a["name"], a["host"], a["port"]))
-    else:
-        print(nodes.remove(ctx, a["name"]))
-    return 0
-
-
-def bmove(ctx: Context, a: Args) -> int:
-    from cbsd.core import move
-
-    print(move.move(ctx, a["jname"], a["node"]))
-    return 0
-
-
-def bmigrate(ctx: Context, a: Args) -> int:
-    from cbsd.core import migrate
-
-    jname, mode = a["jname"], a["mode"]
-    if mode == "incoming":
-        return migrate.main_incoming(ctx, jname)
-    if mode == "status":
-        print(migrate.status(ctx, jname))
-        return 0
-    if not a["node"]:
-        raise UsageError("bmigrate: missing required key 'node'")
-    print(migrate.migrate(ctx, jname, a["node"]))
-    return 0

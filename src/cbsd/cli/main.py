@@ -10,7 +10,11 @@ from cbsd.errors import EXIT_FAILED, EXIT_USAGE, Cancelled, UsageError, describe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
+    from typing import Any
+
+    from cbsd.core.context import Context
 
 USAGE = """usage: cbsd COMMAND [key=value ...] [NAME ...]
 
@@ -48,6 +52,17 @@ def _cancel_on_signals() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def handler(command: str) -> Callable[[Context, dict[str, Any]], int]:
+    """The function that carries out *command*: cli/hosts.py for the commands that reach other
+    hosts, cli/commands.py for the rest."""
+    from cbsd.cli import commands, hosts
+
+    name = command.replace("-", "_")
+    fn: Callable[[Context, dict[str, Any]], int] = getattr(hosts, name, None) or \
+        getattr(commands, name)
+    return fn
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     os.umask(0o077)  # everything cbsd or its QEMU creates is owner-only: it may hold guest RAM
@@ -72,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             code = bpause(args[1:])
             if code is not None:
                 return code
-        from cbsd.cli import commands
         from cbsd.cli.args import help_text, parse
         from cbsd.cli.table import COMMANDS
 
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         from cbsd.core.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))
-        return int(getattr(commands, cmd.name.replace("-", "_"))(ctx, parsed))
+        return int(handler(cmd.name)(ctx, parsed))
     except BrokenPipeError:
         # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that
         # breaks a pipe is turned into a CbsdError with a message where it happens.

@@ -1,0 +1,139 @@
+"""The commands that reach beyond this host: bexport, bimport, node, bmove, bmigrate (their
+work is core/transfer.py, core/nodes.py, core/move.py and core/migrate.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from cbsd.cli import output
+from cbsd.cli.commands import Args, only_in_modes
+from cbsd.core.context import Context
+from cbsd.core.names import check_name
+from cbsd.errors import UsageError
+
+
+def bexport(ctx: Context, a: Args) -> int:
+    import os
+    from pathlib import Path
+
+    from cbsd.core import transfer
+
+    jname, out = a["jname"], a["out"]
+    chosen = a["checkpoints"]
+    selection = None if chosen == "all" else [] if chosen == "none" else [
+        check_name(n.strip(), "checkpoint name") for n in chosen.split(",") if n.strip()]
+    if out == "-":
+        if sys.stdout.isatty():
+            raise UsageError("bexport: out=- would write the archive to a terminal: pipe it "
+                             "on, or give out=PATH")
+        print(transfer.export(ctx, jname, lambda: sys.stdout.buffer, selection,
+                              suspend=a["suspend"]), file=sys.stderr)
+        return 0
+    path = Path(out).absolute()
+    if path.exists():
+        raise UsageError(f"bexport: {path} exists (cbsd does not overwrite it)")
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    opened: list[Any] = []
+
+    def create() -> Any:
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115  (closed below, after the rename decision)
+        except OSError as e:
+            raise UsageError(f"bexport: cannot create {path}: {e.strerror}") from None
+        opened.append(f)
+        return f
+
+    try:
+        msg = transfer.export(ctx, jname, create, selection, suspend=a["suspend"])
+        f = opened[0]
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.rename(tmp, path)
+    except BaseException:
+        for f in opened:
+            f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"{msg}: {path}")
+    return 0
+
+
+def bimport(ctx: Context, a: Args) -> int:
+    from cbsd.core import transfer
+
+    mode = a["mode"]
+    names = a.get("names") or []
+    if len(names) > 1:
+        raise UsageError("bimport: takes one jname=")
+    new = check_name(names[0]) if names else None
+    if mode in ("commit", "abort"):
+        if not a["id"]:
+            raise UsageError(f"bimport: mode={mode} needs id=")
+        if mode == "commit":
+            print(f"{transfer.commit(ctx, a['id'])}: imported")
+        else:
+            print(transfer.abort(ctx, a["id"]))
+        return 0
+    if not a["in"]:
+        raise UsageError("bimport: missing required key 'in' (a path, or - for stdin)")
+    if a["in"] == "-":
+        if sys.stdin.isatty():
+            raise UsageError("bimport: in=- reads the archive from stdin: pipe it in")
+        jname, ident = transfer.import_(ctx, sys.stdin.buffer, new, stage=mode == "stage")
+    else:
+        try:
+            f = open(a["in"], "rb")  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"bimport: cannot read {a['in']}: {e.strerror}") from None
+        with f:
+            jname, ident = transfer.import_(ctx, f, new, stage=mode == "stage")
+    print(ident if mode == "stage" else f"{jname}: imported")
+    return 0
+
+
+def node(ctx: Context, a: Args) -> int:
+    from cbsd.core import nodes
+
+    mode = a["mode"]
+    only_in_modes(a, mode, {"host": ("add",), "port": ("add",), "format": ("list",)},
+          {"host": None, "port": 22, "format": "text"}, "node")
+    if mode == "list":
+        rows = nodes.listing(ctx)
+        if a["format"] == "json":
+            sys.stdout.write(output.as_json(rows))
+        else:
+            sys.stdout.write(output.table(rows, ["name", "host", "port"], True))
+        return 0
+    if not a["name"]:
+        raise UsageError(f"node: mode={mode} needs name=")
+    if mode == "add":
+        if not a["host"]:
+            raise UsageError("node: mode=add needs host=[USER@]ADDRESS")
+        print(nodes.add(ctx, a["name"], a["host"], a["port"]))
+    else:
+        print(nodes.remove(ctx, a["name"]))
+    return 0
+
+
+def bmove(ctx: Context, a: Args) -> int:
+    from cbsd.core import move
+
+    print(move.move(ctx, a["jname"], a["node"]))
+    return 0
+
+
+def bmigrate(ctx: Context, a: Args) -> int:
+    from cbsd.core import migrate
+
+    jname, mode = a["jname"], a["mode"]
+    if mode == "incoming":
+        return migrate.main_incoming(ctx, jname)
+    if mode == "status":
+        print(migrate.status(ctx, jname))
+        return 0
+    if not a["node"]:
+        raise UsageError("bmigrate: missing required key 'node'")
+    print(migrate.migrate(ctx, jname, a["node"]))
+    return 0
