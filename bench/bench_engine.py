@@ -154,24 +154,27 @@ def _drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
-def cold(ram: str, fill: int, repeat: int, ext4: Path) -> Case:
-    """BENCH_ENGINE_COLD=1: restores with an empty page cache (as after a reboot, or long
-    after the checkpoint), plain stream against chunk store; the case above restores from a
-    page cache that holds the state."""
+def stream_vs_chunks(ram: str, fill: int, repeat: int, ext4: Path, *, cold: bool) -> Case:
+    """BENCH_ENGINE_COLD=1 / BENCH_ENGINE_AB=1: the plain stream against the chunk store, one
+    checkpoint restored both ways in turn, from an empty page cache (as after a reboot, or
+    long after the checkpoint) or from one that holds the state."""
     label = f"{ram} guest / {fill} MiB random RAM"
-    c = Case(f"restore to first guest output from a cold page cache, {label}")
+    c = Case(f"restore to first guest output{' from a cold page cache' if cold else ''}, "
+             f"{label}")
     env, e = workdir_env(ext4), f"c{ram}"
     log = guest(env, ext4, e, ram, fill, "vm_dedup=off")
     try:
         for _ in range(repeat):
             cli(env, "bcheckpoint", "mode=create", f"jname={e}", "name=b")
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
-            _drop_caches()
+            if cold:
+                _drop_caches()
             c.add(STREAM, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
                                        env, timeout=600, ram=taken(fill)))
             run([CBSD, "bstop", f"jname={e}", "noacpi=1"], env)
             fold_now(ext4, e)
-            _drop_caches()
+            if cold:
+                _drop_caches()
             c.add(CHUNKS, until_output([CBSD, "bstart", f"jname={e}", "checkpoint=b"], log,
                                        env, timeout=600, ram=taken(fill)))
             run([CBSD, "bcheckpoint", "mode=destroy", f"jname={e}", "name=b"], env)
@@ -316,7 +319,10 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
             xfs_wd = mnt / "wd"
             for ram, fill in sizes:
                 if os.environ.get("BENCH_ENGINE_COLD") == "1":
-                    cases.append(cold(ram, fill, repeat, ext4))
+                    cases.append(stream_vs_chunks(ram, fill, repeat, ext4, cold=True))
+                    continue
+                if os.environ.get("BENCH_ENGINE_AB") == "1":
+                    cases.append(stream_vs_chunks(ram, fill, 3 * repeat, ext4, cold=False))
                     continue
                 if os.environ.get("BENCH_ENGINE_DIRECTIO") == "1":
                     cases += direct_io(ram, fill, repeat, ext4)
