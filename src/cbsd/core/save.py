@@ -44,7 +44,8 @@ from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
 
 Progress = Callable[[int, int], None]
 UNLIMITED_BANDWIDTH = 1 << 40
-WRITEBACK_CHUNK = 32 << 20
+WRITEBACK_CHUNK = 32 << 20  # a stream's bytes handed to writeback at once
+WRITEBACK_EVERY = 0.05  # seconds between writebacks of a mapped-ram file's dirty pages
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
@@ -62,14 +63,19 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 
 
 class _Follower(threading.Thread):
-    """Follows a file while QEMU appends its stream to it (in order): checksums each new range
-    and starts its writeback to disk right away, so the disk works while QEMU still writes and
-    the final fsync has little left to do."""
+    """Follows a file while QEMU writes its state into it and starts its writeback to disk
+    as it goes, so the disk works while QEMU still writes and the final fsync has little left
+    to do. A stream is appended in order: each new range is checksummed as it arrives. A
+    mapped-ram file (*scattered*) is written at many offsets by several threads at once: its
+    dirty pages are handed to writeback every WRITEBACK_EVERY seconds, and it is checksummed
+    once QEMU is done (from the page cache). Without this a mapped-ram save of a 1 GiB guest
+    flushed all of it after QEMU finished (docs/benchmarks.md, "mapped-ram on QEMU 10")."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, scattered: bool = False) -> None:
         super().__init__(daemon=True)
         import xxhash
 
+        self._path, self._scattered = path, scattered
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._hash = xxhash.xxh3_128()
         self._writeback = _writeback_starter()
@@ -81,6 +87,10 @@ class _Follower(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self._scattered:
+                while not self._writer_done.wait(WRITEBACK_EVERY):
+                    self._writeback(self._fd, 0, 0)  # 0 bytes: to the end of the file
+                return
             while not self._abort.is_set():
                 chunk = os.read(self._fd, ckpstore.CHUNK)
                 if chunk:
@@ -103,6 +113,8 @@ class _Follower(threading.Thread):
         self.join()
         if self.error:
             raise self.error
+        if self._scattered:
+            return ckpstore.digest_file(self._path)
         return self.size, self._hash.hexdigest()
 
     def abandon(self) -> None:
@@ -177,12 +189,12 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         fd = open_fd_for(memfile, write=True)
         direct = None
         try:
-            if not mapped:  # a mapped-ram file is written at many offsets at once
-                follower = _Follower(memfile)
-                follower.start()
-            elif migration.direct_io_usable(mon, memfile):
-                direct = migration.open_direct(memfile, write=True)
+            # A mapped-ram file is written at many offsets at once (scattered).
+            follower = _Follower(memfile, scattered=mapped)
+            follower.start()
             if mapped:
+                if migration.direct_io_usable(mon, memfile):
+                    direct = migration.open_direct(memfile, write=True)
                 migration.use_direct_io(mon, direct is not None)
             channel = migration.attach(mon, fd, "cbsd-save", caps, direct)
         finally:
@@ -198,11 +210,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             total = int(info.get("ram", {}).get("total", 1))
             progress(total, total)  # done: lets a progress bar finish and go away
         elapsed = time.monotonic() - started
-        if follower is not None:
-            size, digest = follower.finish()
-            follower = None
-        else:
-            size, digest = ckpstore.digest_file(memfile)  # from the page cache
+        size, digest = follower.finish()
+        follower = None
         fsync_path(memfile)
         if ram_file:
             reflink.clone(vm.ram_path, tmp / ckpstore.RAM)
