@@ -48,30 +48,6 @@ WRITEBACK_CHUNK = 32 << 20  # a stream's bytes handed to writeback at once
 WRITEBACK_EVERY = 0.05  # seconds between writebacks of a mapped-ram file's dirty pages
 
 
-def _behind_the_guest(fn: Callable[[Path], tuple[int, str]], path: Path) -> tuple[int, str]:
-    """fn(path) on a thread of the lowest CPU priority (Linux sets it per thread), for work
-    done while the guest runs on: checksumming an 8 GiB guest's cloned RAM file (3.3 GB read)
-    competed with the guest's vCPU for this host's two cores and held its console silent for
-    ~250 ms after 'cont' (docs/benchmarks.md, "Checkpoint engine v2")."""
-    out: list[tuple[int, str]] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            out.append(fn(path))
-        except BaseException as e:  # raised in the caller's thread
-            error.append(e)
-
-    worker = threading.Thread(target=run, name="cbsd-digest", daemon=True)
-    worker.start()
-    worker.join()
-    if error:
-        raise error[0]
-    return out[0]
-
-
 def _writeback_starter() -> Callable[[int, int, int], None]:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting.
     Python's os module lacks it; without it (not Linux), fall back to doing nothing. Offsets
@@ -246,8 +222,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         (tmp / INTENT).unlink()
         files = {ckpstore.MEMORY: FileEntry(size, digest)}
         if ram_file:  # checksummed while the guest runs on: the clone no longer changes
-            files[ckpstore.RAM] = FileEntry(*_behind_the_guest(ckpstore.digest_file,
-                                                               tmp / ckpstore.RAM))
+            files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
         manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
         manifest.agent = agent
         if mapped:  # the load must switch on the same capabilities
