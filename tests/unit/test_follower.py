@@ -1,0 +1,77 @@
+"""save._Follower: the checksum and the write-behind of a state file while QEMU writes it, for a
+stream (appended in order) and a mapped-ram file (written at many offsets by several threads)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cbsd.core import save
+from cbsd.storage import ckpstore
+
+BLOCK = 64 << 10
+
+
+@pytest.fixture
+def writebacks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every (offset, length) the follower hands to writeback, in place of sync_file_range."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(save, "_writeback_starter",
+                        lambda: lambda fd, off, n: calls.append((off, n)))
+    return calls
+
+
+def test_a_stream_is_checksummed_as_it_is_appended(tmp_path: Path,
+                                                   writebacks: list[tuple[int, int]]) -> None:
+    path = tmp_path / "memory"
+    path.touch()
+    follower = save._Follower(path)
+    follower.start()
+    with open(path, "ab") as f:
+        for i in range(600):  # 37.5 MiB: more than one WRITEBACK_CHUNK
+            f.write(bytes([i % 251]) * BLOCK)
+            f.flush()
+    assert follower.finish() == ckpstore.digest_file(path)
+    assert writebacks and writebacks[0] == (0, save.WRITEBACK_CHUNK)
+
+
+def test_a_scattered_file_gets_writeback_while_written_and_its_checksum_after(
+        tmp_path: Path, writebacks: list[tuple[int, int]]) -> None:
+    path = tmp_path / "memory"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 64 * BLOCK)  # sparse, as mapped-ram lays out RAM
+    follower = save._Follower(path, scattered=True)
+    follower.start()
+
+    def writer(first: int) -> None:  # four threads, each its own offsets, holes left between
+        for block in range(first, 64, 8):
+            os.pwrite(fd, os.urandom(BLOCK), block * BLOCK)
+            time.sleep(save.WRITEBACK_EVERY / 2)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    during = len(writebacks)
+    size, digest = follower.finish()
+    os.close(fd)
+    assert (size, digest) == ckpstore.digest_file(path)  # all of what was written, holes too
+    assert during >= 2, "writeback was not started while the file was being written"
+    assert set(writebacks) == {(0, 0)}  # the whole file each time: its dirty pages only
+
+
+def test_an_abandoned_scattered_follower_stops_at_once(tmp_path: Path,
+                                                       writebacks: list[tuple[int, int]]) -> None:
+    path = tmp_path / "memory"
+    path.touch()
+    follower = save._Follower(path, scattered=True)
+    follower.start()
+    t = time.monotonic()
+    follower.abandon()
+    assert not follower.is_alive()
+    assert time.monotonic() - t < 1
