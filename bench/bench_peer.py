@@ -167,8 +167,10 @@ def hibernate(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
         down.add("dd oflag=direct (raw disk)", dd_floor(t.wd / "floor.bin", image.stat().st_size,
                                                         direct=True))
         down.add("virsh managedsave", run(["virsh", "-c", lv.URI, "managedsave", t.dom]))
-        up.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}"), t.cbsd_log, t.env))
-        up.add("virsh start", until_output(["virsh", "-c", lv.URI, "start", t.dom], t.lv_log))
+        up.add("cbsd", until_output(t.cbsd("bstart", f"jname={t.name}"), t.cbsd_log, t.env,
+                                    ram=t.taken))
+        up.add("virsh start", until_output(["virsh", "-c", lv.URI, "start", t.dom], t.lv_log,
+                                           ram=t.taken))
     return down, up
 
 
