@@ -14,10 +14,12 @@ from bench.common import cbsd
 def start_filled_vm(env: dict[str, str], workdir: Path, jname: str, ram: str,
                     fill_mib: int) -> Path:
     """Create and start a counter VM whose RAM holds *fill_mib* MiB of random data; returns
-    its console log once the guest is past the fill and counting."""
+    its console log once the guest is past the fill and counting. Its checkpoints stay plain
+    streams (vm_dedup=off): the data path virsh restore and QEMU alone take too, and what the
+    floor reads (a fold would replace the stream; the engine bench measures the chunk store)."""
     img = counter_image(workdir / f"{jname}.raw", fill_mib)
     cbsd("bcreate", f"jname={jname}", f"image={img}", "vm_os_type=other", f"vm_ram={ram}",
-         env=env)
+         "vm_dedup=off", env=env)
     cbsd("bstart", f"jname={jname}", env=env)
     log = workdir / "jails-system" / jname / "console.log"
     wait_counting(log, fill_mib)
