@@ -7,16 +7,16 @@ naming the key. Pure functions: no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbsd.core.names import check_mask, check_name, parse_size
+from cbsd.core.names import check_mac, check_mask, check_name, parse_hostfwd, parse_size
 from cbsd.errors import UsageError
 
 _BOOL = {"1": True, "0": False, "yes": True, "no": False, "true": True, "false": False,
          "on": True, "off": False}
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]*")
-_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -84,40 +84,15 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
             raise UsageError(f"{cmd.name}: bad value for {what}: contains a NUL byte")
         return raw
     if key.kind == "hostfwd":
-        rules: list[str] = []
-        for rule in filter(None, raw.split(",")):
-            m = _FWD_RE.fullmatch(rule)
-            bind = m.group(2) if m else None
-            if not m or not all(1 <= int(p) <= 65535 for p in m.groups()[2:]) or (
-                    bind and not all(int(b) <= 255 for b in bind.split("."))):
-                raise UsageError(f"{cmd.name}: bad value for hostfwd: '{rule}' "
-                                 "(use tcp:[BIND:]HOSTPORT:GUESTPORT)")
-            proto, host_port = m.group(1) or "tcp", int(m.group(3))
-            # A forward listens on the host's loopback only, unless an address is given.
-            bind = bind or "127.0.0.1"
-            if any(r.split(":")[0] == proto and r.split(":")[2] == str(host_port)
-                   for r in rules):
-                raise UsageError(f"{cmd.name}: bad value for hostfwd: host port {proto}:"
-                                 f"{host_port} is forwarded twice")
-            rules.append(f"{proto}:{bind}:{host_port}:{int(m.group(4))}")
-        return rules
+        return _prefixed(cmd, parse_hostfwd, raw)
     if key.kind == "ifname":
         from cbsd.qemu.network import check_ifname
 
         if raw == "":
             return ""  # cleared: the default (bset interface= goes back to cbsd0)
-        try:
-            return check_ifname(raw, what)
-        except UsageError as e:
-            raise UsageError(f"{cmd.name}: {e}") from None
+        return _prefixed(cmd, check_ifname, raw, what)
     if key.kind == "mac":
-        mac = raw.lower().replace("-", ":")
-        octets = mac.split(":")
-        if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdef" for c in o)
-                                       for o in octets) or int(octets[0], 16) & 1:
-            raise UsageError(f"{cmd.name}: bad value for {what}: '{raw}' (a unicast MAC "
-                             "address, e.g. 52:54:00:12:34:56)")
-        return mac
+        return _prefixed(cmd, check_mac, raw, what)
     if key.kind == "list":
         items = [x.strip().lower() for x in raw.split(",") if x.strip()]
         bad = [x for x in items if x not in key.choices]
@@ -126,6 +101,15 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
                              f"(choose from: {','.join(key.choices)})")
         return items
     raise AssertionError(key.kind)
+
+
+def _prefixed(cmd: Command, check: Callable[..., Any], *args: str) -> Any:
+    """A pure check shared with definitions from outside (core/specs.py), its message
+    prefixed with the command."""
+    try:
+        return check(*args)
+    except UsageError as e:
+        raise UsageError(f"{cmd.name}: {e}") from None
 
 
 def parse(cmd: Command, argv: list[str]) -> dict[str, Any]:

@@ -220,9 +220,10 @@ def bls(ctx: Context, a: Args) -> int:
         rows, unreached = _across_nodes(ctx, a, columns)
     else:
         names = ctx.resolve(a["names"]) if a["names"] else None
-        rows, notes = listing.rows(ctx, names)
-        for note in notes:
+        rows, notes, damaged = listing.rows(ctx, names)
+        for note in notes + damaged:
             print(note, file=sys.stderr)
+        unreached = len(damaged)  # listed the others; exit 1 names what was not
     order = a["order"]
     column = order.lstrip("-")
     rows.sort(key=lambda r: (r.get(column) or 0, r["jname"], r.get("node", "")),
@@ -243,13 +244,15 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
 
     want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
     rows: list[dict[str, Any]] = []
+    unreached = 0
     if a["node"] == "*":
-        local, notes = listing.rows(ctx, ctx.resolve(a["names"]) if a["names"] else None)
-        for note in notes:
+        local, notes, damaged = listing.rows(ctx, ctx.resolve(a["names"]) if a["names"]
+                                             else None)
+        for note in notes + damaged:
             print(note, file=sys.stderr)
         rows += [{**r, "node": "local"} for r in local]
+        unreached += len(damaged)
     args = ["bls", *(f"jname={n}" for n in a["names"])]
-    unreached = 0
     for name in want:
         node = nodes.get(ctx, name)
         try:

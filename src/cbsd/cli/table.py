@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.core.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.core.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
@@ -30,9 +31,9 @@ CLOUD_INIT = (
 )
 BCREATE_KEYS = (
         Key("vm_ram", "size", 512 << 20, help="RAM (k/m/g/t suffix; default 512m)"),
-        Key("vm_cpus", "int", 1, help="virtual CPUs", lo=1, hi=255),
+        Key("vm_cpus", "int", 1, help="virtual CPUs", lo=1, hi=MAX_CPUS),
         Key("vm_os_type", "enum", "linux", help="guest OS family",
-            choices=("linux", "freebsd", "windows", "other")),
+            choices=OS_TYPES),
         Key("imgsize", "size", None, help="size of a new empty first disk (default 10g), "
             "or grow an imported one to it"),
         Key("image", "path", None, help="import this disk image (any format qemu-img reads)"),
@@ -44,7 +45,7 @@ BCREATE_KEYS = (
         Key("vnc_password", "str", None, help="VNC password (needs vnc=1)"),
         Key("nic", "enum", "user", help="network: user (QEMU's NAT, hostfwd), bridge (a tap "
             "on interface=, or on cbsd's own network cbsd0), none",
-            choices=("user", "bridge", "none")),
+            choices=NICS),
         Key("interface", "ifname", None, help="nic=bridge: the Linux bridge (default: cbsd0, "
             "which cbsd sets up with DHCP, DNS and NAT)"),
         Key("nic_hwaddr", "mac", None, help="the NIC's MAC address (default: a random "
@@ -54,15 +55,15 @@ BCREATE_KEYS = (
         Key("astart", "bool", False, help="start at host boot (cbsd-guests unit)"),
         Key("runasap", "bool", False, help="start right after creating"),
         Key("vm_efi", "enum", "none", help="firmware: uefi (OVMF, a per-VM variable "
-            "store) or none (BIOS)", choices=("none", "uefi")),
+            "store) or none (BIOS)", choices=EFI_MODES),
         Key("virtio_rnd", "bool", True, help="a virtio-rng device fed from the host's "
             "/dev/urandom"),
         Key("vm_ramfile", "enum", "auto", help="auto: guest RAM in a file where the workdir "
             "can clone files (XFS reflink, btrfs): checkpoints and restores then cost "
-            "metadata, not RAM size; off: never", choices=("auto", "off")),
+            "metadata, not RAM size; off: never", choices=AUTO_OFF),
         Key("vm_dedup", "enum", "auto", help="auto: where RAM is not a file, fold checkpoints "
             "into a deduplicating chunk store in the background (N similar checkpoints cost "
-            "about one); off: never", choices=("auto", "off")),
+            "about one); off: never", choices=AUTO_OFF),
         *CLOUD_INIT,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):

@@ -15,10 +15,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cbsd.core import recovery, tree
+from cbsd.core import recovery, specs, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
-from cbsd.core.names import MIB, check_name
+from cbsd.core.names import check_name
 from cbsd.core.pause import switch
 from cbsd.core.vm import EFI_VARS, VM
 from cbsd.errors import QemuError, StateError, UsageError
@@ -49,9 +49,7 @@ def host_memory() -> int:
 def validate(spec: VMSpec, image: str | None = None) -> None:
     """What a definition must satisfy (bcreate and bset): UsageError naming the key."""
     check_name(spec.jname)
-    if spec.ram < 16 * MIB:
-        raise UsageError(f"vm_ram={spec.ram >> 20}m is under 16 MiB: a likely mistake "
-                         "(sizes take a suffix, e.g. vm_ram=512m)")
+    specs.check_relations(spec)
     total = host_memory()
     if total and spec.ram > total:
         raise UsageError(f"vm_ram={spec.ram >> 20}m is more than this host's memory "
@@ -60,14 +58,6 @@ def validate(spec: VMSpec, image: str | None = None) -> None:
                        ("initrd", spec.initrd)):
         if value is not None and not Path(value).is_file():
             raise UsageError(f"{key}: no such file: {value}")
-    if (spec.initrd or spec.cmdline) and not spec.kernel:
-        raise UsageError("initrd= and cmdline= need kernel=")
-    if spec.vnc_password and not spec.vnc:
-        raise UsageError("vnc_password= needs vnc=1")
-    if spec.hostfwd and spec.nic != "user":
-        raise UsageError("hostfwd= needs nic=user")
-    if spec.interface and spec.nic != "bridge":
-        raise UsageError("interface= needs nic=bridge")
 
 
 def check_host(ctx: Context, spec: VMSpec) -> None:
@@ -203,10 +193,12 @@ def register(ctx: Context, jname: str) -> str:
 
 def _spec_from_files(ctx: Context, jname: str) -> VMSpec:
     """vm.json; for a VM made before cbsd kept one, the definition its newest saved state
-    recorded."""
+    recorded. Either is checked as a definition from outside (core/specs.py): UsageError
+    naming the key it refuses."""
     wd = ctx.workdir
+    origin = f"{jname}: cannot register: {wd.spec_file(jname)}"
     try:
-        spec = VMSpec.from_dict(json.loads(wd.spec_file(jname).read_bytes()))
+        spec = specs.from_untrusted(json.loads(wd.spec_file(jname).read_bytes()), origin)
     except FileNotFoundError:
         states = [m for _, m in ckpstore.list_states(wd.checkpoints(jname)) if m is not None]
         if ckpstore.has_manifest(wd.hibernation(jname)):
@@ -214,8 +206,10 @@ def _spec_from_files(ctx: Context, jname: str) -> VMSpec:
         if not states:
             raise StateError(f"{jname}: no VM files to register under {wd.system(jname)} "
                              "(no vm.json, no saved state)") from None
-        spec = VMSpec.from_dict(max(states, key=lambda m: m.created_ts).spec)
-    except (OSError, ValueError, TypeError) as e:
+        newest = max(states, key=lambda m: m.created_ts)
+        spec = specs.from_untrusted(newest.spec, f"{jname}: cannot register: the definition "
+                                    "its newest saved state holds")
+    except (OSError, ValueError) as e:
         raise StateError(f"{jname}: cannot register: {wd.spec_file(jname)} is unreadable "
                          f"({e})") from e
     if spec.jname != jname:

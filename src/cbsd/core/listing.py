@@ -6,20 +6,29 @@ from typing import Any
 
 from cbsd.core.context import Context
 from cbsd.core.model import BLS_COLUMNS as COLUMNS
-from cbsd.core.model import Status
+from cbsd.core.model import Status, VMSpec
 from cbsd.core.vm import VM
 
 __all__ = ["COLUMNS", "rows"]
 
 
-def rows(ctx: Context, names: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+def rows(ctx: Context, names: list[str] | None
+         ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """(one row per VM, notes on what could not be learned: a QEMU that does not answer its
-    monitor is listed as On after a short wait, and noted)."""
+    monitor is listed as On after a short wait, and noted; the VMs whose entry is damaged,
+    each named in one line). A damaged entry is not listed -- nothing it says can be
+    believed, not even its status -- and never stops the others from being listed: bls
+    prints them, the damaged ones on stderr, and exits 1 (as `ls` does with a file it
+    cannot read)."""
     out = []
     notes = []
+    damaged = []
     wanted = set(names) if names is not None else None
-    for spec, pid, port in ctx.inventory.all():
-        if wanted is not None and spec.jname not in wanted:
+    for jname, spec, pid, port in ctx.inventory.all():
+        if wanted is not None and jname not in wanted:
+            continue
+        if not isinstance(spec, VMSpec):
+            damaged.append(str(spec))
             continue
         vm = VM(ctx, spec, (pid, port))
         status = vm.status()
@@ -40,4 +49,4 @@ def rows(ctx: Context, names: list[str] | None) -> tuple[list[dict[str, Any]], l
             "status": status.value,
             "vnc_port": f"{spec.vnc_bind}:{vm.vnc_port}" if live and vm.vnc_port else "0",
         })
-    return out, notes
+    return out, notes, damaged

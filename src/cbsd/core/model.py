@@ -16,6 +16,14 @@ from cbsd.errors import StateError
 BLS_COLUMNS = ("jname", "jid", "vm_ram", "vm_curmem", "vm_cpus", "pcpu", "vm_os_type", "ip4_addr",
                "status", "vnc_port")
 
+# The values a definition's enumerated settings take: bcreate's keys (cli/table.py) and every
+# definition from outside (core/specs.py) check against these same tuples.
+OS_TYPES = ("linux", "freebsd", "windows", "other")
+NICS = ("user", "bridge", "none")
+EFI_MODES = ("none", "uefi")
+AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup
+MAX_CPUS = 255
+
 
 class Status(enum.Enum):
     ON = "On"

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cbsd.core import lifecycle, staging
+from cbsd.core import lifecycle, specs, staging
 from cbsd.core.context import Context
 from cbsd.core.load import incompatibility
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import check_name
 from cbsd.core.vm import VM
-from cbsd.errors import ArchiveError, CheckpointError, StateError
+from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu.host import Host, machine_known
 from cbsd.storage import ckpstore
@@ -204,12 +204,13 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
     reader = Reader(inp)
     head = reader.header()
     try:
-        spec = VMSpec.from_dict(dict(head["spec"]))
+        definition = head["spec"]
         members = {str(n): int(s) for n, s in head["members"]}
         source = dict(head["source"])
         states = {str(k): dict(v) for k, v in head.get("states", {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ArchiveError(f"the archive's {HEADER} lacks what a cbsd export has") from None
+    spec = _definition(definition, members)
     jname = check_name(new_name or spec.jname)
     bad = [n for n in members if not _MEMBER.fullmatch(n) or ".." in n]
     if bad:
@@ -245,6 +246,26 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
         if not (folder / staging.STAGED).exists():
             staging.drop(folder)
         os.close(lock)
+
+
+def _definition(data: Any, members: dict[str, int]) -> VMSpec:
+    """The archive's definition, checked as bcreate checks its keys (core/specs.py), and
+    naming no file but the archive's own: each disk a member vm/NAME, each boot medium the
+    member boot/MEDIUM that _settle puts in the VM's folder (never a path on this host)."""
+    try:
+        spec = specs.from_untrusted(data, "the archive's definition")
+    except UsageError as e:
+        raise ArchiveError(str(e)) from None
+    for disk in spec.disks:
+        if f"vm/{disk}" not in members:
+            raise ArchiveError(f"the archive's definition names disk {disk}, which the "
+                               "archive does not hold")
+    for medium in BOOT_MEDIA:
+        if getattr(spec, medium) is not None and f"boot/{medium}" not in members:
+            raise ArchiveError(f"the archive's definition names {medium}={getattr(spec, medium)}"
+                               f", which the archive does not hold (boot media come only from "
+                               "the archive)")
+    return spec
 
 
 def _json(d: dict[str, Any]) -> str:
@@ -360,7 +381,8 @@ def commit(ctx: Context, ident: str) -> str:
             return done
         if not (path / staging.STAGED).exists():
             raise StateError(f"bimport: {NOT_STAGED} {ident}")
-        spec = VMSpec.from_dict(json.loads((path / "spec.json").read_text()))
+        spec = specs.from_untrusted(json.loads((path / "spec.json").read_text()),
+                                    f"bimport: the definition staged in {path}")
         register(ctx, path, spec)
         from cbsd.storage.atomic import write_atomic
 

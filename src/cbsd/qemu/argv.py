@@ -30,8 +30,21 @@ class RuntimePaths:
 
 
 def _esc(value: str) -> str:
-    """QEMU option values escape ',' by doubling it."""
+    """A value after KEY= in a QEMU option string (QemuOpts, -blockdev/-netdev's keyval):
+    ',' ends it unless doubled, so every value placed there is escaped -- a value can never
+    add an option, whatever it holds."""
     return value.replace(",", ",,")
+
+
+def _implied(value: str, what: str) -> str:
+    """A value in the first, keyless place of an option string (-machine TYPE, -vnc HOST:D):
+    QEMU reads it as KEY=VALUE if it holds '='. Definitions are checked before they get here
+    (core/specs.py); this refuses rather than build a command line that means something else."""
+    if "=" in value or "," in value or not value:
+        from cbsd.errors import UsageError
+
+        raise UsageError(f"bad {what} {value!r}: not usable on QEMU's command line")
+    return value
 
 
 def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
@@ -73,14 +86,14 @@ def nic_model(spec: VMSpec) -> str:
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,
                start_paused: bool = False) -> list[str]:
     accel = host.accel
-    machine = f"{spec.machine},accel={accel}"
+    machine = f"{_implied(spec.machine, 'machine type')},accel={accel}"
     if paths.efi_vars:
         machine += ",pflash0=efi-code,pflash1=efi-vars"
     if paths.ram_file:
         machine += f",memory-backend={RAM_ID}"
     argv = [
         host.qemu,
-        "-name", f"guest={spec.jname},debug-threads=on",
+        "-name", f"guest={_esc(spec.jname)},debug-threads=on",
         "-machine", machine,
         "-cpu", "host" if accel == "kvm" else "qemu64",
         "-m", f"{spec.ram >> 20}M",
@@ -136,13 +149,14 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         ]
     if spec.nic == "user":
         netdev = "user,id=net0" + "".join(
-            ",hostfwd={}:{}:{}-:{}".format(*hostfwd_parts(rule)) for rule in spec.hostfwd)
+            ",hostfwd={}:{}:{}-:{}".format(*map(_esc, hostfwd_parts(rule)))
+            for rule in spec.hostfwd)
         # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
-        mac = f",mac={spec.mac}" if spec.mac else ""
+        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
         argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
     elif spec.nic == "bridge":
-        mac = f",mac={spec.mac}" if spec.mac else ""
-        argv += ["-netdev", f"tap,id=net0,ifname={paths.tap},script={_esc(paths.ifup)},"
+        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
+        argv += ["-netdev", f"tap,id=net0,ifname={_esc(paths.tap)},script={_esc(paths.ifup)},"
                  "downscript=no",
                  "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
     if spec.virtio_rnd:
@@ -155,7 +169,7 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
     if spec.vnc:
-        vnc = f"{spec.vnc_bind}:0,to=99"
+        vnc = f"{_implied(spec.vnc_bind, 'VNC address')}:0,to=99"
         if spec.vnc_password:
             vnc += ",password=on"  # the password itself goes over QMP, never on argv
         argv += ["-device", "VGA", "-vnc", vnc]

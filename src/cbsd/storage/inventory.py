@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.core.model import VMSpec
-from cbsd.errors import EnvironmentFault, StateError
+from cbsd.errors import EnvironmentFault, StateError, UsageError
 
 SCHEMA_VERSION = 2
+_REBUILD = "see docs/reliability.md, 'Rebuilding the inventory'"
 
 # Each entry upgrades the schema from version i to i+1; never edit a released entry.
 _MIGRATIONS: list[str] = [
@@ -164,17 +165,34 @@ class Inventory:
         rows = self._rows("SELECT spec FROM vm WHERE jname = ?", jname)
         return self._spec(jname, rows[0][0]) if rows else None
 
-    def all(self) -> list[tuple[VMSpec, int, int]]:
+    def all(self) -> list[tuple[str, VMSpec | EnvironmentFault, int, int]]:
+        """Every entry: (jname, its spec -- or, for an entry that is damaged, the error that
+        says so --, pid, VNC port). One damaged entry never hides the others (bls)."""
         rows = self._rows("SELECT jname, spec, pid, vnc_port FROM vm ORDER BY jname")
-        return [(self._spec(j, s), pid, port) for j, s, pid, port in rows]
+        out: list[tuple[str, VMSpec | EnvironmentFault, int, int]] = []
+        for jname, text, pid, port in rows:
+            try:
+                spec: VMSpec | EnvironmentFault = self._spec(jname, text)
+            except EnvironmentFault as e:
+                spec = e
+            out.append((str(jname), spec, pid, port))
+        return out
 
     def _spec(self, jname: str, text: str) -> VMSpec:
+        """The entry's definition, checked as any definition cbsd did not just make itself
+        (core/specs.py): a damaged one is an EnvironmentFault naming the VM and the key."""
+        from cbsd.core.specs import from_untrusted
+
+        where = f"inventory {self.path}: the entry of {jname} is damaged"
         try:
-            return VMSpec.from_dict(json.loads(text))
-        except (ValueError, TypeError) as e:
-            raise EnvironmentFault(f"inventory {self.path}: the entry of {jname} is damaged "
-                                   f"({e}); see docs/reliability.md, 'Rebuilding the "
-                                   "inventory'") from e
+            spec = from_untrusted(json.loads(text), where)
+        except ValueError as e:
+            raise EnvironmentFault(f"{where} ({e}); {_REBUILD}") from e
+        except UsageError as e:
+            raise EnvironmentFault(f"{e}; {_REBUILD}") from e
+        if spec.jname != jname:
+            raise EnvironmentFault(f"{where}: it describes {spec.jname!r}; {_REBUILD}")
+        return spec
 
     def add_node(self, name: str, host: str, port: int) -> None:
         try:

@@ -9,6 +9,17 @@ from pathlib import Path
 HIBERNATION_DIR = "hibernate.ckp"
 
 
+def plain(name: str, what: str) -> str:
+    """*name* as one entry of a folder, or UsageError: defence in depth under every check of
+    names (core/names.py, core/specs.py), so that no name -- a VM's, a disk's, a
+    checkpoint's -- can ever make a path outside the folder it is joined to."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        from cbsd.errors import UsageError
+
+        raise UsageError(f"bad {what} {name!r}: not a plain file name")
+    return name
+
+
 def default_workdir() -> Path:
     env = os.environ.get("CBSD_WORKDIR")
     if env:
@@ -37,16 +48,16 @@ class Workdir:
         return self.root / "var" / "lock"
 
     def lock_file(self, jname: str) -> Path:
-        return self.locks / f"{jname}.lock"
+        return self.locks / f"{plain(jname, 'VM name')}.lock"
 
     def system(self, jname: str) -> Path:
-        return self.root / "jails-system" / jname
+        return self.root / "jails-system" / plain(jname, "VM name")
 
     def vm_dir(self, jname: str) -> Path:
-        return self.root / "vm" / jname
+        return self.root / "vm" / plain(jname, "VM name")
 
     def disk(self, jname: str, name: str) -> Path:
-        return self.vm_dir(jname) / name
+        return self.vm_dir(jname) / plain(name, "disk name")
 
     def console_log(self, jname: str) -> Path:
         return self.system(jname) / "console.log"
@@ -78,7 +89,7 @@ class Workdir:
         return self.system(jname) / "checkpoints"
 
     def checkpoint(self, jname: str, name: str) -> Path:
-        return self.checkpoints(jname) / f"{name}.ckp"
+        return self.checkpoints(jname) / f"{plain(name, 'checkpoint name')}.ckp"
 
     def ram_file(self, jname: str) -> Path:
         """While the VM runs with vm_ramfile=auto on a filesystem that clones: its guest RAM
