@@ -25,15 +25,18 @@ from tests.conftest import COUNTER_RE, Cbsd
 pytestmark = pytest.mark.vm
 
 
-def reseal(archive: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """*archive* with its header's definition changed by *edit*, sealed again."""
+def reseal(archive: Path, out: Path, edit: Callable[[dict[str, Any]], None],
+           edit_member: Callable[[str, bytes], bytes] = lambda name, data: data) -> Path:
+    """*archive* with its header's definition changed by *edit* (and any member by
+    *edit_member*), sealed again."""
     from cbsd.storage.archive import HEADER, SEAL, Source, Writer
 
     with tarfile.open(archive) as tar:
-        members = [(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
+        members = [(m.name, edit_member(m.name, tar.extractfile(m).read()))  # type: ignore[union-attr]
                    for m in tar.getmembers()]
     head = json.loads(dict(members)[HEADER])
     edit(head["spec"])
+    head["members"] = [[n, len(d)] for n, d in members if n not in (HEADER, SEAL)]
     with out.open("wb") as f:
         writer = Writer(f)
         writer.add_bytes(HEADER, json.dumps(head).encode())
@@ -93,6 +96,32 @@ def test_an_archive_cannot_name_another_vms_disk(cbsd: Cbsd, exported: Path,
     assert names(cbsd) == ["vm1", "vm2"] and folders(cbsd) == before
     cbsd("bstart", "vm2", "checkpoint=keep").ok()  # and vm2's checkpoint still restores
     assert cbsd.status("vm2") == "On"
+
+
+def test_a_saved_states_copy_of_the_definition_is_checked_too(cbsd: Cbsd, counter_image,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    from cbsd.storage import ckpstore
+    from cbsd.storage.manifest import Manifest
+
+    cbsd("bcreate", "jname=vm1", f"image={counter_image()}", "vm_os_type=other",
+         "vm_ram=32m").ok()
+    cbsd("bstart", "vm1").ok()
+    cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c1", "poweroff=1").ok()
+    archive = tmp_path / "vm1.cbsd"
+    cbsd("bexport", "jname=vm1", f"out={archive}").ok()
+
+    def hostile_manifest(name: str, data: bytes) -> bytes:
+        if name != f"checkpoints/c1.ckp/{ckpstore.MANIFEST}":
+            return data
+        body = json.loads(data)
+        body.pop("manifest_checksum")
+        m = Manifest.from_json(body)
+        m.spec = {**m.spec, "ram": "32m"}  # sealed anew, as anyone can
+        return ckpstore.manifest_bytes(m)
+    hostile = reseal(archive, tmp_path / "hostile.cbsd", lambda s: None, hostile_manifest)
+    cbsd("bimport", f"in={hostile}", "jname=imp").fails(2, "checkpoint c1: bad value for ram")
+    assert names(cbsd) == ["vm1"] and folders(cbsd)["var/tmp"] == []
 
 
 def _boot_from_host_file(medium: str, path: Path) -> Callable[[dict[str, Any]], None]:

@@ -252,10 +252,7 @@ def _definition(data: Any, members: dict[str, int]) -> VMSpec:
     """The archive's definition, checked as bcreate checks its keys (core/specs.py), and
     naming no file but the archive's own: each disk a member vm/NAME, each boot medium the
     member boot/MEDIUM that _settle puts in the VM's folder (never a path on this host)."""
-    try:
-        spec = specs.from_untrusted(data, "the archive's definition")
-    except UsageError as e:
-        raise ArchiveError(str(e)) from None
+    spec = _checked(data, "the archive's definition")
     for disk in spec.disks:
         if f"vm/{disk}" not in members:
             raise ArchiveError(f"the archive's definition names disk {disk}, which the "
@@ -266,6 +263,13 @@ def _definition(data: Any, members: dict[str, int]) -> VMSpec:
                                f", which the archive does not hold (boot media come only from "
                                "the archive)")
     return spec
+
+
+def _checked(data: Any, origin: str) -> VMSpec:
+    try:
+        return specs.from_untrusted(data, origin)
+    except UsageError as e:
+        raise ArchiveError(str(e)) from None  # bad input all the same; named as the archive's
 
 
 def _json(d: dict[str, Any]) -> str:
@@ -317,6 +321,9 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     for ckdir in _state_dirs(folder):
         prefix = str(ckdir.relative_to(folder))
         m = ckpstore.read_manifest(ckdir)
+        # Its copy of the definition is read later (bcheckpoint mode=list, bregister of a VM
+        # without vm.json): checked as the archive's own is.
+        _checked(m.spec, f"the archive's {ckpstore.describe(ckdir)}")
         for fname, meta in m.files.items():
             if sums.get(f"{prefix}/{fname}") != [meta.size, meta.xxh3_128]:
                 raise ArchiveError(f"the archive's {ckpstore.describe(ckdir)} is damaged: "
