@@ -123,6 +123,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         ),
         "cbsd bls display=jname,status,vnc_port header=0 order=-vm_ram",
         readonly=True,
+        details=("A VM whose inventory entry is damaged is not listed: it is named on stderr "
+                 "(one line each),\nthe others are listed, and bls exits 1."),
     ),
     Command(
         "bremove", "Delete VMs with their disks, checkpoints and hibernation image.",
