@@ -170,3 +170,28 @@ def test_argv_refuses_a_keyless_value_qemu_would_read_as_options(change: dict[st
     spec = dataclasses.replace(VMSpec(jname="x", ram=1 << 30, disks=["dsk1.qcow2"]), **change)
     with pytest.raises(UsageError, match="not usable on QEMU's command line"):
         build_argv(spec, HOST, PATHS)
+
+
+def test_a_damaged_inventory_entry_is_reported_in_its_place(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    from cbsd.errors import EnvironmentFault
+    from cbsd.storage.inventory import Inventory
+
+    inv = Inventory(tmp_path / "inv.sqlite")
+    for jname in ("a", "b", "c"):
+        inv.add(VMSpec(jname=jname, ram=1 << 30))
+    db = sqlite3.connect(tmp_path / "inv.sqlite")
+    with db:
+        db.execute("UPDATE vm SET spec = ? WHERE jname = 'b'",
+                   (json.dumps({**VMSpec(jname="b", ram=1 << 30).to_dict(), "ram": "1g"}),))
+    db.close()
+    entries = inv.all()
+    assert [(j, type(s).__name__) for j, s, _, _ in entries] == \
+        [("a", "VMSpec"), ("b", "EnvironmentFault"), ("c", "VMSpec")]
+    assert "the entry of b is damaged: bad value for ram" in str(entries[1][1])
+    with pytest.raises(EnvironmentFault, match="the entry of b is damaged"):
+        inv.get("b")
+    assert inv.get("c") == VMSpec(jname="c", ram=1 << 30)
+    inv.close()
