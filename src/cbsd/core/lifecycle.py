@@ -21,7 +21,7 @@ from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import check_name
 from cbsd.core.pause import switch
 from cbsd.core.vm import EFI_VARS, VM
-from cbsd.errors import QemuError, StateError, UsageError
+from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
@@ -333,7 +333,13 @@ def select(ctx: Context, names: list[str], *, running: bool = False,
     (hibernated, or Off with astart=1)."""
     out = []
     for jname in names:
-        vm = VM.load(ctx, jname)
+        try:
+            vm = VM.load(ctx, jname)
+        except EnvironmentFault:
+            # A damaged entry: kept, so the command names it (cli/commands.each, one line)
+            # while it goes on with the others -- host shutdown must not stop at one VM.
+            out.append(jname)
+            continue
         status = vm.status()
         due_at_boot = status is Status.SUSPENDED or (status is Status.OFF and vm.spec.astart)
         if (running and status in (Status.ON, Status.PAUSED)) or (boot and due_at_boot):
