@@ -221,3 +221,7 @@ def test_one_damaged_entry_never_hides_the_other_vms(cbsd: Cbsd, counter_image, 
     # The others work as ever, also through a mask: host shutdown stops vm3 and names vm2.
     r = cbsd("bstop", "jname=*", "running_only=1", "noacpi=1").fails(1, "entry of vm2")
     assert "vm3: powered off" in r.out and cbsd.status("vm3") == "Off"
+    # The repair the message names: the definition kept beside the VM's files replaces it.
+    assert "damaged inventory entry replaced" in cbsd("bregister", "jname=vm2").ok().out
+    assert names(cbsd) == ["vm1", "vm2", "vm3"]
+    cbsd("bregister", "jname=vm2").fails(1, "already registered")

@@ -170,11 +170,16 @@ def _abs(path: str | None) -> str | None:
 
 
 def register(ctx: Context, jname: str) -> str:
-    """Bring back a VM whose inventory entry was lost, from the files beside its disks."""
+    """Bring back a VM whose inventory entry was lost or is damaged, from the files beside
+    its disks."""
     check_name(jname)
     wd = ctx.workdir
     with ctx.lock(jname, "bregister"):
-        if ctx.inventory.get(jname) is not None:
+        try:
+            entry, damaged = ctx.inventory.get(jname), False
+        except EnvironmentFault:
+            entry, damaged = None, True  # an entry holding no definition: vm.json replaces it
+        if entry is not None:
             raise StateError(f"{jname}: already registered")
         if wd.unfinished(jname).exists():
             raise StateError(f"{jname}: its files are those of a bcreate or bremove that was "
@@ -186,9 +191,12 @@ def register(ctx: Context, jname: str) -> str:
                              f"from {wd.vm_dir(jname)}")
         if not wd.spec_file(jname).exists():
             save_spec_file(ctx, spec)
-        ctx.inventory.add(spec)
+        if damaged:
+            ctx.inventory.update_spec(spec)  # its runtime hints (pid, VNC port) kept
+        else:
+            ctx.inventory.add(spec)
         recovery.adopt_lost_qemu(VM.load(ctx, jname), scan=True)  # a QEMU that kept running
-    return f"{jname}: registered"
+    return f"{jname}: registered" + (" (its damaged inventory entry replaced)" if damaged else "")
 
 
 def _spec_from_files(ctx: Context, jname: str) -> VMSpec:

@@ -24,7 +24,6 @@ from cbsd.core.model import VMSpec
 from cbsd.errors import EnvironmentFault, StateError, UsageError
 
 SCHEMA_VERSION = 2
-_REBUILD = "see docs/reliability.md, 'Rebuilding the inventory'"
 
 # Each entry upgrades the schema from version i to i+1; never edit a released entry.
 _MIGRATIONS: list[str] = [
@@ -184,14 +183,15 @@ class Inventory:
         from cbsd.core.specs import from_untrusted
 
         where = f"inventory {self.path}: the entry of {jname} is damaged"
+        repair = f"'cbsd bregister jname={jname}' restores it from the VM's vm.json"
         try:
             spec = from_untrusted(json.loads(text), where)
         except ValueError as e:
-            raise EnvironmentFault(f"{where} ({e}); {_REBUILD}") from e
+            raise EnvironmentFault(f"{where} ({e}); {repair}") from e
         except UsageError as e:
-            raise EnvironmentFault(f"{e}; {_REBUILD}") from e
+            raise EnvironmentFault(f"{e}; {repair}") from e
         if spec.jname != jname:
-            raise EnvironmentFault(f"{where}: it describes {spec.jname!r}; {_REBUILD}")
+            raise EnvironmentFault(f"{where}: it describes {spec.jname!r}; {repair}")
         return spec
 
     def add_node(self, name: str, host: str, port: int) -> None:
