@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cbsd.core import specs
 from cbsd.core.model import VMSpec
@@ -195,3 +197,27 @@ def test_a_damaged_inventory_entry_is_reported_in_its_place(tmp_path: Path) -> N
         inv.get("b")
     assert inv.get("c") == VMSpec(jname="c", ram=1 << 30)
     inv.close()
+
+
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                               max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from([*specs.FIELDS, "other"]), _json_value, max_size=6),
+       st.booleans())
+def test_any_json_is_a_definition_or_one_line_exit_2(change: dict[str, Any], whole: bool
+                                                     ) -> None:
+    """Whatever an archive, a vm.json or a row holds: a VMSpec that passes the check again
+    and builds an argv, or UsageError -- never another exception."""
+    data = change if whole else {**GOOD, **change}
+    try:
+        spec = specs.from_untrusted(data, "x")
+    except UsageError as e:
+        assert e.exit_code == 2 and "\n" not in e.message and e.message.startswith("x: ")
+        return
+    assert specs.from_untrusted(spec.to_dict(), "x") == spec
+    build_argv(spec, HOST, PATHS)
