@@ -124,3 +124,28 @@ def test_the_ram_every_running_vm_may_still_need_is_counted(
     r = small("bstart", "vm2").fails(1, REFUSED)
     assert "running VMs vm1" in r.err
     assert small.status("vm2") == "Off" and small.status("vm1") == "On"
+
+
+def test_what_a_ram_file_may_still_need_is_measured(xfs: Path) -> None:
+    """On XFS: nothing for a file allocated whole, all it had written once cloned (XFS
+    shares no unwritten extent), less what was rewritten since (FIEMAP's shared flag),
+    nothing once the clone is gone."""
+    from cbsd.storage import reflink
+
+    ram = xfs / "ram"
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 16 * MiB)
+        assert ramspace.still_needed(ram) == 0
+        os.pwrite(fd, b"r" * 8 * MiB, 0)
+        os.fsync(fd)
+        reflink.clone(ram, xfs / "clone")
+        assert ramspace.still_needed(ram) == 8 * MiB
+        os.pwrite(fd, b"x" * MiB, 2 * MiB)
+        os.fsync(fd)
+        assert ramspace.still_needed(ram) == 7 * MiB
+    finally:
+        os.close(fd)
+    (xfs / "clone").unlink()
+    os.sync()
+    assert ramspace.still_needed(ram) == 0
