@@ -62,7 +62,10 @@ def place(vm: VM, ckdir: Path, m: ckpstore.Manifest) -> bool:
 def allocate(vm: VM) -> None:
     """A new RAM file for a launch, allocated whole (fallocate: metadata, unwritten extents)
     so that the guest never needs a block the filesystem no longer has."""
-    with _admitting(vm, "a start with its RAM in a file", vm.spec.ram):
+    from cbsd.core.vm import free_bytes
+
+    what = "a start with its RAM in a file"
+    with _admitting(vm, what, vm.spec.ram):
         fd = os.open(vm.ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.posix_fallocate(fd, 0, vm.spec.ram)
@@ -70,8 +73,9 @@ def allocate(vm: VM) -> None:
             vm.ram_path.unlink(missing_ok=True)
             if e.errno != errno.ENOSPC:
                 raise
-            raise NoSpaceError(f"{vm.jname}: no space for guest RAM in a file: "
-                               f"{vm.spec.ram >> 20} MiB needed in {vm.ram_path.parent}") from e
+            raise NoSpaceError(f"{vm.jname}: no space for guest RAM in a file: {what} needs "
+                               f"{vm.spec.ram >> 20} MiB in {vm.ram_path.parent}, "
+                               f"{free_bytes(vm.ram_path.parent) >> 20} MiB free") from e
         finally:
             os.close(fd)
 

@@ -187,8 +187,13 @@ class VM:
             Path(sock).unlink(missing_ok=True)
         if ram_file is None:
             ram_file = self.fresh_ram_file()
-        self.pid = process.launch(self.argv(incoming=incoming, paused=paused, ram_file=ram_file),
-                                  Path(self.paths.pidfile), Path(self.paths.qemu_log))
+        try:
+            self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
+                                                ram_file=ram_file),
+                                      Path(self.paths.pidfile), Path(self.paths.qemu_log))
+        except BaseException:
+            self.ram_path.unlink(missing_ok=True)  # allocated whole: not held by a VM that is Off
+            raise
         failpoint("launch:started")
         try:
             self._owner_only()
