@@ -112,6 +112,21 @@ def test_restore_and_start_are_refused_while_the_space_is_missing(
     keeps_counting(small)
 
 
+def test_a_resume_is_refused_and_the_hibernation_kept(
+        small: Cbsd, xfs: Path, tmp_path: Path) -> None:
+    start(small, churning(tmp_path))
+    small("bsuspend", "jname=vm1").ok()
+    fill_to(xfs, 96 * MiB)
+    small("bstart", "vm1").fails(1, REFUSED)
+    assert small.status("vm1") == "Suspended"
+    (xfs / "filler").unlink()
+    con = small.console("vm1")
+    mark = con.mark()
+    assert small("bstart", "vm1").ok().out.startswith("vm1: resumed from hibernation")
+    keeps_counting(small)
+    assert "BOOT" not in con.since(mark)
+
+
 def test_the_ram_every_running_vm_may_still_need_is_counted(
         small: Cbsd, xfs: Path, counter_image) -> None:  # type: ignore[no-untyped-def]
     """vm1's RAM is all shared with its checkpoint (its guest rewrites nothing but a counter):
