@@ -42,7 +42,8 @@ for pass in $passes; do
                 tests/integration/test_trust.py tests/integration/test_faults.py \
                 tests/integration/test_kill_loop.py tests/integration/test_checkpoints.py \
                 tests/integration/test_suspend.py tests/integration/test_tree.py \
-                tests/integration/test_ramfile.py || status=1
+                tests/integration/test_ramfile.py tests/integration/test_ramfile_space.py \
+                || status=1
             ;;
         *) echo "unknown pass $pass" >&2; exit 2 ;;
     esac

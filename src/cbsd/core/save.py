@@ -38,7 +38,7 @@ from cbsd.failpoints import failpoint
 from cbsd.qemu import migration, process
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
-from cbsd.storage import ckpstore, reflink
+from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
 from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
 
@@ -155,6 +155,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     ram_file = vm.uses_ram_file() and "x-ignore-shared" in caps
     if not ram_file:
         _check_space(vm, final.parent)
+    elif keep_running:
+        ramfile.admit_checkpoint(vm)
     tmp = ckpstore.new_tmpdir(final)
     tags: list[tuple[Image, str]] = []
     follower: _Follower | None = None
@@ -214,7 +216,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         follower = None
         fsync_path(memfile)
         if ram_file:
-            reflink.clone(vm.ram_path, tmp / ckpstore.RAM)
+            ramfile.clone_for_checkpoint(vm, tmp / ckpstore.RAM, stays_running=keep_running)
         failpoint("save:saved")
         _disks_in_place(vm)
         if keep_running:

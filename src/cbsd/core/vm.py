@@ -164,10 +164,14 @@ class VM:
     def fresh_ram_file(self) -> bool:
         """Before a launch that brings no RAM file of its own: remove a stale one (never reused:
         it holds an earlier run's memory) and say whether this launch should use one."""
+        from cbsd.core import ramfile
         from cbsd.storage.reflink import can_clone
 
         self.ram_path.unlink(missing_ok=True)
-        return self.spec.ram_file == "auto" and can_clone(self.ram_path.parent)
+        if self.spec.ram_file != "auto" or not can_clone(self.ram_path.parent):
+            return False
+        ramfile.allocate(self)
+        return True
 
     def launch(self, *, incoming: bool = False, paused: bool = False,
                ram_file: bool | None = None) -> Monitor:
@@ -183,8 +187,13 @@ class VM:
             Path(sock).unlink(missing_ok=True)
         if ram_file is None:
             ram_file = self.fresh_ram_file()
-        self.pid = process.launch(self.argv(incoming=incoming, paused=paused, ram_file=ram_file),
-                                  Path(self.paths.pidfile), Path(self.paths.qemu_log))
+        try:
+            self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
+                                                ram_file=ram_file),
+                                      Path(self.paths.pidfile), Path(self.paths.qemu_log))
+        except BaseException:
+            self.ram_path.unlink(missing_ok=True)  # allocated whole: not held by a VM that is Off
+            raise
         failpoint("launch:started")
         try:
             self._owner_only()
