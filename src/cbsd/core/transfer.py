@@ -391,6 +391,7 @@ def commit(ctx: Context, ident: str) -> str:
         spec = specs.from_untrusted(json.loads((path / "spec.json").read_text()),
                                     f"bimport: the definition staged in {path}")
         register(ctx, path, spec)
+        failpoint("bimport:registered")  # registered, not yet noted: abort tells (below)
         from cbsd.storage.atomic import write_atomic
 
         write_atomic(staging.done_record(path), spec.jname.encode())
