@@ -53,6 +53,15 @@ def test_a_refusal_never_echoes_control_characters() -> None:
     assert "\x1b" not in str(e.value) and len(str(e.value)) < 200
 
 
+def test_what_a_node_says_on_stderr_is_shown_without_control_characters() -> None:
+    from cbsd.core import nodes
+
+    line = nodes.last_line(b"progress\n\x1b]2;owned\x07 failed: " + b"x" * 1000 + b"\n")
+    assert "\x1b" not in line and "\x07" not in line and len(line) <= 300
+    assert line.startswith("?]2;owned? failed")
+    assert nodes.last_line(b"") == "failed without a message"
+
+
 def test_bimport_answers() -> None:
     assert na.staging_id("progress\n0123456789abcdef\n") == "0123456789abcdef"
     for bad in ("", "0123456789ABCDEF", "../../x", "0123456789abcdef0"):

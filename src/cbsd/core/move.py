@@ -81,10 +81,17 @@ def _send_and_commit(vm: VM, node: nodes.Node) -> None:
     try:
         node.checked("bimport mode=commit", node_answers.committed,
                      node.call(["bimport", "mode=commit", f"id={ident}"]))
-    except nodes.NodeError:
+    except nodes.NodeError as failed:
         # The ssh, or cbsd there, ended without saying it was done: perhaps after it
         # registered the VM. What the node holds decides, not how the command ended.
-        if not _committed_there(node, ident):
+        try:
+            there = _committed_there(node, ident)
+        except CbsdError as e:
+            raise StateError(f"{jname}: the commit on node {node.name} ended without its "
+                             f"answer ({failed}) and the node cannot be asked now whether it "
+                             f"has the VM ({e}): the next command on {jname} settles "
+                             "it") from None
+        if not there:
             intent.unlink()  # it dropped what it staged: the VM stays here, as it was
             raise
     failpoint("bmove:committed")

@@ -146,8 +146,13 @@ def migrate_done(data: Any) -> bool:
     return bool(data["running"])
 
 
+def printable(s: str, limit: int = 300) -> str:
+    """*s* as it may appear in a message here: control characters as '?', at most *limit*
+    characters."""
+    s = "".join(c if unicodedata.category(c) != "Cc" else "?" for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def _shown(value: Any) -> str:
     """A value as it may appear in a message (short, printable)."""
-    s = repr(value)
-    s = "".join(c if unicodedata.category(c) != "Cc" else "?" for c in s)
-    return s if len(s) <= 40 else s[:37] + "..."
+    return printable(repr(value), 40)

@@ -110,8 +110,10 @@ class Node:
 
 
 def last_line(err: bytes) -> str:
+    """The last line a node (or ssh) wrote on stderr, as it may be shown here: control
+    characters replaced and cut short (a node's words must not drive this terminal)."""
     lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "failed without a message"
+    return node_answers.printable(lines[-1].strip()) if lines else "failed without a message"
 
 
 def why(err: bytes) -> str:
