@@ -101,3 +101,31 @@ def test_cbsd0_owner_round_trips_through_the_alias() -> None:
     assert network.owner_of(tag) == "/var/lib/cbsd"
     assert network.owner_of("") is None and network.owner_of("uplink to lab") is None
     assert len(network.owner_tag(Path("/" + "x" * 400))) == 255
+
+
+def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_outside() -> None:
+    import json
+
+    from cbsd.core.migrate_in import _request
+    from cbsd.core.model import VMSpec
+    from cbsd.errors import UsageError
+
+    spec = VMSpec(jname="vm1", ram=64 << 20, disks=["dsk1.qcow2"])
+    good = {"spec": spec.to_dict(), "sizes": {"dsk1.qcow2": 1 << 30}, "paused": True,
+            "source": {"qemu": "7.2.0", "accel": "tcg", "cpu": {"model": "qemu64"}}}
+    got, source, sizes, paused = _request(json.dumps(good).encode(), "vm1")
+    assert got == spec and sizes == {"dsk1.qcow2": 1 << 30} and paused is True
+    assert source["accel"] == "tcg"
+    bad = {
+        "not JSON": b"{",
+        "no definition": json.dumps({**good, "spec": "x"}).encode(),
+        "another VM's disk": json.dumps({**good, "spec": {**spec.to_dict(),
+                                                          "disks": ["../vm2/dsk1.qcow2"]},
+                                         }).encode(),
+        "a size as text": json.dumps({**good, "sizes": {"dsk1.qcow2": "1g"}}).encode(),
+        "no size": json.dumps({**good, "sizes": {}}).encode(),
+        "no source": json.dumps({**good, "source": None}).encode(),
+    }
+    for line in bad.values():
+        with pytest.raises(UsageError):
+            _request(line, "vm1")

@@ -9,14 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from cbsd.core import lifecycle, transfer
+from cbsd.core import lifecycle, specs, transfer
 from cbsd.core.context import Context
 from cbsd.core.migrate import block_nodes
 from cbsd.core.model import VMSpec
 from cbsd.core.vm import VM
-from cbsd.errors import QemuError, StateError
+from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img, migration
 
@@ -25,11 +25,9 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
     """The node's half (see the module's docstring); runs as long as the control ssh."""
     from cbsd.core import cloudinit
 
-    req = json.loads(inp.readline() or b"{}")
-    spec = VMSpec.from_dict({**req["spec"], "jname": jname})
-    why = transfer.host_incompatibility(ctx.host, spec, req["source"], {"the VM": {
-        "qemu": req["source"]["qemu"], "accel": req["source"]["accel"],
-        "machine": spec.machine}})
+    spec, source, sizes, paused = _request(inp.readline(), jname)
+    why = transfer.host_incompatibility(ctx.host, spec, source, {"the VM": {
+        "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
     if why:
         raise StateError(f"{jname}: cannot migrate here: {why}")
     for medium in transfer.BOOT_MEDIA:
@@ -49,16 +47,42 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         try:
             wd.ensure_vm(jname)
             for _, fname in block_nodes(spec):
-                img.create(wd.disk(jname, fname), int(req["sizes"][fname]))
+                img.create(wd.disk(jname, fname), sizes[fname])
             if spec.cloud_init:
                 cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
                                                                          spec.cloud_init))
-            _receive_vm(vm, bool(req.get("paused")), inp, out)
+            _receive_vm(vm, paused, inp, out)
         except BaseException:
             if vm.alive():
                 vm.kill()
             lifecycle.clear_unfinished(ctx, jname)
             raise
+
+
+def _request(line: bytes, jname: str) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool]:
+    """The sending host's request (the VM's definition, its source, its disks' sizes),
+    checked as any definition from outside (core/specs.from_untrusted) before it is used:
+    UsageError (exit 2) naming what is wrong."""
+    what = f"{jname}: the request bmigrate sent"
+    try:
+        req = json.loads(line)
+    except ValueError:
+        raise UsageError(f"{what} is not JSON") from None
+    if not isinstance(req, dict) or not isinstance(req.get("spec"), dict):
+        raise UsageError(f"{what} holds no definition")
+    spec = specs.from_untrusted({**req["spec"], "jname": jname}, f"{jname}: the definition "
+                                "bmigrate sent")
+    source = req.get("source")
+    if not isinstance(source, dict) or not all(isinstance(source.get(k), str)
+                                               for k in ("qemu", "accel")):
+        raise UsageError(f"{what} does not say which QEMU it comes from")
+    sizes = req.get("sizes")
+    if not isinstance(sizes, dict) or any(
+            isinstance(sizes.get(f), bool) or not isinstance(sizes.get(f), int) or
+            not 0 < sizes[f] <= 1 << 50 for _, f in block_nodes(spec)):
+        raise UsageError(f"{what} lacks a valid size for a disk")
+    return spec, source, {f: int(sizes[f]) for _, f in block_nodes(spec)}, \
+        req.get("paused") is True
 
 
 def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
