@@ -6,10 +6,12 @@ link and no route."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,32 @@ class Host:
         """This host's public key as a known_hosts line."""
         key = (self.root / "host_key.pub").read_text().split()
         return f"{self.addr} {key[0]} {key[1]}\n"
+
+    @property
+    def wrapper(self) -> Path:
+        """The `cbsd` this host's sshd logins run (a shell script: tests may swap it)."""
+        return self.root / "bin" / "cbsd"
+
+    @contextlib.contextmanager
+    def cbsd_as(self, script: str) -> Iterator[None]:
+        """Logins here run *script* (a /bin/sh body; "$@" are cbsd's arguments) instead of
+        cbsd, e.g. a cbsd that hangs or answers garbage, or one with a failpoint set."""
+        plain = self.wrapper.read_text()
+        self.wrapper.write_text(f"#!/bin/sh\n{script}\n")
+        try:
+            yield
+        finally:
+            self.wrapper.write_text(plain)
+
+    @property
+    def real_cbsd(self) -> str:
+        """The line of the wrapper that runs cbsd (to prefix with variables)."""
+        return self.wrapper.read_text().splitlines()[1]
+
+    def link(self, up: bool) -> None:
+        """Plug or unplug this host's end of the wire: the other host cannot reach it."""
+        subprocess.run(["ip", "-n", self.ns.name, "link", "set", "h0", "up" if up else "down"],
+                       check=True)
 
     def trust(self, other: Host) -> None:
         """Put *other*'s host key into this host's known_hosts (what an admin does after

@@ -238,8 +238,9 @@ def bls(ctx: Context, a: Args) -> int:
 def _across_nodes(ctx: Context, a: Args, columns: list[str]
                   ) -> tuple[list[dict[str, Any]], int]:
     """bls node=N|'*': each node's own `bls format=json`, with a node column ('*' adds this
-    host's VMs as node 'local'). A node that cannot be reached is named on stderr; the
-    command then exits 1 after listing the others."""
+    host's VMs as node 'local'). A node that cannot be reached, does not answer in time or
+    answers what is not a listing is named on stderr; the command then exits 1 after listing
+    the others."""
     from cbsd.core import listing, nodes
 
     want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
@@ -252,15 +253,11 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
             print(note, file=sys.stderr)
         rows += [{**r, "node": "local"} for r in local]
         unreached += len(damaged)
-    args = ["bls", *(f"jname={n}" for n in a["names"])]
-    for name in want:
-        node = nodes.get(ctx, name)
-        try:
-            found = node.call_json(args)
-        except nodes.NodeError as e:
+    for name, found in nodes.vm_rows(ctx, want, a["names"]):  # validated, each in a deadline
+        if isinstance(found, nodes.NodeError):
             if a["node"] != "*":
-                raise
-            print(e, file=sys.stderr)  # one line per node left out; the others are listed
+                raise found
+            print(found, file=sys.stderr)  # one line per node left out; the others listed
             unreached += 1
             continue
         rows += [{**r, "node": name} for r in found]

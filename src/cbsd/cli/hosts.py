@@ -4,6 +4,7 @@ work is core/transfer.py, core/nodes.py, core/move.py and core/migrate.py)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from cbsd.cli import output
@@ -11,11 +12,11 @@ from cbsd.cli.commands import Args, only_in_modes
 from cbsd.core.context import Context
 from cbsd.core.names import check_name
 from cbsd.errors import UsageError
+from cbsd.failpoints import failpoint
 
 
 def bexport(ctx: Context, a: Args) -> int:
     import os
-    from pathlib import Path
 
     from cbsd.core import transfer
 
@@ -50,14 +51,43 @@ def bexport(ctx: Context, a: Args) -> int:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.rename(tmp, path)
-    except BaseException:
+        failpoint("bexport:written")
+        _publish_new(tmp, path)
+    finally:
         for f in opened:
             f.close()
         tmp.unlink(missing_ok=True)
-        raise
     print(f"{msg}: {path}")
     return 0
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the finished archive *tmp* its name *path* only if nothing has it: link(2), or
+    renameat2(RENAME_NOREPLACE) where the file system has no hard links, fails with EEXIST
+    instead of replacing, so a file created at PATH while the export ran (the check at the
+    start is only advice) is never overwritten. The caller removes *tmp*."""
+    import ctypes
+    import errno
+    import os
+
+    from cbsd.storage.atomic import fsync_dir
+
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        err = e.errno
+        if err in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            libc = ctypes.CDLL(None, use_errno=True)
+            at_fdcwd, rename_noreplace = -100, 1
+            done = libc.renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(path),
+                                  rename_noreplace)
+            err = 0 if done == 0 else ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise UsageError(f"bexport: {path} was created while the export ran (cbsd does "
+                             "not overwrite it): nothing was written") from None
+        if err:
+            raise OSError(err, os.strerror(err), str(path)) from None
+    fsync_dir(path.parent)
 
 
 def bimport(ctx: Context, a: Args) -> int:
@@ -125,13 +155,13 @@ def bmove(ctx: Context, a: Args) -> int:
 
 
 def bmigrate(ctx: Context, a: Args) -> int:
-    from cbsd.core import migrate
+    from cbsd.core import migrate, migrate_in
 
     jname, mode = a["jname"], a["mode"]
     if mode == "incoming":
-        return migrate.main_incoming(ctx, jname)
+        return migrate_in.main_incoming(ctx, jname)
     if mode == "status":
-        print(migrate.status(ctx, jname))
+        print(migrate_in.status(ctx, jname))
         return 0
     if not a["node"]:
         raise UsageError("bmigrate: missing required key 'node'")

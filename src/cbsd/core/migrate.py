@@ -24,12 +24,11 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from cbsd.core import lifecycle, nodes, transfer
+from cbsd.core import lifecycle, node_answers, nodes, transfer
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.vm import EFI_VARS, VM
@@ -44,7 +43,7 @@ READY_TIMEOUT = 120.0
 MIRROR_TIMEOUT = 3600.0
 
 
-def _block_nodes(spec: VMSpec) -> list[tuple[str, str]]:
+def block_nodes(spec: VMSpec) -> list[tuple[str, str]]:
     """(QEMU node name, file name under vm/NAME/) of every writable disk (core/argv.py)."""
     out = [(f"disk{i}", d) for i, d in enumerate(spec.disks)]
     if spec.efi == "uefi":
@@ -81,7 +80,7 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
     wd, jname = vm.ctx.workdir, vm.jname
     paused = vm.status(mine=True) is Status.PAUSED
     sizes = {f: int(img.info(wd.disk(jname, f))["virtual-size"]) for _, f in
-             _block_nodes(vm.spec)}
+             block_nodes(vm.spec)}
     control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -93,7 +92,8 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
         _send(control, {"spec": vm.spec.to_dict(), "sizes": sizes, "paused": paused,
                         "source": {"qemu": vm.ctx.host.version, "accel": vm.ctx.host.accel,
                                    "cpu": transfer.cpu_signature(vm.ctx.host)}})
-        ready = _receive(control, node, READY_TIMEOUT)
+        ready = node.checked("bmigrate mode=incoming", node_answers.migrate_sockets,
+                             _receive(control, node, READY_TIMEOUT))
         forward = _forward(node, local, ready)
         failpoint("bmigrate:forwarded")
         _mirror(mon, vm, local["nbd"])
@@ -109,7 +109,8 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
             _receive(control, node, 1)
         went = True
         _send(control, {"go": True})
-        _receive(control, node, READY_TIMEOUT)
+        node.checked("bmigrate mode=incoming", node_answers.migrate_done,
+                     _receive(control, node, READY_TIMEOUT))
         downtime = downtime_ms / 1000 + (time.monotonic() - stopped)
     except BaseException:
         _kill(control, forward)
@@ -136,15 +137,20 @@ def _send(p: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
         pass  # the node ended: the next _receive says why
 
 
-def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> dict[str, Any]:
-    """The node's next JSON line; NodeError with its message if it ended instead."""
+def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> Any:
+    """The node's next JSON line (its shape the caller's to check); NodeError with its
+    message if it ended instead."""
     import select
 
     assert p.stdout is not None and p.stderr is not None
     ready, _, _ = select.select([p.stdout], [], [], timeout)
     line = p.stdout.readline() if ready else b""
     if line:
-        return dict(json.loads(line))
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise nodes.NodeError(f"node {node.name}: bmigrate there answered what is not "
+                                  "JSON (is it a cbsd of this version?)") from None
     try:
         p.wait(10 if ready else 0.1)
     except subprocess.TimeoutExpired:
@@ -154,9 +160,11 @@ def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> di
     raise node.failed(p.returncode, p.stderr.read())
 
 
-def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
+def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, str]
              ) -> subprocess.Popen[bytes]:
-    """`ssh -N -L` from this host's sockets (in the VM's owner-only folder) to the node's."""
+    """`ssh -N -L` from this host's sockets (in the VM's owner-only folder) to the node's.
+    It ends with this process, however that ends (a kill -9 before the intent that names it
+    is written would otherwise leave it, and its session on the node, for good)."""
     argv = node.argv([])[:-3]  # ssh and its options, without "--", the host and a command
     for key, path in local.items():
         path.unlink(missing_ok=True)
@@ -164,7 +172,8 @@ def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
     argv += ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
              "--", node.host]
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE,
+                         preexec_fn=nodes.die_with_parent(os.getpid()))
     deadline = time.monotonic() + READY_TIMEOUT
     while not all(s.exists() for s in local.values()):
         if p.poll() is not None or time.monotonic() > deadline:
@@ -178,7 +187,7 @@ def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, Any]
 
 def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
     """Every writable disk mirrored into the node's export of it, until all are in step."""
-    for node_name, _ in _block_nodes(vm.spec):
+    for node_name, _ in block_nodes(vm.spec):
         mon.cmd("blockdev-add", driver="nbd", **{"node-name": f"mig-{node_name}"},
                 server={"type": "unix", "path": str(nbd)}, export=node_name)
         mon.cmd("blockdev-mirror", **{"job-id": f"mig-{node_name}"}, device=node_name,
@@ -186,7 +195,7 @@ def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
     deadline = time.monotonic() + MIRROR_TIMEOUT
     while True:
         jobs = {j["device"]: j for j in mon.cmd("query-block-jobs")}
-        mine = [jobs.get(f"mig-{n}") for n, _ in _block_nodes(vm.spec)]
+        mine = [jobs.get(f"mig-{n}") for n, _ in block_nodes(vm.spec)]
         if any(j is None for j in mine):
             raise QemuError(f"{vm.jname}: a disk mirror to the node ended early")
         if all(j is not None and j.get("ready") for j in mine):
@@ -213,7 +222,7 @@ def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
             raise QemuError(f"{vm.jname}: the migration failed: "
                             f"{info.get('error-desc', state)}")
         time.sleep(0.01)
-    for node_name, _ in _block_nodes(vm.spec):
+    for node_name, _ in block_nodes(vm.spec):
         mon.cmd("block-job-cancel", device=f"mig-{node_name}")
     while any(j["device"].startswith("mig-") for j in mon.cmd("query-block-jobs")):
         time.sleep(0.005)
@@ -249,7 +258,7 @@ def _drop_mirror_nodes(mon: Monitor, vm: VM) -> None:
                 and time.monotonic() < deadline:
             time.sleep(0.02)
         present = {n.get("node-name") for n in mon.cmd("query-named-block-nodes")}
-        for node_name, _ in _block_nodes(vm.spec):
+        for node_name, _ in block_nodes(vm.spec):
             if f"mig-{node_name}" in present:
                 mon.cmd("blockdev-del", **{"node-name": f"mig-{node_name}"})
         migration.set_capabilities(mon, migration.capabilities(mon),
@@ -268,14 +277,16 @@ def settle(vm: VM, node_name: str, ssh: list[int] | None = None) -> None:
     says whether it has the VM (asked under the VM's lock there). If it does, the copy here
     is ended and removed (StateError saying so); if not, the VM runs on here."""
     _end_ssh(ssh or [], vm.jname)
+    intent = vm.ctx.workdir.moving(vm.jname)
     try:
-        answer = nodes.get(vm.ctx, node_name).call(
-            ["bmigrate", "mode=status", f"jname={vm.jname}"], timeout=120).strip()
+        node = nodes.get(vm.ctx, node_name)
+        answer = node.checked("bmigrate mode=status", node_answers.migrate_status, node.call(
+            ["bmigrate", "mode=status", f"jname={vm.jname}"], timeout=120))
     except CbsdError as e:
         raise StateError(f"{vm.jname}: an interrupted bmigrate to node {node_name} cannot be "
                          f"settled until the node answers ({e}); the VM is held here "
-                         "meanwhile: retry any command") from None
-    intent = vm.ctx.workdir.moving(vm.jname)
+                         f"meanwhile: retry any command; if node {node_name} is gone for "
+                         f"good, delete {intent} to keep {vm.jname} here") from None
     if answer == "registered":
         if vm.alive():
             vm.kill()
@@ -303,122 +314,3 @@ def _end_ssh(pids: list[int], jname: str) -> None:
                                            f"/{jname}/".encode() in cmd):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-# --- the node's side ----------------------------------------------------------------------
-
-def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
-    """The node's half (see the module's docstring); runs as long as the control ssh."""
-    from cbsd.core import cloudinit
-
-    req = json.loads(inp.readline() or b"{}")
-    spec = VMSpec.from_dict({**req["spec"], "jname": jname})
-    why = transfer.host_incompatibility(ctx.host, spec, req["source"], {"the VM": {
-        "qemu": req["source"]["qemu"], "accel": req["source"]["accel"],
-        "machine": spec.machine}})
-    if why:
-        raise StateError(f"{jname}: cannot migrate here: {why}")
-    for medium in transfer.BOOT_MEDIA:
-        path = getattr(spec, medium)
-        if path and not Path(path).is_file():
-            raise StateError(f"{jname}: its {medium}= {path} is missing on this host: copy "
-                             "it here first (bmove carries it)")
-    wd = ctx.workdir
-    wd.ensure()
-    with ctx.lock(jname, "bmigrate"):
-        if ctx.inventory.get(jname) is not None or wd.system(jname).exists() or \
-                wd.vm_dir(jname).exists():
-            raise StateError(f"VM already exist: {jname} (on this node)")
-        wd.system(jname).mkdir(mode=0o700)
-        lifecycle.mark_unfinished(ctx, jname)
-        vm = VM(ctx, spec, runtime=(0, 0))
-        try:
-            wd.ensure_vm(jname)
-            for _, fname in _block_nodes(spec):
-                img.create(wd.disk(jname, fname), int(req["sizes"][fname]))
-            if spec.cloud_init:
-                cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
-                                                                         spec.cloud_init))
-            _receive_vm(vm, bool(req.get("paused")), inp, out)
-        except BaseException:
-            if vm.alive():
-                vm.kill()
-            lifecycle.clear_unfinished(ctx, jname)
-            raise
-
-
-def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
-    ctx, jname = vm.ctx, vm.jname
-    mon = vm.launch(incoming=True)
-    caps = migration.capabilities(mon)
-    migration.set_capabilities(mon, caps, {"late-block-activate": True})
-    # Names as short as qmp.sock's: a Unix socket's path has at most 107 bytes.
-    sockets = {k: str(ctx.workdir.system(jname) / f"{k[:3]}.sock")
-               for k in ("nbd", "migration")}
-    # SocketAddressLegacy: the address inside "data" (QEMU 7.2 and 10 alike)
-    mon.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sockets["nbd"]}})
-    for node_name, _ in _block_nodes(vm.spec):
-        mon.cmd("block-export-add", type="nbd", id=f"mig-{node_name}",
-                **{"node-name": node_name}, name=node_name, writable=True)
-    mon.cmd("migrate-incoming", uri=f"unix:{sockets['migration']}")
-    for path in sockets.values():
-        os.chmod(path, 0o600)
-    out.write(json.dumps(sockets) + "\n")
-    out.flush()
-    line = inp.readline()
-    if not line or not json.loads(line).get("go"):
-        raise StateError(f"{jname}: the migration was abandoned by the sending host")
-    failpoint("bmigrate:go")
-    deadline = time.monotonic() + 60
-    while mon.status() == "inmigrate":
-        if time.monotonic() > deadline:
-            raise QemuError(f"{jname}: the migration did not complete here")
-        time.sleep(0.01)
-    info = mon.cmd("query-migrate")
-    if info.get("status") not in (None, "completed"):
-        raise QemuError(f"{jname}: the migration failed here: "
-                        f"{info.get('error-desc', info.get('status'))}")
-    mon.cmd("nbd-server-stop")
-    lifecycle.save_spec_file(ctx, vm.spec)
-    lifecycle.unmark(ctx, jname)
-    ctx.inventory.add(vm.spec)
-    ctx.inventory.set_runtime(jname, vm.pid, vm.vnc_port)
-    if paused:
-        migration.activate_disks(mon)
-    else:
-        mon.cmd("cont")
-    for path in sockets.values():
-        Path(path).unlink(missing_ok=True)
-    out.write(json.dumps({"running": not paused}) + "\n")
-    out.flush()
-
-
-def status(ctx: Context, jname: str) -> str:
-    """'registered' or 'absent', once no bmigrate holds the VM here. A VM that came in
-    half-way (its cbsd killed: files under the unfinished mark, maybe its QEMU still up,
-    paused) is cleared first: the QEMU ended, the files removed."""
-    import signal
-
-    from cbsd.qemu import process
-
-    wd = ctx.workdir
-    with ctx.lock(jname, "bmigrate status", wait=120):
-        if ctx.inventory.get(jname) is not None:
-            return "registered"
-        if wd.unfinished(jname).exists():
-            marker = str(wd.qmp_sock(jname))
-            try:
-                pid = int(wd.pidfile(jname).read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid:
-                process.kill(pid, marker, signal.SIGKILL)
-                if not process.wait_gone(pid, marker, 10):
-                    raise QemuError(f"{jname}: QEMU (pid {pid}) did not exit after SIGKILL")
-            lifecycle.clear_unfinished(ctx, jname)
-        return "absent"
-
-
-def main_incoming(ctx: Context, jname: str) -> int:
-    incoming(ctx, jname, sys.stdin.buffer, sys.stdout)
-    return 0

@@ -11,7 +11,11 @@ While jails-system/VM/moving exists the VM is held here: a bmove killed in phase
 intact here (the node drops an archive cut short at once, an unclaimed staged one after a
 day); one killed in phase 2 is settled by the next command on the VM, which asks the node to drop
 the staged VM (bimport mode=abort): done unless the commit had arrived, in which case the VM
-is the node's only and is removed here.
+is the node's only and is removed here. The intent says whether the commit may have gone out:
+until it did, a node that cannot be asked (or was removed) cannot have the VM, and the move
+is settled as never made. A commit whose ssh ends without its answer is settled the same way
+at once: the node's own word (abort: 'aborted' or 'committed') decides, not the exit code.
+Every answer of the node is checked for its shape first (core/node_answers.py).
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import subprocess
 import time
 from typing import IO, cast
 
-from cbsd.core import lifecycle, nodes, transfer
+from cbsd.core import lifecycle, node_answers, nodes, transfer
 from cbsd.core.context import Context
 from cbsd.core.model import Status
 from cbsd.core.vm import VM
-from cbsd.errors import CbsdError, StateError
+from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import write_atomic
 
@@ -64,17 +68,63 @@ def _resume_here(ctx: Context, jname: str) -> None:
 def _send_and_commit(vm: VM, node: nodes.Node) -> None:
     ctx, jname = vm.ctx, vm.jname
     intent = ctx.workdir.moving(jname)
-    write_atomic(intent, json.dumps({"node": node.name, "id": None}).encode())
+    _intend(vm, node.name, None)
     try:
         ident = _send(vm, node)
     except BaseException:
         intent.unlink(missing_ok=True)
         raise
-    write_atomic(intent, json.dumps({"node": node.name, "id": ident}).encode())
+    _intend(vm, node.name, ident, commit="not sent")
     failpoint("bmove:staged")  # from here recovery asks the node (settle)
-    node.call(["bimport", "mode=commit", f"id={ident}"])
+    _intend(vm, node.name, ident, commit="sent")
+    failpoint("bmove:committing")
+    try:
+        node.checked("bimport mode=commit", node_answers.committed,
+                     node.call(["bimport", "mode=commit", f"id={ident}"]))
+    except nodes.NodeError as failed:
+        # The ssh, or cbsd there, ended without saying it was done: perhaps after it
+        # registered the VM. What the node holds decides, not how the command ended.
+        try:
+            there = _committed_there(node, ident)
+        except CbsdError as e:
+            raise StateError(f"{jname}: the commit on node {node.name} ended without its "
+                             f"answer ({failed}) and the node cannot be asked now whether it "
+                             f"has the VM ({e}): the next command on {jname} settles "
+                             "it") from None
+        if not there:
+            intent.unlink()  # it dropped what it staged: the VM stays here, as it was
+            raise
     failpoint("bmove:committed")
     lifecycle.remove_held(ctx, vm)
+
+
+def _intend(vm: VM, node_name: str, ident: str | None, commit: str | None = None) -> None:
+    """The intent file: where the VM is going, the staging id there once the node has it,
+    and whether the commit may have gone out ("not sent": the node cannot have the VM)."""
+    record: dict[str, str | None] = {"node": node_name, "id": ident}
+    if commit is not None:
+        record["commit"] = commit
+    write_atomic(vm.ctx.workdir.moving(vm.jname), json.dumps(record).encode())
+
+
+def _committed_there(node: nodes.Node, ident: str) -> bool:
+    """Ask the node to drop what it staged as *ident*: False once dropped; True if the
+    commit had come first (it holds the staging folder's lock, so the answer is final)."""
+    out = node.call(["bimport", "mode=abort", f"id={ident}"], timeout=120)
+    return node.checked("bimport mode=abort", node_answers.aborted, out) is not None
+
+
+def interrupted_to(ctx: Context, node_name: str) -> list[str]:
+    """The VMs whose interrupted bmove or bmigrate names node *node_name*."""
+    found = []
+    for jname in ctx.inventory.names():
+        try:
+            record = json.loads(ctx.workdir.moving(jname).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("node") == node_name:
+            found.append(jname)
+    return found
 
 
 def _send(vm: VM, node: nodes.Node) -> str:
@@ -100,7 +150,8 @@ def _send(vm: VM, node: nodes.Node) -> str:
     if proc.returncode != 0:
         raise node.failed(proc.returncode, err)
     failpoint("bmove:sent")
-    return out.decode().strip().splitlines()[-1]
+    return node.checked("bimport mode=stage", node_answers.staging_id,
+                        out.decode(errors="replace"))
 
 
 def settle(vm: VM) -> None:
@@ -125,14 +176,30 @@ def settle(vm: VM) -> None:
     if ident is None:
         intent.unlink()
         return
+    # "not sent": the node cannot have registered the VM (a record without the key comes
+    # from a cbsd that did not say: assume the commit went out).
+    sent = record.get("commit") != "not sent"
+    way_out = (f"if node {node_name} is gone for good, delete {intent} to keep {jname} "
+               "here")
     try:
-        answer = nodes.get(ctx, node_name).call(["bimport", "mode=abort", f"id={ident}"],
-                                                timeout=120).strip()
+        node = nodes.get(ctx, node_name)
+    except UsageError:
+        if not sent:  # node gone, never committed: never moved
+            intent.unlink()
+            return
+        raise StateError(f"{jname}: an interrupted bmove to node {node_name}, which is no "
+                         f"longer known here, may have been committed there: add the node "
+                         f"again so that it can be asked; {way_out}") from None
+    try:
+        moved_there = _committed_there(node, str(ident))
     except CbsdError as e:
+        if not sent:  # the node never got the commit; its staged copy expires there
+            intent.unlink()
+            return
         raise StateError(f"{jname}: an interrupted bmove to node {node_name} cannot be "
                          f"settled until the node answers ({e}); the VM is kept here "
-                         "meanwhile, unusable: retry any command") from None
-    if not answer.startswith("committed"):
+                         f"meanwhile, unusable: retry any command; {way_out}") from None
+    if not moved_there:
         intent.unlink()  # the node dropped what it had staged: the VM stays here
         return
     lifecycle.remove_held(ctx, vm)

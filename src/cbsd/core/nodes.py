@@ -12,17 +12,22 @@ key and known_hosts of cbsd's own); its checks stay ssh's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from cbsd.core import node_answers
 from cbsd.core.context import Context
 from cbsd.core.names import check_name
-from cbsd.errors import CbsdError, UsageError
+from cbsd.errors import CbsdError, StateError, UsageError
+
+T = TypeVar("T")
 
 _HOST_RE = re.compile(r"([A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9.:_-]*")
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
@@ -86,18 +91,29 @@ class Node:
             raise NodeError(f"node {self.name}: {last_line(res.stderr)}", res.returncode)
         return res.stdout.decode(errors="replace")
 
-    def call_json(self, args: list[str]) -> Any:
-        out = self.call([*args, "format=json"])
+    def call_json(self, args: list[str], **kw: Any) -> Any:
+        out = self.call([*args, "format=json"], **kw)
         try:
             return json.loads(out)
         except ValueError:
             raise NodeError(f"node {self.name}: cbsd there answered what is not JSON (is it "
                             "a cbsd of this version?)") from None
 
+    def checked(self, what: str, check: Callable[[Any], T], answer: Any) -> T:
+        """*answer* (to *what*) through its validator (core/node_answers.py); a NodeError
+        naming this node and the fault if it is not of the expected shape."""
+        try:
+            return check(answer)
+        except node_answers.BadAnswer as e:
+            raise NodeError(f"node {self.name}: its answer to {what} is not what cbsd "
+                            f"expects: {e} (is it a cbsd of this version?)") from None
+
 
 def last_line(err: bytes) -> str:
+    """The last line a node (or ssh) wrote on stderr, as it may be shown here: control
+    characters replaced and cut short (a node's words must not drive this terminal)."""
     lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "failed without a message"
+    return node_answers.printable(lines[-1].strip()) if lines else "failed without a message"
 
 
 def why(err: bytes) -> str:
@@ -129,19 +145,90 @@ def add(ctx: Context, name: str, host: str, port: int) -> str:
     node = Node(name, check_host(host), port)
     if any(n == name for n, _, _ in ctx.inventory.nodes()):
         raise UsageError(f"node already exists: {name} (node mode=remove first)")
-    version = node.call(["--version"], timeout=60).strip()
+    version = node.checked("cbsd --version", lambda out: node_answers.text(
+        node_answers.last_line(out), "the version", 200), node.call(["--version"], timeout=60))
     ctx.inventory.add_node(name, node.host, port)
     return f"node {name}: added ({node.host}, {version})"
 
 
 def remove(ctx: Context, name: str) -> str:
+    """Forget a node, once no interrupted bmove or bmigrate to it is left to settle: each is
+    settled first (the node asked, as the VM's next command would); one that cannot be
+    settled keeps the node (StateError, saying how out)."""
+    from cbsd.core import move
+
     get(ctx, name)
+    for jname in move.interrupted_to(ctx, name):
+        # recovery settles it as the VM's next command would ("it was moved there" too)
+        with contextlib.suppress(StateError), ctx.locked_vm(jname, "node remove"):
+            pass
+    left = move.interrupted_to(ctx, name)
+    if left:
+        raise StateError(
+            f"node {name}: not removed: the interrupted move of {', '.join(left)} to it is "
+            f"settled only by asking it (retry once it answers; if {name} is gone for good, "
+            f"delete {ctx.workdir.moving(left[0])} to keep {left[0]} here)")
     ctx.inventory.remove_node(name)
     return f"node {name}: removed"
 
 
 def listing(ctx: Context) -> list[dict[str, Any]]:
     return [{"name": n, "host": h, "port": p} for n, h, p in ctx.inventory.nodes()]
+
+
+def deadline() -> float:
+    """Seconds a node may take to answer a listing (bls node=): CBSD_NODE_TIMEOUT, default
+    15, so that a node that hangs delays a listing of all by that much at most."""
+    raw = os.environ.get("CBSD_NODE_TIMEOUT", "15")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise UsageError(f"CBSD_NODE_TIMEOUT: bad value '{raw}' (seconds, e.g. 15)")
+    return value
+
+
+def vm_rows(ctx: Context, names: list[str], jnames: list[str]
+            ) -> list[tuple[str, list[dict[str, Any]] | NodeError]]:
+    """Each node's VMs (its `bls format=json`, validated: core/node_answers.py) or why
+    not, asked in parallel (up to 16 at a time), each within deadline()."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chosen = [get(ctx, n) for n in names]
+    limit = deadline()
+    args = ["bls", *(f"jname={j}" for j in jnames)]
+
+    def one(node: Node) -> list[dict[str, Any]] | NodeError:
+        try:
+            return node.checked("bls", node_answers.bls_rows,
+                                node.call_json(args, timeout=limit))
+        except NodeError as e:
+            return e
+
+    if not chosen:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(chosen))) as pool:
+        return list(zip(names, pool.map(one, chosen), strict=True))
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn that has the kernel SIGKILL the child when *parent* (this process) ends,
+    however it ends, kill -9 included (prctl PR_SET_PDEATHSIG): for helpers such as an
+    `ssh -N` forwarder that would otherwise outlive cbsd for good. It runs between fork and
+    exec, so it does the least: one libc call and one check (no shell is involved)."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nothing would tell us
+            os._exit(1)
+
+    return preexec
 
 
 def forward(ctx: Context, name: str, args: list[str]) -> int:

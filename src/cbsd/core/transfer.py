@@ -391,6 +391,7 @@ def commit(ctx: Context, ident: str) -> str:
         spec = specs.from_untrusted(json.loads((path / "spec.json").read_text()),
                                     f"bimport: the definition staged in {path}")
         register(ctx, path, spec)
+        failpoint("bimport:registered")  # registered, not yet noted: abort tells (below)
         from cbsd.storage.atomic import write_atomic
 
         write_atomic(staging.done_record(path), spec.jname.encode())
@@ -402,8 +403,11 @@ def abort(ctx: Context, ident: str) -> str:
     """Drop a staged VM unless it was committed: 'aborted', or 'committed NAME'."""
     path = staging.staged(ctx, ident)
     with staging.held(path) as done:
-        if done is None and (path / staging.STAGED).exists() and not (path / "vm").exists():
-            # A commit killed after registering and before it noted so.
+        staged_vm = path / "vm"
+        if done is None and (path / staging.STAGED).exists() and not (
+                staged_vm.is_dir() and any(staged_vm.iterdir())):
+            # A commit killed after registering and before it noted so (register() moves
+            # the files out and leaves their folder: empty, not gone).
             name = (path / staging.STAGED).read_text()
             done = name if ctx.inventory.get(name) is not None else None
         if done is not None:

@@ -9,6 +9,11 @@ manages itself, `cbsd0` (like libvirt's default network and Incus' incusbr0).
   dnsmasq (Debian's dnsmasq-base) for DHCP and DNS on it alone (leases in var/db/), IPv4
   forwarding, and NAT to the host's uplink (nftables: table `ip cbsd`). It stays up, as
   libvirt's default network does.
+- cbsd0 belongs to one workdir per host (network namespace): its dnsmasq, leases and pid file
+  live in that workdir, and a second dnsmasq could not bind the bridge's address. The owner
+  is written on the bridge itself (its alias, `ip link show cbsd0` shows it), so it is
+  host-wide, goes with the bridge, and needs no file outside the workdir; another workdir
+  is refused with one line naming the owner (docs/networking.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from cbsd import debug
-from cbsd.errors import CbsdError, UsageError
+from cbsd.errors import CbsdError, StateError, UsageError
 
 MANAGED = "cbsd0"
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -77,12 +82,58 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
     return res.stdout
 
 
+OWNER_PREFIX = "cbsd workdir "
+
+
+def owner_tag(workdir: Path) -> str:
+    """What cbsd0's alias says when *workdir* owns it (IFALIASZ: at most 255 bytes)."""
+    return (OWNER_PREFIX + str(workdir))[:255]
+
+
+def owner_of(alias: str) -> str | None:
+    """The workdir an alias names ('' or another text: none)."""
+    return alias[len(OWNER_PREFIX):] if alias.startswith(OWNER_PREFIX) else None
+
+
+def _alias() -> str:
+    try:
+        return Path(f"/sys/class/net/{MANAGED}/ifalias").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _claim(workdir: Path) -> None:
+    """cbsd0 for *workdir*: claimed if unowned (made here, or by a cbsd that did not write
+    owners), refused if another workdir owns it."""
+    alias = _alias()
+    if alias == owner_tag(workdir):
+        return
+    owner = owner_of(alias)
+    if owner is not None:
+        raise StateError(
+            f"cbsd0 belongs to the workdir {owner} (one workdir per host owns it: its "
+            "dnsmasq and leases live there): use nic=bridge interface=BRIDGE with a bridge "
+            f"of your own, or that workdir (CBSD_WORKDIR={owner}); if {owner} is gone, "
+            "remove the network first (docs/networking.md)")
+    _ip("link", "set", MANAGED, "alias", owner_tag(workdir))
+
+
 def ensure_managed(run_dir: Path, db_dir: Path) -> None:
     """Bring cbsd0 up if it is not: bridge and address, forwarding, NAT, dnsmasq. Idempotent;
-    the caller holds the network's lock."""
+    the caller holds the network's lock (this workdir's: other workdirs are kept off by the
+    owner on the bridge)."""
     net = subnet()
+    workdir = run_dir.parent.parent  # WORKDIR/var/run
+    made = False
     if not bridge_exists(MANAGED):
-        _ip("link", "add", MANAGED, "type", "bridge")
+        try:
+            _ip("link", "add", MANAGED, "type", "bridge")
+            made = True
+        except CbsdError:
+            if not bridge_exists(MANAGED):
+                raise  # else another workdir made it at the same instant: its owner decides
+    _claim(workdir)
+    if made:
         _ip("addr", "add", str(net), "dev", MANAGED)
     _ip("link", "set", MANAGED, "up")
     try:
