@@ -216,7 +216,9 @@ def die_with_parent(parent: int) -> Callable[[], None]:
     """A preexec_fn that has the kernel SIGKILL the child when *parent* (this process) ends,
     however it ends, kill -9 included (prctl PR_SET_PDEATHSIG): for helpers such as an
     `ssh -N` forwarder that would otherwise outlive cbsd for good. It runs between fork and
-    exec, so it does the least: one libc call and one check (no shell is involved)."""
+    exec, so it does the least: one libc call and one check (no shell is involved).
+    The kernel ties the signal to the *thread* that forked, not the process: start such a
+    helper from a thread that outlives its use (the main thread, in every command today)."""
     import ctypes
     import signal
 
