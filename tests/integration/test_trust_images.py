@@ -42,9 +42,10 @@ def hostile(tmp: Path, kind: str) -> tuple[Path, Path]:
     image = tmp / f"hostile-{kind}.qcow2"
     opts = (["-b", str(host), "-F", "raw"] if kind == "backing" else
             ["-o", f"data_file={host},data_file_raw=on"])
+    build.counter_image(host)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(image), "1M"],
                    check=True)
-    build.counter_image(host)  # after create: qemu-img create made the data file empty
+    build.counter_image(host)  # again: creating an image over a data file empties it
     return image, host
 
 

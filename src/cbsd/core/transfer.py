@@ -71,13 +71,20 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     jname = vm.jname
     status = vm.status(mine=True)
     require(jname, status, Action.EXPORT)
-    head, plan = _plan(vm, checkpoints, status)
+    try:
+        head, plan = _plan(vm, checkpoints, status)
+    except CheckpointError as e:
+        raise CheckpointError(f"{jname}: {e} (bcheckpoint mode=verify)") from None
     stream = out()
     # On a failure the archive just stops (no seal): any importer refuses it as truncated.
     writer = Writer(stream)
     writer.add_bytes(HEADER, head)
     for name, src, expect in plan.members:
-        digest = writer.add(name, src)
+        try:
+            digest = writer.add(name, src)
+        except CheckpointError as e:  # a folded stream's chunks, read as they go out
+            raise CheckpointError(f"{jname}: {_state_of(name)} is damaged: {e} "
+                                  "(bcheckpoint mode=verify)") from None
         if expect is not None and digest != expect:
             raise CheckpointError(f"{jname}: {name} does not match its checksum (the saved "
                                   "state is damaged: bcheckpoint mode=verify)")
@@ -85,6 +92,14 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     stream.flush()
     n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
     return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
+
+
+def _state_of(member: str) -> str:
+    """The saved state an archive member belongs to, as messages name it."""
+    top = member.split("/")
+    if top[0] == "checkpoints":
+        return f"checkpoint {top[1][:-4]}"
+    return "the hibernation image" if top[0] == HIBERNATION_DIR else member
 
 
 def status_of(ctx: Context, jname: str) -> Status:
@@ -143,7 +158,10 @@ def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
     if m.stream is not None:
         from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
-        recipe = Recipe.read(ckdir / RECIPE)
+        try:
+            recipe = Recipe.read(ckdir / RECIPE)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: {e}") from None
         store = Store(ckpstore.store_of(ckdir))
         rebuilt = (m.stream, _pieces(store, recipe, m.stream.size))
         files.pop(RECIPE)
