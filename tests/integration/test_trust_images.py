@@ -185,7 +185,7 @@ EDITS: dict[str, tuple[Edit, str]] = {
         "the archive's checkpoint c1 is damaged: disk snapshot cbsd-c1-"),
     "a disk the definition names is missing": (
         lambda h, m, t: (h, [(n, d) for n, d in m if n != "vm/dsk1.qcow2"]),
-        "the archive lacks vm/dsk1.qcow2, which its definition names"),
+        "dsk1.qcow2"),  # whichever check finds it first names it
     "checkpoint without its manifest": (
         lambda h, m, t: (h, [(n, d) for n, d in m if n != "checkpoints/c1.ckp/manifest.json"]),
         "checkpoint c1 is damaged: its manifest is missing"),
@@ -195,7 +195,10 @@ EDITS: dict[str, tuple[Edit, str]] = {
         lambda h, m, t: ({**h, "spec": {**h["spec"],  # type: ignore[dict-item]
                                         "disks": ["dsk1.qcow2", "efivars.qcow2"]}},
                          [*m, ("vm/efivars.qcow2", dict(m)["vm/dsk1.qcow2"])]),
-        "efivars.qcow2 is cbsd's own file of the VM, not a disk"),
+        "efivars.qcow2"),
+    "a disk name that is a number": (
+        lambda h, m, t: ({**h, "spec": {**h["spec"], "disks": [5]}}, m),  # type: ignore[dict-item]
+        "disk"),
 }
 
 

@@ -48,6 +48,8 @@ def own_files(wd: Workdir, jname: str) -> set[str]:
 
 def disk_file_problem(wd: Workdir, jname: str, file: str) -> str | None:
     """Why *file* cannot be one of the VM's disks, or None."""
+    if not isinstance(file, str):  # a definition from outside can hold anything
+        return f"{file!r} is not a disk's file name (NAME{DISK_SUFFIX})"
     if file in own_files(wd, jname):
         return f"{file} is cbsd's own file of the VM, not a disk"
     try:

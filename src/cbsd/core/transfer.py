@@ -311,7 +311,6 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     Anything wrong is bad input (ArchiveError): register() only moves files."""
     import dataclasses
 
-    from cbsd.core.load import check_intact
     from cbsd.core.recovery import TAG_PREFIX
 
     wd = ctx.workdir
@@ -319,16 +318,10 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
             if (folder / "boot" / m).is_file()}
     spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
     images = _check_images(ctx, folder, spec)
-    owned: set[str] = set()
+    owned = _check_snapshots(folder, images)
     for ckdir in _state_dirs(folder):
         prefix = str(ckdir.relative_to(folder))
-        try:
-            m = ckpstore.read_manifest(ckdir)
-            check_intact(ckdir, m, {n: set(i.snapshots) for n, i in images.items()},
-                         checksums=False)
-        except CheckpointError as e:
-            raise ArchiveError(f"the archive's {e}") from None
-        owned |= {s.tag for s in m.disk_snapshots}
+        m = ckpstore.read_manifest(ckdir)
         for fname, meta in m.files.items():
             if sums.get(f"{prefix}/{fname}") != [meta.size, meta.xxh3_128]:
                 raise ArchiveError(f"the archive's {ckpstore.describe(ckdir)} is damaged: "
@@ -349,6 +342,23 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     return spec
 
 
+def _check_snapshots(folder: Path, images: dict[str, img.ImageInfo]) -> set[str]:
+    """Every saved state has its manifest and every disk snapshot it names is in the image
+    (the check a restore makes, load.check_intact); the tags they own."""
+    from cbsd.core.load import check_intact
+
+    present = {name: set(i.snapshots) for name, i in images.items()}
+    owned: set[str] = set()
+    for ckdir in _state_dirs(folder):
+        try:
+            m = ckpstore.read_manifest(ckdir)
+            check_intact(ckdir, m, present, checksums=False)
+        except CheckpointError as e:
+            raise ArchiveError(f"the archive's {e}") from None
+        owned |= {s.tag for s in m.disk_snapshots}
+    return owned
+
+
 def _check_images(ctx: Context, folder: Path, spec: VMSpec) -> dict[str, img.ImageInfo]:
     """Every qcow2 the archive brings is a self-contained one qemu-img reads (a disk detached
     before the export too: it may be attached again); the definition's disks are such
@@ -360,7 +370,7 @@ def _check_images(ctx: Context, folder: Path, spec: VMSpec) -> dict[str, img.Ima
     for file in spec.disks:
         why = disk_file_problem(ctx.workdir, spec.jname, file)
         if why:
-            raise ArchiveError(f"the archive's definition lists a disk {why}")
+            raise ArchiveError(f"the archive's definition lists a bad disk: {why}")
     if len(set(spec.disks)) != len(spec.disks):
         raise ArchiveError("the archive's definition lists a disk twice")
     names = [*spec.disks, *([EFI_VARS] if spec.efi == "uefi" else [])]
