@@ -26,9 +26,8 @@ from cbsd.core.load import incompatibility
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import check_name
 from cbsd.core.vm import VM
-from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
+from cbsd.errors import ArchiveError, CheckpointError, StateError
 from cbsd.failpoints import failpoint
-from cbsd.qemu import img
 from cbsd.qemu.host import Host, machine_known
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
@@ -311,14 +310,12 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     Anything wrong is bad input (ArchiveError): register() only moves files."""
     import dataclasses
 
-    from cbsd.core.recovery import TAG_PREFIX
-
     wd = ctx.workdir
     boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
             if (folder / "boot" / m).is_file()}
     spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
-    images = _check_images(ctx, folder, spec)
-    owned = _check_snapshots(folder, images)
+    images = staging.check_images(ctx.workdir, folder, spec)
+    owned = staging.check_snapshots(_state_dirs(folder), images)
     for ckdir in _state_dirs(folder):
         prefix = str(ckdir.relative_to(folder))
         m = ckpstore.read_manifest(ckdir)
@@ -335,56 +332,8 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
         if m.jname != jname or m.spec.get("jname") != jname:
             m.jname, m.spec = jname, {**m.spec, "jname": jname, **boot}
             ckpstore.save_manifest(m, ckdir)
-    for name, i in images.items():  # snapshots of checkpoints that were not exported
-        for tag in sorted(i.snapshots):
-            if tag.startswith(TAG_PREFIX) and tag not in owned:
-                img.snapshot_delete(folder / "vm" / name, tag)
+    staging.drop_orphans(folder, images, owned)  # snapshots of checkpoints not exported
     return spec
-
-
-def _check_snapshots(folder: Path, images: dict[str, img.ImageInfo]) -> set[str]:
-    """Every saved state has its manifest and every disk snapshot it names is in the image
-    (the check a restore makes, load.check_intact); the tags they own."""
-    from cbsd.core.load import check_intact
-
-    present = {name: set(i.snapshots) for name, i in images.items()}
-    owned: set[str] = set()
-    for ckdir in _state_dirs(folder):
-        try:
-            m = ckpstore.read_manifest(ckdir)
-            check_intact(ckdir, m, present, checksums=False)
-        except CheckpointError as e:
-            raise ArchiveError(f"the archive's {e}") from None
-        owned |= {s.tag for s in m.disk_snapshots}
-    return owned
-
-
-def _check_images(ctx: Context, folder: Path, spec: VMSpec) -> dict[str, img.ImageInfo]:
-    """Every qcow2 the archive brings is a self-contained one qemu-img reads (a disk detached
-    before the export too: it may be attached again); the definition's disks are such
-    files, none of them cbsd's own (core/disks.py). The VM's images (what checkpoints
-    snapshot: its disks, its UEFI variable store), with what qemu-img says of them."""
-    from cbsd.core.disks import DISK_SUFFIX, disk_file_problem
-    from cbsd.core.vm import EFI_VARS
-
-    for file in spec.disks:
-        why = disk_file_problem(ctx.workdir, spec.jname, file)
-        if why:
-            raise ArchiveError(f"the archive's definition lists a bad disk: {why}")
-    if len(set(spec.disks)) != len(spec.disks):
-        raise ArchiveError("the archive's definition lists a disk twice")
-    names = [*spec.disks, *([EFI_VARS] if spec.efi == "uefi" else [])]
-    vm_dir = folder / "vm"
-    files = {p.name for p in vm_dir.glob(f"*{DISK_SUFFIX}")} if vm_dir.is_dir() else set()
-    found: dict[str, img.ImageInfo] = {}
-    for name in sorted(files | set(names)):
-        if name not in files:
-            raise ArchiveError(f"the archive lacks vm/{name}, which its definition names")
-        try:
-            found[name] = img.check(vm_dir / name, f"the archive's vm/{name}")
-        except UsageError as e:
-            raise ArchiveError(str(e)) from None
-    return {name: found[name] for name in names}
 
 
 def _state_dirs(folder: Path) -> list[Path]:
