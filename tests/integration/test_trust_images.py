@@ -142,6 +142,32 @@ def test_an_image_planted_in_a_vm_folder_is_never_opened(cbsd: Cbsd, tmp_path: P
     assert sha(host) == before
 
 
+def test_qemu_opens_no_backing_file_whatever_the_header_says(tmp_path: Path) -> None:
+    """The second line of defence, below the header checks: the disks' -blockdev options as
+    cbsd builds them, given to this host's QEMU with an image naming a backing file."""
+    import dataclasses
+    import os
+
+    from cbsd.core.model import VMSpec
+    from cbsd.qemu.argv import build_argv
+    from tests.unit.test_argv import HOST, PATHS
+
+    image, host = hostile(tmp_path, "backing")
+    argv = build_argv(VMSpec(jname="x", ram=32 << 20, machine="pc", disks=["dsk1.qcow2"]),
+                      HOST, dataclasses.replace(PATHS, disks=(str(image),)))
+    blockdevs = [a for i, a in enumerate(argv[1:]) if argv[i] == "-blockdev"]
+    qmp = ('{"execute":"qmp_capabilities"}{"execute":"query-named-block-nodes"}'
+           '{"execute":"quit"}')
+    out = subprocess.run([os.environ.get("CBSD_QEMU", "qemu-system-x86_64"), "-machine",
+                          "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+                          *(x for b in blockdevs for x in ("-blockdev", b))],
+                         input=qmp, capture_output=True, text=True, timeout=60, check=True)
+    nodes = next(json.loads(line)["return"] for line in out.stdout.splitlines()
+             if line.startswith('{"return": ['))
+    assert {n["node-name"] for n in nodes} == {"disk0", "disk0-file"}, nodes
+    assert all(n["file"] != str(host) and n["backing_file_depth"] == 0 for n in nodes), nodes
+
+
 def test_bcreate_image_with_a_backing_chain_is_flattened(cbsd: Cbsd, tmp_path: Path) -> None:
     """image= is the user's own file: its chain is read whole into a self-contained disk."""
     overlay, _ = hostile(tmp_path, "backing")
