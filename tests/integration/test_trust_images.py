@@ -168,9 +168,12 @@ def test_qemu_opens_no_backing_file_whatever_the_header_says(tmp_path: Path) -> 
     assert all(n["file"] != str(host) and n["backing_file_depth"] == 0 for n in nodes), nodes
 
 
-def test_bcreate_image_with_a_backing_chain_is_flattened(cbsd: Cbsd, tmp_path: Path) -> None:
-    """image= is the user's own file: its chain is read whole into a self-contained disk."""
-    overlay, _ = hostile(tmp_path, "backing")
+@pytest.mark.parametrize("kind", ["backing", "data-file"])
+def test_bcreate_image_naming_other_files_is_flattened(cbsd: Cbsd, tmp_path: Path,
+                                                       kind: str) -> None:
+    """image= is the user's own file: read whole (through its backing chain or data file,
+    as the user could) into a self-contained disk that names no other file."""
+    overlay, _ = hostile(tmp_path, kind)
     cbsd("bcreate", "jname=vm1", f"image={overlay}", "vm_os_type=other", "vm_ram=32m").ok()
     disk = cbsd.workdir / "vm" / "vm1" / "dsk1.qcow2"
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(disk)],
@@ -268,7 +271,12 @@ def test_node_add_refuses_a_host_that_is_an_ssh_option(cbsd: Cbsd) -> None:
 
 def test_bexport_of_a_damaged_folded_recipe_names_the_checkpoint(
         cbsd: Cbsd, tmp_path: Path) -> None:
-    vm_with_checkpoints(cbsd, build.counter_image(tmp_path / "c.raw"), "c1")
+    # vm_ramfile=off: a checkpoint's memory is a stream, folded into the chunk store.
+    cbsd("bcreate", "jname=vm1", f"image={build.counter_image(tmp_path / 'c.raw')}",
+         "vm_os_type=other", "vm_ram=32m", "vm_ramfile=off").ok()
+    cbsd("bstart", "vm1").ok()
+    cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c1").ok()
     wait_folded(cbsd)
     cbsd("bstop", "vm1", "noacpi=1").ok()
     recipe = cbsd.system("vm1") / "checkpoints" / "c1.ckp" / RECIPE
