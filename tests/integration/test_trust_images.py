@@ -225,6 +225,9 @@ EDITS: dict[str, tuple[Edit, str]] = {
                                         "disks": ["dsk1.qcow2", "efivars.qcow2"]}},
                          [*m, ("vm/efivars.qcow2", dict(m)["vm/dsk1.qcow2"])]),
         "efivars.qcow2"),
+    "a VM name that is a number": (
+        lambda h, m, t: ({**h, "spec": {**h["spec"], "jname": 5}}, m),  # type: ignore[dict-item]
+        "jname"),
     "a disk name that is a number": (
         lambda h, m, t: ({**h, "spec": {**h["spec"], "disks": [5]}}, m),  # type: ignore[dict-item]
         "disk"),

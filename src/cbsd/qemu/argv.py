@@ -35,14 +35,6 @@ def _esc(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _qcow2(file: str, node: str) -> str:
-    """A qcow2 node that never opens a backing file, whatever the image's header names (JSON:
-    the key=value form spells null as an empty value, which QEMU 7.2 and 10 deprecate). An
-    external data file has no such switch: every launch checks the headers (img.check_header)."""
-    return json.dumps({"driver": "qcow2", "file": file, "node-name": node, "backing": None},
-                      separators=(",", ":"))
-
-
 def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
     """'tcp:BIND:HOST:GUEST' -> its four parts. A rule stored before BIND existed
     ('tcp:HOST:GUEST') binds to 127.0.0.1, as every forward does unless asked otherwise."""
@@ -60,6 +52,14 @@ RAM_FILE_OPTION = b"memory-backend-file"  # how a running QEMU's argv shows a RA
 
 def default_controller(spec: VMSpec) -> str:
     return "virtio-blk" if spec.os_type in ("linux", "freebsd") else "ide"
+
+
+def _qcow2(file: str, node: str) -> str:
+    """A qcow2 node that never opens a backing file, whatever the image's header names (JSON:
+    the key=value form spells null as an empty value, which QEMU 7.2 and 10 deprecate). An
+    external data file has no such switch: every launch checks the headers (img.check_header)."""
+    return json.dumps({"driver": "qcow2", "file": file, "node-name": node, "backing": None},
+                      separators=(",", ":"))
 
 
 def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
