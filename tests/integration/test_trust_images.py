@@ -118,27 +118,39 @@ def test_bimport_refuses_an_image_naming_a_host_file(other: Cbsd, source: Path,
     assert sha(host) == before
 
 
-@pytest.mark.parametrize("kind,message", [("backing", "names a backing file"),
-                                          ("data-file", "names an external data file")])
-def test_an_image_planted_in_a_vm_folder_is_never_opened(cbsd: Cbsd, tmp_path: Path,
-                                                          kind: str, message: str) -> None:
-    """A VM imported before the check, or a file put there by hand: bstart and bclone refuse
-    it; bhyve-dsk attach refuses such a file as a disk. The host file stays as it was."""
+PLANTED = pytest.mark.parametrize("kind,message", [("backing", "names a backing file"),
+                                                   ("data-file", "names an external data file")])
+
+
+def planted(cbsd: Cbsd, tmp_path: Path, kind: str, file: str) -> tuple[Path, str]:
+    """vm1 defined, and a hostile image as *file* in its folder -- as a VM imported before
+    the check had, or a file put there by hand; (the host file it names, its checksum)."""
     image, host = hostile(tmp_path, kind)
-    before = sha(host)
     cbsd("bcreate", "jname=vm1", f"image={build.counter_image(tmp_path / 'c.raw')}",
          "vm_os_type=other", "vm_ram=32m").ok()
-    vm_dir = cbsd.workdir / "vm" / "vm1"
-    shutil.copy(image, vm_dir / "dsk5.qcow2")
-    cbsd("bhyve-dsk", "mode=attach", "jname=vm1", "dsk_name=dsk5").fails(2, message)
-    assert [d["dsk_name"] for d in json.loads(cbsd("bhyve-dsk", "mode=list", "jname=vm1",
-                                                   "format=json").ok().out)] == ["dsk1"]
-    shutil.copy(image, vm_dir / "dsk1.qcow2")
+    shutil.copy(image, cbsd.workdir / "vm" / "vm1" / file)
+    return host, sha(host)
+
+
+@PLANTED
+def test_bstart_and_bclone_refuse_a_disk_naming_a_host_file(cbsd: Cbsd, tmp_path: Path,
+                                                           kind: str, message: str) -> None:
+    host, before = planted(cbsd, tmp_path, kind, "dsk1.qcow2")
     cbsd("bstart", "vm1").fails(1, f"vm1: dsk1.qcow2 {message}")
     cbsd("bclone", "old=vm1", "new=vm2").fails(1, f"vm1: dsk1.qcow2 {message}")
     assert cbsd.status("vm1") == "Off" and [v["jname"] for v in cbsd.bls()] == ["vm1"]
     log = cbsd.system("vm1") / "console.log"
-    assert not log.exists() or "n=" not in log.read_text()
+    assert not log.exists() or "n=" not in log.read_text(), "the guest ran the host file"
+    assert sha(host) == before
+
+
+@PLANTED
+def test_bhyve_dsk_attach_refuses_an_image_naming_a_host_file(cbsd: Cbsd, tmp_path: Path,
+                                                             kind: str, message: str) -> None:
+    host, before = planted(cbsd, tmp_path, kind, "dsk5.qcow2")
+    cbsd("bhyve-dsk", "mode=attach", "jname=vm1", "dsk_name=dsk5").fails(2, message)
+    assert [d["dsk_name"] for d in json.loads(cbsd("bhyve-dsk", "mode=list", "jname=vm1",
+                                                   "format=json").ok().out)] == ["dsk1"]
     assert sha(host) == before
 
 
