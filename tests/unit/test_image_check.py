@@ -66,3 +66,18 @@ def test_a_header_that_is_not_qcow2_or_is_encrypted_is_refused(tmp_path: Path) -
     (tmp_path / "x").write_bytes(bytes(head))
     with pytest.raises(UsageError, match=r"^disk x is encrypted: cbsd opens only self-contained"):
         img.check_header(tmp_path / "x", "disk x")
+
+
+@pytest.mark.parametrize("file,why", [
+    ("dsk2.qcow2", None), ("data-1.qcow2", None),
+    ("efivars.qcow2", "is cbsd's own file of the VM"), ("seed.iso", "is cbsd's own file"),
+    ("boot-kernel", "is cbsd's own file"), ("../x.qcow2", "is not a disk's file name"),
+    ("dsk2.raw", "is not a disk's file name"), (".qcow2", "is not a disk's file name"),
+    (5, "is not a disk's file name")])
+def test_a_disk_is_named_like_one_and_is_none_of_the_vms_own_files(file: object,
+                                                                    why: str | None) -> None:
+    from cbsd.core.disks import disk_file_problem
+    from cbsd.storage.paths import Workdir
+
+    got = disk_file_problem(Workdir(Path("/w")), "vm1", file)  # type: ignore[arg-type]
+    assert got == why if why is None else why in (got or "")
