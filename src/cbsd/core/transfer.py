@@ -26,7 +26,7 @@ from cbsd.core.load import incompatibility
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import check_name
 from cbsd.core.vm import VM
-from cbsd.errors import ArchiveError, CheckpointError, StateError
+from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu.host import Host, machine_known
 from cbsd.storage import ckpstore
@@ -211,8 +211,8 @@ def import_(ctx: Context, inp: IO[bytes], new_name: str | None, *,
     Returns (jname, staging id)."""
     try:
         return _import(ctx, inp, new_name, stage=stage)
-    except ArchiveError as e:
-        raise ArchiveError(f"bimport: {e}: nothing was imported") from None
+    except UsageError as e:  # the archive's, or any other bad input (a name, jname=)
+        raise type(e)(f"bimport: {e}: nothing was imported") from None
 
 
 def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
