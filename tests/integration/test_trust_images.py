@@ -216,10 +216,18 @@ def _pax_bomb(path: Path, head: bytes) -> None:
         f.write(bomb.tobuf(tarfile.GNU_FORMAT) + bytes(tarfile.BLOCKSIZE))
 
 
+def _bad_clusters(data: bytes) -> bytes:
+    """A qcow2 header qemu-img refuses: cluster_bits 99."""
+    return data[:20] + (99).to_bytes(4, "big") + data[24:]
+
+
 Edit = Callable[[dict[str, object], Members, Path], tuple[dict[str, object] | bytes, Members]]
 EDITS: dict[str, tuple[Edit, str]] = {
     "unreadable image": (lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2", b"no image" * 99)),
                          "the archive's vm/dsk1.qcow2 is not a qcow2 image"),
+    "image qemu-img cannot read": (
+        lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2", _bad_clusters(dict(m)["vm/dsk1.qcow2"]))),
+        "the archive's vm/dsk1.qcow2 is not a readable qcow2 image (qemu-img info"),
     "checkpoint's disk snapshot missing": (
         lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2",
                                        _drop_snapshots(dict(m)["vm/dsk1.qcow2"], t))),
