@@ -226,7 +226,8 @@ EDITS: dict[str, tuple[Edit, str]] = {
     "unreadable image": (lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2", b"no image" * 99)),
                          "the archive's vm/dsk1.qcow2 is not a qcow2 image"),
     "image qemu-img cannot read": (
-        lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2", _bad_clusters(dict(m)["vm/dsk1.qcow2"]))),
+        lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2",
+                                       _bad_clusters(dict(m)["vm/dsk1.qcow2"]))),
         "the archive's vm/dsk1.qcow2 is not a readable qcow2 image (qemu-img info"),
     "checkpoint's disk snapshot missing": (
         lambda h, m, t: (h, _with_disk(m, "vm/dsk1.qcow2",
