@@ -6,6 +6,11 @@ that a saved state holds a snapshot of cannot be detached: that state could neve
 restored without it. A detached disk's image stays in the VM's folder (cbsd deletes no data
 on detach); bremove deletes it with the VM.
 
+A disk is a self-contained qcow2 named NAME.qcow2 that is none of the files cbsd itself keeps
+in the VM's folder (own_files: the UEFI variable store, the cloud-init seed, boot media): an
+attach, a bimport and every launch check so (qemu/img.py), so no disk is ever another file of
+the VM, or an image whose header makes QEMU open a host file.
+
 An attach is marked (.attach-NAME in the VM's folder) while the new image exists but the
 VM's definition does not list it yet; recovery deletes such an image, which only cbsd made.
 """
@@ -27,8 +32,43 @@ from cbsd.qemu import img
 from cbsd.qemu.argv import default_controller
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, write_atomic
+from cbsd.storage.paths import Workdir
 
 ATTACH_MARK = ".attach-"
+DISK_SUFFIX = ".qcow2"
+
+
+def own_files(wd: Workdir, jname: str) -> set[str]:
+    """The files cbsd itself keeps in a VM's folder beside its disks (none may be a disk)."""
+    from cbsd.core.transfer import BOOT_MEDIA
+    from cbsd.core.vm import EFI_VARS
+
+    return {EFI_VARS, wd.seed(jname).name, *(f"boot-{m}" for m in BOOT_MEDIA)}
+
+
+def disk_file_problem(wd: Workdir, jname: str, file: str) -> str | None:
+    """Why *file* cannot be one of the VM's disks, or None."""
+    if not isinstance(file, str):  # a definition from outside can hold anything
+        return f"{file!r} is not a disk's file name (NAME{DISK_SUFFIX})"
+    if file in own_files(wd, jname):
+        return f"{file} is cbsd's own file of the VM, not a disk"
+    try:
+        if file.endswith(DISK_SUFFIX):
+            check_name(file.removesuffix(DISK_SUFFIX), "dsk_name")
+            return None
+    except UsageError:
+        pass
+    return f"{file} is not a disk's file name (NAME{DISK_SUFFIX})"
+
+
+def check_images(vm: Any) -> None:
+    """Every image of the VM (its disks, its UEFI variable store) is a qcow2 whose header
+    names no other file: before every launch and clone (the header only: no qemu-img)."""
+    for image in vm.images():
+        try:
+            img.check_header(Path(image.path), f"{vm.jname}: {image.name}")
+        except UsageError as e:
+            raise StateError(str(e)) from None
 
 
 def _size(path: Path) -> int:
@@ -51,7 +91,10 @@ def attach(ctx: Context, jname: str, size: int | None, controller: str | None,
     with ctx.locked_vm(jname, "bhyve-dsk attach") as vm:
         require(jname, vm.status(mine=True), Action.DISKS)
         spec = vm.spec
-        file = f"{name}.qcow2" if name else _next_name(ctx, spec)
+        file = f"{name}{DISK_SUFFIX}" if name else _next_name(ctx, spec)
+        why = disk_file_problem(wd, jname, file)
+        if why:
+            raise UsageError(f"{jname}: dsk_name={name}: {why}")
         if file in spec.disks:
             raise StateError(f"{jname}: {file.removesuffix('.qcow2')} is attached already")
         path = wd.disk(jname, file)
@@ -64,7 +107,9 @@ def attach(ctx: Context, jname: str, size: int | None, controller: str | None,
         controller = controller or ("virtio-blk" if spec.os_type in ("linux", "freebsd")
                                     else "ahci")
         mark = wd.system(jname) / f"{ATTACH_MARK}{file}"
-        if not reattach:
+        if reattach:
+            img.check(path, f"{jname}: {path}")
+        else:
             write_atomic(mark, b"")
             assert size is not None
             img.create(path, size)

@@ -91,7 +91,10 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
     def make(_: Path) -> None:
         disk = wd.disk(jname, FIRST_DISK)
         if image:
+            # The user's own file: convert reads it whole (through any backing chain or data
+            # file, as the user could) and writes a qcow2 naming no other file, checked here.
             img.convert(Path(image), disk)
+            img.check(disk, f"image={image}: its qcow2 copy")
             if imgsize and imgsize > int(img.info(disk)["virtual-size"]):
                 img.resize(disk, imgsize)
         else:

@@ -171,6 +171,9 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
         raise StateError(f"VM already exist: {new}")
     with ctx.locked_vm(old, "bclone") as vm:
         require(old, vm.status(mine=True), Action.CLONE)
+        from cbsd.core.disks import check_images
+
+        check_images(vm)  # a clone copies the images as they are: only self-contained ones
         source = None
         if checkpoint is not None:
             check_name(checkpoint, "checkpoint name")

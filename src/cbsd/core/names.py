@@ -17,7 +17,7 @@ MIB = 1 << 20
 
 def check_name(value: str, what: str = "jname") -> str:
     """A VM or checkpoint name: 1-64 of [A-Za-z0-9_-], not starting with _ or -."""
-    if not _NAME_RE.fullmatch(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):  # from JSON: any type
         raise UsageError(
             f"bad {what} '{value}': use 1-64 letters, digits, '_' or '-', "
             "starting with a letter or digit"

@@ -29,7 +29,8 @@ from cbsd.errors import CbsdError, StateError, UsageError
 
 T = TypeVar("T")
 
-_HOST_RE = re.compile(r"([A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9.:_-]*")
+# Neither the user nor the address may begin with "-": ssh would read it as an option.
+_HOST_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.:_-]*")
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6")
 SSH_FAILED = 255  # ssh's own exit code when it could not connect or authenticate

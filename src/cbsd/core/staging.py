@@ -6,6 +6,9 @@ folder exists, so a sweep never takes a folder a live bimport is writing for an 
 A folder marked STAGED is complete and verified and waits for bmove's commit; a commit leaves
 a record (bimport-ID.done, the VM's name) that makes a retried commit or a late abort answer
 what happened instead of importing twice or dropping a registered VM.
+
+What registering relies on is checked here, in the folder, before anything is registered
+(check_images, check_snapshots: docs/many-hosts.md, "Trust model: disk images and archives").
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cbsd.core.context import Context
-from cbsd.errors import ArchiveError
+from cbsd.core.model import VMSpec
+from cbsd.errors import ArchiveError, CheckpointError, UsageError
+from cbsd.qemu import img
+from cbsd.storage import ckpstore
 from cbsd.storage.atomic import remove_tree
+from cbsd.storage.paths import Workdir
 
 PREFIX = "bimport-"
 STAGED = "staged"  # in a staging folder: complete and verified, waiting for a commit
@@ -114,3 +121,61 @@ def held(path: Path) -> Iterator[str | None]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+# --- checks of what a staging folder holds --------------------------------------------------
+
+def check_snapshots(dirs: list[Path], images: dict[str, img.ImageInfo]) -> set[str]:
+    """Every saved state (*dirs*) has its manifest and every disk snapshot it names is in
+    its image (the check a restore makes, load.check_intact); the tags they own."""
+    from cbsd.core.load import check_intact
+
+    present = {name: set(i.snapshots) for name, i in images.items()}
+    owned: set[str] = set()
+    for ckdir in dirs:
+        try:
+            m = ckpstore.read_manifest(ckdir)
+            check_intact(ckdir, m, present, checksums=False)
+        except CheckpointError as e:
+            raise ArchiveError(f"the archive's {e}") from None
+        owned |= {s.tag for s in m.disk_snapshots}
+    return owned
+
+
+def check_images(wd: Workdir, folder: Path, spec: VMSpec) -> dict[str, img.ImageInfo]:
+    """Every qcow2 the archive brings is a self-contained one qemu-img reads (a disk detached
+    before the export too: it may be attached again); the definition's disks are such
+    files, none of them cbsd's own (core/disks.py). The VM's images (what checkpoints
+    snapshot: its disks, its UEFI variable store), with what qemu-img says of them."""
+    from cbsd.core.disks import DISK_SUFFIX, disk_file_problem
+    from cbsd.core.vm import EFI_VARS
+
+    for file in spec.disks:
+        why = disk_file_problem(wd, spec.jname, file)
+        if why:
+            raise ArchiveError(f"the archive's definition lists a bad disk: {why}")
+    if len(set(spec.disks)) != len(spec.disks):
+        raise ArchiveError("the archive's definition lists a disk twice")
+    names = [*spec.disks, *([EFI_VARS] if spec.efi == "uefi" else [])]
+    vm_dir = folder / "vm"
+    files = {p.name for p in vm_dir.glob(f"*{DISK_SUFFIX}")} if vm_dir.is_dir() else set()
+    found: dict[str, img.ImageInfo] = {}
+    for name in sorted(files | set(names)):
+        if name not in files:
+            raise ArchiveError(f"the archive lacks vm/{name}, which its definition names")
+        try:
+            found[name] = img.check(vm_dir / name, f"the archive's vm/{name}")
+        except UsageError as e:
+            raise ArchiveError(str(e)) from None
+    return {name: found[name] for name in names}
+
+
+def drop_orphans(folder: Path, images: dict[str, img.ImageInfo], owned: set[str]) -> None:
+    """Delete cbsd's disk snapshots that no saved state in the folder owns (those of
+    checkpoints that were not exported), before the VM is registered."""
+    from cbsd.core.recovery import TAG_PREFIX
+
+    for name, i in images.items():
+        for tag in sorted(i.snapshots):
+            if tag.startswith(TAG_PREFIX) and tag not in owned:
+                img.snapshot_delete(folder / "vm" / name, tag)

@@ -70,13 +70,20 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     jname = vm.jname
     status = vm.status(mine=True)
     require(jname, status, Action.EXPORT)
-    head, plan = _plan(vm, checkpoints, status)
+    try:
+        head, plan = _plan(vm, checkpoints, status)
+    except CheckpointError as e:
+        raise CheckpointError(f"{jname}: {e} (bcheckpoint mode=verify)") from None
     stream = out()
     # On a failure the archive just stops (no seal): any importer refuses it as truncated.
     writer = Writer(stream)
     writer.add_bytes(HEADER, head)
     for name, src, expect in plan.members:
-        digest = writer.add(name, src)
+        try:
+            digest = writer.add(name, src)
+        except CheckpointError as e:  # a folded stream's chunks, read as they go out
+            raise CheckpointError(f"{jname}: {_state_of(name)} is damaged: {e} "
+                                  "(bcheckpoint mode=verify)") from None
         if expect is not None and digest != expect:
             raise CheckpointError(f"{jname}: {name} does not match its checksum (the saved "
                                   "state is damaged: bcheckpoint mode=verify)")
@@ -84,6 +91,14 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
     stream.flush()
     n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
     return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
+
+
+def _state_of(member: str) -> str:
+    """The saved state an archive member belongs to, as messages name it."""
+    top = member.split("/")
+    if top[0] == "checkpoints":
+        return f"checkpoint {top[1][:-4]}"
+    return "the hibernation image" if top[0] == HIBERNATION_DIR else member
 
 
 def status_of(ctx: Context, jname: str) -> Status:
@@ -142,7 +157,10 @@ def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
     if m.stream is not None:
         from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
-        recipe = Recipe.read(ckdir / RECIPE)
+        try:
+            recipe = Recipe.read(ckdir / RECIPE)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpstore.describe(ckdir)} is damaged: {e}") from None
         store = Store(ckpstore.store_of(ckdir))
         rebuilt = (m.stream, _pieces(store, recipe, m.stream.size))
         files.pop(RECIPE)
@@ -193,8 +211,8 @@ def import_(ctx: Context, inp: IO[bytes], new_name: str | None, *,
     Returns (jname, staging id)."""
     try:
         return _import(ctx, inp, new_name, stage=stage)
-    except ArchiveError as e:
-        raise ArchiveError(f"bimport: {e}: nothing was imported") from None
+    except UsageError as e:  # the archive's, or any other bad input (a name, jname=)
+        raise type(e)(f"bimport: {e}: nothing was imported") from None
 
 
 def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
@@ -310,14 +328,19 @@ def _version(v: str) -> tuple[int, ...]:
 
 def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
             sums: dict[str, list[Any]]) -> VMSpec:
-    """Check every saved state against its own sealed manifest (by the checksums just
-    computed: nothing is read twice) and against the VM; rename what must be renamed."""
+    """Check, in the staging folder, everything registering relies on: every image is a
+    self-contained qcow2 qemu-img reads, every saved state matches its own sealed manifest (by
+    the checksums just computed: nothing is read twice), the VM and the disk snapshots it
+    needs; then drop disk snapshots no imported state owns and rename what must be renamed.
+    Anything wrong is bad input (ArchiveError): register() only moves files."""
     import dataclasses
 
     wd = ctx.workdir
     boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
             if (folder / "boot" / m).is_file()}
     spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
+    images = staging.check_images(ctx.workdir, folder, spec)
+    owned = staging.check_snapshots(_state_dirs(folder), images)
     for ckdir in _state_dirs(folder):
         prefix = str(ckdir.relative_to(folder))
         m = ckpstore.read_manifest(ckdir)
@@ -337,6 +360,7 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
         if m.jname != jname or m.spec.get("jname") != jname:
             m.jname, m.spec = jname, {**m.spec, "jname": jname, **boot}
             ckpstore.save_manifest(m, ckdir)
+    staging.drop_orphans(folder, images, owned)  # snapshots of checkpoints not exported
     return spec
 
 
@@ -350,9 +374,8 @@ def _state_dirs(folder: Path) -> list[Path]:
 
 def register(ctx: Context, folder: Path, spec: VMSpec) -> None:
     """Move a verified staging folder's files into place and register the VM (bcreate's
-    protocol: a kill -9 in between leaves files under the unfinished mark, nothing more)."""
-    from cbsd.core import recovery
-
+    protocol: a kill -9 in between leaves files under the unfinished mark, nothing more).
+    Everything was checked in the folder (_settle): nothing here can refuse the VM."""
     wd, jname = ctx.workdir, spec.jname
 
     def make(_: Path) -> None:
@@ -370,11 +393,6 @@ def register(ctx: Context, folder: Path, spec: VMSpec) -> None:
         fsync_dir(wd.system(jname))
 
     lifecycle.create_from(ctx, spec, make)
-    vm = VM.load(ctx, jname)
-    try:
-        recovery.sweep_orphans(vm)  # snapshots of checkpoints that were not exported
-    finally:
-        vm.close()
 
 
 def commit(ctx: Context, ident: str) -> str:

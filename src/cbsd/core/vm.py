@@ -178,9 +178,11 @@ class VM:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
         *ram_file*: guest RAM in the VM's RAM file (True: one already in place; None: a new
         one where the workdir can clone files)."""
+        from cbsd.core.disks import check_images
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
+        check_images(self)  # QEMU runs as root: no image may make it open another file
         if self.spec.nic == "bridge":
             self._prepare_bridge()
         for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):

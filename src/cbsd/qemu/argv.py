@@ -6,6 +6,7 @@ resume call this with ``incoming=True`` and otherwise identical input.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from cbsd.core.model import VMSpec
@@ -66,6 +67,14 @@ def default_controller(spec: VMSpec) -> str:
     return "virtio-blk" if spec.os_type in ("linux", "freebsd") else "ide"
 
 
+def _qcow2(file: str, node: str) -> str:
+    """A qcow2 node that never opens a backing file, whatever the image's header names (JSON:
+    the key=value form spells null as an empty value, which QEMU 7.2 and 10 deprecate). An
+    external data file has no such switch: every launch checks the headers (img.check_header)."""
+    return json.dumps({"driver": "qcow2", "file": file, "node-name": node, "backing": None},
+                      separators=(",", ":"))
+
+
 def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
     """The -device of disk *i* on its controller (an AHCI controller is added once)."""
     controller = spec.disk_controllers.get(name) or default_controller(spec)
@@ -116,14 +125,14 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-blockdev", "driver=raw,file=efi-code-file,node-name=efi-code,read-only=on",
             "-blockdev", f"driver=file,filename={_esc(paths.efi_vars)},"
             "node-name=efi-vars-file",
-            "-blockdev", "driver=qcow2,file=efi-vars-file,node-name=efi-vars",
+            "-blockdev", _qcow2("efi-vars-file", "efi-vars"),
         ]
     if "ahci" in spec.disk_controllers.values():
         argv += ["-device", "ahci,id=ahci0"]
     for i, disk in enumerate(paths.disks):
         argv += [
             "-blockdev", f"driver=file,filename={_esc(disk)},node-name=disk{i}-file",
-            "-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}",
+            "-blockdev", _qcow2(f"disk{i}-file", f"disk{i}"),
         ]
         argv += _disk_device(spec, spec.disks[i] if i < len(spec.disks) else "", i)
     if spec.iso:

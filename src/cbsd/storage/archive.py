@@ -34,6 +34,7 @@ FORMAT = 1
 BUF = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 HEADER_MAX = 16 << 20
+PAX_MAX = 1 << 20  # a pax header cbsd writes holds a path and a size: far under this
 
 
 def canonical(body: dict[str, Any]) -> bytes:
@@ -150,6 +151,9 @@ class Reader:
             except tarfile.TarError as e:
                 raise ArchiveError(f"not a cbsd export archive, or a damaged one ({e})") from None
             if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                if info.size > PAX_MAX:  # bounded before a byte of it is read
+                    raise ArchiveError(f"the archive has a damaged header (a pax header of "
+                                       f"{info.size} bytes)")
                 records = _pax_records(self._read(info.size + (-info.size % BLOCK))[:info.size])
                 if info.type == tarfile.XHDTYPE:
                     pax = records
@@ -177,13 +181,16 @@ class Reader:
             head = json.loads(data)
         except ValueError:
             raise ArchiveError(f"the archive's {HEADER} is unreadable") from None
-        if not isinstance(head, dict) or head.get("format") != FORMAT:
+        if not isinstance(head, dict):
+            raise ArchiveError(f"the archive's {HEADER} is not a JSON object")
+        if head.get("format") != FORMAT:
             raise ArchiveError(f"the archive has format {head.get('format')!r}; this cbsd "
                                f"reads format {FORMAT} (a newer cbsd wrote it?)")
         return head
 
     def members(self) -> Iterator[tarfile.TarInfo]:
-        """Every member up to the seal (which is read and kept, not handed out)."""
+        """Every member up to the seal (which is read and kept, not handed out), each once."""
+        seen: set[str] = set()
         while True:
             info = self._next()
             if info is None:
@@ -197,6 +204,9 @@ class Reader:
                 return
             if not info.isfile():
                 raise ArchiveError(f"the archive holds {info.name}, which is not a file")
+            if info.name in seen or info.name == HEADER:
+                raise ArchiveError(f"the archive holds {info.name} twice")
+            seen.add(info.name)
             yield info
 
     def _read_all(self, info: tarfile.TarInfo) -> bytes:

@@ -59,13 +59,16 @@ class Recipe:
         data = path.read_bytes()
         if not data.startswith(MAGIC):
             raise CheckpointError(f"{path.name} is not a chunk recipe")
-        end = data.index(b"\n", len(MAGIC))
-        head = json.loads(data[len(MAGIC):end])
-        body = memoryview(data)[end + 1:]
-        if len(body) != head["count"] * ENTRY.size:
-            raise CheckpointError(f"{path.name} is truncated")
-        return cls([str(p) for p in head["packs"]], int(head["size"]),
-                   list(ENTRY.iter_unpack(body)))
+        try:  # damaged anywhere: one CheckpointError, never a parser's own exception
+            end = data.index(b"\n", len(MAGIC))
+            head = json.loads(data[len(MAGIC):end])
+            body = memoryview(data)[end + 1:]
+            if len(body) != head["count"] * ENTRY.size:
+                raise CheckpointError(f"{path.name} is truncated")
+            return cls([str(p) for p in head["packs"]], int(head["size"]),
+                       list(ENTRY.iter_unpack(body)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{path.name} is damaged (unreadable)") from None
 
 
 class Yielded(Exception):
