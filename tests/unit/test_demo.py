@@ -1,0 +1,27 @@
+"""scripts/demo.py: when the guest prints nothing in time, the demo shows the end of its console
+log (what the guest did instead: a kernel panic, a missing disk) before it fails."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+
+
+def test_silent_guest_shows_console_tail(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("cbsd_demo", DEMO)
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    log = tmp_path / "console.log"
+    log.write_text("".join(f"boot line {i}\n" for i in range(100))
+                   + "Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+    with pytest.raises(SystemExit, match="the guest printed nothing in time"):
+        demo.wait_ticks(log, 0, 1, timeout=0.2)
+    err = capsys.readouterr().err
+    assert "Kernel panic - not syncing" in err
+    assert "boot line 99" in err and "boot line 10\n" not in err  # the end, not all of it
