@@ -25,6 +25,8 @@ key=$( (echo "$SUITE $mirror"; date -u +%G-W%V; cat scripts/setup.sh pyproject.t
 base=$cache/base-$key
 PATH_INSIDE=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mkdir -p "$cache/guests" "$cache/pip"
+# A signal ends the script through its EXIT trap, which undoes the mounts.
+trap 'exit 130' INT TERM HUP
 
 # Every mount at or below $1 (deepest first: a path sorts after its parent); returns 0 only if
 # none is left, the one case where removing $1 cannot reach into a bound /dev or /proc.
@@ -63,11 +65,17 @@ host_cas() {
     cp /etc/resolv.conf "$1/etc/resolv.conf"
 }
 
-# The repository as a clone has it: its tracked and unignored files.
+# The repository as a clone has it: its tracked and unignored files (outside git: all but the
+# venv and what Python and pytest leave).
 copy_repo() {
     mkdir -p "$1"
-    git -C "$repo" ls-files -z --cached --others --exclude-standard \
-        | tar -C "$repo" --null -T - -cf - | tar -xf - -C "$1"
+    if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$repo" ls-files -z --cached --others --exclude-standard \
+            | tar -C "$repo" --null -T - -cf - | tar -xf - -C "$1"
+    else
+        tar -C "$repo" --exclude=./.venv --exclude=__pycache__ --exclude=.pytest_cache -cf - . \
+            | tar -xf - -C "$1"
+    fi
 }
 
 # Kept across runs: the test guests built inside, and pip's cache (its wheel of fastcdc, built
@@ -78,10 +86,12 @@ bind_caches() {
     mount --bind "$cache/pip" "$1/root/.cache/pip"
 }
 
-inside() {  # inside ROOT COMMAND: run COMMAND in /root/cbsd (or /) of ROOT, environment clean
+# inside ROOT COMMAND: run COMMAND in /root/cbsd (or /) of ROOT, in a clean environment (the
+# host's TERM kept: a test reads what a terminal gets, and TERM=dumb would change it).
+inside() {
     local r=$1
     shift
-    chroot "$r" env -i PATH=$PATH_INSIDE HOME=/root TERM=dumb LANG=C.UTF-8 ${CI:+CI=$CI} \
+    chroot "$r" env -i PATH=$PATH_INSIDE HOME=/root LANG=C.UTF-8 ${TERM:+TERM=$TERM} ${CI:+CI=$CI} \
         bash -c "cd /root/cbsd 2>/dev/null || cd /; $*"
 }
 
