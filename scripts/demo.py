@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 from tests.guests.build import linux_guest  # noqa: E402
 
 TICK = re.compile(r"tick n=(\d+) up=([\d.]+) disk=(\d+) (OK|BAD)")
+DISKLESS = re.compile(r"^tick n=\d+ up=[\d.]+\s*$", re.M)  # the guest's ticks without /dev/vda
 CBSD = [str(Path(sys.executable).parent / "cbsd")]
 
 
@@ -46,8 +47,10 @@ def wait_ticks(log: Path, since: int, count: int, timeout: float = 60) -> list: 
     while len(found := ticks(log, since)) < count:
         if time.monotonic() > deadline:
             show_console(log)
+            diskless = DISKLESS.search(log.read_bytes()[since:].decode(errors="replace"))
             raise SystemExit("demo: the guest printed nothing in time (the end of its console "
-                             "log is above)")
+                             "log is above)" + ("; it runs but sees no disk: its initramfs "
+                                                "has no disk driver?" if diskless else ""))
         time.sleep(0.1)
     return found
 
