@@ -33,8 +33,18 @@ trap 'exit 130' INT TERM HUP
 mounts_under() {
     awk -v p="$1" '$5 == p || index($5, p "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r
 }
+# Processes still running in a system below $1 (a VM a killed test left) hold its mounts: they
+# were started by this script, inside; they end first.
+kill_inside() {
+    local p r
+    for p in /proc/[0-9]*; do
+        r=$(readlink "$p/root" 2>/dev/null) || continue
+        case $r in "$1" | "$1"/*) kill -9 "${p#/proc/}" 2>/dev/null || true ;; esac
+    done
+}
 unmount_all() {
     local m
+    kill_inside "$1"
     for m in $(mounts_under "$1"); do
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
