@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 from tests.guests.build import linux_guest  # noqa: E402
 
 TICK = re.compile(r"tick n=(\d+) up=([\d.]+) disk=(\d+) (OK|BAD)")
+DISKLESS = re.compile(r"^tick n=\d+ up=[\d.]+\s*$", re.M)  # the guest's ticks without /dev/vda
 CBSD = [str(Path(sys.executable).parent / "cbsd")]
 
 
@@ -45,9 +46,24 @@ def wait_ticks(log: Path, since: int, count: int, timeout: float = 60) -> list: 
     deadline = time.monotonic() + timeout
     while len(found := ticks(log, since)) < count:
         if time.monotonic() > deadline:
-            raise SystemExit("demo: the guest printed nothing in time")
+            show_console(log)
+            diskless = DISKLESS.search(log.read_bytes()[since:].decode(errors="replace"))
+            raise SystemExit("demo: the guest printed nothing in time (the end of its console "
+                             "log is above)" + ("; it runs but sees no disk: its initramfs "
+                                                "has no disk driver?" if diskless else ""))
         time.sleep(0.1)
     return found
+
+
+def show_console(log: Path, lines: int = 25) -> None:
+    """The end of the guest's console log, on stderr: what it did instead of printing."""
+    try:
+        text = log.read_bytes().decode(errors="replace")
+    except OSError as e:
+        print(f"demo: no console log ({e})", file=sys.stderr)
+        return
+    tail = text.splitlines()[-lines:]
+    print(f"--- the last {len(tail)} lines of {log}:", *tail, "---", sep="\n", file=sys.stderr)
 
 
 def show(lines: list, label: str) -> None:  # type: ignore[type-arg]

@@ -13,6 +13,9 @@ PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca
           debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
           openssl dnsmasq-base nftables xfsprogs)
 export DEBIAN_FRONTEND=noninteractive
+# CBSD_SETUP=packages: only the Debian packages (scripts/trixie.sh builds its cached base system
+# with this, so the packages it tests with are the ones this list names).
+mode=${CBSD_SETUP:-all}
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,11 +46,51 @@ fi
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq
 fi
+[ "$mode" = packages ] && exit 0
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis, fastcdc' 2>/dev/null; then
+# A dependency without a wheel for this Python is built from source: fastcdc has none for
+# Python 3.13 (Debian 13), and without a compiler its build silently falls back to pure Python,
+# ~100x slower. So where pip finds no wheel for every requirement, the build needs come first.
+build_needs() {
+    local reqs
+    reqs=$(/usr/bin/python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))')
+    # shellcheck disable=SC2086 # one requirement a line, none with spaces
+    .venv/bin/pip install -q --disable-pip-version-check --dry-run --only-binary=:all: \
+        $reqs >/dev/null 2>&1 && return 0
+    local need=()
+    for p in gcc python3-dev; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "setup: a requirement has no wheel for $(/usr/bin/python3 -V): installing ${need[*]} to build it" >&2
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    fi
+}
+# The chunk store's fast path: fastcdc's C accelerator (cbsd.storage.chunkstore.native_chunker).
+fast_chunker() {
+    .venv/bin/python -c 'import sys; from cbsd.storage.chunkstore import native_chunker
+sys.exit(0 if native_chunker() else 1)' 2>/dev/null
+}
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis, fastcdc' 2>/dev/null \
+        || ! fast_chunker; then
     echo "setup: creating .venv" >&2
     /usr/bin/python3 -m venv .venv
+    build_needs
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    if ! fast_chunker; then
+        # A wheel pip built earlier without a compiler (its cache keeps it) is the slow one:
+        # build it again, now that the build needs are here.
+        fastcdc_req=$(grep -o '"fastcdc[^"]*"' pyproject.toml | tr -d '"')
+        .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall \
+            --no-deps "$fastcdc_req"
+    fi
+    if ! fast_chunker; then
+        echo "setup: fastcdc runs in pure Python (~100x slower chunk store): its C accelerator" \
+             "did not build for $(/usr/bin/python3 -V); install gcc and python3-dev, then run" \
+             "this again" >&2
+        exit 1
+    fi
 fi
 # Cached bytecode for every module: a command then starts ~35 ms sooner, also where
 # PYTHONDONTWRITEBYTECODE keeps Python from writing it itself (compileall writes regardless).

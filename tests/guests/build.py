@@ -95,11 +95,21 @@ def _modinfo_depends(data: bytes) -> list[str]:
     return [d for d in m.group(1).decode().split(",") if d] if m else []
 
 
+# Where a kernel package keeps its modules: Debian 12 ships them under lib/modules, Debian 13
+# (merged /usr in the package itself) under usr/lib/modules.
+MODULE_DIRS = ("lib/modules", "usr/lib/modules")
+
+
 def _module_files(root: Path) -> dict[str, Path]:
+    """Every module of the unpacked kernel package at *root*, by name, on either layout."""
     files = {}
-    for p in glob.glob(str(root / "lib/modules/*/kernel/**/*.ko*"), recursive=True):
-        name = Path(p).name.split(".ko")[0].replace("-", "_")
-        files[name] = Path(p)
+    for d in MODULE_DIRS:
+        for p in glob.glob(str(root / d / "*/kernel/**/*.ko*"), recursive=True):
+            name = Path(p).name.split(".ko")[0].replace("-", "_")
+            files[name] = Path(p)
+    if not files:
+        raise RuntimeError(f"no kernel modules under {root} (looked in "
+                           f"{', '.join(d + '/*/kernel' for d in MODULE_DIRS)})")
     return files
 
 
@@ -130,7 +140,23 @@ def _modules_in_order(root: Path) -> list[tuple[str, bytes]]:
 
     for mod in LINUX_MODULES:
         visit(mod)
+    # A module the kernel has built in is no file, and needs none; one it has neither built in
+    # nor as a file would leave the guest without its disk or console: say which, now.
+    missing = [m for m in LINUX_MODULES if m not in seen and m not in _builtin_modules(root)]
+    if missing:
+        raise RuntimeError(f"the kernel package under {root} has no module {', '.join(missing)} "
+                           "(neither a file nor built in): the test guest could not see its disk")
     return order
+
+
+def _builtin_modules(root: Path) -> set[str]:
+    """Names in the kernel's modules.builtin (either layout)."""
+    names = set()
+    for d in MODULE_DIRS:
+        for f in glob.glob(str(root / d / "*/modules.builtin")):
+            names |= {Path(line).name.split(".ko")[0].replace("-", "_")
+                      for line in Path(f).read_text().split()}
+    return names
 
 
 def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,21 +344,28 @@ def test_progress_on_a_terminal_only(cbsd: Cbsd, counter_image) -> None:  # type
     assert r.err == "", "no progress output when stderr is not a terminal"
 
 
+def _mapped_ram(manifest: dict[str, Any]) -> bool:
+    """Whether cbsd saves this checkpoint's RAM with mapped-ram: QEMU 9+ (probed), with RAM in
+    the stream (not a RAM file: then the manifest lists `ram`, the clone)."""
+    return int(manifest["qemu_version"].split(".")[0]) >= 9 and "ram" not in manifest["files"]
+
+
 @pytest.mark.stream
 def test_direct_io_when_asked(cbsd: Cbsd, running_counter: str) -> None:
     """CBSD_DIRECT_IO=on: a mapped-ram checkpoint is written and read with O_DIRECT where
-    QEMU has direct-io (9.1+) and the workdir takes O_DIRECT, and the guest continues."""
+    QEMU has direct-io (9.1+) and the workdir takes O_DIRECT, and the guest continues. Where
+    guest RAM is a file the stream holds device state only (no mapped-ram, so no direct-io)."""
     cbsd.env["CBSD_DIRECT_IO"] = "on"
     lo, hi = checkpoint(cbsd, "vm1", "d")
     ckdir = cbsd.system("vm1") / "checkpoints" / "d.ckp"
     m = json.loads((ckdir / "manifest.json").read_text())
-    major = int(m["qemu_version"].split(".")[0])
     try:
         os.close(os.open(ckdir / "memory", os.O_RDONLY | os.O_DIRECT))
         takes = True
     except OSError:
         takes = False
-    assert m["migration"].get("direct-io", False) is (major >= 10 and takes)
+    assert m["migration"].get("direct-io", False) is (
+        _mapped_ram(m) and int(m["qemu_version"].split(".")[0]) >= 10 and takes), m
     cbsd("bstop", "vm1", "noacpi=1").ok()
     first = restore(cbsd, "vm1", "d")[0]
     assert lo <= first[0] <= hi + 1 and first[2] == "OK"
@@ -366,18 +374,20 @@ def test_direct_io_when_asked(cbsd: Cbsd, running_counter: str) -> None:
 @pytest.mark.stream
 def test_mapped_ram_where_qemu_has_it(cbsd: Cbsd, running_counter: str) -> None:
     """QEMU 9+ (probed): a checkpoint that is not folded is saved with mapped-ram + multifd (a
-    sparse file the size of RAM) and loads back with the same capabilities; QEMU 7.2: the plain
-    stream. Either way the guest continues, and QEMU logs no deprecation."""
+    sparse file the size of RAM) and loads back with the same capabilities; QEMU 7.2, or guest
+    RAM in a file (the RAM is cloned: `ram`): the plain stream. Either way the guest
+    continues, and QEMU logs no deprecation."""
     lo, hi = checkpoint(cbsd, "vm1", "m")
     ckdir = cbsd.system("vm1") / "checkpoints" / "m.ckp"
     m = json.loads((ckdir / "manifest.json").read_text())
-    major = int(m["qemu_version"].split(".")[0])
-    if major >= 9:
+    if _mapped_ram(m):
         assert m["migration"]["capabilities"] == ["mapped-ram", "multifd"]
         assert (ckdir / "memory").stat().st_size >= 32 << 20, "a page-addressed file"
         assert m["migration"]["direct-io"] is False  # measured slower: only if asked
     else:
-        assert "capabilities" not in m["migration"]
+        assert "capabilities" not in m["migration"], m
+        if "ram" in m["files"]:
+            assert (ckdir / "ram").stat().st_size >= 32 << 20, "the guest's RAM, cloned"
     cbsd.env["CBSD_MAPPED_RAM"] = "off"  # the way out: the plain stream, on any QEMU
     checkpoint(cbsd, "vm1", "p")
     plain = json.loads((cbsd.system("vm1") / "checkpoints/p.ckp/manifest.json").read_text())

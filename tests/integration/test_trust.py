@@ -6,16 +6,19 @@ ones. Each test failed before its fix."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import cbsd as cbsd_pkg
 from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
@@ -328,13 +331,22 @@ def test_a_workdir_the_user_cannot_read_is_one_line(tmp_path: Path) -> None:
     wd = tmp_path / "private"
     wd.mkdir(mode=0o700)
     os.chmod(tmp_path, 0o755)
-    env = {"CBSD_WORKDIR": str(wd), "PATH": os.environ["PATH"]}
-    for args in (["bls"], ["bstart", "vm1"]):
-        p = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                            sys.executable, "-m", "cbsd", *args], capture_output=True,
-                           text=True, env=env, cwd="/", timeout=60)
-        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-        assert "Permission denied" in p.stderr and "Traceback" not in p.stderr
+    # The user runs cbsd from where they can read it: a clone in root's home (0700, where a new
+    # user clones), its venv and pytest's own temp folders are not readable by nobody. A
+    # world-readable copy of cbsd's package, run by the interpreter the venv was made from, is.
+    with tempfile.TemporaryDirectory(prefix="cbsd-nobody-") as lib:
+        shutil.copytree(Path(cbsd_pkg.__file__).parent, Path(lib) / "cbsd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for d in (Path(lib), *Path(lib).rglob("*")):
+            os.chmod(d, 0o755 if d.is_dir() else 0o644)
+        env = {"CBSD_WORKDIR": str(wd), "PATH": os.environ["PATH"], "PYTHONPATH": lib,
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        for args in (["bls"], ["bstart", "vm1"]):
+            p = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                os.path.realpath(sys.executable), "-m", "cbsd", *args],
+                               capture_output=True, text=True, env=env, cwd="/", timeout=60)
+            assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+            assert "Permission denied" in p.stderr and "Traceback" not in p.stderr
 
 
 # --- 8. the smaller ones ------------------------------------------------------------------------

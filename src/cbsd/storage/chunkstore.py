@@ -25,14 +25,44 @@ place, and garbage is collected only from what no published recipe references.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cbsd.errors import CheckpointError
+
+SLOW_NOTICE = ("cbsd: notice: the chunk store is chunking with fastcdc's pure-Python fallback "
+               "(~100x slower; same chunks): its C accelerator is not built for this Python "
+               "(run scripts/setup.sh, which installs what it needs)")
+_said_slow = False
+
+
+def _chunker() -> Callable[..., Iterator[Any]]:
+    """fastcdc's chunker. Its C accelerator and its pure-Python fallback cut the same chunks,
+    but the fallback (a Python without a wheel, installed where no compiler was) is ~100x
+    slower: that is said once per process, on stderr (fastcdc's own notice goes to stdout,
+    where a command's output is: it is kept out of there)."""
+    global _said_slow
+    with contextlib.redirect_stdout(io.StringIO()):
+        from fastcdc import fastcdc
+    if not _said_slow and not native_chunker():
+        _said_slow = True
+        print(SLOW_NOTICE, file=sys.stderr, flush=True)
+    return fastcdc  # type: ignore[no-any-return]
+
+
+def native_chunker() -> bool:
+    """Whether fastcdc runs its C accelerator (scripts/setup.sh checks this after install)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from fastcdc import fastcdc
+    return getattr(fastcdc, "__module__", "") == "fastcdc.fastcdc_cy"
+
 
 RECIPE = "memory.recipe"
 MAGIC = b"CBSD-RECIPE-1\n"
@@ -94,8 +124,8 @@ class Store:
         import mmap
 
         import xxhash
-        from fastcdc import fastcdc
 
+        fastcdc = _chunker()
         known = self._index(recipes)
         self.packs.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / DIRTY).touch(mode=0o600)  # from here a kill may leave an orphan pack
