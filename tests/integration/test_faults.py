@@ -401,3 +401,20 @@ def test_sigterm_cancels_parallel_hibernation(cbsd: Cbsd, counter_image) -> None
         assert not (cbsd.system(n) / "hibernate.ckp").exists()
         assert hidden_leftovers(cbsd, n) == [] and disk_tags(cbsd, n) == []
         assert_guest_fine(cbsd, n)
+
+
+def test_kill9_while_a_checkpoint_is_destroyed_releases_its_disk_snapshot(
+        cbsd: Cbsd, running_counter: str) -> None:
+    """A delete hides the state, has its files removed by a detached process, then releases
+    its disk snapshots: killed between the last two (with the files already gone), the next
+    command still releases them (found by pass 4's kill loop: an orphaned snapshot)."""
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c").ok()
+    held = cbsd.at_failpoint("drop:hidden", "bcheckpoint", "mode=destroy", "jname=vm1",
+                             "name=c")
+    assert hidden_leftovers(cbsd, "vm1") == [], "the detached removal finishes meanwhile"
+    held.kill9()
+    assert cbsd.checkpoints("vm1") == []
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=after").ok()
+    assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["after"]
+    assert len(disk_tags(cbsd, "vm1")) == 1, "the destroyed checkpoint's snapshot is released"
+    assert_guest_fine(cbsd, "vm1")

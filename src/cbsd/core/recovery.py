@@ -16,6 +16,7 @@ by an older cbsd: its image is stale and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from cbsd import debug
 from cbsd.core.vm import VM, Image
 from cbsd.errors import CheckpointError, QemuError
+from cbsd.failpoints import failpoint
 from cbsd.qemu import img
 from cbsd.qemu.runstate import RunState
 from cbsd.storage import ckpstore
@@ -96,8 +98,10 @@ def recover(vm: VM, died: str = "") -> None:
                 vm.monitor().cmd("stop")
     for path in doomed:
         remove_tree(path)
-    if doomed:
+    releasing = wd.releasing(vm.jname)
+    if doomed or releasing.exists():
         sweep_orphans(vm)
+        releasing.unlink(missing_ok=True)
     collect_chunks(vm)
 
 
@@ -243,9 +247,13 @@ def sweep_orphans(vm: VM) -> None:
 
 def drop_state(vm: VM, path: Path) -> None:
     """Delete a saved state: first hide it (never listed again), then have its files removed
-    after the command returns, then release its disk snapshots (under the VM's lock). If the
-    last step fails (a full disk can refuse qcow2 metadata writes), the files still go and the
-    next command's sweep releases the snapshots."""
+    after the command returns, then release its disk snapshots (under the VM's lock). The
+    `.releasing` mark spans the steps: if the command dies after hiding the state (its files
+    may be gone before the next command looks) or the release fails (a full disk can refuse
+    qcow2 metadata writes), the next command's recovery sweeps the snapshots."""
+    releasing = vm.ctx.workdir.releasing(vm.jname)
+    with contextlib.suppress(OSError):  # a full disk must not stop a delete that frees it
+        releasing.touch()
     try:
         m: ckpstore.Manifest | None = ckpstore.read_manifest(path)
     except CheckpointError:
@@ -258,10 +266,12 @@ def drop_state(vm: VM, path: Path) -> None:
     if not path.name.startswith("."):
         path = ckpstore.retire(path)
     remove_tree_later(path)
+    failpoint("drop:hidden")
     if m is not None:
         delete_tags(vm, state_tags(vm, m))
     if folded:
         collect_chunks(vm)  # the hidden state's recipe no longer counts
+    releasing.unlink(missing_ok=True)
 
 
 def drop_state_and_sweep(vm: VM, path: Path) -> None:

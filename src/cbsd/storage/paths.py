@@ -109,6 +109,11 @@ class Workdir:
         (core/move.py, core/migrate.py); the next command on the VM settles it."""
         return self.system(jname) / "moving"
 
+    def releasing(self, jname: str) -> Path:
+        """While a saved state is being deleted: its disk snapshots may not be released yet
+        (core/recovery.drop_state); the next command on the VM sweeps them."""
+        return self.system(jname) / ".releasing"
+
     def hibernation(self, jname: str) -> Path:
         return self.system(jname) / HIBERNATION_DIR
 
