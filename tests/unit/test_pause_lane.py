@@ -26,6 +26,8 @@ def test_the_lane_opens_the_workdirs_own_paths(tmp_path: Path) -> None:
     assert f"{system}/{pause.PIDFILE}" == str(wd.pidfile("vm-1"))
     assert f"{system}/{pause.QMP_SOCK}" == str(wd.qmp_sock("vm-1"))
     assert f"{system}/{pause.HIBERNATION}" == str(wd.hibernation("vm-1"))
+    assert f"{system}/{pause.QGA_SOCK}" == str(wd.qga_sock("vm-1"))
+    assert f"{system}/{pause.AGENT_STATE}" == str(wd.agent_state("vm-1"))
 
 
 @given(st.text(alphabet=st.characters(max_codepoint=0x700), max_size=70)
