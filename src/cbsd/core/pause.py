@@ -71,8 +71,9 @@ def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None)
         why = f"its clock could not be set ({e})"
     if stood is not None and stood < 1:
         return
-    behind = "by as long as it was paused" if stood is None else f"about {stood:.0f} s"
-    print(f"{jname}: {why}: the guest's clock is {behind} behind; {agent.SET_IT_YOURSELF}",
+    behind = "behind by as long as it was paused" if stood is None else \
+        f"about {stood:.0f} s behind"
+    print(f"{jname}: {why}: the guest's clock is {behind}; {agent.SET_IT_YOURSELF}",
           file=sys.stderr, flush=True)
 
 
