@@ -231,6 +231,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         if keep_running:
             put_back(mon, was_running)
             _set_clock(vm, mon, stopped)
+            stopped = None  # accounted for: a later failure's rollback has no stop to report
         (tmp / INTENT).unlink()
         files = {ckpstore.MEMORY: FileEntry(size, digest)}
         if ram_file:  # checksummed while the guest runs on: the clone no longer changes
