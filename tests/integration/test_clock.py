@@ -6,6 +6,7 @@ good unless cbsd sets its clock through the guest agent, as it does after a rest
 Debian guest (qemu-guest-agent, chrony without a reachable source) the tests wait for the
 clock to come right within TOLERANCE; without the setting it stays ~10 s behind. A guest
 without an agent (the boot-sector counter) gets a line on stderr saying its clock is behind.
+The Debian guest's fixtures are in conftest.py (shared with test_debian.py: one boot).
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ import time
 import pytest
 
 from tests.conftest import Cbsd
-from tests.integration import test_debian
 from tests.integration.test_debian import Debian
 from tests.integration.test_pause import HEAVY, launched
 
 pytestmark = pytest.mark.vm
-
-# The Debian guest's fixtures (booted once per session, each test restores `ready`).
-debian_session, deb = test_debian.debian_session, test_debian.deb
 
 STOOD = 10.0  # seconds the guest's vCPUs stand still in each test
 # What cbsd guarantees once the agent has set the clock: the guest's clock agrees with the
