@@ -51,20 +51,24 @@ def clock_comes_right(deb: Debian, after: str) -> float:
         time.sleep(1)
 
 
-def clock_set_since(deb: Debian, since: float) -> bool:
-    """Whether the agent helper recorded setting the guest's clock after host time *since*."""
-    when = deb.agent_state().get("clock_set")
-    return isinstance(when, float) and when >= since
+def clock_set_recorded(deb: Debian, since: float, what: str) -> None:
+    """Until the agent helper's record says it set the guest's clock after host time *since*
+    (it writes its record once the agent has also told it the guest's address: a moment
+    after the clock was set)."""
+    deadline = time.monotonic() + CLOCK_WAIT
+    while True:
+        when = deb.agent_state().get("clock_set")
+        if isinstance(when, float) and when >= since:
+            return
+        assert time.monotonic() < deadline, f"no clock setting recorded after {what}"
+        time.sleep(0.5)
 
 
 def settled_start(deb: Debian) -> str:
     """Restore the `ready` checkpoint and wait until the restore's own helper has set the
     clock, so no later setting can be taken for the one under test."""
     boot = deb.start_from()
-    deadline = time.monotonic() + CLOCK_WAIT
-    while not clock_set_since(deb, 0.0):
-        assert time.monotonic() < deadline, "the restore's helper never set the clock"
-        time.sleep(0.5)
+    clock_set_recorded(deb, 0.0, "the restore")
     clock_comes_right(deb, "the restore")
     return boot
 
@@ -81,8 +85,9 @@ def test_clock_is_set_after_a_pause(deb: Debian) -> None:
         assert r.ok().out == "deb: resumed\n"
         if resume[0] == "deb":  # starting the helper loaded nothing the lane must not load
             assert "cbsd.core.pause" in mods and not mods & HEAVY, sorted(mods & HEAVY)
-        clock_comes_right(deb, f"a {STOOD:.0f} s pause ({' '.join(resume)})")
-        assert clock_set_since(deb, since), "the agent set the clock (not luck)"
+        what = f"a {STOOD:.0f} s pause ({' '.join(resume)})"
+        clock_comes_right(deb, what)
+        clock_set_recorded(deb, since, what)  # the agent set it (not luck)
     deb.guest_is_sound(boot)
 
 
@@ -108,10 +113,7 @@ def test_clock_is_set_after_a_plain_checkpoint(deb: Debian) -> None:
     boot = settled_start(deb)
     since = time.time()
     deb.cbsd("bcheckpoint", "mode=create", "jname=deb", "name=quick").ok()
-    deadline = time.monotonic() + CLOCK_WAIT
-    while not clock_set_since(deb, since):
-        assert time.monotonic() < deadline, "no clock setting recorded after the checkpoint"
-        time.sleep(0.5)
+    clock_set_recorded(deb, since, "the checkpoint")
     clock_comes_right(deb, "a plain checkpoint")
     deb.guest_is_sound(boot)
 
