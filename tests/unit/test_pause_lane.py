@@ -26,6 +26,8 @@ def test_the_lane_opens_the_workdirs_own_paths(tmp_path: Path) -> None:
     assert f"{system}/{pause.PIDFILE}" == str(wd.pidfile("vm-1"))
     assert f"{system}/{pause.QMP_SOCK}" == str(wd.qmp_sock("vm-1"))
     assert f"{system}/{pause.HIBERNATION}" == str(wd.hibernation("vm-1"))
+    assert f"{system}/{pause.QGA_SOCK}" == str(wd.qga_sock("vm-1"))
+    assert f"{system}/{pause.AGENT_STATE}" == str(wd.agent_state("vm-1"))
 
 
 @given(st.text(alphabet=st.characters(max_codepoint=0x700), max_size=70)
@@ -120,7 +122,8 @@ def test_the_lanes_modules_import_nothing_heavy() -> None:
              "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.lifecycle"}
     p = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c",
                         "import sys; sys.path[:0] = " + repr(sys.path) + "; "
-                        "import cbsd.cli.main, cbsd.cli.quick, cbsd.core.pause, cbsd.qemu.qmp"],
+                        "import cbsd.cli.main, cbsd.cli.quick, cbsd.core.pause, cbsd.qemu.qmp, "
+                        "cbsd.qemu.agent"],  # a resume starts the clock helper from the lane
                        capture_output=True, text=True, check=True)
     mods = {ln.rsplit("|", 1)[1].strip() for ln in p.stderr.splitlines()
             if ln.startswith("import time:")}

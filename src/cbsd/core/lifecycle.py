@@ -364,4 +364,4 @@ def pause(ctx: Context, jname: str, mode: str = "auto") -> str:
         if mode == "auto":
             mode = "off" if status is Status.PAUSED else "on"
         require(jname, status, Action.PAUSE if mode == "on" else Action.RESUME)
-        return switch(vm.monitor(), jname, mode)
+        return switch(vm.monitor(), jname, mode, str(ctx.workdir.system(jname)))

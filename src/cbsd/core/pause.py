@@ -16,11 +16,17 @@ Why the lane may skip the inventory and the recovery the full command runs first
     command leaves its line in the lock file (VMLock.died); a live QEMU in a migration state
     (anything but running/paused) or a hibernation image beside a live QEMU also go the full way.
 This module imports only what the lane needs; a test pins that list (test_pause.py).
+
+A resumed guest's clock is behind by the time it was paused: QEMU stops the guest's clocks
+with its vCPUs, and nothing in the guest notices (chrony, paused too, still believes it is in
+sync). So a resume sets it through the guest agent, as a restore does (set_clock); a
+checkpoint's own stop and 'cont' end the same way (core/save.py).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from cbsd.core.lock import VMLock
 from cbsd.errors import QemuError
@@ -32,15 +38,43 @@ from cbsd.qemu.qmp import Monitor
 LOCK_FILE = "{root}/var/lock/{jname}.lock"
 SYSTEM_DIR = "{root}/jails-system/{jname}"
 PIDFILE, QMP_SOCK, HIBERNATION = "qemu.pid", "qmp.sock", "hibernate.ckp"
+QGA_SOCK, AGENT_STATE = "qga.sock", "agent.json"
 
 
-def switch(mon: Monitor, jname: str, mode: str) -> str:
-    """'on' pauses, 'off' resumes; QEMU's own run state must confirm it. Returns the message."""
+def switch(mon: Monitor, jname: str, mode: str, system: str) -> str:
+    """'on' pauses, 'off' resumes; QEMU's own run state must confirm it. Returns the message.
+    *system* is the VM's jails-system folder (SYSTEM_DIR)."""
     run = mode == "off"
     mon.cmd("cont" if run else "stop")
     if mon.running() != run:
         raise QemuError(f"{jname}: QEMU did not {'resume' if run else 'pause'}")
+    if run:
+        set_clock(mon, jname, system)
     return f"{jname}: {'resumed' if run else 'paused'}"
+
+
+def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None) -> None:
+    """The guest runs again after its vCPUs stood still: for *stood* seconds (a checkpoint's
+    stop), or for as long as it was paused (None). With an agent listening (asked of QEMU, not
+    of the guest), the detached helper sets the guest's clock from the host's once the agent
+    answers; the command does not wait for it. Without one, say so on stderr -- after a
+    checkpoint's stop only when it left the clock a second or more behind."""
+    from cbsd.qemu import agent  # light (see there), and a pause does not need it
+
+    try:
+        if agent.listening(mon):
+            agent.start_helper(f"{system}/{QGA_SOCK}", f"{system}/{AGENT_STATE}",
+                               agent.SETTIME_WAIT, settime=True)
+            return
+        why = "no guest agent answers"
+    except (QemuError, OSError) as e:  # the guest runs again all the same: not a failure
+        why = f"its clock could not be set ({e})"
+    if stood is not None and stood < 1:
+        return
+    behind = "behind by as long as it was paused" if stood is None else \
+        f"about {stood:.0f} s behind"
+    print(f"{jname}: {why}: the guest's clock is {behind}; {agent.SET_IT_YOURSELF}",
+          file=sys.stderr, flush=True)
 
 
 def quick(root: str, jname: str, mode: str) -> str | None:
@@ -74,6 +108,6 @@ def quick(root: str, jname: str, mode: str) -> str | None:
                 mode = "off" if state == "paused" else "on"
             if state != ("running" if mode == "on" else "paused"):
                 return None  # already there, or mid-migration: the full command explains
-            return switch(mon, jname, mode)
+            return switch(mon, jname, mode, system)
     finally:
         lock.release()

@@ -24,6 +24,7 @@ from typing import Any
 
 from cbsd import cancel
 from cbsd.core import ramfile, tree
+from cbsd.core.pause import set_clock
 from cbsd.core.recovery import INTENT, TAG_PREFIX, delete_tags, drop_state
 from cbsd.core.vm import VM, Image, free_bytes
 from cbsd.errors import (
@@ -142,6 +143,14 @@ def put_back(mon: Monitor, was_running: bool) -> None:
         mon.cmd("stop")
 
 
+def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> None:
+    """After put_back ran a guest this save had stopped: its clock stood still meanwhile
+    (~0.4 s for a small guest, seconds for a large one written without live=1)."""
+    if stopped is not None and mon.running():
+        set_clock(mon, vm.jname, str(vm.ctx.workdir.system(vm.jname)),
+                  time.monotonic() - stopped)
+
+
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
          keep_running: bool = True, progress: Progress | None = None) -> Manifest:
     """Write the VM's complete state to *final* (replacing an older one only once complete).
@@ -161,6 +170,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     tags: list[tuple[Image, str]] = []
     follower: _Follower | None = None
     was_running = mon.running()
+    stopped: float | None = None  # when this save stopped the vCPUs (time.monotonic())
     live = live and was_running
     agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
     try:
@@ -181,6 +191,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         # (background-snapshot records memory as of its start, then resumes the guest).
         if was_running:
             mon.cmd("stop")
+            stopped = time.monotonic()
         failpoint("save:stopped")
         for image in vm.images():
             tag = f"{TAG_PREFIX}{name}-{os.urandom(6).hex()}"
@@ -221,6 +232,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         _disks_in_place(vm)
         if keep_running:
             put_back(mon, was_running)
+            _set_clock(vm, mon, stopped)
+            stopped = None  # accounted for: a later failure's rollback has no stop to report
         (tmp / INTENT).unlink()
         files = {ckpstore.MEMORY: FileEntry(size, digest)}
         if ram_file:  # checksummed while the guest runs on: the clone no longer changes
@@ -242,6 +255,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             with contextlib.suppress(Exception):
                 follower.abandon()
         _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
+        with contextlib.suppress(CbsdError, OSError):
+            _set_clock(vm, mon, stopped)
         error = _save_error(vm, e, kind, name)
         if error is e:
             raise

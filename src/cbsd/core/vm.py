@@ -311,12 +311,9 @@ class VM:
     def agent_listening(self) -> bool:
         """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the
         guest opened org.qemu.guest_agent.0), asked of QEMU, not of the guest: instant."""
-        if not self.spec.guest_agent:
-            return False
-        for chardev in self.monitor().cmd("query-chardev"):
-            if chardev.get("label") == "qga0":
-                return bool(chardev.get("frontend-open"))
-        return False
+        from cbsd.qemu import agent
+
+        return self.spec.guest_agent and agent.listening(self.monitor())
 
     def tend_agent(self, *, settime: bool, seconds: float) -> None:
         """Start the detached helper that waits for the agent (and sets the clock)."""

@@ -7,22 +7,41 @@ never taken for this one. An agent that is not running (no agent installed, gues
 booting, guest paused) leaves the connection silent: every call has a deadline.
 
 `python -m cbsd.qemu.agent SOCKET STATEFILE SECONDS [settime]` is the helper cbsd starts,
-detached, after a VM boots, restores or resumes: it waits up to SECONDS for the agent, sets
-the guest's clock from the host's (settime: after a restore or resume the guest's clock is
-behind by the checkpoint's age or the time hibernated), and records what the agent reports
-(its IPv4 address, for bls) in STATEFILE. The command that started it does not wait for it.
+detached, after a VM boots, restores or resumes, after `bpause mode=off` and after a
+checkpoint's stop: it waits up to SECONDS for the agent, sets the guest's clock from the
+host's (settime: the guest's clock stood still with its vCPUs, so it is behind by the
+checkpoint's age, the time hibernated or paused, or the checkpoint's own stop), and records
+what the agent reports (its IPv4 address, for bls) in STATEFILE. The command that started it
+does not wait for it.
+
+bpause's quick lane (cbsd/core/pause.py) starts the helper too, so this module imports at
+the top only what the lane has loaded anyway (os, sys, time, contextlib, cbsd.errors): json
+and pathlib are imported where they are used, and the helper is started with os.posix_spawn,
+not subprocess (each of those costs the lane more than its whole work).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 from cbsd.errors import QemuError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from cbsd.qemu.qmp import Monitor
+
+# How long the helper waits for the agent when it is to set the clock: a guest left paused
+# is served once it runs, and a loaded host may take a while to run it.
+SETTIME_WAIT = 120.0
+# What a user without an agent can do instead (after a pause or a checkpoint's stop).
+SET_IT_YOURSELF = ("install qemu-guest-agent in the guest, or set the clock there "
+                   "(e.g. 'systemctl restart chrony')")
 
 
 class Agent:
@@ -63,6 +82,8 @@ class Agent:
         while (end := self._buf.find(b"\n")) < 0:
             self._recv()
         line, self._buf = self._buf[:end], self._buf[end + 1:]
+        import json
+
         msg = json.loads(line)
         if "error" in msg:
             raise QemuError(f"the guest agent refused: {msg['error'].get('desc', msg)}")
@@ -81,7 +102,19 @@ class Agent:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
+    import json
+
     return json.dumps(obj).encode() + b"\n"
+
+
+def listening(mon: Monitor) -> bool:
+    """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the guest
+    opened org.qemu.guest_agent.0; it stays open while the guest is paused), asked of QEMU,
+    not of the guest: instant. False too for a VM defined without the channel."""
+    for chardev in mon.cmd("query-chardev"):
+        if chardev.get("label") == "qga0":
+            return bool(chardev.get("frontend-open"))
+    return False
 
 
 def ipv4_addresses(interfaces: list[dict[str, Any]]) -> list[str]:
@@ -126,12 +159,16 @@ def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool) ->
 
 
 def _write(path: Path, state: dict[str, Any]) -> None:
+    import json
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
 
 
 def read_state(path: Path) -> dict[str, Any]:
+    import json
+
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
@@ -139,26 +176,33 @@ def read_state(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def start_helper(sock: str, state_file: Path, seconds: float, settime: bool) -> None:
-    """Run the helper detached: it outlives the command, which does not wait for it."""
-    import subprocess
-
+def start_helper(sock: str, state_file: str | Path, seconds: float, settime: bool) -> None:
+    """Run the helper detached: it outlives the command, which does not wait for it. Its own
+    session, stdio on /dev/null; it inherits no other descriptor (Python opens them all
+    close-on-exec)."""
     from cbsd import debug
 
-    state_file.unlink(missing_ok=True)
-    src = str(Path(__file__).resolve().parents[2])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state_file)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     argv = [sys.executable, "-I", "-c",
             f"import sys; sys.path.insert(0, {src!r}); from cbsd.qemu.agent import main; "
-            "sys.exit(main(sys.argv[1:]))", sock, str(state_file), str(seconds)]
+            "sys.exit(main(sys.argv[1:]))", sock, os.fspath(state_file), str(seconds)]
     if settime:
         argv.append("settime")
     if debug.ON:
         debug.log("proc", " ".join(argv) + " &")
-    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_spawn(sys.executable, argv, os.environ, setsid=True,
+                       file_actions=[(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)])
+    finally:
+        os.close(null)
 
 
 def main(args: list[str]) -> int:
+    from pathlib import Path
+
     sock, state_file, seconds = args[0], Path(args[1]), float(args[2])
     try:
         wait_and_tend(sock, state_file, seconds, settime="settime" in args[3:])
