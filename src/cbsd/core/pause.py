@@ -53,12 +53,14 @@ def switch(mon: Monitor, jname: str, mode: str, system: str) -> str:
     return f"{jname}: {'resumed' if run else 'paused'}"
 
 
-def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None) -> None:
+def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None, *,
+              say: bool = True) -> None:
     """The guest runs again after its vCPUs stood still: for *stood* seconds (a checkpoint's
     stop), or for as long as it was paused (None). With an agent listening (asked of QEMU, not
     of the guest), the detached helper sets the guest's clock from the host's once the agent
     answers; the command does not wait for it. Without one, say so on stderr -- after a
-    checkpoint's stop only when it left the clock a second or more behind."""
+    checkpoint's stop only when it left the clock a second or more behind; never when *say* is
+    false (a failed command's stderr is its one error line)."""
     from cbsd.qemu import agent  # light (see there), and a pause does not need it
 
     try:
@@ -69,7 +71,7 @@ def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None)
         why = "no guest agent answers"
     except (QemuError, OSError) as e:  # the guest runs again all the same: not a failure
         why = f"its clock could not be set ({e})"
-    if stood is not None and stood < 1:
+    if not say or (stood is not None and stood < 1):
         return
     behind = "behind by as long as it was paused" if stood is None else \
         f"about {stood:.0f} s behind"

@@ -143,12 +143,12 @@ def put_back(mon: Monitor, was_running: bool) -> None:
         mon.cmd("stop")
 
 
-def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> None:
+def _set_clock(vm: VM, mon: Monitor, stopped: float | None, *, say: bool = True) -> None:
     """After put_back ran a guest this save had stopped: its clock stood still meanwhile
     (~0.4 s for a small guest, seconds for a large one written without live=1)."""
     if stopped is not None and mon.running():
         set_clock(mon, vm.jname, str(vm.ctx.workdir.system(vm.jname)),
-                  time.monotonic() - stopped)
+                  time.monotonic() - stopped, say=say)
 
 
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
@@ -256,7 +256,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
                 follower.abandon()
         _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
         with contextlib.suppress(CbsdError, OSError):
-            _set_clock(vm, mon, stopped)
+            _set_clock(vm, mon, stopped, say=False)
         error = _save_error(vm, e, kind, name)
         if error is e:
             raise
