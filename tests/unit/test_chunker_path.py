@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cbsd.storage.chunkstore import SLOW_NOTICE, native_chunker
+from cbsd.storage.chunkstore import SLOW_NOTICE, accelerator_installed, native_chunker
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # Folds two streams in a fresh interpreter, the C accelerator hidden when argv[2] says so, and
@@ -49,3 +49,22 @@ def test_slow_path_is_named_once_and_cuts_the_same_chunks(tmp_path: Path) -> Non
     assert "pure python" not in slow.stdout.lower()  # fastcdc's own notice is kept off stdout
     assert json.loads(slow.stdout) == json.loads(fast.stdout)
     assert len(json.loads(fast.stdout)[0]) > 10
+
+
+def test_the_accelerator_is_seen_without_importing_fastcdc(tmp_path: Path) -> None:
+    """What a command that starts a detached fold checks (and says) costs no fastcdc import."""
+    assert accelerator_installed() == native_chunker()
+    probe = ("import sys; from cbsd.storage.chunkstore import accelerator_installed as a; "
+             "print(a(), 'fastcdc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": SRC, "PATH": "/usr/bin"}).stdout
+    assert out.split() == ["True", "False"]
+    # A package without the built extension (a Python no wheel fits, no compiler): not seen.
+    fake = tmp_path / "fastcdc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('imported')\n")
+    (fake / "fastcdc_py.py").write_text("")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": f"{tmp_path}:{SRC}",
+                                          "PATH": "/usr/bin"}).stdout
+    assert out.split() == ["False", "False"]

@@ -28,7 +28,13 @@ from cbsd.errors import BusyError, CbsdError
 from cbsd.failpoints import failpoint
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, write_atomic
-from cbsd.storage.chunkstore import RECIPE, Store, Yielded
+from cbsd.storage.chunkstore import (
+    RECIPE,
+    SLOW_NOTICE,
+    Store,
+    Yielded,
+    accelerator_installed,
+)
 from cbsd.storage.manifest import MEMORY, FileEntry
 from cbsd.storage.paths import Workdir
 
@@ -123,6 +129,8 @@ def start_helper(wd: Workdir, jname: str) -> None:
 
     from cbsd import debug
 
+    if not accelerator_installed():  # the fold's own notice goes nowhere: say it here
+        print(SLOW_NOTICE, file=sys.stderr, flush=True)
     src = str(Path(__file__).resolve().parents[2])
     argv = [sys.executable, "-I", "-c",
             f"import sys; sys.path.insert(0, {src!r}); from cbsd.core.fold import main; "
