@@ -82,7 +82,8 @@ def test_bexport_never_replaces_a_file_created_while_it_ran(cbsd: Cbsd, counter_
 
 @pytest.mark.twohost
 @pytest.mark.parametrize("answer", ["another shape", "rows of another shape",
-                                    "a terminal escape", "hangs"])
+                                    "a terminal escape", "a status that is a list",
+                                    "nested beyond reason", "hangs"])
 def test_bls_of_all_nodes_lists_the_others_whatever_one_node_answers(two, counter_image,  # type: ignore[no-untyped-def]
                                                                      answer: str) -> None:
     a, b = two
@@ -95,8 +96,13 @@ def test_bls_of_all_nodes_lists_the_others_whatever_one_node_answers(two, counte
                 "jname": "x", "jid": 0, "vm_ram": 1, "vm_curmem": 0, "vm_cpus": 1, "pcpu": 0,
                 "vm_os_type": "\x1b]2;owned\x07", "ip4_addr": "-", "status": "Off",
                 "vnc_port": "0"}]),
+            "a status that is a list": json.dumps([{
+                "jname": "x", "jid": 0, "vm_ram": 1, "vm_curmem": 0, "vm_cpus": 1, "pcpu": 0,
+                "vm_os_type": "linux", "ip4_addr": "-", "status": ["Off"], "vnc_port": "0"}]),
             }.get(answer)
-    script = "exec sleep 200" if answer == "hangs" else f"echo '{rows}'"
+    script = "exec sleep 200" if answer == "hangs" else \
+        "exec python3 -c 'print(\"[\" * 100000 + \"]\" * 100000)'" \
+        if answer == "nested beyond reason" else f"echo '{rows}'"
     if answer == "hangs":
         a.cbsd.env["CBSD_NODE_TIMEOUT"] = "5"  # the others: the default, as users have it
     with b.cbsd_as(script):

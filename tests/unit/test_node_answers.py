@@ -35,6 +35,9 @@ BAD_LISTINGS: dict[str, tuple[Any, str]] = {
     "a text as a number": ([{**ROW, "vm_cpus": "2"}], "vm_cpus"),
     "an infinite pcpu": ([{**ROW, "pcpu": float("inf")}], "pcpu"),
     "an unknown status": ([{**ROW, "status": "Exploded"}], "status"),
+    "a status that is a list": ([{**ROW, "status": ["On"]}], "status"),
+    "a pcpu beyond any float": ([{**ROW, "pcpu": 10 ** 400}], "pcpu"),
+    "a NaN pcpu": ([{**ROW, "pcpu": float("nan")}], "pcpu"),
     "a terminal escape": ([{**ROW, "vm_os_type": "\x1b]0;pwned\x07"}], "control characters"),
     "an overlong text": ([{**ROW, "ip4_addr": "1" * 65}], "longer than 64"),
 }
@@ -129,3 +132,20 @@ def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_out
     for line in bad.values():
         with pytest.raises(UsageError):
             _request(line, "vm1")
+
+
+def test_an_answer_nested_beyond_reason_is_a_node_error_not_a_crash() -> None:
+    """json.loads raises RecursionError, not ValueError, on deep nesting; a validator that
+    meets a type it did not foresee still refuses: either way one NodeError."""
+    from cbsd.core import nodes
+
+    node = nodes.Node("b", "root@10.0.0.2", 22)
+    with pytest.raises(nodes.NodeError, match=r"node b: .*not what cbsd expects"):
+        node.checked("bls", lambda a: sorted(a), [1, "x"])  # TypeError inside a check
+
+    class Deep(nodes.Node):
+        def call(self, args: list[str], **kw: Any) -> str:
+            return "[" * 100_000 + "]" * 100_000
+
+    with pytest.raises(nodes.NodeError, match="not JSON"):
+        Deep("b", "root@10.0.0.2", 22).call_json(["bls"])

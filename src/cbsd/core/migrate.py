@@ -148,7 +148,7 @@ def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> An
     if line:
         try:
             return json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise nodes.NodeError(f"node {node.name}: bmigrate there answered what is not "
                                   "JSON (is it a cbsd of this version?)") from None
     try:

@@ -9,7 +9,6 @@ the caller turns into one line naming the node (core/nodes.py). Pure functions.
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from typing import Any
@@ -59,6 +58,9 @@ def bls_rows(data: Any) -> list[dict[str, Any]]:
     return [_bls_row(row, i) for i, row in enumerate(data)]
 
 
+MAX_PCPU = 100 * 4096  # every vCPU QEMU allows, busy: beyond it, not a percentage
+
+
 def _bls_row(row: Any, i: int) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise BadAnswer(f"VM #{i + 1} of the listing is not an object")
@@ -71,12 +73,12 @@ def _bls_row(row: Any, i: int) -> dict[str, Any]:
         out[col] = count(row[col], f"{jname}'s {col}")
     pcpu = row["pcpu"]
     if isinstance(pcpu, bool) or not isinstance(pcpu, (int, float)) or \
-            not math.isfinite(pcpu) or pcpu < 0:
+            not 0 <= pcpu <= MAX_PCPU:  # compares any int (isfinite overflows on 10**400)
         raise BadAnswer(f"{jname}'s pcpu {_shown(pcpu)} is not a percentage")
     out["pcpu"] = pcpu
     for col in _TEXT_COLUMNS:
         out[col] = text(row[col], f"{jname}'s {col}", 64)
-    if row["status"] not in _STATUSES:
+    if not isinstance(row["status"], str) or row["status"] not in _STATUSES:
         raise BadAnswer(f"{jname}'s status {_shown(row['status'])} is not one of "
                         f"{', '.join(sorted(_STATUSES))}")
     out["status"] = row["status"]

@@ -96,7 +96,7 @@ class Node:
         out = self.call([*args, "format=json"], **kw)
         try:
             return json.loads(out)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested beyond reason
             raise NodeError(f"node {self.name}: cbsd there answered what is not JSON (is it "
                             "a cbsd of this version?)") from None
 
@@ -106,8 +106,11 @@ class Node:
         try:
             return check(answer)
         except node_answers.BadAnswer as e:
-            raise NodeError(f"node {self.name}: its answer to {what} is not what cbsd "
-                            f"expects: {e} (is it a cbsd of this version?)") from None
+            why = str(e)
+        except (TypeError, ValueError, ArithmeticError, RecursionError):
+            why = "of another shape"  # a validator that missed a case still refuses
+        raise NodeError(f"node {self.name}: its answer to {what} is not what cbsd "
+                        f"expects: {why} (is it a cbsd of this version?)")
 
 
 def last_line(err: bytes) -> str:

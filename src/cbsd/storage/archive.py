@@ -54,7 +54,7 @@ def unseal(data: bytes, what: str) -> dict[str, Any]:
     try:
         body = json.loads(data)
         check = body.pop("seal_checksum")
-    except (ValueError, KeyError, AttributeError, TypeError):
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError):
         raise ArchiveError(f"the archive's {what} is unreadable") from None
     if not isinstance(body, dict) or check != xxhash.xxh3_128_hexdigest(canonical(body)):
         raise ArchiveError(f"the archive's {what} was altered (checksum mismatch)")
@@ -179,7 +179,7 @@ class Reader:
         data = self._read_all(info)
         try:
             head = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ArchiveError(f"the archive's {HEADER} is unreadable") from None
         if not isinstance(head, dict):
             raise ArchiveError(f"the archive's {HEADER} is not a JSON object")
