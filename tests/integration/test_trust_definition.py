@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -225,3 +226,27 @@ def test_one_damaged_entry_never_hides_the_other_vms(cbsd: Cbsd, counter_image, 
     assert "damaged inventory entry replaced" in cbsd("bregister", "jname=vm2").ok().out
     assert names(cbsd) == ["vm1", "vm2", "vm3"]
     cbsd("bregister", "jname=vm2").fails(1, "already registered")
+
+
+def test_what_bcreate_and_bset_accept_is_never_a_damaged_entry(cbsd: Cbsd, counter_image,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    """bcreate and bset meet the same check as a definition read back (core/specs), so an
+    entry they store is never refused later: a long key list (before: bls named the VM
+    damaged), a boot medium named relative to the working directory (stored absolute)."""
+    keys = tmp_path / "keys.pub"  # a team's keys: more text than one key (> 4 KiB)
+    keys.write_text("".join(f"ssh-ed25519 {'A' * 68}{i:04d} user{i}@example\n"
+                            for i in range(60)))
+    cbsd("bcreate", "jname=vm1", f"image={counter_image(fill_mib=1)}", "vm_os_type=other",
+         "vm_ram=32m", "ci_user_add=ops", f"ci_user_pubkey={keys}").ok()
+    (tmp_path / "cd.iso").write_bytes(b"\0" * 2048)
+    p = subprocess.run([sys.executable, "-m", "cbsd", "bcreate", "jname=vm2", "iso=cd.iso",
+                        "vm_ram=32m", "imgsize=1m", "vm_os_type=other"],
+                       cwd=tmp_path, env=cbsd.env, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = cbsd("bls", "format=json")
+    assert r.code == 0 and r.err == "", r.err  # listed, not named damaged
+    assert [row["jname"] for row in json.loads(r.out)] == ["vm1", "vm2"]
+    assert str(tmp_path / "cd.iso") in cbsd("bget", "jname=vm2", "iso").ok().out
+    cbsd("bset", "jname=vm1", "vm_cpus=2").ok()  # bset stores what is read back too
+    assert cbsd("bls", "format=json").ok().err == ""

@@ -49,7 +49,9 @@ def host_memory() -> int:
 def validate(spec: VMSpec, image: str | None = None) -> None:
     """What a definition must satisfy (bcreate and bset): UsageError naming the key."""
     check_name(spec.jname)
-    specs.check_relations(spec)
+    # The check every definition read back later meets (inventory, vm.json, archives): what
+    # bcreate or bset stores can never become a "damaged" entry.
+    specs.from_untrusted(spec.to_dict(), spec.jname)
     total = host_memory()
     if total and spec.ram > total:
         raise UsageError(f"vm_ram={spec.ram >> 20}m is more than this host's memory "
@@ -79,12 +81,12 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
            image: str | None = None) -> VMSpec:
     """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
     is *image* converted to qcow2 (grown to *imgsize* if larger), or a new empty one."""
+    spec = dataclasses.replace(spec, iso=_abs(spec.iso), kernel=_abs(spec.kernel),
+                               initrd=_abs(spec.initrd))
     validate(spec, image)
     check_host(ctx, spec)
-    spec = dataclasses.replace(
-        spec, machine=resolve_machine(ctx.host, "pc"), disks=[FIRST_DISK],
-        iso=_abs(spec.iso), kernel=_abs(spec.kernel), initrd=_abs(spec.initrd),
-        mac=spec.mac or new_mac())
+    spec = dataclasses.replace(spec, machine=resolve_machine(ctx.host, "pc"),
+                               disks=[FIRST_DISK], mac=spec.mac or new_mac())
     wd = ctx.workdir
     jname = spec.jname
 

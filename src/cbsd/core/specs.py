@@ -27,7 +27,7 @@ from cbsd.errors import UsageError
 MIN_RAM = 16 * MIB
 # No number from outside is taken unbounded: 16 TiB is beyond any guest QEMU runs on x86.
 MAX_RAM = 1 << 44
-MAX_TEXT = 4096  # cmdline, passwords, cloud-init values: far beyond any real one
+MAX_TEXT = 65536  # cmdline, passwords, cloud-init values (several keys in ci_user_pubkey)
 # What bcreate and bhyve-dsk name disk files: a VM-style name and .qcow2 (core/disks.py).
 DISK_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.qcow2")
 RESERVED_FILES = ("efivars.qcow2",)  # core/vm.EFI_VARS: the UEFI variable store, not a disk
