@@ -49,34 +49,34 @@ def switch(mon: Monitor, jname: str, mode: str, system: str) -> str:
     if mon.running() != run:
         raise QemuError(f"{jname}: QEMU did not {'resume' if run else 'pause'}")
     if run:
-        set_clock(mon, jname, system)
+        note = set_clock(mon, jname, system)
+        if note:
+            print(note, file=sys.stderr, flush=True)
     return f"{jname}: {'resumed' if run else 'paused'}"
 
 
-def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None, *,
-              say: bool = True) -> None:
+def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None) -> str | None:
     """The guest runs again after its vCPUs stood still: for *stood* seconds (a checkpoint's
     stop), or for as long as it was paused (None). With an agent listening (asked of QEMU, not
     of the guest), the detached helper sets the guest's clock from the host's once the agent
-    answers; the command does not wait for it. Without one, say so on stderr -- after a
-    checkpoint's stop only when it left the clock a second or more behind; never when *say* is
-    false (a failed command's stderr is its one error line)."""
+    answers; the command does not wait for it. Without one, the note that says so, for the
+    caller to print once its command succeeded (a failure's stderr is its one error line):
+    after a checkpoint's stop only when it left the clock a second or more behind."""
     from cbsd.qemu import agent  # light (see there), and a pause does not need it
 
     try:
         if agent.listening(mon):
             agent.start_helper(f"{system}/{QGA_SOCK}", f"{system}/{AGENT_STATE}",
                                agent.SETTIME_WAIT, settime=True)
-            return
+            return None
         why = "no guest agent answers"
     except (QemuError, OSError) as e:  # the guest runs again all the same: not a failure
         why = f"its clock could not be set ({e})"
-    if not say or (stood is not None and stood < 1):
-        return
+    if stood is not None and stood < 1:
+        return None
     behind = "behind by as long as it was paused" if stood is None else \
         f"about {stood:.0f} s behind"
-    print(f"{jname}: {why}: the guest's clock is {behind}; {agent.SET_IT_YOURSELF}",
-          file=sys.stderr, flush=True)
+    return f"{jname}: {why}: the guest's clock is {behind}; {agent.SET_IT_YOURSELF}"
 
 
 def quick(root: str, jname: str, mode: str) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -143,12 +144,14 @@ def put_back(mon: Monitor, was_running: bool) -> None:
         mon.cmd("stop")
 
 
-def _set_clock(vm: VM, mon: Monitor, stopped: float | None, *, say: bool = True) -> None:
+def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> str | None:
     """After put_back ran a guest this save had stopped: its clock stood still meanwhile
-    (~0.4 s for a small guest, seconds for a large one written without live=1)."""
+    (~0.4 s for a small guest, seconds for a large one written without live=1). Returns the
+    agentless note, printed only once the save has succeeded."""
     if stopped is not None and mon.running():
-        set_clock(mon, vm.jname, str(vm.ctx.workdir.system(vm.jname)),
-                  time.monotonic() - stopped, say=say)
+        return set_clock(mon, vm.jname, str(vm.ctx.workdir.system(vm.jname)),
+                         time.monotonic() - stopped)
+    return None
 
 
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
@@ -171,6 +174,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
     follower: _Follower | None = None
     was_running = mon.running()
     stopped: float | None = None  # when this save stopped the vCPUs (time.monotonic())
+    clock_note: str | None = None  # printed once the save succeeded
     live = live and was_running
     agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
     try:
@@ -232,7 +236,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         _disks_in_place(vm)
         if keep_running:
             put_back(mon, was_running)
-            _set_clock(vm, mon, stopped)
+            clock_note = _set_clock(vm, mon, stopped)
             stopped = None  # accounted for: a later failure's rollback has no stop to report
         (tmp / INTENT).unlink()
         files = {ckpstore.MEMORY: FileEntry(size, digest)}
@@ -256,7 +260,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
                 follower.abandon()
         _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
         with contextlib.suppress(CbsdError, OSError):
-            _set_clock(vm, mon, stopped, say=False)
+            _set_clock(vm, mon, stopped)  # its note is not printed: the error is the line
         error = _save_error(vm, e, kind, name)
         if error is e:
             raise
@@ -268,6 +272,8 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         except CbsdError as e:
             raise CbsdError(f"{vm.jname}: the {kind} {name} was saved, but the one it replaced "
                             f"could not be deleted ({e}); the next command retries") from e
+    if clock_note:
+        print(clock_note, file=sys.stderr, flush=True)
     return manifest
 
 
