@@ -124,16 +124,16 @@ def ensure_managed(run_dir: Path, db_dir: Path) -> None:
     owner on the bridge)."""
     net = subnet()
     workdir = run_dir.parent.parent  # WORKDIR/var/run
-    made = False
     if not bridge_exists(MANAGED):
         try:
             _ip("link", "add", MANAGED, "type", "bridge")
-            made = True
         except CbsdError:
             if not bridge_exists(MANAGED):
                 raise  # else another workdir made it at the same instant: its owner decides
     _claim(workdir)
-    if made:
+    # Whoever made the bridge: its owner sees to the address (two workdirs racing, the one
+    # that made it may lose the claim before adding it).
+    if str(net) not in _run(["ip", "-o", "-4", "addr", "show", "dev", MANAGED]).split():
         _ip("addr", "add", str(net), "dev", MANAGED)
     _ip("link", "set", MANAGED, "up")
     try:
