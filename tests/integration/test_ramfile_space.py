@@ -10,6 +10,7 @@ that rewrites all of its RAM keeps counting."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_a_checkpoint_is_refused_while_the_guest_could_not_rewrite_its_ram(
     assert small.checkpoints("vm1") == []
     # With the space the rule asks for and not a MiB more, the same checkpoint is made, and
     # the guest survives rewriting all it filled.
-    fill_to(xfs, ramspace.required({}, RAM * MiB + ramspace.STREAM) + MiB)
+    # (8 MiB over it: fill_to lands within 2 MiB, and the checkpoint's own files take some)
+    fill_to(xfs, ramspace.required({}, RAM * MiB + ramspace.STREAM) + 8 * MiB)
     small("bcheckpoint", "mode=create", "jname=vm1", "name=c1").ok()
     keeps_counting(small)
 
@@ -109,6 +111,27 @@ def test_restore_and_start_are_refused_while_the_space_is_missing(
     assert not (small.system("vm1") / "ram").exists(), "a refused start leaves no RAM file"
     (xfs / "filler").unlink()
     small("bstart", "jname=vm1", "checkpoint=c1").ok()
+    keeps_counting(small)
+
+
+def test_a_restore_whose_launch_fails_leaves_no_ram_clone(
+        small: Cbsd, xfs: Path, tmp_path: Path) -> None:
+    """The restore's RAM clone is placed before QEMU starts: a launch refused after that (here
+    by the image check: the disk's header was made to name a host file) leaves the VM Off and
+    no clone of its RAM behind."""
+    start(small, churning(tmp_path))
+    small("bcheckpoint", "mode=create", "jname=vm1", "name=c1").ok()
+    small("bstop", "vm1", "noacpi=1").ok()
+    disk = small.workdir / "vm" / "vm1" / "dsk1.qcow2"
+    host = tmp_path / "host-file"
+    host.write_bytes(b"\0" * MiB)
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", str(host), "-F", "raw", str(disk)],
+                   check=True)
+    small("bstart", "jname=vm1", "checkpoint=c1").fails(1, "names")
+    assert small.status("vm1") == "Off"
+    assert not (small.system("vm1") / "ram").exists(), "a refused launch leaves no RAM clone"
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", "", str(disk)], check=True)
+    small("bstart", "jname=vm1", "checkpoint=c1").ok()  # the checkpoint is untouched
     keeps_counting(small)
 
 

@@ -182,30 +182,34 @@ class VM:
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
-        check_images(self)  # QEMU runs as root: no image may make it open another file
-        if self.spec.nic == "bridge":
-            self._prepare_bridge()
-        for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
-            Path(sock).unlink(missing_ok=True)
-        if ram_file is None:
-            ram_file = self.fresh_ram_file()
         try:
+            check_images(self)  # QEMU runs as root: no image may make it open another file
+            if self.spec.nic == "bridge":
+                self._prepare_bridge()
+            for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
+                Path(sock).unlink(missing_ok=True)
+            if ram_file is None:
+                ram_file = self.fresh_ram_file()
             self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
                                                 ram_file=ram_file),
                                       Path(self.paths.pidfile), Path(self.paths.qemu_log))
+            failpoint("launch:started")
+            try:
+                self._owner_only()
+                self.close()  # a session to an earlier QEMU of this VM is dead
+                mon = self.monitor()
+                if self.spec.vnc and self.spec.vnc_password:
+                    mon.cmd("set_password", protocol="vnc", password=self.spec.vnc_password)
+                self.vnc_port = int(mon.cmd("query-vnc").get("service", 0)) \
+                    if self.spec.vnc else 0
+            except BaseException:
+                self.kill()
+                raise
         except BaseException:
-            self.ram_path.unlink(missing_ok=True)  # allocated whole: not held by a VM that is Off
-            raise
-        failpoint("launch:started")
-        try:
-            self._owner_only()
-            self.close()  # a session to an earlier QEMU of this VM is dead
-            mon = self.monitor()
-            if self.spec.vnc and self.spec.vnc_password:
-                mon.cmd("set_password", protocol="vnc", password=self.spec.vnc_password)
-            self.vnc_port = int(mon.cmd("query-vnc").get("service", 0)) if self.spec.vnc else 0
-        except BaseException:
-            self.kill()
+            # The RAM file (new, or a restore's clone placed before the launch) is not held
+            # by a VM that is Off: a refused or failed launch leaves none behind.
+            if not self.alive():
+                self.ram_path.unlink(missing_ok=True)
             raise
         self._record(self.pid, self.vnc_port)
         return mon
