@@ -220,7 +220,9 @@ def delete_tags(vm: VM, tags: list[tuple[Image, str]]) -> None:
             img.snapshot_delete(path, tag)
 
 
-def published_tags(vm: VM) -> set[str]:
+def published_tags(vm: VM) -> set[str] | None:
+    """The disk snapshots the VM's published states own; None while one of them is
+    unreadable (what it owns is unknown: nothing may be taken for an orphan then)."""
     wd = vm.ctx.workdir
     tags: set[str] = set()
     states = ckpstore.list_states(wd.checkpoints(vm.jname))
@@ -230,14 +232,19 @@ def published_tags(vm: VM) -> set[str]:
         try:
             m = m or ckpstore.read_manifest(path)
         except CheckpointError:
-            continue  # a damaged state keeps its snapshots until it is destroyed
+            return None  # a damaged state keeps its snapshots until it is destroyed
         tags |= {s.tag for s in m.disk_snapshots}
     return tags
 
 
 def sweep_orphans(vm: VM) -> None:
-    """Delete cbsd's snapshots that no published state owns any more."""
+    """Delete cbsd's snapshots that no published state owns any more; none while a state is
+    damaged (destroying it sweeps again)."""
     keep = published_tags(vm)
+    if keep is None:
+        if debug.ON:
+            debug.log("recover", f"{vm.jname}: a state is unreadable: no snapshot swept")
+        return
     for image in vm.images():
         if Path(image.path).exists():
             orphans = [(image, t) for t in img.snapshots(Path(image.path))
