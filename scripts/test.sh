@@ -13,7 +13,7 @@
 # CBSD_TEST_PASSES=1 (or "1 3", ...) runs only those passes (a quick run picks one).
 # CBSD_TEST_SELECTION=trixie: passes 1 and 3 only, pass 1 on what differs with the distribution
 # (its QEMU, Python, kernel package, packages): the unit tier, the Linux guest, checkpoints,
-# hibernation, trust, and the network (network namespaces, cbsd0's dnsmasq and nftables); the
+# hibernation, trust (one host: test_trust*.py but the two-host one), and the network (network namespaces, cbsd0's dnsmasq and nftables); the
 # Debian guest and the longer suites stay with the host's pass 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,8 @@ if [ "${CBSD_TEST_SELECTION:-}" = trixie ]; then
     passes=${CBSD_TEST_PASSES:-1 3}
     selection=(-m "not debian" tests/unit tests/integration/test_linux.py
                tests/integration/test_checkpoints.py tests/integration/test_suspend.py
-               tests/integration/test_trust.py tests/integration/test_network.py)
+               tests/integration/test_trust.py tests/integration/test_trust_definition.py
+               tests/integration/test_trust_images.py tests/integration/test_network.py)
 fi
 status=0
 for pass in $passes; do
