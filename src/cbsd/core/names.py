@@ -6,7 +6,7 @@ import re
 
 from cbsd.errors import UsageError
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # the contract's names
 _MASK_RE = re.compile(r"[A-Za-z0-9_*?-]{1,64}")
 _SIZE_RE = re.compile(r"([0-9]+)([kmgt]?)b?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -17,7 +17,7 @@ MIB = 1 << 20
 
 def check_name(value: str, what: str = "jname") -> str:
     """A VM or checkpoint name: 1-64 of [A-Za-z0-9_-], not starting with _ or -."""
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):  # from JSON: any type
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # from JSON: any type
         raise UsageError(
             f"bad {what} '{value}': use 1-64 letters, digits, '_' or '-', "
             "starting with a letter or digit"

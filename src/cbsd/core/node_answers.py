@@ -14,8 +14,8 @@ import unicodedata
 from typing import Any
 
 from cbsd.core.model import BLS_COLUMNS, Status
+from cbsd.core.names import NAME_RE
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _STAGING_ID = re.compile(r"[0-9a-f]{16}")
 _INT_COLUMNS = ("jid", "vm_ram", "vm_curmem", "vm_cpus")
 _TEXT_COLUMNS = ("vm_os_type", "ip4_addr", "vnc_port")
@@ -38,7 +38,7 @@ def text(value: Any, what: str, limit: int = 256) -> str:
 
 
 def name(value: Any, what: str = "jname") -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise BadAnswer(f"{what} {_shown(value)} is not a VM name")
     return value
 
