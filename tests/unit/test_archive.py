@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import nodes, transfer
+from cbsd.core import compat, nodes, transfer
 from cbsd.core.model import VMSpec
 from cbsd.errors import ArchiveError
 from cbsd.qemu.host import Host
@@ -92,7 +92,7 @@ def host(**kw: object) -> Host:
 def test_host_compatibility(change: dict[str, object], states: dict[str, dict[str, str]],
                             why: str | None) -> None:
     spec = VMSpec(jname="v", ram=1 << 26, **{"machine": "pc-i440fx-7.2", **change})  # type: ignore[arg-type]
-    got = transfer.host_incompatibility(host(), spec, {"cpu": {"model": "qemu64"}}, states)
+    got = compat.host_incompatibility(host(), spec, {"cpu": {"model": "qemu64"}}, states)
     assert (got is None) if why is None else (why in (got or "")), got
 
 

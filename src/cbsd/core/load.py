@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cbsd import cancel
 from cbsd.core import ramfile
+from cbsd.core.compat import newer_qemu
 from cbsd.core.recovery import state_tags
 from cbsd.core.vm import VM
 from cbsd.errors import Cancelled, CheckpointError, QemuError
@@ -65,7 +66,7 @@ def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: st
         return "is incompatible with the VM's configuration now: " + "; ".join(diffs)
     if m.accel != accel:
         return f"was taken under {m.accel}, this host runs {accel}: cannot restore"
-    if _version(m.qemu_version)[:2] > _version(version)[:2]:
+    if newer_qemu(m.qemu_version, version):
         return (f"was saved by QEMU {m.qemu_version}, newer than this host's {version}: "
                 "cannot restore")
     if not machine_known(m.machine):
@@ -117,10 +118,6 @@ class _Verifier(threading.Thread):
         self.join()
         if self._error is not None:
             raise self._error
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
 def load(vm: VM, ckdir: Path, *, paused: bool | None,

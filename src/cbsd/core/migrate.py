@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import lifecycle, node_answers, nodes, transfer
+from cbsd.core import compat, lifecycle, node_answers, nodes
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.vm import EFI_VARS, VM
@@ -91,7 +91,7 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
     try:
         _send(control, {"spec": vm.spec.to_dict(), "sizes": sizes, "paused": paused,
                         "source": {"qemu": vm.ctx.host.version, "accel": vm.ctx.host.accel,
-                                   "cpu": transfer.cpu_signature(vm.ctx.host)}})
+                                   "cpu": compat.cpu_signature(vm.ctx.host)}})
         ready = node.checked("bmigrate mode=incoming", node_answers.migrate_sockets,
                              _receive(control, node, READY_TIMEOUT))
         forward = _forward(node, local, ready)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from cbsd.core import lifecycle, specs, transfer
+from cbsd.core import compat, lifecycle, specs, transfer
 from cbsd.core.context import Context
 from cbsd.core.migrate import block_nodes
 from cbsd.core.model import VMSpec
@@ -26,7 +26,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
     from cbsd.core import cloudinit
 
     spec, source, sizes, paused = _request(inp.readline(), jname)
-    why = transfer.host_incompatibility(ctx.host, spec, source, {"the VM": {
+    why = compat.host_incompatibility(ctx.host, spec, source, {"the VM": {
         "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
     if why:
         raise StateError(f"{jname}: cannot migrate here: {why}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cbsd.core import lifecycle, specs, staging
+from cbsd.core.compat import cpu_signature, host_incompatibility
 from cbsd.core.context import Context
 from cbsd.core.load import incompatibility
 from cbsd.core.model import Action, Status, VMSpec, require
@@ -28,7 +29,7 @@ from cbsd.core.names import check_name
 from cbsd.core.vm import VM
 from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.qemu.host import Host, machine_known
+from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
 from cbsd.storage.atomic import fsync_dir
@@ -186,22 +187,6 @@ def _pieces(store: Any, recipe: Any, size: int) -> Any:
             yield data
 
 
-def cpu_signature(host: Host) -> dict[str, Any]:
-    """The CPU a saved state expects: TCG emulates qemu64 anywhere; under KVM the guest sees
-    the host's CPU (-cpu host), whose features the target must all have."""
-    if host.accel != "kvm":
-        return {"model": "qemu64"}
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {"model": "host", "flags": sorted(flags)}
-
-
 # --- import -------------------------------------------------------------------------------
 
 def import_(ctx: Context, inp: IO[bytes], new_name: str | None, *,
@@ -294,36 +279,6 @@ def _json(d: dict[str, Any]) -> str:
     import json
 
     return json.dumps(d, indent=1, sort_keys=True)
-
-
-def host_incompatibility(host: Host, spec: VMSpec, source: dict[str, Any],
-                         states: dict[str, dict[str, Any]]) -> str | None:
-    """Why this host cannot run the VM or load its saved states, or None."""
-    if not machine_known(host, spec.machine):
-        return f"its machine type {spec.machine} is not one this QEMU {host.version} provides"
-    if spec.efi == "uefi" and not host.ovmf:
-        return "it boots with UEFI and this host has no OVMF firmware (apt install ovmf)"
-    for prefix, s in sorted(states.items()):
-        what = "the hibernation image" if prefix == HIBERNATION_DIR else \
-            f"checkpoint {prefix.split('/')[-1][:-4]}"
-        if s.get("accel") != host.accel:
-            return f"{what} was taken under {s.get('accel')}, this host runs {host.accel}"
-        if _version(str(s.get("qemu")))[:2] > _version(host.version)[:2]:
-            return (f"{what} was saved by QEMU {s.get('qemu')}, newer than this host's "
-                    f"{host.version}")
-        if not machine_known(host, str(s.get("machine"))):
-            return f"{what} needs machine type {s.get('machine')}, which this QEMU lacks"
-    cpu = source.get("cpu") or {}
-    if states and cpu.get("model") == "host":
-        lacking = set(cpu.get("flags", ())) - set(cpu_signature(host).get("flags", ()))
-        if lacking:
-            return (f"its saved states expect CPU features this host lacks "
-                    f"({', '.join(sorted(lacking)[:5])})")
-    return None
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
 def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
