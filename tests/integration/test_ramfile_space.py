@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,21 +54,47 @@ def free(root: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def fill_to(root: Path, left: int) -> None:
-    """Grow or shrink a filler file until about *left* bytes are free."""
-    os.sync()  # XFS frees a deleted file's blocks in the background; sync waits for it
-    filler = root / "filler"
-    fd = os.open(filler, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        size = os.fstat(fd).st_size
-        if free(root) > left:
-            os.posix_fallocate(fd, size, free(root) - left)
-        else:
-            os.ftruncate(fd, max(0, size - (left - free(root))))
-    finally:
-        os.close(fd)
+def settled_free(root: Path, deadline: float = 60) -> int:
+    """Free bytes once the filesystem has finished freeing: XFS releases a deleted or shrunk
+    file's blocks in the background (inode GC), and sync(2) does not always wait for that, so
+    free space may still grow after it returns. Waits until two reads 0.2 s apart agree."""
+    end = time.monotonic() + deadline
     os.sync()
-    assert left - 2 * MiB <= free(root) <= left + 2 * MiB, free(root)
+    last = free(root)
+    while True:
+        time.sleep(0.2)
+        os.sync()
+        now = free(root)
+        if now == last or time.monotonic() > end:
+            return now
+        last = now
+
+
+def fill_to(root: Path, left: int) -> None:
+    """Grow or shrink a filler file until *left* bytes (within 2 MiB) are free, once what the
+    filesystem frees in the background is counted; rounds again until it holds."""
+    filler = root / "filler"
+    deadline = time.monotonic() + 60
+    while True:
+        have = settled_free(root)
+        if left - 2 * MiB <= have <= left + 2 * MiB:
+            return
+        assert time.monotonic() < deadline, (have, left)
+        fd = os.open(filler, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if have > left:
+                os.posix_fallocate(fd, size, have - left)
+            else:
+                os.ftruncate(fd, max(0, size - (left - have)))
+        finally:
+            os.close(fd)
+
+
+def unfill(root: Path) -> None:
+    """Remove the filler, and wait until the space it held is free again."""
+    (root / "filler").unlink()
+    settled_free(root)
 
 
 def keeps_counting(cbsd: Cbsd, lines: int = 12, jname: str = "vm1") -> None:
@@ -109,7 +136,7 @@ def test_restore_and_start_are_refused_while_the_space_is_missing(
     small("bstart", "vm1").fails(1, REFUSED)
     assert small.status("vm1") == "Off"
     assert not (small.system("vm1") / "ram").exists(), "a refused start leaves no RAM file"
-    (xfs / "filler").unlink()
+    unfill(xfs)
     small("bstart", "jname=vm1", "checkpoint=c1").ok()
     keeps_counting(small)
 
@@ -142,7 +169,7 @@ def test_a_resume_is_refused_and_the_hibernation_kept(
     fill_to(xfs, 96 * MiB)
     small("bstart", "vm1").fails(1, REFUSED)
     assert small.status("vm1") == "Suspended"
-    (xfs / "filler").unlink()
+    unfill(xfs)
     con = small.console("vm1")
     mark = con.mark()
     assert small("bstart", "vm1").ok().out.startswith("vm1: resumed from hibernation")
@@ -185,5 +212,9 @@ def test_what_a_ram_file_may_still_need_is_measured(xfs: Path) -> None:
     finally:
         os.close(fd)
     (xfs / "clone").unlink()
-    os.sync()
-    assert ramspace.still_needed(ram) == 0
+    # The clone's extents stop being shared once XFS has inactivated it (in the background).
+    deadline = time.monotonic() + 60
+    while ramspace.still_needed(ram) != 0:
+        assert time.monotonic() < deadline, ramspace.still_needed(ram)
+        os.sync()
+        time.sleep(0.1)
