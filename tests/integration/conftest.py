@@ -1,7 +1,8 @@
-"""The Debian 12 guest's fixtures, shared by every module that drives it (test_debian.py,
-test_clock.py): defined here, not in one of them, so a session that runs several boots the
+"""Fixtures shared by several integration modules: the Debian 12 guest's (test_debian.py,
+test_clock.py), defined here, not in one of them, so a session that runs several boots the
 guest once (a fixture imported into a second module would be a second session fixture: a
-second boot, and a clash over the network namespace's name)."""
+second boot, and a clash over the network namespace's name); and two hosts
+(test_many_hosts.py, test_trust_hosts.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cbsd
+from tests.guests import hosts as twohosts
 from tests.guests.debian import debian_guest
 from tests.guests.netns import Netns
 from tests.integration.test_debian import HOSTNAME, SSH_PORT, USER, Debian
@@ -59,3 +62,12 @@ def deb(debian_session: Debian) -> Iterator[Debian]:
     yield debian_session
     if debian_session.cbsd.status("deb") != "Off":
         debian_session.cbsd("bstop", "deb", "noacpi=1").ok()
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[twohosts.Host, twohosts.Host]]:
+    a, b = twohosts.make(tmp_path / "hosts")
+    try:
+        yield a, b
+    finally:
+        twohosts.remove((a, b))

@@ -175,15 +175,6 @@ def test_export_refuses_a_running_vm_unless_it_may_hibernate_it(cbsd: Cbsd, othe
 
 # --- two hosts ----------------------------------------------------------------------------
 
-@pytest.fixture
-def two(tmp_path: Path) -> Iterator[tuple[twohosts.Host, twohosts.Host]]:
-    a, b = twohosts.make(tmp_path / "hosts")
-    try:
-        yield a, b
-    finally:
-        twohosts.remove((a, b))
-
-
 def joined(a: twohosts.Host, b: twohosts.Host) -> None:
     a.trust(b)
     a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()

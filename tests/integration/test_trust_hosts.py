@@ -11,13 +11,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cbsd
-from tests.guests import hosts as twohosts
 from tests.guests.netns import Netns
 from tests.integration.test_checkpoints import qemu_processes
 from tests.integration.test_many_hosts import (
@@ -32,15 +30,6 @@ from tests.integration.test_many_hosts import (
 )
 
 pytestmark = [pytest.mark.vm]
-
-
-@pytest.fixture
-def two(tmp_path: Path) -> Iterator[tuple[twohosts.Host, twohosts.Host]]:
-    a, b = twohosts.make(tmp_path / "hosts")
-    try:
-        yield a, b
-    finally:
-        twohosts.remove((a, b))
 
 
 def wait_until(cond, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
