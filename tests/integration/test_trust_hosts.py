@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cbsd
+from tests.guests import hosts as twohosts
 from tests.guests.netns import Netns
 from tests.integration.test_checkpoints import qemu_processes
 from tests.integration.test_many_hosts import (
@@ -30,6 +31,22 @@ from tests.integration.test_many_hosts import (
 )
 
 pytestmark = [pytest.mark.vm]
+
+
+def stopped_vm1_with_c1(a: twohosts.Host, b: twohosts.Host,
+                        image: Path) -> dict[str, tuple[int, int]]:
+    """b a node of a; vm1 on a, stopped, with checkpoint c1 (its console marks)."""
+    joined(a, b)
+    marks = vm_with_checkpoints(a.cbsd, image, "c1")
+    a.cbsd("bstop", "vm1", "noacpi=1").ok()
+    return marks
+
+
+def killed_at(cbsd: Cbsd, point: str, *args: str) -> None:
+    """The command, killed -9 where it stops at failpoint *point*."""
+    p = stopped_at(cbsd, point, *args)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def wait_until(cond, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
@@ -136,23 +153,17 @@ def test_kill9_of_bmigrate_with_its_forward_up_leaves_no_ssh_behind(two, counter
 def test_node_remove_settles_an_interrupted_move_or_refuses_saying_how_out(two,  # type: ignore[no-untyped-def]
                                                                           counter_image) -> None:
     a, b = two
-    joined(a, b)
-    marks = vm_with_checkpoints(a.cbsd, counter_image(fill_mib=2), "c1")
-    a.cbsd("bstop", "vm1", "noacpi=1").ok()
+    marks = stopped_vm1_with_c1(a, b, counter_image(fill_mib=2))
     staging = b.cbsd.workdir / "var" / "tmp"
     # Killed once b staged the VM: removing b settles the move first (b drops its copy).
-    p = stopped_at(a.cbsd, "bmove:staged", "bmove", "jname=vm1", "node=b")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    killed_at(a.cbsd, "bmove:staged", "bmove", "jname=vm1", "node=b")
     a.cbsd("node", "mode=remove", "name=b").ok()
     a.cbsd("bset", "jname=vm1", "astart=0").ok()  # usable here, not held for good
     assert not any(staging.iterdir()) and b.cbsd("bls", "header=0").ok().out == ""
     # Killed with the commit possibly sent, b unreachable: only b can tell, so b is kept and
     # every refusal says how out; once b answers, removing it settles the move.
     a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
-    p = stopped_at(a.cbsd, "bmove:committing", "bmove", "jname=vm1", "node=b")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    killed_at(a.cbsd, "bmove:committing", "bmove", "jname=vm1", "node=b")
     b.link(False)
     a.cbsd("node", "mode=remove", "name=b").fails(1, "is gone for good, delete")
     a.cbsd("bset", "jname=vm1", "astart=0").fails(1, "is gone for good, delete")
@@ -167,12 +178,8 @@ def test_node_remove_settles_an_interrupted_move_or_refuses_saying_how_out(two, 
 def test_a_move_whose_commit_never_went_out_is_settled_without_the_node(two,  # type: ignore[no-untyped-def]
                                                                        counter_image) -> None:
     a, b = two
-    joined(a, b)
-    marks = vm_with_checkpoints(a.cbsd, counter_image(fill_mib=2), "c1")
-    a.cbsd("bstop", "vm1", "noacpi=1").ok()
-    p = stopped_at(a.cbsd, "bmove:staged", "bmove", "jname=vm1", "node=b")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    marks = stopped_vm1_with_c1(a, b, counter_image(fill_mib=2))
+    killed_at(a.cbsd, "bmove:staged", "bmove", "jname=vm1", "node=b")
     b.link(False)  # b gone: it never got the commit, so the VM is here only
     a.cbsd("bset", "jname=vm1", "astart=0").ok()
     assert not (a.cbsd.system("vm1") / "moving").exists()
