@@ -49,9 +49,7 @@ def host_memory() -> int:
 def validate(spec: VMSpec, image: str | None = None) -> None:
     """What a definition must satisfy (bcreate and bset): UsageError naming the key."""
     check_name(spec.jname)
-    # The check every definition read back later meets (inventory, vm.json, archives): what
-    # bcreate or bset stores can never become a "damaged" entry.
-    specs.from_untrusted(spec.to_dict(), spec.jname)
+    specs.check_relations(spec)
     total = host_memory()
     if total and spec.ram > total:
         raise UsageError(f"vm_ram={spec.ram >> 20}m is more than this host's memory "
@@ -60,6 +58,9 @@ def validate(spec: VMSpec, image: str | None = None) -> None:
                        ("initrd", spec.initrd)):
         if value is not None and not Path(value).is_file():
             raise UsageError(f"{key}: no such file: {value}")
+    # Last, the check every definition read back later meets (inventory, vm.json, archives):
+    # what bcreate or bset stores can never become a "damaged" entry.
+    specs.from_untrusted(spec.to_dict(), spec.jname)
 
 
 def check_host(ctx: Context, spec: VMSpec) -> None:
