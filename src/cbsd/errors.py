@@ -15,7 +15,8 @@ command) and ``cli/commands.each`` (one VM of several) both call; nothing else e
     ├── CheckpointError (1)         a checkpoint is missing, damaged or incompatible
     ├── NoSpaceError (1)            the disk is full (or would be)
     ├── EnvironmentFault (1)        the workdir or the inventory cannot be used as they are
-    └── Cancelled (1)               interrupted by SIGINT/SIGTERM, rolled back
+    ├── Cancelled (1)               interrupted by SIGINT/SIGTERM, rolled back
+    └── NodeError (1 or the node's) a node could not be reached, or cbsd there failed
 
 Anything else that reaches ``describe()`` (an OSError, a sqlite3 error, a bug) still becomes
 one line and exit 1; the traceback is printed only with CBSD_DEBUG=1.
@@ -107,6 +108,14 @@ class EnvironmentFault(CbsdError):
 
 class Cancelled(CbsdError):
     pass
+
+
+class NodeError(CbsdError):
+    """A node could not be reached, or cbsd there failed (its exit code kept)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def describe(e: BaseException) -> tuple[str, int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import compat, nodes, transfer
+from cbsd import ssh
+from cbsd.core import compat, transfer
 from cbsd.core.model import VMSpec
 from cbsd.errors import ArchiveError
 from cbsd.qemu.host import Host
@@ -97,10 +98,10 @@ def test_host_compatibility(change: dict[str, object], states: dict[str, dict[st
 
 
 def test_remote_arguments_are_quoted_and_hosts_checked() -> None:
-    argv = nodes.Node("b", "root@10.0.0.2", 2222).argv(["bstart", "jname=a; rm -rf /"])
+    argv = ssh.Node("b", "root@10.0.0.2", 2222).argv(["bstart", "jname=a; rm -rf /"])
     assert argv[-2:] == ["root@10.0.0.2", "cbsd bstart 'jname=a; rm -rf /'"]
     assert argv[argv.index("-p") + 1] == "2222" and "BatchMode=yes" in argv
     assert not any("StrictHostKeyChecking" in a for a in argv)
     for bad in ("-oProxyCommand=x", "a b", "x;y", ""):
         with pytest.raises(Exception, match="bad host"):
-            nodes.check_host(bad)
+            ssh.check_host(bad)

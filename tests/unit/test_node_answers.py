@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cbsd.core import node_answers as na
+from cbsd import node_answers as na
 from cbsd.qemu import network
 
 ROW: dict[str, Any] = {"jname": "vm1", "jid": 123, "vm_ram": 32, "vm_curmem": 10,
@@ -57,12 +57,12 @@ def test_a_refusal_never_echoes_control_characters() -> None:
 
 
 def test_what_a_node_says_on_stderr_is_shown_without_control_characters() -> None:
-    from cbsd.core import nodes
+    from cbsd import ssh
 
-    line = nodes.last_line(b"progress\n\x1b]2;owned\x07 failed: " + b"x" * 1000 + b"\n")
+    line = ssh.last_line(b"progress\n\x1b]2;owned\x07 failed: " + b"x" * 1000 + b"\n")
     assert "\x1b" not in line and "\x07" not in line and len(line) <= 300
     assert line.startswith("?]2;owned? failed")
-    assert nodes.last_line(b"") == "failed without a message"
+    assert ssh.last_line(b"") == "failed without a message"
 
 
 def test_bimport_answers() -> None:
@@ -137,15 +137,15 @@ def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_out
 def test_an_answer_nested_beyond_reason_is_a_node_error_not_a_crash() -> None:
     """json.loads raises RecursionError, not ValueError, on deep nesting; a validator that
     meets a type it did not foresee still refuses: either way one NodeError."""
-    from cbsd.core import nodes
+    from cbsd import ssh
 
-    node = nodes.Node("b", "root@10.0.0.2", 22)
-    with pytest.raises(nodes.NodeError, match=r"node b: .*not what cbsd expects"):
+    node = ssh.Node("b", "root@10.0.0.2", 22)
+    with pytest.raises(ssh.NodeError, match=r"node b: .*not what cbsd expects"):
         node.checked("bls", lambda a: sorted(a), [1, "x"])  # TypeError inside a check
 
-    class Deep(nodes.Node):
+    class Deep(ssh.Node):
         def call(self, args: list[str], **kw: Any) -> str:
             return "[" * 100_000 + "]" * 100_000
 
-    with pytest.raises(nodes.NodeError, match="not JSON"):
+    with pytest.raises(ssh.NodeError, match="not JSON"):
         Deep("b", "root@10.0.0.2", 22).call_json(["bls"])

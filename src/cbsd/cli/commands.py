@@ -9,7 +9,7 @@ from typing import Any, TextIO
 from cbsd import cancel
 from cbsd.cli import output
 from cbsd.core.context import Context
-from cbsd.errors import UsageError, describe
+from cbsd.errors import NodeError, UsageError, describe
 
 Args = dict[str, Any]
 
@@ -254,7 +254,7 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
         rows += [{**r, "node": "local"} for r in local]
         unreached += len(damaged)
     for name, found in nodes.vm_rows(ctx, want, a["names"]):  # validated, each in a deadline
-        if isinstance(found, nodes.NodeError):
+        if isinstance(found, NodeError):
             if a["node"] != "*":
                 raise found
             print(found, file=sys.stderr)  # one line per node left out; the others listed

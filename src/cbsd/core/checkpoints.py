@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import fold, load, recovery, save, tree
+from cbsd.core import fold, load, save, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, require
 from cbsd.core.names import check_name
+from cbsd.core.states import drop_state_and_sweep
 from cbsd.core.vm import VM
 from cbsd.errors import CheckpointError
 from cbsd.storage import ckpstore
@@ -62,7 +63,7 @@ def _drop(vm: VM, name: str) -> None:
     wd = vm.ctx.workdir
     final = wd.checkpoint(vm.jname, name)
     parent = _parent_of(final)
-    recovery.drop_state_and_sweep(vm, final)
+    drop_state_and_sweep(vm, final)
     tree.reparent(wd, vm.jname, name, parent[0] if parent else None)
 
 
@@ -134,7 +135,7 @@ def destroyall(ctx: Context, jname: str) -> str:
     with ctx.locked_vm(jname, "bcheckpoint destroyall") as vm:
         states = ckpstore.list_states(ctx.workdir.checkpoints(jname))
         for path, _ in states:
-            recovery.drop_state_and_sweep(vm, path)
+            drop_state_and_sweep(vm, path)
         if states:
             tree.set_current(ctx.workdir, jname, None)
     return f"{jname}: {len(states)} checkpoint(s) destroyed"

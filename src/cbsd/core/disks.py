@@ -18,12 +18,11 @@ VM's definition does not list it yet; recovery deletes such an image, which only
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import lifecycle
 from cbsd.core.context import Context
+from cbsd.core.definition import ATTACH_MARK, save_spec_file
 from cbsd.core.model import Action, VMSpec, require
 from cbsd.core.names import check_name, format_size
 from cbsd.errors import StateError, UsageError
@@ -34,7 +33,6 @@ from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, write_atomic
 from cbsd.storage.paths import Workdir
 
-ATTACH_MARK = ".attach-"
 DISK_SUFFIX = ".qcow2"
 
 
@@ -59,16 +57,6 @@ def disk_file_problem(wd: Workdir, jname: str, file: str) -> str | None:
     except UsageError:
         pass
     return f"{file} is not a disk's file name (NAME{DISK_SUFFIX})"
-
-
-def check_images(vm: Any) -> None:
-    """Every image of the VM (its disks, its UEFI variable store) is a qcow2 whose header
-    names no other file: before every launch and clone (the header only: no qemu-img)."""
-    for image in vm.images():
-        try:
-            img.check_header(Path(image.path), f"{vm.jname}: {image.name}")
-        except UsageError as e:
-            raise StateError(str(e)) from None
 
 
 def _size(path: Path) -> int:
@@ -117,7 +105,7 @@ def attach(ctx: Context, jname: str, size: int | None, controller: str | None,
         new = dataclasses.replace(spec, disks=[*spec.disks, file],
                                   disk_controllers={**spec.disk_controllers, file: controller})
         ctx.inventory.update_spec(new)
-        lifecycle.save_spec_file(ctx, new)
+        save_spec_file(ctx, new)
         mark.unlink(missing_ok=True)
         fsync_dir(mark.parent)
     if controller == "nvme":
@@ -161,20 +149,8 @@ def detach(ctx: Context, jname: str, name: str) -> str:
         new = dataclasses.replace(spec, disks=[d for d in spec.disks if d != file],
                                   disk_controllers=controllers)
         ctx.inventory.update_spec(new)
-        lifecycle.save_spec_file(ctx, new)
+        save_spec_file(ctx, new)
     return (f"{jname}: {name} detached; its image stays at {wd.disk(jname, file)} "
             f"(attach it again with dsk_name={name}, or delete it)")
 
 
-def clear_unfinished_attach(ctx: Context, spec: VMSpec) -> None:
-    """Recovery: an attach cut short left an image the definition does not list."""
-    folder = ctx.workdir.system(spec.jname)
-    try:
-        marks = [e.name for e in os.scandir(folder) if e.name.startswith(ATTACH_MARK)]
-    except FileNotFoundError:
-        return
-    for mark in marks:
-        file = mark.removeprefix(ATTACH_MARK)
-        if file not in spec.disks:
-            ctx.workdir.disk(spec.jname, file).unlink(missing_ok=True)
-        (folder / mark).unlink(missing_ok=True)

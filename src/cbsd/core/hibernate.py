@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cbsd.core import load, recovery, save, tree
+from cbsd.core import load, save, tree
 from cbsd.core.context import Context
 from cbsd.core.model import Action, Status, require
+from cbsd.core.states import delete_tags, drop_state_and_sweep, state_tags
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError
 from cbsd.failpoints import failpoint
@@ -31,7 +32,7 @@ def suspend(ctx: Context, jname: str, progress: save.Progress | None = None) -> 
 def discard(ctx: Context, jname: str) -> str:
     with ctx.locked_vm(jname, "bsuspend discard") as vm:
         require(jname, vm.status(mine=True), Action.DISCARD)
-        recovery.drop_state_and_sweep(vm, ctx.workdir.hibernation(jname))
+        drop_state_and_sweep(vm, ctx.workdir.hibernation(jname))
     return f"{jname}: hibernation image discarded"
 
 
@@ -53,5 +54,5 @@ def resume(vm: VM, *, paused: bool | None) -> bool:
     for m, path in retired:
         tree.set_current(vm.ctx.workdir, vm.jname, m.parent)
         remove_tree_later(path)
-        recovery.delete_tags(vm, recovery.state_tags(vm, m))
+        delete_tags(vm, state_tags(vm, m))
     return left_paused

@@ -1,9 +1,6 @@
 """bcreate, bstart, bstop, bremove, bregister, bpause: the VM lifecycle and its transitions.
 
-What cbsd deletes: only files it can prove it made. bcreate and bremove mark the VM's folder
-(Workdir.unfinished) before they create or delete anything, and remove the mark last; files
-of a VM that has no inventory entry and no mark are never deleted -- they may be a whole VM
-whose entry was lost, and `bregister` brings it back from its vm.json.
+What cbsd deletes, and the marks that make bcreate and bremove crash-safe: core/definition.py.
 """
 
 from __future__ import annotations
@@ -15,19 +12,25 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cbsd.core import recovery, specs, tree
+from cbsd.core import ramfile, recovery, specs, tree
 from cbsd.core.context import Context
+from cbsd.core.definition import (
+    clear_unfinished,
+    mark_unfinished,
+    remove_held,
+    save_spec_file,
+    unmark,
+)
 from cbsd.core.model import Action, Status, VMSpec, require
 from cbsd.core.names import check_name
 from cbsd.core.pause import switch
-from cbsd.core.vm import EFI_VARS, VM
+from cbsd.core.vm import EFI_VARS, VM, adopt_lost_qemu
 from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
 from cbsd.qemu.runstate import RunState
 from cbsd.storage import ckpstore
-from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
 
 FIRST_DISK = "dsk1.qcow2"
 BOOT_AGENT_WAIT = 300.0  # seconds the helper waits for the agent of a booting guest
@@ -148,29 +151,6 @@ def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMS
     return spec
 
 
-def save_spec_file(ctx: Context, spec: VMSpec) -> None:
-    write_atomic(ctx.workdir.spec_file(spec.jname),
-                 json.dumps(spec.to_dict(), indent=1, sort_keys=True).encode())
-
-
-def mark_unfinished(ctx: Context, jname: str) -> None:
-    write_atomic(ctx.workdir.unfinished(jname), b"")
-
-
-def unmark(ctx: Context, jname: str) -> None:
-    mark = ctx.workdir.unfinished(jname)
-    mark.unlink(missing_ok=True)
-    fsync_dir(mark.parent)
-
-
-def clear_unfinished(ctx: Context, jname: str) -> None:
-    """Delete the files of a bcreate or bremove that was cut short -- only under its mark."""
-    wd = ctx.workdir
-    if wd.unfinished(jname).exists():
-        remove_tree(wd.vm_dir(jname))
-        remove_tree(wd.system(jname))  # the mark goes last, with this folder
-
-
 def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
@@ -201,7 +181,7 @@ def register(ctx: Context, jname: str) -> str:
             ctx.inventory.update_spec(spec)  # its runtime hints (pid, VNC port) kept
         else:
             ctx.inventory.add(spec)
-        recovery.adopt_lost_qemu(VM.load(ctx, jname), scan=True)  # a QEMU that kept running
+        adopt_lost_qemu(VM.load(ctx, jname), scan=True)  # a QEMU that kept running
     return f"{jname}: registered" + (" (its damaged inventory entry replaced)" if damaged else "")
 
 
@@ -267,7 +247,7 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
                 done = "resumed from hibernation"
             else:
                 tree.set_current(ctx.workdir, jname, None)  # a cold boot descends from nothing
-                mon = vm.launch(paused=paused)
+                mon = vm.launch(paused=paused, ram_file=ramfile.fresh(vm))
                 state = mon.status()
                 ok = (state in (RunState.PAUSED, RunState.PRELAUNCH) if paused
                       else state == RunState.RUNNING)
@@ -308,7 +288,7 @@ def _power_off(ctx: Context, jname: str) -> str:
     is safe in every state recovery knows (core/recovery.py: a published hibernation image
     is never older than the guest, so it stays valid)."""
     with ctx.locked_vm(jname, "bstop", recover=False) as vm:
-        recovery.adopt_lost_qemu(vm, scan=bool(vm.died))
+        adopt_lost_qemu(vm, scan=bool(vm.died))
         if not vm.alive():
             recovery.recover(vm, vm.died)
             status = vm.status(mine=True)
@@ -326,19 +306,6 @@ def remove(ctx: Context, jname: str) -> str:
     with ctx.lock(jname, "bremove"):
         remove_held(ctx, VM.load(ctx, jname))
     return f"{jname}: removed"
-
-
-def remove_held(ctx: Context, vm: VM) -> None:
-    """Delete a VM whose lock the caller holds."""
-    recovery.adopt_lost_qemu(vm, scan=True)
-    if vm.alive():
-        vm.power_off()
-    # Marked first, entry dropped next, files last: a crash anywhere leaves either a VM or
-    # marked files that the next bcreate clears.
-    mark_unfinished(ctx, vm.jname)
-    ctx.inventory.remove(vm.jname)
-    failpoint("bremove:unlisted")
-    clear_unfinished(ctx, vm.jname)
 
 
 def select(ctx: Context, names: list[str], *, running: bool = False,

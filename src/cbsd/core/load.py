@@ -26,7 +26,7 @@ from pathlib import Path
 from cbsd import cancel
 from cbsd.core import ramfile
 from cbsd.core.compat import newer_qemu
-from cbsd.core.recovery import state_tags
+from cbsd.core.states import state_tags
 from cbsd.core.vm import VM
 from cbsd.errors import Cancelled, CheckpointError, QemuError
 from cbsd.failpoints import failpoint

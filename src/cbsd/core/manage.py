@@ -16,14 +16,16 @@ from typing import Any
 
 from cbsd.core import cloudinit, lifecycle
 from cbsd.core.context import Context
+from cbsd.core.definition import RENAME_NOTE, finish_rename, save_spec_file
 from cbsd.core.model import Action, VMSpec, require
 from cbsd.core.names import check_name, format_size
+from cbsd.core.states import sweep_orphans
 from cbsd.core.vm import EFI_VARS, VM
 from cbsd.errors import StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
-from cbsd.storage.atomic import fsync_dir, write_atomic
+from cbsd.storage.atomic import write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         failpoint("bset:prepared")
         ctx.inventory.update_spec(new)
         failpoint("bset:recorded")
-        lifecycle.save_spec_file(ctx, new)
+        save_spec_file(ctx, new)
     stale = [m.name for _, m in ckpstore.list_states(ctx.workdir.checkpoints(jname))
              if m is not None and m.restore_relevant != new.restore_relevant()
              and m.restore_relevant == old.restore_relevant()]
@@ -123,7 +125,7 @@ def rename(ctx: Context, old: str, new: str) -> str:
     Crash-safe in three steps, each finished by recovery if cut short: a note in the VM's
     folder says where it is going (.rename-to); the inventory entry moves in one transaction;
     the folders move and the note goes. Until the entry moved, recovery drops the note; after,
-    it moves the folders (core/recovery.finish_rename)."""
+    it moves the folders (core/definition.finish_rename)."""
     check_name(new)
     if old == new:
         raise UsageError("brename: old= and new= are the same name")
@@ -144,23 +146,6 @@ def rename(ctx: Context, old: str, new: str) -> str:
     return f"{old}: renamed to {new}"
 
 
-RENAME_NOTE = ".rename-to"
-
-
-def finish_rename(ctx: Context, old: str, new: str) -> None:
-    """Move the folders of a VM whose inventory entry already has its new name."""
-    wd = ctx.workdir
-    for src, dst in ((wd.vm_dir(old), wd.vm_dir(new)), (wd.system(old), wd.system(new))):
-        if src.exists() and not dst.exists():
-            os.rename(src, dst)
-            fsync_dir(dst.parent)
-    spec = ctx.inventory.get(new)
-    if spec is not None:
-        lifecycle.save_spec_file(ctx, spec)
-    (wd.system(new) / RENAME_NOTE).unlink(missing_ok=True)
-    wd.lock_file(old).unlink(missing_ok=True)
-
-
 def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> str:
     """An independent copy of a stopped VM: its disks (reflinked where the filesystem can),
     its settings, a new MAC address and cloud-init identity; with *checkpoint*, that
@@ -171,9 +156,7 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
         raise StateError(f"VM already exist: {new}")
     with ctx.locked_vm(old, "bclone") as vm:
         require(old, vm.status(mine=True), Action.CLONE)
-        from cbsd.core.disks import check_images
-
-        check_images(vm)  # a clone copies the images as they are: only self-contained ones
+        vm.check_images()  # a clone copies the images as they are: only self-contained ones
         source = None
         if checkpoint is not None:
             check_name(checkpoint, "checkpoint name")
@@ -196,9 +179,8 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
             failpoint("bclone:copied")
 
         lifecycle.create_from(ctx, spec, make)
-        from cbsd.core import recovery
 
-        recovery.sweep_orphans(VM.load(ctx, new))  # snapshots of checkpoints not copied
+        sweep_orphans(VM.load(ctx, new))  # snapshots of checkpoints not copied
     return f"{old}: cloned to {new}" + (f" with checkpoint {checkpoint}" if checkpoint else "")
 
 

@@ -28,14 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cbsd.core import compat, lifecycle, node_answers, nodes
+from cbsd import node_answers
+from cbsd.core import compat
 from cbsd.core.context import Context
+from cbsd.core.definition import remove_held
 from cbsd.core.model import Action, Status, VMSpec, require
+from cbsd.core.moving import drop_mirror_nodes, node_named
 from cbsd.core.vm import EFI_VARS, VM
-from cbsd.errors import CbsdError, QemuError, StateError
+from cbsd.errors import CbsdError, NodeError, QemuError, StateError
 from cbsd.failpoints import failpoint
 from cbsd.qemu import img, migration
 from cbsd.qemu.qmp import Monitor
+from cbsd.ssh import Node, die_with_parent, last_line
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 
@@ -66,7 +70,7 @@ def why_not(vm: VM) -> str | None:
 # --- this side ----------------------------------------------------------------------------
 
 def migrate(ctx: Context, jname: str, node_name: str) -> str:
-    node = nodes.get(ctx, node_name)
+    node = node_named(ctx, node_name)
     with ctx.locked_vm(jname, "bmigrate") as vm:
         require(jname, vm.status(mine=True), Action.MIGRATE)
         why = why_not(vm)
@@ -76,7 +80,7 @@ def migrate(ctx: Context, jname: str, node_name: str) -> str:
     return f"{jname}: migrated to node {node.name} (downtime {downtime * 1000:.0f} ms)"
 
 
-def _migrate_held(vm: VM, node: nodes.Node) -> float:
+def _migrate_held(vm: VM, node: Node) -> float:
     wd, jname = vm.ctx.workdir, vm.jname
     paused = vm.status(mine=True) is Status.PAUSED
     sizes = {f: int(img.info(wd.disk(jname, f))["virtual-size"]) for _, f in
@@ -124,7 +128,7 @@ def _migrate_held(vm: VM, node: nodes.Node) -> float:
             sock.unlink(missing_ok=True)
     _kill(control, forward)
     vm.power_off()
-    lifecycle.remove_held(vm.ctx, vm)
+    remove_held(vm.ctx, vm)
     return downtime
 
 
@@ -137,7 +141,7 @@ def _send(p: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
         pass  # the node ended: the next _receive says why
 
 
-def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> Any:
+def _receive(p: subprocess.Popen[bytes], node: Node, timeout: float) -> Any:
     """The node's next JSON line (its shape the caller's to check); NodeError with its
     message if it ended instead."""
     import select
@@ -149,18 +153,18 @@ def _receive(p: subprocess.Popen[bytes], node: nodes.Node, timeout: float) -> An
         try:
             return json.loads(line)
         except (ValueError, RecursionError):
-            raise nodes.NodeError(f"node {node.name}: bmigrate there answered what is not "
+            raise NodeError(f"node {node.name}: bmigrate there answered what is not "
                                   "JSON (is it a cbsd of this version?)") from None
     try:
         p.wait(10 if ready else 0.1)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
-        raise nodes.NodeError(f"node {node.name}: no answer in {timeout:.0f} s") from None
+        raise NodeError(f"node {node.name}: no answer in {timeout:.0f} s") from None
     raise node.failed(p.returncode, p.stderr.read())
 
 
-def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, str]
+def _forward(node: Node, local: dict[str, Path], ready: dict[str, str]
              ) -> subprocess.Popen[bytes]:
     """`ssh -N -L` from this host's sockets (in the VM's owner-only folder) to the node's.
     It ends with this process, however that ends (a kill -9 before the intent that names it
@@ -173,14 +177,14 @@ def _forward(node: nodes.Node, local: dict[str, Path], ready: dict[str, str]
              "--", node.host]
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE,
-                         preexec_fn=nodes.die_with_parent(os.getpid()))
+                         preexec_fn=die_with_parent(os.getpid()))
     deadline = time.monotonic() + READY_TIMEOUT
     while not all(s.exists() for s in local.values()):
         if p.poll() is not None or time.monotonic() > deadline:
             err = p.stderr.read() if p.stderr and p.poll() is not None else b""
             p.kill()
-            raise nodes.NodeError(f"node {node.name}: ssh could not forward the migration's "
-                                  f"sockets: {nodes.last_line(err)}")
+            raise NodeError(f"node {node.name}: ssh could not forward the migration's "
+                                  f"sockets: {last_line(err)}")
         time.sleep(0.02)
     return p
 
@@ -245,24 +249,9 @@ def _roll_back(mon: Monitor, vm: VM, paused: bool) -> None:
         for job in mon.cmd("query-block-jobs"):
             if str(job["device"]).startswith("mig-"):
                 mon.cmd("block-job-cancel", device=job["device"], force=True)
-    _drop_mirror_nodes(mon, vm)
+    drop_mirror_nodes(mon, vm)
     if not paused and vm.alive() and not mon.running():
         mon.cmd("cont")
-
-
-def _drop_mirror_nodes(mon: Monitor, vm: VM) -> None:
-    """What a migration attempt added to QEMU (mirror targets, the switchover pause)."""
-    with contextlib.suppress(CbsdError):
-        deadline = time.monotonic() + 30
-        while any(str(j["device"]).startswith("mig-") for j in mon.cmd("query-block-jobs")) \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        present = {n.get("node-name") for n in mon.cmd("query-named-block-nodes")}
-        for node_name, _ in block_nodes(vm.spec):
-            if f"mig-{node_name}" in present:
-                mon.cmd("blockdev-del", **{"node-name": f"mig-{node_name}"})
-        migration.set_capabilities(mon, migration.capabilities(mon),
-                                   {"pause-before-switchover": False})
 
 
 def _kill(*procs: subprocess.Popen[bytes] | None) -> None:
@@ -272,45 +261,3 @@ def _kill(*procs: subprocess.Popen[bytes] | None) -> None:
             p.wait()
 
 
-def settle(vm: VM, node_name: str, ssh: list[int] | None = None) -> None:
-    """Recovery after a bmigrate cut off after "go" (the VM's lock is held here): the node
-    says whether it has the VM (asked under the VM's lock there). If it does, the copy here
-    is ended and removed (StateError saying so); if not, the VM runs on here."""
-    _end_ssh(ssh or [], vm.jname)
-    intent = vm.ctx.workdir.moving(vm.jname)
-    try:
-        node = nodes.get(vm.ctx, node_name)
-        answer = node.checked("bmigrate mode=status", node_answers.migrate_status, node.call(
-            ["bmigrate", "mode=status", f"jname={vm.jname}"], timeout=120))
-    except CbsdError as e:
-        raise StateError(f"{vm.jname}: an interrupted bmigrate to node {node_name} cannot be "
-                         f"settled until the node answers ({e}); the VM is held here "
-                         f"meanwhile: retry any command; if node {node_name} is gone for "
-                         f"good, delete {intent} to keep {vm.jname} here") from None
-    if answer == "registered":
-        if vm.alive():
-            vm.kill()
-        lifecycle.remove_held(vm.ctx, vm)
-        raise StateError(f"{vm.jname}: it was migrated to node {node_name} (an interrupted "
-                         f"bmigrate was completed): use node={node_name}")
-    if vm.alive():
-        mon = vm.monitor()
-        _drop_mirror_nodes(mon, vm)
-        if mon.status() == "postmigrate":
-            mon.cmd("cont")
-    intent.unlink(missing_ok=True)
-
-
-def _end_ssh(pids: list[int], jname: str) -> None:
-    """The ssh processes a killed bmigrate left (the control one ends the node's half)."""
-    import signal
-
-    for pid in pids:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmd.startswith(b"ssh\x00") and (f"jname={jname}".encode() in cmd or
-                                           f"/{jname}/".encode() in cmd):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)

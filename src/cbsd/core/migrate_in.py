@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from cbsd.core import compat, lifecycle, specs, transfer
+from cbsd.core import compat, definition, ramfile, specs, transfer
 from cbsd.core.context import Context
 from cbsd.core.migrate import block_nodes
 from cbsd.core.model import VMSpec
@@ -42,7 +42,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
                 wd.vm_dir(jname).exists():
             raise StateError(f"VM already exist: {jname} (on this node)")
         wd.system(jname).mkdir(mode=0o700)
-        lifecycle.mark_unfinished(ctx, jname)
+        definition.mark_unfinished(ctx, jname)
         vm = VM(ctx, spec, runtime=(0, 0))
         try:
             wd.ensure_vm(jname)
@@ -55,7 +55,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         except BaseException:
             if vm.alive():
                 vm.kill()
-            lifecycle.clear_unfinished(ctx, jname)
+            definition.clear_unfinished(ctx, jname)
             raise
 
 
@@ -87,7 +87,7 @@ def _request(line: bytes, jname: str) -> tuple[VMSpec, dict[str, Any], dict[str,
 
 def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
     ctx, jname = vm.ctx, vm.jname
-    mon = vm.launch(incoming=True)
+    mon = vm.launch(incoming=True, ram_file=ramfile.fresh(vm))
     caps = migration.capabilities(mon)
     migration.set_capabilities(mon, caps, {"late-block-activate": True})
     # Names as short as qmp.sock's: a Unix socket's path has at most 107 bytes.
@@ -117,8 +117,8 @@ def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
         raise QemuError(f"{jname}: the migration failed here: "
                         f"{info.get('error-desc', info.get('status'))}")
     mon.cmd("nbd-server-stop")
-    lifecycle.save_spec_file(ctx, vm.spec)
-    lifecycle.unmark(ctx, jname)
+    definition.save_spec_file(ctx, vm.spec)
+    definition.unmark(ctx, jname)
     ctx.inventory.add(vm.spec)
     ctx.inventory.set_runtime(jname, vm.pid, vm.vnc_port)
     if paused:
@@ -153,7 +153,7 @@ def status(ctx: Context, jname: str) -> str:
                 process.kill(pid, marker, signal.SIGKILL)
                 if not process.wait_gone(pid, marker, 10):
                     raise QemuError(f"{jname}: QEMU (pid {pid}) did not exit after SIGKILL")
-            lifecycle.clear_unfinished(ctx, jname)
+            definition.clear_unfinished(ctx, jname)
         return "absent"
 
 

@@ -26,17 +26,21 @@ import subprocess
 import time
 from typing import IO, cast
 
-from cbsd.core import lifecycle, node_answers, nodes, transfer
+from cbsd import node_answers
+from cbsd.core import lifecycle, transfer
 from cbsd.core.context import Context
+from cbsd.core.definition import remove_held
 from cbsd.core.model import Status
+from cbsd.core.moving import committed_there, node_named
 from cbsd.core.vm import VM
-from cbsd.errors import CbsdError, StateError, UsageError
+from cbsd.errors import CbsdError, NodeError, StateError
 from cbsd.failpoints import failpoint
+from cbsd.ssh import Node
 from cbsd.storage.atomic import write_atomic
 
 
 def move(ctx: Context, jname: str, node_name: str) -> str:
-    node = nodes.get(ctx, node_name)
+    node = node_named(ctx, node_name)
     started = time.monotonic()
     status = transfer.status_of(ctx, jname)
     was_running = status in (Status.ON, Status.PAUSED)
@@ -65,7 +69,7 @@ def _resume_here(ctx: Context, jname: str) -> None:
             lifecycle.start(ctx, jname)
 
 
-def _send_and_commit(vm: VM, node: nodes.Node) -> None:
+def _send_and_commit(vm: VM, node: Node) -> None:
     ctx, jname = vm.ctx, vm.jname
     intent = ctx.workdir.moving(jname)
     _intend(vm, node.name, None)
@@ -81,11 +85,11 @@ def _send_and_commit(vm: VM, node: nodes.Node) -> None:
     try:
         node.checked("bimport mode=commit", node_answers.committed,
                      node.call(["bimport", "mode=commit", f"id={ident}"]))
-    except nodes.NodeError as failed:
+    except NodeError as failed:
         # The ssh, or cbsd there, ended without saying it was done: perhaps after it
         # registered the VM. What the node holds decides, not how the command ended.
         try:
-            there = _committed_there(node, ident)
+            there = committed_there(node, ident)
         except CbsdError as e:
             raise StateError(f"{jname}: the commit on node {node.name} ended without its "
                              f"answer ({failed}) and the node cannot be asked now whether it "
@@ -95,7 +99,7 @@ def _send_and_commit(vm: VM, node: nodes.Node) -> None:
             intent.unlink()  # it dropped what it staged: the VM stays here, as it was
             raise
     failpoint("bmove:committed")
-    lifecycle.remove_held(ctx, vm)
+    remove_held(ctx, vm)
 
 
 def _intend(vm: VM, node_name: str, ident: str | None, commit: str | None = None) -> None:
@@ -107,27 +111,7 @@ def _intend(vm: VM, node_name: str, ident: str | None, commit: str | None = None
     write_atomic(vm.ctx.workdir.moving(vm.jname), json.dumps(record).encode())
 
 
-def _committed_there(node: nodes.Node, ident: str) -> bool:
-    """Ask the node to drop what it staged as *ident*: False once dropped; True if the
-    commit had come first (it holds the staging folder's lock, so the answer is final)."""
-    out = node.call(["bimport", "mode=abort", f"id={ident}"], timeout=120)
-    return node.checked("bimport mode=abort", node_answers.aborted, out) is not None
-
-
-def interrupted_to(ctx: Context, node_name: str) -> list[str]:
-    """The VMs whose interrupted bmove or bmigrate names node *node_name*."""
-    found = []
-    for jname in ctx.inventory.names():
-        try:
-            record = json.loads(ctx.workdir.moving(jname).read_bytes())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("node") == node_name:
-            found.append(jname)
-    return found
-
-
-def _send(vm: VM, node: nodes.Node) -> str:
+def _send(vm: VM, node: Node) -> str:
     """Phase 1: the archive through ssh into a staging folder on the node; its id."""
     proc = subprocess.Popen(node.argv(["bimport", "in=-", "mode=stage"]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -154,54 +138,3 @@ def _send(vm: VM, node: nodes.Node) -> str:
                         out.decode(errors="replace"))
 
 
-def settle(vm: VM) -> None:
-    """Recovery of an interrupted bmove (the VM's lock is held): clear an intent from phase
-    1; from phase 2 ask the node to drop what it staged, which it does unless the commit
-    came first: then the move is finished here (StateError saying so)."""
-    ctx, jname = vm.ctx, vm.jname
-    intent = ctx.workdir.moving(jname)
-    try:
-        record = json.loads(intent.read_bytes())
-        node_name, ident = str(record["node"]), record.get("id")
-    except FileNotFoundError:
-        return
-    except (ValueError, KeyError, TypeError, OSError):
-        intent.unlink(missing_ok=True)  # written atomically: damaged means never finished
-        return
-    if record.get("live"):
-        from cbsd.core import migrate
-
-        migrate.settle(vm, node_name, [int(x) for x in record.get("ssh", [])])
-        return
-    if ident is None:
-        intent.unlink()
-        return
-    # "not sent": the node cannot have registered the VM (a record without the key comes
-    # from a cbsd that did not say: assume the commit went out).
-    sent = record.get("commit") != "not sent"
-    way_out = (f"if node {node_name} is gone for good, delete {intent} to keep {jname} "
-               "here")
-    try:
-        node = nodes.get(ctx, node_name)
-    except UsageError:
-        if not sent:  # node gone, never committed: never moved
-            intent.unlink()
-            return
-        raise StateError(f"{jname}: an interrupted bmove to node {node_name}, which is no "
-                         f"longer known here, may have been committed there: add the node "
-                         f"again so that it can be asked; {way_out}") from None
-    try:
-        moved_there = _committed_there(node, str(ident))
-    except CbsdError as e:
-        if not sent:  # the node never got the commit; its staged copy expires there
-            intent.unlink()
-            return
-        raise StateError(f"{jname}: an interrupted bmove to node {node_name} cannot be "
-                         f"settled until the node answers ({e}); the VM is kept here "
-                         f"meanwhile, unusable: retry any command; {way_out}") from None
-    if not moved_there:
-        intent.unlink()  # the node dropped what it had staged: the VM stays here
-        return
-    lifecycle.remove_held(ctx, vm)
-    raise StateError(f"{jname}: it was moved to node {node_name} (an interrupted bmove was "
-                     f"completed): use node={node_name}")

@@ -44,13 +44,23 @@ def flush(path: Path) -> None:
         os.close(fd)
 
 
+def fresh(vm: VM) -> bool:
+    """Before a launch that brings no RAM file of its own: remove a stale one (never reused:
+    it holds an earlier run's memory) and say whether this launch should use one."""
+    vm.ram_path.unlink(missing_ok=True)
+    if vm.spec.ram_file != "auto" or not reflink.can_clone(vm.ram_path.parent):
+        return False
+    allocate(vm)
+    return True
+
+
 def place(vm: VM, ckdir: Path, m: ckpstore.Manifest) -> bool:
     """Before QEMU starts to load *m*: put the RAM it needs in place. A state saved with a RAM
     file gets a clone of it (a copy where the filesystem cannot clone; the state's own file is
     never written); a full-stream state gets a new RAM file where this VM uses one. Returns
     whether QEMU is to use the RAM file."""
     if not m.ram_file:
-        return vm.fresh_ram_file()
+        return fresh(vm)
     vm.ram_path.unlink(missing_ok=True)
     source = ckdir / ckpstore.RAM
     what = "a restore" if m.kind == "checkpoint" else "a resume from hibernation"

@@ -26,7 +26,8 @@ from typing import Any
 from cbsd import cancel
 from cbsd.core import ramfile, tree
 from cbsd.core.pause import set_clock
-from cbsd.core.recovery import INTENT, TAG_PREFIX, delete_tags, drop_state
+from cbsd.core.recovery import INTENT
+from cbsd.core.states import TAG_PREFIX, delete_tags, drop_state
 from cbsd.core.vm import VM, Image, free_bytes
 from cbsd.errors import (
     CbsdError,

@@ -173,7 +173,7 @@ def check_images(wd: Workdir, folder: Path, spec: VMSpec) -> dict[str, img.Image
 def drop_orphans(folder: Path, images: dict[str, img.ImageInfo], owned: set[str]) -> None:
     """Delete cbsd's disk snapshots that no saved state in the folder owns (those of
     checkpoints that were not exported), before the VM is registered."""
-    from cbsd.core.recovery import TAG_PREFIX
+    from cbsd.core.states import TAG_PREFIX
 
     for name, i in images.items():
         for tag in sorted(i.snapshots):

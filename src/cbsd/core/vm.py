@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from cbsd import debug
 from cbsd.core.lock import is_held
 from cbsd.core.model import Status, VMSpec
-from cbsd.errors import EnvironmentFault, QemuError
-from cbsd.qemu import process
+from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
+from cbsd.qemu import img, process
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.network import tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
 
 if TYPE_CHECKING:
-    from cbsd.core.context import Context
+    from cbsd.core.site import Site
 
 # Without the VM's lock (bls, status), a monitor that does not answer within this is reported
 # as such instead of holding up the listing; QEMU answers in about a millisecond.
@@ -47,7 +47,7 @@ EFI_VARS = "efivars.qcow2"
 
 
 class VM:
-    def __init__(self, ctx: Context, spec: VMSpec,
+    def __init__(self, ctx: Site, spec: VMSpec,
                  runtime: tuple[int, int] | None = None) -> None:
         self.ctx = ctx
         self.spec = spec
@@ -73,7 +73,7 @@ class VM:
         self.died = ""  # VMLock.died of the lock this command holds on the VM
 
     @classmethod
-    def load(cls, ctx: Context, jname: str) -> VM:
+    def load(cls, ctx: Site, jname: str) -> VM:
         return cls(ctx, ctx.spec(jname))
 
     def images(self) -> list[Image]:
@@ -161,35 +161,20 @@ class VM:
 
         return RAM_FILE_OPTION in process.cmdline(self.pid)
 
-    def fresh_ram_file(self) -> bool:
-        """Before a launch that brings no RAM file of its own: remove a stale one (never reused:
-        it holds an earlier run's memory) and say whether this launch should use one."""
-        from cbsd.core import ramfile
-        from cbsd.storage.reflink import can_clone
-
-        self.ram_path.unlink(missing_ok=True)
-        if self.spec.ram_file != "auto" or not can_clone(self.ram_path.parent):
-            return False
-        ramfile.allocate(self)
-        return True
-
-    def launch(self, *, incoming: bool = False, paused: bool = False,
-               ram_file: bool | None = None) -> Monitor:
+    def launch(self, *, ram_file: bool, incoming: bool = False,
+               paused: bool = False) -> Monitor:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
-        *ram_file*: guest RAM in the VM's RAM file (True: one already in place; None: a new
-        one where the workdir can clone files)."""
-        from cbsd.core.disks import check_images
+        *ram_file*: guest RAM in the VM's RAM file, which is in place (core/ramfile.py:
+        fresh() or place() put it there; a failed launch removes it)."""
         from cbsd.failpoints import failpoint
 
         self.ctx.workdir.ensure_vm(self.jname)
         try:
-            check_images(self)  # QEMU runs as root: no image may make it open another file
+            self.check_images()  # QEMU runs as root: no image may make it open another file
             if self.spec.nic == "bridge":
                 self._prepare_bridge()
             for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
                 Path(sock).unlink(missing_ok=True)
-            if ram_file is None:
-                ram_file = self.fresh_ram_file()
             self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
                                                 ram_file=ram_file),
                                       Path(self.paths.pidfile), Path(self.paths.qemu_log))
@@ -213,6 +198,15 @@ class VM:
             raise
         self._record(self.pid, self.vnc_port)
         return mon
+
+    def check_images(self) -> None:
+        """Every image of the VM (its disks, its UEFI variable store) is a qcow2 whose header
+        names no other file: before every launch and clone (the header only: no qemu-img)."""
+        for image in self.images():
+            try:
+                img.check_header(Path(image.path), f"{self.jname}: {image.name}")
+            except UsageError as e:
+                raise StateError(str(e)) from None
 
     def _prepare_bridge(self) -> None:
         """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
@@ -358,3 +352,18 @@ def qcow2_virtual_size(qcow2: str) -> int:
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def adopt_lost_qemu(vm: VM, *, scan: bool) -> None:
+    """A QEMU this VM's command line names but the inventory does not: a command killed after
+    QEMU started and before it recorded the pid. Found through QEMU's pid file (VM.alive
+    already looks there), or, after a command died, through every process's argv."""
+    if not vm.alive() and scan:
+        pid = process.find_by_marker(vm.paths.qmp_sock)
+        if pid:
+            vm.pid = pid
+    if vm.pid and vm.pid != vm.recorded_pid and vm.alive():
+        if debug.ON:
+            debug.log("recover", f"{vm.jname}: adopting QEMU pid {vm.pid} "
+                      f"(recorded {vm.recorded_pid})")
+        vm.adopt()
