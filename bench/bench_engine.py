@@ -71,7 +71,7 @@ def guest(env: dict[str, str], wd: Path, name: str, ram: str, fill: int, *extra:
 def fold_now(wd: Path, name: str, *, required: bool = True) -> float:
     """Fold the VM's checkpoints in the foreground (what the background helper does); with
     required=False, only what the background helpers have not folded yet."""
-    from cbsd.core.fold import fold_vm, foldable
+    from cbsd.core.checkpoint.fold import fold_vm, foldable
     from cbsd.storage.paths import Workdir
 
     t = time.perf_counter()

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from bench.timing import settle, wait_output
-from cbsd.core.context import Context
-from cbsd.core.vm import VM
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
 from cbsd.qemu import process
 from cbsd.qemu.qmp import Monitor
 from cbsd.storage.paths import Workdir

@@ -4,7 +4,7 @@ A node is another host: its cbsd may be of another version, broken, or in hostil
 SSH login authenticates the node, not what its cbsd prints). So every answer is parsed into
 the shape cbsd expects here -- types, ranges, names as cbsd allows them, text without control
 characters (nothing a node says can drive this terminal) -- or refused with BadAnswer, which
-the caller turns into one line naming the node (core/nodes.py). Pure functions.
+the caller turns into one line naming the node (core/hosts/nodes.py). Pure functions.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 import unicodedata
 from typing import Any
 
-from cbsd.core.model import BLS_COLUMNS, Status
-from cbsd.core.names import NAME_RE
+from cbsd.model import BLS_COLUMNS, Status
+from cbsd.names import NAME_RE
 
 _STAGING_ID = re.compile(r"[0-9a-f]{16}")
 _INT_COLUMNS = ("jid", "vm_ram", "vm_curmem", "vm_cpus")

@@ -95,7 +95,7 @@ class Node:
                             "a cbsd of this version?)") from None
 
     def checked(self, what: str, check: Callable[[Any], T], answer: Any) -> T:
-        """*answer* (to *what*) through its validator (core/node_answers.py); a NodeError
+        """*answer* (to *what*) through its validator (cbsd/node_answers.py); a NodeError
         naming this node and the fault if it is not of the expected shape."""
         try:
             return check(answer)

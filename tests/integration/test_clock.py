@@ -84,7 +84,7 @@ def test_clock_is_set_after_a_pause(deb: Debian) -> None:
         r, mods = launched(deb.cbsd, "bpause", *resume)
         assert r.ok().out == "deb: resumed\n"
         if resume[0] == "deb":  # starting the helper loaded nothing the lane must not load
-            assert "cbsd.core.pause" in mods and not mods & HEAVY, sorted(mods & HEAVY)
+            assert "cbsd.core.vm.pause" in mods and not mods & HEAVY, sorted(mods & HEAVY)
         what = f"a {STOOD:.0f} s pause ({' '.join(resume)})"
         clock_comes_right(deb, what)
         clock_set_recorded(deb, since, what)  # the agent set it (not luck)

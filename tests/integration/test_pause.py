@@ -17,7 +17,7 @@ pytestmark = pytest.mark.vm
 # each of these costs more than a pause's whole work (cbsd/core/pause.py).
 LAUNCHER = Path(sys.executable).parent / "cbsd"
 HEAVY = {"re", "json", "enum", "typing", "pathlib", "dataclasses", "socket", "sqlite3",
-         "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.lifecycle"}
+         "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.manage.lifecycle"}
 
 
 def launched(cbsd: Cbsd, *args: str) -> tuple[Result, set[str]]:
@@ -50,7 +50,7 @@ def test_a_plain_pause_takes_the_quick_lane(cbsd: Cbsd, running_counter: str) ->
     con = cbsd.console("vm1")
     r, mods = launched(cbsd, "bpause", "jname=vm1", "mode=on")
     assert r.ok().out == "vm1: paused\n"
-    assert "cbsd.core.pause" in mods and not mods & HEAVY, sorted(mods & HEAVY)
+    assert "cbsd.core.vm.pause" in mods and not mods & HEAVY, sorted(mods & HEAVY)
     assert cbsd.status("vm1") == "Paused"
     last = counter_lines(con.text())[-1][0]
     mark = con.mark()
@@ -71,7 +71,7 @@ def test_a_lock_left_by_a_dead_command_sends_bpause_the_full_way(
     lock.write_text("999999 bcheckpoint create\n")  # its holder was kill -9'd mid-command
     r, mods = launched(cbsd, "bpause", "vm1", "mode=on")
     assert r.ok().out == "vm1: paused\n"
-    assert "cbsd.core.recovery" in mods, "the full command runs recovery first"
+    assert "cbsd.core.vm.recovery" in mods, "the full command runs recovery first"
     assert lock.read_text() == ""
     assert cbsd.status("vm1") == "Paused"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import ramspace
+from cbsd.core.vm import ramspace
 from tests.conftest import COUNTER_RE, Cbsd, proc_alive, xfs_mount
 from tests.guests import build
 

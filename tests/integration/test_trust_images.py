@@ -160,7 +160,7 @@ def test_qemu_opens_no_backing_file_whatever_the_header_says(tmp_path: Path) -> 
     import dataclasses
     import os
 
-    from cbsd.core.model import VMSpec
+    from cbsd.model import VMSpec
     from cbsd.qemu.argv import build_argv
     from tests.unit.test_argv import HOST, PATHS
 

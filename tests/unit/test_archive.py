@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from cbsd import ssh
-from cbsd.core import compat, transfer
-from cbsd.core.model import VMSpec
+from cbsd.core.checkpoint import compat
+from cbsd.core.hosts import transfer
 from cbsd.errors import ArchiveError
+from cbsd.model import VMSpec
 from cbsd.qemu.host import Host
 from cbsd.storage.archive import HEADER, SEAL, Reader, Source, Writer
 

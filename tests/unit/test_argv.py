@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core.model import VMSpec
+from cbsd.model import VMSpec
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.host import Host
 

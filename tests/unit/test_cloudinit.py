@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import cloudinit
+from cbsd.core.manage import cloudinit
 from cbsd.errors import UsageError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE0 test@host"

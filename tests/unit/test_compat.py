@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbsd.core.load import incompatibility
+from cbsd.core.checkpoint.load import incompatibility
 from cbsd.storage.manifest import FileEntry, Manifest
 
 RELEVANT = {"ram": 32 << 20, "cpus": 1, "machine": "pc-i440fx-7.2", "disks": ["dsk1.qcow2"]}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import save
+from cbsd.core.checkpoint import save
 from cbsd.storage import ckpstore
 
 BLOCK = 64 << 10

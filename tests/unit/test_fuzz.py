@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from cbsd.cli.args import parse
 from cbsd.cli.main import main
 from cbsd.cli.table import COMMANDS
-from cbsd.core.names import check_name, parse_size
 from cbsd.errors import UsageError
+from cbsd.names import check_name, parse_size
 
 KEYS = [*sorted({k.name for c in COMMANDS.values() for k in c.keys}), "foo", "JNAME", ""]
 word = st.one_of(

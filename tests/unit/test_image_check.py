@@ -76,7 +76,7 @@ def test_a_header_that_is_not_qcow2_or_is_encrypted_is_refused(tmp_path: Path) -
     (5, "is not a disk's file name")])
 def test_a_disk_is_named_like_one_and_is_none_of_the_vms_own_files(file: object,
                                                                     why: str | None) -> None:
-    from cbsd.core.disks import disk_file_problem
+    from cbsd.core.manage.disks import disk_file_problem
     from cbsd.storage.paths import Workdir
 
     got = disk_file_problem(Workdir(Path("/w")), "vm1", file)  # type: ignore[arg-type]

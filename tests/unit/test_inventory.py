@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core.model import VMSpec
 from cbsd.errors import CbsdError, StateError
+from cbsd.model import VMSpec
 from cbsd.storage.inventory import SCHEMA_VERSION, Inventory
 
 

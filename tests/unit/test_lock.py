@@ -1,4 +1,4 @@
-"""The status probe's view of the VM lock (core/lock.py)."""
+"""The status probe's view of the VM lock (core/vm/lock.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from cbsd.core.lock import YIELDS, is_held
+from cbsd.core.vm.lock import YIELDS, is_held
 
 
 def hold(path: Path, line: str, after: float, release: threading.Event) -> threading.Thread:

@@ -92,7 +92,7 @@ def test_one_vm_of_several_fails_with_any_exception(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """each(): an unexpected exception on one VM is that VM's one line; the others still run,
     and mixed codes aggregate to 1."""
-    from cbsd.core.context import Context
+    from cbsd.core.vm.context import Context
     from cbsd.storage.paths import Workdir
 
     ctx = Context(Workdir(tmp_path / "wd"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbsd.core.model import ALLOWED, Action, Status, VMSpec, require
 from cbsd.errors import StateError
+from cbsd.model import ALLOWED, Action, Status, VMSpec, require
 
 
 @pytest.mark.parametrize("action", list(Action))

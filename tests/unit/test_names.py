@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbsd.core.names import check_mask, check_name, match_mask, parse_size
 from cbsd.errors import UsageError
+from cbsd.names import check_mask, check_name, match_mask, parse_size
 
 
 @pytest.mark.parametrize("name", ["a", "vm1", "web-01", "A_b-c", "9lives", "x" * 64])

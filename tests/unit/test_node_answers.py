@@ -1,4 +1,4 @@
-"""What a node answers is checked for its shape before cbsd uses it (core/node_answers.py):
+"""What a node answers is checked for its shape before cbsd uses it (cbsd/node_answers.py):
 bls rows, staging ids, commit/abort/status answers and bmigrate's sockets; and the owner
 written on cbsd0 (qemu/network.py)."""
 
@@ -109,9 +109,9 @@ def test_cbsd0_owner_round_trips_through_the_alias() -> None:
 def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_outside() -> None:
     import json
 
-    from cbsd.core.migrate_in import _request
-    from cbsd.core.model import VMSpec
+    from cbsd.core.hosts.migrate_in import _request
     from cbsd.errors import UsageError
+    from cbsd.model import VMSpec
 
     spec = VMSpec(jname="vm1", ram=64 << 20, disks=["dsk1.qcow2"])
     good = {"spec": spec.to_dict(), "sizes": {"dsk1.qcow2": 1 << 30}, "paused": True,

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cbsd.cli import quick
-from cbsd.core import pause
-from cbsd.core.lock import VMLock
-from cbsd.core.names import check_name
+from cbsd.core.vm import pause
+from cbsd.core.vm.lock import VMLock
 from cbsd.errors import UsageError
+from cbsd.names import check_name
 from cbsd.storage.paths import Workdir, default_workdir
 
 
@@ -103,7 +103,7 @@ def test_a_lock_tells_whether_its_last_holder_died(tmp_path: Path) -> None:
 def test_the_lanes_run_state_literals_are_qemus() -> None:
     """The lane compares QEMU's run states as plain strings (importing enum costs it more
     than its work): they must be RunState's spelling."""
-    from cbsd.core import pause
+    from cbsd.core.vm import pause
     from cbsd.qemu.runstate import RunState
 
     source = Path(pause.__file__).read_text()
@@ -119,13 +119,13 @@ def test_the_lanes_modules_import_nothing_heavy() -> None:
     import sys
 
     heavy = {"re", "json", "enum", "typing", "pathlib", "dataclasses", "socket", "sqlite3",
-             "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.lifecycle"}
+             "threading", "subprocess", "cbsd.storage.inventory", "cbsd.core.manage.lifecycle"}
     p = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c",
                         "import sys; sys.path[:0] = " + repr(sys.path) + "; "
-                        "import cbsd.cli.main, cbsd.cli.quick, cbsd.core.pause, cbsd.qemu.qmp, "
+                        "import cbsd.cli.main, cbsd.cli.quick, cbsd.core.vm.pause, cbsd.qemu.qmp, "
                         "cbsd.qemu.agent"],  # a resume starts the clock helper from the lane
                        capture_output=True, text=True, check=True)
     mods = {ln.rsplit("|", 1)[1].strip() for ln in p.stderr.splitlines()
             if ln.startswith("import time:")}
-    assert "cbsd.core.pause" in mods
+    assert "cbsd.core.vm.pause" in mods
     assert not mods & heavy, sorted(mods & heavy)

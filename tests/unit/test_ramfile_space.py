@@ -1,4 +1,4 @@
-"""The admission rule for guest RAM in a file (core/ramspace.py), as a table."""
+"""The admission rule for guest RAM in a file (core/vm/ramspace.py), as a table."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import ramspace
-from cbsd.core.ramspace import SLACK, MiB, refusal, required
+from cbsd.core.vm import ramspace
+from cbsd.core.vm.ramspace import SLACK, MiB, refusal, required
 
 WHERE = Path("/w/jails-system/vm1")
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from cbsd.core.recovery import Step, plan
+from cbsd.core.vm.recovery import Step, plan
 from cbsd.qemu.runstate import RunState
 
 S = RunState

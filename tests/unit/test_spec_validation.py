@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbsd.core import specs
-from cbsd.core.model import VMSpec
+from cbsd import specs
 from cbsd.errors import UsageError
+from cbsd.model import VMSpec
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.host import Host
 from cbsd.storage.paths import Workdir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbsd.core.tree import beyond_keep, render
+from cbsd.core.checkpoint.tree import beyond_keep, render
 
 
 @pytest.mark.parametrize(("states", "here", "lines"), [

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cbsd.core import load as savestate
+from cbsd.core.checkpoint import load as savestate
 from cbsd.errors import QemuError
 
 SIZE = 1 << 20

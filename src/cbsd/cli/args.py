@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbsd.core.names import check_mac, check_mask, check_name, parse_hostfwd, parse_size
 from cbsd.errors import UsageError
+from cbsd.names import check_mac, check_mask, check_name, parse_hostfwd, parse_size
 
 _BOOL = {"1": True, "0": False, "yes": True, "no": False, "true": True, "false": False,
          "on": True, "off": False}
@@ -104,7 +104,7 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
 
 
 def _prefixed(cmd: Command, check: Callable[..., Any], *args: str) -> Any:
-    """A pure check shared with definitions from outside (core/specs.py), its message
+    """A pure check shared with definitions from outside (cbsd/specs.py), its message
     prefixed with the command."""
     try:
         return check(*args)

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from cbsd import cancel
 from cbsd.cli import output
-from cbsd.core.context import Context
+from cbsd.core.vm.context import Context
 from cbsd.errors import NodeError, UsageError, describe
 
 Args = dict[str, Any]
@@ -72,9 +72,9 @@ def only_in_modes(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], de
 
 
 def bcreate(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
-    from cbsd.core.cloudinit import KEYS, settings
-    from cbsd.core.model import VMSpec
+    from cbsd.core.manage import lifecycle
+    from cbsd.core.manage.cloudinit import KEYS, settings
+    from cbsd.model import VMSpec
 
     spec = lifecycle.create(ctx, VMSpec(
         jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
@@ -94,7 +94,7 @@ def bcreate(ctx: Context, a: Args) -> int:
 def _targets(ctx: Context, a: Args) -> list[str]:
     """The VMs a command acts on: names and masks resolved, then narrowed for host boot
     (boot=1) or shutdown (running_only=1) where the command has those keys."""
-    from cbsd.core import lifecycle
+    from cbsd.core.manage import lifecycle
 
     narrowed = bool(a.get("boot") or a.get("running_only"))
     vms = ctx.resolve(a["names"], may_be_empty=narrowed)
@@ -105,29 +105,29 @@ def _targets(ctx: Context, a: Args) -> list[str]:
 
 
 def bstart(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
+    from cbsd.core.manage import lifecycle
 
     return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.start(
         c, j, checkpoint=a["checkpoint"], paused=a["paused"]), a["parallel"])
 
 
 def bstop(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
+    from cbsd.core.manage import lifecycle
 
     return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.stop(
         c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
 
 
 def bremove(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
+    from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lifecycle.remove)
 
 
 def bregister(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
-    from cbsd.core.names import is_mask, match_mask
+    from cbsd.core.manage import lifecycle
     from cbsd.errors import NoSuchVM
+    from cbsd.names import is_mask, match_mask
 
     found: list[str] = []
     candidates = lifecycle.unregistered(ctx)
@@ -140,7 +140,7 @@ def bregister(ctx: Context, a: Args) -> int:
 
 
 def bset(ctx: Context, a: Args) -> int:
-    from cbsd.core import manage
+    from cbsd.core.manage import settings as manage
 
     changes = {k: v for k, v in a.items() if k in manage.SETTABLE and v is not None}
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: manage.set_(c, j, changes))
@@ -148,7 +148,7 @@ def bset(ctx: Context, a: Args) -> int:
 
 def bget(ctx: Context, a: Args) -> int:
     from cbsd.cli.args import show_value
-    from cbsd.core import manage
+    from cbsd.core.manage import settings as manage
 
     values = manage.get(ctx, a["jname"])
     wanted = [*([a["key"]] if a["key"] else []), *a.get("extra", [])]
@@ -167,21 +167,21 @@ def bget(ctx: Context, a: Args) -> int:
 
 
 def brename(ctx: Context, a: Args) -> int:
-    from cbsd.core import manage
+    from cbsd.core.manage import settings as manage
 
     print(manage.rename(ctx, a["old"], a["new"]))
     return 0
 
 
 def bclone(ctx: Context, a: Args) -> int:
-    from cbsd.core import manage
+    from cbsd.core.manage import settings as manage
 
     print(manage.clone(ctx, a["old"], a["new"], a["checkpoint"]))
     return 0
 
 
 def bhyve_dsk(ctx: Context, a: Args) -> int:
-    from cbsd.core import disks
+    from cbsd.core.manage import disks
 
     mode, jname = a["mode"], a["jname"]
     only_in_modes(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
@@ -206,13 +206,13 @@ def bhyve_dsk(ctx: Context, a: Args) -> int:
 
 
 def bpause(ctx: Context, a: Args) -> int:
-    from cbsd.core import lifecycle
+    from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.pause(c, j, a["mode"]))
 
 
 def bls(ctx: Context, a: Args) -> int:
-    from cbsd.core import listing
+    from cbsd.core.manage import listing
 
     columns = a["display"] or list(listing.COLUMNS)
     unreached = 0
@@ -241,7 +241,8 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
     host's VMs as node 'local'). A node that cannot be reached, does not answer in time or
     answers what is not a listing is named on stderr; the command then exits 1 after listing
     the others."""
-    from cbsd.core import listing, nodes
+    from cbsd.core.hosts import nodes
+    from cbsd.core.manage import listing
 
     want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
     rows: list[dict[str, Any]] = []
@@ -268,8 +269,8 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
 
 def blogin(ctx: Context, a: Args) -> int:
     from cbsd.cli.console import attach
-    from cbsd.core.model import Action, require
-    from cbsd.core.vm import VM
+    from cbsd.core.vm.machine import VM
+    from cbsd.model import Action, require
 
     vm = VM.load(ctx, a["jname"])
     require(vm.jname, vm.status(), Action.LOGIN)
@@ -277,7 +278,7 @@ def blogin(ctx: Context, a: Args) -> int:
 
 
 def bcheckpoint(ctx: Context, a: Args) -> int:
-    from cbsd.core import checkpoints
+    from cbsd.core.checkpoint import checkpoints
 
     mode = a["mode"]
     only_in_modes(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
@@ -310,7 +311,7 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
 
 
 def _verify(ctx: Context, jname: str, name: str | None) -> str:
-    from cbsd.core import checkpoints
+    from cbsd.core.checkpoint import checkpoints
     from cbsd.errors import CheckpointError
 
     results = checkpoints.verify(ctx, jname, name)
@@ -324,7 +325,7 @@ def _verify(ctx: Context, jname: str, name: str | None) -> str:
 
 
 def bsuspend(ctx: Context, a: Args) -> int:
-    from cbsd.core import hibernate
+    from cbsd.core.checkpoint import hibernate
 
     if a["mode"] == "discard":
         if a["running_only"]:

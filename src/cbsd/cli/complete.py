@@ -39,7 +39,7 @@ def candidates(current: str, words: list[str]) -> list[str]:
 
 def _vms(prefix: str) -> list[str]:
     with contextlib.suppress(Exception):
-        from cbsd.core.context import Context
+        from cbsd.core.vm.context import Context
 
         return [n for n in Context(writable=False).inventory.names() if n.startswith(prefix)]
     return []
@@ -49,7 +49,7 @@ def _checkpoints(jname: str | None) -> list[str]:
     if not jname:
         return []
     with contextlib.suppress(Exception):
-        from cbsd.core.context import Context
+        from cbsd.core.vm.context import Context
         from cbsd.storage import ckpstore
 
         ctx = Context(writable=False)

@@ -1,5 +1,5 @@
 """The commands that reach beyond this host: bexport, bimport, node, bmove, bmigrate (their
-work is core/transfer.py, core/nodes.py, core/move.py and core/migrate.py)."""
+work is in core/hosts/: transfer.py, nodes.py, move.py and migrate.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from typing import Any
 
 from cbsd.cli import output
 from cbsd.cli.commands import Args, only_in_modes
-from cbsd.core.context import Context
-from cbsd.core.names import check_name
+from cbsd.core.vm.context import Context
 from cbsd.errors import UsageError
 from cbsd.failpoints import failpoint
+from cbsd.names import check_name
 
 
 def bexport(ctx: Context, a: Args) -> int:
     import os
 
-    from cbsd.core import transfer
+    from cbsd.core.hosts import transfer
 
     jname, out = a["jname"], a["out"]
     chosen = a["checkpoints"]
@@ -91,7 +91,7 @@ def _publish_new(tmp: Path, path: Path) -> None:
 
 
 def bimport(ctx: Context, a: Args) -> int:
-    from cbsd.core import transfer
+    from cbsd.core.hosts import transfer
 
     mode = a["mode"]
     names = a.get("names") or []
@@ -124,7 +124,7 @@ def bimport(ctx: Context, a: Args) -> int:
 
 
 def node(ctx: Context, a: Args) -> int:
-    from cbsd.core import nodes
+    from cbsd.core.hosts import nodes
 
     mode = a["mode"]
     only_in_modes(a, mode, {"host": ("add",), "port": ("add",), "format": ("list",)},
@@ -148,14 +148,14 @@ def node(ctx: Context, a: Args) -> int:
 
 
 def bmove(ctx: Context, a: Args) -> int:
-    from cbsd.core import move
+    from cbsd.core.hosts import move
 
     print(move.move(ctx, a["jname"], a["node"]))
     return 0
 
 
 def bmigrate(ctx: Context, a: Args) -> int:
-    from cbsd.core import migrate, migrate_in
+    from cbsd.core.hosts import migrate, migrate_in
 
     jname, mode = a["jname"], a["mode"]
     if mode == "incoming":

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any
 
-    from cbsd.core.context import Context
+    from cbsd.core.vm.context import Context
 
 USAGE = """usage: cbsd COMMAND [key=value ...] [NAME ...]
 
@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parsed = parse(cmd, args[1:])
         if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node"):
-            from cbsd.core import nodes
-            from cbsd.core.context import Context
+            from cbsd.core.hosts import nodes
+            from cbsd.core.vm.context import Context
 
             rest = [w for w in args[1:] if not w.startswith("node=")]
             return nodes.forward(Context(writable=False), parsed["node"], [args[0], *rest])
         _cancel_on_signals()
-        from cbsd.core.context import Context
+        from cbsd.core.vm.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))
         return int(handler(cmd.name)(ctx, parsed))

@@ -43,7 +43,7 @@ def bpause(args: list[str]) -> int | None:
     root = _root()
     if len(names) != 1 or not _plain_name(names[0]) or root is None:
         return None
-    from cbsd.core.pause import quick
+    from cbsd.core.vm.pause import quick
 
     message = quick(root, names[0], mode or "auto")
     if message is None:

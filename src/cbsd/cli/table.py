@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
-from cbsd.core.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
-from cbsd.core.model import BLS_COLUMNS as COLUMNS
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
+from cbsd.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
 J_NAME = Key("jname", "name", required=True, help="VM name")

@@ -1,1 +1,1 @@
-"""The core: VM model, state, locking and the orchestration of every command."""
+"""The core, in four packages whose imports go one way: hosts > manage > checkpoint > vm."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from cbsd.core.model import VMSpec
+from cbsd.model import VMSpec
 from cbsd.qemu.host import Host
 
 
@@ -40,7 +40,7 @@ def _esc(value: str) -> str:
 def _implied(value: str, what: str) -> str:
     """A value in the first, keyless place of an option string (-machine TYPE, -vnc HOST:D):
     QEMU reads it as KEY=VALUE if it holds '='. Definitions are checked before they get here
-    (core/specs.py); this refuses rather than build a command line that means something else."""
+    (cbsd/specs.py); this refuses rather than build a command line that means something else."""
     if "=" in value or "," in value or not value:
         from cbsd.errors import UsageError
 

@@ -1,10 +1,11 @@
 """A per-VM deduplicating store for memory streams, where files cannot be cloned (ext4).
 
 Checkpoints of a VM whose RAM changes little repeat most of their stream. Once a checkpoint is
-safely published, a background helper (core/fold.py) cuts its `memory` stream into content-
-defined chunks (FastCDC, ~16 KiB: the stream's page headers and 9-byte zero pages shift every
-offset, so fixed-size chunks would never match), stores each chunk it has not stored before,
-and replaces `memory` by `memory.recipe`: the stream as a list of chunk references.
+safely published, a background helper (core/checkpoint/fold.py) cuts its `memory` stream
+into content-defined chunks (FastCDC, ~16 KiB: the stream's page headers and 9-byte zero
+pages shift every offset, so fixed-size chunks would never match), stores each chunk it has
+not stored before, and replaces `memory` by `memory.recipe`: the stream as a list of chunk
+references.
 
     jails-system/<jname>/store/
         packs/<id>.pack          chunk data, appended by one fold, never rewritten; ranges no

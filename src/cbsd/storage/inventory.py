@@ -1,7 +1,7 @@
 """The VM inventory: one SQLite file (WAL, busy timeout), schema versioned by user_version.
 
 Only definitions and a little runtime bookkeeping live here (the QEMU pid and VNC port of the
-last start, a hint: core/vm.py); a VM's status is always derived from the live system, never
+last start, a hint: core/vm/machine.py); a VM's status is always derived from the live system, never
 read from this file. Each VM's definition is also kept beside its files (vm.json), so a lost
 or damaged inventory can be rebuilt: `cbsd bregister jname='*'` (docs/reliability.md).
 
@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.model import VMSpec
 from cbsd.errors import EnvironmentFault, StateError, UsageError
+from cbsd.model import VMSpec
 
 SCHEMA_VERSION = 2
 
@@ -179,8 +179,8 @@ class Inventory:
 
     def _spec(self, jname: str, text: str) -> VMSpec:
         """The entry's definition, checked as any definition cbsd did not just make itself
-        (core/specs.py): a damaged one is an EnvironmentFault naming the VM and the key."""
-        from cbsd.core.specs import from_untrusted
+        (cbsd/specs.py): a damaged one is an EnvironmentFault naming the VM and the key."""
+        from cbsd.specs import from_untrusted
 
         where = f"inventory {self.path}: the entry of {jname} is damaged"
         repair = f"'cbsd bregister jname={jname}' restores it from the VM's vm.json"

@@ -11,7 +11,7 @@ HIBERNATION_DIR = "hibernate.ckp"
 
 def plain(name: str, what: str) -> str:
     """*name* as one entry of a folder, or UsageError: defence in depth under every check of
-    names (core/names.py, core/specs.py), so that no name -- a VM's, a disk's, a
+    names (cbsd/names.py, cbsd/specs.py), so that no name -- a VM's, a disk's, a
     checkpoint's -- can ever make a path outside the folder it is joined to."""
     if not name or "/" in name or "\0" in name or name in (".", ".."):
         from cbsd.errors import UsageError
@@ -93,7 +93,7 @@ class Workdir:
 
     def ram_file(self, jname: str) -> Path:
         """While the VM runs with vm_ramfile=auto on a filesystem that clones: its guest RAM
-        (core/ramfile.py). Holds guest memory: owner-only."""
+        (core/vm/ramfile.py). Holds guest memory: owner-only."""
         return self.system(jname) / "ram"
 
     def store(self, jname: str) -> Path:
@@ -101,12 +101,12 @@ class Workdir:
         return self.system(jname) / "store"
 
     def current_checkpoint(self, jname: str) -> Path:
-        """While the VM runs: the checkpoint it descends from (core/tree.py)."""
+        """While the VM runs: the checkpoint it descends from (core/checkpoint/tree.py)."""
         return self.system(jname) / "current"
 
     def moving(self, jname: str) -> Path:
         """While a bmove or bmigrate of the VM is under way or cut short: its intent
-        (core/move.py, core/migrate.py); the next command on the VM settles it."""
+        (core/hosts/move.py, core/hosts/migrate.py); the next command on the VM settles it."""
         return self.system(jname) / "moving"
 
     def releasing(self, jname: str) -> Path:

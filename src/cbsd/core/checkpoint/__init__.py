@@ -1,0 +1,1 @@
+"""Checkpoints and hibernation: save, load, fold, the tree, compatibility."""

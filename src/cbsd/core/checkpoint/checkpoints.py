@@ -1,0 +1,199 @@
+"""bcheckpoint: create, list, destroy, destroyall, verify (restore is bstart checkpoint=)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cbsd.core.checkpoint import fold, load, save, tree
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
+from cbsd.core.vm.states import drop_state_and_sweep
+from cbsd.errors import CheckpointError
+from cbsd.model import Action, require
+from cbsd.names import check_name
+from cbsd.storage import ckpstore
+
+
+def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live: bool = False,
+           keep: int | None = None, progress: save.Progress | None = None) -> str:
+    """Save a checkpoint; with *keep*, then delete the oldest so that *keep* remain (only once
+    the new one is safely published)."""
+    check_name(name, "checkpoint name")
+    wd = ctx.workdir
+    with ctx.locked_vm(jname, "bcheckpoint create") as vm:
+        require(jname, vm.status(mine=True), Action.CHECKPOINT)
+        final = wd.checkpoint(jname, name)
+        replaced = _parent_of(final)
+        save.save(vm, final, name=name, kind="checkpoint", live=live,
+                  keep_running=not poweroff, progress=progress)
+        if replaced is not None:  # the old state of that name is gone: its children move up
+            tree.reparent(wd, jname, name, replaced[0])
+        if not poweroff:
+            tree.set_current(wd, jname, name)
+        removed = []
+        if keep is not None:
+            names = [ckpstore.state_name(p) for p, _ in ckpstore.list_states(wd.checkpoints(jname))]
+            for old in tree.beyond_keep(names, keep, name):
+                _drop(vm, old)
+                removed.append(old)
+        if poweroff:
+            vm.power_off()
+        dedup = vm.spec.dedup == "auto" and bool(fold.foldable(wd, jname))
+    if dedup:  # once the lock is released: the helper takes it (and gives way to commands)
+        fold.start_helper(wd, jname)
+    gone = (f"\n{jname}: keep={keep}: removed the oldest checkpoint(s): {', '.join(removed)}"
+            if removed else "")
+    return f"Checkpoint was created!: {final}{gone}"
+
+
+def _parent_of(ckdir: Path) -> tuple[str | None] | None:
+    """(parent,) of an existing, readable checkpoint; None if there is none."""
+    if not ckpstore.has_manifest(ckdir):
+        return None
+    try:
+        return (ckpstore.read_manifest(ckdir).parent,)
+    except CheckpointError:
+        return (None,)
+
+
+def _drop(vm: VM, name: str) -> None:
+    """Delete one checkpoint (lock held); its children and the VM move up to its parent."""
+    wd = vm.ctx.workdir
+    final = wd.checkpoint(vm.jname, name)
+    parent = _parent_of(final)
+    drop_state_and_sweep(vm, final)
+    tree.reparent(wd, vm.jname, name, parent[0] if parent else None)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
+    """Each checkpoint with what restore would say of it now (restorable, and why not)."""
+    from cbsd.qemu.host import machine_known
+
+    spec = ctx.spec(jname)
+    host = ctx.host
+    relevant = spec.restore_relevant()
+    out = []
+    for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
+        name = ckpstore.state_name(path)
+        try:
+            size = _size(path)
+        except FileNotFoundError:
+            continue  # destroyed while we listed
+        if m is None:
+            out.append({"name": name, "created": None, "size": size, "damaged": True,
+                        "restorable": False, "why_not": "damaged (bcheckpoint mode=verify)"})
+            continue
+        out.append({
+            "name": name,
+            "created": m.created,
+            "size": size,
+            "ram_mb": m.spec["ram"] >> 20,
+            "was_running": m.was_running,
+            "live": m.live,
+            "qemu_version": m.qemu_version,
+            "machine": m.machine,
+            "parent": m.parent,
+            # Where its RAM is: a clone of the VM's RAM file, the chunk store, or its stream.
+            "stored": "ram-file" if m.ram_file else "chunks" if m.folded else "stream",
+            "damaged": False,
+            **_restorable(load.incompatibility(m, relevant, host.accel, host.version,
+                                               lambda t: machine_known(host, t))),
+        })
+    return out
+
+
+def tree_lines(ctx: Context, jname: str, listed: list[dict[str, Any]]) -> list[str]:
+    """mode=list's text: the checkpoints as a tree, '*' at the one the running VM descends
+    from, and why a checkpoint cannot be restored now."""
+    states = [(ck["name"], ck.get("parent"),
+               " (damaged)" if ck["damaged"] else "" if ck["restorable"]
+               else f" (not restorable now: {ck['why_not']})") for ck in listed]
+    return tree.render(states, tree.current(ctx.workdir, jname))
+
+
+def _restorable(why: str | None) -> dict[str, Any]:
+    return {"restorable": why is None, "why_not": why}
+
+
+def destroy(ctx: Context, jname: str, name: str) -> str:
+    check_name(name, "checkpoint name")
+    with ctx.locked_vm(jname, "bcheckpoint destroy") as vm:
+        final = ctx.workdir.checkpoint(jname, name)
+        if not final.is_dir() or final.is_symlink():
+            raise CheckpointError(f"{jname}: no checkpoint {name}")
+        _drop(vm, name)
+    return f"{jname}: checkpoint {name} destroyed"
+
+
+def destroyall(ctx: Context, jname: str) -> str:
+    with ctx.locked_vm(jname, "bcheckpoint destroyall") as vm:
+        states = ckpstore.list_states(ctx.workdir.checkpoints(jname))
+        for path, _ in states:
+            drop_state_and_sweep(vm, path)
+        if states:
+            tree.set_current(ctx.workdir, jname, None)
+    return f"{jname}: {len(states)} checkpoint(s) destroyed"
+
+
+def verify(ctx: Context, jname: str, name: str | None = None) -> list[tuple[str, str | None]]:
+    """[(checkpoint, None if intact else what is wrong)].
+
+    Runs without the VM's lock (a long verify must not make the VM busy), so another command
+    may destroy or replace a checkpoint meanwhile. A finding counts only if the checkpoint is
+    still the one that was read (same directory, by inode) and its disk snapshots were read
+    after it was listed; otherwise that checkpoint is read again, or left out once gone."""
+    vm = VM.load(ctx, jname)
+    if name is not None:
+        check_name(name, "checkpoint name")
+        names = [name]
+    else:
+        names = [ckpstore.state_name(p)
+                 for p, _ in ckpstore.list_states(ctx.workdir.checkpoints(jname))]
+    results: list[tuple[str, str | None]] = []
+    for ck in names:
+        verdict = _verify_one(vm, ctx.workdir.checkpoint(jname, ck))
+        if verdict is _GONE:
+            if name is not None:
+                raise CheckpointError(f"{jname}: no checkpoint {name}")
+            continue
+        results.append((ck, verdict))
+    return results
+
+
+_GONE = "gone"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    from stat import S_ISDIR
+
+    return (st.st_dev, st.st_ino) if S_ISDIR(st.st_mode) else None
+
+
+def _verify_one(vm: VM, path: Path, tries: int = 3) -> str | None:
+    for _ in range(tries):
+        before = _identity(path)
+        if before is None:
+            return _GONE  # absent, a symlink or a file: no checkpoint by that name
+        present = load.disk_snapshots(vm)
+        try:
+            load.check_intact(path, ckpstore.read_manifest(path), present)
+            return None
+        except (CheckpointError, OSError) as e:
+            # A file that vanished while it was read is damage only if the checkpoint is
+            # still the one we started with.
+            if _identity(path) == before:
+                if isinstance(e, OSError):
+                    return f"{ckpstore.describe(path)} is damaged: {e.strerror or e}"
+                return str(e)
+            # Destroyed or replaced while it was read: read it again under its new identity.
+    return None if _identity(path) is None else "it kept changing while it was verified"

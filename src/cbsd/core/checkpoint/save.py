@@ -1,0 +1,415 @@
+"""Saving a VM's complete state: the engine behind checkpoints and hibernation.
+
+Save (VM On or Paused, lock held, recovery already run by Context.locked_vm):
+  1. stop the vCPUs (also with live=1), so memory and disks are taken at one instant;
+  2. an internal qcow2 snapshot of every disk (metadata only, a few ms);
+  3. QEMU migrates RAM, CPU and device state into a file we opened (fd: or an fdset, by what
+     QEMU offers), bandwidth uncapped, while a thread checksums the file as it grows (no
+     second pass). A VM whose RAM is a file (core/vm/ramfile.py) writes its device state only,
+     and its RAM file is cloned (reflink) into the state, then checksummed while it runs on;
+  4. fsync, check the disks QEMU snapshotted are the VM's files, manifest, fsync, verify,
+     rename into place; the VM is put back as it was.
+Any failure or signal undoes 1-4: disk snapshots deleted, temporary files removed, VM resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cbsd import cancel
+from cbsd.core.checkpoint import tree
+from cbsd.core.vm import ramfile
+from cbsd.core.vm.machine import VM, Image, free_bytes
+from cbsd.core.vm.pause import set_clock
+from cbsd.core.vm.recovery import INTENT
+from cbsd.core.vm.states import TAG_PREFIX, delete_tags, drop_state
+from cbsd.errors import (
+    CbsdError,
+    CheckpointError,
+    MigrationFailed,
+    NoSpaceError,
+    QemuError,
+    QmpCommandError,
+)
+from cbsd.failpoints import failpoint
+from cbsd.qemu import migration, process
+from cbsd.qemu.qmp import Monitor, open_fd_for
+from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
+from cbsd.storage import ckpstore
+from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
+from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
+
+Progress = Callable[[int, int], None]
+UNLIMITED_BANDWIDTH = 1 << 40
+WRITEBACK_CHUNK = 32 << 20  # a stream's bytes handed to writeback at once
+WRITEBACK_EVERY = 0.05  # seconds between writebacks of a mapped-ram file's dirty pages
+
+
+def _writeback_starter() -> Callable[[int, int, int], None]:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting.
+    Python's os module lacks it; without it (not Linux), fall back to doing nothing. Offsets
+    need no page alignment: the kernel rounds them to whole pages."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, off, n: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return lambda fd, off, n: fn(fd, off, n, 2)  # 2 = SYNC_FILE_RANGE_WRITE
+
+
+class _Follower(threading.Thread):
+    """Follows a file while QEMU writes its state into it and starts its writeback to disk
+    as it goes, so the disk works while QEMU still writes and the final fsync has little left
+    to do. A stream is appended in order: each new range is checksummed as it arrives. A
+    mapped-ram file (*scattered*) is written at many offsets by several threads at once: its
+    dirty pages are handed to writeback every WRITEBACK_EVERY seconds, and it is checksummed
+    once QEMU is done (from the page cache). Without this a mapped-ram save of a 1 GiB guest
+    flushed all of it after QEMU finished (docs/benchmarks.md, "Checkpoint engine v2")."""
+
+    def __init__(self, path: Path, *, scattered: bool = False) -> None:
+        super().__init__(daemon=True)
+        import xxhash
+
+        self._path, self._scattered = path, scattered
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._hash = xxhash.xxh3_128()
+        self._writeback = _writeback_starter()
+        self._flushed = 0
+        self._writer_done = threading.Event()
+        self._abort = threading.Event()
+        self.size = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self._scattered:
+                while not self._writer_done.wait(WRITEBACK_EVERY):
+                    self._writeback(self._fd, 0, 0)  # 0 bytes: to the end of the file
+                return
+            while not self._abort.is_set():
+                chunk = os.read(self._fd, ckpstore.CHUNK)
+                if chunk:
+                    self._hash.update(chunk)
+                    self.size += len(chunk)
+                    if self.size - self._flushed >= WRITEBACK_CHUNK:
+                        self._writeback(self._fd, self._flushed, self.size - self._flushed)
+                        self._flushed = self.size
+                elif self._writer_done.is_set():
+                    return
+                else:
+                    time.sleep(0.002)
+        except BaseException as e:  # reported by finish()
+            self.error = e
+        finally:
+            os.close(self._fd)
+
+    def finish(self) -> tuple[int, str]:
+        self._writer_done.set()
+        self.join()
+        if self.error:
+            raise self.error
+        if self._scattered:
+            return ckpstore.digest_file(self._path)
+        return self.size, self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        self._abort.set()
+        self._writer_done.set()
+        self.join()
+
+
+def put_back(mon: Monitor, was_running: bool) -> None:
+    """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
+    'postmigrate' with its disks inactive; 'cont' reactivates them (probed, not assumed)."""
+    # QEMU reports the migration completed (or failed) a moment before its migration thread
+    # leaves 'finish-migrate' for 'postmigrate'; a 'cont' sent in between is undone by it.
+    deadline = time.monotonic() + 10
+    while (state := mon.status()) == RunState.FINISH_MIGRATE and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if was_running:
+        if state != RunState.RUNNING:
+            mon.cmd("cont")
+    elif state == RunState.POSTMIGRATE and not migration.activate_disks(mon):
+        # QEMU 7.2 has no way to reactivate disks without running the vCPUs: the guest runs
+        # for one QMP round trip (~0.5 ms). Sending 'stop' without awaiting 'cont' is no
+        # way out: QEMU then asserts on a write to a still-inactive disk.
+        mon.cmd("cont")
+        mon.cmd("stop")
+
+
+def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> str | None:
+    """After put_back ran a guest this save had stopped: its clock stood still meanwhile
+    (~0.4 s for a small guest, seconds for a large one written without live=1). Returns the
+    agentless note, printed only once the save has succeeded."""
+    if stopped is not None and mon.running():
+        return set_clock(mon, vm.jname, str(vm.ctx.workdir.system(vm.jname)),
+                         time.monotonic() - stopped)
+    return None
+
+
+def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
+         keep_running: bool = True, progress: Progress | None = None) -> Manifest:
+    """Write the VM's complete state to *final* (replacing an older one only once complete).
+    The caller holds the VM's lock, under which recovery already ran.
+
+    keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mon = vm.monitor()
+    caps = migration.capabilities(mon)
+    # Guest RAM in a file: the stream carries device state only, RAM is cloned (metadata).
+    ram_file = vm.uses_ram_file() and "x-ignore-shared" in caps
+    if not ram_file:
+        _check_space(vm, final.parent)
+    elif keep_running:
+        ramfile.admit_checkpoint(vm)
+    tmp = ckpstore.new_tmpdir(final)
+    tags: list[tuple[Image, str]] = []
+    follower: _Follower | None = None
+    was_running = mon.running()
+    stopped: float | None = None  # when this save stopped the vCPUs (time.monotonic())
+    clock_note: str | None = None  # printed once the save succeeded
+    live = live and was_running
+    agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
+    try:
+        (tmp / INTENT).write_text("running" if was_running else "paused")
+        # With a RAM file, live=1 needs no background snapshot: the guest stops only while its
+        # device state is written and its RAM cloned.
+        _set_migration(mon, caps, live and not ram_file)
+        migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
+        # Not for checkpoints that will be folded into the chunk store (a folded stream is
+        # fed back through a pipe; mapped-ram loads only from a file). A mapped-ram save is
+        # never cancelled, only waited out (see _end_migration).
+        mapped = ((kind == "hibernation" or vm.spec.dedup == "off")
+                  and migration.mapped_ram_usable(caps, live=live, ram_file=ram_file))
+        migration.use_mapped_ram(mon, caps, mapped)
+        if ram_file and was_running:
+            ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now
+        # Disk and memory must be of the same instant: freeze first, even for live=1
+        # (background-snapshot records memory as of its start, then resumes the guest).
+        if was_running:
+            mon.cmd("stop")
+            stopped = time.monotonic()
+        failpoint("save:stopped")
+        for image in vm.images():
+            tag = f"{TAG_PREFIX}{name}-{os.urandom(6).hex()}"
+            mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
+            tags.append((image, tag))
+        failpoint("save:snapshotted")
+        memfile = tmp / ckpstore.MEMORY
+        fd = open_fd_for(memfile, write=True)
+        direct = None
+        try:
+            # A mapped-ram file is written at many offsets at once (scattered).
+            follower = _Follower(memfile, scattered=mapped)
+            follower.start()
+            if mapped:
+                if migration.direct_io_usable(mon, memfile):
+                    direct = migration.open_direct(memfile, write=True)
+                migration.use_direct_io(mon, direct is not None)
+            channel = migration.attach(mon, fd, "cbsd-save", caps, direct)
+        finally:
+            os.close(fd)
+            if direct is not None:
+                os.close(direct)
+        started = time.monotonic()
+        mon.cmd("migrate", uri=channel.uri)
+        failpoint("save:migrating")
+        info = mon.wait_migration(progress=_ram_progress(progress))
+        migration.detach(mon, channel)
+        if progress is not None:
+            total = int(info.get("ram", {}).get("total", 1))
+            progress(total, total)  # done: lets a progress bar finish and go away
+        elapsed = time.monotonic() - started
+        size, digest = follower.finish()
+        follower = None
+        fsync_path(memfile)
+        if ram_file:
+            ramfile.clone_for_checkpoint(vm, tmp / ckpstore.RAM, stays_running=keep_running)
+        failpoint("save:saved")
+        _disks_in_place(vm)
+        if keep_running:
+            put_back(mon, was_running)
+            clock_note = _set_clock(vm, mon, stopped)
+            stopped = None  # accounted for: a later failure's rollback has no stop to report
+        (tmp / INTENT).unlink()
+        files = {ckpstore.MEMORY: FileEntry(size, digest)}
+        if ram_file:  # checksummed while the guest runs on: the clone no longer changes
+            files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
+        manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
+        manifest.agent = agent
+        if mapped:  # the load must switch on the same capabilities
+            manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
+            manifest.migration[migration.DIRECT_IO] = direct is not None  # for the record
+        manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
+        ckpstore.save_manifest(manifest, tmp)
+        fsync_dir(tmp)
+        _verify_written(tmp, files)
+        failpoint("save:verified")
+        cancel.check()  # last moment a cancel rolls back; once published, it stands
+        old = ckpstore.publish(tmp, final)
+    except BaseException as e:
+        if follower is not None:
+            with contextlib.suppress(Exception):
+                follower.abandon()
+        _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
+        with contextlib.suppress(CbsdError, OSError):
+            _set_clock(vm, mon, stopped)  # its note is not printed: the error is the line
+        error = _save_error(vm, e, kind, name)
+        if error is e:
+            raise
+        raise error from e
+    failpoint("save:published")
+    if old is not None:
+        try:
+            drop_state(vm, old)
+        except CbsdError as e:
+            raise CbsdError(f"{vm.jname}: the {kind} {name} was saved, but the one it replaced "
+                            f"could not be deleted ({e}); the next command retries") from e
+    if clock_note:
+        print(clock_note, file=sys.stderr, flush=True)
+    return manifest
+
+
+def _save_error(vm: VM, e: BaseException, kind: str, name: str) -> BaseException:
+    """What a failed save reports (after the rollback)."""
+    unexpected = not isinstance(e, CbsdError | KeyboardInterrupt)
+    if (unexpected or isinstance(e, QemuError)) and not vm.alive():
+        detail = f" ({e})" if unexpected else ""
+        return QemuError(f"{vm.jname}: QEMU exited while the {kind} was being written"
+                         f"{detail}; the VM is Off")
+    if isinstance(e, OSError):
+        return os_error(e, f"{vm.jname}: cannot write {kind} {name}")
+    if isinstance(e, MigrationFailed) and e.no_space:
+        return NoSpaceError(f"{vm.jname}: cannot write {kind} {name}: no space left on device")
+    return e
+
+
+def _disks_in_place(vm: VM) -> None:
+    """The disk files QEMU wrote the snapshots into are the VM's own: a disk moved or deleted
+    under a running QEMU keeps being written through QEMU's open file, and a checkpoint of it
+    could never be restored."""
+    held = process.open_files(vm.pid)
+    for disk in (image.path for image in vm.images()):
+        try:
+            st = os.stat(disk)
+        except OSError:
+            raise CheckpointError(f"{vm.jname}: disk {disk} is gone (moved or deleted while "
+                                  "the VM runs): a checkpoint of it could not be restored")
+        if held is not None and (st.st_dev, st.st_ino) not in held:
+            raise CheckpointError(f"{vm.jname}: disk {disk} is not the file QEMU has open "
+                                  "(replaced while the VM runs): a checkpoint of it could not "
+                                  "be restored")
+
+
+def _set_migration(mon: Monitor, caps: frozenset[str], live: bool) -> None:
+    if live and "background-snapshot" not in caps:
+        raise CbsdError(f"{mon.jname}: live=1 needs QEMU's background-snapshot, which this "
+                        "QEMU lacks")
+    if "background-snapshot" in caps:
+        try:
+            mon.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "background-snapshot", "state": live}])
+        except QmpCommandError as e:
+            raise CbsdError(f"{mon.jname}: live=1 is not supported on this host "
+                            f"({e.desc})") from e
+    mon.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BANDWIDTH})
+
+
+def _check_space(vm: VM, directory: Path) -> None:
+    """Refuse before writing when the state clearly cannot fit (RSS bounds the stream size)."""
+    need = min(process.resident_bytes(vm.pid), vm.spec.ram) + (4 << 20)
+    free = free_bytes(directory)
+    if free < need:
+        raise NoSpaceError(f"{vm.jname}: no space left on device for the saved state: about "
+                           f"{need >> 20} MiB needed, {free >> 20} MiB free in {directory}")
+
+
+def _ram_progress(progress: Progress | None) -> Callable[[dict[str, Any]], None] | None:
+    if progress is None:
+        return None
+    return lambda ram: progress(max(0, ram["total"] - ram["remaining"]), ram["total"])
+
+
+def _verify_written(tmp: Path, files: dict[str, FileEntry]) -> None:
+    """What we publish must read back as what we checksummed and sealed."""
+    m = ckpstore.read_manifest(tmp)
+    for fname, entry in files.items():
+        actual = (tmp / fname).stat().st_size
+        if actual != entry.size or m.files.get(fname) != entry:
+            raise CheckpointError(f"verification failed: {fname} file has {actual} bytes, "
+                                  f"checksummed {entry.size}")
+
+
+def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
+              was_running: bool, *, wait_out: bool = False) -> None:
+    """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
+    was conditional on success). Every step is attempted even if an earlier one fails."""
+    if vm.alive():
+        with contextlib.suppress(CbsdError, OSError):
+            _end_migration(mon, wait_out=wait_out)
+        with contextlib.suppress(CbsdError, OSError):
+            put_back(mon, was_running)
+    try:
+        # Offline (qemu-img) when QEMU is gone: its lock on the image went with it.
+        delete_tags(vm, tags)
+    except (CbsdError, OSError):
+        return  # keep tmp: it tells the next command to sweep the orphaned disk snapshots
+    remove_tree(tmp)
+
+
+# How long a mapped-ram save is waited out before it is cancelled after all: such a save of a
+# stopped guest to a local file ends in seconds (1 GiB in ~0.3 s here); only a wedged disk
+# takes longer, and then a QEMU that may crash is better than a command that never returns.
+WAIT_OUT_S = 120.0
+
+
+def _end_migration(mon: Monitor, *, wait_out: bool = False) -> None:
+    """Stop an outgoing migration still in progress. *wait_out*: let it finish (its file is
+    discarded by the caller) instead of cancelling it. QEMU 10.0 can crash when a mapped-ram +
+    multifd save is cancelled: a multifd sender thread still marks pages in the RAM block's
+    file bitmap that the cancel's cleanup has already freed (segfault in `mig/src/send_N`;
+    here about 1 in 10 cancelled hibernations with a cold page cache, docs/checkpoints.md)."""
+    if mon.cmd("query-migrate").get("status") not in IN_PROGRESS:
+        return
+    if wait_out and _ended_within(mon, WAIT_OUT_S, 0.005):
+        return
+    mon.cmd("migrate_cancel")
+    _ended_within(mon, 10, 0.01)
+
+
+def _ended_within(mon: Monitor, seconds: float, poll: float) -> bool:
+    """Whether the outgoing migration ends (completed, failed, cancelled) within *seconds*."""
+    deadline = time.monotonic() + seconds
+    while mon.cmd("query-migrate").get("status") not in ENDED:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
+              tags: list[tuple[Image, str]], files: dict[str, FileEntry], info: dict[str, Any],
+              elapsed: float) -> Manifest:
+    created, ts = ckpstore.now_iso()
+    host = vm.ctx.host
+    ram = info.get("ram", {})
+    return Manifest(
+        kind=kind, name=name, jname=vm.jname, created=created, created_ts=ts,
+        qemu_version=host.version, accel=host.accel, machine=vm.spec.machine,
+        spec=vm.spec.to_dict(), restore_relevant=vm.spec.restore_relevant(),
+        argv=vm.argv(incoming=True, ram_file=ckpstore.RAM in files),
+        was_running=was_running, live=live,
+        disk_snapshots=[DiskSnapshot(image.name, t) for image, t in tags],
+        files=files,
+        migration={"seconds": round(elapsed, 4), "ram_total": ram.get("total"),
+                   "transferred": ram.get("transferred")},
+    )

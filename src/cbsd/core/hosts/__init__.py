@@ -1,0 +1,1 @@
+"""Other hosts: nodes, bexport/bimport archives and staging, bmove, bmigrate."""

@@ -1,0 +1,1 @@
+"""Managing VMs: the lifecycle, settings, disks, cloud-init seeds, listings."""

@@ -1,0 +1,80 @@
+"""What every command works with: the workdir, the inventory, the host's QEMU, name resolution.
+
+A command that only reads (bls, bcheckpoint mode=list|verify) opens the context with
+``writable=False``: it creates nothing, changes no mode and writes nothing, so it works on a
+read-only or full workdir, and on one that does not exist yet (no VMs)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from cbsd.core.vm import recovery
+from cbsd.core.vm.lock import VMLock
+from cbsd.core.vm.machine import VM
+from cbsd.errors import NoSuchVM
+from cbsd.model import VMSpec
+from cbsd.names import check_mask, is_mask, match_mask
+from cbsd.storage.inventory import Inventory
+from cbsd.storage.paths import Workdir, default_workdir
+
+if TYPE_CHECKING:
+    from cbsd.qemu.host import Host
+
+
+class Context:
+    def __init__(self, workdir: Workdir | None = None, *, writable: bool = True) -> None:
+        self.workdir = workdir or Workdir(default_workdir())
+        self.writable = writable
+        if writable:
+            self.workdir.ensure()
+
+    @functools.cached_property
+    def inventory(self) -> Inventory:
+        return Inventory(self.workdir.inventory, readonly=not self.writable)
+
+    @property
+    def host(self) -> Host:
+        from cbsd.qemu.host import probe  # lazy: commands that never launch QEMU skip it
+
+        return probe(self.workdir.inventory.parent / "host-cache.json")
+
+    def spec(self, jname: str) -> VMSpec:
+        spec = self.inventory.get(jname)
+        if spec is None:
+            raise NoSuchVM(f"No such VM: {jname}")
+        return spec
+
+    def resolve(self, masks: list[str], *, may_be_empty: bool = False) -> list[str]:
+        """Expand names and masks to VM names (each once, in the order given, masks sorted).
+        A mask that matches nothing is an error, unless the caller narrows the result further
+        anyway (*may_be_empty*: host boot/shutdown selections, where no VM is no error)."""
+        names = self.inventory.names()
+        found: list[str] = []
+        for mask in masks:
+            check_mask(mask)
+            hits = match_mask(mask, names) if is_mask(mask) else [mask] if mask in names else []
+            if not hits and not (may_be_empty and is_mask(mask)):
+                raise NoSuchVM(f"No VM matches the mask: {mask}" if is_mask(mask)
+                               else f"No such VM: {mask}")
+            found += [h for h in hits if h not in found]
+        return found
+
+    def lock(self, jname: str, what: str, wait: float = 0.0) -> VMLock:
+        return VMLock(self.workdir.lock_file(jname), jname, what).acquire(wait)
+
+    @contextmanager
+    def locked_vm(self, jname: str, what: str, *, recover: bool = True) -> Iterator[VM]:
+        """The VM under its lock, with whatever an interrupted command left cleared first
+        (recover=False: the caller runs recovery itself, e.g. after ending a wedged QEMU)."""
+        with self.lock(jname, what) as lock:
+            vm = VM.load(self, jname)
+            vm.died = lock.died
+            try:
+                if recover:
+                    recovery.recover(vm, lock.died)
+                yield vm
+            finally:
+                vm.close()

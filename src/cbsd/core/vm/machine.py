@@ -1,0 +1,369 @@
+"""One VM at run time: its QEMU process, its monitor, and its status derived from reality.
+
+Which QEMU is this VM's: the live process whose command line carries the VM's QMP socket path.
+The inventory records its pid when cbsd starts it, but that record is only a hint: QEMU's own
+pid file (written as it starts) is read when the hint is stale, and recovery scans every
+process after a command died (core/vm/recovery.py), so a QEMU is never lost because the command
+that launched it was killed before it could record it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from cbsd import debug
+from cbsd.core.vm.lock import is_held
+from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
+from cbsd.model import Status, VMSpec
+from cbsd.qemu import img, process
+from cbsd.qemu.argv import RuntimePaths, build_argv
+from cbsd.qemu.network import tap_name
+from cbsd.qemu.qmp import Monitor
+from cbsd.qemu.runstate import RunState
+
+if TYPE_CHECKING:
+    from cbsd.core.vm.site import Site
+
+# Without the VM's lock (bls, status), a monitor that does not answer within this is reported
+# as such instead of holding up the listing; QEMU answers in about a millisecond.
+PROBE_TIMEOUT = 1.0
+# 'quit' gets this long before a power-off falls back to SIGKILL (a wedged QEMU never answers).
+QUIT_TIMEOUT = 3.0
+
+
+class Image(NamedTuple):
+    """A qcow2 image of the VM that checkpoints snapshot: a disk, or the UEFI variable store."""
+
+    name: str  # its file name under vm/<jname>/ (what manifests record)
+    node: str  # QEMU's block node name
+    path: str
+
+
+EFI_VARS = "efivars.qcow2"
+
+
+class VM:
+    def __init__(self, ctx: Site, spec: VMSpec,
+                 runtime: tuple[int, int] | None = None) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.jname = spec.jname
+        wd = ctx.workdir
+        self.paths = RuntimePaths(
+            disks=tuple(str(wd.disk(self.jname, d)) for d in spec.disks),
+            qmp_sock=str(wd.qmp_sock(self.jname)),
+            console_sock=str(wd.console_sock(self.jname)),
+            console_log=str(wd.console_log(self.jname)),
+            pidfile=str(wd.pidfile(self.jname)),
+            qemu_log=str(wd.qemu_log(self.jname)),
+            qga_sock=str(wd.qga_sock(self.jname)),
+            seed=str(wd.seed(self.jname)),
+            efi_vars=str(wd.disk(self.jname, EFI_VARS)) if spec.efi == "uefi" else "",
+            tap=tap_name(wd.root, self.jname) if spec.nic == "bridge" else "",
+            ifup=str(wd.system(self.jname) / "ifup") if spec.nic == "bridge" else "",
+        )
+        self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
+        self.recorded_pid = self.pid  # what the inventory says (self.pid may be found later)
+        self._mon: Monitor | None = None
+        self.unresponsive = ""  # why the monitor did not answer a status probe
+        self.died = ""  # VMLock.died of the lock this command holds on the VM
+
+    @classmethod
+    def load(cls, ctx: Site, jname: str) -> VM:
+        return cls(ctx, ctx.spec(jname))
+
+    def images(self) -> list[Image]:
+        """Every image a checkpoint snapshots, in a fixed order: the disks, then the UEFI
+        variable store (its contents change with the guest's boot settings)."""
+        out = [Image(name, f"disk{i}", path)
+               for i, (name, path) in enumerate(zip(self.spec.disks, self.paths.disks,
+                                                    strict=True))]
+        if self.paths.efi_vars:
+            out.append(Image(EFI_VARS, "efi-vars", self.paths.efi_vars))
+        return out
+
+    # --- process --------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        if process.alive(self.pid, self.paths.qmp_sock):
+            return True
+        pid = process.read_pidfile(self.paths.pidfile)
+        if pid and pid != self.pid and process.alive(pid, self.paths.qmp_sock):
+            self.pid = pid  # a launch whose pid never reached the inventory
+            return True
+        return False
+
+    def adopt(self) -> None:
+        """Record a QEMU found running (lock held): its pid and VNC port, its files tightened."""
+        self._owner_only()
+        if self.spec.vnc:
+            with contextlib.suppress(QemuError):
+                self.vnc_port = int(self.monitor(timeout=PROBE_TIMEOUT).cmd("query-vnc")
+                                    .get("service", 0))
+            self.close()  # the command's own session gets the normal timeouts
+        self._record(self.pid, self.vnc_port)
+
+    def probe_state(self) -> RunState | None:
+        """QEMU's run state if it answers within PROBE_TIMEOUT, else None (no QEMU, or one
+        that does not answer)."""
+        if not self.alive():
+            return None
+        try:
+            return RunState.parse(self.monitor(timeout=PROBE_TIMEOUT).status())
+        except QemuError:
+            return None
+        finally:
+            self.close()
+
+    def monitor(self, timeout: float | None = None) -> Monitor:
+        """The VM's QMP session, opened once and shared by everything this command does (a
+        session costs a connect and a capabilities negotiation)."""
+        if self._mon is None or self._mon.closed:
+            self._mon = (Monitor(Path(self.paths.qmp_sock), self.jname) if timeout is None
+                         else Monitor(Path(self.paths.qmp_sock), self.jname, timeout=timeout,
+                                      connect_timeout=timeout))
+        return self._mon
+
+    def close(self) -> None:
+        """Close the VM's session (done when the VM's lock is released, or its QEMU ends)."""
+        if self._mon is not None:
+            self._mon.close()
+            self._mon = None
+
+    def argv(self, *, incoming: bool = False, paused: bool = False,
+             ram_file: bool = False) -> list[str]:
+        import dataclasses
+
+        host = self.ctx.host
+        paths = self.paths
+        if paths.efi_vars:
+            code = host.ovmf_code_for(qcow2_virtual_size(paths.efi_vars))
+            if code is None:
+                raise QemuError(f"{self.jname}: no UEFI firmware on this host matches its "
+                                "variable store: apt-get install ovmf")
+            paths = dataclasses.replace(paths, efi_code=code)
+        if ram_file:
+            paths = dataclasses.replace(paths, ram_file=str(self.ram_path))
+        return build_argv(self.spec, host, paths, incoming=incoming, start_paused=paused)
+
+    @property
+    def ram_path(self) -> Path:
+        return self.ctx.workdir.ram_file(self.jname)
+
+    def uses_ram_file(self) -> bool:
+        """Whether the running QEMU keeps guest RAM in the VM's RAM file (asked of the process,
+        not of the settings, which may have changed since it started)."""
+        from cbsd.qemu.argv import RAM_FILE_OPTION
+
+        return RAM_FILE_OPTION in process.cmdline(self.pid)
+
+    def launch(self, *, ram_file: bool, incoming: bool = False,
+               paused: bool = False) -> Monitor:
+        """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
+        *ram_file*: guest RAM in the VM's RAM file, which is in place (core/vm/ramfile.py:
+        fresh() or place() put it there; a failed launch removes it)."""
+        from cbsd.failpoints import failpoint
+
+        self.ctx.workdir.ensure_vm(self.jname)
+        try:
+            self.check_images()  # QEMU runs as root: no image may make it open another file
+            if self.spec.nic == "bridge":
+                self._prepare_bridge()
+            for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
+                Path(sock).unlink(missing_ok=True)
+            self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
+                                                ram_file=ram_file),
+                                      Path(self.paths.pidfile), Path(self.paths.qemu_log))
+            failpoint("launch:started")
+            try:
+                self._owner_only()
+                self.close()  # a session to an earlier QEMU of this VM is dead
+                mon = self.monitor()
+                if self.spec.vnc and self.spec.vnc_password:
+                    mon.cmd("set_password", protocol="vnc", password=self.spec.vnc_password)
+                self.vnc_port = int(mon.cmd("query-vnc").get("service", 0)) \
+                    if self.spec.vnc else 0
+            except BaseException:
+                self.kill()
+                raise
+        except BaseException:
+            # The RAM file (new, or a restore's clone placed before the launch) is not held
+            # by a VM that is Off: a refused or failed launch leaves none behind.
+            if not self.alive():
+                self.ram_path.unlink(missing_ok=True)
+            raise
+        self._record(self.pid, self.vnc_port)
+        return mon
+
+    def check_images(self) -> None:
+        """Every image of the VM (its disks, its UEFI variable store) is a qcow2 whose header
+        names no other file: before every launch and clone (the header only: no qemu-img)."""
+        for image in self.images():
+            try:
+                img.check_header(Path(image.path), f"{self.jname}: {image.name}")
+            except UsageError as e:
+                raise StateError(str(e)) from None
+
+    def _prepare_bridge(self) -> None:
+        """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
+        from cbsd.qemu import network
+
+        wd = self.ctx.workdir
+        bridge = self.spec.interface or network.MANAGED
+        if not self.spec.interface:
+            with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30):
+                network.ensure_managed(wd.run_dir, wd.inventory.parent)
+        elif not network.bridge_exists(bridge):
+            raise QemuError(f"{self.jname}: interface={bridge}: no such bridge on this host "
+                          f"(create it, e.g. 'ip link add {bridge} type bridge', or leave "
+                          "interface= empty for cbsd's own network cbsd0)")
+        network.write_ifup(Path(self.paths.ifup), bridge)
+
+    def _record(self, pid: int, vnc_port: int) -> None:
+        """Note the pid in the inventory. Only a hint (see the module's docstring), so a full
+        disk that refuses the write must not fail the command that started or ended QEMU."""
+        import sqlite3
+
+        try:
+            self.ctx.inventory.set_runtime(self.jname, pid, vnc_port)
+            self.recorded_pid = pid
+        except (sqlite3.OperationalError, EnvironmentFault) as e:
+            if debug.ON:
+                debug.log("inventory", f"{self.jname}: pid not recorded: {e}")
+
+    def _owner_only(self) -> None:
+        """QEMU's -daemonize sets its umask to 027, so its sockets and logs come out group-
+        readable. The 0700 directory already shuts others out; tighten the files too."""
+        for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.console_log,
+                  self.paths.qemu_log, self.paths.pidfile, self.paths.qga_sock,
+                  str(self.ram_path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(p, 0o600)
+
+    def kill(self) -> None:
+        """Power off hard, now, and wait for the process to go."""
+        process.kill(self.pid, self.paths.qmp_sock, signal.SIGKILL)
+        if not process.wait_gone(self.pid, self.paths.qmp_sock, 10):
+            raise QemuError(f"{self.jname}: QEMU (pid {self.pid}) did not exit after SIGKILL")
+        self.forget_process()
+
+    def power_off(self) -> None:
+        """Power off now, through QEMU's 'quit' so disk images are flushed; SIGKILL if QEMU
+        does not answer or end within QUIT_TIMEOUT (a wedged or stopped QEMU)."""
+        try:
+            mon = self.monitor(timeout=QUIT_TIMEOUT)
+            mon.timeout = QUIT_TIMEOUT
+            mon.cmd("quit")
+        except QemuError as e:
+            if debug.ON:
+                debug.log("proc", f"{self.jname}: quit failed ({e}): SIGKILL")
+        if process.wait_gone(self.pid, self.paths.qmp_sock, QUIT_TIMEOUT):
+            self.forget_process()
+        else:
+            self.kill()
+
+    def forget_process(self) -> None:
+        self.close()
+        self.pid = 0
+        self.vnc_port = 0
+        self._record(0, 0)
+        for p in (self.paths.qmp_sock, self.paths.console_sock, self.paths.pidfile,
+                  self.paths.qga_sock, str(self.ctx.workdir.agent_state(self.jname)),
+                  str(self.ctx.workdir.current_checkpoint(self.jname)), str(self.ram_path)):
+            Path(p).unlink(missing_ok=True)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self, *, mine: bool = False) -> Status:
+        """The truth right now. *mine*: the caller holds the VM's lock (not Maintenance then)."""
+        if not mine and is_held(self.ctx.workdir.lock_file(self.jname)):
+            return Status.MAINTENANCE
+        if self.alive():
+            try:
+                mon = self.monitor() if mine else self.monitor(timeout=PROBE_TIMEOUT)
+                return Status.ON if mon.running() else Status.PAUSED
+            except QemuError as e:
+                # Alive but not answering (starting up, or wedged): it is not Off.
+                self.unresponsive = str(e)
+                return Status.ON if self.alive() else self._status_off()
+            finally:
+                if not mine:
+                    # Without the VM's lock, never keep QMP: it serves one client at a time,
+                    # and the command that takes the lock next needs it.
+                    self.close()
+        return self._status_off()
+
+    def _status_off(self) -> Status:
+        from cbsd.storage.ckpstore import has_manifest
+
+        if has_manifest(self.ctx.workdir.hibernation(self.jname)):
+            return Status.SUSPENDED
+        return Status.OFF
+
+    # --- guest agent ----------------------------------------------------------------------
+
+    def agent_listening(self) -> bool:
+        """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the
+        guest opened org.qemu.guest_agent.0), asked of QEMU, not of the guest: instant."""
+        from cbsd.qemu import agent
+
+        return self.spec.guest_agent and agent.listening(self.monitor())
+
+    def tend_agent(self, *, settime: bool, seconds: float) -> None:
+        """Start the detached helper that waits for the agent (and sets the clock)."""
+        from cbsd.qemu import agent
+
+        agent.start_helper(self.paths.qga_sock, self.ctx.workdir.agent_state(self.jname),
+                           seconds, settime)
+
+    def agent_ip4(self) -> str | None:
+        """The guest's address: as its agent reports it, or as cbsd0's DHCP server leased it."""
+        from cbsd.qemu.agent import read_state
+
+        addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
+        if addresses:
+            return str(addresses[0])
+        if self.spec.nic == "bridge" and not self.spec.interface and self.spec.mac:
+            from cbsd.qemu.network import lease_ip
+
+            return lease_ip(self.ctx.workdir.inventory.parent, self.spec.mac)
+        return None
+
+    def rss_and_cpu(self) -> tuple[int, float]:
+        """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
+        return process.resident_bytes(self.pid) >> 20, process.cpu_percent(self.pid)
+
+
+def qcow2_virtual_size(qcow2: str) -> int:
+    """A qcow2 image's virtual size from its header (bytes 24-31, big-endian): no qemu-img
+    call, and it works while QEMU holds the image."""
+    try:
+        with open(qcow2, "rb") as f:
+            header = f.read(32)
+    except OSError:
+        return 0
+    return int.from_bytes(header[24:32], "big") if header[:4] == b"QFI\xfb" else 0
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def adopt_lost_qemu(vm: VM, *, scan: bool) -> None:
+    """A QEMU this VM's command line names but the inventory does not: a command killed after
+    QEMU started and before it recorded the pid. Found through QEMU's pid file (VM.alive
+    already looks there), or, after a command died, through every process's argv."""
+    if not vm.alive() and scan:
+        pid = process.find_by_marker(vm.paths.qmp_sock)
+        if pid:
+            vm.pid = pid
+    if vm.pid and vm.pid != vm.recorded_pid and vm.alive():
+        if debug.ON:
+            debug.log("recover", f"{vm.jname}: adopting QEMU pid {vm.pid} "
+                      f"(recorded {vm.recorded_pid})")
+        vm.adopt()

@@ -1,0 +1,182 @@
+"""The VM model: its specification, its status, and which status each action needs.
+
+The status is never stored: it is derived from what is true right now (a live QEMU process and
+what it reports, a hibernation image on disk, a lock held by another cbsd command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from cbsd.errors import StateError
+
+# bls columns (contract section 3), in their default order.
+BLS_COLUMNS = ("jname", "jid", "vm_ram", "vm_curmem", "vm_cpus", "pcpu", "vm_os_type", "ip4_addr",
+               "status", "vnc_port")
+
+# The values a definition's enumerated settings take: bcreate's keys (cli/table.py) and every
+# definition from outside (cbsd/specs.py) check against these same tuples.
+OS_TYPES = ("linux", "freebsd", "windows", "other")
+NICS = ("user", "bridge", "none")
+EFI_MODES = ("none", "uefi")
+AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup
+MAX_CPUS = 255
+
+
+class Status(enum.Enum):
+    ON = "On"
+    OFF = "Off"
+    PAUSED = "Paused"
+    SUSPENDED = "Suspended"
+    MAINTENANCE = "Maintenance"
+
+
+class Action(enum.Enum):
+    START = "start"
+    RESTORE = "start from a checkpoint"
+    STOP = "stop"
+    PAUSE = "pause"
+    RESUME = "resume"
+    CHECKPOINT = "checkpoint"
+    SUSPEND = "hibernate"
+    DISCARD = "discard the hibernation image of"
+    LOGIN = "attach to the console of"
+    CONFIGURE = "change the settings of"
+    RENAME = "rename"
+    CLONE = "clone"
+    DISKS = "attach or detach disks of"
+    EXPORT = "export"
+    MIGRATE = "migrate live"
+
+
+_RUNNING = {Status.ON, Status.PAUSED}
+ALLOWED: dict[Action, set[Status]] = {
+    Action.START: {Status.OFF, Status.SUSPENDED},
+    Action.RESTORE: {Status.OFF},
+    Action.STOP: _RUNNING,
+    Action.PAUSE: {Status.ON},
+    Action.RESUME: {Status.PAUSED},
+    Action.CHECKPOINT: _RUNNING,
+    Action.SUSPEND: _RUNNING,
+    Action.DISCARD: {Status.SUSPENDED},
+    Action.LOGIN: _RUNNING,
+    Action.CONFIGURE: {Status.OFF},
+    Action.RENAME: {Status.OFF},
+    Action.CLONE: {Status.OFF},
+    Action.DISKS: {Status.OFF},
+    Action.EXPORT: {Status.OFF, Status.SUSPENDED},
+    Action.MIGRATE: _RUNNING,
+}
+
+# Messages users know from CBSD come first; the rest say what state blocks what.
+_WHY = {
+    (Action.START, Status.ON): "already running",
+    (Action.START, Status.PAUSED): "already running (paused)",
+    (Action.RESTORE, Status.ON): "is running: stop it before restoring a checkpoint",
+    (Action.RESTORE, Status.PAUSED): "is running (paused): stop it before restoring a checkpoint",
+    (Action.RESTORE, Status.SUSPENDED): (
+        "is hibernated: resume it with bstart or drop the image with "
+        "'bsuspend mode=discard' before restoring a checkpoint"
+    ),
+    (Action.CONFIGURE, Status.ON): "is running: stop it first (cbsd bstop), then change it",
+    (Action.CONFIGURE, Status.PAUSED): "is running (paused): stop it first (cbsd bstop)",
+    (Action.CONFIGURE, Status.SUSPENDED): (
+        "is hibernated: resume and stop it (bstart, bstop), or drop the image with "
+        "'bsuspend mode=discard', before changing it"
+    ),
+    (Action.EXPORT, Status.ON): ("is running: stop it, or let the export hibernate it first "
+                                 "(suspend=1)"),
+    (Action.EXPORT, Status.PAUSED): ("is running (paused): stop it, or let the export "
+                                     "hibernate it first (suspend=1)"),
+    (Action.STOP, Status.SUSPENDED): (
+        "is hibernated: 'bstop' would throw its saved state away; "
+        "use 'bsuspend mode=discard' to drop it, or 'bstart' to resume it"
+    ),
+}
+
+
+def require(jname: str, status: Status, action: Action) -> None:
+    """Raise StateError unless *action* may run on a VM in *status*."""
+    if status in ALLOWED[action]:
+        return
+    why = _WHY.get((action, status))
+    if why is None:
+        why = f"is {status.value}: cannot {action.value} it"
+    raise StateError(f"{jname}: {why}")
+
+
+@dataclasses.dataclass
+class VMSpec:
+    """Everything needed to run a VM; stored in the inventory and in each checkpoint."""
+
+    jname: str
+    ram: int  # bytes
+    cpus: int = 1
+    os_type: str = "linux"
+    machine: str = "pc"  # resolved to a versioned type (pc-i440fx-X.Y) at bcreate
+    disks: list[str] = dataclasses.field(default_factory=list)  # file names under vm/<jname>/
+    iso: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    vnc: bool = False
+    vnc_password: str | None = None
+    vnc_bind: str = "127.0.0.1"
+    nic: str = "user"
+    hostfwd: list[str] = dataclasses.field(default_factory=list)  # "tcp:BIND:HOST:GUEST"
+    astart: bool = False
+    # Defaults below are what a VM defined before the setting existed had (so its saved
+    # states stay restorable); bcreate gives new VMs the current defaults.
+    guest_agent: bool = False  # virtio-serial channel org.qemu.guest_agent.0
+    virtio_rnd: bool = False  # virtio-rng fed from the host's /dev/urandom
+    efi: str = "none"  # "uefi": OVMF with a per-VM variable store
+    cloud_init: dict[str, str] = dataclasses.field(default_factory=dict)  # ci_* keys
+    mac: str = ""  # the NIC's MAC address ("": QEMU's default, as VMs before nic_hwaddr)
+    interface: str = ""  # nic=bridge: the Linux bridge ("": cbsd's managed network cbsd0)
+    # Disk file name -> controller (virtio-blk, ahci, nvme) where it is not the OS default.
+    disk_controllers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # "auto": guest RAM lives in a file where the workdir's filesystem can clone files (XFS
+    # reflink, btrfs), so checkpoints and restores cost metadata, not RAM size; "off": never.
+    # Not restore-relevant: states saved either way load into both.
+    ram_file: str = "auto"
+    # "auto": where RAM is not a file, checkpoints' streams are folded into the VM's chunk
+    # store once published (core/checkpoint/fold.py), so checkpoints share what they
+    # repeat; "off": never.
+    dedup: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMSpec:
+        """No checks: only for what this cbsd process itself just wrote. A definition read
+        from anywhere (an archive, a node, vm.json, the inventory) goes through
+        core/specs.from_untrusted, which checks every key and value as bcreate does."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def seed_attached(self, seed_path: str) -> bool:
+        return bool(self.cloud_init and seed_path)
+
+    def restore_relevant(self) -> dict[str, Any]:
+        """The parts of the spec a saved state depends on (QEMU refuses to load otherwise).
+        Devices added after the first release appear only when present, so a state saved
+        before they existed compares equal to a VM that does not have them."""
+        relevant: dict[str, Any] = {
+            "ram": self.ram,
+            "cpus": self.cpus,
+            "machine": self.machine,
+            "disks": list(self.disks),
+            "iso": self.iso is not None,
+            "kernel": self.kernel is not None,
+            "vnc": self.vnc,
+            "nic": self.nic,
+        }
+        later = {"guest_agent": self.guest_agent, "virtio_rnd": self.virtio_rnd,
+                 "efi": self.efi if self.efi != "none" else None,
+                 "seed": bool(self.cloud_init),
+                 "disk_controllers": dict(self.disk_controllers)}
+        relevant.update({k: v for k, v in later.items() if v})
+        return relevant

@@ -1,0 +1,98 @@
+"""Validation of user-supplied names, masks and sizes (pure functions)."""
+
+from __future__ import annotations
+
+import re
+
+from cbsd.errors import UsageError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # the contract's names
+_MASK_RE = re.compile(r"[A-Za-z0-9_*?-]{1,64}")
+_SIZE_RE = re.compile(r"([0-9]+)([kmgt]?)b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_FWD_RE = re.compile(r"(?:(tcp|udp):)?(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
+
+MIB = 1 << 20
+
+
+def check_name(value: str, what: str = "jname") -> str:
+    """A VM or checkpoint name: 1-64 of [A-Za-z0-9_-], not starting with _ or -."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # from JSON: any type
+        raise UsageError(
+            f"bad {what} '{value}': use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_mask(value: str, what: str = "jname") -> str:
+    if not _MASK_RE.fullmatch(value) or value[0] in "_-":
+        raise UsageError(
+            f"bad {what} '{value}': use a name or a mask of letters, digits, '_', '-', '*' and '?'"
+        )
+    return value
+
+
+def is_mask(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def mask_regex(mask: str) -> re.Pattern[str]:
+    """Shell-glob semantics restricted to * and ? (no [...] classes), case-sensitive."""
+    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in mask]
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def match_mask(mask: str, names: list[str]) -> list[str]:
+    rx = mask_regex(mask)
+    return [n for n in names if rx.fullmatch(n)]
+
+
+def parse_size(value: str, what: str) -> int:
+    """'512m', '1g', '10G', '4096' (bytes) -> bytes."""
+    m = _SIZE_RE.fullmatch(value.strip())
+    if not m:
+        raise UsageError(f"bad value for {what}: '{value}' is not a size (e.g. 512m, 2g)")
+    n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise UsageError(f"bad value for {what}: '{value}' must be greater than zero")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def parse_hostfwd(raw: str) -> list[str]:
+    """'tcp:[BIND:]HOSTPORT:GUESTPORT,...' -> the rules as stored: 'PROTO:BIND:HOST:GUEST'
+    (BIND 127.0.0.1 unless given: a forward listens on the host's loopback only, unless an
+    address is given). bcreate/bset and every definition from outside (cbsd/specs.py)."""
+    rules: list[str] = []
+    for rule in filter(None, raw.split(",")):
+        m = _FWD_RE.fullmatch(rule)
+        bind = m.group(2) if m else None
+        if not m or not all(1 <= int(p) <= 65535 for p in m.groups()[2:]) or (
+                bind and not all(int(b) <= 255 for b in bind.split("."))):
+            raise UsageError(f"bad value for hostfwd: '{rule}' "
+                             "(use tcp:[BIND:]HOSTPORT:GUESTPORT)")
+        proto, host_port = m.group(1) or "tcp", int(m.group(3))
+        bind = bind or "127.0.0.1"
+        if any(r.split(":")[0] == proto and r.split(":")[2] == str(host_port) for r in rules):
+            raise UsageError(f"bad value for hostfwd: host port {proto}:{host_port} is "
+                             "forwarded twice")
+        rules.append(f"{proto}:{bind}:{host_port}:{int(m.group(4))}")
+    return rules
+
+
+def check_mac(raw: str, what: str = "nic_hwaddr") -> str:
+    """A unicast MAC address, stored lower-case with colons."""
+    mac = raw.lower().replace("-", ":")
+    octets = mac.split(":")
+    if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdef" for c in o)
+                                   for o in octets) or int(octets[0], 16) & 1:
+        raise UsageError(f"bad value for {what}: '{raw}' (a unicast MAC address, e.g. "
+                         "52:54:00:12:34:56)")
+    return mac

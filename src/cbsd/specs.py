@@ -1,0 +1,245 @@
+"""Definitions from outside: a VM's spec as an archive, a node, a vm.json or an inventory row
+holds it, checked field by field by the rules bcreate and bset apply, before anything acts on it.
+
+A definition is data, never a command: every key must be one VMSpec has, every value of its
+type and range, disk names plain file names of the shape cbsd gives them (so no name reaches
+a path outside the VM's folder), VNC only on a loopback address, host port forwards of the
+exact shape bcreate stores. bimport adds what only it can know (core/hosts/transfer.py): the disks
+and boot media named must be the archive's own members. The rule as users see it is in
+docs/many-hosts.md, "Trust model: definitions".
+
+Pure: no I/O. ``from_untrusted`` is the one entry point; ``check_relations`` holds the rules
+between keys that bcreate and bset apply too (core/lifecycle.validate).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from cbsd.errors import UsageError
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES, VMSpec
+from cbsd.names import MIB, check_mac, check_name, parse_hostfwd
+
+MIN_RAM = 16 * MIB
+# No number from outside is taken unbounded: 16 TiB is beyond any guest QEMU runs on x86.
+MAX_RAM = 1 << 44
+MAX_TEXT = 65536  # cmdline, passwords, cloud-init values (several keys in ci_user_pubkey)
+# What bcreate and bhyve-dsk name disk files: a VM-style name and .qcow2 (core/manage/disks.py).
+DISK_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.qcow2")
+RESERVED_FILES = ("efivars.qcow2",)  # core/vm.EFI_VARS: the UEFI variable store, not a disk
+# QEMU machine types (pc, pc-i440fx-10.0, q35): one token, nothing QEMU's option syntax reads.
+MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CI_STORED = ("instance_id",)  # kept beside the ci_* keys (core/cloudinit.settings)
+
+Check = Callable[[Any, str], Any]
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bad(field: str, value: Any, want: str) -> UsageError:
+    return UsageError(f"bad value for {field}: {_show(value)} ({want})")
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(v: Any, field: str) -> int:
+        # bool is an int to Python, never to a definition.
+        if type(v) is not int or not lo <= v <= hi:
+            raise _bad(field, v, f"a whole number from {lo} to {hi}")
+        return v
+    return check
+
+
+def _bool(v: Any, field: str) -> bool:
+    if type(v) is not bool:
+        raise _bad(field, v, "true or false")
+    return v
+
+
+def _enum(choices: tuple[str, ...]) -> Check:
+    def check(v: Any, field: str) -> str:
+        if not isinstance(v, str) or v not in choices:
+            raise _bad(field, v, f"one of: {', '.join(choices)}")
+        return v
+    return check
+
+
+def _text(v: Any, field: str) -> str:
+    if not isinstance(v, str) or "\0" in v or len(v) > MAX_TEXT:
+        raise _bad(field, v, f"a text of at most {MAX_TEXT} characters, no NUL byte")
+    return v
+
+
+def _path(v: Any, field: str) -> str:
+    if not isinstance(v, str) or not v.startswith("/") or "\0" in v or len(v) > MAX_TEXT:
+        raise _bad(field, v, "an absolute path")
+    return v
+
+
+def _optional(check: Check) -> Check:
+    def optional(v: Any, field: str) -> Any:
+        return None if v is None else check(v, field)
+    return optional
+
+
+def _or_empty(check: Callable[[str, str], str]) -> Check:
+    """"" (the default) or a string *check* accepts; its own message names the field."""
+    def check_str(v: Any, field: str) -> str:
+        if not isinstance(v, str):
+            raise _bad(field, v, "a string")
+        return v if v == "" else check(v, field)
+    return check_str
+
+
+def _name(v: Any, field: str) -> str:
+    if not isinstance(v, str):
+        raise _bad(field, v, "a name")
+    return check_name(v, field)
+
+
+def _disk_file(v: Any, field: str) -> str:
+    if not isinstance(v, str) or not DISK_FILE.fullmatch(v) or v in RESERVED_FILES:
+        raise _bad(field, v, "a disk file name NAME.qcow2 inside the VM's folder")
+    return v
+
+
+def _disks(v: Any, field: str) -> list[str]:
+    if not isinstance(v, list):
+        raise _bad(field, v, "a list of disk file names")
+    disks = [_disk_file(d, field) for d in v]
+    if len(set(disks)) != len(disks):
+        raise _bad(field, v, "a disk is named twice")
+    return disks
+
+
+def _machine(v: Any, field: str) -> str:
+    if not isinstance(v, str) or not MACHINE.fullmatch(v):
+        raise _bad(field, v, "a QEMU machine type such as pc-i440fx-8.2")
+    return v
+
+
+def _loopback(v: Any, field: str) -> str:
+    """VNC listens where bcreate puts it, the host's loopback: a definition cannot open the
+    console (with or without a password) on another address."""
+    try:
+        if isinstance(v, str) and ipaddress.IPv4Address(v).is_loopback:
+            return v
+    except ValueError:
+        pass
+    raise _bad(field, v, "a loopback address: cbsd serves VNC on 127.0.0.1 only")
+
+
+def _hostfwd(v: Any, field: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(r, str) and "," not in r for r in v):
+        raise _bad(field, v, "a list of rules PROTO:BIND:HOSTPORT:GUESTPORT")
+    # bcreate's own parser: the same shapes, the same duplicates refused, stored as it stores.
+    rules = parse_hostfwd(",".join(v))
+    if len(rules) != len(v):
+        raise _bad(field, v, "an empty rule")
+    return rules
+
+
+def _cloud_init(v: Any, field: str) -> dict[str, str]:
+    from cbsd.core.manage.cloudinit import KEYS
+
+    if not isinstance(v, dict):
+        raise _bad(field, v, "an object of ci_* settings")
+    for key, value in v.items():
+        if key not in KEYS and key not in CI_STORED:
+            raise _bad(field, key, f"not a cloud-init key ({', '.join(KEYS)})")
+        _text(value, f"{field}.{key}")
+    return dict(v)
+
+
+def _ifname(v: str, field: str) -> str:
+    from cbsd.qemu.network import check_ifname
+
+    return check_ifname(v, field)
+
+
+def _controllers(v: Any, field: str) -> dict[str, str]:
+    from cbsd.qemu.argv import CONTROLLERS
+
+    if not isinstance(v, dict):
+        raise _bad(field, v, "an object: disk file name -> controller")
+    for disk, controller in v.items():
+        _disk_file(disk, field)
+        _enum(CONTROLLERS)(controller, f"{field}.{disk}")
+    return dict(v)
+
+
+# Every VMSpec field and its rule (tests/unit/test_spec_validation.py checks none is missing:
+# a field added to VMSpec must say here what a definition may hold in it).
+FIELDS: dict[str, Check] = {
+    "jname": _name,
+    "ram": _int(MIN_RAM, MAX_RAM),
+    "cpus": _int(1, MAX_CPUS),
+    "os_type": _enum(OS_TYPES),
+    "machine": _machine,
+    "disks": _disks,
+    "iso": _optional(_path),
+    "kernel": _optional(_path),
+    "initrd": _optional(_path),
+    "cmdline": _optional(_text),
+    "vnc": _bool,
+    "vnc_password": _optional(_text),
+    "vnc_bind": _loopback,
+    "nic": _enum(NICS),
+    "hostfwd": _hostfwd,
+    "astart": _bool,
+    "guest_agent": _bool,
+    "virtio_rnd": _bool,
+    "efi": _enum(EFI_MODES),
+    "cloud_init": _cloud_init,
+    "mac": _or_empty(check_mac),
+    "interface": _or_empty(_ifname),
+    "disk_controllers": _controllers,
+    "ram_file": _enum(AUTO_OFF),
+    "dedup": _enum(AUTO_OFF),
+}
+REQUIRED = ("jname", "ram")
+
+
+def from_untrusted(data: Any, origin: str) -> VMSpec:
+    """The VMSpec *data* describes (a JSON object as read), or UsageError (exit 2)
+    "ORIGIN: bad value for KEY: ..." naming the first thing refused. Keys a definition lacks
+    take VMSpec's defaults (what a VM defined before the setting existed had)."""
+    try:
+        if not isinstance(data, dict):
+            raise UsageError(f"not a VM definition ({_show(data)})")
+        unknown = sorted(str(k) for k in data if k not in FIELDS)
+        if unknown:
+            raise UsageError(f"unknown key {unknown[0]!r} (not a setting this cbsd has)")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise UsageError(f"no {missing[0]}")
+        spec = VMSpec(**{k: FIELDS[k](v, k) for k, v in data.items()})
+        check_relations(spec)
+    except UsageError as e:
+        raise UsageError(f"{origin}: {e}") from None
+    return spec
+
+
+def check_relations(spec: VMSpec) -> None:
+    """The rules between keys that bcreate and bset apply too: UsageError naming the key."""
+    if spec.ram < MIN_RAM:
+        raise UsageError(f"vm_ram={spec.ram >> 20}m is under 16 MiB: a likely mistake "
+                         "(sizes take a suffix, e.g. vm_ram=512m)")
+    if (spec.initrd or spec.cmdline) and not spec.kernel:
+        raise UsageError("initrd= and cmdline= need kernel=")
+    if spec.vnc_password and not spec.vnc:
+        raise UsageError("vnc_password= needs vnc=1")
+    if spec.hostfwd and spec.nic != "user":
+        raise UsageError("hostfwd= needs nic=user")
+    if spec.interface and spec.nic != "bridge":
+        raise UsageError("interface= needs nic=bridge")
+    stray = sorted(set(spec.disk_controllers) - set(spec.disks))
+    if stray:
+        raise UsageError(f"bad value for disk_controllers: {stray[0]} is not one of the "
+                         "VM's disks")
