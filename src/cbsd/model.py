@@ -23,6 +23,11 @@ NICS = ("user", "bridge", "none")
 EFI_MODES = ("none", "uefi")
 AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup
 MAX_CPUS = 255
+CONTROLLERS = ("virtio-blk", "ahci", "nvme")  # a disk's dsk_controller (qemu/argv.py)
+BOOT_MEDIA = ("kernel", "initrd", "iso")  # kept in the VM's folder as boot-MEDIUM
+CLOUD_INIT_KEYS = ("ci_user_add", "ci_user_pubkey", "ci_user_pw_user", "ci_user_pw_root",
+                   "ci_jname", "ci_fqdn", "ci_ip4_addr", "ci_gw4", "ci_nameserver_address",
+                   "ci_nameserver_search")  # bcreate's ci_* keys (core/manage/cloudinit.py)
 
 
 class Status(enum.Enum):

@@ -96,3 +96,13 @@ def check_mac(raw: str, what: str = "nic_hwaddr") -> str:
         raise UsageError(f"bad value for {what}: '{raw}' (a unicast MAC address, e.g. "
                          "52:54:00:12:34:56)")
     return mac
+
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def check_ifname(name: str, what: str = "interface") -> str:
+    if not _IFNAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"bad value for {what}: '{name}' (a network interface name: up to "
+                         "15 letters, digits, '_', '.', '-')")
+    return name

@@ -21,8 +21,17 @@ from collections.abc import Callable
 from typing import Any
 
 from cbsd.errors import UsageError
-from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES, VMSpec
-from cbsd.names import MIB, check_mac, check_name, parse_hostfwd
+from cbsd.model import (
+    AUTO_OFF,
+    CLOUD_INIT_KEYS,
+    CONTROLLERS,
+    EFI_MODES,
+    MAX_CPUS,
+    NICS,
+    OS_TYPES,
+    VMSpec,
+)
+from cbsd.names import MIB, check_ifname, check_mac, check_name, parse_hostfwd
 
 MIN_RAM = 16 * MIB
 # No number from outside is taken unbounded: 16 TiB is beyond any guest QEMU runs on x86.
@@ -146,26 +155,20 @@ def _hostfwd(v: Any, field: str) -> list[str]:
 
 
 def _cloud_init(v: Any, field: str) -> dict[str, str]:
-    from cbsd.core.manage.cloudinit import KEYS
-
     if not isinstance(v, dict):
         raise _bad(field, v, "an object of ci_* settings")
     for key, value in v.items():
-        if key not in KEYS and key not in CI_STORED:
-            raise _bad(field, key, f"not a cloud-init key ({', '.join(KEYS)})")
+        if key not in CLOUD_INIT_KEYS and key not in CI_STORED:
+            raise _bad(field, key, f"not a cloud-init key ({', '.join(CLOUD_INIT_KEYS)})")
         _text(value, f"{field}.{key}")
     return dict(v)
 
 
 def _ifname(v: str, field: str) -> str:
-    from cbsd.qemu.network import check_ifname
-
     return check_ifname(v, field)
 
 
 def _controllers(v: Any, field: str) -> dict[str, str]:
-    from cbsd.qemu.argv import CONTROLLERS
-
     if not isinstance(v, dict):
         raise _bad(field, v, "an object: disk file name -> controller")
     for disk, controller in v.items():

@@ -86,7 +86,7 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
     if key.kind == "hostfwd":
         return _prefixed(cmd, parse_hostfwd, raw)
     if key.kind == "ifname":
-        from cbsd.qemu.network import check_ifname
+        from cbsd.names import check_ifname
 
         if raw == "":
             return ""  # cleared: the default (bset interface= goes back to cbsd0)

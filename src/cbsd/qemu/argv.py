@@ -58,7 +58,6 @@ def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
     return proto, bind, host, guest
 
 
-CONTROLLERS = ("virtio-blk", "ahci", "nvme")
 RAM_ID = "pc.ram"
 RAM_FILE_OPTION = b"memory-backend-file"  # how a running QEMU's argv shows a RAM file
 

@@ -21,15 +21,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import re
 import subprocess
 from pathlib import Path
 
 from cbsd import debug
 from cbsd.errors import CbsdError, StateError, UsageError
+from cbsd.names import check_ifname
 
 MANAGED = "cbsd0"
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 def subnet() -> ipaddress.IPv4Interface:
@@ -37,13 +36,6 @@ def subnet() -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(os.environ.get("CBSD_NET0", "10.77.0.1/24"))
     except ValueError as e:
         raise UsageError(f"CBSD_NET0: {e} (e.g. CBSD_NET0=10.77.0.1/24)") from None
-
-
-def check_ifname(name: str, what: str = "interface") -> str:
-    if not _IFNAME.fullmatch(name) or name in (".", ".."):
-        raise UsageError(f"bad value for {what}: '{name}' (a network interface name: up to "
-                         "15 letters, digits, '_', '.', '-')")
-    return name
 
 
 def tap_name(root: Path, jname: str) -> str:

@@ -13,14 +13,13 @@ from typing import IO, Any
 
 from cbsd import specs
 from cbsd.core.checkpoint import compat
-from cbsd.core.hosts import transfer
 from cbsd.core.hosts.migrate import block_nodes
 from cbsd.core.vm import definition, ramfile
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import VMSpec
+from cbsd.model import BOOT_MEDIA, VMSpec
 from cbsd.qemu import img, migration
 
 
@@ -33,7 +32,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
     if why:
         raise StateError(f"{jname}: cannot migrate here: {why}")
-    for medium in transfer.BOOT_MEDIA:
+    for medium in BOOT_MEDIA:
         path = getattr(spec, medium)
         if path and not Path(path).is_file():
             raise StateError(f"{jname}: its {medium}= {path} is missing on this host: copy "

@@ -29,7 +29,7 @@ from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, Status, VMSpec, require
+from cbsd.model import BOOT_MEDIA, Action, Status, VMSpec, require
 from cbsd.names import check_name
 from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
@@ -37,7 +37,6 @@ from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
 from cbsd.storage.atomic import fsync_dir
 from cbsd.storage.paths import HIBERNATION_DIR
 
-BOOT_MEDIA = ("kernel", "initrd", "iso")
 # Every member name an archive may hold; anything else is refused (no path is ever taken from
 # an archive as it is).
 _MEMBER = re.compile(r"(vm/[A-Za-z0-9][A-Za-z0-9._-]*|boot/(kernel|initrd|iso)|"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.errors import CbsdError, UsageError
+from cbsd.model import CLOUD_INIT_KEYS
 
-KEYS = ("ci_user_add", "ci_user_pubkey", "ci_user_pw_user", "ci_user_pw_root", "ci_jname",
-        "ci_fqdn", "ci_ip4_addr", "ci_gw4", "ci_nameserver_address", "ci_nameserver_search")
+KEYS = CLOUD_INIT_KEYS
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 
 

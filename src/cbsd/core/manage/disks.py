@@ -25,7 +25,7 @@ from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import ATTACH_MARK, save_spec_file
 from cbsd.errors import StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, VMSpec, require
+from cbsd.model import BOOT_MEDIA, Action, VMSpec, require
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.qemu.argv import default_controller
@@ -38,7 +38,6 @@ DISK_SUFFIX = ".qcow2"
 
 def own_files(wd: Workdir, jname: str) -> set[str]:
     """The files cbsd itself keeps in a VM's folder beside its disks (none may be a disk)."""
-    from cbsd.core.hosts.transfer import BOOT_MEDIA
     from cbsd.core.vm.machine import EFI_VARS
 
     return {EFI_VARS, wd.seed(jname).name, *(f"boot-{m}" for m in BOOT_MEDIA)}
