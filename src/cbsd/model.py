@@ -158,7 +158,7 @@ class VMSpec:
     def from_dict(cls, d: dict[str, Any]) -> VMSpec:
         """No checks: only for what this cbsd process itself just wrote. A definition read
         from anywhere (an archive, a node, vm.json, the inventory) goes through
-        core/specs.from_untrusted, which checks every key and value as bcreate does."""
+        specs.from_untrusted, which checks every key and value as bcreate does."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

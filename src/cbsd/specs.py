@@ -9,7 +9,7 @@ and boot media named must be the archive's own members. The rule as users see it
 docs/many-hosts.md, "Trust model: definitions".
 
 Pure: no I/O. ``from_untrusted`` is the one entry point; ``check_relations`` holds the rules
-between keys that bcreate and bset apply too (core/lifecycle.validate).
+between keys that bcreate and bset apply too (core/manage/lifecycle.validate).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ MAX_RAM = 1 << 44
 MAX_TEXT = 65536  # cmdline, passwords, cloud-init values (several keys in ci_user_pubkey)
 # What bcreate and bhyve-dsk name disk files: a VM-style name and .qcow2 (core/manage/disks.py).
 DISK_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.qcow2")
-RESERVED_FILES = ("efivars.qcow2",)  # core/vm.EFI_VARS: the UEFI variable store, not a disk
+RESERVED_FILES = ("efivars.qcow2",)  # core/vm/machine.EFI_VARS: the UEFI variable store, not a disk
 # QEMU machine types (pc, pc-i440fx-10.0, q35): one token, nothing QEMU's option syntax reads.
 MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CI_STORED = ("instance_id",)  # kept beside the ci_* keys (core/cloudinit.settings)
+CI_STORED = ("instance_id",)  # kept beside the ci_* keys (core/manage/cloudinit.settings)
 
 Check = Callable[[Any, str], Any]
 

@@ -342,7 +342,7 @@ def test_progress_on_a_terminal_only(cbsd: Cbsd, counter_image) -> None:  # type
     assert text.rstrip().endswith("checkpoints/tty.ckp"), "the result line comes last"
     r = cbsd("bcheckpoint", "mode=create", "jname=big", "name=pipe").ok()
     # A stop of a second or more (a loaded host) adds the agentless guest's clock note
-    # (core/pause.set_clock): that line is not progress.
+    # (core/vm/pause.set_clock): that line is not progress.
     progress = [ln for ln in r.err.splitlines() if "the guest's clock is" not in ln]
     assert progress == [], "no progress output when stderr is not a terminal"
 

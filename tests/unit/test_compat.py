@@ -1,4 +1,5 @@
-"""The refusals checked before any QEMU is launched for a restore (core/load.incompatibility):
+"""The refusals checked before any QEMU is launched for a restore
+(core/checkpoint/load.incompatibility):
 configuration, accelerator, a newer QEMU, an unknown machine type -- without a QEMU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""core/specs.from_untrusted: a definition from outside (archive, vm.json, inventory row, a
+"""specs.from_untrusted: a definition from outside (archive, vm.json, inventory row, a
 node's answer) is checked field by field with bcreate's rules; storage/paths.Workdir joins only
 plain names; qemu/argv escapes every value it places in an option string."""
 

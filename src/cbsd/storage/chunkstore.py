@@ -68,7 +68,7 @@ def native_chunker() -> bool:
 def accelerator_installed() -> bool:
     """native_chunker() without importing fastcdc (~30 ms: it loads click): whether its C
     accelerator is built for this Python. For a command that starts a detached fold, whose
-    stderr no one reads: the command says it instead (core/fold.start_helper)."""
+    stderr no one reads: the command says it instead (core/checkpoint/fold.start_helper)."""
     import importlib.machinery
     import importlib.util
 

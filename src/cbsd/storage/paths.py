@@ -111,7 +111,7 @@ class Workdir:
 
     def releasing(self, jname: str) -> Path:
         """While a saved state is being deleted: its disk snapshots may not be released yet
-        (core/recovery.drop_state); the next command on the VM sweeps them."""
+        (core/vm/states.drop_state); the next command on the VM sweeps them."""
         return self.system(jname) / ".releasing"
 
     def hibernation(self, jname: str) -> Path:

@@ -63,7 +63,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
 
 def _request(line: bytes, jname: str) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool]:
     """The sending host's request (the VM's definition, its source, its disks' sizes),
-    checked as any definition from outside (core/specs.from_untrusted) before it is used:
+    checked as any definition from outside (specs.from_untrusted) before it is used:
     UsageError (exit 2) naming what is wrong."""
     what = f"{jname}: the request bmigrate sent"
     try:

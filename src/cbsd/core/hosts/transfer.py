@@ -6,7 +6,7 @@ saved state's files are checked against the state's own manifest as they stream 
 checkpoint is not exported). Import streams the members into a staging folder of its own
 (var/tmp/bimport-ID, locked while it is written), checks every checksum, the states' manifests
 and this host's compatibility, and only then registers the VM by the same protocol bcreate
-uses (core/lifecycle.create_from): a damaged, truncated or altered archive, or a kill -9 at
+uses (core/manage/lifecycle.create_from): a damaged, truncated or altered archive, or a kill -9 at
 any instant, leaves nothing registered and nothing the next bimport does not clear.
 """
 

@@ -125,7 +125,7 @@ def rename(ctx: Context, old: str, new: str) -> str:
     Crash-safe in three steps, each finished by recovery if cut short: a note in the VM's
     folder says where it is going (.rename-to); the inventory entry moves in one transaction;
     the folders move and the note goes. Until the entry moved, recovery drops the note; after,
-    it moves the folders (core/definition.finish_rename)."""
+    it moves the folders (core/vm/definition.finish_rename)."""
     check_name(new)
     if old == new:
         raise UsageError("brename: old= and new= are the same name")

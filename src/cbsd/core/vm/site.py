@@ -1,5 +1,5 @@
 """What a VM needs of the place it lives in: its workdir, the inventory, the host's QEMU, the
-locks. core/context.Context is the one real Site; a unit test builds a VM from a stub.
+locks. core/vm/context.Context is the one real Site; a unit test builds a VM from a stub.
 
 A Protocol rather than Context itself so that nothing in this package imports context.py
 (which imports recovery, which imports the VM): the package's imports go one way.
