@@ -71,5 +71,5 @@ def test_a_vm_from_a_stub_site_checks_its_images(site: StubSite) -> None:
     folder.mkdir(parents=True)
     for image in vm.images():
         Path(image.path).write_bytes(b"not a qcow2")
-    with pytest.raises(StateError, match="a: dsk1.qcow2"):
+    with pytest.raises(StateError, match=r"a: dsk1\.qcow2"):
         vm.check_images()
