@@ -19,8 +19,8 @@ from pathlib import Path
 from tests.guests.build import counter_image
 
 from bench import peer_libvirt as lv
-from bench.bench_peer import Case, cases_json, dd_floor
-from bench.common import CBSD, ROOT, workdir_env
+from bench.bench_peer import dd_floor
+from bench.common import CBSD, ROOT, Case, cases_json, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import wait_counting
 from bench.timing import GapWatch, run, taken, until_output

@@ -24,8 +24,7 @@ from pathlib import Path
 from tests.guests.build import counter_image
 
 from bench.bench_engine import cli
-from bench.bench_peer import Case, cases_json
-from bench.common import CBSD, ROOT, workdir_env
+from bench.common import CBSD, ROOT, Case, cases_json, workdir_env
 from bench.guests import wait_counting
 from bench.timing import settle
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -43,3 +44,38 @@ class Series:
     def row(self, unit: str = "s") -> str:
         return (f"| {self.name} | {self.median:.3f} {unit} | {min(self.samples):.3f} | "
                 f"{max(self.samples):.3f} | {len(self.samples)} |")
+
+
+@dataclass
+class Case:
+    """One measured question: a series per contender, and notes that explain the numbers."""
+
+    title: str
+    series: dict[str, Series] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, who: str, value: float) -> None:
+        self.series.setdefault(who, Series(who)).add(value)
+
+    def table(self, unit: str = "s") -> list[str]:
+        """This case as a markdown section: its series' medians, ranges and runs."""
+        return [f"## {self.title}", "", "| series | median | min | max | runs |",
+                "|---|---|---|---|---|", *(s.row(unit) for s in self.series.values())]
+
+
+def cases_json(cases: list[Case], versions: dict[str, str]) -> str:
+    """Every sample of a run, for re-rendering and for the record."""
+    return json.dumps({"versions": versions, "cases": [
+        {"title": c.title, "notes": c.notes,
+         "series": {k: s.samples for k, s in c.series.items()}} for c in cases]}, indent=1)
+
+
+def load_cases(path: Path) -> tuple[list[Case], dict[str, str]]:
+    """The cases and versions a run saved with cases_json."""
+    data = json.loads(path.read_text())
+    cases = []
+    for c in data["cases"]:
+        case = Case(c["title"], notes=c["notes"])
+        case.series = {n: Series(n, v) for n, v in c["series"].items()}
+        cases.append(case)
+    return cases, data["versions"]

@@ -8,8 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.bench_peer import PYTHON_START, QEMU_ALONE, Case
-from bench.common import ROOT
+from bench.bench_peer import PYTHON_START, QEMU_ALONE
+from bench.common import ROOT, Case, cases_json
 
 # (case title prefix, cbsd series, peer series, target ratio) -- the targets.
 TARGETS = [
@@ -66,28 +66,6 @@ def _reason(c: Case, peer: str, target: float) -> str:
     return "see the analysis below"
 
 
-def save_json(cases: list[Case], versions: dict[str, str], path: Path) -> None:
-    import json
-
-    path.write_text(json.dumps({"versions": versions, "cases": [
-        {"title": c.title, "notes": c.notes,
-         "series": {n: s.samples for n, s in c.series.items()}} for c in cases]}, indent=1))
-
-
-def load_json(path: Path) -> tuple[list[Case], dict[str, str]]:
-    import json
-
-    from bench.common import Series
-
-    data = json.loads(path.read_text())
-    cases = []
-    for c in data["cases"]:
-        case = Case(c["title"], notes=c["notes"])
-        case.series = {n: Series(n, v) for n, v in c["series"].items()}
-        cases.append(case)
-    return cases, data["versions"]
-
-
 def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> str:
     # Kept with the results, so `bench.run report` re-renders the run's own date, not today's.
     when = versions.setdefault("run_at", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -129,7 +107,7 @@ def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> st
         lines += ["## Analysis", "", analysis.strip(), ""]
     text = "\n".join(lines)
     (ROOT / "docs" / "benchmarks.md").write_text(text)
-    save_json(cases, versions, ROOT / "docs" / "benchmarks.json")
+    (ROOT / "docs" / "benchmarks.json").write_text(cases_json(cases, versions))
     chart(cases, ROOT / "docs" / "benchmarks.png")
     return text
 

@@ -30,8 +30,9 @@ def main(argv: list[str]) -> None:
             continue
         if case == "report":
             from bench import report
+            from bench.common import load_cases
 
-            results, versions = report.load_json(ROOT_BENCH.parent / "docs" / "benchmarks.json")
+            results, versions = load_cases(ROOT_BENCH.parent / "docs" / "benchmarks.json")
             analysis = ROOT_BENCH / "analysis.md"
             report.write(results, versions, analysis.read_text() if analysis.exists() else "")
             continue
