@@ -13,6 +13,47 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CBSD = str(Path(sys.executable).parent / "cbsd")
+BENCHMARKS = ROOT / "docs" / "benchmarks"
+
+
+@dataclass(frozen=True)
+class Study:
+    """Where one study's artefacts live: docs/benchmarks/<name>/ holds its report.md, the
+    results.json it was rendered from and its chart.png; analysis.md, the prose across studies,
+    sits beside the studies. *root* is docs/benchmarks except in tests."""
+
+    name: str
+    root: Path = BENCHMARKS
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"a study is one folder name, not {self.name!r}")
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.md"
+
+    @property
+    def results(self) -> Path:
+        return self.dir / "results.json"
+
+    @property
+    def chart(self) -> Path:
+        return self.dir / "chart.png"
+
+    def analysis(self, section: str = "") -> str:
+        """The link from this study's report to analysis.md (or one of its sections)."""
+        link = os.path.relpath(self.root / "analysis.md", self.dir)
+        return f"{link}#{section}" if section else link
+
+    def save_results(self, cases: list[Case], versions: dict[str, str]) -> None:
+        """Every sample of the run, written first: a report that fails to render loses no data."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.results.write_text(cases_json(cases, versions))
 
 
 def cbsd(*args: str, env: dict[str, str] | None = None, check: bool = True) -> float:
