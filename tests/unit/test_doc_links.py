@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SKIP = {".git", ".venv", "node_modules", "build", "dist"}
+SKIP = {"node_modules", "build", "dist"}  # and dot-folders (.git, .venv), *.egg-info
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 CODE = re.compile(r"`[^`\n]+`")
@@ -20,8 +20,8 @@ DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w./-]*[\w/]")
 
 def _tracked(pattern: str, under: Path = ROOT) -> list[Path]:
     return sorted(p for p in under.rglob(pattern)
-                  if not SKIP & set(p.relative_to(ROOT).parts)
-                  and not any(part.endswith(".egg-info") for part in p.parts))
+                  if not any(part in SKIP or part.startswith(".") or part.endswith(".egg-info")
+                             for part in p.relative_to(ROOT).parts))
 
 
 def anchors(md: Path) -> set[str]:
