@@ -1,4 +1,5 @@
-"""Helpers for benchmarks: timing whole CLI commands, medians, interleaved repetitions."""
+"""What every bench module shares (it imports no other): timing whole CLI commands, the Case and
+Series a run measures, their JSON, and the Study folder a run writes in docs/benchmarks/."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bench import bench_engine, bench_hosts, report
+from bench import bench_engine, bench_hosts, report, run
 from bench.common import BENCHMARKS, Case, Study, load_cases
 
 from tests.unit.test_doc_links import broken_links
@@ -66,3 +66,17 @@ def test_a_study_is_one_folder_name() -> None:
     for bad in ("", "a/b", "../x", ".hidden"):
         with pytest.raises(ValueError):
             Study(bad)
+
+
+@pytest.mark.usefixtures("stubbed")
+def test_bench_run_report_re_renders_the_peer_study(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m bench.run report`, the cheapest real path through the writer."""
+    study = Study("peer", root=tmp_path)
+    study.dir.mkdir()
+    shutil.copy(report.PEER.results, study.results)
+    monkeypatch.setattr(report, "PEER", study)
+    run.main(["report"])
+    assert sorted(p.name for p in study.dir.iterdir()) == ["chart.png", "report.md",
+                                                            "results.json"]
+    assert study.results.read_text() == (BENCHMARKS / "peer" / "results.json").read_text()
