@@ -1,6 +1,6 @@
 """Every relative link in the project's markdown resolves: the file exists, and a #section of a
 markdown file names one of its headings (as GitHub spells the anchor). Paths under docs/ named
-in code and scripts exist too, so moving a page cannot leave a pointer behind."""
+in code, scripts and prose exist too, so moving a page cannot leave a pointer behind."""
 
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def test_relative_links_resolve(md: Path) -> None:
     assert broken_links(md) == []
 
 
-def test_docs_paths_named_in_code_exist() -> None:
-    sources = [ROOT / "README.md"] + [p for d in ("src", "bench", "scripts", "tests")
-                                      for ext in ("*.py", "*.sh")
-                                      for p in _tracked(ext, ROOT / d)]
+def test_docs_paths_named_in_text_exist() -> None:
+    """docs/... written as plain text (a comment, a docstring, a page's prose) names a path from
+    the project's root; it must exist as surely as a link's target."""
+    sources = [p for d in ("src", "bench", "scripts", "tests")
+               for ext in ("*.py", "*.sh") for p in _tracked(ext, ROOT / d)] + _tracked("*.md")
     missing = [f"{src.relative_to(ROOT)}: {path}" for src in sources
                for path in DOCS_PATH.findall(src.read_text())
                if path.endswith(("/", ".md", ".json", ".png"))  # a page or folder, not a QEMU doc
