@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 
 from bench import peer_libvirt as lv
-from bench.bench_peer import Case
-from bench.common import CBSD, cbsd, workdir_env
+from bench.common import CBSD, Case, cbsd, workdir_env
 from bench.timing import run as timed
 
 PREFIX = "cbsd-bench-bls-"

@@ -7,40 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.guests.build import counter_image
 
 from bench import peer_libvirt as lv
-from bench.common import CBSD, Series, workdir_env
+from bench.common import CBSD, Case, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import start_filled_vm, wait_counting
 from bench.timing import GapWatch, run, taken, until_output
-
-
-@dataclass
-class Case:
-    title: str
-    series: dict[str, Series] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, who: str, value: float) -> None:
-        self.series.setdefault(who, Series(who)).add(value)
-
-    def table(self, unit: str = "s") -> list[str]:
-        """This case as a markdown section: its series' medians, ranges and runs."""
-        return [f"## {self.title}", "", "| series | median | min | max | runs |",
-                "|---|---|---|---|---|", *(s.row(unit) for s in self.series.values())]
-
-
-def cases_json(cases: list[Case], versions: dict[str, str]) -> str:
-    """Every sample of a run, for re-rendering and for the record."""
-    import json
-
-    return json.dumps({"versions": versions, "cases": [
-        {"title": c.title, "notes": c.notes,
-         "series": {k: s.samples for k, s in c.series.items()}} for c in cases]}, indent=1)
 
 
 @dataclass
@@ -176,7 +152,7 @@ def hibernate(t: Twins, repeat: int, label: str) -> tuple[Case, Case]:
 
 # The floors under `cbsd bpause` for a Python CLI, started as cbsd's launcher starts it (-I -S):
 # the bare interpreter, and the interpreter plus the standard library the full command path
-# imports -- what bpause's quick lane (cbsd/core/pause.py) exists to avoid.
+# imports -- what bpause's quick lane (cbsd/core/vm/pause.py) exists to avoid.
 STDLIB = ("import os, re, json, socket, sqlite3, fcntl, pathlib, dataclasses, enum, typing, "
           "subprocess, shutil, contextlib, functools")
 PYTHON_START = "python start, -I -S (no work)"

@@ -1,4 +1,5 @@
-"""docs/benchmarks.md and docs/benchmarks.png from a bench_peer run."""
+"""The peer study (docs/benchmarks/peer/: report.md, results.json, chart.png) from a bench_peer
+run; analysis.md beside the studies explains it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.bench_peer import PYTHON_START, QEMU_ALONE, Case
-from bench.common import ROOT
+from bench.bench_peer import PYTHON_START, QEMU_ALONE
+from bench.common import Case, Study
 
 # (case title prefix, cbsd series, peer series, target ratio) -- the issue's targets.
 TARGETS = [
@@ -21,6 +22,7 @@ TARGETS = [
     ("pause (CLI wall time)", "cbsd", "virsh suspend", 1.0),
 ]
 GAP_TARGET = 0.250
+PEER = Study("peer")
 
 
 def machine() -> list[str]:
@@ -45,7 +47,7 @@ def _find(cases: list[Case], prefix: str) -> Case | None:
     return next((c for c in cases if c.title.startswith(prefix)), None)
 
 
-def _reason(c: Case, peer: str, target: float) -> str:
+def _reason(c: Case, peer: str, target: float, analysis: str) -> str:
     """The measured reason for a miss, from rows of the same run where one explains it."""
     goal = c.series[peer].median * target
     raw = c.series.get("dd oflag=direct (raw disk)")
@@ -58,37 +60,16 @@ def _reason(c: Case, peer: str, target: float) -> str:
         return (f"{target}x would be {goal:.3f} s; QEMU alone, starting and loading this state "
                 f"with no check at all, takes {alone.median:.3f} s "
                 f"({alone.median / c.series[peer].median:.2f}x); cbsd adds "
-                f"{(mine - alone.median) * 1000:.0f} ms (see the analysis below)")
+                f"{(mine - alone.median) * 1000:.0f} ms (see [the analysis]({analysis}))")
     start = c.series.get(PYTHON_START)
     if start is not None and start.median > goal:
         return (f"{target}x would be {goal * 1000:.0f} ms; starting Python at all takes "
                 f"{start.median * 1000:.0f} ms here")
-    return "see the analysis below"
+    return f"see [the analysis]({analysis})"
 
 
-def save_json(cases: list[Case], versions: dict[str, str], path: Path) -> None:
-    import json
-
-    path.write_text(json.dumps({"versions": versions, "cases": [
-        {"title": c.title, "notes": c.notes,
-         "series": {n: s.samples for n, s in c.series.items()}} for c in cases]}, indent=1))
-
-
-def load_json(path: Path) -> tuple[list[Case], dict[str, str]]:
-    import json
-
-    from bench.common import Series
-
-    data = json.loads(path.read_text())
-    cases = []
-    for c in data["cases"]:
-        case = Case(c["title"], notes=c["notes"])
-        case.series = {n: Series(n, v) for n, v in c["series"].items()}
-        cases.append(case)
-    return cases, data["versions"]
-
-
-def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> str:
+def write(cases: list[Case], versions: dict[str, str], study: Study | None = None) -> str:
+    study = study or PEER
     # Kept with the results, so `bench.run report` re-renders the run's own date, not today's.
     when = versions.setdefault("run_at", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     lines = ["# Benchmarks: cbsd vs libvirt vs the hardware floor", "",
@@ -98,7 +79,7 @@ def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> st
              f"user runs it. Before each timed command the bench runs `sync` and waits 0.3 s "
              f"(untimed), so no command pays for the writeback the previous one left.", ""]
     lines += machine()
-    lines += ["", "![benchmarks](benchmarks.png)", "", "## Targets", "",
+    lines += ["", f"![benchmarks]({study.chart.name})", "", "## Targets", "",
               "| target | measured | verdict |", "|---|---|---|"]
     for prefix, a, b, target in TARGETS:
         c = _find(cases, prefix)
@@ -106,7 +87,8 @@ def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> st
             lines.append(f"| {prefix}: {a} / {b} <= {target}x | not measured | - |")
             continue
         ratio = c.series[a].median / c.series[b].median
-        verdict = "met" if ratio <= target else f"**missed**: {_reason(c, b, target)}"
+        verdict = "met" if ratio <= target else \
+            f"**missed**: {_reason(c, b, target, study.analysis())}"
         lines.append(f"| {c.title}: {a} / {b} <= {target}x | {ratio:.2f}x "
                      f"({c.series[a].median:.3f} s vs {c.series[b].median:.3f} s) | {verdict} |")
     gap = _find(cases, "live checkpoint")
@@ -125,12 +107,13 @@ def write(cases: list[Case], versions: dict[str, str], analysis: str = "") -> st
                          f"{max(s.samples):.3f} | {len(s.samples)} | "
                          f"{s.median / base.median:.2f}x |")
         lines += [f"- {n}" for n in c.notes] + [""]
-    if analysis:
-        lines += ["## Analysis", "", analysis.strip(), ""]
+    # One copy of the prose, beside the studies, rather than a copy pasted into each render.
+    lines += ["## Analysis", "", f"What these numbers mean, and the other studies: "
+              f"[analysis.md]({study.analysis()}).", ""]
     text = "\n".join(lines)
-    (ROOT / "docs" / "benchmarks.md").write_text(text)
-    save_json(cases, versions, ROOT / "docs" / "benchmarks.json")
-    chart(cases, ROOT / "docs" / "benchmarks.png")
+    study.save_results(cases, versions)
+    chart(cases, study.chart)
+    study.report.write_text(text)
     return text
 
 

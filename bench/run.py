@@ -1,20 +1,18 @@
 """Benchmark entry point: python -m bench.run [case ...]
 
-cases: peer (cbsd vs libvirt vs floor, writes docs/benchmarks.md, .png and .json; default),
-       report (re-render docs/benchmarks.md and .png from docs/benchmarks.json),
+Each study writes docs/benchmarks/<study>/: report.md, results.json and chart.png.
+cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
+       report (re-render peer's report.md and chart.png from its results.json),
        checkpoint (cbsd vs the dd floor only), bls,
-       engine (restore vs RAM size per engine, space of many checkpoints; writes
-       docs/benchmarks-engine.md, .json and .png; BENCH_ENGINE_SIZES=256m:200,1g:768 for a
-       quick run),
+       engine (restore vs RAM size per engine, space of many checkpoints; study "engine", or
+       BENCH_ENGINE_OUT=NAME for a partial re-run, e.g. engine-ab;
+       BENCH_ENGINE_SIZES=256m:200,1g:768 for a quick run),
        hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
-       writes docs/benchmarks-hosts.md and .json)."""
+       study "hosts", no chart)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-ROOT_BENCH = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> None:
@@ -23,17 +21,13 @@ def main(argv: list[str]) -> None:
         if case == "peer":
             from bench import bench_peer, report
 
-            results, versions = bench_peer.run_all()
-            analysis = (ROOT_BENCH / "analysis.md")
-            print(report.write(results, versions,
-                               analysis.read_text() if analysis.exists() else ""))
+            print(report.write(*bench_peer.run_all()))
             continue
         if case == "report":
             from bench import report
+            from bench.common import load_cases
 
-            results, versions = report.load_json(ROOT_BENCH.parent / "docs" / "benchmarks.json")
-            analysis = ROOT_BENCH / "analysis.md"
-            report.write(results, versions, analysis.read_text() if analysis.exists() else "")
+            report.write(*load_cases(report.PEER.results))
             continue
         if case == "engine":
             from bench import bench_engine

@@ -37,7 +37,7 @@ def back_memory(nbytes: int) -> None:
     seconds is handed back to the hypervisor, and whoever takes it next pays the hypervisor's
     page faults (~450 MB/s here). A restore's QEMU allocating 1 GiB took 2.1-2.3 s after the
     host had been idle and 0.31 s right after another 1 GiB QEMU had exited, whatever the
-    engine: the order of a bench's steps decided the result (docs/benchmarks.md, "Memory
+    engine: the order of a bench's steps decided the result (docs/benchmarks/analysis.md, "Memory
     the host gave back"). Backed again just before, every series starts as on bare metal."""
     import mmap
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks: cbsd vs libvirt vs the hardware floor, in one run on this machine.
 # Sets up what it needs (QEMU, libvirt as FACTS.md describes, matplotlib), then writes
-# docs/benchmarks.md and docs/benchmarks.png. Takes 10-20 minutes; run nothing else meanwhile.
+# docs/benchmarks/peer/ (report.md, results.json, chart.png). Takes 10-20 minutes; run nothing else meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -83,7 +83,7 @@ def activate_disks(mon: Monitor) -> bool:
 # `direct-io` (O_DIRECT for the multifd channels) keeps the saved RAM out of the page cache,
 # and cbsd then reads it back from the disk for its checksum, and again before a restore:
 # measured on QEMU 10 here, create took 1.5-1.6x and a warm restore 1.6-1.7x as long, a cold
-# restore 1.04-1.11x (docs/benchmarks-engine-directio.md). So it is off unless
+# restore 1.04-1.11x (docs/benchmarks/engine-directio/). So it is off unless
 # CBSD_DIRECT_IO=on (a host whose page cache matters more than checkpoint speed).
 MAPPED_RAM = ("mapped-ram", "multifd")
 DIRECT_IO = "direct-io"  # a migration parameter (QEMU 9.1+), not a capability

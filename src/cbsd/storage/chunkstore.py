@@ -277,7 +277,7 @@ class Store:
         first under memory pressure, while the stream it replaces had been read twice (by
         its checksum and by the fold) and was on the active list. Measured here with 3 GiB
         files and 13 GiB taken: written + read once, 0.9 GiB stayed cached; read twice, all
-        of it (docs/benchmarks.md, "Checkpoint engine v2")."""
+        of it (docs/benchmarks/analysis.md, "Checkpoint engine v2")."""
         self.verify(recipe, recipe.size, xxh3_128, should_yield)
         buf = memoryview(bytearray(RUN_MAX))
         with _closing() as fds:

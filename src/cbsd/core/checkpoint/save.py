@@ -73,7 +73,7 @@ class _Follower(threading.Thread):
     mapped-ram file (*scattered*) is written at many offsets by several threads at once: its
     dirty pages are handed to writeback every WRITEBACK_EVERY seconds, and it is checksummed
     once QEMU is done (from the page cache). Without this a mapped-ram save of a 1 GiB guest
-    flushed all of it after QEMU finished (docs/benchmarks.md, "Checkpoint engine v2")."""
+    flushed all of it after QEMU finished (docs/benchmarks/analysis.md, "Checkpoint engine v2")."""
 
     def __init__(self, path: Path, *, scattered: bool = False) -> None:
         super().__init__(daemon=True)

@@ -7,7 +7,7 @@ only, whatever the RAM size); a restore clones the checkpoint's RAM file into pl
 pages it in as the guest touches it. Checkpoints share every block the guest has not changed
 between them, and restore time no longer grows with RAM.
 
-Costs, measured (docs/benchmarks.md): the kernel writes guest RAM back to the file while the
+Costs, measured (docs/benchmarks/): the kernel writes guest RAM back to the file while the
 guest runs (so a save first flushes it while the guest still runs, and the clone, which waits
 for dirty pages, finds few); the first touch of each page after a restore reads it from disk.
 
