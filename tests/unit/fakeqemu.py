@@ -23,9 +23,10 @@ record of commands the fake received. The scenario:
   launch        "ok"; "fail": exit 1 with a QEMU-style error before daemonizing; "die": the
                 daemon writes its pid file and exits before serving QMP
   fail          [{"command": NAME, "nth": N, "action": "error"|"hang"|"die", "desc": ...}]:
-                the Nth (default 1st) NAME answers a GenericError, never answers, or ends
-                the process before answering. Re-read on every command, so a test may script
-                a failure after the launch.
+                the Nth (default 1st) NAME this fake received (counted over all its
+                daemons, so a relaunch does not fire it again) answers a GenericError,
+                never answers, or ends the process before answering. Re-read on every
+                command, so a test may script a failure after the launch.
 
 Run as a script it is the QEMU; imported it is the test helper (no cbsd import here: the
 daemon must start fast and stay independent of what it fakes).
@@ -140,9 +141,9 @@ class Daemon:
                    else "running")
         self.state: str = scenario.get("state") or default
         self.migration: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []  # sent ahead of the reply, as QEMU may
         self.fds: dict[str, int] = {}
         self.fdsets: dict[int, int] = {}
-        self.counts: dict[str, int] = {}
         self.qmp = self.pidfile = ""
         self.files: dict[str, str] = {}  # block node name (disk0-file) -> file
         self.nodes: dict[str, str] = {}  # qcow2 node (disk0) -> its file node
@@ -174,6 +175,10 @@ class Daemon:
         with contextlib.suppress(OSError):
             os.unlink(self.pidfile)
         os._exit(0)
+
+    def event(self, name: str, **data: Any) -> None:
+        self.events.append({"event": name, "data": data,
+                            "timestamp": {"seconds": int(time.time()), "microseconds": 0}})
 
     # --- QMP ----------------------------------------------------------------------------
 
@@ -210,23 +215,28 @@ class Daemon:
             with open(self.home / "record.jsonl", "a") as f:
                 f.write(json.dumps({**req, "fd": bool(fds)}) + "\n")
             name = str(req.get("execute"))
-            self.counts[name] = self.counts.get(name, 0) + 1
-            reply, events = self.scripted(name)
+            reply = self.scripted(name)
             if reply is None:
                 try:
                     result = self.execute(name, req.get("arguments", {}), fds)
                     reply = {"return": result}
                 except QmpError as e:
                     reply = {"error": {"class": e.cls, "desc": e.desc}}
-            send(*events, {**reply, "id": req.get("id")})
+            send(*self.events, {**reply, "id": req.get("id")})
+            self.events.clear()
             if name == "quit":
                 self.exit()
             if name == "system_powerdown" and self.scenario().get("powerdown", "exit") == "exit":
                 self.exit()
 
-    def scripted(self, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        for f in self.scenario().get("fail", []):
-            if f.get("command") == name and int(f.get("nth", 1)) == self.counts[name]:
+    def scripted(self, name: str) -> dict[str, Any] | None:
+        fails = [f for f in self.scenario().get("fail", []) if f.get("command") == name]
+        if not fails:
+            return None
+        with open(self.home / "record.jsonl") as rec:
+            count = sum(json.loads(ln)["execute"] == name for ln in rec)
+        for f in fails:
+            if int(f.get("nth", 1)) == count:
                 action = f.get("action", "error")
                 self.log(f"scripted {action} on {name}")
                 if action == "die":
@@ -234,8 +244,8 @@ class Daemon:
                 if action == "hang":
                     while True:
                         time.sleep(3600)
-                return {"error": {"class": "GenericError", "desc": f.get("desc", "fake")}}, []
-        return None, []
+                return {"error": {"class": "GenericError", "desc": f.get("desc", "fake")}}
+        return None
 
     def execute(self, name: str, args: dict[str, Any], fds: list[int]) -> Any:
         if name == "qmp_capabilities":
@@ -246,11 +256,13 @@ class Daemon:
         if name == "stop":
             if self.state == "running":
                 self.state = "paused"
+                self.event("STOP")
             return {}
         if name == "cont":
             if self.state == "inmigrate":
                 raise QmpError("Migration is not finished yet")
             self.state = "running"
+            self.event("RESUME")
             return {}
         if name in ("quit", "system_powerdown", "set_password", "migrate-set-capabilities",
                     "migrate-set-parameters", "migrate-incoming"):
@@ -299,6 +311,7 @@ class Daemon:
         self.migration = {"status": "completed", "total-time": 1,
                           "ram": {"total": total, "remaining": 0, "transferred": total}}
         self.state = "postmigrate"
+        self.event("MIGRATION", status="completed")
         return {}
 
     def snapshot(self, name: str, device: str, tag: str) -> dict[str, Any]:
