@@ -153,7 +153,8 @@ class Daemon:
             elif opt == "-pidfile":
                 self.pidfile = val
             elif opt == "-blockdev":
-                o = _opts(val)
+                # key=value, or JSON (cbsd's qcow2 nodes: they spell "backing": null)
+                o = json.loads(val) if val.startswith("{") else _opts(val)
                 if o.get("driver") == "file":
                     self.files[o["node-name"]] = o["filename"]
                 elif o.get("driver") == "qcow2":
