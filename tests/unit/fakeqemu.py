@@ -20,6 +20,7 @@ record of commands the fake received. The scenario:
   state         the run state the daemon starts in (default: prelaunch with -S, inmigrate
                 with -incoming, else running)
   capabilities  what query-migrate-capabilities lists
+  added         block nodes present beyond the argv's (as blockdev-add would have added)
   launch        "ok"; "fail": exit 1 with a QEMU-style error before daemonizing; "die": the
                 daemon writes its pid file and exits before serving QMP
   fail          [{"command": NAME, "nth": N, "action": "error"|"hang"|"die", "desc": ...}]:
@@ -159,6 +160,9 @@ class Daemon:
                     self.files[o["node-name"]] = o["filename"]
                 elif o.get("driver") == "qcow2":
                     self.nodes[o["node-name"]] = o["file"]
+        # Block nodes added at run time (blockdev-add; a scenario's "added": e.g. the mirror
+        # targets a cut-off bmigrate leaves).
+        self.added: list[str] = list(scenario.get("added", []))
         self.held = [os.open(f, os.O_RDONLY) for f in self.files.values() if os.path.exists(f)]
 
     def scenario(self) -> dict[str, Any]:
@@ -294,6 +298,18 @@ class Daemon:
                 self.migration["status"] = "cancelled"
             return {}
         if name == "blockdev-set-active" and int(self.version.split(".")[0]) >= 10:
+            return {}
+        if name == "query-block-jobs":
+            return []
+        if name == "query-named-block-nodes":
+            return [{"node-name": n} for n in [*self.files, *self.nodes, *self.added]]
+        if name == "blockdev-add":
+            self.added.append(str(args["node-name"]))
+            return {}
+        if name == "blockdev-del":
+            if args["node-name"] not in self.added:
+                raise QmpError(f"Failed to find node with node-name='{args['node-name']}'")
+            self.added.remove(str(args["node-name"]))
             return {}
         if name in ("blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync"):
             return self.snapshot(name, str(args["device"]), str(args["name"]))

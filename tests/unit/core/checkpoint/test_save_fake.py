@@ -18,6 +18,7 @@ from cbsd.core.model import VMSpec
 from cbsd.core.recovery import INTENT, TAG_PREFIX
 from cbsd.core.vm import VM
 from cbsd.errors import CbsdError, QemuError
+from cbsd.failpoints import failpoint as real_failpoint
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import PAYLOAD, FakeQemu
@@ -39,10 +40,10 @@ def running(ctx: Context, vm1: VMSpec) -> Iterator[VM]:
 
 
 def fail_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
-    real = save_mod.failpoint
+    """save's failpoint *point* raises (as a signal or a failing step would, there)."""
 
     def failpoint(name: str) -> None:
-        real(name)
+        real_failpoint(name)
         if name == point:
             raise Injected(f"injected at {name}")
 
