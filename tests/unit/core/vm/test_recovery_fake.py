@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from cbsd.core import lifecycle, recovery
 from cbsd.core import save as save_mod
+from cbsd.core import vm as vm_mod
 from cbsd.core.context import Context
 from cbsd.core.model import VMSpec
 from cbsd.core.recovery import INTENT, TAG_PREFIX
 from cbsd.core.vm import VM
+from cbsd.errors import QemuError
 from cbsd.qemu import img, process
 from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import FakeQemu
@@ -153,8 +156,27 @@ def test_a_dead_holder_makes_recovery_find_qemu_by_its_command_line(
     ctx.inventory.set_runtime("vm1", 0)
     os.unlink(VM.load(ctx, "vm1").paths.pidfile)  # not even the pid file points at it
     vm = VM.load(ctx, "vm1")
-    from cbsd.core import recovery
-
     recovery.recover(vm, died="pid 1 (bstart), gone")
     vm.close()
     assert ctx.inventory.runtime("vm1")[0] == pid
+
+
+def test_a_qemu_that_does_not_answer_is_refused_and_bstop_noacpi_ends_it(
+        ctx: Context, vm1: VMSpec, fake: FakeQemu, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid = launch(ctx, fake, "running")
+    fake.fail("query-status", "hang")  # wedged: it takes the request and never answers
+    vm = VM.load(ctx, "vm1")
+    vm.monitor(timeout=0.5)  # the session recovery then uses: short, for the test's sake
+    with pytest.raises(QemuError, match=rf"^vm1: QEMU \(pid {pid}\) does not answer its "
+                                        r"monitor \(.*\); 'cbsd bstop jname=vm1 noacpi=1' "
+                                        r"powers it off$"):
+        recovery.recover(vm)
+    vm.close()
+    assert process.alive(pid, vm.paths.qmp_sock)  # recovery ends nothing it cannot judge
+    # The way out: 'quit' cannot get through either (the monitor serves the hung session),
+    # so QEMU is killed once QUIT_TIMEOUT has passed.
+    monkeypatch.setattr(vm_mod, "QUIT_TIMEOUT", 0.5)
+    assert lifecycle.stop(ctx, "vm1", noacpi=True) == "vm1: powered off"
+    assert not process.alive(pid, vm.paths.qmp_sock)
+    assert ctx.inventory.runtime("vm1") == (0, 0)
+    assert not os.path.exists(vm.paths.pidfile) and not os.path.exists(vm.paths.qmp_sock)
