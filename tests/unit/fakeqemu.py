@@ -11,7 +11,8 @@ SCM_RIGHTS), the disk files held open (save checks them through /proc/PID/fd) an
 snapshots written into the qcow2 files (by qemu-img, as QEMU would write them), so the
 offline paths (qemu-img snapshot -l/-d) see what the fake did. What is fake is only the
 guest: run states change as QEMU's do on stop, cont, migrate, quit; a migration writes a
-small stream into the file it was handed and completes at once.
+small stream into the file it was handed and completes at once, an incoming one reads the
+whole file it was handed and leaves the VM paused (-S), as QEMU does.
 
 The test side (FakeQemu) writes a scenario (JSON) beside a wrapper script and reads back the
 record of commands the fake received. The scenario:
@@ -270,7 +271,7 @@ class Daemon:
             self.event("RESUME")
             return {}
         if name in ("quit", "system_powerdown", "set_password", "migrate-set-capabilities",
-                    "migrate-set-parameters", "migrate-incoming"):
+                    "migrate-set-parameters"):
             return {}
         if name == "query-vnc":
             return {"enabled": False}
@@ -291,6 +292,8 @@ class Daemon:
             return {}
         if name == "migrate":
             return self.migrate(str(args["uri"]))
+        if name == "migrate-incoming":
+            return self.incoming(str(args["uri"]))
         if name == "query-migrate":
             return dict(self.migration)
         if name == "migrate_cancel":
@@ -315,13 +318,29 @@ class Daemon:
             return self.snapshot(name, str(args["device"]), str(args["name"]))
         raise QmpError(f"The command {name} has not been found", "CommandNotFound")
 
-    def migrate(self, uri: str) -> dict[str, Any]:
+    def channel(self, uri: str) -> int:
+        """The file a migration URI names: fd:NAME (getfd) or file:/dev/fdset/N (add-fd)."""
         if uri.startswith("fd:"):
-            fd = self.fds.pop(uri[3:])
-        elif uri.startswith("file:/dev/fdset/"):
-            fd = self.fdsets[int(uri.rsplit("/", 1)[1])]
-        else:
-            raise QmpError(f"fake QEMU: unsupported migration URI {uri}")
+            return self.fds.pop(uri[3:])
+        if uri.startswith("file:/dev/fdset/"):
+            return self.fdsets[int(uri.rsplit("/", 1)[1])]
+        raise QmpError(f"fake QEMU: unsupported migration URI {uri}")
+
+    def incoming(self, uri: str) -> dict[str, Any]:
+        """Load a state: read the whole file (through the descriptor whose offset cbsd
+        follows), then stop as QEMU does with -S: paused, the migration completed."""
+        if self.state != "inmigrate":
+            raise QmpError("The incoming migration has already been started")
+        fd = self.channel(uri)
+        while os.read(fd, 1 << 16):
+            pass
+        os.close(fd)
+        self.migration = {"status": "completed"}
+        self.state = "paused"
+        return {}
+
+    def migrate(self, uri: str) -> dict[str, Any]:
+        fd = self.channel(uri)
         os.write(fd, PAYLOAD)
         os.close(fd)
         total = len(PAYLOAD)

@@ -1,6 +1,7 @@
 """bstart and bstop's orchestration against the fake QEMU (tests/unit/fakeqemu.py): the
-launch, the QMP commands sent, the status after, and what a QEMU that fails or dies during
-the start leaves (nothing: no process, no pid recorded, no socket or pid file)."""
+launch (cold, paused, from a checkpoint), the QMP commands sent, the status after, and what
+a QEMU that fails or dies during the start leaves (nothing: no process, no pid recorded, no
+socket or pid file)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import os
 
 import pytest
 
-from cbsd.core import lifecycle
+from cbsd.core import checkpoints, lifecycle
 from cbsd.core.context import Context
 from cbsd.core.model import Status, VMSpec
 from cbsd.core.vm import VM
 from cbsd.errors import QemuError
 from cbsd.qemu import process
+from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import FakeQemu
 
 
@@ -107,3 +109,32 @@ def test_stop_noacpi_quits_qemu(ctx: Context, vm1: VMSpec, fake: FakeQemu) -> No
     assert lifecycle.stop(ctx, "vm1", noacpi=True) == "vm1: powered off"
     assert "quit" in fake.commands(mark)
     assert_nothing_left(ctx, fake)
+
+
+def test_start_from_a_checkpoint_loads_it_and_runs_the_guest(ctx: Context, vm1: VMSpec,
+                                                             fake: FakeQemu) -> None:
+    lifecycle.start(ctx, "vm1")
+    checkpoints.create(ctx, "vm1", "c1", poweroff=True)
+    assert status(ctx) is Status.OFF
+    mark = fake.mark()
+    assert lifecycle.start(ctx, "vm1", checkpoint="c1") == "vm1: restored from checkpoint c1"
+    pid = ctx.inventory.runtime("vm1")[0]
+    assert b"-incoming\0defer\0" in process.cmdline(pid)
+    cmds = fake.commands(mark)
+    loads = [r for r in fake.received()[mark:] if r["execute"] == "migrate-incoming"]
+    assert [r["arguments"]["uri"] for r in loads] == ["fd:cbsd-load"]
+    assert cmds.index("getfd") < cmds.index("migrate-incoming") < cmds.index("cont")
+    assert status(ctx) is Status.ON
+
+
+def test_a_qemu_that_dies_while_loading_a_checkpoint_leaves_nothing(
+        ctx: Context, vm1: VMSpec, fake: FakeQemu) -> None:
+    lifecycle.start(ctx, "vm1")
+    checkpoints.create(ctx, "vm1", "c1", poweroff=True)
+    fake.fail("migrate-incoming", "die")
+    with pytest.raises(QemuError, match=r"^vm1: QEMU exited while loading the checkpoint c1"
+                                        r".*; the VM is Off$"):
+        lifecycle.start(ctx, "vm1", checkpoint="c1")
+    assert_nothing_left(ctx, fake)
+    assert ckpstore.has_manifest(ctx.workdir.checkpoint("vm1", "c1"))  # the state stays
+    assert lifecycle.start(ctx, "vm1", checkpoint="c1") == "vm1: restored from checkpoint c1"
