@@ -79,6 +79,46 @@ def test_a_save_writes_the_stream_and_puts_the_guest_back(running: VM, fake: Fak
     assert not list(running.ctx.workdir.system("vm1").rglob(INTENT))
 
 
+QEMU_10 = {"version": "10.0.0", "capabilities": ["background-snapshot", "x-ignore-shared",
+                                                 "mapped-ram", "multifd"]}
+
+
+def test_a_save_on_qemu_10_hands_an_fdset_and_uses_mapped_ram(
+        ctx: Context, vm1: VMSpec, fake: FakeQemu) -> None:
+    fake.script(**QEMU_10)
+    lifecycle.start(ctx, "vm1")
+    with ctx.locked_vm("vm1", "test") as vm:
+        mark = fake.mark()
+        m = save_mod.save(vm, checkpoint(vm), name="c1", kind="checkpoint")
+        assert vm.monitor().status() == "running"
+    reqs = fake.received()[mark:]
+    (add,) = [r for r in reqs if r["execute"] == "add-fd"]
+    assert add["fd"] and not [r for r in reqs if r["execute"] == "getfd"]
+    (mig,) = [r for r in reqs if r["execute"] == "migrate"]
+    assert mig["arguments"]["uri"].startswith("file:/dev/fdset/")
+    assert {"capability": "mapped-ram", "state": True} in [
+        c for r in reqs if r["execute"] == "migrate-set-capabilities"
+        for c in r["arguments"]["capabilities"]]
+    assert "remove-fd" in fake.commands(mark)  # the fdset released once QEMU is done
+    assert m.migration["capabilities"] == ["mapped-ram", "multifd"]
+    assert (checkpoint(vm) / ckpstore.MEMORY).read_bytes() == PAYLOAD
+
+
+def test_a_failed_save_on_qemu_10_reactivates_a_paused_guests_disks_without_running_it(
+        ctx: Context, vm1: VMSpec, fake: FakeQemu, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.script(**QEMU_10)
+    lifecycle.start(ctx, "vm1", paused=True)
+    fail_at(monkeypatch, "save:saved")  # after the migration completed: postmigrate
+    with ctx.locked_vm("vm1", "test") as vm:
+        mark = fake.mark()
+        with pytest.raises(Injected):
+            save_mod.save(vm, checkpoint(vm), name="c1", kind="checkpoint")
+        cmds = fake.commands(mark)
+        assert "blockdev-set-active" in cmds and "cont" not in cmds
+        # vCPUs still stopped (QEMU stays in postmigrate), disks writable again.
+        assert_rolled_back(vm, fake, state="postmigrate")
+
+
 @pytest.mark.parametrize("point", ROLLBACK_POINTS)
 def test_a_failure_at_each_step_resumes_the_guest(running: VM, fake: FakeQemu,
                                                   monkeypatch: pytest.MonkeyPatch,
