@@ -51,6 +51,17 @@ from typing import Any
 SCENARIO_ENV = "CBSD_FAKE_QEMU_DIR"
 PAYLOAD = bytes(range(256)) * 1024  # what a migration writes: 256 KiB, not all zero
 
+# The probes cbsd runs once per binary (qemu/host.py: --version, -machine help, -device help)
+# are answered by the shell: three Python start-ups would cost more than the rest of a test.
+WRAPPER = """#!/bin/sh
+case "$*" in
+    --version) echo "QEMU emulator version $(cat {home}/version) (fake)"; exit 0 ;;
+    "-machine help") exec cat {home}/machines.txt ;;
+    "-device help") exec cat {home}/devices.txt ;;
+esac
+{env}={home} exec {python} {script} "$@"
+"""
+
 # --- the test side ------------------------------------------------------------------------
 
 
@@ -61,8 +72,10 @@ class FakeQemu:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.binary = home / "qemu-system-x86_64"
-        self.binary.write_text(f"#!/bin/sh\n{SCENARIO_ENV}={home} exec {sys.executable} "
-                               f"{Path(__file__).resolve()} \"$@\"\n")
+        (home / "machines.txt").write_text(MACHINES)
+        (home / "devices.txt").write_text(DEVICES)
+        self.binary.write_text(WRAPPER.format(home=home, env=SCENARIO_ENV, python=sys.executable,
+                                              script=Path(__file__).resolve()))
         self.binary.chmod(0o755)
         self.scenario: dict[str, Any] = {}
         self.script(**scenario)
@@ -70,6 +83,7 @@ class FakeQemu:
     def script(self, **changes: Any) -> None:
         """Change the scenario (the daemon re-reads its failures on every command)."""
         self.scenario.update(changes)
+        (self.home / "version").write_text(str(self.scenario.get("version", "7.2.0")))
         tmp = self.home / "scenario.json.tmp"
         tmp.write_text(json.dumps(self.scenario))
         tmp.replace(self.home / "scenario.json")
@@ -191,7 +205,7 @@ class Daemon:
     def serve(self, listener: socket.socket) -> None:
         while True:
             conn, _ = listener.accept()
-            with conn:
+            with conn, contextlib.suppress(OSError):  # a client gone mid-reply: QEMU lives on
                 self.session(conn)
 
     def session(self, conn: socket.socket) -> None:
@@ -372,13 +386,6 @@ class QmpError(Exception):
 
 def main(argv: list[str]) -> int:
     home = Path(os.environ[SCENARIO_ENV])
-    if "--version" in argv:
-        print(f"QEMU emulator version {Daemon(home, []).version} (fake)")
-        return 0
-    for opt, val in itertools.pairwise(argv):
-        if val == "help":
-            print(MACHINES if opt == "-machine" else DEVICES, end="")
-            return 0
     daemon = Daemon(home, argv)
     launch = daemon.scenario().get("launch", "ok")
     if launch == "fail":
