@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from cbsd.core import checkpoints, lifecycle
+from cbsd.core import checkpoints, hibernate, lifecycle
 from cbsd.core.context import Context
 from cbsd.core.model import Status, VMSpec
 from cbsd.core.vm import VM
@@ -138,3 +138,21 @@ def test_a_qemu_that_dies_while_loading_a_checkpoint_leaves_nothing(
     assert_nothing_left(ctx, fake)
     assert ckpstore.has_manifest(ctx.workdir.checkpoint("vm1", "c1"))  # the state stays
     assert lifecycle.start(ctx, "vm1", checkpoint="c1") == "vm1: restored from checkpoint c1"
+
+
+def test_start_of_a_suspended_vm_resumes_it_and_retires_the_image(
+        ctx: Context, vm1: VMSpec, fake: FakeQemu) -> None:
+    lifecycle.start(ctx, "vm1")
+    hibernate.suspend(ctx, "vm1")
+    image = ctx.workdir.hibernation("vm1")
+    assert status(ctx) is Status.SUSPENDED and ckpstore.has_manifest(image)
+    (tag,) = [s.tag for s in ckpstore.read_manifest(image).disk_snapshots]
+    mark = fake.mark()
+    assert lifecycle.start(ctx, "vm1") == "vm1: resumed from hibernation"
+    cmds = fake.commands(mark)
+    assert cmds.index("migrate-incoming") < cmds.index("cont")
+    # Retired once loaded: its disk snapshot released through QEMU, the image gone.
+    assert [r["arguments"]["name"] for r in fake.received()[mark:]
+            if r["execute"] == "blockdev-snapshot-delete-internal-sync"] == [tag]
+    assert not ckpstore.has_manifest(image)
+    assert status(ctx) is Status.ON
