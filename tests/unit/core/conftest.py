@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import lifecycle
-from cbsd.core.context import Context
-from cbsd.core.model import VMSpec
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.model import VMSpec
 from cbsd.qemu import host
 from cbsd.storage.paths import Workdir
 from tests.unit.fakeqemu import FakeQemu

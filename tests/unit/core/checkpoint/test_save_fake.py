@@ -1,4 +1,4 @@
-"""Save's rollback (core/save.py) at each of its failure points, against the fake QEMU
+"""Save's rollback (core/checkpoint/save.py) at each of its failure points, against the fake QEMU
 (tests/unit/fakeqemu.py): a failpoint raising at each named step, a QMP command answering an
 error at each step, and QEMU dying in the middle. Whatever failed: the guest runs again if it
 was running (stays paused if it was paused), no checkpoint or temporary directory is left,
@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import lifecycle
-from cbsd.core import save as save_mod
-from cbsd.core.context import Context
-from cbsd.core.model import VMSpec
-from cbsd.core.recovery import INTENT, TAG_PREFIX
-from cbsd.core.vm import VM
+from cbsd.core.checkpoint import save as save_mod
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
+from cbsd.core.vm.recovery import INTENT
+from cbsd.core.vm.states import TAG_PREFIX
 from cbsd.errors import CbsdError, QemuError
 from cbsd.failpoints import failpoint as real_failpoint
+from cbsd.model import VMSpec
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import PAYLOAD, FakeQemu

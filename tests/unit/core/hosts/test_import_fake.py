@@ -1,9 +1,9 @@
-"""bimport's two-phase registration (core/transfer.py import_/commit/abort, core/staging.py),
-as bmove drives it on a node: an archive of a VM with a checkpoint, made on one workdir with
-the fake QEMU (tests/unit/fakeqemu.py), staged on another, then committed or aborted. What is
-asserted is what bmove's settle relies on: a commit registers the VM with its disk, its
-checkpoint and the checkpoint's disk snapshot; a retried commit and a late abort both answer
-'committed' instead of importing twice or dropping it; an abort before the commit leaves
+"""bimport's two-phase registration (core/hosts/transfer.py import_/commit/abort,
+core/hosts/staging.py), as bmove drives it on a node: an archive of a VM with a checkpoint, made
+on one workdir with the fake QEMU (tests/unit/fakeqemu.py), staged on another, then committed or
+aborted. What is asserted is what bmove's settle relies on: a commit registers the VM with its
+disk, its checkpoint and the checkpoint's disk snapshot; a retried commit and a late abort both
+answer 'committed' instead of importing twice or dropping it; an abort before the commit leaves
 nothing."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import checkpoints, lifecycle, staging, transfer
-from cbsd.core.context import Context
-from cbsd.core.model import VMSpec
-from cbsd.core.vm import VM
+from cbsd.core.checkpoint import checkpoints
+from cbsd.core.hosts import staging, transfer
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
 from cbsd.errors import StateError
+from cbsd.model import VMSpec
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
 from cbsd.storage.paths import Workdir

@@ -1,8 +1,9 @@
-"""The settles of an interrupted bmove and bmigrate (core/move.py settle, core/migrate.py
-settle), reached as every command reaches them: through recovery under the VM's lock. The
-node is a fake (tests/unit/fakenode.py: an ssh on the PATH and a scripted cbsd), so each
-answer a node can give -- aborted, committed, registered, absent, garbage, unreachable -- is
-met by the real Node code; the VM's QEMU is the fake QEMU (tests/unit/fakeqemu.py)."""
+"""The settles of an interrupted bmove and bmigrate (core/vm/moving.py: settle and settle_migrate,
+once in core/hosts/move.py and migrate.py), reached as every command reaches them: through
+recovery under the VM's lock. The node is a fake (tests/unit/fakenode.py: an ssh on the PATH and
+a scripted cbsd), so each answer a node can give -- aborted, committed, registered, absent,
+garbage, unreachable -- is met by the real Node code; the VM's QEMU is the fake QEMU
+(tests/unit/fakeqemu.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import lifecycle
-from cbsd.core.context import Context
-from cbsd.core.model import VMSpec
-from cbsd.core.vm import VM
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
 from cbsd.errors import StateError
+from cbsd.model import VMSpec
 from cbsd.qemu import process
 from cbsd.storage.atomic import write_atomic
 from tests.unit.fakenode import FakeNode
@@ -145,7 +146,7 @@ def test_bmigrate_absent_on_the_node_resumes_the_vm_here(
     # Cut off after the migration completed: stopped, disks inactive, its mirror target in.
     fake.script(state="postmigrate", added=["mig-disk0"])
     vm = VM.load(ctx, "vm1")
-    vm.launch()
+    vm.launch(ram_file=False)
     vm.close()
     node.answer(STATUS, out="absent\n")
     intent = intend(ctx, {"node": "n1", "live": True, "ssh": []})

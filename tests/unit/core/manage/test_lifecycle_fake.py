@@ -9,11 +9,12 @@ import os
 
 import pytest
 
-from cbsd.core import checkpoints, hibernate, lifecycle
-from cbsd.core.context import Context
-from cbsd.core.model import Status, VMSpec
-from cbsd.core.vm import VM
+from cbsd.core.checkpoint import checkpoints, hibernate
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
 from cbsd.errors import QemuError
+from cbsd.model import Status, VMSpec
 from cbsd.qemu import process
 from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import FakeQemu

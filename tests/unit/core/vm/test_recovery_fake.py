@@ -1,4 +1,4 @@
-"""recover() end to end (core/recovery.py), one test per row of plan()'s table, against the
+"""recover() end to end (core/vm/recovery.py), one test per row of plan()'s table, against the
 fake QEMU (tests/unit/fakeqemu.py) left in the run state an interrupted command leaves: the
 QMP commands recovery sends, the process (ended or not), and the files left. plan() itself is
 tested as a table in tests/unit/test_recovery.py; here its steps are carried out."""
@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core import lifecycle, recovery
-from cbsd.core import save as save_mod
-from cbsd.core import vm as vm_mod
-from cbsd.core.context import Context
-from cbsd.core.model import VMSpec
-from cbsd.core.recovery import INTENT, TAG_PREFIX
-from cbsd.core.vm import VM
+from cbsd.core.checkpoint import save as save_mod
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm import machine as vm_mod
+from cbsd.core.vm import recovery
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
+from cbsd.core.vm.recovery import INTENT
+from cbsd.core.vm.states import TAG_PREFIX
 from cbsd.errors import QemuError
+from cbsd.model import VMSpec
 from cbsd.qemu import img, process
 from cbsd.storage import ckpstore
 from tests.unit.fakeqemu import FakeQemu
@@ -29,7 +31,7 @@ def launch(ctx: Context, fake: FakeQemu, state: str) -> int:
     """A QEMU of vm1 in run state *state*; its pid."""
     fake.script(state=state)
     vm = VM.load(ctx, "vm1")
-    vm.launch()
+    vm.launch(ram_file=False)
     vm.close()
     return vm.pid
 
