@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import Cbsd
 from tests.guests.netns import Netns
+from tests.harness import Cbsd, kill_vms
 
 SUBNET = "10.251.0"
 
@@ -150,10 +150,8 @@ def _start_sshd(h: Host, base: Path) -> None:
 
 
 def remove(hosts: tuple[Host, ...]) -> None:
-    from tests.conftest import _kill_vms
-
     for h in hosts:
-        _kill_vms(h.cbsd.workdir)
+        kill_vms(h.cbsd.workdir)
         if h.sshd is not None:
             h.sshd.terminate()
             h.sshd.wait(10)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
 from tests.guests import hosts as twohosts
 from tests.guests.debian import debian_guest
 from tests.guests.netns import Netns
+from tests.harness import Cbsd
 from tests.integration.test_debian import HOSTNAME, SSH_PORT, USER, Debian
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
 
 pytestmark = pytest.mark.vm
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cbsd
+from tests.harness import Cbsd
 from tests.integration.test_debian import Debian
 from tests.integration.test_pause import HEAVY, launched
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
 from tests.guests.debian import DebianGuest
 from tests.guests.netns import Netns
+from tests.harness import Cbsd
 
 pytestmark = [pytest.mark.vm, pytest.mark.debian]
 

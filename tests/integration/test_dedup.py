@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, proc_alive, proc_state
+from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_alive, proc_state
 from tests.integration.test_checkpoints import checkpoint, qemu_processes, restore
 
 pytestmark = pytest.mark.vm
@@ -24,11 +24,9 @@ pytestmark = pytest.mark.vm
 @pytest.fixture
 def ecbsd(tmp_path: Path) -> Iterator[Cbsd]:
     """A workdir on /tmp's filesystem, which cannot clone files (so RAM is not a file)."""
-    from tests.conftest import _kill_vms
-
     cbsd = Cbsd(tmp_path / "ext4-wd")
     yield cbsd
-    _kill_vms(cbsd.workdir)
+    kill_vms(cbsd.workdir)
 
 
 def start(cbsd: Cbsd, image: Path) -> None:

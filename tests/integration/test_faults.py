@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, tmpfs
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, tmpfs
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 
 pytestmark = pytest.mark.vm

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cbsd
+from tests.harness import Cbsd
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 from tests.integration.test_faults import assert_guest_fine, hidden_leftovers
 

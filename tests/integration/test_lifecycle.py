@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
 
 pytestmark = pytest.mark.vm
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux
+from tests.harness import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux
 from tests.integration.test_checkpoints import qemu_processes
 from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_state
 from tests.guests import hosts as twohosts
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, kill_vms, proc_state
 from tests.integration.test_checkpoints import qemu_processes
 
 pytestmark = [pytest.mark.vm]
@@ -74,11 +74,9 @@ def restored_from(cbsd: Cbsd, jname: str, name: str, at: tuple[int, int]) -> Non
 
 @pytest.fixture
 def other(tmp_path: Path) -> Iterator[Cbsd]:
-    from tests.conftest import _kill_vms
-
     runner = Cbsd(tmp_path / "wd2")
     yield runner
-    _kill_vms(runner.workdir)
+    kill_vms(runner.workdir)
 
 
 def leftovers(cbsd: Cbsd) -> list[str]:

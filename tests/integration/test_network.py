@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Cbsd, create_linux, proc_alive
 from tests.guests.netns import Netns
+from tests.harness import Cbsd, create_linux, kill_vms, proc_alive
 
 pytestmark = [pytest.mark.vm, pytest.mark.linux]
 
@@ -32,11 +32,9 @@ def ns() -> Iterator[Netns]:
 
 @pytest.fixture
 def netcbsd(tmp_path, ns: Netns) -> Iterator[Cbsd]:  # type: ignore[no-untyped-def]
-    from tests.conftest import _kill_vms
-
     runner = Cbsd(tmp_path / "wd", prefix=ns.prefix)
     yield runner
-    _kill_vms(runner.workdir)
+    kill_vms(runner.workdir)
     pidfile = runner.workdir / "var" / "run" / "dnsmasq-cbsd0.pid"
     if pidfile.exists():  # cbsd0's dnsmasq lives as long as its network: end it with the test
         os.kill(int(pidfile.read_text()), signal.SIGTERM)

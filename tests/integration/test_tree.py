@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Cbsd
+from tests.harness import Cbsd
 from tests.integration.test_checkpoints import checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import cbsd as cbsd_pkg
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
 from tests.integration.test_checkpoints import disk_tags, qemu_processes
 from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
 from tests.guests import hosts as twohosts
 from tests.guests.netns import Netns
+from tests.harness import Cbsd, kill_vms
 from tests.integration.test_checkpoints import qemu_processes
 from tests.integration.test_many_hosts import (
     counting,
@@ -214,8 +214,6 @@ def test_bmove_whose_commit_was_killed_after_registering_reports_the_move(two,  
 
 def test_cbsd0_belongs_to_one_workdir_and_another_is_refused_naming_it(tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                        counter_image) -> None:
-    from tests.conftest import _kill_vms
-
     ns = Netns.create("own")
     first = Cbsd(tmp_path / "wd1", prefix=ns.prefix)
     second = Cbsd(tmp_path / "wd2", prefix=ns.prefix)
@@ -233,7 +231,7 @@ def test_cbsd0_belongs_to_one_workdir_and_another_is_refused_naming_it(tmp_path:
         first("bstart", "vm1").ok()  # its owner goes on using it
     finally:
         for c in (first, second):
-            _kill_vms(c.workdir)
+            kill_vms(c.workdir)
             pidfile = c.workdir / "var" / "run" / "dnsmasq-cbsd0.pid"
             if pidfile.exists():
                 os.kill(int(pidfile.read_text()), signal.SIGTERM)

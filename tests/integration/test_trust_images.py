@@ -22,8 +22,8 @@ import pytest
 
 from cbsd.storage.archive import HEADER, SEAL, Writer
 from cbsd.storage.chunkstore import MAGIC, RECIPE
-from tests.conftest import COUNTER_RE, Cbsd, _kill_vms
 from tests.guests import build
+from tests.harness import COUNTER_RE, Cbsd, kill_vms
 from tests.integration.test_dedup import wait_folded
 from tests.integration.test_many_hosts import leftovers, vm_with_checkpoints
 
@@ -78,7 +78,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         cbsd("bstop", "vm1", "noacpi=1").ok()
         cbsd("bexport", "jname=vm1", f"out={tmp / 'vm1.cbsd'}").ok()
     finally:
-        _kill_vms(cbsd.workdir)
+        kill_vms(cbsd.workdir)
     yield tmp / "vm1.cbsd"
 
 
@@ -86,7 +86,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def other(tmp_path: Path) -> Iterator[Cbsd]:
     runner = Cbsd(tmp_path / "wd2")
     yield runner
-    _kill_vms(runner.workdir)
+    kill_vms(runner.workdir)
 
 
 def refused(other: Cbsd, archive: Path, message: str) -> None:
