@@ -162,7 +162,7 @@ def test_qemu_opens_no_backing_file_whatever_the_header_says(tmp_path: Path) -> 
 
     from cbsd.core.model import VMSpec
     from cbsd.qemu.argv import build_argv
-    from tests.unit.test_argv import HOST, PATHS
+    from tests.unit.qemu.test_argv import HOST, PATHS
 
     image, host = hostile(tmp_path, "backing")
     argv = build_argv(VMSpec(jname="x", ram=32 << 20, machine="pc", disks=["dsk1.qcow2"]),
