@@ -198,14 +198,24 @@ def xfs_mount(mnt: Path, size: str = "24G") -> Iterator[Path]:
         image.unlink()
 
 
-def kill_vms(wd: Path) -> None:
+def kill_vms(wd: Path, timeout: float = 30) -> None:
     """Whatever a test did, no QEMU outlives it: every QEMU whose command line names this
-    test's workdir (whether or not the inventory recorded it)."""
+    test's workdir (whether or not the inventory recorded it) is killed, and this returns
+    once each is gone (a zombie counts: it holds no file open), so what comes next -- an
+    unmount, the next test's QEMU on the same port -- never races a dying one."""
+    marker = str(wd).encode()
+    killed = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and b"qemu-system" in (cmd := proc_cmdline(int(entry))) \
-                and str(wd).encode() in cmd:
+                and marker in cmd:
             with contextlib.suppress(OSError):
                 os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    deadline = time.monotonic() + timeout
+    # A pid is gone once it is not this workdir's QEMU any more (never mistaken for a reuse).
+    while alive := [p for p in killed if proc_alive(p) and marker in proc_cmdline(p)]:
+        assert time.monotonic() < deadline, f"QEMU {alive} outlived SIGKILL for {timeout} s"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -225,7 +235,6 @@ def _unmounted_after(mnt: Path) -> Iterator[None]:
         yield
     finally:
         kill_vms(mnt)
-        time.sleep(0.2)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
