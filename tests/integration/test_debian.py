@@ -104,11 +104,18 @@ class Debian:
         assert integrity == "ok"
         assert count == top, "no row is missing from the database"
         assert top in (mem, mem + 1), f"disk ({top}) and memory ({mem}) disagree"
-        time.sleep(1.0)
-        assert self.workload()[0] > mem, "the workload continues"
+        self.wait_rows(past=mem, what="the workload continues")
         failed = self.ssh("systemctl --failed --no-legend --plain").stdout.strip()
         assert failed == "", failed
         return mem
+
+    def wait_rows(self, past: int, what: str, timeout: float = 120) -> int:
+        """Until the workload's row number (in memory) is above *past*; returns it."""
+        deadline = time.monotonic() + timeout
+        while (now := self.workload()[0]) <= past:
+            assert time.monotonic() < deadline, f"{what}: still at row {now}, not past {past}"
+            time.sleep(0.2)
+        return now
 
     def clock_offset(self) -> float:
         """Guest clock minus host clock, in seconds (the SSH round trip counted as a bound)."""
@@ -147,11 +154,11 @@ def test_restore_twice_then_older_after_newer(deb: Debian) -> None:
     deb.guest_is_sound(boot)
     deb.cbsd("bcheckpoint", "mode=create", "jname=deb", "name=c1").ok()
     at_c1 = deb.workload()[0]
-    time.sleep(4)
+    # Rows apart (40: 4 s of the workload), not seconds apart: a loaded host runs it slower.
+    deb.wait_rows(past=at_c1 + 40, what="the workload goes on after c1")
     deb.cbsd("bcheckpoint", "mode=create", "jname=deb", "name=c2").ok()
     at_c2 = deb.workload()[0]
-    time.sleep(4)
-    late = deb.workload()[0]
+    late = deb.wait_rows(past=at_c2 + 40, what="the workload goes on after c2")
     for name, at in (("c2", at_c2), ("c2", at_c2), ("c1", at_c1)):
         deb.cbsd("bstop", "deb", "noacpi=1").ok()
         deb.cbsd("bstart", "deb", f"checkpoint={name}").ok()

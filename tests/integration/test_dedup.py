@@ -207,7 +207,12 @@ def test_commands_never_wait_on_a_fold(ecbsd: Cbsd, counter_image) -> None:  # t
     pid = helper_at(ecbsd, "fold:locked", "name=c")
     assert ecbsd.status("vm1") == "On"
     stop = ecbsd.popen("bstop", "vm1", "noacpi=1")
-    time.sleep(0.3)
+    # bstop asks the fold to give way with a file beside the VM's lock (core/lock.py)
+    asked = ecbsd.workdir / "var" / "lock" / "vm1.lock.yield"
+    deadline = time.monotonic() + 60
+    while not asked.exists():
+        assert stop.poll() is None and time.monotonic() < deadline, "bstop never asked"
+        time.sleep(0.02)
     os.kill(pid, signal.SIGCONT)  # it sees the request at its first chunk and gives way
     assert stop.wait(30) == 0
     assert stored(ecbsd) == {"c": "stream"}
