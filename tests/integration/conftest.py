@@ -16,9 +16,9 @@ import pytest
 
 from tests.guests import hosts as twohosts
 from tests.guests.debian import debian_guest
+from tests.guests.debian_ssh import HOSTNAME, SSH_PORT, USER, Debian
 from tests.guests.netns import Netns
 from tests.harness import Cbsd
-from tests.integration.test_debian import HOSTNAME, SSH_PORT, USER, Debian
 
 
 @pytest.fixture(scope="session")
