@@ -154,6 +154,7 @@ COUNTER_RE = r"n=(\d+) disk=(\d+) (OK|BAD)"
 
 
 def counter_lines(text: str) -> list[tuple[int, int, str]]:
+    """(count, count read back from the disk, OK|BAD) of each counter line in *text*."""
     return [(int(a), int(b), c) for a, b, c in re.findall(COUNTER_RE, text)]
 
 
@@ -163,6 +164,7 @@ def proc_alive(pid: int) -> bool:
 
 
 def proc_state(pid: int) -> str:
+    """The state letter /proc gives the process (R, S, T, Z, ...); "" once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
@@ -171,6 +173,7 @@ def proc_state(pid: int) -> str:
 
 
 def proc_cmdline(pid: int) -> bytes:
+    """A process's argv, NUL-separated; b"" once it is gone (or a zombie)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read()
@@ -201,19 +204,13 @@ def xfs_mount(mnt: Path, size: str = "24G") -> Iterator[Path]:
 def kill_vms(wd: Path, timeout: float = 30) -> None:
     """Whatever a test did, no QEMU outlives it: every QEMU whose command line names this
     test's workdir (whether or not the inventory recorded it) is killed, and this returns
-    once each is gone (a zombie counts: it holds no file open), so what comes next -- an
-    unmount, the next test's QEMU on the same port -- never races a dying one."""
-    marker = str(wd).encode()
-    killed = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and b"qemu-system" in (cmd := proc_cmdline(int(entry))) \
-                and marker in cmd:
-            with contextlib.suppress(OSError):
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
+    once none is left (a zombie counts as gone: it holds no file open), so what comes next --
+    an unmount, the next test's QEMU on the same port -- never races a dying one."""
     deadline = time.monotonic() + timeout
-    # A pid is gone once it is not this workdir's QEMU any more (never mistaken for a reuse).
-    while alive := [p for p in killed if proc_alive(p) and marker in proc_cmdline(p)]:
+    while alive := qemu_processes(wd):
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         assert time.monotonic() < deadline, f"QEMU {alive} outlived SIGKILL for {timeout} s"
         time.sleep(0.02)
 
@@ -251,9 +248,91 @@ TICK_RE = r"tick n=(\d+) up=([\d.]+) disk=(\d+) (OK|BAD)"
 
 
 def create_linux(cbsd: Cbsd, guest: tuple[Path, Path], jname: str = "lx", *extra: str) -> str:
+    """Define (not start) a VM that boots the Linux test guest (kernel, initrd); *extra*
+    key=value pairs replace or add to its keys."""
     kernel, initrd = guest
     keys = {"kernel": str(kernel), "initrd": str(initrd), "cmdline": LINUX_CMDLINE,
             "vm_ram": "256m", "imgsize": "16m"}
     keys.update(e.split("=", 1) for e in extra)  # type: ignore[arg-type]
     cbsd("bcreate", f"jname={jname}", *(f"{k}={v}" for k, v in keys.items())).ok()
     return jname
+
+
+# --- What tests judge a VM by: its checkpoints, its QEMUs, the counter guest's lines
+# (shared by the checkpoint, fault, management, many-hosts and trust suites).
+
+
+def last_count(cbsd: Cbsd, jname: str) -> int:
+    """The last count the counter guest printed on its console."""
+    return counter_lines(cbsd.console(jname).text())[-1][0]
+
+
+def checkpoint(cbsd: Cbsd, jname: str, name: str, *extra: str) -> tuple[int, int]:
+    """Create a checkpoint; returns (last count before, last count after) the command: the
+    count frozen in the checkpoint lies between them."""
+    before = last_count(cbsd, jname)
+    r = cbsd("bcheckpoint", "mode=create", f"jname={jname}", f"name={name}", *extra).ok()
+    path = cbsd.system(jname) / "checkpoints" / f"{name}.ckp"
+    assert r.out.strip() == f"Checkpoint was created!: {path}"
+    return before, last_count(cbsd, jname)
+
+
+def restore(cbsd: Cbsd, jname: str, name: str, *extra: str) -> list[tuple[int, int, str]]:
+    """Restore; returns the guest's first three lines after it. Fails on any sign of a boot."""
+    con = cbsd.console(jname)
+    mark = con.mark()
+    r = cbsd("bstart", f"jname={jname}", f"checkpoint={name}", *extra).ok()
+    assert r.out.strip().startswith(f"{jname}: restored from checkpoint {name}")
+    con.wait(COUNTER_RE, since=mark, count=3)
+    assert "BOOT" not in con.since(mark), "a restore must not reboot the guest"
+    return counter_lines(con.since(mark))[:3]
+
+
+def qemu_processes(workdir: Path) -> list[int]:
+    """The live (not zombie) QEMUs whose command line names *workdir*."""
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()
+            and b"qemu-system" in (cmd := proc_cmdline(int(d))) and str(workdir).encode() in cmd
+            and proc_alive(int(d))]
+
+
+def disk_tags(cbsd: Cbsd, jname: str) -> list[str]:
+    """The internal snapshots of the VM's first disk (read with -U: QEMU may hold it)."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                          str(cbsd.workdir / "vm" / jname / "dsk1.qcow2")],
+                         capture_output=True, text=True, check=True).stdout
+    return [s["name"] for s in json.loads(out).get("snapshots", [])]
+
+
+def hidden_leftovers(cbsd: Cbsd, jname: str) -> list[str]:
+    """Partial or retired states still on disk. Retired ones ('.del-') are removed by a
+    detached process after the command returns: they get a few seconds to go."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
+            if d.is_dir():
+                found += [p.name for p in d.iterdir() if ".ckp." in p.name]
+        if not any(".del-" in f for f in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def assert_guest_fine(cbsd: Cbsd, jname: str) -> None:
+    """The guest runs, counting, with its disk matching its memory."""
+    con = cbsd.console(jname)
+    mark = con.mark()
+    con.wait(COUNTER_RE, since=mark, count=2)
+    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
+
+
+def restore_is_sound(cbsd: Cbsd, jname: str, name: str) -> None:
+    """Restore checkpoint *name* (stopping the VM first): the guest continues without a
+    boot, its disk matching its memory."""
+    if cbsd.status(jname) != "Off":
+        cbsd("bstop", jname, "noacpi=1").ok()
+    con = cbsd.console(jname)
+    mark = con.mark()
+    cbsd("bstart", jname, f"checkpoint={name}").ok()
+    con.wait(COUNTER_RE, since=mark, count=2)
+    assert "BOOT" not in con.since(mark)
+    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))

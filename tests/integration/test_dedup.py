@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_alive, proc_state
-from tests.integration.test_checkpoints import checkpoint, qemu_processes, restore
+from tests.harness import (
+    COUNTER_RE,
+    Cbsd,
+    checkpoint,
+    kill_vms,
+    proc_alive,
+    proc_state,
+    qemu_processes,
+    restore,
+)
 
 pytestmark = pytest.mark.vm
 

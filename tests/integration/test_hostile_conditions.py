@@ -19,9 +19,19 @@ from pathlib import Path
 import pytest
 
 import cbsd as cbsd_pkg
-from tests.harness import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
-from tests.integration.test_checkpoints import disk_tags, qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
+from tests.harness import (
+    COUNTER_RE,
+    Cbsd,
+    assert_guest_fine,
+    counter_lines,
+    disk_tags,
+    hidden_leftovers,
+    proc_alive,
+    qemu_processes,
+    restore_is_sound,
+    start_counter,
+    tmpfs,
+)
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,9 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import Cbsd
-from tests.integration.test_checkpoints import disk_tags, qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers
+from tests.harness import Cbsd, assert_guest_fine, disk_tags, hidden_leftovers, qemu_processes
 
 pytestmark = pytest.mark.vm
 

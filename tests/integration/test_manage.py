@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux
-from tests.integration.test_checkpoints import qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
+from tests.harness import (
+    COUNTER_RE,
+    TICK_RE,
+    Cbsd,
+    assert_guest_fine,
+    counter_lines,
+    create_linux,
+    hidden_leftovers,
+    qemu_processes,
+    restore_is_sound,
+)
 
 pytestmark = pytest.mark.vm
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.guests import hosts as twohosts
-from tests.harness import COUNTER_RE, Cbsd, counter_lines, kill_vms, proc_state
-from tests.integration.test_checkpoints import qemu_processes
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, kill_vms, proc_state, qemu_processes
 
 pytestmark = [pytest.mark.vm]
 

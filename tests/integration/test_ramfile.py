@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_cmdline
-from tests.integration.test_checkpoints import checkpoint, restore
+from tests.harness import COUNTER_RE, Cbsd, checkpoint, kill_vms, proc_cmdline, restore
 
 pytestmark = pytest.mark.vm
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Cbsd
-from tests.integration.test_checkpoints import checkpoint, disk_tags, restore
+from tests.harness import Cbsd, checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm
 

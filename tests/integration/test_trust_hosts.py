@@ -17,8 +17,7 @@ import pytest
 
 from tests.guests import hosts as twohosts
 from tests.guests.netns import Netns
-from tests.harness import Cbsd, kill_vms
-from tests.integration.test_checkpoints import qemu_processes
+from tests.harness import Cbsd, kill_vms, qemu_processes
 from tests.integration.test_many_hosts import (
     counting,
     joined,
