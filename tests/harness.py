@@ -1,7 +1,8 @@
 """The integration harness: the cbsd CLI as a user runs it (`Cbsd`, its `Result`), a command
 stopped at a failpoint (`Stopped`), a guest's serial console (`Console`), the test guests' output
 formats, /proc probes, and the file systems tests mount. Fixtures that use it are in conftest.py;
-test modules import from here (a conftest is pytest's, not a module to import from)."""
+test modules import from here (a conftest is pytest's, not a module to import from). What tests
+judge a VM by (checkpoints, the counter guest's lines) is tests/vmchecks.py."""
 
 from __future__ import annotations
 
@@ -258,81 +259,9 @@ def create_linux(cbsd: Cbsd, guest: tuple[Path, Path], jname: str = "lx", *extra
     return jname
 
 
-# --- What tests judge a VM by: its checkpoints, its QEMUs, the counter guest's lines
-# (shared by the checkpoint, fault, management, many-hosts and trust suites).
-
-
-def last_count(cbsd: Cbsd, jname: str) -> int:
-    """The last count the counter guest printed on its console."""
-    return counter_lines(cbsd.console(jname).text())[-1][0]
-
-
-def checkpoint(cbsd: Cbsd, jname: str, name: str, *extra: str) -> tuple[int, int]:
-    """Create a checkpoint; returns (last count before, last count after) the command: the
-    count frozen in the checkpoint lies between them."""
-    before = last_count(cbsd, jname)
-    r = cbsd("bcheckpoint", "mode=create", f"jname={jname}", f"name={name}", *extra).ok()
-    path = cbsd.system(jname) / "checkpoints" / f"{name}.ckp"
-    assert r.out.strip() == f"Checkpoint was created!: {path}"
-    return before, last_count(cbsd, jname)
-
-
-def restore(cbsd: Cbsd, jname: str, name: str, *extra: str) -> list[tuple[int, int, str]]:
-    """Restore; returns the guest's first three lines after it. Fails on any sign of a boot."""
-    con = cbsd.console(jname)
-    mark = con.mark()
-    r = cbsd("bstart", f"jname={jname}", f"checkpoint={name}", *extra).ok()
-    assert r.out.strip().startswith(f"{jname}: restored from checkpoint {name}")
-    con.wait(COUNTER_RE, since=mark, count=3)
-    assert "BOOT" not in con.since(mark), "a restore must not reboot the guest"
-    return counter_lines(con.since(mark))[:3]
-
-
 def qemu_processes(workdir: Path) -> list[int]:
     """The live (not zombie) QEMUs whose command line names *workdir*."""
     return [int(d) for d in os.listdir("/proc") if d.isdigit()
             and b"qemu-system" in (cmd := proc_cmdline(int(d))) and str(workdir).encode() in cmd
             and proc_alive(int(d))]
 
-
-def disk_tags(cbsd: Cbsd, jname: str) -> list[str]:
-    """The internal snapshots of the VM's first disk (read with -U: QEMU may hold it)."""
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
-                          str(cbsd.workdir / "vm" / jname / "dsk1.qcow2")],
-                         capture_output=True, text=True, check=True).stdout
-    return [s["name"] for s in json.loads(out).get("snapshots", [])]
-
-
-def hidden_leftovers(cbsd: Cbsd, jname: str) -> list[str]:
-    """Partial or retired states still on disk. Retired ones ('.del-') are removed by a
-    detached process after the command returns: they get a few seconds to go."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = []
-        for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
-            if d.is_dir():
-                found += [p.name for p in d.iterdir() if ".ckp." in p.name]
-        if not any(".del-" in f for f in found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
-def assert_guest_fine(cbsd: Cbsd, jname: str) -> None:
-    """The guest runs, counting, with its disk matching its memory."""
-    con = cbsd.console(jname)
-    mark = con.mark()
-    con.wait(COUNTER_RE, since=mark, count=2)
-    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
-
-
-def restore_is_sound(cbsd: Cbsd, jname: str, name: str) -> None:
-    """Restore checkpoint *name* (stopping the VM first): the guest continues without a
-    boot, its disk matching its memory."""
-    if cbsd.status(jname) != "Off":
-        cbsd("bstop", jname, "noacpi=1").ok()
-    con = cbsd.console(jname)
-    mark = con.mark()
-    cbsd("bstart", jname, f"checkpoint={name}").ok()
-    con.wait(COUNTER_RE, since=mark, count=2)
-    assert "BOOT" not in con.since(mark)
-    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))

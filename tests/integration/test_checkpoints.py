@@ -13,15 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
-    COUNTER_RE,
-    Cbsd,
-    checkpoint,
-    counter_lines,
-    disk_tags,
-    qemu_processes,
-    restore,
-)
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, qemu_processes
+from tests.vmchecks import checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm
 

@@ -15,16 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
-    COUNTER_RE,
-    Cbsd,
-    checkpoint,
-    kill_vms,
-    proc_alive,
-    proc_state,
-    qemu_processes,
-    restore,
-)
+from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_alive, proc_state, qemu_processes
+from tests.vmchecks import checkpoint, restore, stored, wait_folded
 
 pytestmark = pytest.mark.vm
 
@@ -41,17 +33,6 @@ def start(cbsd: Cbsd, image: Path) -> None:
     cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=256m").ok()
     cbsd("bstart", "vm1").ok()
     cbsd.console("vm1").wait(COUNTER_RE, count=3, timeout=60)
-
-
-def stored(cbsd: Cbsd) -> dict[str, str]:
-    return {str(d["name"]): str(d["stored"]) for d in cbsd.checkpoints("vm1")}
-
-
-def wait_folded(cbsd: Cbsd, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while set(stored(cbsd).values()) != {"chunks"}:
-        assert time.monotonic() < deadline, f"not folded in time: {stored(cbsd)}"
-        time.sleep(0.2)
 
 
 def allocated(*roots: Path) -> int:

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
-    COUNTER_RE,
-    Cbsd,
-    assert_guest_fine,
-    disk_tags,
-    hidden_leftovers,
-    qemu_processes,
-    restore_is_sound,
-    tmpfs,
-)
+from tests.harness import COUNTER_RE, Cbsd, qemu_processes, tmpfs
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers, restore_is_sound
 
 pytestmark = pytest.mark.vm
 

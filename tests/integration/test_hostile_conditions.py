@@ -22,16 +22,13 @@ import cbsd as cbsd_pkg
 from tests.harness import (
     COUNTER_RE,
     Cbsd,
-    assert_guest_fine,
     counter_lines,
-    disk_tags,
-    hidden_leftovers,
     proc_alive,
     qemu_processes,
-    restore_is_sound,
     start_counter,
     tmpfs,
 )
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers, restore_is_sound
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]

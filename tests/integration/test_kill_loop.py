@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.harness import Cbsd, assert_guest_fine, disk_tags, hidden_leftovers, qemu_processes
+from tests.harness import Cbsd, qemu_processes
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers
 
 pytestmark = pytest.mark.vm
 

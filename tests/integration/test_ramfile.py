@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import COUNTER_RE, Cbsd, checkpoint, kill_vms, proc_cmdline, restore
+from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_cmdline
+from tests.vmchecks import checkpoint, restore
 
 pytestmark = pytest.mark.vm
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Cbsd, checkpoint, disk_tags, restore
+from tests.harness import Cbsd
+from tests.vmchecks import checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm
 

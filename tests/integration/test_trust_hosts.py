@@ -16,18 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.guests import hosts as twohosts
+from tests.guests.hosts import joined, moved, stopped_at, stopped_node_half
 from tests.guests.netns import Netns
 from tests.harness import Cbsd, kill_vms, qemu_processes
-from tests.integration.test_many_hosts import (
-    counting,
-    joined,
-    moved,
-    restored_from,
-    running_vm1,
-    stopped_at,
-    stopped_node_half,
-    vm_with_checkpoints,
-)
+from tests.vmchecks import counting, restored_from, running_vm1, vm_with_checkpoints
 
 pytestmark = [pytest.mark.vm]
 

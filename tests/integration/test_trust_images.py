@@ -24,8 +24,7 @@ from cbsd.storage.archive import HEADER, SEAL, Writer
 from cbsd.storage.chunkstore import MAGIC, RECIPE
 from tests.guests import build
 from tests.harness import COUNTER_RE, Cbsd, kill_vms
-from tests.integration.test_dedup import wait_folded
-from tests.integration.test_many_hosts import leftovers, vm_with_checkpoints
+from tests.vmchecks import leftovers, vm_with_checkpoints, wait_folded
 
 pytestmark = pytest.mark.vm
 Members = list[tuple[str, bytes]]
