@@ -68,14 +68,17 @@ def test_pause_and_resume(deb: Debian) -> None:
     deb.guest_is_sound(boot)
 
 
-def assert_clock_right(deb: Debian, boot: str, after: str) -> None:
-    """20 s after a restore or resume: the guest's clock is within 2 s of the host's, set by
-    the agent (not luck), and the guest is otherwise sound. Prints the offset measured."""
-    time.sleep(20)
-    offset = deb.clock_offset()
-    print(f"guest clock offset 20 s after {after}: {offset:+.2f} s")
-    assert abs(offset) < 2.0, f"guest clock off by {offset:.1f} s, 20 s after {after}"
-    assert "clock_set" in deb.agent_state(), "the agent set the clock (not luck)"
+def assert_clock_right(deb: Debian, boot: str, after: str, timeout: float = 150) -> None:
+    """After a restore or resume the agent sets the guest's clock (its record says so: not
+    luck) and the clock comes within 2 s of the host's, both before a deadline (the agent
+    helper waits up to 120 s for the agent); the guest is otherwise sound. Prints the offset."""
+    start = time.monotonic()
+    while "clock_set" not in deb.agent_state() or abs(offset := deb.clock_offset()) >= 2.0:
+        assert time.monotonic() - start < timeout, \
+            f"{after}: clock set {deb.agent_state().get('clock_set')}, guest clock off by " \
+            f"{deb.clock_offset():+.1f} s after {timeout:.0f} s"
+        time.sleep(1)
+    print(f"guest clock offset {time.monotonic() - start:.0f} s after {after}: {offset:+.2f} s")
     deb.guest_is_sound(boot)
 
 
