@@ -26,7 +26,8 @@ if [ "${CBSD_TEST_SELECTION:-}" = trixie ]; then
     passes=${CBSD_TEST_PASSES:-1 3}
     selection=(-m "not debian" tests/unit tests/integration/test_linux_guest.py
                tests/integration/test_checkpoints.py tests/integration/test_suspend.py
-               tests/integration/test_hostile_conditions.py tests/integration/test_trust_definition.py
+               tests/integration/test_hostile_conditions.py
+               tests/integration/test_trust_definition.py
                tests/integration/test_trust_images.py tests/integration/test_network.py)
 fi
 status=0
