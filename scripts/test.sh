@@ -13,7 +13,7 @@
 # CBSD_TEST_PASSES=1 (or "1 3", ...) runs only those passes (a quick run picks one).
 # CBSD_TEST_SELECTION=trixie: passes 1 and 3 only, pass 1 on what differs with the distribution
 # (its QEMU, Python, kernel package, packages): the unit tier, the Linux guest, checkpoints,
-# hibernation, trust (one host: test_trust*.py but the two-host one), and the network (network namespaces, cbsd0's dnsmasq and nftables); the
+# hibernation, hostile conditions, trust (one host: test_trust*.py but the two-host one), and the network (network namespaces, cbsd0's dnsmasq and nftables); the
 # Debian guest and the longer suites stay with the host's pass 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +24,10 @@ passes=${CBSD_TEST_PASSES:-1 2 3 4}
 selection=()
 if [ "${CBSD_TEST_SELECTION:-}" = trixie ]; then
     passes=${CBSD_TEST_PASSES:-1 3}
-    selection=(-m "not debian" tests/unit tests/integration/test_linux.py
+    selection=(-m "not debian" tests/unit tests/integration/test_linux_guest.py
                tests/integration/test_checkpoints.py tests/integration/test_suspend.py
-               tests/integration/test_trust.py tests/integration/test_trust_definition.py
+               tests/integration/test_hostile_conditions.py
+               tests/integration/test_trust_definition.py
                tests/integration/test_trust_images.py tests/integration/test_network.py)
 fi
 status=0
@@ -53,7 +54,7 @@ for pass in $passes; do
         3)
             echo "== pass 3: workdirs on XFS with reflink (guest RAM in a file)"
             CBSD_TEST_RAMFILE=1 .venv/bin/python -m pytest "$@" \
-                tests/integration/test_trust.py tests/integration/test_faults.py \
+                tests/integration/test_hostile_conditions.py tests/integration/test_faults.py \
                 tests/integration/test_kill_loop.py tests/integration/test_checkpoints.py \
                 tests/integration/test_suspend.py tests/integration/test_tree.py \
                 tests/integration/test_ramfile.py tests/integration/test_ramfile_space.py \

@@ -7,6 +7,7 @@ link and no route."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import Cbsd
 from tests.guests.netns import Netns
+from tests.harness import Cbsd, kill_vms, proc_state
 
 SUBNET = "10.251.0"
 
@@ -150,11 +151,59 @@ def _start_sshd(h: Host, base: Path) -> None:
 
 
 def remove(hosts: tuple[Host, ...]) -> None:
-    from tests.conftest import _kill_vms
-
     for h in hosts:
-        _kill_vms(h.cbsd.workdir)
+        kill_vms(h.cbsd.workdir)
         if h.sshd is not None:
             h.sshd.terminate()
             h.sshd.wait(10)
         h.ns.delete()
+
+
+# --- What the many-hosts suites do with two hosts
+
+
+def joined(a: Host, b: Host) -> None:
+    """b becomes node `b` of a (a trusts b's host key first)."""
+    a.trust(b)
+    a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
+
+
+def moved(a: Host, b: Host) -> None:
+    """The VM is registered on b only, with nothing left of it on a."""
+    assert a.cbsd("bls", "header=0").ok().out == ""
+    assert not (a.cbsd.workdir / "vm" / "vm1").exists()
+    assert json.loads(b.cbsd("bls", "format=json").ok().out)[0]["jname"] == "vm1"
+
+
+def stopped_at(cbsd: Cbsd, point: str, *args: str) -> subprocess.Popen[str]:
+    """`cbsd ARGS` (in *cbsd*'s namespace) started and stopped at failpoint *point*."""
+    env = {**cbsd.env, "CBSD_FAILPOINT": point}
+    p = subprocess.Popen([*cbsd.prefix, sys.executable, "-m", "cbsd", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc_state(_cbsd_pid(p)) != "T":
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    return p
+
+
+def stopped_node_half(args: bytes, p: subprocess.Popen[str]) -> int:
+    """The pid of the node's cbsd running `cbsd ARGS...` once it stopped at its failpoint
+    (while *p*, the command on this side, still waits for it)."""
+    deadline = time.monotonic() + 120
+    while True:
+        for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"-m\x00cbsd\x00" + args in cmd and proc_state(pid) == "T":
+                return pid
+        assert time.monotonic() < deadline and p.poll() is None, "the node never stopped"
+        time.sleep(0.02)
+
+
+def _cbsd_pid(p: subprocess.Popen[str]) -> int:
+    """The cbsd process itself (under `ip netns exec`, which execs it: the same pid)."""
+    return p.pid

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
 from tests.guests import hosts as twohosts
 from tests.guests.debian import debian_guest
+from tests.guests.debian_ssh import HOSTNAME, SSH_PORT, USER, Debian
 from tests.guests.netns import Netns
-from tests.integration.test_debian import HOSTNAME, SSH_PORT, USER, Debian
+from tests.harness import Cbsd
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +45,7 @@ def debian_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Debian]
             "systemctl --failed --no-legend; sudo cloud-init schema --system", check=False))
         schema = deb.ssh("sudo cloud-init schema --system", check=False)
         assert schema.returncode == 0, f"cbsd's cloud-config is invalid: {schema}"
-        deb.workload()  # the workload runs
-        time.sleep(1)
+        deb.wait_rows(past=deb.workload()[0], what="the workload runs")
         cbsd("bcheckpoint", "mode=create", "jname=deb", "name=ready").ok()
         deb.ready_at = time.time()
         cbsd("bstop", "deb", "noacpi=1").ok()

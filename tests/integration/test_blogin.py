@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cbsd
+from tests.harness import Cbsd
 
 pytestmark = pytest.mark.vm
 

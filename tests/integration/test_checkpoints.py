@@ -13,47 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, proc_cmdline
+from tests.harness import COUNTER_RE, Cbsd, counter_lines, qemu_processes
+from tests.vmchecks import checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm
-
-
-def last_count(cbsd: Cbsd, jname: str) -> int:
-    return counter_lines(cbsd.console(jname).text())[-1][0]
-
-
-def checkpoint(cbsd: Cbsd, jname: str, name: str, *extra: str) -> tuple[int, int]:
-    """Create a checkpoint; returns (last count before, last count after) the command: the
-    count frozen in the checkpoint lies between them."""
-    before = last_count(cbsd, jname)
-    r = cbsd("bcheckpoint", "mode=create", f"jname={jname}", f"name={name}", *extra).ok()
-    path = cbsd.system(jname) / "checkpoints" / f"{name}.ckp"
-    assert r.out.strip() == f"Checkpoint was created!: {path}"
-    return before, last_count(cbsd, jname)
-
-
-def restore(cbsd: Cbsd, jname: str, name: str, *extra: str) -> list[tuple[int, int, str]]:
-    """Restore; returns the guest's first three lines after it. Fails on any sign of a boot."""
-    con = cbsd.console(jname)
-    mark = con.mark()
-    r = cbsd("bstart", f"jname={jname}", f"checkpoint={name}", *extra).ok()
-    assert r.out.strip().startswith(f"{jname}: restored from checkpoint {name}")
-    con.wait(COUNTER_RE, since=mark, count=3)
-    assert "BOOT" not in con.since(mark), "a restore must not reboot the guest"
-    return counter_lines(con.since(mark))[:3]
-
-
-def qemu_processes(workdir: Path) -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()
-            and b"qemu-system" in (cmd := proc_cmdline(int(d))) and str(workdir).encode() in cmd
-            and proc_alive(int(d))]
-
-
-def disk_tags(cbsd: Cbsd, jname: str) -> list[str]:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
-                          str(cbsd.workdir / "vm" / jname / "dsk1.qcow2")],
-                         capture_output=True, text=True, check=True).stdout
-    return [s["name"] for s in json.loads(out).get("snapshots", [])]
 
 
 def test_counter_continues_and_restores_twice_identically(cbsd: Cbsd,

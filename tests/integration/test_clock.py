@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from tests.conftest import Cbsd
-from tests.integration.test_debian import Debian
+from tests.guests.debian_ssh import Debian
+from tests.harness import Cbsd
 from tests.integration.test_pause import HEAVY, launched
 
 pytestmark = pytest.mark.vm

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, proc_alive, proc_state
-from tests.integration.test_checkpoints import checkpoint, qemu_processes, restore
+from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_alive, proc_state, qemu_processes
+from tests.vmchecks import checkpoint, restore, stored, wait_folded
 
 pytestmark = pytest.mark.vm
 
@@ -24,28 +24,15 @@ pytestmark = pytest.mark.vm
 @pytest.fixture
 def ecbsd(tmp_path: Path) -> Iterator[Cbsd]:
     """A workdir on /tmp's filesystem, which cannot clone files (so RAM is not a file)."""
-    from tests.conftest import _kill_vms
-
     cbsd = Cbsd(tmp_path / "ext4-wd")
     yield cbsd
-    _kill_vms(cbsd.workdir)
+    kill_vms(cbsd.workdir)
 
 
 def start(cbsd: Cbsd, image: Path) -> None:
     cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=256m").ok()
     cbsd("bstart", "vm1").ok()
     cbsd.console("vm1").wait(COUNTER_RE, count=3, timeout=60)
-
-
-def stored(cbsd: Cbsd) -> dict[str, str]:
-    return {str(d["name"]): str(d["stored"]) for d in cbsd.checkpoints("vm1")}
-
-
-def wait_folded(cbsd: Cbsd, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while set(stored(cbsd).values()) != {"chunks"}:
-        assert time.monotonic() < deadline, f"not folded in time: {stored(cbsd)}"
-        time.sleep(0.2)
 
 
 def allocated(*roots: Path) -> int:
@@ -209,7 +196,12 @@ def test_commands_never_wait_on_a_fold(ecbsd: Cbsd, counter_image) -> None:  # t
     pid = helper_at(ecbsd, "fold:locked", "name=c")
     assert ecbsd.status("vm1") == "On"
     stop = ecbsd.popen("bstop", "vm1", "noacpi=1")
-    time.sleep(0.3)
+    # bstop asks the fold to give way with a file beside the VM's lock (core/vm/lock.py)
+    asked = ecbsd.workdir / "var" / "lock" / "vm1.lock.yield"
+    deadline = time.monotonic() + 60
+    while not asked.exists():
+        assert stop.poll() is None and time.monotonic() < deadline, "bstop never asked"
+        time.sleep(0.02)
     os.kill(pid, signal.SIGCONT)  # it sees the request at its first chunk and gives way
     assert stop.wait(30) == 0
     assert stored(ecbsd) == {"c": "stream"}

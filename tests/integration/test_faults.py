@@ -9,29 +9,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, tmpfs
-from tests.integration.test_checkpoints import disk_tags, qemu_processes
+from tests.harness import COUNTER_RE, Cbsd, qemu_processes, tmpfs
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers, restore_is_sound
 
 pytestmark = pytest.mark.vm
-
-
-def hidden_leftovers(cbsd: Cbsd, jname: str) -> list[str]:
-    """Partial or retired states still on disk. Retired ones ('.del-') are removed by a
-    detached process after the command returns: they get a few seconds to go."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = []
-        for d in (cbsd.system(jname), cbsd.system(jname) / "checkpoints"):
-            if d.is_dir():
-                found += [p.name for p in d.iterdir() if ".ckp." in p.name]
-        if not any(".del-" in f for f in found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def manifest(cbsd: Cbsd, jname: str, name: str) -> dict[str, object]:
@@ -43,25 +28,6 @@ def manifest(cbsd: Cbsd, jname: str, name: str) -> dict[str, object]:
     stream = m.pop("stream", None) or files.get("memory")
     m.pop("manifest_checksum")
     return {**m, "stream": stream, "ram": files.get("ram")}
-
-
-def assert_guest_fine(cbsd: Cbsd, jname: str) -> None:
-    """The guest runs, counting, with its disk matching its memory."""
-    con = cbsd.console(jname)
-    mark = con.mark()
-    con.wait(COUNTER_RE, since=mark, count=2)
-    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
-
-
-def restore_is_sound(cbsd: Cbsd, jname: str, name: str) -> None:
-    if cbsd.status(jname) != "Off":
-        cbsd("bstop", jname, "noacpi=1").ok()
-    con = cbsd.console(jname)
-    mark = con.mark()
-    cbsd("bstart", jname, f"checkpoint={name}").ok()
-    con.wait(COUNTER_RE, since=mark, count=2)
-    assert "BOOT" not in con.since(mark)
-    assert all(ok == "OK" for _, _, ok in counter_lines(con.since(mark)))
 
 
 SAVE_POINTS = ["save:stopped", "save:snapshotted", "save:migrating", "save:saved",

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import Cbsd
-from tests.integration.test_checkpoints import disk_tags, qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers
+from tests.harness import Cbsd, qemu_processes
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers
 
 pytestmark = pytest.mark.vm
 

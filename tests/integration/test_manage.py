@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux
-from tests.integration.test_checkpoints import qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
+from tests.harness import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux, qemu_processes
+from tests.vmchecks import assert_guest_fine, hidden_leftovers, restore_is_sound
 
 pytestmark = pytest.mark.vm
 

@@ -15,80 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_state
-from tests.guests import hosts as twohosts
-from tests.integration.test_checkpoints import qemu_processes
+from tests.guests.hosts import joined, moved, stopped_at, stopped_node_half
+from tests.harness import Cbsd, kill_vms, qemu_processes
+from tests.vmchecks import (
+    counting,
+    first_after,
+    leftovers,
+    restored_from,
+    running_vm1,
+    vm_with_checkpoints,
+)
 
 pytestmark = [pytest.mark.vm]
 
 
-def counting(cbsd: Cbsd, jname: str, count: int = 3) -> int:
-    """Wait until the guest printed *count* more lines; its last counter value."""
-    con = cbsd.console(jname)
-    mark = len(con.text())
-    con.wait(COUNTER_RE, since=mark, count=count)
-    lines = counter_lines(con.since(mark))
-    assert all(ok == "OK" for _, _, ok in lines), lines  # its disk matches its memory
-    return lines[-1][0]
-
-
-def first_after(cbsd: Cbsd, jname: str, mark: int) -> int:
-    con = cbsd.console(jname)
-    con.wait(COUNTER_RE, since=mark, count=2)
-    lines = counter_lines(con.since(mark))
-    assert all(ok == "OK" for _, _, ok in lines), lines
-    return lines[0][0]
-
-
-def mark_of(cbsd: Cbsd, jname: str) -> int:
-    path = cbsd.console(jname).path
-    return len(path.read_text()) if path.exists() else 0
-
-
-def running_vm1(cbsd: Cbsd, image: Path) -> int:
-    """vm1, the counter guest, running; its counter once it counts."""
-    cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=32m").ok()
-    cbsd("bstart", "vm1").ok()
-    return counting(cbsd, "vm1")
-
-
-def vm_with_checkpoints(cbsd: Cbsd, image: Path, *names: str) -> dict[str, tuple[int, int]]:
-    """vm1 running, with checkpoints *names*: the counter's range at each."""
-    running_vm1(cbsd, image)
-    marks = {}
-    for name in names:
-        before = counting(cbsd, "vm1")
-        cbsd("bcheckpoint", "mode=create", "jname=vm1", f"name={name}").ok()
-        marks[name] = (before, counting(cbsd, "vm1", 1))
-    return marks
-
-
-def restored_from(cbsd: Cbsd, jname: str, name: str, at: tuple[int, int]) -> None:
-    """Restoring checkpoint *name* continues the counter from where it was saved."""
-    mark = mark_of(cbsd, jname)
-    cbsd("bstart", jname, f"checkpoint={name}").ok()
-    first = first_after(cbsd, jname, mark)
-    assert at[0] <= first <= at[1] + 1, (first, at)
-    cbsd("bstop", jname, "noacpi=1").ok()
-
-
 @pytest.fixture
 def other(tmp_path: Path) -> Iterator[Cbsd]:
-    from tests.conftest import _kill_vms
-
     runner = Cbsd(tmp_path / "wd2")
     yield runner
-    _kill_vms(runner.workdir)
-
-
-def leftovers(cbsd: Cbsd) -> list[str]:
-    """What a refused import may not leave: a VM's folders, or a staging folder."""
-    wd = cbsd.workdir
-    found = []
-    for d in (wd / "vm", wd / "jails-system", wd / "var" / "tmp"):
-        if d.is_dir():
-            found += [str(p) for p in d.iterdir()]
-    return found
+    kill_vms(runner.workdir)
 
 
 # --- export / import on one host ----------------------------------------------------------
@@ -175,11 +120,6 @@ def test_export_refuses_a_running_vm_unless_it_may_hibernate_it(cbsd: Cbsd, othe
 
 # --- two hosts ----------------------------------------------------------------------------
 
-def joined(a: twohosts.Host, b: twohosts.Host) -> None:
-    a.trust(b)
-    a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
-
-
 @pytest.mark.twohost
 def test_nodes_are_added_only_with_a_known_host_key(two) -> None:  # type: ignore[no-untyped-def]
     a, b = two
@@ -221,13 +161,6 @@ def test_bls_across_nodes_and_commands_forwarded_with_node(two, counter_image) -
     a.cbsd("bls", "node=b").fails(1, "node b: cannot reach")
 
 
-def moved(a: twohosts.Host, b: twohosts.Host) -> None:
-    """The VM is registered on b only, with nothing left of it on a."""
-    assert a.cbsd("bls", "header=0").ok().out == ""
-    assert not (a.cbsd.workdir / "vm" / "vm1").exists()
-    assert json.loads(b.cbsd("bls", "format=json").ok().out)[0]["jname"] == "vm1"
-
-
 @pytest.mark.twohost
 def test_bmove_of_a_stopped_vm_with_checkpoints(two, counter_image) -> None:  # type: ignore[no-untyped-def]
     a, b = two
@@ -267,39 +200,6 @@ def test_bmove_of_a_hibernated_vm(two, counter_image) -> None:  # type: ignore[n
     assert b.cbsd.status("vm1") == "Suspended"
     b.cbsd("bstart", "vm1").ok()
     assert first_after(b.cbsd, "vm1", 0) >= before
-
-
-def stopped_at(cbsd: Cbsd, point: str, *args: str) -> subprocess.Popen[str]:
-    env = {**cbsd.env, "CBSD_FAILPOINT": point}
-    p = subprocess.Popen([*cbsd.prefix, sys.executable, "-m", "cbsd", *args], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc_state(_cbsd_pid(p)) != "T":
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
-    return p
-
-
-def stopped_node_half(args: bytes, p: subprocess.Popen[str]) -> int:
-    """The pid of the node's cbsd running `cbsd ARGS...` once it stopped at its failpoint
-    (while *p*, the command on this side, still waits for it)."""
-    deadline = time.monotonic() + 120
-    while True:
-        for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"-m\x00cbsd\x00" + args in cmd and proc_state(pid) == "T":
-                return pid
-        assert time.monotonic() < deadline and p.poll() is None, "the node never stopped"
-        time.sleep(0.02)
-
-
-def _cbsd_pid(p: subprocess.Popen[str]) -> int:
-    """The cbsd process itself (under `ip netns exec`, which execs it: the same pid)."""
-    return p.pid
 
 
 @pytest.mark.twohost

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Cbsd, create_linux, proc_alive
 from tests.guests.netns import Netns
+from tests.harness import Cbsd, create_linux, kill_vms, proc_alive
 
 pytestmark = [pytest.mark.vm, pytest.mark.linux]
 
@@ -32,21 +32,23 @@ def ns() -> Iterator[Netns]:
 
 @pytest.fixture
 def netcbsd(tmp_path, ns: Netns) -> Iterator[Cbsd]:  # type: ignore[no-untyped-def]
-    from tests.conftest import _kill_vms
-
     runner = Cbsd(tmp_path / "wd", prefix=ns.prefix)
     yield runner
-    _kill_vms(runner.workdir)
+    kill_vms(runner.workdir)
     pidfile = runner.workdir / "var" / "run" / "dnsmasq-cbsd0.pid"
     if pidfile.exists():  # cbsd0's dnsmasq lives as long as its network: end it with the test
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
-def type_on_console(cbsd: Cbsd, jname: str, line: str) -> None:
+def type_on_console(cbsd: Cbsd, jname: str, line: str, answer: str) -> None:
+    """Type *line* on the guest's serial console and wait for *answer* on it. The connection
+    stays open until then: QEMU may drop what it has not read yet when its client hangs up."""
+    con = cbsd.console(jname)
+    mark = con.mark()
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(cbsd.system(jname) / "console.sock"))
         s.sendall(line.encode() + b"\n")
-        time.sleep(0.2)
+        con.wait(answer, since=mark, timeout=30)
 
 
 def links(ns: Netns, *args: str) -> str:
@@ -70,13 +72,10 @@ def test_two_vms_on_cbsd0_get_addresses_and_reach_each_other(netcbsd: Cbsd, ns: 
     assert len(re.findall(r"cbsdt\w+", links(ns, "master", "cbsd0"))) == 2
     for name in ("n1", "n2"):
         assert cbsd.bls(name)[0]["ip4_addr"] == ips[name], "bls shows the DHCP lease"
-    con = cbsd.console("n1")
-    mark = con.mark()
-    type_on_console(cbsd, "n1", f"ping {ips['n2']}")
-    con.wait(rf"cbsd-guest: ping {re.escape(ips['n2'])} ok", since=mark, timeout=30)
-    mark = con.mark()
-    type_on_console(cbsd, "n1", "ping 10.77.0.1")  # the host side of cbsd0
-    con.wait(r"cbsd-guest: ping 10\.77\.0\.1 ok", since=mark, timeout=30)
+    type_on_console(cbsd, "n1", f"ping {ips['n2']}",
+                    rf"cbsd-guest: ping {re.escape(ips['n2'])} ok")
+    type_on_console(cbsd, "n1", "ping 10.77.0.1",  # the host side of cbsd0
+                    r"cbsd-guest: ping 10\.77\.0\.1 ok")
     cbsd("bstop", "n2", "noacpi=1").ok()
     assert len(re.findall(r"cbsdt\w+", links(ns, "master", "cbsd0"))) == 1, "n2's tap went"
 

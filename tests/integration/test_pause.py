@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, Result, counter_lines
+from tests.harness import COUNTER_RE, Cbsd, Result, counter_lines
 
 pytestmark = pytest.mark.vm
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd, proc_cmdline
-from tests.integration.test_checkpoints import checkpoint, restore
+from tests.harness import COUNTER_RE, Cbsd, kill_vms, proc_cmdline
+from tests.vmchecks import checkpoint, restore
 
 pytestmark = pytest.mark.vm
 
@@ -21,11 +21,9 @@ pytestmark = pytest.mark.vm
 @pytest.fixture
 def xcbsd(reflink_root: Path, tmp_path: Path) -> Iterator[Cbsd]:
     """A cbsd whose workdir can clone files (the normal `cbsd` may be on ext4)."""
-    from tests.conftest import _kill_vms
-
     wd = reflink_root / f"rf-{tmp_path.name}" / "wd"
     yield Cbsd(wd)
-    _kill_vms(wd)
+    kill_vms(wd)
     shutil.rmtree(wd.parent, ignore_errors=True)
 
 
@@ -163,8 +161,6 @@ def test_no_ram_file_where_files_cannot_be_cloned(tmp_path: Path, counter_image)
     """On a filesystem that cannot clone (here /tmp's), RAM stays anonymous: the full stream."""
     import subprocess
 
-    from tests.conftest import _kill_vms
-
     probe = tmp_path / "probe"
     probe.write_bytes(b"x" * 4096)
     cloned = subprocess.run(["cp", "--reflink=always", str(probe), str(tmp_path / "p2")],
@@ -178,4 +174,4 @@ def test_no_ram_file_where_files_cannot_be_cloned(tmp_path: Path, counter_image)
         assert not (ckdir(cbsd, "c") / "ram").exists()
         assert (ckdir(cbsd, "c") / "memory").stat().st_size > 1 << 20, "RAM is in the stream"
     finally:
-        _kill_vms(cbsd.workdir)
+        kill_vms(cbsd.workdir)

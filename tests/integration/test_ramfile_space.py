@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from cbsd.core.vm import ramspace
-from tests.conftest import COUNTER_RE, Cbsd, proc_alive, xfs_mount
 from tests.guests import build
+from tests.harness import COUNTER_RE, Cbsd, proc_alive, xfs_mount
 
 pytestmark = pytest.mark.vm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux, proc_alive
+from tests.harness import COUNTER_RE, TICK_RE, Cbsd, counter_lines, create_linux, proc_alive
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Cbsd
-from tests.integration.test_checkpoints import checkpoint, disk_tags, restore
+from tests.harness import Cbsd
+from tests.vmchecks import checkpoint, disk_tags, restore
 
 pytestmark = pytest.mark.vm
 

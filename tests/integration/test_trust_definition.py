@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd
+from tests.harness import COUNTER_RE, Cbsd
 
 pytestmark = pytest.mark.vm
 

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
 from tests.guests import hosts as twohosts
+from tests.guests.hosts import joined, moved, stopped_at, stopped_node_half
 from tests.guests.netns import Netns
-from tests.integration.test_checkpoints import qemu_processes
-from tests.integration.test_many_hosts import (
-    counting,
-    joined,
-    moved,
-    restored_from,
-    running_vm1,
-    stopped_at,
-    stopped_node_half,
-    vm_with_checkpoints,
-)
+from tests.harness import Cbsd, kill_vms, qemu_processes
+from tests.vmchecks import counting, restored_from, running_vm1, vm_with_checkpoints
 
 pytestmark = [pytest.mark.vm]
 
@@ -214,8 +205,6 @@ def test_bmove_whose_commit_was_killed_after_registering_reports_the_move(two,  
 
 def test_cbsd0_belongs_to_one_workdir_and_another_is_refused_naming_it(tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                        counter_image) -> None:
-    from tests.conftest import _kill_vms
-
     ns = Netns.create("own")
     first = Cbsd(tmp_path / "wd1", prefix=ns.prefix)
     second = Cbsd(tmp_path / "wd2", prefix=ns.prefix)
@@ -233,7 +222,7 @@ def test_cbsd0_belongs_to_one_workdir_and_another_is_refused_naming_it(tmp_path:
         first("bstart", "vm1").ok()  # its owner goes on using it
     finally:
         for c in (first, second):
-            _kill_vms(c.workdir)
+            kill_vms(c.workdir)
             pidfile = c.workdir / "var" / "run" / "dnsmasq-cbsd0.pid"
             if pidfile.exists():
                 os.kill(int(pidfile.read_text()), signal.SIGTERM)

@@ -22,10 +22,9 @@ import pytest
 
 from cbsd.storage.archive import HEADER, SEAL, Writer
 from cbsd.storage.chunkstore import MAGIC, RECIPE
-from tests.conftest import COUNTER_RE, Cbsd, _kill_vms
 from tests.guests import build
-from tests.integration.test_dedup import wait_folded
-from tests.integration.test_many_hosts import leftovers, vm_with_checkpoints
+from tests.harness import COUNTER_RE, Cbsd, kill_vms
+from tests.vmchecks import leftovers, vm_with_checkpoints, wait_folded
 
 pytestmark = pytest.mark.vm
 Members = list[tuple[str, bytes]]
@@ -78,7 +77,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         cbsd("bstop", "vm1", "noacpi=1").ok()
         cbsd("bexport", "jname=vm1", f"out={tmp / 'vm1.cbsd'}").ok()
     finally:
-        _kill_vms(cbsd.workdir)
+        kill_vms(cbsd.workdir)
     yield tmp / "vm1.cbsd"
 
 
@@ -86,7 +85,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def other(tmp_path: Path) -> Iterator[Cbsd]:
     runner = Cbsd(tmp_path / "wd2")
     yield runner
-    _kill_vms(runner.workdir)
+    kill_vms(runner.workdir)
 
 
 def refused(other: Cbsd, archive: Path, message: str) -> None:
@@ -162,7 +161,7 @@ def test_qemu_opens_no_backing_file_whatever_the_header_says(tmp_path: Path) -> 
 
     from cbsd.model import VMSpec
     from cbsd.qemu.argv import build_argv
-    from tests.unit.test_argv import HOST, PATHS
+    from tests.unit.qemu.test_argv import HOST, PATHS
 
     image, host = hostile(tmp_path, "backing")
     argv = build_argv(VMSpec(jname="x", ram=32 << 20, machine="pc", disks=["dsk1.qcow2"]),

@@ -10,7 +10,9 @@ from types import ModuleType
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+from tests.paths import SCRIPTS
+
+DEMO = SCRIPTS / "demo.py"
 
 
 @pytest.fixture

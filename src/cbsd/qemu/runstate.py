@@ -1,7 +1,7 @@
 """QEMU's run states (QAPI's RunState, as query-status reports them) and the migration
 statuses cbsd acts on: one spelling for every module. bpause's quick lane compares the two it
 needs as plain strings (importing enum would cost it more than its work);
-tests/unit/test_pause_lane.py holds those literals equal to these."""
+tests/unit/cli/test_pause_lane.py holds those literals equal to these."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from cbsd.qemu import process
 from cbsd.qemu.qmp import Monitor
 
 # The workdir layout of storage/paths.py (Workdir), spelled as strings: pathlib alone would cost
-# more than the lane's work. tests/unit/test_pause_lane.py holds them equal.
+# more than the lane's work. tests/unit/cli/test_pause_lane.py holds them equal.
 LOCK_FILE = "{root}/var/lock/{jname}.lock"
 SYSTEM_DIR = "{root}/jails-system/{jname}"
 PIDFILE, QMP_SOCK, HIBERNATION = "qemu.pid", "qmp.sock", "hibernate.ckp"

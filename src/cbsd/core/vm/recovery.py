@@ -3,7 +3,7 @@
 Runs once per command, in Context.locked_vm, before the command's own work. Two halves:
   - plan(): a pure decision -- QEMU's run state, whether a hibernation image is published,
     and the run state an interrupted save recorded -> the steps to take (unit-tested as a
-    table of every combination, tests/unit/test_recovery.py);
+    table of every combination, tests/unit/core/vm/test_recovery.py);
   - recover(): finds the facts (including a QEMU that a command killed during its launch left
     unrecorded), runs the steps, clears partial files and orphaned disk snapshots.
 

@@ -1,7 +1,7 @@
 """recover() end to end (core/vm/recovery.py), one test per row of plan()'s table, against the
 fake QEMU (tests/unit/fakeqemu.py) left in the run state an interrupted command leaves: the
 QMP commands recovery sends, the process (ended or not), and the files left. plan() itself is
-tested as a table in tests/unit/test_recovery.py; here its steps are carried out."""
+tested as a table in tests/unit/core/vm/test_recovery.py; here its steps are carried out."""
 
 from __future__ import annotations
 

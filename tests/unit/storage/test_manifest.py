@@ -11,8 +11,7 @@ import pytest
 from cbsd.errors import CheckpointError
 from cbsd.storage import ckpstore
 from cbsd.storage.manifest import FORMAT, DiskSnapshot, FileEntry, Manifest, upgrade
-
-DATA = Path(__file__).parent / "data"
+from tests.paths import UNIT_DATA as DATA
 
 
 def sample() -> Manifest:

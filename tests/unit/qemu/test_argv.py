@@ -1,21 +1,20 @@
 """The QEMU command line is a pure function of the VM spec: compared with golden files.
 
-Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py
+Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/qemu/test_argv.py
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import pytest
 
 from cbsd.model import VMSpec
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.host import Host
+from tests.paths import GOLDEN
 
-GOLDEN = Path(__file__).parent / "golden"
 HOST = Host(qemu="/usr/bin/qemu-system-x86_64", qemu_img="/usr/bin/qemu-img", version="7.2.0",
             accel="tcg", qboot="/usr/share/qemu/qboot.rom")
 PATHS = RuntimePaths(disks=("/w/vm/x/dsk1.qcow2",), qmp_sock="/w/js/x/qmp.sock",

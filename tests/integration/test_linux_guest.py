@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import TICK_RE, Cbsd, create_linux
+from tests.harness import TICK_RE, Cbsd, create_linux
 
 pytestmark = [pytest.mark.vm, pytest.mark.linux]
 

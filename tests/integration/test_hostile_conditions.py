@@ -19,9 +19,16 @@ from pathlib import Path
 import pytest
 
 import cbsd as cbsd_pkg
-from tests.conftest import COUNTER_RE, Cbsd, counter_lines, proc_alive, start_counter, tmpfs
-from tests.integration.test_checkpoints import disk_tags, qemu_processes
-from tests.integration.test_faults import assert_guest_fine, hidden_leftovers, restore_is_sound
+from tests.harness import (
+    COUNTER_RE,
+    Cbsd,
+    counter_lines,
+    proc_alive,
+    qemu_processes,
+    start_counter,
+    tmpfs,
+)
+from tests.vmchecks import assert_guest_fine, disk_tags, hidden_leftovers, restore_is_sound
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from cbsd.storage.chunkstore import SLOW_NOTICE, accelerator_installed, native_chunker
+from tests import paths
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(paths.SRC)
 # Folds two streams in a fresh interpreter, the C accelerator hidden when argv[2] says so, and
 # prints each recipe's chunk lengths.
 FOLD = """

@@ -9,6 +9,7 @@ import pytest
 
 from cbsd.errors import QemuError
 from cbsd.qemu import host
+from tests.paths import UNIT_DATA as DATA
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +60,6 @@ def test_kvm_needs_vmx_or_svm_and_a_usable_device(tmp_path: Path, monkeypatch: p
     if kvm_exists:
         kvm.write_text("")
     assert host.kvm_usable(str(cpuinfo), str(kvm)) is expected
-
-
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize(("release", "version", "pc"), [

@@ -11,8 +11,8 @@ import pytest
 
 from cbsd.errors import UsageError
 from cbsd.qemu import img
+from tests.paths import UNIT_DATA as DATA
 
-DATA = Path(__file__).parent / "data"
 VERSIONS = ("7.2", "10.0")
 
 

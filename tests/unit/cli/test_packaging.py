@@ -14,8 +14,7 @@ from cbsd.cli import complete, launcher, manpage
 from cbsd.cli.args import parse
 from cbsd.cli.table import BCREATE_KEYS, BSET_KEYS, COMMANDS
 from cbsd.errors import UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import REPO as ROOT
 
 
 def test_the_man_page_has_every_command_and_key() -> None:
