@@ -87,6 +87,17 @@ def test_brestart_refuses_a_vm_that_is_not_running(cbsd: Cbsd, counter_vm: str) 
     assert cbsd.status("vm1") == "Suspended", "the hibernation image is kept"
 
 
+def test_kill9_of_brestart_between_stop_and_start_leaves_it_off(cbsd: Cbsd,
+                                                                 running_counter: str) -> None:
+    stopped = cbsd.at_failpoint("brestart:stopped", "brestart", "vm1", "noacpi=1")
+    stopped.kill9()
+    assert cbsd.status("vm1") == "Off", "stopped, and nothing half started"
+    cbsd("brestart", "vm1").fails(1, "vm1: not running")
+    mark = cbsd.console("vm1").mark()
+    cbsd("bstart", "vm1").ok()
+    assert first_count_after_boot(cbsd, "vm1", mark) == 1
+
+
 # --- bstop checkpoint=1 ----------------------------------------------------------------------
 
 def test_bstop_checkpoint_hibernates_and_bstart_continues(cbsd: Cbsd,
