@@ -4,9 +4,12 @@ a reboot starts its count at n=1 after a BOOT line; a resume continues it)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import time
 
 import pytest
 
@@ -35,6 +38,23 @@ def first_count_after_boot(cbsd: Cbsd, jname: str, mark: int) -> int:
     boot = mark + con.since(mark).rindex("BOOT disk=")
     con.wait(COUNTER_RE, since=boot)
     return counts(con.since(boot))[0]
+
+
+def fold_finished(cbsd: Cbsd, timeout: float = 120) -> None:
+    """Wait until no background fold (core/checkpoint/fold.py, started by a checkpoint where
+    RAM is not a file) works on this workdir: the files are then changed only by commands."""
+    deadline = time.monotonic() + timeout
+    needle = str(cbsd.workdir).encode()
+    while True:
+        busy = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+                busy = busy or (b"checkpoint.fold" in cmd and needle in cmd)
+        if not busy:
+            return
+        assert time.monotonic() < deadline, "the background fold did not end"
+        time.sleep(0.1)
 
 
 def files_of(cbsd: Cbsd, jname: str) -> dict[str, str]:
@@ -155,6 +175,7 @@ def test_bwhereis_names_the_node_that_has_it(two, counter_image) -> None:  # typ
 def test_bunregister_keeps_every_file_and_bregister_restores(cbsd: Cbsd, running_counter: str,
                                                              counter_image) -> None:  # type: ignore[no-untyped-def]
     cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=ck1").ok()
+    fold_finished(cbsd)
     cbsd("bunregister", "vm1").fails(1, "vm1: is running: stop it first")
     assert cbsd.status("vm1") == "On"
     cbsd("bpause", "vm1", "mode=on").ok()
@@ -180,7 +201,8 @@ def test_bunregister_keeps_every_file_and_bregister_restores(cbsd: Cbsd, running
     assert cbsd("bregister", "jname=vm1").ok().out.strip() == "vm1: registered"
     assert [v["jname"] for v in cbsd.bls()] == ["vm1"]
     assert [c["name"] for c in cbsd.checkpoints("vm1")] == ["ck1"]
-    cbsd("bstart", "vm1").ok()
+    r = cbsd("bstart", "vm1", "checkpoint=ck1").ok()  # its checkpoint restores
+    assert r.out.strip() == "vm1: restored from checkpoint ck1"
     cbsd.console("vm1").wait(COUNTER_RE, count=2)
     assert cbsd.status("vm1") == "On"
 
