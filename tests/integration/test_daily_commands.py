@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -105,6 +106,22 @@ def test_brestart_refuses_a_vm_that_is_not_running(cbsd: Cbsd, counter_vm: str) 
     cbsd("bsuspend", "vm1").ok()
     cbsd("brestart", "vm1").fails(1, "vm1: is hibernated: a restart would throw")
     assert cbsd.status("vm1") == "Suspended", "the hibernation image is kept"
+
+
+def test_brestart_noacpi_restarts_a_wedged_qemu(cbsd: Cbsd, running_counter: str) -> None:
+    pid = cbsd.pid("vm1")
+    os.kill(pid, signal.SIGSTOP)  # QEMU answers nothing, not even its monitor
+    try:
+        # the ACPI way needs the monitor: refused, one line naming the way out
+        cbsd("brestart", "vm1").fails(1, "does not answer its monitor")
+        mark = cbsd.console("vm1").mark()
+        r = cbsd("brestart", "vm1", "noacpi=1").ok()
+        assert r.out.splitlines() == ["vm1: powered off", "vm1: started"], r.out
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert cbsd.status("vm1") == "On" and cbsd.pid("vm1") != pid
+    assert first_count_after_boot(cbsd, "vm1", mark) == 1
 
 
 def test_kill9_of_brestart_between_stop_and_start_leaves_it_off(cbsd: Cbsd,
