@@ -54,6 +54,8 @@ class Action(enum.Enum):
     DISKS = "attach or detach disks of"
     EXPORT = "export"
     MIGRATE = "migrate live"
+    RESTART = "restart"
+    UNREGISTER = "unregister"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -73,6 +75,12 @@ ALLOWED: dict[Action, set[Status]] = {
     Action.DISKS: {Status.OFF},
     Action.EXPORT: {Status.OFF, Status.SUSPENDED},
     Action.MIGRATE: _RUNNING,
+    # brestart restarts what runs: a stopped VM is not started, a hibernated one not thrown
+    # away (docs/management.md).
+    Action.RESTART: _RUNNING,
+    # An inventory entry goes only when no QEMU runs: bpause's quick lane relies on a live
+    # QEMU of a VM name existing only for a VM in the inventory (docs/architecture.md).
+    Action.UNREGISTER: {Status.OFF, Status.SUSPENDED},
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.
@@ -95,6 +103,14 @@ _WHY = {
                                  "(suspend=1)"),
     (Action.EXPORT, Status.PAUSED): ("is running (paused): stop it, or let the export "
                                      "hibernate it first (suspend=1)"),
+    (Action.RESTART, Status.OFF): "not running: nothing to restart ('bstart' starts it)",
+    (Action.RESTART, Status.SUSPENDED): (
+        "is hibernated: a restart would throw its saved state away; 'bstart' resumes it"
+    ),
+    (Action.UNREGISTER, Status.ON): "is running: stop it first (cbsd bstop), then unregister it",
+    (Action.UNREGISTER, Status.PAUSED): (
+        "is running (paused): stop it first (cbsd bstop), then unregister it"
+    ),
     (Action.STOP, Status.SUSPENDED): (
         "is hibernated: 'bstop' would throw its saved state away; "
         "use 'bsuspend mode=discard' to drop it, or 'bstart' to resume it"

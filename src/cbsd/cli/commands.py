@@ -114,7 +114,29 @@ def bstart(ctx: Context, a: Args) -> int:
 def bstop(ctx: Context, a: Args) -> int:
     from cbsd.core.manage import lifecycle
 
+    if a["checkpoint"]:
+        return _hibernate_on_stop(ctx, a)
     return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.stop(
+        c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
+
+
+def _hibernate_on_stop(ctx: Context, a: Args) -> int:
+    """bstop checkpoint=1, CBSD's way to stop with the guest's state kept: the VM is
+    hibernated exactly as by bsuspend (Suspended after; bstart resumes it)."""
+    from cbsd.core.checkpoint import hibernate
+
+    for key, default in (("noacpi", False), ("hard_timeout", 30)):
+        if a[key] != default:
+            raise UsageError(f"bstop: {key}= is not used with checkpoint=1 (the VM is "
+                             "hibernated, not shut down)")
+    return each(ctx, _targets(ctx, a), lambda c, j: hibernate.suspend(
+        c, j, progress=output.progress(f"{j}: saving")), a["parallel"])
+
+
+def brestart(ctx: Context, a: Args) -> int:
+    from cbsd.core.manage import lifecycle
+
+    return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.restart(
         c, j, noacpi=a["noacpi"], hard_timeout=a["hard_timeout"]), a["parallel"])
 
 
@@ -137,6 +159,12 @@ def bregister(ctx: Context, a: Args) -> int:
             raise NoSuchVM(f"No unregistered VM matches the mask: {mask}")
         found += [h for h in hits if h not in found]
     return each(ctx, found, lifecycle.register)
+
+
+def bunregister(ctx: Context, a: Args) -> int:
+    from cbsd.core.manage import lifecycle
+
+    return each(ctx, ctx.resolve(a["names"]), lifecycle.unregister)
 
 
 def bset(ctx: Context, a: Args) -> int:

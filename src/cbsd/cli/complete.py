@@ -20,7 +20,9 @@ def candidates(current: str, words: list[str]) -> list[str]:
     key, eq, value = current.partition("=")
     if not eq:
         keys = [f"{k.name}=" for k in cmd.keys if k.name.startswith(current)]
-        return sorted(keys + (_vms(current) if cmd.bare != "none" else []))
+        vms = [] if cmd.bare == "none" else _unregistered(current) if cmd.name == \
+            "bregister" else _vms(current)
+        return sorted(keys + vms)
     k = cmd.key(key)
     if k is None:
         return []
@@ -29,7 +31,8 @@ def candidates(current: str, words: list[str]) -> list[str]:
     if k.kind == "bool":
         return [f"{key}={v}" for v in ("0", "1") if v.startswith(value)]
     if key in VM_KEYS:
-        return [f"{key}={n}" for n in _vms(value)]
+        names = _unregistered(value) if cmd.name == "bregister" else _vms(value)
+        return [f"{key}={n}" for n in names]
     if key in ("checkpoint", "name"):
         vm = next((w.split("=", 1)[1] for w in words if w.startswith(("jname=", "old="))),
                   next((w for w in words[1:] if "=" not in w), None))
@@ -42,6 +45,17 @@ def _vms(prefix: str) -> list[str]:
         from cbsd.core.vm.context import Context
 
         return [n for n in Context(writable=False).inventory.names() if n.startswith(prefix)]
+    return []
+
+
+def _unregistered(prefix: str) -> list[str]:
+    """bregister's names: the VMs whose files are here without an inventory entry (after
+    bunregister, or a lost inventory), not those the inventory lists."""
+    with contextlib.suppress(Exception):
+        from cbsd.core.manage.lifecycle import unregistered
+        from cbsd.core.vm.context import Context
+
+        return [n for n in unregistered(Context(writable=False)) if n.startswith(prefix)]
     return []
 
 

@@ -1,5 +1,5 @@
-"""The commands that reach beyond this host: bexport, bimport, node, bmove, bmigrate (their
-work is in core/hosts/: transfer.py, nodes.py, move.py and migrate.py)."""
+"""The commands that reach beyond this host: bexport, bimport, node, bmove, bmigrate, bwhereis
+(their work is in core/hosts/: transfer.py, nodes.py, move.py, migrate.py and whereis.py)."""
 
 from __future__ import annotations
 
@@ -166,4 +166,14 @@ def bmigrate(ctx: Context, a: Args) -> int:
     if not a["node"]:
         raise UsageError("bmigrate: missing required key 'node'")
     print(migrate.migrate(ctx, jname, a["node"]))
+    return 0
+
+
+def bwhereis(ctx: Context, a: Args) -> int:
+    from cbsd.core.hosts import whereis
+
+    found = whereis.whereis(ctx, a["jname"])
+    for err in found.unreached:  # found elsewhere: a node that did not answer is named
+        print(err, file=sys.stderr)
+    print("\n".join(found.hosts))
     return 0

@@ -103,10 +103,27 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("noacpi", "bool", False, help="power off at once instead of ACPI"),
             Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown", lo=0,
                 hi=86400),
+            Key("checkpoint", "bool", False, help="hibernate instead (as bsuspend: state to "
+                "disk, status Suspended; bstart resumes it)"),
             RUNNING_ONLY,
             PARALLEL,
         ),
         "cbsd bstop jname='web*' hard_timeout=60",
+    ),
+    Command(
+        "brestart", "Restart running VMs: bstop, then bstart (the guest boots afresh).",
+        (
+            J_MASK,
+            Key("noacpi", "bool", False, help="power off at once instead of ACPI"),
+            Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown", lo=0,
+                hi=86400),
+            PARALLEL,
+        ),
+        "cbsd brestart jname=vm1 hard_timeout=60",
+        details=("Only a VM that is On or Paused is restarted (a paused one comes back "
+                 "running); one that is Off\nor hibernated is an error for that VM and is "
+                 "left as it is. The VM stays locked from the stop\nto the start: no other "
+                 "command acts on it in between."),
     ),
     Command(
         "bls", "List VMs.",
@@ -138,6 +155,25 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "cbsd bregister jname='*'",
         details=("Each VM's definition is kept beside its files (jails-system/VM/vm.json); "
                  "a VM made before cbsd kept one\nis registered from its newest saved state."),
+    ),
+    Command(
+        "bunregister", "Forget VMs' inventory entries, keeping every file (bregister brings "
+        "them back).",
+        (J_MASK,),
+        "cbsd bunregister jname=vm1",
+        details=("The VM must be Off or hibernated. Its disks, checkpoints, hibernation image "
+                 "and vm.json stay\nwhere they are; bls no longer lists it, and bcreate of "
+                 "the same name is refused while they exist."),
+    ),
+    Command(
+        "bwhereis", "Say where a VM is: 'local' (this host) or the node that has it.",
+        (J_NAME,),
+        "cbsd bwhereis jname=vm1",
+        bare="one",
+        readonly=True,
+        details=("The nodes (cbsd node) are asked in parallel, each within CBSD_NODE_TIMEOUT "
+                 "s, only when the VM\nis not in this host's inventory. Exit 1 if no host "
+                 "has it."),
     ),
     Command(
         "bset", "Change the settings of stopped VMs (the keys bcreate takes).",
@@ -322,7 +358,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister"}
+LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister", "bwhereis"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

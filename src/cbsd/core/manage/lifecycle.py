@@ -187,6 +187,27 @@ def register(ctx: Context, jname: str) -> str:
     return f"{jname}: registered" + (" (its damaged inventory entry replaced)" if damaged else "")
 
 
+def unregister(ctx: Context, jname: str) -> str:
+    """bunregister: forget the inventory entry of a VM that is Off or hibernated and keep
+    every file, so that `bregister` brings it back as it was.
+
+    Crash-safe by the order alone: vm.json is rewritten from the entry (durably) before the
+    entry goes, and no mark is ever made, so at every instant the files are either a listed
+    VM or a whole unlisted one -- which core/vm/definition.py never deletes and bcreate
+    refuses to overwrite. A VM whose folder carries the unfinished mark (a bremove cut
+    short) is refused: its entry is what keeps those files from being cleared."""
+    with ctx.locked_vm(jname, "bunregister") as vm:
+        require(jname, vm.status(mine=True), Action.UNREGISTER)
+        if ctx.workdir.unfinished(jname).exists():
+            raise StateError(f"{jname}: a bremove of it was cut short: 'cbsd bremove "
+                             f"jname={jname}' finishes it")
+        save_spec_file(ctx, vm.spec)
+        failpoint("bunregister:saved")
+        ctx.inventory.remove(jname)
+    return f"{jname}: unregistered (its files are kept: 'cbsd bregister jname={jname}' " \
+           "brings it back)"
+
+
 def _spec_from_files(ctx: Context, jname: str) -> VMSpec:
     """vm.json; for a VM made before cbsd kept one, the definition its newest saved state
     recorded. Either is checked as a definition from outside (cbsd/specs.py): UsageError
@@ -230,35 +251,41 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
           paused: bool = False) -> str:
     """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
     with ctx.locked_vm(jname, "bstart") as vm:
-        status = vm.status(mine=True)
-        if checkpoint is not None:
-            check_name(checkpoint, "checkpoint name")
-            require(jname, status, Action.RESTORE)
-            from cbsd.core.checkpoint import load
+        return _start_held(vm, checkpoint=checkpoint, paused=paused)
 
-            load.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
-            tree.set_current(ctx.workdir, jname, checkpoint)
-            done = f"restored from checkpoint {checkpoint}"
+
+def _start_held(vm: VM, *, checkpoint: str | None = None, paused: bool = False) -> str:
+    """start() on a VM whose lock the caller holds (bstart, brestart)."""
+    ctx, jname = vm.ctx, vm.jname
+    status = vm.status(mine=True)
+    if checkpoint is not None:
+        check_name(checkpoint, "checkpoint name")
+        require(jname, status, Action.RESTORE)
+        from cbsd.core.checkpoint import load
+
+        load.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
+        tree.set_current(ctx.workdir, jname, checkpoint)
+        done = f"restored from checkpoint {checkpoint}"
+    else:
+        require(jname, status, Action.START)
+        if status is Status.SUSPENDED:
+            from cbsd.core.checkpoint.hibernate import resume
+
+            # A VM hibernated while paused comes back paused, as it was.
+            paused = resume(vm, paused=True if paused else None)
+            done = "resumed from hibernation"
         else:
-            require(jname, status, Action.START)
-            if status is Status.SUSPENDED:
-                from cbsd.core.checkpoint.hibernate import resume
-
-                # A VM hibernated while paused comes back paused, as it was.
-                paused = resume(vm, paused=True if paused else None)
-                done = "resumed from hibernation"
-            else:
-                tree.set_current(ctx.workdir, jname, None)  # a cold boot descends from nothing
-                mon = vm.launch(paused=paused, ram_file=ramfile.fresh(vm))
-                state = mon.status()
-                ok = (state in (RunState.PAUSED, RunState.PRELAUNCH) if paused
-                      else state == RunState.RUNNING)
-                if not ok:
-                    vm.kill()
-                    raise QemuError(f"{jname}: QEMU started but reports '{state}'")
-                if vm.spec.guest_agent:
-                    vm.tend_agent(settime=False, seconds=BOOT_AGENT_WAIT)
-                done = "started"
+            tree.set_current(ctx.workdir, jname, None)  # a cold boot descends from nothing
+            mon = vm.launch(paused=paused, ram_file=ramfile.fresh(vm))
+            state = mon.status()
+            ok = (state in (RunState.PAUSED, RunState.PRELAUNCH) if paused
+                  else state == RunState.RUNNING)
+            if not ok:
+                vm.kill()
+                raise QemuError(f"{jname}: QEMU started but reports '{state}'")
+            if vm.spec.guest_agent:
+                vm.tend_agent(settime=False, seconds=BOOT_AGENT_WAIT)
+            done = "started"
     return f"{jname}: {done}" + (" (paused)" if paused else "")
 
 
@@ -270,18 +297,24 @@ def stop(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 
         if status is Status.OFF:
             raise StateError(f"{jname}: not running")
         require(jname, status, Action.STOP)
-        mon = vm.monitor()
-        if status is Status.PAUSED:
-            # A frozen guest cannot see the power button: thaw it so it can shut down.
-            mon.cmd("cont")
-            print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
-                  file=sys.stderr)
-        mon.cmd("system_powerdown")
-        if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout):
-            vm.forget_process()
-            return f"{jname}: stopped (ACPI shutdown)"
-        vm.power_off()
-        return f"{jname}: did not shut down within {hard_timeout} s: powered off"
+        return _acpi_stop_held(vm, status, hard_timeout)
+
+
+def _acpi_stop_held(vm: VM, status: Status, hard_timeout: int) -> str:
+    """The ACPI power button, then power-off after *hard_timeout* s (lock held, VM running)."""
+    jname = vm.jname
+    mon = vm.monitor()
+    if status is Status.PAUSED:
+        # A frozen guest cannot see the power button: thaw it so it can shut down.
+        mon.cmd("cont")
+        print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
+              file=sys.stderr)
+    mon.cmd("system_powerdown")
+    if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout):
+        vm.forget_process()
+        return f"{jname}: stopped (ACPI shutdown)"
+    vm.power_off()
+    return f"{jname}: did not shut down within {hard_timeout} s: powered off"
 
 
 def _power_off(ctx: Context, jname: str) -> str:
@@ -290,18 +323,43 @@ def _power_off(ctx: Context, jname: str) -> str:
     is safe in every state recovery knows (core/vm/recovery.py: a published hibernation image
     is never older than the guest, so it stays valid)."""
     with ctx.locked_vm(jname, "bstop", recover=False) as vm:
-        adopt_lost_qemu(vm, scan=bool(vm.died))
-        if not vm.alive():
-            recovery.recover(vm, vm.died)
-            status = vm.status(mine=True)
-            require(jname, status, Action.STOP)
-            raise StateError(f"{jname}: not running")
-        if ckpstore.has_manifest(ctx.workdir.hibernation(jname)) and \
-                vm.probe_state() is RunState.RUNNING:
-            recovery.recover(vm, vm.died)  # a stale image an older cbsd left: dropped first
-        vm.power_off()
-        recovery.recover(vm, vm.died)
+        _power_off_held(vm, Action.STOP)
     return f"{jname}: powered off"
+
+
+def _power_off_held(vm: VM, action: Action) -> None:
+    """_power_off() on a VM locked without recovery; refused as *action* if not running."""
+    ctx, jname = vm.ctx, vm.jname
+    adopt_lost_qemu(vm, scan=bool(vm.died))
+    if not vm.alive():
+        recovery.recover(vm, vm.died)
+        status = vm.status(mine=True)
+        require(jname, status, action)
+        raise StateError(f"{jname}: not running")
+    if ckpstore.has_manifest(ctx.workdir.hibernation(jname)) and \
+            vm.probe_state() is RunState.RUNNING:
+        recovery.recover(vm, vm.died)  # a stale image an older cbsd left: dropped first
+    vm.power_off()
+    recovery.recover(vm, vm.died)
+
+
+def restart(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int = 30) -> str:
+    """brestart: bstop then bstart of a running (or paused) VM under one lock, so no other
+    command can act on it in between; the guest boots afresh (not paused). A VM that is Off
+    or hibernated is refused (model.ALLOWED[Action.RESTART]): nothing is stopped or started.
+    noacpi=1 locks without recovery first, as bstop noacpi=1 does: a wedged QEMU is what a
+    restart is for."""
+    with ctx.locked_vm(jname, "brestart", recover=not noacpi) as vm:
+        if noacpi:
+            _power_off_held(vm, Action.RESTART)
+            stopped = f"{jname}: powered off"
+        else:
+            status = vm.status(mine=True)
+            require(jname, status, Action.RESTART)
+            stopped = _acpi_stop_held(vm, status, hard_timeout)
+        failpoint("brestart:stopped")
+        started = _start_held(vm)
+    return f"{stopped}\n{started}"
 
 
 def remove(ctx: Context, jname: str) -> str:
