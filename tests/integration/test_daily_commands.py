@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import COUNTER_RE, Cbsd
+from tests.harness import COUNTER_RE, Cbsd
 
 pytestmark = pytest.mark.vm
 
