@@ -32,7 +32,6 @@ from cbsd.errors import QemuError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    # lazy: only the detached helper; pathlib is too heavy for the pause lane
     from pathlib import Path
     from typing import Any
 
