@@ -39,6 +39,7 @@ def candidates(current: str, words: list[str]) -> list[str]:
 
 def _vms(prefix: str) -> list[str]:
     with contextlib.suppress(Exception):
+        # lazy: completing a command or key name needs no workdir
         from cbsd.core.vm.context import Context
 
         return [n for n in Context(writable=False).inventory.names() if n.startswith(prefix)]
@@ -49,7 +50,10 @@ def _checkpoints(jname: str | None) -> list[str]:
     if not jname:
         return []
     with contextlib.suppress(Exception):
+        # lazy: completing a command or key name needs no workdir
         from cbsd.core.vm.context import Context
+
+        # lazy: only completing a checkpoint name
         from cbsd.storage import ckpstore
 
         ctx = Context(writable=False)
