@@ -47,7 +47,7 @@ SET_IT_YOURSELF = ("install qemu-guest-agent in the guest, or set the clock ther
 
 class Agent:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
-        # lazy: the pause lane and bls import this module without talking to an agent
+        # lazy: the pause lane and bls (read_state) import this module but open no agent
         import socket
 
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
