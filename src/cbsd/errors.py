@@ -25,6 +25,7 @@ one line and exit 1; the traceback is printed only with CBSD_DEBUG=1.
 from __future__ import annotations
 
 import os
+import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -89,6 +90,7 @@ class MigrationFailed(QemuError):
 
     @property
     def no_space(self) -> bool:
+        # lazy: only an error's message; --version and the pause lane import this module
         import errno
 
         return os.strerror(errno.ENOSPC) in self.desc or os.strerror(errno.EDQUOT) in self.desc
@@ -122,6 +124,7 @@ def describe(e: BaseException) -> tuple[str, int]:
     """Any exception -> (one line for stderr, exit code). The traceback goes to stderr only
     with CBSD_DEBUG set; without it no path can print one."""
     if os.environ.get("CBSD_DEBUG"):
+        # lazy: only with CBSD_DEBUG; traceback pulls in linecache/tokenize
         import traceback
 
         traceback.print_exception(e)
@@ -131,7 +134,6 @@ def describe(e: BaseException) -> tuple[str, int]:
         return "cancelled", EXIT_FAILED
     if isinstance(e, OSError):
         return os_error_line(e), EXIT_FAILED
-    import sys
 
     if "sqlite3" in sys.modules and isinstance(e, sys.modules["sqlite3"].Error):
         return " ".join(f"cbsd: inventory error: {e} (the inventory may be damaged: see "
@@ -143,6 +145,7 @@ def describe(e: BaseException) -> tuple[str, int]:
 
 def os_error_line(e: OSError) -> str:
     """'cbsd: cannot use /x/y: Read-only file system' from any OSError."""
+    # lazy: only an error's message; --version and the pause lane import this module
     import errno
 
     what = e.strerror or str(e)

@@ -10,6 +10,7 @@ this is one dictionary lookup.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 _fired: set[str] = set()
@@ -18,7 +19,6 @@ _fired: set[str] = set()
 def failpoint(name: str) -> None:
     if os.environ.get("CBSD_FAILPOINT") == name and name not in _fired:
         _fired.add(name)
-        import signal
 
         print(f"cbsd: failpoint {name}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)

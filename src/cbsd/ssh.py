@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,8 +138,8 @@ def die_with_parent(parent: int) -> Callable[[], None]:
     exec, so it does the least: one libc call and one check (no shell is involved).
     The kernel ties the signal to the *thread* that forked, not the process: start such a
     helper from a thread that outlives its use (the main thread, in every command today)."""
+    # lazy: ctypes is heavy and only the ssh helpers that outlive a fork need prctl
     import ctypes
-    import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cbsd.errors import UsageError
-from cbsd.names import check_mac, check_mask, check_name, parse_hostfwd, parse_size
+from cbsd.names import check_ifname, check_mac, check_mask, check_name, parse_hostfwd, parse_size
 
 _BOOL = {"1": True, "0": False, "yes": True, "no": False, "true": True, "false": False,
          "on": True, "off": False}
@@ -86,8 +86,6 @@ def convert(cmd: Command, key: Key, raw: str) -> Any:
     if key.kind == "hostfwd":
         return _prefixed(cmd, parse_hostfwd, raw)
     if key.kind == "ifname":
-        from cbsd.names import check_ifname
-
         if raw == "":
             return ""  # cleared: the default (bset interface= goes back to cbsd0)
         return _prefixed(cmd, check_ifname, raw, what)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from cbsd import cancel
 from cbsd.cli import output
+from cbsd.cli.args import show_value
 from cbsd.core.vm.context import Context
-from cbsd.errors import NodeError, UsageError, describe
+from cbsd.core.vm.machine import VM
+from cbsd.errors import CheckpointError, NodeError, NoSuchVM, UsageError, describe
+from cbsd.model import Action, VMSpec, require
+from cbsd.names import is_mask, match_mask
 
 Args = dict[str, Any]
 
@@ -17,8 +23,6 @@ Args = dict[str, Any]
 def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
          parallel: int = 1) -> int:
     """Run *fn* on every VM, report each result, exit non-zero if any failed."""
-    import threading
-
     lock = threading.Lock()
 
     def report(text: str, stream: TextIO) -> None:
@@ -44,6 +48,7 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
         return 0
 
     if parallel > 1 and len(vms) > 1:
+        # lazy: only parallel= runs threads (concurrent.futures ~10 ms)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=parallel,
@@ -58,8 +63,6 @@ def each(ctx: Context, vms: list[str], fn: Callable[[Context, str], str | None],
 def _main_thread_gets_signals() -> None:
     """Workers block SIGINT/SIGTERM so the kernel delivers them to the main thread, whose
     handler then runs at once and tells every worker to cancel (cbsd.cancel)."""
-    import signal
-
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
@@ -72,9 +75,11 @@ def only_in_modes(args: Args, mode: str, allowed: dict[str, tuple[str, ...]], de
 
 
 def bcreate(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
+
+    # lazy: only bcreate reads cloud-init keys
     from cbsd.core.manage.cloudinit import KEYS, settings
-    from cbsd.model import VMSpec
 
     spec = lifecycle.create(ctx, VMSpec(
         jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
@@ -94,6 +99,7 @@ def bcreate(ctx: Context, a: Args) -> int:
 def _targets(ctx: Context, a: Args) -> list[str]:
     """The VMs a command acts on: names and masks resolved, then narrowed for host boot
     (boot=1) or shutdown (running_only=1) where the command has those keys."""
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     narrowed = bool(a.get("boot") or a.get("running_only"))
@@ -105,6 +111,7 @@ def _targets(ctx: Context, a: Args) -> list[str]:
 
 
 def bstart(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     return each(ctx, _targets(ctx, a), lambda c, j: lifecycle.start(
@@ -112,6 +119,7 @@ def bstart(ctx: Context, a: Args) -> int:
 
 
 def bstop(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     if a["checkpoint"]:
@@ -123,6 +131,7 @@ def bstop(ctx: Context, a: Args) -> int:
 def _hibernate_on_stop(ctx: Context, a: Args) -> int:
     """bstop checkpoint=1, CBSD's way to stop with the guest's state kept: the VM is
     hibernated exactly as by bsuspend (Suspended after; bstart resumes it)."""
+    # lazy: only bstop checkpoint=1 loads the save engine
     from cbsd.core.checkpoint import hibernate
 
     for key, default in (("noacpi", False), ("hard_timeout", 30)):
@@ -134,6 +143,7 @@ def _hibernate_on_stop(ctx: Context, a: Args) -> int:
 
 
 def brestart(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.restart(
@@ -141,15 +151,15 @@ def brestart(ctx: Context, a: Args) -> int:
 
 
 def bremove(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lifecycle.remove)
 
 
 def bregister(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
-    from cbsd.errors import NoSuchVM
-    from cbsd.names import is_mask, match_mask
 
     found: list[str] = []
     candidates = lifecycle.unregistered(ctx)
@@ -162,12 +172,14 @@ def bregister(ctx: Context, a: Args) -> int:
 
 
 def bunregister(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lifecycle.unregister)
 
 
 def bset(ctx: Context, a: Args) -> int:
+    # lazy: only bset/bget/brename/bclone; bls and bstart skip it
     from cbsd.core.manage import settings as manage
 
     changes = {k: v for k, v in a.items() if k in manage.SETTABLE and v is not None}
@@ -175,7 +187,7 @@ def bset(ctx: Context, a: Args) -> int:
 
 
 def bget(ctx: Context, a: Args) -> int:
-    from cbsd.cli.args import show_value
+    # lazy: only bset/bget/brename/bclone; bls and bstart skip it
     from cbsd.core.manage import settings as manage
 
     values = manage.get(ctx, a["jname"])
@@ -195,6 +207,7 @@ def bget(ctx: Context, a: Args) -> int:
 
 
 def brename(ctx: Context, a: Args) -> int:
+    # lazy: only bset/bget/brename/bclone; bls and bstart skip it
     from cbsd.core.manage import settings as manage
 
     print(manage.rename(ctx, a["old"], a["new"]))
@@ -202,6 +215,7 @@ def brename(ctx: Context, a: Args) -> int:
 
 
 def bclone(ctx: Context, a: Args) -> int:
+    # lazy: only bset/bget/brename/bclone; bls and bstart skip it
     from cbsd.core.manage import settings as manage
 
     print(manage.clone(ctx, a["old"], a["new"], a["checkpoint"]))
@@ -209,6 +223,7 @@ def bclone(ctx: Context, a: Args) -> int:
 
 
 def bhyve_dsk(ctx: Context, a: Args) -> int:
+    # lazy: only bhyve-dsk
     from cbsd.core.manage import disks
 
     mode, jname = a["mode"], a["jname"]
@@ -234,12 +249,14 @@ def bhyve_dsk(ctx: Context, a: Args) -> int:
 
 
 def bpause(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.pause(c, j, a["mode"]))
 
 
 def bls(ctx: Context, a: Args) -> int:
+    # lazy: only bls
     from cbsd.core.manage import listing
 
     columns = a["display"] or list(listing.COLUMNS)
@@ -269,7 +286,10 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
     host's VMs as node 'local'). A node that cannot be reached, does not answer in time or
     answers what is not a listing is named on stderr; the command then exits 1 after listing
     the others."""
+    # lazy: only bls node=: the ssh fan-out
     from cbsd.core.hosts import nodes
+
+    # lazy: only bls
     from cbsd.core.manage import listing
 
     want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
@@ -296,9 +316,8 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
 
 
 def blogin(ctx: Context, a: Args) -> int:
+    # lazy: only blogin needs the terminal (termios, tty)
     from cbsd.cli.console import attach
-    from cbsd.core.vm.machine import VM
-    from cbsd.model import Action, require
 
     vm = VM.load(ctx, a["jname"])
     require(vm.jname, vm.status(), Action.LOGIN)
@@ -306,6 +325,7 @@ def blogin(ctx: Context, a: Args) -> int:
 
 
 def bcheckpoint(ctx: Context, a: Args) -> int:
+    # lazy: only bcheckpoint loads the checkpoint engine
     from cbsd.core.checkpoint import checkpoints
 
     mode = a["mode"]
@@ -339,8 +359,8 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
 
 
 def _verify(ctx: Context, jname: str, name: str | None) -> str:
+    # lazy: only bcheckpoint loads the checkpoint engine
     from cbsd.core.checkpoint import checkpoints
-    from cbsd.errors import CheckpointError
 
     results = checkpoints.verify(ctx, jname, name)
     bad = [msg for _, msg in results if msg]
@@ -353,6 +373,7 @@ def _verify(ctx: Context, jname: str, name: str | None) -> str:
 
 
 def bsuspend(ctx: Context, a: Args) -> int:
+    # lazy: only bsuspend loads the checkpoint engine
     from cbsd.core.checkpoint import hibernate
 
     if a["mode"] == "discard":

@@ -42,6 +42,7 @@ def candidates(current: str, words: list[str]) -> list[str]:
 
 def _vms(prefix: str) -> list[str]:
     with contextlib.suppress(Exception):
+        # lazy: completing a command or key name needs no workdir
         from cbsd.core.vm.context import Context
 
         return [n for n in Context(writable=False).inventory.names() if n.startswith(prefix)]
@@ -52,7 +53,10 @@ def _unregistered(prefix: str) -> list[str]:
     """bregister's names: the VMs whose files are here without an inventory entry (after
     bunregister, or a lost inventory), not those the inventory lists."""
     with contextlib.suppress(Exception):
+        # lazy: completing a command or key name needs no workdir
         from cbsd.core.manage.lifecycle import unregistered
+
+        # lazy: as above
         from cbsd.core.vm.context import Context
 
         return [n for n in unregistered(Context(writable=False)) if n.startswith(prefix)]
@@ -63,7 +67,10 @@ def _checkpoints(jname: str | None) -> list[str]:
     if not jname:
         return []
     with contextlib.suppress(Exception):
+        # lazy: completing a command or key name needs no workdir
         from cbsd.core.vm.context import Context
+
+        # lazy: only completing a checkpoint name
         from cbsd.storage import ckpstore
 
         ctx = Context(writable=False)

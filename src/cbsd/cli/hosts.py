@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,11 @@ from cbsd.core.vm.context import Context
 from cbsd.errors import UsageError
 from cbsd.failpoints import failpoint
 from cbsd.names import check_name
+from cbsd.storage.atomic import fsync_dir
 
 
 def bexport(ctx: Context, a: Args) -> int:
-    import os
-
+    # lazy: each host command loads its own core module
     from cbsd.core.hosts import transfer
 
     jname, out = a["jname"], a["out"]
@@ -66,11 +68,8 @@ def _publish_new(tmp: Path, path: Path) -> None:
     renameat2(RENAME_NOREPLACE) where the file system has no hard links, fails with EEXIST
     instead of replacing, so a file created at PATH while the export ran (the check at the
     start is only advice) is never overwritten. The caller removes *tmp*."""
+    # lazy: ctypes is heavy: only a file system without hard links needs it
     import ctypes
-    import errno
-    import os
-
-    from cbsd.storage.atomic import fsync_dir
 
     try:
         os.link(tmp, path)
@@ -91,6 +90,7 @@ def _publish_new(tmp: Path, path: Path) -> None:
 
 
 def bimport(ctx: Context, a: Args) -> int:
+    # lazy: each host command loads its own core module
     from cbsd.core.hosts import transfer
 
     mode = a["mode"]
@@ -124,6 +124,7 @@ def bimport(ctx: Context, a: Args) -> int:
 
 
 def node(ctx: Context, a: Args) -> int:
+    # lazy: each host command loads its own core module
     from cbsd.core.hosts import nodes
 
     mode = a["mode"]
@@ -148,6 +149,7 @@ def node(ctx: Context, a: Args) -> int:
 
 
 def bmove(ctx: Context, a: Args) -> int:
+    # lazy: each host command loads its own core module
     from cbsd.core.hosts import move
 
     print(move.move(ctx, a["jname"], a["node"]))
@@ -155,6 +157,7 @@ def bmove(ctx: Context, a: Args) -> int:
 
 
 def bmigrate(ctx: Context, a: Args) -> int:
+    # lazy: each host command loads its own core module
     from cbsd.core.hosts import migrate, migrate_in
 
     jname, mode = a["jname"], a["mode"]
@@ -170,6 +173,7 @@ def bmigrate(ctx: Context, a: Args) -> int:
 
 
 def bwhereis(ctx: Context, a: Args) -> int:
+    # lazy: each command loads its own core module
     from cbsd.core.hosts import whereis
 
     found = whereis.whereis(ctx, a["jname"])

@@ -26,6 +26,7 @@ commands:
 
 
 def _usage() -> str:
+    # lazy: --version and the pause lane skip the command table
     from cbsd.cli.table import COMMANDS
 
     return USAGE.format(commands="\n".join(f"  {c.name:<12} {c.summary}"
@@ -35,6 +36,7 @@ def _usage() -> str:
 def _cancel_on_signals() -> None:
     """SIGINT/SIGTERM raise Cancelled once, so operations roll back; repeats are ignored while
     the rollback runs (a second Ctrl-C must not leave things half undone)."""
+    # lazy: signal loads enum: the pause lane returns before this
     import signal
 
     fired = False
@@ -55,6 +57,7 @@ def _cancel_on_signals() -> None:
 def handler(command: str) -> Callable[[Context, dict[str, Any]], int]:
     """The function that carries out *command*: cli/hosts.py for the commands that reach other
     hosts, cli/commands.py for the rest."""
+    # lazy: only a command that runs: --help and completion skip them
     from cbsd.cli import commands, hosts
 
     name = command.replace("-", "_")
@@ -76,18 +79,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbsd {__version__}")
         return 0
     if args[0] == "__complete" and len(args) >= 2:  # for contrib/bash-completion/cbsd
+        # lazy: only shell completion
         from cbsd.cli.complete import candidates
 
         print("\n".join(candidates(args[1], args[2:])))
         return 0
     try:
         if args[0] == "bpause":
+            # lazy: only bpause tries the quick lane
             from cbsd.cli.quick import bpause
 
             code = bpause(args[1:])
             if code is not None:
                 return code
+        # lazy: the pause lane and --version skip the argument tables
         from cbsd.cli.args import help_text, parse
+
+        # lazy: --version and the pause lane skip the command table
         from cbsd.cli.table import COMMANDS
 
         cmd = COMMANDS.get(args[0])
@@ -98,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parsed = parse(cmd, args[1:])
         if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node"):
+            # lazy: only node= forwarding
             from cbsd.core.hosts import nodes
+
+            # lazy: only a command that runs: 'CMD --help' skips the workdir
             from cbsd.core.vm.context import Context
 
             rest = [w for w in args[1:] if not w.startswith("node=")]
             return nodes.forward(Context(writable=False), parsed["node"], [args[0], *rest])
         _cancel_on_signals()
+        # lazy: only a command that runs: 'CMD --help' skips the workdir
         from cbsd.core.vm.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))

@@ -37,13 +37,13 @@ class Progress:
         if total < (64 << 20):
             return  # small states finish before a bar is worth drawing
         if self._bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
+            # lazy: rich costs tens of ms; only a long transfer on a terminal draws a bar
+            from rich import console, progress
 
-            self._bar = RichProgress(TextColumn(self.label), BarColumn(), DownloadColumn(),
-                                     TimeRemainingColumn(), console=Console(stderr=True),
-                                     transient=True)
+            self._bar = progress.Progress(
+                progress.TextColumn(self.label), progress.BarColumn(), progress.DownloadColumn(),
+                progress.TimeRemainingColumn(), console=console.Console(stderr=True),
+                transient=True)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=total)
         self._bar.update(self._task, completed=done, total=total)

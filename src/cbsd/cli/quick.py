@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from cbsd.core.vm import pause
+
 _MODES = ("on", "off", "auto")
 
 
@@ -43,9 +45,7 @@ def bpause(args: list[str]) -> int | None:
     root = _root()
     if len(names) != 1 or not _plain_name(names[0]) or root is None:
         return None
-    from cbsd.core.vm.pause import quick
-
-    message = quick(root, names[0], mode or "auto")
+    message = pause.quick(root, names[0], mode or "auto")
     if message is None:
         return None
     print(message, flush=True)

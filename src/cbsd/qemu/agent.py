@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+from cbsd import debug
 from cbsd.errors import QemuError
 
 TYPE_CHECKING = False
@@ -46,7 +47,8 @@ SET_IT_YOURSELF = ("install qemu-guest-agent in the guest, or set the clock ther
 
 class Agent:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
-        import socket  # here, not at the top: bls imports this module only for read_state()
+        # lazy: the pause lane and bls (read_state) import this module but open no agent
+        import socket
 
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
@@ -82,6 +84,7 @@ class Agent:
         while (end := self._buf.find(b"\n")) < 0:
             self._recv()
         line, self._buf = self._buf[:end], self._buf[end + 1:]
+        # lazy: json is too heavy for the pause lane, which imports this module
         import json
 
         msg = json.loads(line)
@@ -102,6 +105,7 @@ class Agent:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
+    # lazy: json is too heavy for the pause lane, which imports this module
     import json
 
     return json.dumps(obj).encode() + b"\n"
@@ -159,6 +163,7 @@ def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool) ->
 
 
 def _write(path: Path, state: dict[str, Any]) -> None:
+    # lazy: json is too heavy for the pause lane, which imports this module
     import json
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -167,6 +172,7 @@ def _write(path: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
+    # lazy: json is too heavy for the pause lane, which imports this module
     import json
 
     try:
@@ -180,8 +186,6 @@ def start_helper(sock: str, state_file: str | Path, seconds: float, settime: boo
     """Run the helper detached: it outlives the command, which does not wait for it. Its own
     session, stdio on /dev/null; it inherits no other descriptor (Python opens them all
     close-on-exec)."""
-    from cbsd import debug
-
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_file)
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,6 +205,7 @@ def start_helper(sock: str, state_file: str | Path, seconds: float, settime: boo
 
 
 def main(args: list[str]) -> int:
+    # lazy: only the detached helper; pathlib is too heavy for the pause lane
     from pathlib import Path
 
     sock, state_file, seconds = args[0], Path(args[1]), float(args[2])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from cbsd.errors import UsageError
 from cbsd.model import VMSpec
 from cbsd.qemu.host import Host
 
@@ -42,8 +43,6 @@ def _implied(value: str, what: str) -> str:
     QEMU reads it as KEY=VALUE if it holds '='. Definitions are checked before they get here
     (cbsd/specs.py); this refuses rather than build a command line that means something else."""
     if "=" in value or "," in value or not value:
-        from cbsd.errors import UsageError
-
         raise UsageError(f"bad {what} {value!r}: not usable on QEMU's command line")
     return value
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbsd import debug
 from cbsd.errors import CbsdError, QemuError
 from cbsd.storage.atomic import write_atomic
 
@@ -123,8 +124,6 @@ def _read_cache(cache: Path | None, key: str) -> dict[str, Any] | None:
 
 
 def _ask_qemu(qemu: str) -> dict[str, Any]:
-    from cbsd import debug
-
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
     help_text = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
                                check=False).stdout

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbsd import debug
 from cbsd.errors import QemuError, UsageError
 from cbsd.qemu.host import qemu_img_path
 
@@ -26,8 +27,6 @@ _DATA_FILE = 1 << 2  # qcow2 incompatible feature: the guest's data is in an ext
 
 
 def _run(*args: str) -> str:
-    from cbsd import debug
-
     res = subprocess.run([qemu_img_path(), *args], capture_output=True, text=True, check=False)
     if debug.ON:
         debug.log("proc", f"qemu-img {' '.join(args)} -> exit {res.returncode}")

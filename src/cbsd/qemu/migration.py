@@ -11,6 +11,7 @@ offers (probed on the live QEMU with query-migrate-capabilities, never guessed f
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def mapped_ram_usable(caps: frozenset[str], *, live: bool, ram_file: bool) -> bo
     """Whether a save uses mapped-ram + multifd: the QEMU has both, the guest is stopped for
     the save (background-snapshot streams), RAM is in the stream (not a RAM file), and
     CBSD_MAPPED_RAM is not `off` (a way out should a QEMU's mapped-ram misbehave)."""
-    import os
-
     if os.environ.get("CBSD_MAPPED_RAM", "auto") == "off":
         return False
     return not live and not ram_file and set(MAPPED_RAM) <= caps
@@ -111,8 +110,6 @@ def use_mapped_ram(mon: Monitor, caps: frozenset[str], on: bool) -> None:
 def direct_io_usable(mon: Monitor, path: Path) -> bool:
     """Whether a mapped-ram save or load of *path* uses direct-io: CBSD_DIRECT_IO=on asks for
     it, QEMU has the parameter, the file's filesystem takes O_DIRECT (tmpfs does not)."""
-    import os
-
     if os.environ.get("CBSD_DIRECT_IO", "off") != "on":
         return False
     if DIRECT_IO not in mon.cmd("query-migrate-parameters"):
@@ -131,6 +128,4 @@ def use_direct_io(mon: Monitor, on: bool) -> None:
 
 
 def open_direct(path: Path, write: bool) -> int:
-    import os
-
     return os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC)

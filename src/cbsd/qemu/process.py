@@ -11,9 +11,11 @@ quick lane (cbsd/cli/quick.py) uses alive() and must not pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
+from cbsd import debug
 from cbsd.errors import QemuError
 
 TYPE_CHECKING = False
@@ -106,9 +108,8 @@ def cpu_percent(pid: int) -> float:
 
 def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
     """Run QEMU (-daemonize: returns once the VM is set up). Returns the daemon's pid."""
+    # lazy: only a launch; the pause lane imports this module and must stay light
     import subprocess
-
-    from cbsd import debug
 
     pidfile.unlink(missing_ok=True)
     if debug.ON:
@@ -129,8 +130,6 @@ def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:
 
 
 def first_error(stderr: bytes, qemu_log: Path) -> str:
-    import contextlib
-
     text = stderr.decode(errors="replace")
     with contextlib.suppress(OSError):
         text += "\n" + qemu_log.read_text(errors="replace")
@@ -143,8 +142,6 @@ def first_error(stderr: bytes, qemu_log: Path) -> str:
 
 
 def kill(pid: int, marker: str, sig: int) -> None:
-    import contextlib
-
     if alive(pid, marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)

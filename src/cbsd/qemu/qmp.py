@@ -49,8 +49,10 @@ class _JSONContext:
 
 def _json_loads() -> Callable[[bytes], Any]:
     try:
+        # lazy: tried here, falling back to json (too heavy for the pause lane)
         from _json import make_scanner
     except ImportError:  # a Python without the C accelerator: the real thing
+        # lazy: json is too heavy for the pause lane; the lane's requests need none
         import json
 
         return json.loads
@@ -78,6 +80,7 @@ _loads = _json_loads()
 def _encode(request: dict[str, Any]) -> bytes:
     if set(request) == {"execute", "id"}:  # a bare command name, one of cbsd's own literals
         return b'{"execute": "%s", "id": %d}\n' % (request["execute"].encode(), request["id"])
+    # lazy: json is too heavy for the pause lane; the lane's requests need none
     import json
 
     return json.dumps(request).encode() + b"\n"

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import xxhash
+
 from cbsd.errors import ArchiveError, CbsdError
 
 HEADER = "cbsd-export.json"
@@ -42,15 +44,11 @@ def canonical(body: dict[str, Any]) -> bytes:
 
 
 def sealed(body: dict[str, Any]) -> bytes:
-    import xxhash
-
     return json.dumps({**body, "seal_checksum": xxhash.xxh3_128_hexdigest(canonical(body))},
                       sort_keys=True, indent=1).encode()
 
 
 def unseal(data: bytes, what: str) -> dict[str, Any]:
-    import xxhash
-
     try:
         body = json.loads(data)
         check = body.pop("seal_checksum")
@@ -81,8 +79,6 @@ class Writer:
         self.sums: dict[str, list[Any]] = {}
 
     def add(self, name: str, src: Source) -> str:
-        import xxhash
-
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = src.size, 0o600, int(time.time())
         self._out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
@@ -210,16 +206,12 @@ class Reader:
             yield info
 
     def _read_all(self, info: tarfile.TarInfo) -> bytes:
-        import xxhash
-
         data = self._read(info.size + (-info.size % BLOCK))[:info.size]
         self.sums[info.name] = [info.size, xxhash.xxh3_128_hexdigest(data)]
         return data
 
     def extract(self, info: tarfile.TarInfo, dst: Path) -> None:
         """Write the member to *dst* (new, owner-only), leaving holes for runs of zeros."""
-        import xxhash
-
         h = xxhash.xxh3_128()
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         left = info.size

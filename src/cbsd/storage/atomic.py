@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from cbsd.errors import CbsdError, NoSpaceError
@@ -52,8 +53,6 @@ def remove_tree_later(path: Path) -> None:
     """Remove an already hidden tree in a detached process, after the command returns.
     Deleting a large saved state makes the kernel evict its cached pages (~0.3 s per GiB);
     the user need not wait. If that process dies, the next command's recovery finishes it."""
-    import subprocess
-
     subprocess.Popen(["rm", "-rf", "--", str(path)], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)

@@ -26,6 +26,8 @@ place, and garbage is collected only from what no published recipe references.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import io
 import json
 import os
@@ -51,6 +53,7 @@ def _chunker() -> Callable[..., Iterator[Any]]:
     where a command's output is: it is kept out of there)."""
     global _said_slow
     with contextlib.redirect_stdout(io.StringIO()):
+        # lazy: fastcdc costs ~30 ms (it loads click): only a save, fold or copy chunks
         from fastcdc import fastcdc
     if not _said_slow and not native_chunker():
         _said_slow = True
@@ -61,6 +64,7 @@ def _chunker() -> Callable[..., Iterator[Any]]:
 def native_chunker() -> bool:
     """Whether fastcdc runs its C accelerator (scripts/setup.sh checks this after install)."""
     with contextlib.redirect_stdout(io.StringIO()):
+        # lazy: fastcdc costs ~30 ms (it loads click): only a save, fold or copy chunks
         from fastcdc import fastcdc
     return getattr(fastcdc, "__module__", "") == "fastcdc.fastcdc_cy"
 
@@ -69,9 +73,6 @@ def accelerator_installed() -> bool:
     """native_chunker() without importing fastcdc (~30 ms: it loads click): whether its C
     accelerator is built for this Python. For a command that starts a detached fold, whose
     stderr no one reads: the command says it instead (core/checkpoint/fold.start_helper)."""
-    import importlib.machinery
-    import importlib.util
-
     spec = importlib.util.find_spec("fastcdc")  # finds the package, runs none of it
     where = spec.submodule_search_locations if spec else None
     return any(Path(d, "fastcdc_cy" + suffix).is_file() for d in where or ()
@@ -135,8 +136,10 @@ class Store:
         and the XXH3-128 of the stream as read (the pack is flushed and in place; the caller
         then publishes the recipe). Chunks the given recipes hold are referenced, not stored
         again. Yielded if *should_yield* says so (the unfinished pack is removed)."""
+        # lazy: a fold maps its file; bls and most commands import this module
         import mmap
 
+        # lazy: a C extension only chunk writes and checks need; bls imports this module
         import xxhash
 
         fastcdc = _chunker()
@@ -233,6 +236,7 @@ class Store:
         """(pack fd, offset, data) of the stream, run by run, each run's chunks checked
         against their digests before it is handed out (the recipe's own checksum is the
         caller's: the manifest has it)."""
+        # lazy: a C extension only chunk writes and checks need; bls imports this module
         import xxhash
 
         total = 0
@@ -257,6 +261,7 @@ class Store:
                should_yield: Callable[[], bool] = lambda: False) -> None:
         """Every chunk matches its digest and together they are the stream that was saved.
         Yielded if *should_yield* says so (asked every 16 MiB or so)."""
+        # lazy: a C extension only chunk writes and checks need; bls imports this module
         import xxhash
 
         whole = xxhash.xxh3_128()
@@ -375,6 +380,7 @@ def _splice_all(src: int, offset: int, length: int, out: int, progress: list[int
 
 def _punch_dead(path: str, ranges: list[tuple[int, int]], size: int) -> int:
     """Punch holes where no live range is (whole 4 KiB blocks only); returns bytes punched."""
+    # lazy: ctypes is heavy; only punching holes in a pack file needs it
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)

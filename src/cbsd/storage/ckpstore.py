@@ -15,6 +15,7 @@ Disk state lives in the VM's qcow2 images as internal snapshots named in the man
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -41,9 +42,10 @@ def digest_file(path: Path) -> tuple[int, str]:
     of RAM) are hashed as the zeros they read as, without faulting in a page for each.
     Saved states are only read under the VM's lock, so the file cannot shrink under the
     mapping."""
-    import errno
+    # lazy: only hashing a file maps it; bls and most commands import this module
     import mmap
 
+    # lazy: a C extension only sealing and hashing need; bls imports this module
     import xxhash
 
     h = xxhash.xxh3_128()
@@ -80,6 +82,7 @@ _ZEROS = memoryview(bytes(CHUNK))
 
 
 def _seal(body: dict[str, Any]) -> dict[str, Any]:
+    # lazy: a C extension only sealing and hashing need; bls imports this module
     import xxhash
 
     canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -13,6 +13,7 @@ read-only filesystem through SQLite's read-only and immutable modes.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -180,6 +181,7 @@ class Inventory:
     def _spec(self, jname: str, text: str) -> VMSpec:
         """The entry's definition, checked as any definition cbsd did not just make itself
         (cbsd/specs.py): a damaged one is an EnvironmentFault naming the VM and the key."""
+        # lazy: only a stored row needs it (~0.5 ms): bls of an empty workdir skips it
         from cbsd.specs import from_untrusted
 
         where = f"inventory {self.path}: the entry of {jname} is damaged"
@@ -240,8 +242,6 @@ def _open_readonly(path: Path) -> sqlite3.Connection | None:
 
 
 def _full(path: Path) -> bool:
-    import os
-
     try:
         return os.statvfs(path.parent).f_bavail == 0
     except OSError:

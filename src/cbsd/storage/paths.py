@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbsd.errors import EnvironmentFault, UsageError
+
 HIBERNATION_DIR = "hibernate.ckp"
 
 
@@ -14,8 +16,6 @@ def plain(name: str, what: str) -> str:
     names (cbsd/names.py, cbsd/specs.py), so that no name -- a VM's, a disk's, a
     checkpoint's -- can ever make a path outside the folder it is joined to."""
     if not name or "/" in name or "\0" in name or name in (".", ".."):
-        from cbsd.errors import UsageError
-
         raise UsageError(f"bad {what} {name!r}: not a plain file name")
     return name
 
@@ -130,8 +130,6 @@ class Workdir:
     def ensure(self) -> None:
         """Create the top of the tree, owner-only (it will hold guest memory). Folders that
         exist keep their mode: the workdir may be a folder cbsd did not create."""
-        from cbsd.errors import EnvironmentFault
-
         for d in (self.root, self.inventory.parent, self.locks, self.run_dir,
                   self.root / "jails-system", self.root / "vm"):
             try:

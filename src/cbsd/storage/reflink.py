@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -39,7 +40,6 @@ def clone_or_copy(src: Path, dst: Path) -> bool:
         return True
     except OSError:
         pass
-    import shutil
 
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from cbsd.core.checkpoint import fold, load, save, tree
@@ -13,6 +14,7 @@ from cbsd.core.vm.states import drop_state_and_sweep
 from cbsd.errors import CheckpointError
 from cbsd.model import Action, require
 from cbsd.names import check_name
+from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
 
 
@@ -73,8 +75,6 @@ def _size(path: Path) -> int:
 
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     """Each checkpoint with what restore would say of it now (restorable, and why not)."""
-    from cbsd.qemu.host import machine_known
-
     spec = ctx.spec(jname)
     host = ctx.host
     relevant = spec.restore_relevant()
@@ -174,7 +174,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    from stat import S_ISDIR
 
     return (st.st_dev, st.st_ino) if S_ISDIR(st.st_mode) else None
 

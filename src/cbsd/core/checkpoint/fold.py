@@ -19,11 +19,17 @@ all on disk. Unreferenced packs left by a kill are collected by the next command
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cbsd import debug
+from cbsd.core.vm import recovery
+from cbsd.core.vm.context import Context
 from cbsd.core.vm.lock import YIELDS, asked_to_yield, yield_file
+from cbsd.core.vm.machine import VM
 from cbsd.errors import BusyError, CbsdError
 from cbsd.failpoints import failpoint
 from cbsd.storage import ckpstore
@@ -51,8 +57,6 @@ def foldable(wd: Workdir, jname: str) -> list[Path]:
 def fold_vm(wd: Workdir, jname: str) -> list[str]:
     """Fold every foldable checkpoint of *jname*; returns the names folded. Gives way (returns
     early) when another command wants the VM; does nothing if the VM is busy."""
-    from cbsd.core.vm.context import Context
-
     ctx = Context(wd)
     pending = foldable(wd, jname)
     if not pending or _free(wd.system(jname)) < 2 * max(
@@ -67,8 +71,6 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
         if YIELDS not in Path(wd.lock_file(jname)).read_text():
             return []  # the lock file could not say we yield (a full disk): others would wait
         Path(yield_file(wd.lock_file(jname))).unlink(missing_ok=True)  # a stale request
-        from cbsd.core.vm import recovery
-        from cbsd.core.vm.machine import VM
 
         recovery.recover(VM.load(ctx, jname), lock.died)
         failpoint("fold:locked")
@@ -88,8 +90,6 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
 
 
 def _free(path: Path) -> int:
-    import os
-
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
@@ -110,6 +110,7 @@ def fold_one(store: Store, ckdir: Path, should_yield: Callable[[], bool]) -> boo
     data = recipe.to_bytes()
     write_atomic(ckdir / RECIPE, data)
     failpoint("fold:recipe")
+    # lazy: a C extension only a fold hashes with; bcheckpoint list imports this module
     import xxhash
 
     m.files = {**{k: v for k, v in m.files.items() if k != MEMORY},
@@ -125,10 +126,6 @@ def fold_one(store: Store, ckdir: Path, should_yield: Callable[[], bool]) -> boo
 
 def start_helper(wd: Workdir, jname: str) -> None:
     """Run fold_vm detached: it outlives the command, which does not wait for it."""
-    import subprocess
-
-    from cbsd import debug
-
     if not accelerator_installed():  # the fold's own notice goes nowhere: say it here
         print(SLOW_NOTICE, file=sys.stderr, flush=True)
     src = str(Path(__file__).resolve().parents[2])

@@ -17,7 +17,9 @@ pass over the state instead of a check and then a load). QEMU starts with
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import MigrationStatus, RunState
 from cbsd.storage import ckpstore
+from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
 
 def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
@@ -224,8 +227,6 @@ class _Feeder(threading.Thread):
         self._go, self._aborted = threading.Event(), False
 
     def run(self) -> None:
-        from cbsd.storage.chunkstore import RECIPE, Recipe, Store
-
         try:
             Store(ckpstore.store_of(self._ckdir)).feed(
                 Recipe.read(self._ckdir / RECIPE), self._size, self._out, self.sent,
@@ -264,8 +265,6 @@ def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) ->
     the feeder checks the chunks, so a restore costs one pass over the state instead of a
     check and then a load; the disks are reverted once every chunk passed, while QEMU still
     waits for the last piece."""
-    import fcntl
-
     assert m.stream is not None
     r, w = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
@@ -305,7 +304,6 @@ def _fix_guest_clock(vm: VM, m: ckpstore.Manifest, ckdir: Path) -> None:
     if m.agent:
         vm.tend_agent(settime=True, seconds=AGENT_WAIT)
         return
-    import sys
 
     behind = max(0, int(time.time() - m.created_ts))
     print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "

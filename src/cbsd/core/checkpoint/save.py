@@ -56,6 +56,7 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting.
     Python's os module lacks it; without it (not Linux), fall back to doing nothing. Offsets
     need no page alignment: the kernel rounds them to whole pages."""
+    # lazy: ctypes is heavy: only a save starts writeback
     import ctypes
 
     try:
@@ -77,6 +78,7 @@ class _Follower(threading.Thread):
 
     def __init__(self, path: Path, *, scattered: bool = False) -> None:
         super().__init__(daemon=True)
+        # lazy: a C extension only a save hashes with; bcheckpoint list imports this module
         import xxhash
 
         self._path, self._scattered = path, scattered

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -144,8 +145,6 @@ def _send(p: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
 def _receive(p: subprocess.Popen[bytes], node: Node, timeout: float) -> Any:
     """The node's next JSON line (its shape the caller's to check); NodeError with its
     message if it ended instead."""
-    import select
-
     assert p.stdout is not None and p.stderr is not None
     ready, _, _ = select.select([p.stdout], [], [], timeout)
     line = p.stdout.readline() if ready else b""

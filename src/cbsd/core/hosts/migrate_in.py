@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,19 +15,18 @@ from typing import IO, Any
 from cbsd import specs
 from cbsd.core.checkpoint import compat
 from cbsd.core.hosts.migrate import block_nodes
+from cbsd.core.manage import cloudinit
 from cbsd.core.vm import definition, ramfile
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, VMSpec
-from cbsd.qemu import img, migration
+from cbsd.qemu import img, migration, process
 
 
 def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
     """The node's half (see the module's docstring); runs as long as the control ssh."""
-    from cbsd.core.manage import cloudinit
-
     spec, source, sizes, paused = _request(inp.readline(), jname)
     why = compat.host_incompatibility(ctx.host, spec, source, {"the VM": {
         "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
@@ -137,10 +137,6 @@ def status(ctx: Context, jname: str) -> str:
     """'registered' or 'absent', once no bmigrate holds the VM here. A VM that came in
     half-way (its cbsd killed: files under the unfinished mark, maybe its QEMU still up,
     paused) is cleared first: the QEMU ended, the files removed."""
-    import signal
-
-    from cbsd.qemu import process
-
     wd = ctx.workdir
     with ctx.lock(jname, "bmigrate status", wait=120):
         if ctx.inventory.get(jname) is not None:

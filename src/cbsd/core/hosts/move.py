@@ -27,6 +27,7 @@ import time
 from typing import IO, cast
 
 from cbsd import node_answers
+from cbsd.core.checkpoint import hibernate
 from cbsd.core.hosts import transfer
 from cbsd.core.manage import lifecycle
 from cbsd.core.vm.context import Context
@@ -46,8 +47,6 @@ def move(ctx: Context, jname: str, node_name: str) -> str:
     status = transfer.status_of(ctx, jname)
     was_running = status in (Status.ON, Status.PAUSED)
     if was_running:
-        from cbsd.core.checkpoint import hibernate
-
         hibernate.suspend(ctx, jname)
     try:
         with ctx.locked_vm(jname, "bmove") as vm:

@@ -71,6 +71,7 @@ def vm_rows(ctx: Context, names: list[str], jnames: list[str]
             ) -> list[tuple[str, list[dict[str, Any]] | NodeError]]:
     """Each node's VMs (its `bls format=json`, validated: cbsd/node_answers.py) or why
     not, asked in parallel (up to 16 at a time), each within deadline()."""
+    # lazy: only bls across nodes; node= forwarding and 'node' skip it
     from concurrent.futures import ThreadPoolExecutor
 
     chosen = [node_named(ctx, n) for n in names]

@@ -14,13 +14,18 @@ What registering relies on is checked here, in the folder, before anything is re
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cbsd.core.checkpoint.load import check_intact
+from cbsd.core.manage.disks import DISK_SUFFIX, disk_file_problem
 from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import EFI_VARS
+from cbsd.core.vm.states import TAG_PREFIX
 from cbsd.errors import ArchiveError, CheckpointError, UsageError
 from cbsd.model import VMSpec
 from cbsd.qemu import img
@@ -45,8 +50,6 @@ def lock_of(path: Path) -> Path:
 
 def new(ctx: Context) -> tuple[Path, int]:
     """A new staging folder, flock-held (its lock file) by this process until it is done."""
-    import fcntl
-
     root = base(ctx)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = root / f"{PREFIX}{os.urandom(8).hex()}"
@@ -71,8 +74,6 @@ def staged(ctx: Context, ident: str) -> Path:
 def sweep(ctx: Context) -> None:
     """Remove staging folders no live bimport holds: cut short (no STAGED mark), or staged
     for a commit that has not come for a day; and commit records older than a day."""
-    import fcntl
-
     root = base(ctx)
     if not root.is_dir():
         return
@@ -107,8 +108,6 @@ def done_record(path: Path) -> Path:
 def held(path: Path) -> Iterator[str | None]:
     """The staging folder *path* flock-held (commit and abort exclude each other); yields
     the name of the VM it was committed as, or None."""
-    import fcntl
-
     try:
         fd = os.open(lock_of(path), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -128,8 +127,6 @@ def held(path: Path) -> Iterator[str | None]:
 def check_snapshots(dirs: list[Path], images: dict[str, img.ImageInfo]) -> set[str]:
     """Every saved state (*dirs*) has its manifest and every disk snapshot it names is in
     its image (the check a restore makes, load.check_intact); the tags they own."""
-    from cbsd.core.checkpoint.load import check_intact
-
     present = {name: set(i.snapshots) for name, i in images.items()}
     owned: set[str] = set()
     for ckdir in dirs:
@@ -147,9 +144,6 @@ def check_images(wd: Workdir, folder: Path, spec: VMSpec) -> dict[str, img.Image
     before the export too: it may be attached again); the definition's disks are such
     files, none of them cbsd's own (core/manage/disks.py). The VM's images (what checkpoints
     snapshot: its disks, its UEFI variable store), with what qemu-img says of them."""
-    from cbsd.core.manage.disks import DISK_SUFFIX, disk_file_problem
-    from cbsd.core.vm.machine import EFI_VARS
-
     for file in spec.disks:
         why = disk_file_problem(wd, spec.jname, file)
         if why:
@@ -173,8 +167,6 @@ def check_images(wd: Workdir, folder: Path, spec: VMSpec) -> dict[str, img.Image
 def drop_orphans(folder: Path, images: dict[str, img.ImageInfo], owned: set[str]) -> None:
     """Delete cbsd's disk snapshots that no saved state in the folder owns (those of
     checkpoints that were not exported), before the VM is registered."""
-    from cbsd.core.vm.states import TAG_PREFIX
-
     for name, i in images.items():
         for tag in sorted(i.snapshots):
             if tag.startswith(TAG_PREFIX) and tag not in owned:

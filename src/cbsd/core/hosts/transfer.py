@@ -12,6 +12,8 @@ any instant, leaves nothing registered and nothing the next bimport does not cle
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import socket
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cbsd import specs
+from cbsd.core.checkpoint import hibernate
 from cbsd.core.checkpoint.compat import cpu_signature, host_incompatibility
 from cbsd.core.checkpoint.load import incompatibility
 from cbsd.core.hosts import staging
@@ -34,7 +37,8 @@ from cbsd.names import check_name
 from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
-from cbsd.storage.atomic import fsync_dir
+from cbsd.storage.atomic import fsync_dir, write_atomic
+from cbsd.storage.chunkstore import RECIPE, Recipe, Store, _closing
 from cbsd.storage.paths import HIBERNATION_DIR
 
 # Every member name an archive may hold; anything else is refused (no path is ever taken from
@@ -60,8 +64,6 @@ def export(ctx: Context, jname: str, out: Callable[[], IO[bytes]],
     """Write the VM to the archive *out* opens (once the VM is known exportable).
     checkpoints: None for all, else the names to include. suspend: hibernate it first."""
     if suspend and status_of(ctx, jname) in (Status.ON, Status.PAUSED):
-        from cbsd.core.checkpoint import hibernate
-
         hibernate.suspend(ctx, jname)
     with ctx.locked_vm(jname, "bexport") as vm:
         return write_archive(vm, out, checkpoints)
@@ -112,8 +114,6 @@ def status_of(ctx: Context, jname: str) -> Status:
 
 
 def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, _Plan]:
-    import json
-
     wd, jname, plan = vm.ctx.workdir, vm.jname, _Plan()
     for f in sorted(wd.vm_dir(jname).iterdir()):
         if f.is_file() and not f.is_symlink():
@@ -157,8 +157,6 @@ def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
     files = dict(m.files)
     rebuilt = None
     if m.stream is not None:
-        from cbsd.storage.chunkstore import RECIPE, Recipe, Store
-
         try:
             recipe = Recipe.read(ckdir / RECIPE)
         except CheckpointError as e:
@@ -181,8 +179,6 @@ def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
 
 
 def _pieces(store: Any, recipe: Any, size: int) -> Any:
-    from cbsd.storage.chunkstore import _closing
-
     with _closing() as fds:
         for _, _, data in store.checked(recipe, size, fds):
             yield data
@@ -277,8 +273,6 @@ def _checked(data: Any, origin: str) -> VMSpec:
 
 
 def _json(d: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(d, indent=1, sort_keys=True)
 
 
@@ -289,8 +283,6 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     the checksums just computed: nothing is read twice), the VM and the disk snapshots it
     needs; then drop disk snapshots no imported state owns and rename what must be renamed.
     Anything wrong is bad input (ArchiveError): register() only moves files."""
-    import dataclasses
-
     wd = ctx.workdir
     boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
             if (folder / "boot" / m).is_file()}
@@ -354,8 +346,6 @@ def register(ctx: Context, folder: Path, spec: VMSpec) -> None:
 def commit(ctx: Context, ident: str) -> str:
     """Register a VM staged by bimport mode=stage; its name. Idempotent: a VM already
     committed from this staging folder is reported, not imported twice."""
-    import json
-
     path = staging.staged(ctx, ident)
     with staging.held(path) as done:
         if done is not None:
@@ -366,7 +356,6 @@ def commit(ctx: Context, ident: str) -> str:
                                     f"bimport: the definition staged in {path}")
         register(ctx, path, spec)
         failpoint("bimport:registered")  # registered, not yet noted: abort tells (below)
-        from cbsd.storage.atomic import write_atomic
 
         write_atomic(staging.done_record(path), spec.jname.encode())
         staging.drop(path)

@@ -9,14 +9,17 @@ kept. The seed is owner-only: it still holds the hashes and the keys.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from cbsd.errors import CbsdError, UsageError
 from cbsd.model import CLOUD_INIT_KEYS
+from cbsd.names import check_name
 
 KEYS = CLOUD_INIT_KEYS
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
@@ -34,8 +37,6 @@ def settings(raw: dict[str, str | None]) -> dict[str, str]:
         if needs_user in values and not user:
             raise UsageError(f"bcreate: {needs_user}= needs ci_user_add=")
     if user is not None:
-        from cbsd.names import check_name
-
         check_name(user, "ci_user_add")
     if "ci_user_pubkey" in values:
         values["ci_user_pubkey"] = _public_key(values["ci_user_pubkey"])
@@ -98,8 +99,6 @@ def _public_key(value: str) -> str:
 
 def hash_password(password: str) -> str:
     """SHA-512 crypt of *password*, by OpenSSL (the password goes through stdin, never argv)."""
-    import subprocess
-
     if password.startswith("$6$"):
         return password  # already a hash (a user may pass one)
     try:
@@ -161,8 +160,7 @@ def documents(jname: str, ci: dict[str, str]) -> dict[str, str]:
 
 def write_seed(path: Path, docs: dict[str, str]) -> None:
     """An ISO 9660 image labelled cidata holding *docs*, written owner-only and atomically."""
-    import io
-
+    # lazy: pycdlib is heavy and only a VM with cloud-init keys writes a seed
     import pycdlib
 
     iso = pycdlib.PyCdlib()

@@ -18,11 +18,13 @@ VM's definition does not list it yet; recovery deletes such an image, which only
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import ATTACH_MARK, save_spec_file
+from cbsd.core.vm.machine import EFI_VARS, qcow2_virtual_size
 from cbsd.errors import StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, Action, VMSpec, require
@@ -38,8 +40,6 @@ DISK_SUFFIX = ".qcow2"
 
 def own_files(wd: Workdir, jname: str) -> set[str]:
     """The files cbsd itself keeps in a VM's folder beside its disks (none may be a disk)."""
-    from cbsd.core.vm.machine import EFI_VARS
-
     return {EFI_VARS, wd.seed(jname).name, *(f"boot-{m}" for m in BOOT_MEDIA)}
 
 
@@ -59,8 +59,6 @@ def disk_file_problem(wd: Workdir, jname: str, file: str) -> str | None:
 
 
 def _size(path: Path) -> int:
-    from cbsd.core.vm.machine import qcow2_virtual_size
-
     return qcow2_virtual_size(str(path))
 
 
@@ -108,8 +106,6 @@ def attach(ctx: Context, jname: str, size: int | None, controller: str | None,
         mark.unlink(missing_ok=True)
         fsync_dir(mark.parent)
     if controller == "nvme":
-        import sys
-
         # Measured on QEMU 7.2 and 10.0: migrate fails with "State blocked by
         # non-migratable device ... nvme".
         print(f"{jname}: note: QEMU cannot save the state of an NVMe controller, so this VM "

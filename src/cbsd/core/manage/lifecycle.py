@@ -112,6 +112,7 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
             # (checkpoints) need every writable image to be qcow2.
             img.convert(Path(ctx.host.ovmf[0][1]), wd.disk(jname, EFI_VARS), source="raw")
         if spec.cloud_init:
+            # lazy: only bcreate; bstart, bstop and bpause import lifecycle without it
             from cbsd.core.manage import cloudinit
 
             cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname, spec.cloud_init))
@@ -261,6 +262,7 @@ def _start_held(vm: VM, *, checkpoint: str | None = None, paused: bool = False) 
     if checkpoint is not None:
         check_name(checkpoint, "checkpoint name")
         require(jname, status, Action.RESTORE)
+        # lazy: only a restore: a plain bstart skips the checkpoint engine
         from cbsd.core.checkpoint import load
 
         load.load(vm, ctx.workdir.checkpoint(jname, checkpoint), paused=paused)
@@ -269,6 +271,7 @@ def _start_held(vm: VM, *, checkpoint: str | None = None, paused: bool = False) 
     else:
         require(jname, status, Action.START)
         if status is Status.SUSPENDED:
+            # lazy: only a resume from hibernation (see load above)
             from cbsd.core.checkpoint.hibernate import resume
 
             # A VM hibernated while paused comes back paused, as it was.

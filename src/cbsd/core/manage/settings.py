@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,14 @@ from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import RENAME_NOTE, finish_rename, save_spec_file
 from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
-from cbsd.errors import StateError, UsageError
+from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import Action, VMSpec, require
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
+from cbsd.storage.chunkstore import Recipe, Store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,13 +188,9 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
 
 def _copy(src: Path, dst: Path) -> None:
     """A copy that shares blocks where the filesystem can (cp --reflink=auto), sparse."""
-    import subprocess
-
     res = subprocess.run(["cp", "--reflink=auto", "--sparse=always", "--", str(src),
                           str(dst)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        from cbsd.errors import CbsdError
-
         raise CbsdError(f"cannot copy {src.name}: {res.stderr.strip() or 'cp failed'}")
     os.chmod(dst, 0o600)
 
@@ -207,7 +205,6 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
         if fname != ckpstore.RECIPE:
             _copy(source / fname, tmp / fname)
     if m.stream is not None:  # the original's chunk store stays its own: a plain stream
-        from cbsd.storage.chunkstore import Recipe, Store
 
         Store(ckpstore.store_of(source)).rebuild(Recipe.read(source / ckpstore.RECIPE),
                                                  tmp / ckpstore.MEMORY)

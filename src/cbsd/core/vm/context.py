@@ -17,6 +17,7 @@ from cbsd.core.vm.machine import VM
 from cbsd.errors import NoSuchVM
 from cbsd.model import VMSpec
 from cbsd.names import check_mask, is_mask, match_mask
+from cbsd.qemu.host import probe
 from cbsd.storage.inventory import Inventory
 from cbsd.storage.paths import Workdir, default_workdir
 
@@ -37,8 +38,6 @@ class Context:
 
     @property
     def host(self) -> Host:
-        from cbsd.qemu.host import probe  # lazy: commands that never launch QEMU skip it
-
         return probe(self.workdir.inventory.parent / "host-cache.json")
 
     def spec(self, jname: str) -> VMSpec:

@@ -42,6 +42,7 @@ class VMLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            # lazy: only a failure's message; the pause lane imports lock (atomic: pathlib)
             from cbsd.storage.atomic import os_error
 
             raise os_error(e, f"{self.jname}: cannot open its lock file {self.path}") from e

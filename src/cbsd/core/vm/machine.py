@@ -10,20 +10,24 @@ that launched it was killed before it could record it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from cbsd import debug
 from cbsd.core.vm.lock import is_held
 from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
+from cbsd.failpoints import failpoint
 from cbsd.model import Status, VMSpec
-from cbsd.qemu import img, process
-from cbsd.qemu.argv import RuntimePaths, build_argv
-from cbsd.qemu.network import tap_name
+from cbsd.qemu import img, network, process
+from cbsd.qemu.argv import RAM_FILE_OPTION, RuntimePaths, build_argv
+from cbsd.qemu.network import lease_ip, tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
+from cbsd.storage.ckpstore import has_manifest
 
 if TYPE_CHECKING:
     from cbsd.core.vm.site import Site
@@ -136,8 +140,6 @@ class VM:
 
     def argv(self, *, incoming: bool = False, paused: bool = False,
              ram_file: bool = False) -> list[str]:
-        import dataclasses
-
         host = self.ctx.host
         paths = self.paths
         if paths.efi_vars:
@@ -157,8 +159,6 @@ class VM:
     def uses_ram_file(self) -> bool:
         """Whether the running QEMU keeps guest RAM in the VM's RAM file (asked of the process,
         not of the settings, which may have changed since it started)."""
-        from cbsd.qemu.argv import RAM_FILE_OPTION
-
         return RAM_FILE_OPTION in process.cmdline(self.pid)
 
     def launch(self, *, ram_file: bool, incoming: bool = False,
@@ -166,8 +166,6 @@ class VM:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
         *ram_file*: guest RAM in the VM's RAM file, which is in place (core/vm/ramfile.py:
         fresh() or place() put it there; a failed launch removes it)."""
-        from cbsd.failpoints import failpoint
-
         self.ctx.workdir.ensure_vm(self.jname)
         try:
             self.check_images()  # QEMU runs as root: no image may make it open another file
@@ -210,8 +208,6 @@ class VM:
 
     def _prepare_bridge(self) -> None:
         """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
-        from cbsd.qemu import network
-
         wd = self.ctx.workdir
         bridge = self.spec.interface or network.MANAGED
         if not self.spec.interface:
@@ -226,8 +222,6 @@ class VM:
     def _record(self, pid: int, vnc_port: int) -> None:
         """Note the pid in the inventory. Only a hint (see the module's docstring), so a full
         disk that refuses the write must not fail the command that started or ended QEMU."""
-        import sqlite3
-
         try:
             self.ctx.inventory.set_runtime(self.jname, pid, vnc_port)
             self.recorded_pid = pid
@@ -298,8 +292,6 @@ class VM:
         return self._status_off()
 
     def _status_off(self) -> Status:
-        from cbsd.storage.ckpstore import has_manifest
-
         if has_manifest(self.ctx.workdir.hibernation(self.jname)):
             return Status.SUSPENDED
         return Status.OFF
@@ -309,12 +301,14 @@ class VM:
     def agent_listening(self) -> bool:
         """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the
         guest opened org.qemu.guest_agent.0), asked of QEMU, not of the guest: instant."""
+        # lazy: only a running VM's agent; bls and every VM command import machine
         from cbsd.qemu import agent
 
         return self.spec.guest_agent and agent.listening(self.monitor())
 
     def tend_agent(self, *, settime: bool, seconds: float) -> None:
         """Start the detached helper that waits for the agent (and sets the clock)."""
+        # lazy: only a running VM's agent; bls and every VM command import machine
         from cbsd.qemu import agent
 
         agent.start_helper(self.paths.qga_sock, self.ctx.workdir.agent_state(self.jname),
@@ -322,14 +316,13 @@ class VM:
 
     def agent_ip4(self) -> str | None:
         """The guest's address: as its agent reports it, or as cbsd0's DHCP server leased it."""
+        # lazy: only a running VM's agent; bls and every VM command import machine
         from cbsd.qemu.agent import read_state
 
         addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
         if addresses:
             return str(addresses[0])
         if self.spec.nic == "bridge" and not self.spec.interface and self.spec.mac:
-            from cbsd.qemu.network import lease_ip
-
             return lease_ip(self.ctx.workdir.inventory.parent, self.spec.mac)
         return None
 

@@ -62,7 +62,8 @@ def set_clock(mon: Monitor, jname: str, system: str, stood: float | None = None)
     answers; the command does not wait for it. Without one, the note that says so, for the
     caller to print once its command succeeded (a failure's stderr is its one error line):
     after a checkpoint's stop only when it left the clock a second or more behind."""
-    from cbsd.qemu import agent  # light (see there), and a pause does not need it
+    # lazy: only a resume sets the clock; a pause on the quick lane skips the agent module
+    from cbsd.qemu import agent
 
     try:
         if agent.listening(mon):

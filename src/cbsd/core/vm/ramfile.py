@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cbsd.core.vm import ramspace
+from cbsd.core.vm.machine import free_bytes
 from cbsd.errors import NoSpaceError
 from cbsd.storage import ckpstore, reflink
 
@@ -72,8 +73,6 @@ def place(vm: VM, ckdir: Path, m: ckpstore.Manifest) -> bool:
 def allocate(vm: VM) -> None:
     """A new RAM file for a launch, allocated whole (fallocate: metadata, unwritten extents)
     so that the guest never needs a block the filesystem no longer has."""
-    from cbsd.core.vm.machine import free_bytes
-
     what = "a start with its RAM in a file"
     with _admitting(vm, what, vm.spec.ram):
         fd = os.open(vm.ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

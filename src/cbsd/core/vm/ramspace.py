@@ -31,7 +31,9 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from cbsd.core.vm.machine import free_bytes
 from cbsd.errors import NoSpaceError
+from cbsd.qemu.argv import RAM_FILE_OPTION
 
 MiB = 1 << 20
 XFS_MAGIC = 0x58465342
@@ -118,6 +120,7 @@ def still_needed(path: Path) -> int:
 
 def _fs_magic(path: Path) -> int:
     """The filesystem's type: statfs(2)'s f_type (its first field), which os.statvfs lacks."""
+    # lazy: ctypes is heavy: only a statfs of the RAM folder needs it
     import ctypes
 
     buf = ctypes.create_string_buffer(120)
@@ -130,8 +133,6 @@ def _fs_magic(path: Path) -> int:
 def running_ram_files(directory: Path) -> dict[Path, str]:
     """The RAM files of every running QEMU (any workdir) on *directory*'s filesystem, each
     with the VM it belongs to (jails-system/<jname>/ram)."""
-    from cbsd.qemu.argv import RAM_FILE_OPTION
-
     dev = os.stat(directory).st_dev
     found: dict[Path, str] = {}
     for entry in os.listdir("/proc"):
@@ -162,8 +163,6 @@ def _mem_path(arg: bytes) -> Path | None:
 def admit(jname: str, what: str, ram: Path, adds: int) -> None:
     """Refuse *what* (NoSpaceError) unless the filesystem of *ram* (this VM's RAM file, which
     may not exist yet) has room for every other running RAM file's need and *adds*."""
-    from cbsd.core.vm.machine import free_bytes
-
     where = ram.parent
     needs: dict[str, int] = {}
     for path, owner in running_ram_files(where).items():
