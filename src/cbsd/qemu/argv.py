@@ -162,7 +162,10 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-device", f"ide-cd,drive=cd0,id=cd0-dev,bootindex={len(paths.disks) + 1}",
         ]
     if spec.kernel:
-        if host.qboot and not paths.efi_vars:
+        # qboot cannot place the generation ID (it hangs on the ACPI linker's write-pointer
+        # command): with the device, SeaBIOS boots the kernel. A state holds its firmware
+        # (pc.bios), so a load gets the one its boot had -- which follows from the device too.
+        if host.qboot and not paths.efi_vars and guid is None:
             argv += ["-bios", host.qboot]
         argv += ["-kernel", spec.kernel]
         if spec.initrd:
