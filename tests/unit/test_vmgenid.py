@@ -91,3 +91,19 @@ def test_the_device_is_the_states_not_a_setting_to_compare() -> None:
     for spec in (SPEC, dataclasses.replace(SPEC, genid="off")):
         assert incompatibility(m, spec.restore_relevant(), "tcg", "7.2.22",
                                lambda _: True) is None
+
+
+def test_bmigrate_carries_the_source_qemus_generation() -> None:
+    """Live migration continues the same guest: the node's QEMU has the device exactly when
+    the source's has, with the same ID; a sender without the key had no device."""
+    import json
+
+    from cbsd.core.hosts.migrate_in import _request
+
+    good = {"spec": SPEC.to_dict(), "sizes": {"dsk1.qcow2": 1 << 30}, "paused": False,
+            "source": {"qemu": "7.2.0", "accel": "tcg"}}
+    assert _request(json.dumps({**good, "genid": GUID}).encode(), "x")[4] == GUID
+    assert _request(json.dumps(good).encode(), "x")[4] is None
+    for bad in ("auto", "x,guid=1", 5):
+        with pytest.raises(UsageError, match="generation ID"):
+            _request(json.dumps({**good, "genid": bad}).encode(), "x")
