@@ -127,9 +127,9 @@ def _mini_read(cbsd: Cbsd, checkpoint: str | None = "c") -> tuple[str, str]:
 def test_minimal_guest_restores_differ_with_the_device(cbsd: Cbsd,
                                                        mini_guest: tuple[Path, Path]) -> None:
     _mini(cbsd, mini_guest)
-    assert "vgid=1" in cbsd.console("mg").text(), "the guest sees the vmgenid device"
     (a, log_a), (b, log_b) = _mini_read(cbsd), _mini_read(cbsd)
     assert a != b, "two restores of one checkpoint read the same random bytes"
+    assert "vgid=1" in cbsd.console("mg").text(), "the guest sees the vmgenid device"
     for log in (log_a, log_b):
         reseed, woke, read = (_stamp(log, t) for t in (FORK, "genid-guest: woke",
                                                        "genid-guest: read"))
@@ -161,3 +161,28 @@ def test_resuming_its_own_hibernation_keeps_the_generation(
     assert "genid-guest: bytes=" in log and FORK not in log, log
     _, log = _mini_read(cbsd, "c")
     assert FORK in log, log
+
+
+@pytest.mark.linux
+def test_a_state_restores_with_the_device_exactly_when_it_was_saved_with_it(
+        cbsd: Cbsd, mini_guest: tuple[Path, Path]) -> None:
+    """The device's state is in the stream: a state saved without it (an existing VM's, or
+    vm_genid=off) restores without it after vm_genid=auto, and one saved with it restores with
+    it (and a new ID) after vm_genid=off; the setting applies from the next boot."""
+    _mini(cbsd, mini_guest, "vm_genid=off")
+    cbsd("bstop", "mg", "noacpi=1").ok()
+    cbsd("bset", "mg", "vm_genid=auto").ok()
+    assert [c["restorable"] for c in cbsd.checkpoints("mg")] == [True]
+    _, log = _mini_read(cbsd, "c")
+    assert FORK not in log
+    cbsd("bstop", "mg", "noacpi=1").ok()
+    mark = cbsd.console("mg").mark()
+    cbsd("bstart", "mg").ok()  # a boot: now with the device
+    cbsd.console("mg").wait(r"genid-guest: up vgid=1", since=mark, timeout=180)
+    cbsd("bcheckpoint", "mode=create", "jname=mg", "name=d").ok()
+    cbsd("bstop", "mg", "noacpi=1").ok()
+    cbsd("bset", "mg", "vm_genid=off").ok()
+    assert sorted((c["name"], c["restorable"]) for c in cbsd.checkpoints("mg")) == \
+        [("c", True), ("d", True)]
+    _, log = _mini_read(cbsd, "d")
+    assert FORK in log
