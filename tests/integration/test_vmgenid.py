@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cbsd
+from tests.harness import Cbsd
 
 pytestmark = [pytest.mark.vm]
 

@@ -15,7 +15,7 @@ from cbsd.errors import UsageError
 from cbsd.model import GENID_KEY, VMSpec, settings_part
 from cbsd.qemu.argv import build_argv
 from cbsd.storage.manifest import FileEntry, Manifest
-from tests.unit.test_argv import HOST, PATHS
+from tests.unit.qemu.test_argv import HOST, PATHS
 
 SPEC = VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2", disks=["dsk1.qcow2"],
               kernel="/k/vmlinuz")
