@@ -21,13 +21,24 @@ BLS_COLUMNS = ("jname", "jid", "vm_ram", "vm_curmem", "vm_cpus", "pcpu", "vm_os_
 OS_TYPES = ("linux", "freebsd", "windows", "other")
 NICS = ("user", "bridge", "none")
 EFI_MODES = ("none", "uefi")
-AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup
+AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup, vm_genid
 MAX_CPUS = 255
 CONTROLLERS = ("virtio-blk", "ahci", "nvme")  # a disk's dsk_controller (qemu/argv.py)
 BOOT_MEDIA = ("kernel", "initrd", "iso")  # kept in the VM's folder as boot-MEDIUM
 CLOUD_INIT_KEYS = ("ci_user_add", "ci_user_pubkey", "ci_user_pw_user", "ci_user_pw_root",
                    "ci_jname", "ci_fqdn", "ci_ip4_addr", "ci_gw4", "ci_nameserver_address",
                    "ci_nameserver_search")  # bcreate's ci_* keys (core/manage/cloudinit.py)
+
+
+# A saved state's restore_relevant key that the state decides rather than the VM's settings:
+# the load recreates the device exactly as saved (core/checkpoint/generation.py), so it is
+# never compared with a VM's restore_relevant().
+GENID_KEY = "vmgenid"
+
+
+def settings_part(relevant: dict[str, Any]) -> dict[str, Any]:
+    """A saved state's restore_relevant without what the state decides on its own."""
+    return {k: v for k, v in relevant.items() if k != GENID_KEY}
 
 
 class Status(enum.Enum):
@@ -166,6 +177,11 @@ class VMSpec:
     # store once published (core/checkpoint/fold.py), so checkpoints share what they
     # repeat; "off": never.
     dedup: str = "auto"
+    # "auto": QEMU's vmgenid device at every boot, and a new generation ID for every fork of
+    # a saved state (core/checkpoint/generation.py); "off": no device at the next boot. A
+    # VM defined before the setting existed gets it at its next boot, never in a running
+    # QEMU: whether a saved state has the device is the state's (restore_relevant "vmgenid").
+    genid: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -205,6 +205,7 @@ FIELDS: dict[str, Check] = {
     "disk_controllers": _controllers,
     "ram_file": _enum(AUTO_OFF),
     "dedup": _enum(AUTO_OFF),
+    "genid": _enum(AUTO_OFF),
 }
 REQUIRED = ("jname", "ram")
 

@@ -70,13 +70,15 @@ def counter_image(dest: Path, fill_mib: int = 0, size: int = 1 << 20,
 
 # --- Linux guest ------------------------------------------------------------------------------
 
-def _kernel_root() -> Path:
-    """Unpack linux-image-*-cloud-amd64 (the package the metapackage depends on) into the cache."""
-    deps = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True,
+def _kernel_root(flavour: str = "cloud-") -> Path:
+    """Unpack linux-image-*-{flavour}amd64 (the package the metapackage depends on) into the
+    cache. flavour "": the generic kernel (it has the vmgenid driver, the cloud one has not)."""
+    meta = f"linux-image-{flavour}amd64"
+    deps = subprocess.run(["apt-cache", "depends", meta], capture_output=True,
                           text=True, check=True).stdout
-    m = re.search(r"Depends: (linux-image-\S+-cloud-amd64)", deps)
+    m = re.search(rf"Depends: (linux-image-\S+-{flavour}amd64)", deps)
     if not m:
-        raise RuntimeError("apt-cache knows no linux-image-cloud-amd64: run apt-get update")
+        raise RuntimeError(f"apt-cache knows no {meta}: run apt-get update")
     pkg = m.group(1)
     root = cache_dir() / pkg
     if (root / "done").exists():

@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,17 @@ class Daemon:
         self.fdsets: dict[int, int] = {}
         self.qmp = self.pidfile = ""
         self.files: dict[str, str] = {}  # block node name (disk0-file) -> file
+        self.genid: str | None = None  # the vmgenid device's generation ID, if it has one
         self.nodes: dict[str, str] = {}  # qcow2 node (disk0) -> its file node
         for opt, val in itertools.pairwise(argv):
             if opt == "-chardev" and val.startswith("socket,id=qmp,"):
                 self.qmp = _opts(val)["path"]
             elif opt == "-pidfile":
                 self.pidfile = val
+            elif opt == "-device" and val.startswith("vmgenid,"):
+                # guid=auto: a new random one, as QEMU's (and what a load writes to the guest)
+                guid = _opts(val)["guid"]
+                self.genid = str(uuid.uuid4()) if guid == "auto" else guid
             elif opt == "-blockdev":
                 # key=value, or JSON (cbsd's qcow2 nodes: they spell "backing": null)
                 o = json.loads(val) if val.startswith("{") else _opts(val)
@@ -289,6 +295,10 @@ class Daemon:
             return {}
         if name == "query-vnc":
             return {"enabled": False}
+        if name == "query-vm-generation-id":
+            if self.genid is None:
+                raise QmpError("VM Generation ID device not found")
+            return {"guid": self.genid}
         if name == "query-chardev":
             return []
         if name == "query-migrate-parameters":

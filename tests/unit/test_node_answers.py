@@ -116,7 +116,7 @@ def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_out
     spec = VMSpec(jname="vm1", ram=64 << 20, disks=["dsk1.qcow2"])
     good = {"spec": spec.to_dict(), "sizes": {"dsk1.qcow2": 1 << 30}, "paused": True,
             "source": {"qemu": "7.2.0", "accel": "tcg", "cpu": {"model": "qemu64"}}}
-    got, source, sizes, paused = _request(json.dumps(good).encode(), "vm1")
+    got, source, sizes, paused, _ = _request(json.dumps(good).encode(), "vm1")
     assert got == spec and sizes == {"dsk1.qcow2": 1 << 30} and paused is True
     assert source["accel"] == "tcg"
     bad = {

@@ -27,7 +27,7 @@ GOOD: dict[str, Any] = {
     "guest_agent": True, "virtio_rnd": True, "efi": "none",
     "cloud_init": {"ci_user_add": "u", "instance_id": "0011"}, "mac": "52:54:00:12:34:56",
     "interface": "", "disk_controllers": {"dsk2.qcow2": "nvme"}, "ram_file": "auto",
-    "dedup": "off",
+    "dedup": "off", "genid": "off",
 }
 
 

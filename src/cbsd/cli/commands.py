@@ -86,7 +86,7 @@ def bcreate(ctx: Context, a: Args) -> int:
         iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
         vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
         astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
-        efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"],
+        efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
         mac=a["nic_hwaddr"] or "",
         interface=a["interface"] or "",
         cloud_init=settings({k: a[k] for k in KEYS})), imgsize=a["imgsize"], image=a["image"])

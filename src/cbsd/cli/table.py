@@ -64,6 +64,10 @@ BCREATE_KEYS = (
         Key("vm_dedup", "enum", "auto", help="auto: where RAM is not a file, fold checkpoints "
             "into a deduplicating chunk store in the background (N similar checkpoints cost "
             "about one); off: never", choices=AUTO_OFF),
+        Key("vm_genid", "enum", "auto", help="auto: QEMU's vmgenid device (from the next "
+            "boot); every restore, clone or import of a saved state gives the guest a new "
+            "generation ID, so it reseeds its RNG; off: no device from the next boot",
+            choices=AUTO_OFF),
         *CLOUD_INIT,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):

@@ -86,12 +86,28 @@ def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
     return ["-device", f"ide-hd,{common}"]
 
 
+AS_DEFINED = "as-defined"  # build_argv's generation= for a boot: from the spec (vm_genid)
+GENID_ID = "vmgenid0"  # the vmgenid device's id (QMP: /machine/peripheral/vmgenid0)
+GENID_OPTION = b"vmgenid,"  # how a running QEMU's argv shows the device
+
+
+def generation_arg(spec: VMSpec, generation: str | None) -> str | None:
+    """The vmgenid device's guid= on this command line, or None for no device. A boot has
+    it as vm_genid says, with a new ID; a load has it exactly when the saved state has it
+    (the device's state is part of the stream), with the ID the load decides."""
+    if generation == AS_DEFINED:
+        return "auto" if spec.genid == "auto" else None
+    return generation
+
+
 def nic_model(spec: VMSpec) -> str:
     return "virtio-net-pci" if spec.os_type in ("linux", "freebsd") else "e1000"
 
 
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,
-               start_paused: bool = False) -> list[str]:
+               start_paused: bool = False, generation: str | None = AS_DEFINED) -> list[str]:
+    """generation: the vmgenid device's guid ("auto": a new random one, a UUID: that one),
+    None: no device, AS_DEFINED: as vm_genid says for a boot (see generation_arg)."""
     accel = host.accel
     machine = f"{_implied(spec.machine, 'machine type')},accel={accel}"
     if paths.efi_vars:
@@ -110,6 +126,12 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         "-rtc", "base=utc",
         "-msg", "timestamp=on",
     ]
+    guid = generation_arg(spec, generation)
+    if guid is not None:
+        # QEMU writes guid= into guest memory when the guest's firmware placed the ID and
+        # again at the end of every load (vmgenid's post_load), then notifies the guest over
+        # ACPI; a running QEMU refuses to change it (qom-set: "after it was realized").
+        argv += ["-device", f"vmgenid,id={GENID_ID},guid={_esc(guid)}"]
     if paths.ram_file:
         # The backend takes the id QEMU gives x86 RAM itself (pc.ram): the migration stream
         # names RAM by it, so states saved with and without a RAM file load into each other.
@@ -140,7 +162,10 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-device", f"ide-cd,drive=cd0,id=cd0-dev,bootindex={len(paths.disks) + 1}",
         ]
     if spec.kernel:
-        if host.qboot and not paths.efi_vars:
+        # qboot cannot place the generation ID (it hangs on the ACPI linker's write-pointer
+        # command): with the device, SeaBIOS boots the kernel. A state holds its firmware
+        # (pc.bios), so a load gets the one its boot had -- which follows from the device too.
+        if host.qboot and not paths.efi_vars and guid is None:
             argv += ["-bios", host.qboot]
         argv += ["-kernel", spec.kernel]
         if spec.initrd:

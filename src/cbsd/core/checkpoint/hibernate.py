@@ -49,7 +49,9 @@ def resume(vm: VM, *, paused: bool | None) -> bool:
     def retire(m: ckpstore.Manifest) -> None:
         retired.append((m, ckpstore.retire(image)))
 
-    left_paused = load.load(vm, image, paused=paused, before_run=retire)
+    # Not a fork: the same guest continues, and never ran past the image (which is retired
+    # before it runs), so it keeps its generation ID (docs/checkpoints.md).
+    left_paused = load.load(vm, image, paused=paused, before_run=retire, fork=False)
     failpoint("resume:loaded")
     for m, path in retired:
         tree.set_current(vm.ctx.workdir, vm.jname, m.parent)

@@ -26,12 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cbsd import cancel
+from cbsd.core.checkpoint import generation
 from cbsd.core.checkpoint.compat import newer_qemu
 from cbsd.core.vm import ramfile
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.states import state_tags
 from cbsd.errors import Cancelled, CheckpointError, QemuError
 from cbsd.failpoints import failpoint
+from cbsd.model import settings_part
 from cbsd.qemu import img, migration
 from cbsd.qemu.host import machine_known
 from cbsd.qemu.qmp import Monitor, open_fd_for
@@ -61,7 +63,7 @@ def check_restorable(vm: VM, ckdir: Path) -> ckpstore.Manifest:
 def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: str,
                     version: str, machine_known: Callable[[str], bool]) -> str | None:
     """Why a saved state cannot be loaded into this VM on this host, or None (pure)."""
-    saved = m.restore_relevant
+    saved = settings_part(m.restore_relevant)
     keys = [*relevant, *(k for k in saved if k not in relevant)]
     diffs = [f"{k} was {saved.get(k)!r}, now {relevant.get(k)!r}" for k in keys
              if saved.get(k) != relevant.get(k)]
@@ -124,16 +126,21 @@ class _Verifier(threading.Thread):
 
 
 def load(vm: VM, ckdir: Path, *, paused: bool | None,
-         before_run: Callable[[ckpstore.Manifest], None] | None = None) -> bool:
+         before_run: Callable[[ckpstore.Manifest], None] | None = None,
+         fork: bool = True) -> bool:
     """Restore a saved state into a stopped VM. The state itself is left in place.
 
     paused: leave the VM paused; None: as it was when saved. before_run: called once the
-    state is loaded and before the guest runs (a resume retires its image there). Returns
+    state is loaded and before the guest runs (a resume retires its image there). fork: the
+    guest may have run on from this state before, so it gets a new generation ID
+    (core/checkpoint/generation.py); only the VM's own hibernation image is not. Returns
     whether the VM was left paused."""
     checksums = _Verifier(vm, ckdir)
     try:
         m = check_restorable(vm, ckdir)
-        mon = vm.launch(incoming=True, ram_file=ramfile.place(vm, ckdir, m))
+        genid = generation.for_load(ckdir, m, fork=fork)
+        mon = vm.launch(incoming=True, ram_file=ramfile.place(vm, ckdir, m),
+                        generation=genid)
     finally:
         checksums.join()  # never leave a thread reading the files behind us
     if paused is None:
@@ -143,6 +150,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         checksums.result()
         _load_memory(vm, mon, ckdir, m)
         failpoint("load:loaded")
+        generation.check_loaded(vm, mon, m, genid)
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
         if before_run is not None:

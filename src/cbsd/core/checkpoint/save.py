@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd import cancel
-from cbsd.core.checkpoint import tree
+from cbsd.core.checkpoint import generation, tree
 from cbsd.core.vm import ramfile
 from cbsd.core.vm.machine import VM, Image, free_bytes
 from cbsd.core.vm.pause import set_clock
@@ -248,6 +248,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
             files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
         manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
         manifest.agent = agent
+        generation.record(vm, mon, manifest, tmp)
         if mapped:  # the load must switch on the same capabilities
             manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
             manifest.migration[migration.DIRECT_IO] = direct is not None  # for the record

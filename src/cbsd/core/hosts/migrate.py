@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd import node_answers
-from cbsd.core.checkpoint import compat
+from cbsd.core.checkpoint import compat, generation
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import EFI_VARS, VM
@@ -94,9 +94,12 @@ def _migrate_held(vm: VM, node: Node) -> float:
     local = {k: wd.system(jname) / f"{k[:3]}.sock" for k in ("nbd", "migration")}
     went = False
     try:
+        # The same guest continues there: the node's QEMU has the vmgenid device exactly when
+        # this one has (its state is in the stream) and keeps the ID (not a fork).
         _send(control, {"spec": vm.spec.to_dict(), "sizes": sizes, "paused": paused,
                         "source": {"qemu": vm.ctx.host.version, "accel": vm.ctx.host.accel,
-                                   "cpu": compat.cpu_signature(vm.ctx.host)}})
+                                   "cpu": compat.cpu_signature(vm.ctx.host)},
+                        "genid": generation.current(vm, mon)})
         ready = node.checked("bmigrate mode=incoming", node_answers.migrate_sockets,
                              _receive(control, node, READY_TIMEOUT))
         forward = _forward(node, local, ready)

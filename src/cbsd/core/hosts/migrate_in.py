@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -24,10 +25,12 @@ from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, VMSpec
 from cbsd.qemu import img, migration, process
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
     """The node's half (see the module's docstring); runs as long as the control ssh."""
-    spec, source, sizes, paused = _request(inp.readline(), jname)
+    spec, source, sizes, paused, genid = _request(inp.readline(), jname)
     why = compat.host_incompatibility(ctx.host, spec, source, {"the VM": {
         "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
     if why:
@@ -53,7 +56,7 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
             if spec.cloud_init:
                 cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
                                                                          spec.cloud_init))
-            _receive_vm(vm, paused, inp, out)
+            _receive_vm(vm, paused, genid, inp, out)
         except BaseException:
             if vm.alive():
                 vm.kill()
@@ -61,7 +64,8 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
             raise
 
 
-def _request(line: bytes, jname: str) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool]:
+def _request(line: bytes, jname: str
+             ) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool, str | None]:
     """The sending host's request (the VM's definition, its source, its disks' sizes),
     checked as any definition from outside (specs.from_untrusted) before it is used:
     UsageError (exit 2) naming what is wrong."""
@@ -83,13 +87,17 @@ def _request(line: bytes, jname: str) -> tuple[VMSpec, dict[str, Any], dict[str,
             isinstance(sizes.get(f), bool) or not isinstance(sizes.get(f), int) or
             not 0 < sizes[f] <= 1 << 50 for _, f in block_nodes(spec)):
         raise UsageError(f"{what} lacks a valid size for a disk")
+    genid = req.get("genid")  # the source QEMU's generation ID; absent: no vmgenid device
+    if genid is not None and not (isinstance(genid, str) and UUID.fullmatch(genid)):
+        raise UsageError(f"{what} holds a bad generation ID")
     return spec, source, {f: int(sizes[f]) for _, f in block_nodes(spec)}, \
-        req.get("paused") is True
+        req.get("paused") is True, genid
 
 
-def _receive_vm(vm: VM, paused: bool, inp: IO[bytes], out: IO[str]) -> None:
+def _receive_vm(vm: VM, paused: bool, genid: str | None, inp: IO[bytes], out: IO[str]
+                ) -> None:
     ctx, jname = vm.ctx, vm.jname
-    mon = vm.launch(incoming=True, ram_file=ramfile.fresh(vm))
+    mon = vm.launch(incoming=True, ram_file=ramfile.fresh(vm), generation=genid)
     caps = migration.capabilities(mon)
     migration.set_capabilities(mon, caps, {"late-block-activate": True})
     # Names as short as qmp.sock's: a Unix socket's path has at most 107 bytes.

@@ -22,7 +22,7 @@ from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
 from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, VMSpec, require
+from cbsd.model import Action, VMSpec, require, settings_part
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
@@ -56,6 +56,7 @@ SETTINGS = (
     Setting("virtio_rnd", "virtio_rnd"),
     Setting("vm_ramfile", "ram_file"),
     Setting("vm_dedup", "dedup"),
+    Setting("vm_genid", "genid"),
 )
 SETTABLE = {s.key for s in SETTINGS} | set(cloudinit.KEYS)
 
@@ -106,8 +107,8 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         failpoint("bset:recorded")
         save_spec_file(ctx, new)
     stale = [m.name for _, m in ckpstore.list_states(ctx.workdir.checkpoints(jname))
-             if m is not None and m.restore_relevant != new.restore_relevant()
-             and m.restore_relevant == old.restore_relevant()]
+             if m is not None and settings_part(m.restore_relevant) != new.restore_relevant()
+             and settings_part(m.restore_relevant) == old.restore_relevant()]
     done = f"{jname}: set " + ", ".join(f"{k}={v}" for k, v in _shown(changes).items())
     if stale:
         done += (f" ({len(stale)} checkpoint(s) taken with the old settings cannot be restored "

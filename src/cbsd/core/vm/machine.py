@@ -23,7 +23,7 @@ from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import Status, VMSpec
 from cbsd.qemu import img, network, process
-from cbsd.qemu.argv import RAM_FILE_OPTION, RuntimePaths, build_argv
+from cbsd.qemu.argv import AS_DEFINED, GENID_OPTION, RAM_FILE_OPTION, RuntimePaths, build_argv
 from cbsd.qemu.network import lease_ip, tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
@@ -139,7 +139,7 @@ class VM:
             self._mon = None
 
     def argv(self, *, incoming: bool = False, paused: bool = False,
-             ram_file: bool = False) -> list[str]:
+             ram_file: bool = False, generation: str | None = AS_DEFINED) -> list[str]:
         host = self.ctx.host
         paths = self.paths
         if paths.efi_vars:
@@ -150,7 +150,8 @@ class VM:
             paths = dataclasses.replace(paths, efi_code=code)
         if ram_file:
             paths = dataclasses.replace(paths, ram_file=str(self.ram_path))
-        return build_argv(self.spec, host, paths, incoming=incoming, start_paused=paused)
+        return build_argv(self.spec, host, paths, incoming=incoming, start_paused=paused,
+                          generation=generation)
 
     @property
     def ram_path(self) -> Path:
@@ -161,11 +162,17 @@ class VM:
         not of the settings, which may have changed since it started)."""
         return RAM_FILE_OPTION in process.cmdline(self.pid)
 
+    def uses_genid(self) -> bool:
+        """Whether the running QEMU has the vmgenid device (asked of the process: a QEMU
+        started before vm_genid existed, or before a bset, has what it started with)."""
+        return GENID_OPTION in process.cmdline(self.pid)
+
     def launch(self, *, ram_file: bool, incoming: bool = False,
-               paused: bool = False) -> Monitor:
+               paused: bool = False, generation: str | None = AS_DEFINED) -> Monitor:
         """Start QEMU and return a monitor session. Kills QEMU again if set-up fails.
         *ram_file*: guest RAM in the VM's RAM file, which is in place (core/vm/ramfile.py:
-        fresh() or place() put it there; a failed launch removes it)."""
+        fresh() or place() put it there; a failed launch removes it). *generation*: the
+        vmgenid device's guid (qemu/argv.py build_argv); a load passes the state's."""
         self.ctx.workdir.ensure_vm(self.jname)
         try:
             self.check_images()  # QEMU runs as root: no image may make it open another file
@@ -174,7 +181,7 @@ class VM:
             for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
                 Path(sock).unlink(missing_ok=True)
             self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
-                                                ram_file=ram_file),
+                                                ram_file=ram_file, generation=generation),
                                       Path(self.paths.pidfile), Path(self.paths.qemu_log))
             failpoint("launch:started")
             try:
