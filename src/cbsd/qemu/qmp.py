@@ -207,13 +207,17 @@ class Monitor:
 
     def wait_migration(self, progress: Any = None) -> dict[str, Any]:
         """Poll query-migrate until an outgoing migration ends; QemuError if it failed."""
+        # bpause's quick lane imports this module and never waits for a migration:
+        # lazy: enum (the quick lane must not pay for it, cbsd/core/vm/pause.py)
+        from cbsd.qemu.runstate import MigrationStatus
+
         delay = 0.002
         while True:
             info = self.cmd("query-migrate")
             state = info.get("status")
-            if state == "completed":
+            if state == MigrationStatus.COMPLETED:
                 return dict(info)
-            if state in ("failed", "cancelled"):
+            if state in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
                 raise MigrationFailed(self.jname, str(state), str(info.get("error-desc", "")))
             if progress is not None and "ram" in info:
                 progress(info["ram"])

@@ -40,12 +40,16 @@ from cbsd.failpoints import failpoint
 from cbsd.model import Action, Status, VMSpec, require
 from cbsd.qemu import img, migration
 from cbsd.qemu.qmp import Monitor
+from cbsd.qemu.runstate import MigrationStatus
 from cbsd.ssh import Node, die_with_parent, last_line
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 
 READY_TIMEOUT = 120.0
 MIRROR_TIMEOUT = 3600.0
+# A cancelled migration is over once its status leaves these.
+_CANCELLING = frozenset({MigrationStatus.CANCELLING, MigrationStatus.ACTIVE,
+                         MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE})
 
 
 def block_nodes(spec: VMSpec) -> list[tuple[str, str]]:
@@ -222,9 +226,9 @@ def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
     while True:
         info = mon.cmd("query-migrate")
         state = info.get("status")
-        if state == "pre-switchover":
+        if state == MigrationStatus.PRE_SWITCHOVER:
             break
-        if state in ("failed", "cancelled", None):
+        if state in (MigrationStatus.FAILED, MigrationStatus.CANCELLED, None):
             raise QemuError(f"{vm.jname}: the migration failed: "
                             f"{info.get('error-desc', state)}")
         time.sleep(0.01)
@@ -232,7 +236,7 @@ def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
         mon.cmd("block-job-cancel", device=f"mig-{node_name}")
     while any(j["device"].startswith("mig-") for j in mon.cmd("query-block-jobs")):
         time.sleep(0.005)
-    mon.cmd("migrate-continue", state="pre-switchover")
+    mon.cmd("migrate-continue", state=MigrationStatus.PRE_SWITCHOVER)
     info = mon.wait_migration()
     return float(info.get("downtime", 0))
 
@@ -242,8 +246,7 @@ def _roll_back(mon: Monitor, vm: VM, paused: bool) -> None:
     with contextlib.suppress(CbsdError):
         mon.cmd("migrate_cancel")
         deadline = time.monotonic() + 30
-        while mon.cmd("query-migrate").get("status") in ("cancelling", "active",
-                                                         "pre-switchover", "device"):
+        while mon.cmd("query-migrate").get("status") in _CANCELLING:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)

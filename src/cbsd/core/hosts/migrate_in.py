@@ -24,6 +24,7 @@ from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, VMSpec
 from cbsd.qemu import img, migration, process
+from cbsd.qemu.runstate import MigrationStatus, RunState
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -118,12 +119,12 @@ def _receive_vm(vm: VM, paused: bool, genid: str | None, inp: IO[bytes], out: IO
         raise StateError(f"{jname}: the migration was abandoned by the sending host")
     failpoint("bmigrate:go")
     deadline = time.monotonic() + 60
-    while mon.status() == "inmigrate":
+    while mon.status() == RunState.INMIGRATE:
         if time.monotonic() > deadline:
             raise QemuError(f"{jname}: the migration did not complete here")
         time.sleep(0.01)
     info = mon.cmd("query-migrate")
-    if info.get("status") not in (None, "completed"):
+    if info.get("status") not in (None, MigrationStatus.COMPLETED):
         raise QemuError(f"{jname}: the migration failed here: "
                         f"{info.get('error-desc', info.get('status'))}")
     mon.cmd("nbd-server-stop")
