@@ -59,6 +59,12 @@ def hostfwd_parts(rule: str) -> tuple[str, str, str, str]:
 
 RAM_ID = "pc.ram"
 RAM_FILE_OPTION = b"memory-backend-file"  # how a running QEMU's argv shows a RAM file
+EFI_VARS_NODE = "efi-vars"  # the UEFI variable store's block node
+
+
+def disk_node(i: int) -> str:
+    """The block node name of disk *i* (what checkpoints snapshot and bmigrate mirrors)."""
+    return f"disk{i}"
 
 
 def default_controller(spec: VMSpec) -> str:
@@ -76,7 +82,7 @@ def _qcow2(file: str, node: str) -> str:
 def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
     """The -device of disk *i* on its controller (an AHCI controller is added once)."""
     controller = spec.disk_controllers.get(name) or default_controller(spec)
-    common = f"drive=disk{i},id=disk{i}-dev,bootindex={i + 1}"
+    common = f"drive={disk_node(i)},id={disk_node(i)}-dev,bootindex={i + 1}"
     if controller == "virtio-blk":
         return ["-device", f"virtio-blk-pci,{common}"]
     if controller == "nvme":
@@ -111,7 +117,7 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
     accel = host.accel
     machine = f"{_implied(spec.machine, 'machine type')},accel={accel}"
     if paths.efi_vars:
-        machine += ",pflash0=efi-code,pflash1=efi-vars"
+        machine += f",pflash0=efi-code,pflash1={EFI_VARS_NODE}"
     if paths.ram_file:
         machine += f",memory-backend={RAM_ID}"
     argv = [
@@ -144,15 +150,16 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "read-only=on",
             "-blockdev", "driver=raw,file=efi-code-file,node-name=efi-code,read-only=on",
             "-blockdev", f"driver=file,filename={_esc(paths.efi_vars)},"
-            "node-name=efi-vars-file",
-            "-blockdev", _qcow2("efi-vars-file", "efi-vars"),
+            f"node-name={EFI_VARS_NODE}-file",
+            "-blockdev", _qcow2(f"{EFI_VARS_NODE}-file", EFI_VARS_NODE),
         ]
     if "ahci" in spec.disk_controllers.values():
         argv += ["-device", "ahci,id=ahci0"]
     for i, disk in enumerate(paths.disks):
+        node = disk_node(i)
         argv += [
-            "-blockdev", f"driver=file,filename={_esc(disk)},node-name=disk{i}-file",
-            "-blockdev", _qcow2(f"disk{i}-file", f"disk{i}"),
+            "-blockdev", f"driver=file,filename={_esc(disk)},node-name={node}-file",
+            "-blockdev", _qcow2(f"{node}-file", node),
         ]
         argv += _disk_device(spec, spec.disks[i] if i < len(spec.disks) else "", i)
     if spec.iso:

@@ -33,11 +33,11 @@ from cbsd import node_answers
 from cbsd.core.checkpoint import compat, generation
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
-from cbsd.core.vm.machine import EFI_VARS, VM
+from cbsd.core.vm.machine import VM
 from cbsd.core.vm.moving import drop_mirror_nodes, node_named
 from cbsd.errors import CbsdError, NodeError, QemuError, StateError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, Status, VMSpec, require
+from cbsd.model import Action, Status, require
 from cbsd.qemu import img, migration
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import MigrationStatus
@@ -50,14 +50,6 @@ MIRROR_TIMEOUT = 3600.0
 # A cancelled migration is over once its status leaves these.
 _CANCELLING = frozenset({MigrationStatus.CANCELLING, MigrationStatus.ACTIVE,
                          MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE})
-
-
-def block_nodes(spec: VMSpec) -> list[tuple[str, str]]:
-    """(QEMU node name, file name under vm/NAME/) of every writable disk (core/argv.py)."""
-    out = [(f"disk{i}", d) for i, d in enumerate(spec.disks)]
-    if spec.efi == "uefi":
-        out.append(("efi-vars", EFI_VARS))
-    return out
 
 
 def why_not(vm: VM) -> str | None:
@@ -88,8 +80,7 @@ def migrate(ctx: Context, jname: str, node_name: str) -> str:
 def _migrate_held(vm: VM, node: Node) -> float:
     wd, jname = vm.ctx.workdir, vm.jname
     paused = vm.status(mine=True) is Status.PAUSED
-    sizes = {f: int(img.info(wd.disk(jname, f))["virtual-size"]) for _, f in
-             block_nodes(vm.spec)}
+    sizes = {im.name: int(img.info(Path(im.path))["virtual-size"]) for im in vm.images()}
     control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -197,7 +188,7 @@ def _forward(node: Node, local: dict[str, Path], ready: dict[str, str]
 
 def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
     """Every writable disk mirrored into the node's export of it, until all are in step."""
-    for node_name, _ in block_nodes(vm.spec):
+    for node_name in (im.node for im in vm.images()):
         mon.cmd("blockdev-add", driver="nbd", **{"node-name": f"mig-{node_name}"},
                 server={"type": "unix", "path": str(nbd)}, export=node_name)
         mon.cmd("blockdev-mirror", **{"job-id": f"mig-{node_name}"}, device=node_name,
@@ -205,7 +196,7 @@ def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
     deadline = time.monotonic() + MIRROR_TIMEOUT
     while True:
         jobs = {j["device"]: j for j in mon.cmd("query-block-jobs")}
-        mine = [jobs.get(f"mig-{n}") for n, _ in block_nodes(vm.spec)]
+        mine = [jobs.get(f"mig-{im.node}") for im in vm.images()]
         if any(j is None for j in mine):
             raise QemuError(f"{vm.jname}: a disk mirror to the node ended early")
         if all(j is not None and j.get("ready") for j in mine):
@@ -232,8 +223,8 @@ def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
             raise QemuError(f"{vm.jname}: the migration failed: "
                             f"{info.get('error-desc', state)}")
         time.sleep(0.01)
-    for node_name, _ in block_nodes(vm.spec):
-        mon.cmd("block-job-cancel", device=f"mig-{node_name}")
+    for im in vm.images():
+        mon.cmd("block-job-cancel", device=f"mig-{im.node}")
     while any(j["device"].startswith("mig-") for j in mon.cmd("query-block-jobs")):
         time.sleep(0.005)
     mon.cmd("migrate-continue", state=MigrationStatus.PRE_SWITCHOVER)

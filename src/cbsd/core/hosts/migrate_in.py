@@ -15,7 +15,6 @@ from typing import IO, Any
 
 from cbsd import specs
 from cbsd.core.checkpoint import compat
-from cbsd.core.hosts.migrate import block_nodes
 from cbsd.core.manage import cloudinit
 from cbsd.core.vm import definition, ramfile
 from cbsd.core.vm.context import Context
@@ -52,8 +51,8 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         vm = VM(ctx, spec, runtime=(0, 0))
         try:
             wd.ensure_vm(jname)
-            for _, fname in block_nodes(spec):
-                img.create(wd.disk(jname, fname), sizes[fname])
+            for im in vm.images():
+                img.create(Path(im.path), sizes[im.name])
             if spec.cloud_init:
                 cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
                                                                          spec.cloud_init))
@@ -86,12 +85,12 @@ def _request(line: bytes, jname: str
     sizes = req.get("sizes")
     if not isinstance(sizes, dict) or any(
             isinstance(sizes.get(f), bool) or not isinstance(sizes.get(f), int) or
-            not 0 < sizes[f] <= 1 << 50 for _, f in block_nodes(spec)):
+            not 0 < sizes[f] <= 1 << 50 for f, _ in VM.image_nodes(spec)):
         raise UsageError(f"{what} lacks a valid size for a disk")
     genid = req.get("genid")  # the source QEMU's generation ID; absent: no vmgenid device
     if genid is not None and not (isinstance(genid, str) and UUID.fullmatch(genid)):
         raise UsageError(f"{what} holds a bad generation ID")
-    return spec, source, {f: int(sizes[f]) for _, f in block_nodes(spec)}, \
+    return spec, source, {f: int(sizes[f]) for f, _ in VM.image_nodes(spec)}, \
         req.get("paused") is True, genid
 
 
@@ -106,7 +105,7 @@ def _receive_vm(vm: VM, paused: bool, genid: str | None, inp: IO[bytes], out: IO
                for k in ("nbd", "migration")}
     # SocketAddressLegacy: the address inside "data" (QEMU 7.2 and 10 alike)
     mon.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sockets["nbd"]}})
-    for node_name, _ in block_nodes(vm.spec):
+    for node_name in (im.node for im in vm.images()):
         mon.cmd("block-export-add", type="nbd", id=f"mig-{node_name}",
                 **{"node-name": node_name}, name=node_name, writable=True)
     mon.cmd("migrate-incoming", uri=f"unix:{sockets['migration']}")

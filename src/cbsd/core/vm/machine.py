@@ -23,7 +23,8 @@ from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import Status, VMSpec
 from cbsd.qemu import img, network, process
-from cbsd.qemu.argv import AS_DEFINED, GENID_OPTION, RAM_FILE_OPTION, RuntimePaths, build_argv
+from cbsd.qemu.argv import (AS_DEFINED, EFI_VARS_NODE, GENID_OPTION, RAM_FILE_OPTION,
+                             RuntimePaths, build_argv, disk_node)
 from cbsd.qemu.network import lease_ip, tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
@@ -83,11 +84,17 @@ class VM:
     def images(self) -> list[Image]:
         """Every image a checkpoint snapshots, in a fixed order: the disks, then the UEFI
         variable store (its contents change with the guest's boot settings)."""
-        out = [Image(name, f"disk{i}", path)
-               for i, (name, path) in enumerate(zip(self.spec.disks, self.paths.disks,
-                                                    strict=True))]
-        if self.paths.efi_vars:
-            out.append(Image(EFI_VARS, "efi-vars", self.paths.efi_vars))
+        paths = [*self.paths.disks, *([self.paths.efi_vars] if self.paths.efi_vars else [])]
+        return [Image(name, node, path)
+                for (name, node), path in zip(self.image_nodes(self.spec), paths, strict=True)]
+
+    @staticmethod
+    def image_nodes(spec: VMSpec) -> list[tuple[str, str]]:
+        """(file name under vm/<jname>/, QEMU block node name) of each of images(), for a
+        definition that has no VM here yet (bmigrate's node half checks its request)."""
+        out = [(name, disk_node(i)) for i, name in enumerate(spec.disks)]
+        if spec.efi == "uefi":
+            out.append((EFI_VARS, EFI_VARS_NODE))
         return out
 
     # --- process --------------------------------------------------------------------------
