@@ -13,7 +13,6 @@ read-only filesystem through SQLite's read-only and immutable modes.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 from cbsd.errors import EnvironmentFault, StateError, UsageError
 from cbsd.model import VMSpec
+from cbsd.storage.paths import free_bytes
 
 SCHEMA_VERSION = 2
 
@@ -243,7 +243,7 @@ def _open_readonly(path: Path) -> sqlite3.Connection | None:
 
 def _full(path: Path) -> bool:
     try:
-        return os.statvfs(path.parent).f_bavail == 0
+        return free_bytes(path.parent) == 0
     except OSError:
         return False
 

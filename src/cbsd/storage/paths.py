@@ -150,3 +150,10 @@ class Workdir:
     def ensure_vm(self, jname: str) -> None:
         for d in (self.system(jname), self.checkpoints(jname), self.vm_dir(jname)):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on *path*'s file system (f_bavail: what
+    root keeps in reserve does not count): every free-space check and message uses this."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

@@ -19,7 +19,6 @@ all on disk. Unreferenced packs left by a kill are collected by the next command
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from cbsd.storage.chunkstore import (
     accelerator_installed,
 )
 from cbsd.storage.manifest import MEMORY, FileEntry
-from cbsd.storage.paths import Workdir
+from cbsd.storage.paths import Workdir, free_bytes
 
 WHAT = f"fold checkpoints into the chunk store {YIELDS}"
 
@@ -59,7 +58,7 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
     early) when another command wants the VM; does nothing if the VM is busy."""
     ctx = Context(wd)
     pending = foldable(wd, jname)
-    if not pending or _free(wd.system(jname)) < 2 * max(
+    if not pending or free_bytes(wd.system(jname)) < 2 * max(
             ckpstore.read_manifest(p).memory_size for p in pending):
         return []  # nothing to do, or a nearly full disk: a fold would only make it fuller
     try:
@@ -87,11 +86,6 @@ def fold_vm(wd: Workdir, jname: str) -> list[str]:
             if known is not None:
                 store.collect(known)
     return done
-
-
-def _free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def fold_one(store: Store, ckdir: Path, should_yield: Callable[[], bool]) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 from cbsd import cancel
 from cbsd.core.checkpoint import generation, tree
 from cbsd.core.vm import ramfile
-from cbsd.core.vm.machine import VM, Image, free_bytes
+from cbsd.core.vm.machine import VM, Image
 from cbsd.core.vm.pause import set_clock
 from cbsd.core.vm.recovery import INTENT
 from cbsd.core.vm.states import TAG_PREFIX, delete_tags, drop_state
@@ -45,6 +45,7 @@ from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
 from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
+from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
 UNLIMITED_BANDWIDTH = 1 << 40

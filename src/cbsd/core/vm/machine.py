@@ -356,11 +356,6 @@ def qcow2_virtual_size(qcow2: str) -> int:
     return int.from_bytes(header[24:32], "big") if header[:4] == b"QFI\xfb" else 0
 
 
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def adopt_lost_qemu(vm: VM, *, scan: bool) -> None:
     """A QEMU this VM's command line names but the inventory does not: a command killed after
     QEMU started and before it recorded the pid. Found through QEMU's pid file (VM.alive

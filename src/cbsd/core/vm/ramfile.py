@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cbsd.core.vm import ramspace
-from cbsd.core.vm.machine import free_bytes
 from cbsd.errors import NoSpaceError
 from cbsd.storage import ckpstore, reflink
+from cbsd.storage.paths import free_bytes
 
 if TYPE_CHECKING:
     from cbsd.core.vm.machine import VM

@@ -31,9 +31,9 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-from cbsd.core.vm.machine import free_bytes
 from cbsd.errors import NoSpaceError
 from cbsd.qemu.argv import RAM_FILE_OPTION
+from cbsd.storage.paths import free_bytes
 
 MiB = 1 << 20
 XFS_MAGIC = 0x58465342
