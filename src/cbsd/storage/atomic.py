@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from cbsd.detach import start_detached
 from cbsd.errors import CbsdError, NoSpaceError
 
 
@@ -53,9 +53,7 @@ def remove_tree_later(path: Path) -> None:
     """Remove an already hidden tree in a detached process, after the command returns.
     Deleting a large saved state makes the kernel evict its cached pages (~0.3 s per GiB);
     the user need not wait. If that process dies, the next command's recovery finishes it."""
-    subprocess.Popen(["rm", "-rf", "--", str(path)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True)
+    start_detached(["rm", "-rf", "--", str(path)])
 
 
 def os_error(e: OSError, what: str) -> CbsdError:

@@ -19,7 +19,6 @@ all on disk. Unreferenced packs left by a kill are collected by the next command
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from cbsd.core.vm import recovery
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.lock import YIELDS, asked_to_yield, yield_file
 from cbsd.core.vm.machine import VM
+from cbsd.detach import start_detached
 from cbsd.errors import BusyError, CbsdError
 from cbsd.failpoints import failpoint
 from cbsd.storage import ckpstore
@@ -128,8 +128,7 @@ def start_helper(wd: Workdir, jname: str) -> None:
             "sys.exit(main(sys.argv[1:]))", str(wd.root), jname]
     if debug.ON:
         debug.log("proc", " ".join(argv) + " &")
-    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    start_detached(argv)
 
 
 def main(args: list[str]) -> int:
