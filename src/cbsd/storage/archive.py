@@ -29,6 +29,7 @@ from typing import IO, Any
 import xxhash
 
 from cbsd.errors import ArchiveError, CbsdError
+from cbsd.storage.atomic import created
 
 HEADER = "cbsd-export.json"
 SEAL = "cbsd-export.seal"
@@ -213,11 +214,10 @@ class Reader:
     def extract(self, info: tarfile.TarInfo, dst: Path) -> None:
         """Write the member to *dst* (new, owner-only), leaving holes for runs of zeros."""
         h = xxhash.xxh3_128()
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         left = info.size
         view = memoryview(self._buf)
         zeros = bytes(BUF)
-        try:
+        with created(dst) as fd:
             while left:
                 want = min(left, BUF)
                 n = self._in.readinto(view[:want])  # type: ignore[attr-defined]
@@ -231,9 +231,6 @@ class Reader:
                     _write_all(fd, chunk)
                 left -= n
             os.ftruncate(fd, info.size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         self._read(-info.size % BLOCK)
         self.sums[info.name] = [info.size, h.hexdigest()]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cbsd.detach import start_detached
@@ -39,6 +41,24 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise os_error(e, f"cannot write {path}") from e
+
+
+@contextmanager
+def created(path: Path) -> Iterator[int]:
+    """Create *path* (owner-only; FileExistsError if anything is there: never follows or
+    truncates what another process made) and give its descriptor, open for writing. When the
+    block ends the file is flushed (fsync) and closed; if the block or the flush raises,
+    the descriptor is closed and the file removed, so a failure leaves nothing half written
+    (a kill leaves it to the caller's own recovery: a temporary name, a staging folder)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        yield fd
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

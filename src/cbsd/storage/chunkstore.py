@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.errors import CheckpointError
+from cbsd.storage.atomic import created, fsync_dir
 
 SLOW_NOTICE = ("cbsd: notice: the chunk store is chunking with fastcdc's pure-Python fallback "
                "(~100x slower; same chunks): its C accelerator is not built for this Python "
@@ -150,44 +151,36 @@ class Store:
         tmp = self.packs / f"{TMP_PREFIX}{pack}.pack"
         packs: list[str] = []
         entries: list[tuple[bytes, int, int, int]] = []
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         written = 0
         whole = xxhash.xxh3_128()
-        try:
-            with open(stream, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else None
-                view = memoryview(mm) if mm is not None else memoryview(b"")
-                cuts = fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) if mm is not None else ()
-                try:
-                    for i, c in enumerate(cuts):
-                        if i % 64 == 0 and should_yield():
-                            raise Yielded
-                        data = view[c.offset:c.offset + c.length]
-                        whole.update(data)
-                        digest = xxhash.xxh3_128_digest(data)
-                        ref = known.get(digest)
-                        if ref is None:
-                            os.write(fd, data)
-                            ref = (pack, written, c.length)
-                            known[digest] = ref
-                            written += c.length
-                        if ref[0] not in packs:
-                            packs.append(ref[0])
-                        entries.append((digest, packs.index(ref[0]), ref[1], ref[2]))
-                finally:
-                    # Not closed by hand: the chunker and the slices hold the mapping's buffer
-                    # until they are gone; the mapping goes with the last of them.
-                    del cuts, view, mm
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        with created(tmp) as fd, open(stream, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else None
+            view = memoryview(mm) if mm is not None else memoryview(b"")
+            cuts = fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) if mm is not None else ()
+            try:
+                for i, c in enumerate(cuts):
+                    if i % 64 == 0 and should_yield():
+                        raise Yielded
+                    data = view[c.offset:c.offset + c.length]
+                    whole.update(data)
+                    digest = xxhash.xxh3_128_digest(data)
+                    ref = known.get(digest)
+                    if ref is None:
+                        os.write(fd, data)
+                        ref = (pack, written, c.length)
+                        known[digest] = ref
+                        written += c.length
+                    if ref[0] not in packs:
+                        packs.append(ref[0])
+                    entries.append((digest, packs.index(ref[0]), ref[1], ref[2]))
+            finally:
+                # Not closed by hand: the chunker and the slices hold the mapping's buffer
+                # until they are gone; the mapping goes with the last of them.
+                del cuts, view, mm
         if written:
             os.rename(tmp, self.pack_path(pack))
-            _fsync_dir(self.packs)
+            fsync_dir(self.packs)
         else:
             tmp.unlink()
         return Recipe(packs, size, entries), whole.hexdigest()
@@ -312,14 +305,9 @@ class Store:
     def rebuild(self, recipe: Recipe, dst: Path) -> None:
         """Write the stream back out as a plain file *dst* (owner-only, flushed), checking
         every chunk on the way."""
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with _closing() as fds:
-                for _, _, data in self.checked(recipe, recipe.size, fds):
-                    os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with created(dst) as fd, _closing() as fds:
+            for _, _, data in self.checked(recipe, recipe.size, fds):
+                os.write(fd, data)
 
     # --- collecting garbage -----------------------------------------------------------------
 
@@ -401,11 +389,3 @@ def _punch_dead(path: str, ranges: list[tuple[int, int]], size: int) -> int:
     finally:
         os.close(fd)
     return punched
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from cbsd.storage.atomic import created
+
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 
 
@@ -20,15 +22,8 @@ def clone(src: Path, dst: Path) -> None:
     OSError (EOPNOTSUPP, EXDEV, ...) where the filesystem cannot: nothing is left behind."""
     fd_src = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
+        with created(dst) as fd_dst:
             fcntl.ioctl(fd_dst, FICLONE, fd_src)
-            os.fsync(fd_dst)
-        except BaseException:
-            os.close(fd_dst)
-            dst.unlink(missing_ok=True)
-            raise
-        os.close(fd_dst)
     finally:
         os.close(fd_src)
 
@@ -41,16 +36,8 @@ def clone_or_copy(src: Path, dst: Path) -> bool:
     except OSError:
         pass
 
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with open(src, "rb") as fsrc, open(fd, "wb", closefd=False) as fdst:
-            shutil.copyfileobj(fsrc, fdst, 8 << 20)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        dst.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    with created(dst) as fd, open(src, "rb") as fsrc, open(fd, "wb", closefd=False) as fdst:
+        shutil.copyfileobj(fsrc, fdst, 8 << 20)
     return False
 
 
