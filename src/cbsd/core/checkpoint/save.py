@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cbsd import cancel
 from cbsd.core.checkpoint import generation, tree
+from cbsd.core.checkpoint.save_stream import Follower
 from cbsd.core.vm import ramfile
 from cbsd.core.vm.machine import VM, Image
 from cbsd.core.vm.pause import set_clock
@@ -49,87 +50,6 @@ from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
 UNLIMITED_BANDWIDTH = 1 << 40
-WRITEBACK_CHUNK = 32 << 20  # a stream's bytes handed to writeback at once
-WRITEBACK_EVERY = 0.05  # seconds between writebacks of a mapped-ram file's dirty pages
-
-
-def _writeback_starter() -> Callable[[int, int, int], None]:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting.
-    Python's os module lacks it; without it (not Linux), fall back to doing nothing. Offsets
-    need no page alignment: the kernel rounds them to whole pages."""
-    # lazy: ctypes is heavy: only a save starts writeback
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, off, n: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    return lambda fd, off, n: fn(fd, off, n, 2)  # 2 = SYNC_FILE_RANGE_WRITE
-
-
-class _Follower(threading.Thread):
-    """Follows a file while QEMU writes its state into it and starts its writeback to disk
-    as it goes, so the disk works while QEMU still writes and the final fsync has little left
-    to do. A stream is appended in order: each new range is checksummed as it arrives. A
-    mapped-ram file (*scattered*) is written at many offsets by several threads at once: its
-    dirty pages are handed to writeback every WRITEBACK_EVERY seconds, and it is checksummed
-    once QEMU is done (from the page cache). Without this a mapped-ram save of a 1 GiB guest
-    flushed all of it after QEMU finished (docs/benchmarks/analysis.md, "Checkpoint engine v2")."""
-
-    def __init__(self, path: Path, *, scattered: bool = False) -> None:
-        super().__init__(daemon=True)
-        # lazy: a C extension only a save hashes with; bcheckpoint list imports this module
-        import xxhash
-
-        self._path, self._scattered = path, scattered
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._hash = xxhash.xxh3_128()
-        self._writeback = _writeback_starter()
-        self._flushed = 0
-        self._writer_done = threading.Event()
-        self._abort = threading.Event()
-        self.size = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            if self._scattered:
-                while not self._writer_done.wait(WRITEBACK_EVERY):
-                    self._writeback(self._fd, 0, 0)  # 0 bytes: to the end of the file
-                return
-            while not self._abort.is_set():
-                chunk = os.read(self._fd, ckpstore.CHUNK)
-                if chunk:
-                    self._hash.update(chunk)
-                    self.size += len(chunk)
-                    if self.size - self._flushed >= WRITEBACK_CHUNK:
-                        self._writeback(self._fd, self._flushed, self.size - self._flushed)
-                        self._flushed = self.size
-                elif self._writer_done.is_set():
-                    return
-                else:
-                    time.sleep(0.002)
-        except BaseException as e:  # reported by finish()
-            self.error = e
-        finally:
-            os.close(self._fd)
-
-    def finish(self) -> tuple[int, str]:
-        self._writer_done.set()
-        self.join()
-        if self.error:
-            raise self.error
-        if self._scattered:
-            return ckpstore.digest_file(self._path)
-        return self.size, self._hash.hexdigest()
-
-    def abandon(self) -> None:
-        self._abort.set()
-        self._writer_done.set()
-        self.join()
-
-
 def put_back(mon: Monitor, was_running: bool) -> None:
     """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
     'postmigrate' with its disks inactive; 'cont' reactivates them (probed, not assumed)."""
@@ -159,114 +79,51 @@ def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> str | None:
     return None
 
 
+@dataclass
+class _Attempt:
+    """What the phases of one save share (prepare, freeze, stream, seal and publish), and
+    what a rollback must undo."""
+
+    vm: VM
+    mon: Monitor
+    name: str
+    kind: str
+    live: bool  # live=1 asked for and the VM was running
+    keep_running: bool
+    caps: frozenset[str]
+    ram_file: bool  # the guest's RAM is a file: the stream carries device state only
+    tmp: Path  # the state being written (published to final once complete)
+    was_running: bool
+    agent: bool  # a guest agent was listening before the vCPUs stopped
+    mapped: bool = False  # the stream is a mapped-ram file (see _freeze)
+    direct_io: bool = False  # QEMU wrote the mapped-ram file with O_DIRECT
+    tags: list[tuple[Image, str]] = field(default_factory=list)  # disk snapshots taken
+    follower: Follower | None = None  # checksumming the memory file while QEMU writes it
+    stopped: float | None = None  # when this save stopped the vCPUs (time.monotonic())
+    clock_note: str | None = None  # printed once the save succeeded
+    info: dict[str, Any] = field(default_factory=dict)  # QEMU's query-migrate at the end
+    elapsed: float = 0.0  # seconds QEMU took to write the state
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
          keep_running: bool = True, progress: Progress | None = None) -> Manifest:
     """Write the VM's complete state to *final* (replacing an older one only once complete).
     The caller holds the VM's lock, under which recovery already ran.
 
     keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
-    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mon = vm.monitor()
-    caps = migration.capabilities(mon)
-    # Guest RAM in a file: the stream carries device state only, RAM is cloned (metadata).
-    ram_file = vm.uses_ram_file() and "x-ignore-shared" in caps
-    if not ram_file:
-        _check_space(vm, final.parent)
-    elif keep_running:
-        ramfile.admit_checkpoint(vm)
-    tmp = ckpstore.new_tmpdir(final)
-    tags: list[tuple[Image, str]] = []
-    follower: _Follower | None = None
-    was_running = mon.running()
-    stopped: float | None = None  # when this save stopped the vCPUs (time.monotonic())
-    clock_note: str | None = None  # printed once the save succeeded
-    live = live and was_running
-    agent = vm.agent_listening()  # before the vCPUs stop: the guest's state as saved
+    a = _prepare(vm, final, name, kind, live, keep_running)
     try:
-        (tmp / INTENT).write_text("running" if was_running else "paused")
-        # With a RAM file, live=1 needs no background snapshot: the guest stops only while its
-        # device state is written and its RAM cloned.
-        _set_migration(mon, caps, live and not ram_file)
-        migration.set_capabilities(mon, caps, {"x-ignore-shared": ram_file})
-        # Not for checkpoints that will be folded into the chunk store (a folded stream is
-        # fed back through a pipe; mapped-ram loads only from a file). A mapped-ram save is
-        # never cancelled, only waited out (see _end_migration).
-        mapped = ((kind == "hibernation" or vm.spec.dedup == "off")
-                  and migration.mapped_ram_usable(caps, live=live, ram_file=ram_file))
-        migration.use_mapped_ram(mon, caps, mapped)
-        if ram_file and was_running:
-            ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now
-        # Disk and memory must be of the same instant: freeze first, even for live=1
-        # (background-snapshot records memory as of its start, then resumes the guest).
-        if was_running:
-            mon.cmd("stop")
-            stopped = time.monotonic()
-        failpoint("save:stopped")
-        for image in vm.images():
-            tag = f"{TAG_PREFIX}{name}-{os.urandom(6).hex()}"
-            mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
-            tags.append((image, tag))
-        failpoint("save:snapshotted")
-        memfile = tmp / ckpstore.MEMORY
-        fd = open_fd_for(memfile, write=True)
-        direct = None
-        try:
-            # A mapped-ram file is written at many offsets at once (scattered).
-            follower = _Follower(memfile, scattered=mapped)
-            follower.start()
-            if mapped:
-                if migration.direct_io_usable(mon, memfile):
-                    direct = migration.open_direct(memfile, write=True)
-                migration.use_direct_io(mon, direct is not None)
-            channel = migration.attach(mon, fd, "cbsd-save", caps, direct)
-        finally:
-            os.close(fd)
-            if direct is not None:
-                os.close(direct)
-        started = time.monotonic()
-        mon.cmd("migrate", uri=channel.uri)
-        failpoint("save:migrating")
-        info = mon.wait_migration(progress=_ram_progress(progress))
-        migration.detach(mon, channel)
-        if progress is not None:
-            total = int(info.get("ram", {}).get("total", 1))
-            progress(total, total)  # done: lets a progress bar finish and go away
-        elapsed = time.monotonic() - started
-        size, digest = follower.finish()
-        follower = None
-        fsync_path(memfile)
-        if ram_file:
-            ramfile.clone_for_checkpoint(vm, tmp / ckpstore.RAM, stays_running=keep_running)
-        failpoint("save:saved")
-        _disks_in_place(vm)
-        if keep_running:
-            put_back(mon, was_running)
-            clock_note = _set_clock(vm, mon, stopped)
-            stopped = None  # accounted for: a later failure's rollback has no stop to report
-        (tmp / INTENT).unlink()
-        files = {ckpstore.MEMORY: FileEntry(size, digest)}
-        if ram_file:  # checksummed while the guest runs on: the clone no longer changes
-            files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(tmp / ckpstore.RAM))
-        manifest = _manifest(vm, name, kind, was_running, live, tags, files, info, elapsed)
-        manifest.agent = agent
-        generation.record(vm, mon, manifest, tmp)
-        if mapped:  # the load must switch on the same capabilities
-            manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
-            manifest.migration[migration.DIRECT_IO] = direct is not None  # for the record
-        manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, name, kind)
-        ckpstore.save_manifest(manifest, tmp)
-        fsync_dir(tmp)
-        _verify_written(tmp, files)
-        failpoint("save:verified")
-        cancel.check()  # last moment a cancel rolls back; once published, it stands
-        old = ckpstore.publish(tmp, final)
+        _freeze(a)
+        _stream(a, progress)
+        manifest, old = _seal_and_publish(a, final)
     except BaseException as e:
-        if follower is not None:
+        if a.follower is not None:
             with contextlib.suppress(Exception):
-                follower.abandon()
-        _rollback(vm, mon, tmp, tags, was_running, wait_out=mapped)
+                a.follower.abandon()
+        _rollback(vm, a.mon, a.tmp, a.tags, a.was_running, wait_out=a.mapped)
         with contextlib.suppress(CbsdError, OSError):
-            _set_clock(vm, mon, stopped)  # its note is not printed: the error is the line
+            _set_clock(vm, a.mon, a.stopped)  # its note is not printed: the error is the line
         error = _save_error(vm, e, kind, name)
         if error is e:
             raise
@@ -278,9 +135,121 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         except CbsdError as e:
             raise CbsdError(f"{vm.jname}: the {kind} {name} was saved, but the one it replaced "
                             f"could not be deleted ({e}); the next command retries") from e
-    if clock_note:
-        print(clock_note, file=sys.stderr, flush=True)
+    if a.clock_note:
+        print(a.clock_note, file=sys.stderr, flush=True)
     return manifest
+
+
+def _prepare(vm: VM, final: Path, name: str, kind: str, live: bool,
+             keep_running: bool) -> _Attempt:
+    """What the save will be, refused early when it cannot fit; its temporary folder. Nothing
+    to roll back if this fails."""
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mon = vm.monitor()
+    caps = migration.capabilities(mon)
+    # Guest RAM in a file: the stream carries device state only, RAM is cloned (metadata).
+    ram_file = vm.uses_ram_file() and "x-ignore-shared" in caps
+    if not ram_file:
+        _check_space(vm, final.parent)
+    elif keep_running:
+        ramfile.admit_checkpoint(vm)
+    tmp = ckpstore.new_tmpdir(final)
+    was_running = mon.running()
+    return _Attempt(vm=vm, mon=mon, name=name, kind=kind, live=live and was_running,
+                    keep_running=keep_running, caps=caps, ram_file=ram_file, tmp=tmp,
+                    was_running=was_running,
+                    agent=vm.agent_listening())  # before the vCPUs stop: as saved
+
+
+def _freeze(a: _Attempt) -> None:
+    """QEMU set up for the save, the vCPUs stopped and every disk snapshotted: disks and
+    memory of one instant."""
+    vm, mon, caps = a.vm, a.mon, a.caps
+    (a.tmp / INTENT).write_text("running" if a.was_running else "paused")
+    # With a RAM file, live=1 needs no background snapshot: the guest stops only while its
+    # device state is written and its RAM cloned.
+    _set_migration(mon, caps, a.live and not a.ram_file)
+    migration.set_capabilities(mon, caps, {"x-ignore-shared": a.ram_file})
+    # Not for checkpoints that will be folded into the chunk store (a folded stream is
+    # fed back through a pipe; mapped-ram loads only from a file). A mapped-ram save is
+    # never cancelled, only waited out (see _end_migration).
+    a.mapped = ((a.kind == "hibernation" or vm.spec.dedup == "off")
+                and migration.mapped_ram_usable(caps, live=a.live, ram_file=a.ram_file))
+    migration.use_mapped_ram(mon, caps, a.mapped)
+    if a.ram_file and a.was_running:
+        ramfile.flush(vm.ram_path)  # the clone waits for dirty pages: write them now
+    # Disk and memory must be of the same instant: freeze first, even for live=1
+    # (background-snapshot records memory as of its start, then resumes the guest).
+    if a.was_running:
+        mon.cmd("stop")
+        a.stopped = time.monotonic()
+    failpoint("save:stopped")
+    for image in vm.images():
+        tag = f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}"
+        mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
+        a.tags.append((image, tag))
+    failpoint("save:snapshotted")
+
+
+def _stream(a: _Attempt, progress: Progress | None) -> None:
+    """QEMU writes the state into the memory file, checksummed as it grows; flushed; a RAM
+    file cloned beside it."""
+    mon = a.mon
+    memfile = a.tmp / ckpstore.MEMORY
+    fd = open_fd_for(memfile, write=True)
+    direct = None
+    try:
+        # A mapped-ram file is written at many offsets at once (scattered).
+        a.follower = Follower(memfile, scattered=a.mapped)
+        a.follower.start()
+        if a.mapped:
+            if migration.direct_io_usable(mon, memfile):
+                direct = migration.open_direct(memfile, write=True)
+            migration.use_direct_io(mon, direct is not None)
+        a.direct_io = direct is not None
+        channel = migration.attach(mon, fd, "cbsd-save", a.caps, direct)
+    finally:
+        os.close(fd)
+        if direct is not None:
+            os.close(direct)
+    started = time.monotonic()
+    mon.cmd("migrate", uri=channel.uri)
+    failpoint("save:migrating")
+    a.info = mon.wait_migration(progress=_ram_progress(progress))
+    migration.detach(mon, channel)
+    if progress is not None:
+        total = int(a.info.get("ram", {}).get("total", 1))
+        progress(total, total)  # done: lets a progress bar finish and go away
+    a.elapsed = time.monotonic() - started
+    size, digest = a.follower.finish()
+    a.follower = None
+    fsync_path(memfile)
+    a.files = {ckpstore.MEMORY: FileEntry(size, digest)}
+    if a.ram_file:
+        ramfile.clone_for_checkpoint(a.vm, a.tmp / ckpstore.RAM, stays_running=a.keep_running)
+    failpoint("save:saved")
+
+
+def _seal_and_publish(a: _Attempt, final: Path) -> tuple[Manifest, Path | None]:
+    """The VM put back as it was, the state sealed (manifest), read back and renamed into
+    place. The manifest and the older state it replaced, if any (for the caller to drop)."""
+    vm = a.vm
+    _disks_in_place(vm)
+    if a.keep_running:
+        put_back(a.mon, a.was_running)
+        a.clock_note = _set_clock(vm, a.mon, a.stopped)
+        a.stopped = None  # accounted for: a later failure's rollback has no stop to report
+    (a.tmp / INTENT).unlink()
+    if a.ram_file:  # checksummed while the guest runs on: the clone no longer changes
+        a.files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(a.tmp / ckpstore.RAM))
+    manifest = _manifest(a)
+    generation.record(vm, a.mon, manifest, a.tmp)  # the vmgenid device, if the state has it
+    ckpstore.save_manifest(manifest, a.tmp)
+    fsync_dir(a.tmp)
+    _verify_written(a.tmp, a.files)
+    failpoint("save:verified")
+    cancel.check()  # last moment a cancel rolls back; once published, it stands
+    return manifest, ckpstore.publish(a.tmp, final)
 
 
 def _save_error(vm: VM, e: BaseException, kind: str, name: str) -> BaseException:
@@ -400,20 +369,24 @@ def _ended_within(mon: Monitor, seconds: float, poll: float) -> bool:
     return True
 
 
-def _manifest(vm: VM, name: str, kind: str, was_running: bool, live: bool,
-              tags: list[tuple[Image, str]], files: dict[str, FileEntry], info: dict[str, Any],
-              elapsed: float) -> Manifest:
+def _manifest(a: _Attempt) -> Manifest:
     created, ts = ckpstore.now_iso()
-    host = vm.ctx.host
-    ram = info.get("ram", {})
-    return Manifest(
-        kind=kind, name=name, jname=vm.jname, created=created, created_ts=ts,
+    vm, host = a.vm, a.vm.ctx.host
+    ram = a.info.get("ram", {})
+    manifest = Manifest(
+        kind=a.kind, name=a.name, jname=vm.jname, created=created, created_ts=ts,
         qemu_version=host.version, accel=host.accel, machine=vm.spec.machine,
         spec=vm.spec.to_dict(), restore_relevant=vm.spec.restore_relevant(),
-        argv=vm.argv(incoming=True, ram_file=ckpstore.RAM in files),
-        was_running=was_running, live=live,
-        disk_snapshots=[DiskSnapshot(image.name, t) for image, t in tags],
-        files=files,
-        migration={"seconds": round(elapsed, 4), "ram_total": ram.get("total"),
+        argv=vm.argv(incoming=True, ram_file=ckpstore.RAM in a.files),
+        was_running=a.was_running, live=a.live,
+        disk_snapshots=[DiskSnapshot(image.name, t) for image, t in a.tags],
+        files=a.files,
+        migration={"seconds": round(a.elapsed, 4), "ram_total": ram.get("total"),
                    "transferred": ram.get("transferred")},
     )
+    manifest.agent = a.agent
+    if a.mapped:  # the load must switch on the same capabilities
+        manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
+        manifest.migration[migration.DIRECT_IO] = a.direct_io  # for the record
+    manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, a.name, a.kind)
+    return manifest

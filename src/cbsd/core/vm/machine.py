@@ -23,8 +23,15 @@ from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import Status, VMSpec
 from cbsd.qemu import img, network, process
-from cbsd.qemu.argv import (AS_DEFINED, EFI_VARS_NODE, GENID_OPTION, RAM_FILE_OPTION,
-                             RuntimePaths, build_argv, disk_node)
+from cbsd.qemu.argv import (
+    AS_DEFINED,
+    EFI_VARS_NODE,
+    GENID_OPTION,
+    RAM_FILE_OPTION,
+    RuntimePaths,
+    build_argv,
+    disk_node,
+)
 from cbsd.qemu.network import lease_ip, tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState

@@ -1,5 +1,6 @@
-"""save._Follower: the checksum and the write-behind of a state file while QEMU writes it, for a
-stream (appended in order) and a mapped-ram file (written at many offsets by several threads)."""
+"""save_stream.Follower: the checksum and the write-behind of a state file while QEMU writes
+it, for a stream (appended in order) and a mapped-ram file (written at many offsets by several
+threads)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.core.checkpoint import save
+from cbsd.core.checkpoint import save_stream
 from cbsd.storage import ckpstore
 
 BLOCK = 64 << 10
@@ -21,7 +22,7 @@ BLOCK = 64 << 10
 def writebacks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every (offset, length) the follower hands to writeback, in place of sync_file_range."""
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(save, "_writeback_starter",
+    monkeypatch.setattr(save_stream, "_writeback_starter",
                         lambda: lambda fd, off, n: calls.append((off, n)))
     return calls
 
@@ -30,7 +31,7 @@ def test_a_stream_is_checksummed_as_it_is_appended(tmp_path: Path,
                                                    writebacks: list[tuple[int, int]]) -> None:
     path = tmp_path / "memory"
     path.touch()
-    follower = save._Follower(path)
+    follower = save_stream.Follower(path)
     follower.start()
     with open(path, "ab") as f:
         for i in range(600):  # 37.5 MiB: more than one WRITEBACK_CHUNK
@@ -40,7 +41,7 @@ def test_a_stream_is_checksummed_as_it_is_appended(tmp_path: Path,
     # Handed to writeback in order, each piece once 32 MiB or more had come (reads return what
     # has been appended, so a piece may be a little longer).
     assert writebacks and writebacks[0][0] == 0
-    assert all(n >= save.WRITEBACK_CHUNK for _, n in writebacks)
+    assert all(n >= save_stream.WRITEBACK_CHUNK for _, n in writebacks)
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(writebacks))
 
 
@@ -49,7 +50,7 @@ def test_a_scattered_file_gets_writeback_while_written_and_its_checksum_after(
     path = tmp_path / "memory"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, 64 * BLOCK)  # sparse, as mapped-ram lays out RAM
-    follower = save._Follower(path, scattered=True)
+    follower = save_stream.Follower(path, scattered=True)
     follower.start()
 
     deadline = time.monotonic() + 10
@@ -60,7 +61,7 @@ def test_a_scattered_file_gets_writeback_while_written_and_its_checksum_after(
         while len(writebacks) < 2 and time.monotonic() < deadline:
             for block in range(first, 64, 8):
                 os.pwrite(fd, os.urandom(BLOCK), block * BLOCK)
-                time.sleep(save.WRITEBACK_EVERY / 4)
+                time.sleep(save_stream.WRITEBACK_EVERY / 4)
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
     for t in threads:
@@ -79,7 +80,7 @@ def test_an_abandoned_scattered_follower_stops_at_once(tmp_path: Path,
                                                        writebacks: list[tuple[int, int]]) -> None:
     path = tmp_path / "memory"
     path.touch()
-    follower = save._Follower(path, scattered=True)
+    follower = save_stream.Follower(path, scattered=True)
     follower.start()
     t = time.monotonic()
     follower.abandon()
