@@ -34,7 +34,7 @@ from cbsd.core.checkpoint import compat, generation
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import VM
-from cbsd.core.vm.moving import drop_mirror_nodes, node_named
+from cbsd.core.vm.moving import MIRROR, drop_mirror_nodes, mirror_of, node_named
 from cbsd.errors import CbsdError, NodeError, QemuError, StateError
 from cbsd.failpoints import failpoint
 from cbsd.model import Action, Status, require
@@ -189,14 +189,14 @@ def _forward(node: Node, local: dict[str, Path], ready: dict[str, str]
 def _mirror(mon: Monitor, vm: VM, nbd: Path) -> None:
     """Every writable disk mirrored into the node's export of it, until all are in step."""
     for node_name in (im.node for im in vm.images()):
-        mon.cmd("blockdev-add", driver="nbd", **{"node-name": f"mig-{node_name}"},
+        mon.cmd("blockdev-add", driver="nbd", **{"node-name": mirror_of(node_name)},
                 server={"type": "unix", "path": str(nbd)}, export=node_name)
-        mon.cmd("blockdev-mirror", **{"job-id": f"mig-{node_name}"}, device=node_name,
-                target=f"mig-{node_name}", sync="full")
+        mon.cmd("blockdev-mirror", **{"job-id": mirror_of(node_name)}, device=node_name,
+                target=mirror_of(node_name), sync="full")
     deadline = time.monotonic() + MIRROR_TIMEOUT
     while True:
         jobs = {j["device"]: j for j in mon.cmd("query-block-jobs")}
-        mine = [jobs.get(f"mig-{im.node}") for im in vm.images()]
+        mine = [jobs.get(mirror_of(im.node)) for im in vm.images()]
         if any(j is None for j in mine):
             raise QemuError(f"{vm.jname}: a disk mirror to the node ended early")
         if all(j is not None and j.get("ready") for j in mine):
@@ -224,8 +224,8 @@ def _migrate_memory(mon: Monitor, vm: VM, sock: Path) -> float:
                             f"{info.get('error-desc', state)}")
         time.sleep(0.01)
     for im in vm.images():
-        mon.cmd("block-job-cancel", device=f"mig-{im.node}")
-    while any(j["device"].startswith("mig-") for j in mon.cmd("query-block-jobs")):
+        mon.cmd("block-job-cancel", device=mirror_of(im.node))
+    while any(j["device"].startswith(MIRROR) for j in mon.cmd("query-block-jobs")):
         time.sleep(0.005)
     mon.cmd("migrate-continue", state=MigrationStatus.PRE_SWITCHOVER)
     info = mon.wait_migration()
@@ -243,7 +243,7 @@ def _roll_back(mon: Monitor, vm: VM, paused: bool) -> None:
             time.sleep(0.02)
     with contextlib.suppress(CbsdError):
         for job in mon.cmd("query-block-jobs"):
-            if str(job["device"]).startswith("mig-"):
+            if str(job["device"]).startswith(MIRROR):
                 mon.cmd("block-job-cancel", device=job["device"], force=True)
     drop_mirror_nodes(mon, vm)
     if not paused and vm.alive() and not mon.running():

@@ -103,17 +103,26 @@ def settle(vm: VM) -> None:
                      f"completed): use node={node_name}")
 
 
+# bmigrate's mirror of a disk on the sending side: its NBD target node and its block job
+# (one name for both).
+MIRROR = "mig-"
+
+
+def mirror_of(node_name: str) -> str:
+    return f"{MIRROR}{node_name}"
+
+
 def drop_mirror_nodes(mon: Monitor, vm: VM) -> None:
     """What a migration attempt added to QEMU (mirror targets, the switchover pause)."""
     with contextlib.suppress(CbsdError):
         deadline = time.monotonic() + 30
-        while any(str(j["device"]).startswith("mig-") for j in mon.cmd("query-block-jobs")) \
+        while any(str(j["device"]).startswith(MIRROR) for j in mon.cmd("query-block-jobs")) \
                 and time.monotonic() < deadline:
             time.sleep(0.02)
         present = {n.get("node-name") for n in mon.cmd("query-named-block-nodes")}
         for image in vm.images():
-            if f"mig-{image.node}" in present:
-                mon.cmd("blockdev-del", **{"node-name": f"mig-{image.node}"})
+            if mirror_of(image.node) in present:
+                mon.cmd("blockdev-del", **{"node-name": mirror_of(image.node)})
         migration.set_capabilities(mon, migration.capabilities(mon),
                                    {"pause-before-switchover": False})
 
