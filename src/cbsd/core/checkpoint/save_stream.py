@@ -61,6 +61,9 @@ class Follower(threading.Thread):
                     self._writeback(self._fd, 0, 0)  # 0 bytes: to the end of the file
                 return
             while not self._abort.is_set():
+                # Asked before the read: an end of file read before QEMU finished is not the
+                # end (QEMU may write the rest and finish between that read and this check).
+                done = self._writer_done.is_set()
                 chunk = os.read(self._fd, ckpstore.CHUNK)
                 if chunk:
                     self._hash.update(chunk)
@@ -68,7 +71,7 @@ class Follower(threading.Thread):
                     if self.size - self._flushed >= WRITEBACK_CHUNK:
                         self._writeback(self._fd, self._flushed, self.size - self._flushed)
                         self._flushed = self.size
-                elif self._writer_done.is_set():
+                elif done:
                     return
                 else:
                     time.sleep(0.002)

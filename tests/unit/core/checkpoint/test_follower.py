@@ -86,3 +86,36 @@ def test_an_abandoned_scattered_follower_stops_at_once(tmp_path: Path,
     follower.abandon()
     assert not follower.is_alive()
     assert time.monotonic() - t < 1
+
+
+def test_a_stream_finished_between_a_read_and_the_check_is_read_to_its_end(
+        tmp_path: Path, writebacks: list[tuple[int, int]]) -> None:
+    """QEMU may write the rest of the stream and finish right after the follower read the end
+    of the file: what it wrote then is still checksummed (under load this once lost the
+    stream's tail: 'verification failed: memory file has N bytes, checksummed M')."""
+    path = tmp_path / "memory"
+    path.write_bytes(b"head" * 1000)
+    follower = save_stream.Follower(path)
+    done = threading.Event()
+
+    class WriterFinishesWhenAsked:
+        """The writer's 'done' flag: the first time the follower asks after the end of the
+        file, the rest is written and the writer finishes, all before the answer."""
+
+        def is_set(self) -> bool:
+            if not done.is_set() and os.path.getsize(path) == follower.size:
+                with open(path, "ab") as f:
+                    f.write(b"tail" * 1000)
+                done.set()
+            return done.is_set()
+
+        def set(self) -> None:
+            done.set()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            return done.wait(timeout)
+
+    follower._writer_done = WriterFinishesWhenAsked()  # type: ignore[assignment]
+    follower.start()
+    assert done.wait(60)
+    assert follower.finish() == ckpstore.digest_file(path)
