@@ -1,5 +1,6 @@
-"""Following a saved state's memory file while QEMU writes it (core/save.py's stream phase):
-its checksum and its writeback to disk as it grows, so that the save needs no second pass."""
+"""Following a saved state's memory file while QEMU writes it (core/checkpoint/save.py's
+stream phase): its checksum and its writeback to disk as it grows, so that the save needs no
+second pass."""
 
 from __future__ import annotations
 
