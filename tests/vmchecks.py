@@ -102,12 +102,6 @@ def first_after(cbsd: Cbsd, jname: str, mark: int) -> int:
     return lines[0][0]
 
 
-def mark_of(cbsd: Cbsd, jname: str) -> int:
-    """The console log's length now (0 before it exists): a mark for first_after."""
-    path = cbsd.console(jname).path
-    return len(path.read_text()) if path.exists() else 0
-
-
 def running_vm1(cbsd: Cbsd, image: Path) -> int:
     """vm1, the counter guest, running; its counter once it counts."""
     cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=32m").ok()
@@ -127,10 +121,15 @@ def vm_with_checkpoints(cbsd: Cbsd, image: Path, *names: str) -> dict[str, tuple
 
 
 def restored_from(cbsd: Cbsd, jname: str, name: str, at: tuple[int, int]) -> None:
-    """Restoring checkpoint *name* continues the counter from where it was saved."""
-    mark = mark_of(cbsd, jname)
+    """Restoring checkpoint *name* continues the counter from where it was saved: the first
+    line after the restore is the saved count's next one (the mark counted as Console.since
+    counts: a text-mode read turns each CR LF the guest prints into one character and put it
+    lines early, on the old QEMU's last line)."""
+    con = cbsd.console(jname)
+    mark = con.mark()
     cbsd("bstart", jname, f"checkpoint={name}").ok()
     first = first_after(cbsd, jname, mark)
+    assert "BOOT" not in con.since(mark), "a restore must not reboot the guest"
     assert at[0] <= first <= at[1] + 1, (first, at)
     cbsd("bstop", jname, "noacpi=1").ok()
 
