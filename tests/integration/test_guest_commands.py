@@ -45,6 +45,11 @@ def test_bexec_passes_output_stderr_and_exit_code_through(deb: Debian) -> None:
     assert r.out == "".join(f"{i}\n" for i in range(1, 200001))
     # A command that outlives timeout=: cbsd's own failure, one 'cbsd:' line.
     deb.cbsd("bexec", "deb", "cmd=sleep 60", "timeout=1").fails(1, "cbsd: deb: the command")
+    # A paused guest cannot answer: refused at once, not left waiting.
+    deb.cbsd("bpause", "deb", "mode=on").ok()
+    deb.cbsd("bexec", "deb", "cmd=true").fails(1, "cbsd: deb: is paused")
+    deb.cbsd("bpause", "deb", "mode=off").ok()
+    assert deb.cbsd("bexec", "deb", "cmd=echo back").ok().out == "back\n"
 
 
 @pytest.mark.debian
