@@ -67,6 +67,7 @@ class Action(enum.Enum):
     MIGRATE = "migrate live"
     RESTART = "restart"
     UNREGISTER = "unregister"
+    GUEST = "run a command in or copy files to or from"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -92,6 +93,9 @@ ALLOWED: dict[Action, set[Status]] = {
     # An inventory entry goes only when no QEMU runs: bpause's quick lane relies on a live
     # QEMU of a VM name existing only for a VM in the inventory (docs/architecture.md).
     Action.UNREGISTER: {Status.OFF, Status.SUSPENDED},
+    # bexec, bscp: the guest agent serves only a guest whose vCPUs run (a paused guest would
+    # leave the command waiting for nothing).
+    Action.GUEST: {Status.ON},
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.
@@ -114,6 +118,9 @@ _WHY = {
                                  "(suspend=1)"),
     (Action.EXPORT, Status.PAUSED): ("is running (paused): stop it, or let the export "
                                      "hibernate it first (suspend=1)"),
+    (Action.GUEST, Status.OFF): "not running (start it with 'cbsd bstart')",
+    (Action.GUEST, Status.PAUSED): "is paused: its guest agent cannot answer (resume it with "
+                                   "'cbsd bpause mode=off')",
     (Action.RESTART, Status.OFF): "not running: nothing to restart ('bstart' starts it)",
     (Action.RESTART, Status.SUSPENDED): (
         "is hibernated: a restart would throw its saved state away; 'bstart' resumes it"

@@ -38,8 +38,9 @@ class Command:
     summary: str
     keys: tuple[Key, ...]
     example: str
-    # What bare words are: "masks" (any number), "one", "none", or "one-then-words" (a VM
-    # name, then words the command reads: bget's setting names).
+    # What bare words are: "masks" (any number), "one", "none", "one-then-words" (a VM
+    # name, then words the command reads: bget's setting names, bexec's command), or "words"
+    # (all read by the command: bscp's SRC DST).
     bare: str = "masks"
     details: str = ""
     extra: dict[str, str] = field(default_factory=dict)
@@ -118,6 +119,10 @@ def parse(cmd: Command, argv: list[str]) -> dict[str, Any]:
     for word in argv:
         key_s, eq, raw = word.partition("=")
         if not eq:
+            if cmd.bare == "words" or (cmd.bare == "one-then-words" and names):
+                # bscp's SRC DST, bexec's command words (`ls -l`): the command reads them
+                names.append(word)
+                continue
             if word.startswith("-"):
                 raise UsageError(f"{cmd.name}: unknown option '{word}' (arguments are key=value; "
                                  f"see 'cbsd {cmd.name} --help')")
@@ -145,6 +150,8 @@ def parse(cmd: Command, argv: list[str]) -> dict[str, Any]:
             names, out["extra"] = names[:1], names[1:]
         else:
             names, out["extra"] = names[:len(given)], names[len(given):]
+    if cmd.bare == "words":
+        out["extra"], names = names, []
     if cmd.bare in ("one", "one-then-words"):
         if len(names) > 1:
             raise UsageError(f"{cmd.name}: takes one VM name, got {len(names)}")

@@ -358,11 +358,37 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         ),
         "cbsd bpause jname=vm1 mode=on",
     ),
+    Command(
+        "bexec", "Run a command in a running VM through its guest agent (no network, no SSH).",
+        (
+            J_NAME,
+            Key("cmd", "str", None, help="the command line, run by the guest's /bin/sh -c "
+                "(or the words after the VM name)"),
+            Key("timeout", "int", 600, help="seconds to wait for the command to exit",
+                lo=1, hi=86400),
+        ),
+        "cbsd bexec jname=vm1 cmd='uname -a'",
+        bare="one-then-words",
+        details=("Needs qemu-guest-agent in the guest. The command's stdout and stderr pass "
+                 "through and its exit\ncode is cbsd's; cbsd's own failures print one line "
+                 "starting 'cbsd:' (docs/management.md)."),
+        readonly=True,
+    ),
+    Command(
+        "bscp", "Copy a file into or out of a running VM through its guest agent.",
+        (),
+        "cbsd bscp ./install.sh vm1:/root/install.sh",
+        bare="words",
+        details=("usage: cbsd bscp SRC DST, one of them VM:/PATH. Overwrites DST, as scp does; "
+                 "needs\nqemu-guest-agent in the guest (docs/management.md)."),
+        readonly=True,
+    ),
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister", "bwhereis"}
+LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister", "bwhereis",
+              "bexec", "bscp"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

@@ -81,7 +81,12 @@ class Agent:
         self._buf += chunk
 
     def _reply(self) -> Any:
-        while (end := self._buf.find(b"\n")) < 0:
+        # Search only the bytes not searched yet: a reply can be megabytes (guest-exec-status
+        # with a command's output, guest-file-read), and rescanning the whole buffer on every
+        # 64 KiB read would be quadratic.
+        scanned = 0
+        while (end := self._buf.find(b"\n", scanned)) < 0:
+            scanned = len(self._buf)
             self._recv()
         line, self._buf = self._buf[:end], self._buf[end + 1:]
         # lazy: json is too heavy for the pause lane, which imports this module
