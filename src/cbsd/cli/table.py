@@ -76,6 +76,10 @@ _ONCE = {"imgsize", "image", "iso", "kernel", "initrd", "cmdline", "runasap"}
 BSET_KEYS = tuple(dataclasses.replace(k, default=None) for k in BCREATE_KEYS
                   if k.name not in _ONCE)
 PARALLEL = Key("parallel", "int", 4, help="how many VMs to work on at once", lo=1, hi=64)
+# bstop's and brestart's way of stopping, one definition for both
+NOACPI = Key("noacpi", "bool", False, help="power off at once instead of ACPI")
+HARD_TIMEOUT = Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown",
+                   lo=0, hi=86400)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command(
@@ -104,9 +108,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "bstop", "Stop VMs: ACPI power button, then power off after hard_timeout.",
         (
             J_MASK,
-            Key("noacpi", "bool", False, help="power off at once instead of ACPI"),
-            Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown", lo=0,
-                hi=86400),
+            NOACPI,
+            HARD_TIMEOUT,
             Key("checkpoint", "bool", False, help="hibernate instead (as bsuspend: state to "
                 "disk, status Suspended; bstart resumes it)"),
             RUNNING_ONLY,
@@ -118,9 +121,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "brestart", "Restart running VMs: bstop, then bstart (the guest boots afresh).",
         (
             J_MASK,
-            Key("noacpi", "bool", False, help="power off at once instead of ACPI"),
-            Key("hard_timeout", "int", 30, help="seconds to wait for the ACPI shutdown", lo=0,
-                hi=86400),
+            NOACPI,
+            HARD_TIMEOUT,
             PARALLEL,
         ),
         "cbsd brestart jname=vm1 hard_timeout=60",
