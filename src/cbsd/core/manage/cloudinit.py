@@ -21,14 +21,13 @@ from cbsd.errors import CbsdError, UsageError
 from cbsd.model import CLOUD_INIT_KEYS
 from cbsd.names import check_name
 
-KEYS = CLOUD_INIT_KEYS
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 
 
 def settings(raw: dict[str, str | None]) -> dict[str, str]:
     """The ci_* keys given at bcreate -> what the VM keeps (passwords hashed, the public key
     read from its file). UsageError (exit 2) for anything malformed."""
-    ci = {k: v for k, v in raw.items() if k in KEYS and v not in (None, "")}
+    ci = {k: v for k, v in raw.items() if k in CLOUD_INIT_KEYS and v not in (None, "")}
     if not ci:
         return {}
     values: dict[str, str] = {k: str(v) for k, v in ci.items()}

@@ -22,7 +22,7 @@ from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
 from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, VMSpec, require, settings_part
+from cbsd.model import CLOUD_INIT_KEYS, Action, VMSpec, require, settings_part
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
@@ -58,14 +58,14 @@ SETTINGS = (
     Setting("vm_dedup", "dedup"),
     Setting("vm_genid", "genid"),
 )
-SETTABLE = {s.key for s in SETTINGS} | set(cloudinit.KEYS)
+SETTABLE = {s.key for s in SETTINGS} | set(CLOUD_INIT_KEYS)
 
 
 def describe(spec: VMSpec) -> dict[str, Any]:
     """What bget shows: every setting by its CBSD name (secrets only as "(set)")."""
     out: dict[str, Any] = {"jname": spec.jname}
     out.update({s.key: s.show(getattr(spec, s.field)) for s in SETTINGS})
-    for key in cloudinit.KEYS:
+    for key in CLOUD_INIT_KEYS:
         value = spec.cloud_init.get(key)
         out[key] = _secret(value) if key.startswith("ci_user_pw_") else value
     out["machine"] = spec.machine
@@ -87,8 +87,8 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         require(jname, vm.status(mine=True), Action.CONFIGURE)
         old = vm.spec
         fields = {s.field: changes[s.key] for s in SETTINGS if s.key in changes}
-        if any(k in changes for k in cloudinit.KEYS):
-            given = {k: changes[k] for k in cloudinit.KEYS if k in changes}
+        if any(k in changes for k in CLOUD_INIT_KEYS):
+            given = {k: changes[k] for k in CLOUD_INIT_KEYS if k in changes}
             cleared = {k for k, v in given.items() if v == ""}  # ci_gw4= removes the key
             # The new instance id (from settings()) makes cloud-init apply the change.
             merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given)}.items()
