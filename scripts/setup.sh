@@ -72,12 +72,16 @@ fast_chunker() {
     .venv/bin/python -c 'import sys; from cbsd.storage.chunkstore import native_chunker
 sys.exit(0 if native_chunker() else 1)' 2>/dev/null
 }
+# The requirements .venv was last installed from: a change to pyproject.toml (a new or newer
+# pinned dependency) installs again.
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypothesis, fastcdc' 2>/dev/null \
-        || ! fast_chunker; then
+        || [ "$(cat .venv/.cbsd-requirements 2>/dev/null)" != "$wanted" ] || ! fast_chunker; then
     echo "setup: creating .venv" >&2
     /usr/bin/python3 -m venv .venv
     build_needs
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    echo "$wanted" > .venv/.cbsd-requirements
     if ! fast_chunker; then
         # A wheel pip built earlier without a compiler (its cache keeps it) is the slow one:
         # build it again, now that the build needs are here.

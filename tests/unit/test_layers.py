@@ -2,7 +2,7 @@
 cbsd module by another -- at the top, inside a function, or under TYPE_CHECKING -- points to
 the same layer or a lower one, and no chain of them comes back to where it started.
 
-    cli > core.hosts > core.manage > core.checkpoint > core.vm > qemu > storage > base
+    cli > service > core.hosts > core.manage > core.checkpoint > core.vm > qemu > storage > base
 
 base: the modules directly in src/cbsd (errors, model, names, specs, ssh, node_answers,
 debug, cancel, failpoints), which every layer may use.
@@ -17,7 +17,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = ("base", "storage", "qemu", "core.vm", "core.checkpoint", "core.manage",
-          "core.hosts", "cli")
+          "core.hosts", "service", "cli")
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -107,7 +107,7 @@ def test_no_import_cycle() -> None:
 @pytest.mark.parametrize(("module", "rank"), [
     ("cbsd.errors", 0), ("cbsd.specs", 0), ("cbsd.storage.inventory", 1), ("cbsd.qemu.qmp", 2),
     ("cbsd.core.vm.recovery", 3), ("cbsd.core.checkpoint.save", 4),
-    ("cbsd.core.manage.lifecycle", 5), ("cbsd.core.hosts.move", 6), ("cbsd.cli.main", 7),
+    ("cbsd.core.manage.lifecycle", 5), ("cbsd.core.hosts.move", 6), ("cbsd.service", 7), ("cbsd.cli.main", 8),
 ])
 def test_layers_are_ranked(module: str, rank: int) -> None:
     assert layer(module) == rank
