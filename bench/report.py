@@ -78,7 +78,9 @@ def write(cases: list[Case], versions: dict[str, str], study: Study | None = Non
              f"interleaved runs (cbsd, libvirt, cbsd, ...), wall time of the whole command as a "
              f"user runs it. Before each timed command the bench runs `sync` and waits 0.3 s "
              f"(untimed), so no command pays for the writeback the previous one left.", ""]
-    lines += machine()
+    # The machine of the run, kept with its results as run_at is: a re-render elsewhere must
+    # not describe the machine it happens to run on.
+    lines += versions.setdefault("machine", "\n".join(machine())).splitlines()
     lines += ["", f"![benchmarks]({study.chart.name})", "", "## Targets", "",
               "| target | measured | verdict |", "|---|---|---|"]
     for prefix, a, b, target in TARGETS:

@@ -70,7 +70,7 @@ def counter_image(dest: Path, fill_mib: int = 0, size: int = 1 << 20,
 
 # --- Linux guest ------------------------------------------------------------------------------
 
-def _kernel_root(flavour: str = "cloud-") -> Path:
+def kernel_root(flavour: str = "cloud-") -> Path:
     """Unpack linux-image-*-{flavour}amd64 (the package the metapackage depends on) into the
     cache. flavour "": the generic kernel (it has the vmgenid driver, the cloud one has not)."""
     meta = f"linux-image-{flavour}amd64"
@@ -176,7 +176,7 @@ def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 def linux_guest() -> tuple[Path, Path]:
     """-> (kernel, initrd)."""
-    root = _kernel_root()
+    root = kernel_root()
     kernel = next(root.glob("boot/vmlinuz-*"))
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     init = (HERE / "linux_init.sh").read_bytes()

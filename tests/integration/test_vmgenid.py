@@ -73,7 +73,7 @@ def mini_guest() -> tuple[Path, Path]:
 
     from tests.guests import build
 
-    root = build._kernel_root("")
+    root = build.kernel_root("")
     kernel = next(root.glob("boot/vmlinuz-*"))
     busybox = Path(shutil.which("busybox") or "/bin/busybox").read_bytes()
     asm = Path(build.__file__).parent / "reseed.asm"
