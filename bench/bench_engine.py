@@ -20,7 +20,7 @@ from tests.guests.build import counter_image
 
 from bench import peer_libvirt as lv
 from bench.bench_peer import dd_floor
-from bench.common import CBSD, Case, Study, workdir_env
+from bench.common import CBSD, Case, Study, machine, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import wait_counting
 from bench.timing import GapWatch, run, taken, until_output
@@ -341,7 +341,6 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
 
 
 def write(cases: list[Case], versions: dict[str, str], study: Study | None = None) -> str:
-    from bench.report import machine
 
     # BENCH_ENGINE_OUT=NAME: a partial re-run is a study of its own, docs/benchmarks/NAME/.
     study = study or Study(os.environ.get("BENCH_ENGINE_OUT", "engine"))

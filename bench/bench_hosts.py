@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.guests.build import counter_image
 
 from bench.bench_engine import cli
-from bench.common import CBSD, Case, Study, workdir_env
+from bench.common import CBSD, Case, Study, machine, workdir_env
 from bench.guests import wait_counting
 from bench.timing import settle
 
@@ -173,7 +173,6 @@ def nbytes_of(c: Case) -> int | None:
 
 
 def write(cases: list[Case], versions: dict[str, str], study: Study = HOSTS) -> str:
-    from bench.report import machine
 
     study.save_results(cases, versions)
     lines = ["# Many-hosts benchmarks", "",

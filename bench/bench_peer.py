@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.guests.build import counter_image
 
 from bench import peer_libvirt as lv
-from bench.common import CBSD, Case, workdir_env
+from bench.common import CBSD, Case, machine, workdir_env
 from bench.floor_restore import qemu_alone
 from bench.guests import start_filled_vm, wait_counting
 from bench.timing import GapWatch, run, taken, until_output
@@ -219,7 +219,9 @@ def run_all(repeat: int = 9, big: bool = True) -> tuple[list[Case], dict[str, st
     runs, so more than the minimum of 5), 5 of the 4 GiB ones."""
     import tempfile
 
-    versions = {"libvirt": lv.ensure()}
+    # The machine is recorded with the results: a re-render (bench.run report) shows it, not
+    # the machine the re-render happens on.
+    versions = {"libvirt": lv.ensure(), "machine": "\n".join(machine())}
     cases: list[Case] = []
     with tempfile.TemporaryDirectory(prefix="cbsd-bench-peer-", dir="/var/tmp") as tmp:
         wd = Path(tmp)

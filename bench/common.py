@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -121,3 +122,21 @@ def load_cases(path: Path) -> tuple[list[Case], dict[str, str]]:
         case.series = {n: Series(n, v) for n, v in c["series"].items()}
         cases.append(case)
     return cases, data["versions"]
+
+
+def machine() -> list[str]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+    fs = subprocess.run(["df", "-T", "/var/tmp"], capture_output=True, text=True).stdout
+    fstype = fs.splitlines()[-1].split()[1] if fs else "?"
+    debian = Path("/etc/debian_version").read_text().strip()
+    return [f"- CPU: {cpu}, {os.cpu_count()} cores (no vmx/svm: QEMU runs TCG)",
+            f"- memory: {mem:.0f} GiB; disk: {fstype} (/var/tmp)",
+            f"- Debian {debian}, Linux {platform.release()}; {qemu}"]
