@@ -89,8 +89,9 @@ def test_a_vm_through_the_api(service: Service, cbsd: Cbsd, pool: Path) -> None:
     svc.ok(svc.client.post("/1.0/instances", json={
         "jname": "vm1", "image": str(pool / "counter.raw"), "vm_os_type": "other",
         "vm_ram": "32m"}))
-    assert json.loads(cbsd("bls", "format=json").ok().out) == \
-        svc.client.get("/1.0/instances").json()  # the same facts as bls
+    listed = svc.client.get("/1.0/instances").json()
+    assert [r.pop("checkpoints") for r in listed] == [0]
+    assert json.loads(cbsd("bls", "format=json").ok().out) == listed  # the same facts as bls
     state(svc, "vm1", "start")
     events.wait_for({"type": "lifecycle", "name": "vm1", "status": "On"})
     before = counting(cbsd, "vm1")
@@ -99,6 +100,7 @@ def test_a_vm_through_the_api(service: Service, cbsd: Cbsd, pool: Path) -> None:
     events.wait_for({"type": "operation", "id": op["id"], "status": "Success"})
     after = counting(cbsd, "vm1", 1)
     svc.ok(svc.client.post("/1.0/instances/vm1/checkpoints", json={"name": "cp2"}))
+    assert svc.client.get("/1.0/instances").json()[0]["checkpoints"] == 2
     tree = svc.client.get("/1.0/instances/vm1/checkpoints").json()
     by_name = {ck["name"]: ck for ck in tree["checkpoints"]}
     assert (by_name["cp1"]["parent"], by_name["cp1"]["children"]) == (None, ["cp2"])
@@ -144,7 +146,7 @@ def test_busy_vm_is_409_and_an_operation_cancels_alone(service: Service, cbsd: C
         assert r.json()["error_code"] == 409 and "vm1: busy" in r.json()["error"]
     cbsd("bpause", "vm1", "mode=on").fails(75, "vm1: busy")
     op = svc.client.delete(f"/1.0/operations/{stopping.json()['id']}").json()
-    final = svc.wait(stopping)
+    final = svc.wait(stopping, timeout=120)  # (the stop would wait 600 s)
     assert (final["status"], final["err"]) == ("Cancelled", "cancelled through the API"), op
     counting(cbsd, "vm1")  # still running, still counting
     assert status(svc, "vm1") == "On"
