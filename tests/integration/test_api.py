@@ -156,7 +156,8 @@ def test_busy_vm_is_409_and_an_operation_cancels_alone(service: Service, cbsd: C
 def test_kill_9_of_the_service_leaves_the_vm_running(service: Service, cbsd: Cbsd,
                                                      counter_vm: str) -> None:
     """kill -9 of the service, even in the middle of an operation on the VM, neither stops
-    nor pauses the VM; the next service (or CLI command) carries on with it."""
+    nor pauses the VM; the next service (or CLI command) carries on with it. A SIGTERM stop
+    of the service leaves it running as well."""
     svc = service
     state(svc, "vm1", "start")
     counting(cbsd, "vm1")
@@ -169,8 +170,14 @@ def test_kill_9_of_the_service_leaves_the_vm_running(service: Service, cbsd: Cbs
         assert status(again, "vm1") == "On"
         r = again.client.get(f"/1.0/operations/{r.json()['id']}")
         assert r.status_code == 404 and "forgotten" in r.json()["error"]
-        state(again, "vm1", "stop", noacpi=True)  # the dead holder's lock is recovered
-        assert status(again, "vm1") == "Off"
+        state(again, "vm1", "pause")  # the dead holder's lock is recovered
+        state(again, "vm1", "resume")
+    # a plain stop (SIGTERM, as systemctl stop/restart) leaves it running too
+    seen = counting(cbsd, "vm1")
+    assert counting(cbsd, "vm1") > seen
+    with Service(cbsd.workdir) as third:
+        state(third, "vm1", "stop", noacpi=True)
+        assert status(third, "vm1") == "Off"
     lines = counter_lines(cbsd.console("vm1").text())
     assert all(ok == "OK" for _, _, ok in lines)
 
