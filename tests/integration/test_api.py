@@ -172,7 +172,13 @@ def test_kill_9_of_the_service_leaves_the_vm_running(service: Service, cbsd: Cbs
         assert r.status_code == 404 and "forgotten" in r.json()["error"]
         state(again, "vm1", "pause")  # the dead holder's lock is recovered
         state(again, "vm1", "resume")
-    # a plain stop (SIGTERM, as systemctl stop/restart) leaves it running too
+        r = again.client.put("/1.0/instances/vm1/state",
+                             json={"action": "stop", "hard_timeout": 600})
+        assert r.status_code == 202
+    # A plain stop (SIGTERM, as systemctl stop/restart) leaves it running too: the operation
+    # it was running is cancelled and rolls back, as a CLI command's on SIGTERM.
+    assert again.proc is not None and again.proc.returncode == 0, again.log_text()
+    assert (cbsd.workdir / "var" / "lock" / "vm1.lock").read_text() == ""  # released
     seen = counting(cbsd, "vm1")
     assert counting(cbsd, "vm1") > seen
     with Service(cbsd.workdir) as third:
