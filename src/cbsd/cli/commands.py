@@ -13,7 +13,7 @@ from cbsd.cli import output
 from cbsd.cli.args import show_value
 from cbsd.core.vm.context import Context
 from cbsd.errors import CheckpointError, NodeError, NoSuchVM, UsageError, describe
-from cbsd.model import CLOUD_INIT_KEYS, VMSpec
+from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, VMSpec
 from cbsd.names import is_mask, match_mask
 
 Args = dict[str, Any]
@@ -88,7 +88,8 @@ def bcreate(ctx: Context, a: Args) -> int:
         efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
         mac=a["nic_hwaddr"] or "",
         interface=a["interface"] or "",
-        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS})), imgsize=a["imgsize"],
+        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS}),
+        **{k: a[k] for k in SCHEDULE_KEYS}), imgsize=a["imgsize"],
         image=a["image"])
     print(f"{spec.jname}: created")
     if a["runasap"]:
@@ -347,6 +348,24 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
         for line in lines:
             print(line)
     return 0
+
+
+def bschedule(ctx: Context, a: Args) -> int:
+    # lazy: only bschedule reads the clock
+    from cbsd import clock
+
+    # lazy: only bschedule loads the schedule's runner (and, through it, croniter)
+    from cbsd.core.manage import schedule
+
+    names = ctx.resolve(a["names"]) if a["names"] else None
+    failed = set()
+    for o in schedule.run_due(ctx, clock.now(), names):
+        for line in o.lines:
+            print(line, flush=True)
+        if o.error:
+            print(o.error[0], file=sys.stderr, flush=True)
+            failed.add(o.error[1])
+    return 0 if not failed else failed.pop() if len(failed) == 1 else 1
 
 
 def _verify(ctx: Context, jname: str, name: str | None) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
-from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
+from cbsd.model import (
+    AUTO_OFF,
+    DEFAULT_CHECKPOINT_PATTERN,
+    EFI_MODES,
+    MAX_CPUS,
+    NICS,
+    OS_TYPES,
+)
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
@@ -28,6 +35,21 @@ CLOUD_INIT = (
         "comma-separated"),
     Key("ci_nameserver_search", "str", None, help="cloud-init: DNS search domains, "
         "comma-separated"),
+)
+# Scheduled checkpoints (docs/checkpoints.md "Schedules"); bset may change them while the VM
+# runs. Checked beyond their kind by cbsd/specs.py and core/manage/cron.py.
+SCHEDULE = (
+    Key("checkpoint_schedule", "str", "", help="take checkpoints on this schedule: cron's 5 "
+        "fields or @hourly, @daily, @weekly, @monthly, @yearly (host's local time; empty: "
+        "none); run by 'cbsd serve' or 'cbsd bschedule'"),
+    Key("checkpoint_expiry", "str", "", help="destroy each scheduled checkpoint this long "
+        "after it was taken: 30m, 12h, 2d, 1w, 1d12h (empty: keep it)"),
+    Key("checkpoint_pattern", "str", DEFAULT_CHECKPOINT_PATTERN, help="scheduled "
+        "checkpoints' names, with strftime time fields %Y %m %d %H %M %S ..."),
+    Key("checkpoint_live", "bool", False, help="scheduled checkpoints of a running VM with "
+        "live=1 (the guest keeps running while its memory is written)"),
+    Key("checkpoint_stopped", "bool", False, help="a stopped VM gets scheduled checkpoints "
+        "too (of its disks: restoring one boots from them)"),
 )
 BCREATE_KEYS = (
         Key("vm_ram", "size", 512 << 20, help="RAM (k/m/g/t suffix; default 512m)"),
@@ -69,6 +91,7 @@ BCREATE_KEYS = (
             "generation ID, so it reseeds its RNG; off: no device from the next boot",
             choices=AUTO_OFF),
         *CLOUD_INIT,
+        *SCHEDULE,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):
 # the same keys, without defaults (a key not given is left as it is).
@@ -185,9 +208,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "bset", "Change the settings of stopped VMs (the keys bcreate takes).",
         (J_MASK, *BSET_KEYS),
         "cbsd bset jname=vm1 vm_ram=2g vm_cpus=2",
-        details=("The VM must be Off. Checkpoints taken with other settings stay listed, marked "
-                 "as not restorable\n(bcheckpoint mode=list shows why); setting them back makes "
-                 "them restorable again.\nA ci_* key given empty (ci_gw4=) removes it; any "
+        details=("The VM must be Off (the checkpoint_* keys alone may change while it runs). "
+                 "Checkpoints taken\nwith other settings stay listed, marked as not restorable "
+                 "(bcheckpoint mode=list shows why);\nsetting them back makes them restorable "
+                 "again.\nA ci_* key given empty (ci_gw4=) removes it; any "
                  "ci_* change gives cloud-init a new instance\nid, so the guest applies it at "
                  "its next boot."),
     ),
@@ -267,6 +291,18 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "mode=list shows them as a tree: each under the checkpoint the VM was restored "
                  "from or\ntaken after ('*': the one the running VM descends from)."),
         readonly_modes=("list", "verify"),
+    ),
+    Command(
+        "bschedule", "Run the checkpoint schedules once now: take the due checkpoints, destroy "
+        "the expired ones.",
+        (Key("jname", "mask", None, help="only VMs matching this mask (default: every VM)"),),
+        "cbsd bschedule",
+        details=("'cbsd serve' runs this every minute; without the service, a cron job or "
+                 "systemd timer can\n(e.g. every minute). The keys are each VM's "
+                 "checkpoint_schedule=, checkpoint_expiry=,\ncheckpoint_pattern=, "
+                 "checkpoint_live=, checkpoint_stopped= (bcreate, bset). A schedule missed\n"
+                 "while nothing ran it runs once; a busy VM is skipped and retried at the "
+                 "next run\n(docs/checkpoints.md)."),
     ),
     Command(
         "bsuspend", "Hibernate VMs (state to disk, QEMU ends, RAM freed) or discard the image.",
