@@ -75,7 +75,7 @@ def test_a_missed_schedule_runs_once() -> None:
 
 # -- expired: (states, pinned, now) -> names, in order ----------------------------------------
 
-def S(name: str, parent: str | None, expires: float | None = None, *,  # noqa: N802
+def S(name: str, parent: str | None, expires: float | None = None, *,
       scheduled: bool = True) -> State:
     return State(name, parent, scheduled, expires)
 
@@ -180,8 +180,8 @@ def names(ctx: Context, jname: str = "vm1") -> list[str]:
 
 
 def lines(ctx: Context, now: float) -> list[str]:
-    return [line for o in run_due(ctx, now) for line in o.lines + [o.error[0] if o.error else ""]
-            if line]
+    return [line for o in run_due(ctx, now)
+            for line in [*o.lines, o.error[0] if o.error else ""] if line]
 
 
 def test_a_due_vm_gets_one_checkpoint_and_expired_ones_go(
