@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,8 +33,11 @@ class Clock:
         self.move(0)
 
     def move(self, seconds: float) -> float:
+        """Atomically (a running service reads it at any moment)."""
         self.now += seconds
-        self.path.write_text(repr(self.now))
+        tmp = self.path.with_name(".clock.tmp")
+        tmp.write_text(repr(self.now))
+        tmp.rename(self.path)
         return self.now
 
 
@@ -185,3 +189,34 @@ def wait_for(cond: object, timeout: float = 120) -> None:
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_cbsd_serve_takes_and_expires_them(cbsd: Cbsd, counter_vm: str,
+                                           test_clock: Clock) -> None:
+    """The real service (its scheduler wired into create_app) follows the test's clock: the
+    schedule set through the API is run, expired checkpoints go, a user's stays, and the API's
+    checkpoint tree shows each one's expiry."""
+    from tests.service import Service  # imported here: it needs the service's libraries
+
+    cbsd("bstart", "vm1").ok()
+    counting(cbsd, "vm1")
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=mine").ok()
+    with Service(cbsd.workdir, env={CLOCK: str(test_clock.path), "TZ": "UTC"}) as svc:
+        r = svc.client.patch("/1.0/instances/vm1/config", json={
+            "checkpoint_schedule": "@hourly", "checkpoint_expiry": "2h"})
+        assert r.status_code == 200, r.text
+        assert r.json()["config"]["checkpoint_expiry"] == "2h"
+
+        def listed() -> dict[str, Any]:
+            return {c["name"]: c for c in
+                    svc.client.get("/1.0/instances/vm1/checkpoints").json()["checkpoints"]}
+
+        test_clock.move(H)
+        wait_for(lambda: "auto-20261206-0700" in listed())
+        assert listed()["auto-20261206-0700"]["expires"] == "2026-12-06T09:00Z"
+        test_clock.move(3 * H)  # 0700 expired at 09:00; one checkpoint for three slots
+        wait_for(lambda: set(listed()) == {"mine", "auto-20261206-1000"})
+        log = svc.log_text()
+    assert "vm1: scheduled checkpoint auto-20261206-0700 taken" in log
+    assert "vm1: expired checkpoint auto-20261206-0700 destroyed" in log
+    assert cbsd.status("vm1") == "On"

@@ -10,14 +10,16 @@ first tick runs at start()).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from cbsd import clock
 from cbsd.core.manage.schedule import Outcome, run_due
 from cbsd.core.vm.context import Context
-from cbsd.errors import describe
+from cbsd.errors import CbsdError, describe
 from cbsd.storage.paths import Workdir
 
 Report = Callable[[Outcome], None]
@@ -81,5 +83,24 @@ class Scheduler:
                 line, _ = describe(e)
                 self.report(Outcome("-", error=(f"schedule tick failed: {line}", 1)))
                 self.ticks += 1
-            self._wake.wait(self.interval)
+            self._pause()
             self._wake.clear()
+
+    def _pause(self) -> None:
+        """Until the next tick: *interval* seconds, or tick_now(), or stop(). Under a test's
+        clock (CBSD_TEST_CLOCK), also as soon as the test moves it: a running service
+        follows the test's time, as the CLI does at its next call."""
+        if not os.environ.get(clock.ENV):
+            self._wake.wait(self.interval)
+            return
+        seen, deadline = _test_time(), time.monotonic() + self.interval
+        while not self._wake.wait(0.1) and time.monotonic() < deadline:
+            if _test_time() != seen:
+                return
+
+
+def _test_time() -> float | None:
+    try:
+        return clock.now()
+    except CbsdError:
+        return None  # being rewritten: read again at the next poll
