@@ -44,6 +44,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ticked_at: float | None = None  # the clock the last tick ran at
 
     def start(self) -> None:
         if self._thread is not None:
@@ -69,7 +70,8 @@ class Scheduler:
     def tick(self) -> list[Outcome]:
         """One tick, in the calling thread: its own Context (SQLite connections are per
         thread)."""
-        outcomes = run_due(Context(self.workdir), clock.now())
+        self._ticked_at = now = clock.now()
+        outcomes = run_due(Context(self.workdir), now)
         for o in outcomes:
             self.report(o)
         self.ticks += 1
@@ -93,9 +95,9 @@ class Scheduler:
         if not os.environ.get(clock.ENV):
             self._wake.wait(self.interval)
             return
-        seen, deadline = _test_time(), time.monotonic() + self.interval
+        deadline = time.monotonic() + self.interval
         while not self._wake.wait(0.1) and time.monotonic() < deadline:
-            if _test_time() != seen:
+            if _test_time() != self._ticked_at:  # moved since the last tick read it
                 return
 
 
