@@ -5,15 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
-from cbsd.model import (
-    AUTO_OFF,
-    DEFAULT_CHECKPOINT_PATTERN,
-    EFI_MODES,
-    MAX_CPUS,
-    NICS,
-    OS_TYPES,
-)
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
@@ -36,21 +30,6 @@ CLOUD_INIT = (
         "comma-separated"),
     Key("ci_nameserver_search", "str", None, help="cloud-init: DNS search domains, "
         "comma-separated"),
-)
-# Scheduled checkpoints (docs/checkpoints.md "Schedules"); bset may change them while the VM
-# runs. Checked beyond their kind by cbsd/specs.py and core/manage/cron.py.
-SCHEDULE = (
-    Key("checkpoint_schedule", "str", "", help="take checkpoints on this schedule: cron's 5 "
-        "fields or @hourly, @daily, @weekly, @monthly, @yearly (host's local time; empty: "
-        "none); run by 'cbsd serve' or 'cbsd bschedule'"),
-    Key("checkpoint_expiry", "str", "", help="destroy each scheduled checkpoint this long "
-        "after it was taken: 30m, 12h, 2d, 1w, 1d12h (empty: keep it)"),
-    Key("checkpoint_pattern", "str", DEFAULT_CHECKPOINT_PATTERN, help="scheduled "
-        "checkpoints' names, with strftime time fields %Y %m %d %H %M %S ..."),
-    Key("checkpoint_live", "bool", False, help="scheduled checkpoints of a running VM with "
-        "live=1 (the guest keeps running while its memory is written)"),
-    Key("checkpoint_stopped", "bool", False, help="a stopped VM gets scheduled checkpoints "
-        "too (of its disks: restoring one boots from them)"),
 )
 BCREATE_KEYS = (
         Key("vm_ram", "size", 512 << 20, help="RAM (k/m/g/t suffix; default 512m)"),
@@ -294,18 +273,6 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         readonly_modes=("list", "verify"),
     ),
     Command(
-        "bschedule", "Run the checkpoint schedules once now: take the due checkpoints, destroy "
-        "the expired ones.",
-        (Key("jname", "mask", None, help="only VMs matching this mask (default: every VM)"),),
-        "cbsd bschedule",
-        details=("'cbsd serve' runs this every minute; without the service, a cron job or "
-                 "systemd timer can\n(e.g. every minute). The keys are each VM's "
-                 "checkpoint_schedule=, checkpoint_expiry=,\ncheckpoint_pattern=, "
-                 "checkpoint_live=, checkpoint_stopped= (bcreate, bset). A schedule missed\n"
-                 "while nothing ran it runs once; a busy VM is skipped and retried at the "
-                 "next run\n(docs/checkpoints.md)."),
-    ),
-    Command(
         "bsuspend", "Hibernate VMs (state to disk, QEMU ends, RAM freed) or discard the image.",
         (
             J_MASK,
@@ -423,6 +390,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         readonly=True,
     ),
     *SERVICE_COMMANDS,
+    *SCHEDULE_COMMANDS,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
