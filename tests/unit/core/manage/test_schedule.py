@@ -275,3 +275,17 @@ def test_the_service_scheduler_ticks_until_stopped(
     time.sleep(0.2)
     assert s.ticks == ticks  # stopped: no more ticks
     assert dataclasses.replace(ctx.spec("vm1")).checkpoint_expiry == "2h"
+
+
+def test_a_hibernated_vm_is_skipped_and_its_images_parent_kept(
+        ctx: Context, vm1: VMSpec, at: list[float], tmp_path: Path) -> None:
+    from cbsd.core.checkpoint import hibernate  # lazy: only this test hibernates
+
+    scheduled(ctx)
+    lifecycle.start(ctx, "vm1")
+    now = move(at, tmp_path, H)
+    assert lines(ctx, now)[0].startswith("vm1: scheduled checkpoint auto-20261206-0700 taken")
+    hibernate.suspend(ctx, "vm1")  # the image descends from auto-20261206-0700
+    now = move(at, tmp_path, 5 * H)  # past its expiry, and a slot due
+    assert lines(ctx, now) == ["vm1: hibernated: no scheduled checkpoint"]
+    assert names(ctx) == ["auto-20261206-0700"], "the hibernation image's parent stays"
