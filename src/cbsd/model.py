@@ -28,6 +28,10 @@ BOOT_MEDIA = ("kernel", "initrd", "iso")  # kept in the VM's folder as boot-MEDI
 CLOUD_INIT_KEYS = ("ci_user_add", "ci_user_pubkey", "ci_user_pw_user", "ci_user_pw_root",
                    "ci_jname", "ci_fqdn", "ci_ip4_addr", "ci_gw4", "ci_nameserver_address",
                    "ci_nameserver_search")  # bcreate's ci_* keys (core/manage/cloudinit.py)
+DEFAULT_CHECKPOINT_PATTERN = "auto-%Y%m%d-%H%M"  # checkpoint_pattern=: a scheduled one's name
+# The scheduled-checkpoint keys: bcreate's and bset's names are the VMSpec fields' own.
+SCHEDULE_KEYS = ("checkpoint_schedule", "checkpoint_expiry", "checkpoint_pattern",
+                 "checkpoint_live", "checkpoint_stopped")
 
 
 # A saved state's restore_relevant key that the state decides rather than the VM's settings:
@@ -189,6 +193,15 @@ class VMSpec:
     # VM defined before the setting existed gets it at its next boot, never in a running
     # QEMU: whether a saved state has the device is the state's (restore_relevant "vmgenid").
     genid: str = "auto"
+    # Scheduled checkpoints (core/manage/schedule.py, docs/checkpoints.md "Schedules"): a cron
+    # expression or @hourly/@daily/... ("" = none), how long each one is kept ("" = forever:
+    # e.g. "2d"), their names (strftime fields of the time taken), live=1 for a running VM,
+    # and whether a stopped VM gets them too. Not restore-relevant.
+    checkpoint_schedule: str = ""
+    checkpoint_expiry: str = ""
+    checkpoint_pattern: str = DEFAULT_CHECKPOINT_PATTERN
+    checkpoint_live: bool = False
+    checkpoint_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -59,6 +59,22 @@ def parse_size(value: str, what: str) -> int:
     return n
 
 
+_DURATION_RE = re.compile(r"(?:[0-9]{1,6}[wdhm])+")
+_DURATION_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}
+
+
+def parse_duration(value: str, what: str) -> int:
+    """'2d', '12h', '30m', '1w', '1d12h' -> seconds (more than zero). checkpoint_expiry=."""
+    if not _DURATION_RE.fullmatch(value):
+        raise UsageError(f"bad value for {what}: '{value}' is not a duration (e.g. 30m, 12h, "
+                         "2d, 1w, 1d12h)")
+    n = sum(int(num) * _DURATION_UNITS[unit]
+            for num, unit in re.findall(r"([0-9]+)([wdhm])", value))
+    if n <= 0:
+        raise UsageError(f"bad value for {what}: '{value}' must be longer than zero")
+    return n
+
+
 def format_size(n: int) -> str:
     for unit, mult in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
         if n % mult == 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from cbsd.model import (
     OS_TYPES,
     VMSpec,
 )
-from cbsd.names import MIB, check_ifname, check_mac, check_name, parse_hostfwd
+from cbsd.names import MIB, check_ifname, check_mac, check_name, parse_duration, parse_hostfwd
 
 MIN_RAM = 16 * MIB
 # No number from outside is taken unbounded: 16 TiB is beyond any guest QEMU runs on x86.
@@ -177,6 +178,43 @@ def _controllers(v: Any, field: str) -> dict[str, str]:
     return dict(v)
 
 
+# checkpoint_schedule=: cron's @ names or five cron fields in cron's characters. The shape
+# only: the full check (croniter, core/manage/schedule.check_schedule) runs at bcreate/bset,
+# not at every read of a definition, so bls does not load the cron parser.
+CRON_NAMES = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+_CRON_SHAPE = re.compile(r"[0-9A-Za-z*/,?#-]{1,64}(?: [0-9A-Za-z*/,?#-]{1,64}){4}")
+# checkpoint_pattern=: name characters and the strftime fields of numbers only (so every
+# name it gives is a checkpoint name); the longest it renders must fit in 64 characters.
+_PATTERN = re.compile(r"(?:[A-Za-z0-9_-]|%[YmdHMSyjuwUWVG])+")
+_WIDEST = time.struct_time((2026, 12, 31, 23, 59, 59, 3, 365, 0))
+
+
+def check_schedule_shape(v: str, field: str) -> str:
+    if v in CRON_NAMES or _CRON_SHAPE.fullmatch(" ".join(v.split())):
+        return v
+    raise _bad(field, v, f"a cron expression of 5 fields, or one of {', '.join(CRON_NAMES)}")
+
+
+def render_pattern(pattern: str, when: float | time.struct_time) -> str:
+    """A scheduled checkpoint's name: *pattern*'s strftime fields at *when* (local time)."""
+    return time.strftime(pattern, when if isinstance(when, time.struct_time)
+                         else time.localtime(when))
+
+
+def check_pattern(v: str, field: str) -> str:
+    if not isinstance(v, str) or not _PATTERN.fullmatch(v) or v.startswith(("_", "-")):
+        raise _bad(field, v, "letters, digits, '_', '-' and the time fields %Y %m %d %H %M "
+                   "%S %y %j %u %w %U %W %V %G, starting with a letter, digit or field")
+    if len(render_pattern(v, _WIDEST)) > 64:
+        raise _bad(field, v, "its names would be longer than 64 characters")
+    return v
+
+
+def _expiry(v: str, field: str) -> str:
+    parse_duration(v, field)
+    return v
+
+
 # Every VMSpec field and its rule (tests/unit/test_spec_validation.py checks none is missing:
 # a field added to VMSpec must say here what a definition may hold in it).
 FIELDS: dict[str, Check] = {
@@ -206,6 +244,11 @@ FIELDS: dict[str, Check] = {
     "ram_file": _enum(AUTO_OFF),
     "dedup": _enum(AUTO_OFF),
     "genid": _enum(AUTO_OFF),
+    "checkpoint_schedule": _or_empty(check_schedule_shape),
+    "checkpoint_expiry": _or_empty(_expiry),
+    "checkpoint_pattern": check_pattern,
+    "checkpoint_live": _bool,
+    "checkpoint_stopped": _bool,
 }
 REQUIRED = ("jname", "ram")
 

@@ -27,7 +27,9 @@ GOOD: dict[str, Any] = {
     "guest_agent": True, "virtio_rnd": True, "efi": "none",
     "cloud_init": {"ci_user_add": "u", "instance_id": "0011"}, "mac": "52:54:00:12:34:56",
     "interface": "", "disk_controllers": {"dsk2.qcow2": "nvme"}, "ram_file": "auto",
-    "dedup": "off", "genid": "off",
+    "dedup": "off", "genid": "off", "checkpoint_schedule": "@hourly",
+    "checkpoint_expiry": "1d12h", "checkpoint_pattern": "auto-%H%M", "checkpoint_live": True,
+    "checkpoint_stopped": False,
 }
 
 
@@ -103,6 +105,15 @@ BAD = [
     ({"initrd": "/k/initrd"}, "kernel"),
     ({"vnc": False}, "vnc"),
     ({"nic": "none"}, "nic=user"),
+    ({"checkpoint_schedule": "now"}, "checkpoint_schedule"),
+    ({"checkpoint_schedule": "0 * * * * ; rm"}, "checkpoint_schedule"),
+    ({"checkpoint_expiry": "2 days"}, "checkpoint_expiry"),
+    ({"checkpoint_expiry": "0h"}, "checkpoint_expiry"),
+    ({"checkpoint_pattern": "../x-%H"}, "checkpoint_pattern"),
+    ({"checkpoint_pattern": "a-%Z"}, "checkpoint_pattern"),
+    ({"checkpoint_pattern": ""}, "checkpoint_pattern"),
+    ({"checkpoint_pattern": None}, "checkpoint_pattern"),
+    ({"checkpoint_live": 1}, "checkpoint_live"),
 ]
 
 

@@ -336,6 +336,24 @@ def bcheckpoint(ctx: Context, a: Args) -> int:
     return 0
 
 
+def bschedule(ctx: Context, a: Args) -> int:
+    # lazy: only bschedule reads the clock
+    from cbsd import clock
+
+    # lazy: only bschedule loads the schedule's runner (and, through it, croniter)
+    from cbsd.core.manage import schedule
+
+    names = ctx.resolve(a["names"]) if a["names"] else None
+    failed = set()
+    for o in schedule.run_due(ctx, clock.now(), names):
+        for line in o.lines:
+            print(line, flush=True)
+        if o.error:
+            print(o.error[0], file=sys.stderr, flush=True)
+            failed.add(o.error[1])
+    return 0 if not failed else failed.pop() if len(failed) == 1 else 1
+
+
 def _verify(ctx: Context, jname: str, name: str | None) -> str:
     # lazy: only bcheckpoint loads the checkpoint engine
     from cbsd.core.checkpoint import checkpoints

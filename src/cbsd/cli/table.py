@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
 from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
@@ -70,6 +71,7 @@ BCREATE_KEYS = (
             "generation ID, so it reseeds its RNG; off: no device from the next boot",
             choices=AUTO_OFF),
         *CLOUD_INIT,
+        *SCHEDULE,
 )
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):
 # the same keys, without defaults (a key not given is left as it is).
@@ -186,9 +188,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         "bset", "Change the settings of stopped VMs (the keys bcreate takes).",
         (J_MASK, *BSET_KEYS),
         "cbsd bset jname=vm1 vm_ram=2g vm_cpus=2",
-        details=("The VM must be Off. Checkpoints taken with other settings stay listed, marked "
-                 "as not restorable\n(bcheckpoint mode=list shows why); setting them back makes "
-                 "them restorable again.\nA ci_* key given empty (ci_gw4=) removes it; any "
+        details=("The VM must be Off (the checkpoint_* keys alone may change while it runs). "
+                 "Checkpoints taken\nwith other settings stay listed, marked as not restorable "
+                 "(bcheckpoint mode=list shows why);\nsetting them back makes them restorable "
+                 "again.\nA ci_* key given empty (ci_gw4=) removes it; any "
                  "ci_* change gives cloud-init a new instance\nid, so the guest applies it at "
                  "its next boot."),
     ),
@@ -387,6 +390,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         readonly=True,
     ),
     *SERVICE_COMMANDS,
+    *SCHEDULE_COMMANDS,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).

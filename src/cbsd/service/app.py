@@ -21,6 +21,7 @@ from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
 from cbsd.service import auth, events, sessions
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
+from cbsd.service.scheduler import Scheduler
 from cbsd.storage.paths import Workdir
 
 Keys = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -62,12 +63,17 @@ def create_app(config: Config) -> FastAPI:
         if op.finished.is_set():
             watcher.look()  # the VM's new status, at once (in the operation's thread)
 
+    # The checkpoint schedules' tick, once a minute, in its own thread (service/scheduler.py).
+    scheduler = Scheduler(config.workdir)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bus.bind(asyncio.get_running_loop())
         task = asyncio.create_task(watcher.run())
+        scheduler.start()
         yield
         task.cancel()
+        scheduler.stop(timeout=0)  # a tick under way ends with the process, as a killed bschedule
 
     # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is the document.
     app = FastAPI(title="cbsd", version=__version__, lifespan=lifespan, docs_url=None,
@@ -77,6 +83,7 @@ def create_app(config: Config) -> FastAPI:
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
     app.state.sessions = sessions.Sessions()
+    app.state.scheduler = scheduler
 
     @app.exception_handler(CbsdError)
     async def cbsd_error(request: Request, e: CbsdError) -> JSONResponse:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cbsd import clock
 from cbsd.errors import CheckpointError
 from cbsd.failpoints import failpoint
 from cbsd.storage.atomic import fsync_dir, remove_tree, write_atomic
@@ -303,7 +304,7 @@ def retire(final: Path) -> Path:
 
 
 def now_iso() -> tuple[str, float]:
-    ts = time.time()
+    ts = clock.now()  # a test's clock too: expiry counts from a state's creation
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z", ts
 
 

@@ -10,6 +10,10 @@ Format history (never edit a released step; add one):
      VM's chunk store: `files` then holds `memory.recipe` and `stream` the stream's own size
      and checksum. Nothing to upgrade (a format-2 state has neither), but a cbsd that reads
      only format 2 must refuse such states rather than load them wrongly.
+     Later, without a new format: `scheduled` (taken by the VM's checkpoint schedule, not a
+     user) and `expires_ts` (when the schedule destroys it; None: never). A reader that
+     ignores them loses nothing it needs to load the state (it only never expires it), so
+     a cbsd that reads format 3 must not refuse them: no format step.
 
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
@@ -61,6 +65,8 @@ class Manifest:
     parent: str | None = None
     agent: bool = False  # a guest agent had its channel open when the state was saved
     stream: FileEntry | None = None  # folded into the chunk store: the stream's size, checksum
+    scheduled: bool = False  # taken by checkpoint_schedule= (core/manage/schedule.py)
+    expires_ts: float | None = None  # a scheduled one's end (clock.now() seconds); None: never
 
     @property
     def memory_size(self) -> int:

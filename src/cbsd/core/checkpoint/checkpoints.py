@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from stat import S_ISDIR
 from typing import Any
@@ -23,31 +24,49 @@ def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live:
     """Save a checkpoint; with *keep*, then delete the oldest so that *keep* remain (only once
     the new one is safely published)."""
     check_name(name, "checkpoint name")
-    wd = ctx.workdir
     with ctx.locked_vm(jname, "bcheckpoint create") as vm:
-        require(jname, vm.status(mine=True), Action.CHECKPOINT)
-        final = wd.checkpoint(jname, name)
-        replaced = _parent_of(final)
-        save.save(vm, final, name=name, kind="checkpoint", live=live,
-                  keep_running=not poweroff, progress=progress)
-        if replaced is not None:  # the old state of that name is gone: its children move up
-            tree.reparent(wd, jname, name, replaced[0])
-        if not poweroff:
-            tree.set_current(wd, jname, name)
-        removed = []
-        if keep is not None:
-            names = [ckpstore.state_name(p) for p, _ in ckpstore.list_states(wd.checkpoints(jname))]
-            for old in tree.beyond_keep(names, keep, name):
-                _drop(vm, old)
-                removed.append(old)
-        if poweroff:
-            vm.power_off()
-        dedup = vm.spec.dedup == "auto" and bool(fold.foldable(wd, jname))
-    if dedup:  # once the lock is released: the helper takes it (and gives way to commands)
-        fold.start_helper(wd, jname)
+        done = create_held(vm, name, poweroff=poweroff, live=live, keep=keep,
+                           progress=progress)
+    return after_create(ctx, jname, done)
+
+
+def create_held(vm: VM, name: str, *, poweroff: bool = False, live: bool = False,
+                keep: int | None = None, progress: save.Progress | None = None,
+                stamp: save.Stamp | None = None) -> tuple[str, bool]:
+    """create()'s work on a VM whose lock the caller holds (bcheckpoint, the schedule's run):
+    (what to say, whether to fold), for after_create once the lock is released."""
+    wd, jname = vm.ctx.workdir, vm.jname
+    check_name(name, "checkpoint name")
+    require(jname, vm.status(mine=True), Action.CHECKPOINT)
+    final = wd.checkpoint(jname, name)
+    replaced = _parent_of(final)
+    save.save(vm, final, name=name, kind="checkpoint", live=live,
+              keep_running=not poweroff, progress=progress, stamp=stamp)
+    if replaced is not None:  # the old state of that name is gone: its children move up
+        tree.reparent(wd, jname, name, replaced[0])
+    if not poweroff:
+        tree.set_current(wd, jname, name)
+    removed = []
+    if keep is not None:
+        names = [ckpstore.state_name(p) for p, _ in ckpstore.list_states(wd.checkpoints(jname))]
+        for old in tree.beyond_keep(names, keep, name):
+            drop(vm, old)
+            removed.append(old)
+    if poweroff:
+        vm.power_off()
     gone = (f"\n{jname}: keep={keep}: removed the oldest checkpoint(s): {', '.join(removed)}"
             if removed else "")
-    return f"Checkpoint was created!: {final}{gone}"
+    dedup = vm.spec.dedup == "auto" and bool(fold.foldable(wd, jname))
+    return f"Checkpoint was created!: {final}{gone}", dedup
+
+
+def after_create(ctx: Context, jname: str, done: tuple[str, bool]) -> str:
+    """Once the lock is released: the fold helper, which takes the lock (and gives way to
+    commands), if create_held says so. Returns what to say."""
+    message, dedup = done
+    if dedup:
+        fold.start_helper(ctx.workdir, jname)
+    return message
 
 
 def _parent_of(ckdir: Path) -> tuple[str | None] | None:
@@ -60,8 +79,9 @@ def _parent_of(ckdir: Path) -> tuple[str | None] | None:
         return (None,)
 
 
-def _drop(vm: VM, name: str) -> None:
-    """Delete one checkpoint (lock held); its children and the VM move up to its parent."""
+def drop(vm: VM, name: str) -> None:
+    """Delete one checkpoint (lock held: bcheckpoint, the schedule's expiry); its children
+    and the VM move up to its parent."""
     wd = vm.ctx.workdir
     final = wd.checkpoint(vm.jname, name)
     parent = _parent_of(final)
@@ -102,6 +122,9 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
             # Where its RAM is: a clone of the VM's RAM file, the chunk store, or its stream.
             "stored": "ram-file" if m.ram_file else "chunks" if m.folded else "stream",
             "damaged": False,
+            # Taken by checkpoint_schedule= and when the schedule destroys it (None: never).
+            "scheduled": m.scheduled,
+            "expires": iso_time(m.expires_ts),
             **_restorable(load.incompatibility(m, relevant, host.accel, host.version,
                                                lambda t: machine_known(host, t))),
         })
@@ -112,9 +135,15 @@ def tree_lines(ctx: Context, jname: str, listed: list[dict[str, Any]]) -> list[s
     """mode=list's text: the checkpoints as a tree, '*' at the one the running VM descends
     from, and why a checkpoint cannot be restored now."""
     states = [(ck["name"], ck.get("parent"),
-               " (damaged)" if ck["damaged"] else "" if ck["restorable"]
-               else f" (not restorable now: {ck['why_not']})") for ck in listed]
+               (f" (expires {ck['expires']})" if ck.get("expires") else "")
+               + (" (damaged)" if ck["damaged"] else "" if ck["restorable"]
+                  else f" (not restorable now: {ck['why_not']})")) for ck in listed]
     return tree.render(states, tree.current(ctx.workdir, jname))
+
+
+def iso_time(ts: float | None) -> str | None:
+    """A time as mode=list shows it: ISO 8601, UTC, to the minute (None stays None)."""
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(ts))
 
 
 def _restorable(why: str | None) -> dict[str, Any]:
@@ -127,7 +156,7 @@ def destroy(ctx: Context, jname: str, name: str) -> str:
         final = ctx.workdir.checkpoint(jname, name)
         if not final.is_dir() or final.is_symlink():
             raise CheckpointError(f"{jname}: no checkpoint {name}")
-        _drop(vm, name)
+        drop(vm, name)
     return f"{jname}: checkpoint {name} destroyed"
 
 

@@ -49,6 +49,7 @@ from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
 from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
+Stamp = Callable[[Manifest], None]  # the caller's marks on a manifest before it is sealed
 UNLIMITED_BANDWIDTH = 1 << 40
 def put_back(mon: Monitor, was_running: bool) -> None:
     """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
@@ -104,15 +105,19 @@ class _Attempt:
     info: dict[str, Any] = field(default_factory=dict)  # QEMU's query-migrate at the end
     elapsed: float = 0.0  # seconds QEMU took to write the state
     files: dict[str, FileEntry] = field(default_factory=dict)
+    stamp: Stamp | None = None
 
 
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
-         keep_running: bool = True, progress: Progress | None = None) -> Manifest:
+         keep_running: bool = True, progress: Progress | None = None,
+         stamp: Stamp | None = None) -> Manifest:
     """Write the VM's complete state to *final* (replacing an older one only once complete).
     The caller holds the VM's lock, under which recovery already ran.
 
-    keep_running=False leaves QEMU stopped after the save (the caller ends it)."""
+    keep_running=False leaves QEMU stopped after the save (the caller ends it). *stamp*
+    adds the caller's marks to the manifest (a schedule's), sealed with the rest."""
     a = _prepare(vm, final, name, kind, live, keep_running)
+    a.stamp = stamp
     try:
         _freeze(a)
         _stream(a, progress)
@@ -389,4 +394,6 @@ def _manifest(a: _Attempt) -> Manifest:
         manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
         manifest.migration[migration.DIRECT_IO] = a.direct_io  # for the record
     manifest.parent = tree.parent_for(vm.ctx.workdir, vm.jname, a.name, a.kind)
+    if a.stamp is not None:
+        a.stamp(manifest)
     return manifest

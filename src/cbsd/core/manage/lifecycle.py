@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd import specs
+from cbsd import clock, specs
 from cbsd.core.checkpoint import tree
+from cbsd.core.manage import cron
 from cbsd.core.vm import ramfile, recovery
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import (
@@ -28,7 +29,7 @@ from cbsd.core.vm.machine import EFI_VARS, VM, adopt_lost_qemu
 from cbsd.core.vm.pause import switch
 from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import CLOUD_INIT_KEYS, Action, Status, VMSpec, require
+from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, Status, VMSpec, require
 from cbsd.names import check_name
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
@@ -67,6 +68,7 @@ def validate(spec: VMSpec, image: str | None = None) -> None:
     # Last, the check every definition read back later meets (inventory, vm.json, archives):
     # what bcreate or bset stores can never become a "damaged" entry.
     specs.from_untrusted(spec.to_dict(), spec.jname)
+    cron.check_schedule(spec.checkpoint_schedule, clock.now())  # beyond its shape: croniter
 
 
 def check_host(ctx: Context, spec: VMSpec) -> None:
@@ -117,6 +119,8 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
             from cbsd.core.manage import cloudinit
 
             cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname, spec.cloud_init))
+        if spec.checkpoint_schedule:  # the schedule starts now: its first slot is the next
+            cron.record_run(wd, jname, clock.now())
         failpoint("bcreate:disk")
 
     return create_from(ctx, spec, make)
@@ -136,8 +140,8 @@ def create_from_keys(ctx: Context, a: dict[str, Any]) -> VMSpec:
         efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
         mac=a["nic_hwaddr"] or "",
         interface=a["interface"] or "",
-        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS})), imgsize=a["imgsize"],
-        image=a["image"])
+        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS}),
+        **{k: a[k] for k in SCHEDULE_KEYS}), imgsize=a["imgsize"], image=a["image"])
 
 
 def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMSpec:
@@ -271,11 +275,12 @@ def start(ctx: Context, jname: str, *, checkpoint: str | None = None,
           paused: bool = False) -> str:
     """Start, resume from hibernation, or restore a checkpoint. Returns what was done."""
     with ctx.locked_vm(jname, "bstart") as vm:
-        return _start_held(vm, checkpoint=checkpoint, paused=paused)
+        return start_held(vm, checkpoint=checkpoint, paused=paused)
 
 
-def _start_held(vm: VM, *, checkpoint: str | None = None, paused: bool = False) -> str:
-    """start() on a VM whose lock the caller holds (bstart, brestart)."""
+def start_held(vm: VM, *, checkpoint: str | None = None, paused: bool = False) -> str:
+    """start() on a VM whose lock the caller holds (bstart, brestart, a scheduled checkpoint
+    of a stopped VM)."""
     ctx, jname = vm.ctx, vm.jname
     status = vm.status(mine=True)
     if checkpoint is not None:
@@ -380,7 +385,7 @@ def restart(ctx: Context, jname: str, *, noacpi: bool = False, hard_timeout: int
             require(jname, status, Action.RESTART)
             stopped = _acpi_stop_held(vm, status, hard_timeout)
         failpoint("brestart:stopped")
-        started = _start_held(vm)
+        started = start_held(vm)
     return f"{stopped}\n{started}"
 
 

@@ -15,14 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.manage import cloudinit, lifecycle
+from cbsd import clock
+from cbsd.core.manage import cloudinit, cron, lifecycle
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import RENAME_NOTE, finish_rename, save_spec_file
 from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
 from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import CLOUD_INIT_KEYS, Action, VMSpec, require, settings_part
+from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require, settings_part
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
@@ -35,6 +36,8 @@ class Setting:
     key: str  # CBSD's name
     field: str  # VMSpec's
     show: Callable[[Any], Any] = lambda v: v
+    # May change while the VM runs: nothing QEMU reads (a running VM's checkpoint schedule).
+    live: bool = False
 
 
 def _secret(value: Any) -> str:
@@ -57,8 +60,10 @@ SETTINGS = (
     Setting("vm_ramfile", "ram_file"),
     Setting("vm_dedup", "dedup"),
     Setting("vm_genid", "genid"),
+    *(Setting(key, key, live=True) for key in SCHEDULE_KEYS),
 )
 SETTABLE = {s.key for s in SETTINGS} | set(CLOUD_INIT_KEYS)
+_LIVE = {s.key for s in SETTINGS if s.live}
 
 
 def describe(spec: VMSpec) -> dict[str, Any]:
@@ -80,11 +85,13 @@ def get(ctx: Context, jname: str) -> dict[str, Any]:
 
 
 def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
-    """Change a stopped VM's settings (*changes*: CBSD keys given on the command line)."""
+    """Change a stopped VM's settings (*changes*: CBSD keys given on the command line); the
+    checkpoint_* keys alone may change while it runs (Setting.live)."""
     if not changes:
         raise UsageError("bset: nothing to set (give key=value pairs, see 'cbsd bset --help')")
     with ctx.locked_vm(jname, "bset") as vm:
-        require(jname, vm.status(mine=True), Action.CONFIGURE)
+        if not set(changes) <= _LIVE:  # only a stopped VM's devices and settings change
+            require(jname, vm.status(mine=True), Action.CONFIGURE)
         old = vm.spec
         fields = {s.field: changes[s.key] for s in SETTINGS if s.key in changes}
         if any(k in changes for k in CLOUD_INIT_KEYS):
@@ -106,6 +113,10 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         ctx.inventory.update_spec(new)
         failpoint("bset:recorded")
         save_spec_file(ctx, new)
+        if new.checkpoint_schedule != old.checkpoint_schedule:
+            # A new schedule starts now: its first checkpoint is at its next slot, not at
+            # a slot of the old one that it "missed".
+            cron.record_run(wd, jname, clock.now())
     stale = [m.name for _, m in ckpstore.list_states(ctx.workdir.checkpoints(jname))
              if m is not None and settings_part(m.restore_relevant) != new.restore_relevant()
              and settings_part(m.restore_relevant) == old.restore_relevant()]
