@@ -11,6 +11,11 @@ Format history (never edit a released step; add one):
      and checksum. Nothing to upgrade (a format-2 state has neither), but a cbsd that reads
      only format 2 must refuse such states rather than load them wrongly.
 
+Fields added later that a reader of the same format may ignore (no new format: nothing is
+loaded differently because of them, and an older cbsd of format 3 drops them unread):
+  `timings` (issue 24): how long the save took and how long the guest stood still for it, for
+  the metrics; None in a state saved before it existed.
+
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
 on read the same way). A state written by a newer cbsd is refused with a message saying so.
@@ -40,6 +45,12 @@ class FileEntry:
     xxh3_128: str
 
 
+@dataclass(frozen=True)
+class Timings:
+    seconds: float  # the whole save: from its first QMP request to the manifest
+    guest_gap: float  # how long the guest's vCPUs stood still for it (0: it was not running)
+
+
 @dataclass
 class Manifest:
     kind: str  # "checkpoint" or "hibernation"
@@ -61,6 +72,7 @@ class Manifest:
     parent: str | None = None
     agent: bool = False  # a guest agent had its channel open when the state was saved
     stream: FileEntry | None = None  # folded into the chunk store: the stream's size, checksum
+    timings: Timings | None = None  # None: saved before cbsd recorded them
 
     @property
     def memory_size(self) -> int:
@@ -92,6 +104,9 @@ class Manifest:
         if data.get("stream") is not None:
             body["stream"] = FileEntry(int(data["stream"]["size"]),
                                        str(data["stream"]["xxh3_128"]))
+        if data.get("timings") is not None:
+            body["timings"] = Timings(float(data["timings"]["seconds"]),
+                                      float(data["timings"]["guest_gap"]))
         return cls(**body)
 
 
