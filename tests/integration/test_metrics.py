@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import Cbsd
+from tests.service import Service
 
 pytestmark = pytest.mark.vm
 
@@ -125,3 +126,30 @@ def test_a_qemu_that_does_not_answer_is_reported_not_waited_on(
     assert status_of(s, "vm1") == "On", "alive but silent is not Off (as bls says)"
     assert value(s, "cbsd_vm_disk_reads_total", jname="vm1", disk="dsk1.qcow2") is None
     assert value(bmetrics(cbsd), "cbsd_vm_monitor_up", jname="vm1") == 1
+
+
+def test_the_service_serves_the_same_at_metrics_with_its_health_and_operations(
+        cbsd: Cbsd, running_counter: str) -> None:
+    with Service(cbsd.workdir) as svc:
+        def scrape() -> Samples:
+            r = svc.client.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            return parse(r.text)
+
+        check_running_vm(cbsd, scrape)  # vm1 is Off after it
+        failed = svc.wait(svc.client.put("/1.0/instances/vm1/state", json={"action": "pause"}),
+                          timeout=120)
+        assert failed["status"] == "Failure", failed
+        done = svc.wait(svc.client.put("/1.0/instances/vm1/state", json={"action": "start"}),
+                        timeout=120)
+        assert done["status"] == "Success", done
+        # An operation is counted as it publishes its end, just after its waiters are woken.
+        s = wait_for(scrape, lambda t: value(t, "cbsd_operations_ended_total",
+                                             status="Success") == 1, "the start is counted")
+        assert value(s, "cbsd_operations_started_total") == 2
+        assert value(s, "cbsd_operations_ended_total", status="Failure") == 1
+        assert value(s, "cbsd_operations_running") == 0
+        assert status_of(s, "vm1") == "On"
+        assert (value(s, "process_resident_memory_bytes") or 0) > 0
+        assert (value(s, "process_cpu_seconds_total") or 0) > 0
+        assert (value(s, "cbsd_service_uptime_seconds") or 0) > 0

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
 from cbsd.service import auth, events
+from cbsd.service.metrics import ServiceMetrics
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
 from cbsd.storage.paths import Workdir
@@ -54,8 +55,10 @@ def error(e: BaseException) -> JSONResponse:
 def create_app(config: Config) -> FastAPI:
     bus = events.Bus()
     watcher = events.StatusWatcher(config.workdir, bus)
+    metrics = ServiceMetrics(lambda: config.workdir)  # GET /metrics (api_metrics.py)
 
     def notify(op: Operation) -> None:
+        metrics.tally.observe(op.id, op.status)
         bus.publish("operation", op.as_json())
         if op.finished.is_set():
             watcher.look()  # the VM's new status, at once (in the operation's thread)
@@ -70,6 +73,7 @@ def create_app(config: Config) -> FastAPI:
     app = FastAPI(title="cbsd", version=__version__, lifespan=lifespan,
                   description="The cbsd service's REST API (docs/api.md).")
     app.state.config = config
+    app.state.cbsd_metrics = metrics
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
 
@@ -103,11 +107,13 @@ def create_app(config: Config) -> FastAPI:
     from cbsd.service import (
         api_checkpoints,
         api_instances,
+        api_metrics,
         api_operations,
         api_state,
     )
 
-    for module in (api_instances, api_state, api_checkpoints, api_operations, events):
+    for module in (api_instances, api_state, api_checkpoints, api_operations, events,
+                   api_metrics):
         app.include_router(module.router)
     return app
 
