@@ -35,7 +35,7 @@ def instance(request: Request, name: str) -> dict[str, Any]:
                 "checkpoints": len(checkpoints.listing(ctx, name))}
 
 
-@router.post("", status_code=201, summary="Create a VM (bcreate's keys as JSON)")
+@router.post("", status_code=202, summary="Create a VM (bcreate's keys as JSON; an operation)")
 def create(request: Request, body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
     a = keys(request, "bcreate", body)
     cfg = request.app.state.config
@@ -72,6 +72,6 @@ def set_config(request: Request, name: str,
     a = keys(request, "bset", {**body, "jname": name})
     cfg = request.app.state.config
     changes = pools.confine(cfg.pools, cfg.workdir, {
-        k: v for k, v in a.items() if k in settings.SETTABLE and v is not None})
+        k: v for k, v in a.items() if k in settings.SETTABLE and v is not None}, "bset")
     with context(request, writable=True) as ctx:
         return {"result": settings.set_(ctx, name, changes), "config": settings.get(ctx, name)}

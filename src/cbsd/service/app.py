@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
@@ -81,6 +83,22 @@ def create_app(config: Config) -> FastAPI:
     async def cbsd_error(request: Request, e: CbsdError) -> JSONResponse:
         return error(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(UsageError(f"{request.method} {request.url.path}: {where or 'body'}: "
+                                f"{first.get('msg', 'invalid')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": f"cbsd: {e.detail}", "error_code": e.status_code},
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return error(e)  # one line, as the CLI's internal error (traceback: CBSD_DEBUG=1)
+
     @app.middleware("http")
     async def authenticate(request: Request,
                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -106,14 +124,15 @@ def create_app(config: Config) -> FastAPI:
     # lazy: the routers import the core; create_app is their one user
     from cbsd.service import (
         api_checkpoints,
+        api_disks,
         api_instances,
         api_metrics,
         api_operations,
         api_state,
     )
 
-    for module in (api_instances, api_state, api_checkpoints, api_operations, events,
-                   api_metrics):
+    for module in (api_instances, api_state, api_checkpoints, api_disks, api_operations,
+                   events, api_metrics):
         app.include_router(module.router)
     return app
 

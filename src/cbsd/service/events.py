@@ -59,6 +59,14 @@ class Bus:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
 
+    def close(self) -> None:
+        """End every subscriber's stream (the service is stopping: open streams would keep
+        uvicorn waiting for them)."""
+        for q in list(self._subscribers):
+            self._subscribers.discard(q)
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+
     async def subscribe(self) -> AsyncIterator[dict[str, Any] | None]:
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE)
         self._subscribers.add(q)
