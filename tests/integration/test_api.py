@@ -186,4 +186,40 @@ def test_errors_carry_the_cli_message(service: Service, cbsd: Cbsd, counter_vm: 
     assert json.loads(cbsd("bget", "vm1", "format=json").ok().out)["vm_cpus"] == 2
 
 
-__all__ = ["COUNTER_RE"]
+def test_hibernate_disks_and_clone(service: Service, cbsd: Cbsd, running_counter: str) -> None:
+    """Hibernate and resume (the counter goes on), a disk attached and detached, a clone with
+    a checkpoint that continues from its instant, a restart that boots afresh."""
+    svc = service
+    seen = counting(cbsd, "vm1")
+    state(svc, "vm1", "hibernate")
+    assert status(svc, "vm1") == "Suspended"
+    con = cbsd.console("vm1")
+    mark = con.mark()
+    state(svc, "vm1", "start")
+    assert first_after(cbsd, "vm1", mark) >= seen and "BOOT" not in con.since(mark)
+    svc.ok(svc.client.post("/1.0/instances/vm1/checkpoints", json={"name": "cp"}))
+    state(svc, "vm1", "stop", noacpi=True)
+
+    r = svc.client.post("/1.0/instances/vm1/disks", json={"dsk_size": "16m"})
+    assert r.status_code == 201, r.text
+    assert [d["dsk_name"] for d in r.json()["disks"]][-1] == "dsk2"
+    r = svc.client.delete("/1.0/instances/vm1/disks/dsk2")
+    assert r.status_code == 200 and "dsk2" not in [d["dsk_name"] for d in r.json()["disks"]]
+    assert svc.client.post("/1.0/instances/vm1/disks", json={"dsk_size": "0"}).status_code \
+        == 400
+
+    svc.ok(svc.client.post("/1.0/instances/vm1/clone", json={"new": "vm2", "checkpoint": "cp"}))
+    assert [r["jname"] for r in svc.client.get("/1.0/instances").json()] == ["vm1", "vm2"]
+    r = svc.client.post("/1.0/instances/vm1/clone", json={"new": "vm2"})
+    assert svc.wait(r)["err"] == "VM already exist: vm2"
+    con2 = cbsd.console("vm2")
+    mark = con2.mark()
+    svc.ok(svc.client.post("/1.0/instances/vm2/checkpoints/cp/restore"))
+    assert first_after(cbsd, "vm2", mark) >= seen and "BOOT" not in con2.since(mark)
+    mark = con2.mark()
+    state(svc, "vm2", "restart", noacpi=True)
+    con2.wait(COUNTER_RE, since=mark, count=2)
+    assert "BOOT" in con2.since(mark)  # a restart boots the guest afresh
+    state(svc, "vm2", "stop", noacpi=True)
+    svc.ok(svc.client.delete("/1.0/instances/vm2"))
+    assert [r["jname"] for r in svc.client.get("/1.0/instances").json()] == ["vm1"]

@@ -70,6 +70,7 @@ def test_tcp_needs_a_token_or_a_trusted_certificate(cbsd: Cbsd, tmp_path: Path) 
             ctx = ssl.create_default_context(cafile=str(server_cert))
             get(cert=stranger)  # a certificate not trusted fails the handshake
         ctx = ssl.create_default_context(cafile=str(server_cert))
+        browser_session(url, ctx, token)
         cbsd("token", "mode=remove", "name=ci").ok()
         assert get({"Authorization": f"Bearer {token}"}).status_code == 401
         assert svc.client.get("/1.0").json()["auth"] == "unix"
@@ -77,6 +78,26 @@ def test_tcp_needs_a_token_or_a_trusted_certificate(cbsd: Cbsd, tmp_path: Path) 
     before = server_cert.read_bytes()
     with Service(cbsd.workdir, f"listen=127.0.0.1:{free_port()}"):
         assert server_cert.read_bytes() == before
+
+
+def browser_session(url: str, ctx: ssl.SSLContext, token: str) -> None:
+    """The UI's login: a token buys a session cookie (HttpOnly, Secure, SameSite=Strict);
+    requests that change state with it need its CSRF token; logout ends it."""
+    with httpx.Client(verify=ctx, timeout=30, base_url=url) as c:
+        assert c.post("/1.0/login", json={"token": "wrong"}).status_code == 401
+        r = c.post("/1.0/login", json={"token": token})
+        assert r.status_code == 200, r.text
+        cookie = r.headers["set-cookie"].lower()
+        assert all(a in cookie for a in ("httponly", "secure", "samesite=strict")), cookie
+        csrf = r.json()["csrf_token"]
+        assert c.get("/1.0").json()["auth"] == "session:ci"
+        forged = c.put("/1.0/instances/vm9/state", json={"action": "start"})
+        assert forged.status_code == 403 and "CSRF" in forged.json()["error"]
+        r = c.put("/1.0/instances/vm9/state", json={"action": "start"},
+                  headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 404  # past authentication: there is no vm9
+        c.post("/1.0/logout", headers={"X-CSRF-Token": csrf})
+        assert c.get("/1.0").status_code == 401
 
 
 def test_one_service_per_workdir(cbsd: Cbsd) -> None:

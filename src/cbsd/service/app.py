@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
-from cbsd.service import auth, events
+from cbsd.service import auth, events, sessions
 from cbsd.service.metrics import ServiceMetrics
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
@@ -78,6 +78,7 @@ def create_app(config: Config) -> FastAPI:
     app.state.cbsd_metrics = metrics
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
+    app.state.sessions = sessions.Sessions()
 
     @app.exception_handler(CbsdError)
     async def cbsd_error(request: Request, e: CbsdError) -> JSONResponse:
@@ -102,7 +103,11 @@ def create_app(config: Config) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request,
                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        how = who(config.workdir, request)
+        how, refused = who(config.workdir, request)
+        if refused:
+            return JSONResponse({"error": refused, "error_code": 403}, status_code=403)
+        if how is None and request.url.path == "/1.0/login" and request.method == "POST":
+            how = "login"  # checks the token it is given itself
         if how is None:
             return JSONResponse({"error": "cbsd: authentication required (a token: "
                                  "'Authorization: Bearer TOKEN', or a trusted client "
@@ -132,18 +137,21 @@ def create_app(config: Config) -> FastAPI:
     )
 
     for module in (api_instances, api_state, api_checkpoints, api_disks, api_operations,
-                   events, api_metrics):
+                   events, sessions, api_metrics):
         app.include_router(module.router)
     return app
 
 
-def who(wd: Workdir, request: Request) -> str | None:
-    """How this request is authenticated: 'unix' (the local socket: trusted), 'certificate'
-    (a client certificate the TLS handshake verified), 'token:NAME', or None (refused)."""
+def who(wd: Workdir, request: Request) -> tuple[str | None, str | None]:
+    """(how this request is authenticated: 'unix' (the local socket: trusted), 'certificate'
+    (a client certificate the TLS handshake verified), 'token:NAME', 'session:NAME' (the UI's
+    cookie), or None; why it is refused although it carries a session, or None)."""
     scope = request.scope
     if scope.get("cbsd.transport") == "unix":
-        return "unix"
+        return "unix", None
     if scope.get("cbsd.client_cert"):
-        return "certificate"
+        return "certificate", None
     name = auth.token_owner(wd, request.headers.get("authorization"))
-    return f"token:{name}" if name else None
+    if name:
+        return f"token:{name}", None
+    return sessions.session_auth(request)

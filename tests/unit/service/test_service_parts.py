@@ -140,3 +140,20 @@ def test_the_cli_never_loads_the_web_stack(tmp_path: Path, argv: list[str]) -> N
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                          env={**os.environ, "CBSD_WORKDIR": str(tmp_path)}, check=True)
     assert out.stdout.splitlines()[-1] == "[]", out.stdout
+
+
+def test_sessions_expire_and_origins_must_match() -> None:
+    from cbsd.service.sessions import Sessions, origin_ok
+
+    live = Sessions(lifetime=3600)
+    sid, s = live.new("ci")
+    assert live.get(sid) is s and live.get("other") is None and live.get(None) is None
+    live.end(sid)
+    assert live.get(sid) is None
+    expired = Sessions(lifetime=0)
+    sid, _ = expired.new("ci")
+    assert expired.get(sid) is None
+    assert origin_ok({"origin": "https://h:8443", "host": "h:8443"}, tls=True)
+    assert not origin_ok({"origin": "https://evil", "host": "h:8443"}, tls=True)
+    assert not origin_ok({"origin": "http://h:8443", "host": "h:8443"}, tls=True)
+    assert not origin_ok({"host": "h:8443"}, tls=True)
