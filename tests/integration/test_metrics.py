@@ -97,10 +97,23 @@ def test_bmetrics_tells_a_running_vm_its_checkpoint_and_its_stop(
     check_running_vm(cbsd, lambda: bmetrics(cbsd))
 
 
+def timings(s: Samples, checkpoint: str) -> tuple[float | None, float | None]:
+    return (value(s, "cbsd_vm_checkpoint_last_duration_seconds", jname="vm1",
+                  checkpoint=checkpoint),
+            value(s, "cbsd_vm_checkpoint_last_guest_gap_seconds", jname="vm1",
+                  checkpoint=checkpoint))
+
+
 def test_paused_and_busy_vms(cbsd: Cbsd, running_counter: str) -> None:
     cbsd("bpause", "vm1", "mode=on").ok()
     assert status_of(bmetrics(cbsd), "vm1") == "Paused"
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=paused").ok()
+    took, gap = timings(bmetrics(cbsd), "paused")
+    assert took is not None and took > 0 and gap == 0, "a paused guest lost no time to it"
     cbsd("bpause", "vm1", "mode=off").ok()
+    cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=live", "live=1").ok()
+    took, gap = timings(bmetrics(cbsd), "live")
+    assert took is not None and gap is not None and 0 < gap <= took, (took, gap)
     # A command holding the VM: Maintenance, and its QMP session is left alone (not asked).
     held = cbsd.at_failpoint("save:stopped", "bcheckpoint", "mode=create", "jname=vm1",
                              "name=held")
