@@ -167,3 +167,13 @@ def test_the_cli_loads_prometheus_client_only_for_bmetrics_and_never_fastapi(
     assert not {"prometheus_client", "fastapi", "pydantic"} & imported(tmp_path, "bls")
     mods = imported(tmp_path, "bmetrics")
     assert "prometheus_client" in mods and not {"fastapi", "pydantic", "uvicorn"} & mods
+
+
+def test_bmetrics_refuses_arguments_in_one_line(tmp_path: Path) -> None:
+    for arg, says in (("x=1", "bmetrics: unknown key 'x' (it takes none)"),
+                      ("vm1", "bmetrics: unexpected argument 'vm1'")):
+        p = subprocess.run([sys.executable, "-m", "cbsd", "bmetrics", arg], capture_output=True,
+                           text=True, env={"CBSD_WORKDIR": str(tmp_path / "wd")}, timeout=60,
+                           check=False)
+        assert p.returncode == 2 and p.stdout == "", p
+        assert p.stderr.startswith(says) and p.stderr.count("\n") == 1, p.stderr
