@@ -9,7 +9,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        BENCH_ENGINE_OUT=NAME for a partial re-run, e.g. engine-ab;
        BENCH_ENGINE_SIZES=256m:200,1g:768 for a quick run),
        hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
-       study "hosts", no chart)."""
+       study "hosts", no chart),
+       service (cbsd serve: idle CPU and memory, API list of 1,001 VMs vs bls, event
+       latency, checkpoint create via the API vs the CLI; study "service", no chart)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_hosts
 
             print(bench_hosts.write(*bench_hosts.run_all()), flush=True)
+            continue
+        if case == "service":
+            from bench import bench_service
+
+            print(bench_service.write(*bench_service.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

@@ -134,7 +134,8 @@ def parse(cmd: Command, argv: list[str]) -> dict[str, Any]:
         key = cmd.key(key_s) if _KEY_RE.fullmatch(key_s) else None
         if key is None:
             valid = ", ".join(k.name for k in cmd.keys)
-            raise UsageError(f"{cmd.name}: unknown key '{key_s}' (valid keys: {valid})")
+            raise UsageError(f"{cmd.name}: unknown key '{key_s}' "
+                             + (f"(valid keys: {valid})" if valid else "(it takes none)"))
         if key.name == "jname":
             names.append(raw)
             continue

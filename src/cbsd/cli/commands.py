@@ -267,6 +267,14 @@ def bls(ctx: Context, a: Args) -> int:
     return 1 if unreached else 0
 
 
+def bmetrics(ctx: Context, a: Args) -> int:
+    # lazy: only bmetrics loads prometheus_client (the CLI's start stays light)
+    from cbsd.service import metrics
+
+    sys.stdout.write(metrics.exposition(lambda: ctx.workdir).decode())
+    return 0
+
+
 def _across_nodes(ctx: Context, a: Args, columns: list[str]
                   ) -> tuple[list[dict[str, Any]], int]:
     """bls node=N|'*': each node's own `bls format=json`, with a node column ('*' adds this

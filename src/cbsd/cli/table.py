@@ -153,6 +153,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "(one line each),\nthe others are listed, and bls exits 1."),
     ),
     Command(
+        "bmetrics", "Print every VM's metrics in Prometheus's text format.",
+        (),
+        "cbsd bmetrics > cbsd.prom.tmp && mv cbsd.prom.tmp /var/lib/node_exporter/cbsd.prom",
+        bare="none",
+        readonly=True,
+        details=("What the service serves at /metrics, without the service's own health: "
+                 "for node_exporter's\ntextfile collector on a host without `cbsd serve` "
+                 "(docs/metrics.md)."),
+    ),
+    Command(
         "bremove", "Delete VMs with their disks, checkpoints and hibernation image.",
         (J_MASK,),
         "cbsd bremove jname=test1",
@@ -395,8 +405,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister", "bwhereis",
-              "bexec", "bscp", "serve", "token"}
+LOCAL_ONLY = {"bls", "bmetrics", "node", "bmove", "bmigrate", "bimport", "bregister",
+              "bwhereis", "bexec", "bscp", "serve", "token"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

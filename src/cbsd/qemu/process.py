@@ -90,20 +90,43 @@ def resident_bytes(pid: int) -> int:
         return 0
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat's fields after the command name (field 3 on), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _used(fields: list[bytes]) -> float:
+    """utime + stime (fields 14, 15 of /proc/PID/stat), in seconds."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used, user + system, in seconds; 0.0 once it is gone."""
+    fields = _stat(pid)
+    try:
+        return _used(fields) if fields else 0.0
+    except (ValueError, IndexError):
+        return 0.0
+
+
 def cpu_percent(pid: int) -> float:
     """CPU use over the process's lifetime, as ps shows it (utime+stime over elapsed time),
     from /proc/PID/stat (fields 14, 15 and 22) and the system's uptime."""
+    fields = _stat(pid)
+    if not fields:
+        return 0.0
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
         with open("/proc/uptime", "rb") as f:
             uptime = float(f.read().split()[0])
+        used = _used(fields)
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
     except (OSError, ValueError, IndexError):
         return 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    used = (int(fields[11]) + int(fields[12])) / hz  # fields 14, 15 (after pid and comm)
-    elapsed = max(1e-3, uptime - int(fields[19]) / hz)  # field 22: start time
-    return round(100.0 * used / elapsed, 1)
+    return round(100.0 * used / max(1e-3, uptime - start), 1)
 
 
 def launch(argv: list[str], pidfile: Path, qemu_log: Path) -> int:

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
 from cbsd.service import auth, events, sessions
+from cbsd.service.metrics import ServiceMetrics
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
 from cbsd.service.scheduler import Scheduler
@@ -57,8 +58,10 @@ def error(e: BaseException) -> JSONResponse:
 def create_app(config: Config) -> FastAPI:
     bus = events.Bus()
     watcher = events.StatusWatcher(config.workdir, bus)
+    metrics = ServiceMetrics(lambda: config.workdir)  # GET /metrics (api_metrics.py)
 
     def notify(op: Operation) -> None:
+        metrics.tally.observe(op.id, op.status)
         bus.publish("operation", op.as_json())
         if op.finished.is_set():
             watcher.look()  # the VM's new status, at once (in the operation's thread)
@@ -80,6 +83,7 @@ def create_app(config: Config) -> FastAPI:
                   redoc_url=None,
                   description="The cbsd service's REST API (docs/api.md).")
     app.state.config = config
+    app.state.cbsd_metrics = metrics
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
     app.state.sessions = sessions.Sessions()
@@ -136,12 +140,13 @@ def create_app(config: Config) -> FastAPI:
         api_checkpoints,
         api_disks,
         api_instances,
+        api_metrics,
         api_operations,
         api_state,
     )
 
     for module in (api_instances, api_state, api_checkpoints, api_disks, api_operations,
-                   events, sessions):
+                   events, sessions, api_metrics):
         app.include_router(module.router)
     return app
 

@@ -194,6 +194,12 @@ def has_manifest(ckdir: Path) -> bool:
     return (ckdir / MANIFEST).is_file()
 
 
+def state_size(path: Path) -> int:
+    """The bytes of a saved state's own files (a folded stream's chunks are the store's);
+    FileNotFoundError if it was deleted meanwhile."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
 def state_name(path: Path) -> str:
     """'NAME.ckp' -> 'NAME'; also for a replaced state awaiting recovery ('.NAME.ckp.old-x')."""
     name = path.name

@@ -10,10 +10,15 @@ Format history (never edit a released step; add one):
      VM's chunk store: `files` then holds `memory.recipe` and `stream` the stream's own size
      and checksum. Nothing to upgrade (a format-2 state has neither), but a cbsd that reads
      only format 2 must refuse such states rather than load them wrongly.
-     Later, without a new format: `scheduled` (taken by the VM's checkpoint schedule, not a
-     user) and `expires_ts` (when the schedule destroys it; None: never). A reader that
-     ignores them loses nothing it needs to load the state (it only never expires it), so
-     a cbsd that reads format 3 must not refuse them: no format step.
+
+Fields added later that a reader of the same format may ignore (no new format: nothing is
+loaded differently because of them, and an older cbsd of format 3 drops them unread, so it
+must not refuse them):
+  `scheduled` (issue 24): taken by the VM's checkpoint schedule, not a user; `expires_ts`:
+  when the schedule destroys it (None: never) -- a reader that ignores them only never
+  expires the state;
+  `timings` (issue 24): how long the save took and how long the guest stood still for it, for
+  the metrics; None in a state saved before it existed.
 
 A state is sealed as written: the manifest's own checksum covers the stored JSON, so the seal
 is checked on the stored form and the upgrade runs after it (Ganeti upgrades its runtime files
@@ -44,6 +49,12 @@ class FileEntry:
     xxh3_128: str
 
 
+@dataclass(frozen=True)
+class Timings:
+    seconds: float  # the whole save: from its first QMP request to the manifest
+    guest_gap: float  # how long the guest's vCPUs stood still for it (0: it was not running)
+
+
 @dataclass
 class Manifest:
     kind: str  # "checkpoint" or "hibernation"
@@ -67,6 +78,7 @@ class Manifest:
     stream: FileEntry | None = None  # folded into the chunk store: the stream's size, checksum
     scheduled: bool = False  # taken by checkpoint_schedule= (core/manage/schedule.py)
     expires_ts: float | None = None  # a scheduled one's end (clock.now() seconds); None: never
+    timings: Timings | None = None  # None: saved before cbsd recorded them
 
     @property
     def memory_size(self) -> int:
@@ -98,6 +110,9 @@ class Manifest:
         if data.get("stream") is not None:
             body["stream"] = FileEntry(int(data["stream"]["size"]),
                                        str(data["stream"]["xxh3_128"]))
+        if data.get("timings") is not None:
+            body["timings"] = Timings(float(data["timings"]["seconds"]),
+                                      float(data["timings"]["guest_gap"]))
         return cls(**body)
 
 

@@ -89,10 +89,6 @@ def drop(vm: VM, name: str) -> None:
     tree.reparent(wd, vm.jname, name, parent[0] if parent else None)
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     """Each checkpoint with what restore would say of it now (restorable, and why not)."""
     spec = ctx.spec(jname)
@@ -102,7 +98,7 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
         name = ckpstore.state_name(path)
         try:
-            size = _size(path)
+            size = ckpstore.state_size(path)
         except FileNotFoundError:
             continue  # destroyed while we listed
         if m is None:

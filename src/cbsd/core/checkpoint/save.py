@@ -45,7 +45,7 @@ from cbsd.qemu.qmp import Monitor, open_fd_for
 from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
-from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest
+from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest, Timings
 from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
@@ -104,6 +104,10 @@ class _Attempt:
     clock_note: str | None = None  # printed once the save succeeded
     info: dict[str, Any] = field(default_factory=dict)  # QEMU's query-migrate at the end
     elapsed: float = 0.0  # seconds QEMU took to write the state
+    began: float = 0.0  # when the save began (time.monotonic())
+    migrating: float = 0.0  # when 'migrate' was sent (time.monotonic())
+    resumed_by_qemu: bool = False  # live=1: background-snapshot ran the guest on meanwhile
+    guest_gap: float = 0.0  # how long the vCPUs stood still for this save (Timings)
     files: dict[str, FileEntry] = field(default_factory=dict)
     stamp: Stamp | None = None
 
@@ -149,6 +153,7 @@ def _prepare(vm: VM, final: Path, name: str, kind: str, live: bool,
              keep_running: bool) -> _Attempt:
     """What the save will be, refused early when it cannot fit; its temporary folder. Nothing
     to roll back if this fails."""
+    began = time.monotonic()
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     mon = vm.monitor()
     caps = migration.capabilities(mon)
@@ -162,7 +167,7 @@ def _prepare(vm: VM, final: Path, name: str, kind: str, live: bool,
     was_running = mon.running()
     return _Attempt(vm=vm, mon=mon, name=name, kind=kind, live=live and was_running,
                     keep_running=keep_running, caps=caps, ram_file=ram_file, tmp=tmp,
-                    was_running=was_running,
+                    was_running=was_running, began=began,
                     agent=vm.agent_listening())  # before the vCPUs stop: as saved
 
 
@@ -217,10 +222,13 @@ def _stream(a: _Attempt, progress: Progress | None) -> None:
         os.close(fd)
         if direct is not None:
             os.close(direct)
-    started = time.monotonic()
+    started = a.migrating = time.monotonic()
     mon.cmd("migrate", uri=channel.uri)
     failpoint("save:migrating")
     a.info = mon.wait_migration(progress=_ram_progress(progress))
+    # background-snapshot (live=1) runs the guest again early in the write: one query says
+    # whether it did, so the guest gap recorded below is the one the guest saw.
+    a.resumed_by_qemu = a.live and a.stopped is not None and mon.running()
     migration.detach(mon, channel)
     if progress is not None:
         total = int(a.info.get("ram", {}).get("total", 1))
@@ -242,8 +250,11 @@ def _seal_and_publish(a: _Attempt, final: Path) -> tuple[Manifest, Path | None]:
     _disks_in_place(vm)
     if a.keep_running:
         put_back(a.mon, a.was_running)
+        a.guest_gap = _guest_gap(a)
         a.clock_note = _set_clock(vm, a.mon, a.stopped)
         a.stopped = None  # accounted for: a later failure's rollback has no stop to report
+    else:
+        a.guest_gap = _guest_gap(a)  # it is not run again: stood still until sealed
     (a.tmp / INTENT).unlink()
     if a.ram_file:  # checksummed while the guest runs on: the clone no longer changes
         a.files[ckpstore.RAM] = FileEntry(*ckpstore.digest_file(a.tmp / ckpstore.RAM))
@@ -255,6 +266,18 @@ def _seal_and_publish(a: _Attempt, final: Path) -> tuple[Manifest, Path | None]:
     failpoint("save:verified")
     cancel.check()  # last moment a cancel rolls back; once published, it stands
     return manifest, ckpstore.publish(a.tmp, final)
+
+
+def _guest_gap(a: _Attempt) -> float:
+    """How long the guest's vCPUs stood still for this save, up to now (0 if this save did
+    not stop them). With live=1 QEMU's background snapshot resumed them once the write began:
+    the gap is then cbsd's stop until 'migrate', plus the pause QEMU reports for its own
+    start of the snapshot (query-migrate's `downtime`, ms)."""
+    if a.stopped is None:
+        return 0.0
+    if a.resumed_by_qemu:
+        return a.migrating - a.stopped + float(a.info.get("downtime") or 0) / 1000
+    return time.monotonic() - a.stopped
 
 
 def _save_error(vm: VM, e: BaseException, kind: str, name: str) -> BaseException:
@@ -390,6 +413,7 @@ def _manifest(a: _Attempt) -> Manifest:
                    "transferred": ram.get("transferred")},
     )
     manifest.agent = a.agent
+    manifest.timings = Timings(round(time.monotonic() - a.began, 4), round(a.guest_gap, 4))
     if a.mapped:  # the load must switch on the same capabilities
         manifest.migration["capabilities"] = list(migration.MAPPED_RAM)
         manifest.migration[migration.DIRECT_IO] = a.direct_io  # for the record

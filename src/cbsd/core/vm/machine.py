@@ -14,6 +14,7 @@ import dataclasses
 import os
 import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -293,14 +294,20 @@ class VM:
 
     # --- status ---------------------------------------------------------------------------
 
-    def status(self, *, mine: bool = False) -> Status:
-        """The truth right now. *mine*: the caller holds the VM's lock (not Maintenance then)."""
+    def status(self, *, mine: bool = False, timeout: float = PROBE_TIMEOUT,
+               also: Callable[[Monitor], None] | None = None) -> Status:
+        """The truth right now. *mine*: the caller holds the VM's lock (not Maintenance then).
+        Without it, a monitor silent for *timeout* s is noted in `unresponsive`; *also* is
+        run in the same QMP session once the run state is known (the metrics' disk I/O)."""
         if not mine and is_held(self.ctx.workdir.lock_file(self.jname)):
             return Status.MAINTENANCE
         if self.alive():
             try:
-                mon = self.monitor() if mine else self.monitor(timeout=PROBE_TIMEOUT)
-                return Status.ON if mon.running() else Status.PAUSED
+                mon = self.monitor() if mine else self.monitor(timeout=timeout)
+                running = mon.running()
+                if also is not None:
+                    also(mon)
+                return Status.ON if running else Status.PAUSED
             except QemuError as e:
                 # Alive but not answering (starting up, or wedged): it is not Off.
                 self.unresponsive = str(e)
