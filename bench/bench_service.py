@@ -36,7 +36,7 @@ from tests.guests.build import counter_image
 from tests.service import Service
 
 from bench.bench_engine import cli
-from bench.common import CBSD, Case, Study, workdir_env
+from bench.common import CBSD, Case, Study, machine, workdir_env
 from bench.timing import run as timed
 from bench.timing import settle
 
@@ -223,7 +223,6 @@ def _ratio(c: Case, mine: str, other: str) -> str | None:
 
 
 def write(cases: list[Case], versions: dict[str, str], study: Study = SERVICE) -> str:
-    from bench.report import machine
 
     study.save_results(cases, versions)
     lines = ["# Service benchmarks", "",

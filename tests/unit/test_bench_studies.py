@@ -38,7 +38,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         path.write_bytes(b"")
         return True
 
-    for writer in (bench_engine, bench_hosts):  # they describe the machine they run on
+    # the writers describe the machine they run on
+    for writer in (bench_engine, bench_hosts, bench_service):
         monkeypatch.setattr(writer, "machine", lambda: ["- (machine)"])
     monkeypatch.setattr(report, "chart", chart)
     monkeypatch.setattr(bench_engine, "_chart", chart)
