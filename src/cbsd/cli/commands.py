@@ -80,14 +80,18 @@ def bcreate(ctx: Context, a: Args) -> int:
     # lazy: only bcreate builds a cloud-init seed (pycdlib behind it)
     from cbsd.core.manage.cloudinit import settings
 
+    # lazy: only bcreate makes a definition from keys (bls reads none on an empty workdir)
+    from cbsd.specs import with_first_nic
+
+    # NIC 1 from the single-NIC keys (bcreate gives it its MAC); more: bhyve-nic.
+    nics = with_first_nic([], fresh_mac="", nic=a["nic"], mac=a["nic_hwaddr"],
+                          interface=a["interface"], hostfwd=a["hostfwd"])
     spec = lifecycle.create(ctx, VMSpec(
         jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
         iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
-        vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
+        vnc=a["vnc"], vnc_password=a["vnc_password"], nics=nics,
         astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
         efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
-        mac=a["nic_hwaddr"] or "",
-        interface=a["interface"] or "",
         cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS})), imgsize=a["imgsize"],
         image=a["image"])
     print(f"{spec.jname}: created")
@@ -219,32 +223,6 @@ def bclone(ctx: Context, a: Args) -> int:
     from cbsd.core.manage import settings as manage
 
     print(manage.clone(ctx, a["old"], a["new"], a["checkpoint"]))
-    return 0
-
-
-def bhyve_dsk(ctx: Context, a: Args) -> int:
-    # lazy: only bhyve-dsk
-    from cbsd.core.manage import disks
-
-    mode, jname = a["mode"], a["jname"]
-    only_in_modes(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
-                    "dsk_name": ("attach", "detach"), "format": ("list",)},
-          {"dsk_size": None, "dsk_controller": None, "dsk_name": None, "format": "text"},
-          "bhyve-dsk")
-    if mode == "list":
-        rows = disks.listing(ctx, jname)
-        if a["format"] == "json":
-            sys.stdout.write(output.as_json(rows))
-        else:
-            sys.stdout.write(output.table(rows, ["dsk_name", "dsk_size", "dsk_controller"],
-                                          True))
-        return 0
-    if mode == "attach":
-        print(disks.attach(ctx, jname, a["dsk_size"], a["dsk_controller"], a["dsk_name"]))
-        return 0
-    if not a["dsk_name"]:
-        raise UsageError("bhyve-dsk: mode=detach needs dsk_name= (see mode=list)")
-    print(disks.detach(ctx, jname, a["dsk_name"]))
     return 0
 
 

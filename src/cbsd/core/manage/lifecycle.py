@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from cbsd import specs
 from cbsd.core.checkpoint import tree
+from cbsd.core.manage.nics import with_macs
 from cbsd.core.vm import ramfile, recovery
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import (
@@ -78,11 +78,6 @@ def check_host(ctx: Context, spec: VMSpec) -> None:
         raise UsageError("vm_efi=uefi needs UEFI firmware (OVMF): apt-get install ovmf")
 
 
-def new_mac() -> str:
-    """A random address in QEMU's locally administered range 52:54:00:xx:xx:xx."""
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
-
-
 def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
            image: str | None = None) -> VMSpec:
     """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
@@ -92,7 +87,7 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
     validate(spec, image)
     check_host(ctx, spec)
     spec = dataclasses.replace(spec, machine=resolve_machine(ctx.host, "pc"),
-                               disks=[FIRST_DISK], mac=spec.mac or new_mac())
+                               disks=[FIRST_DISK], nics=with_macs(ctx, spec.nics))
     wd = ctx.workdir
     jname = spec.jname
 
