@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,24 @@ def guest_nics(cbsd: Cbsd, jname: str) -> list[tuple[str, str]]:
     return re.findall(r"cbsd-guest: net (eth\d+) ([0-9a-f:]{17})", con.since(mark))
 
 
+def reaches(cbsd: Cbsd, jname: str, address: str, timeout: float = 90) -> None:
+    """The guest pings *address* (one packet, 3 s) until one answer comes back: a single
+    packet may be lost while a loaded host is slow to resolve the first ARP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        con = cbsd.console(jname)
+        mark = con.mark()
+        type_on_console(cbsd, jname, f"ping {address}",
+                        rf"cbsd-guest: ping {re.escape(address)} (ok|failed)")
+        if f"ping {address} ok" in con.since(mark):
+            return
+        assert time.monotonic() < deadline, f"{jname} never reached {address}"
+
+
 def both_networks_answer(cbsd: Cbsd, jname: str) -> None:
     """The user NIC reaches QEMU's NAT gateway, the bridge NIC cbsd0's host side."""
-    type_on_console(cbsd, jname, "ping 10.0.2.2", r"cbsd-guest: ping 10\.0\.2\.2 ok")
-    type_on_console(cbsd, jname, "ping 10.77.0.1", r"cbsd-guest: ping 10\.77\.0\.1 ok")
+    reaches(cbsd, jname, "10.0.2.2")
+    reaches(cbsd, jname, "10.77.0.1")
 
 
 @pytest.mark.linux
