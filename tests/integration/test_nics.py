@@ -15,14 +15,16 @@ from typing import Any
 
 import pytest
 
+from tests.guests.hosts import joined, moved
 from tests.guests.netns import Netns
-from tests.harness import TICK_RE, Cbsd, create_linux
+from tests.harness import COUNTER_RE, TICK_RE, Cbsd, create_linux
 from tests.integration.test_network import (  # noqa: F401 -- fixtures, used by name
     NET_CMDLINE,
     netcbsd,
     ns,
     type_on_console,
 )
+from tests.vmchecks import checkpoint, restore
 
 pytestmark = [pytest.mark.vm]
 
@@ -207,3 +209,23 @@ def test_export_import_and_clone_carry_every_nic(cbsd: Cbsd, counter_image,  # t
     assert [{k: v for k, v in n.items() if k != "nic_hwaddr"} for n in cloned] == strip
     all_macs = [n["nic_hwaddr"] for vm in ("vm1", "cl") for n in nics(cbsd, vm)]
     assert len(set(all_macs)) == 6, "a clone's NICs get MACs of their own"
+
+
+@pytest.mark.twohost
+def test_bmove_carries_every_nic_and_a_checkpoint_of_them_restores_there(  # type: ignore[no-untyped-def]
+        two, counter_image) -> None:
+    a, b = two
+    joined(a, b)
+    a.cbsd("bcreate", "jname=vm1", f"image={counter_image()}", "vm_os_type=other",
+           "vm_ram=32m").ok()
+    a.cbsd("bhyve-nic", "mode=attach", "jname=vm1", "nic_type=user").ok()
+    listed = nics(a.cbsd, "vm1")
+    assert [n["nic_type"] for n in listed] == ["user", "user"]
+    a.cbsd("bstart", "vm1").ok()
+    a.cbsd.console("vm1").wait(COUNTER_RE, count=2)
+    checkpoint(a.cbsd, "vm1", "c1")
+    a.cbsd("bstop", "vm1", "noacpi=1").ok()
+    a.cbsd("bmove", "jname=vm1", "node=b").ok()
+    moved(a, b)
+    assert nics(b.cbsd, "vm1") == listed
+    restore(b.cbsd, "vm1", "c1")  # both NICs' state loads there: the guest goes on counting
