@@ -40,7 +40,8 @@ qemu_dependent=(tests/unit/qemu tests/integration/test_linux_guest.py
     tests/integration/test_vmgenid.py tests/integration/test_dedup.py
     tests/integration/test_ramfile.py tests/integration/test_hostile_conditions.py
     tests/integration/test_faults.py tests/integration/test_kill_loop.py
-    tests/integration/test_trust_definition.py tests/integration/test_many_hosts.py)
+    tests/integration/test_trust_definition.py tests/integration/test_many_hosts.py
+    tests/integration/test_nics.py)
 status=0
 for pass in $passes; do
     case $pass in

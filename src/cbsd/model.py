@@ -19,7 +19,9 @@ BLS_COLUMNS = ("jname", "jid", "vm_ram", "vm_curmem", "vm_cpus", "pcpu", "vm_os_
 # The values a definition's enumerated settings take: bcreate's keys (cli/table.py) and every
 # definition from outside (cbsd/specs.py) check against these same tuples.
 OS_TYPES = ("linux", "freebsd", "windows", "other")
-NICS = ("user", "bridge", "none")
+NICS = ("user", "bridge", "none")  # bcreate's/bset's nic= (the first NIC, or none)
+NIC_TYPES = ("user", "bridge")  # a NIC's nic_type (bhyve-nic; docs/networking.md)
+MAX_NICS = 8  # PCI slots are shared with disks and other devices: a bound, not a target
 EFI_MODES = ("none", "uefi")
 AUTO_OFF = ("auto", "off")  # vm_ramfile, vm_dedup, vm_genid
 MAX_CPUS = 255
@@ -72,6 +74,7 @@ class Action(enum.Enum):
     RESTART = "restart"
     UNREGISTER = "unregister"
     GUEST = "run a command in or copy files to or from"
+    NICS = "attach or detach NICs of"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -89,6 +92,8 @@ ALLOWED: dict[Action, set[Status]] = {
     Action.RENAME: {Status.OFF},
     Action.CLONE: {Status.OFF},
     Action.DISKS: {Status.OFF},
+    # A hibernation image holds the devices it was saved with, as a running QEMU does.
+    Action.NICS: {Status.OFF},
     Action.EXPORT: {Status.OFF, Status.SUSPENDED},
     Action.MIGRATE: _RUNNING,
     # brestart restarts what runs: a stopped VM is not started, a hibernated one not thrown
@@ -151,6 +156,21 @@ def require(jname: str, status: Status, action: Action) -> None:
 
 
 @dataclasses.dataclass
+class Nic:
+    """One network card, with CBSD's bhyvenic column names (docs/networking.md maps them).
+    Stored in definitions as {"nic_type": ..., "nic_hwaddr": ..., ...}."""
+
+    nic_type: str = "user"  # user: QEMU's NAT; bridge: a tap on nic_parent
+    nic_hwaddr: str = ""  # "": QEMU's default MAC (a VM defined before nic_hwaddr existed)
+    nic_parent: str = ""  # bridge: the Linux bridge ("": cbsd's managed network cbsd0)
+    hostfwd: list[str] = dataclasses.field(default_factory=list)  # user: "tcp:BIND:HOST:GUEST"
+
+
+def _one_user_nic() -> list[Nic]:
+    return [Nic()]
+
+
+@dataclasses.dataclass
 class VMSpec:
     """Everything needed to run a VM; stored in the inventory and in each checkpoint."""
 
@@ -167,8 +187,10 @@ class VMSpec:
     vnc: bool = False
     vnc_password: str | None = None
     vnc_bind: str = "127.0.0.1"
-    nic: str = "user"
-    hostfwd: list[str] = dataclasses.field(default_factory=list)  # "tcp:BIND:HOST:GUEST"
+    # The NICs in PCI order (the guest's eth0, eth1, ...). A definition written before
+    # there could be several (nic, mac, interface, hostfwd) is read as one NIC
+    # (specs.from_untrusted), and one with none of those keys had QEMU's user NIC.
+    nics: list[Nic] = dataclasses.field(default_factory=_one_user_nic)
     astart: bool = False
     # Defaults below are what a VM defined before the setting existed had (so its saved
     # states stay restorable); bcreate gives new VMs the current defaults.
@@ -176,8 +198,6 @@ class VMSpec:
     virtio_rnd: bool = False  # virtio-rng fed from the host's /dev/urandom
     efi: str = "none"  # "uefi": OVMF with a per-VM variable store
     cloud_init: dict[str, str] = dataclasses.field(default_factory=dict)  # ci_* keys
-    mac: str = ""  # the NIC's MAC address ("": QEMU's default, as VMs before nic_hwaddr)
-    interface: str = ""  # nic=bridge: the Linux bridge ("": cbsd's managed network cbsd0)
     # Disk file name -> controller (virtio-blk, ahci, nvme) where it is not the OS default.
     disk_controllers: dict[str, str] = dataclasses.field(default_factory=dict)
     # "auto": guest RAM lives in a file where the workdir's filesystem can clone files (XFS
@@ -203,6 +223,23 @@ class VMSpec:
     checkpoint_live: bool = False
     checkpoint_stopped: bool = False
 
+    # bcreate's and bset's single-NIC keys read the first NIC (bget shows them so).
+    @property
+    def nic(self) -> str:
+        return self.nics[0].nic_type if self.nics else "none"
+
+    @property
+    def mac(self) -> str:
+        return self.nics[0].nic_hwaddr if self.nics else ""
+
+    @property
+    def interface(self) -> str:
+        return self.nics[0].nic_parent if self.nics else ""
+
+    @property
+    def hostfwd(self) -> list[str]:
+        return list(self.nics[0].hostfwd) if self.nics else []
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -212,7 +249,10 @@ class VMSpec:
         from anywhere (an archive, a node, vm.json, the inventory) goes through
         specs.from_untrusted, which checks every key and value as bcreate does."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        if "nics" in fields:
+            fields["nics"] = [Nic(**n) for n in fields["nics"]]
+        return cls(**fields)
 
     def seed_attached(self, seed_path: str) -> bool:
         return bool(self.cloud_init and seed_path)
@@ -229,7 +269,9 @@ class VMSpec:
             "iso": self.iso is not None,
             "kernel": self.kernel is not None,
             "vnc": self.vnc,
-            "nic": self.nic,
+            # The NICs' types in order: user NICs carry QEMU state of their own (slirp), and
+            # each NIC is a PCI device of the stream. One NIC reads as before ("user").
+            "nic": ",".join(n.nic_type for n in self.nics) or "none",
         }
         later = {"guest_agent": self.guest_agent, "virtio_rnd": self.virtio_rnd,
                  "efi": self.efi if self.efi != "none" else None,

@@ -28,8 +28,11 @@ from cbsd.model import (
     CONTROLLERS,
     EFI_MODES,
     MAX_CPUS,
+    MAX_NICS,
+    NIC_TYPES,
     NICS,
     OS_TYPES,
+    Nic,
     VMSpec,
 )
 from cbsd.names import MIB, check_ifname, check_mac, check_name, parse_duration, parse_hostfwd
@@ -213,6 +216,60 @@ def check_pattern(v: str, field: str) -> str:
 def _expiry(v: str, field: str) -> str:
     parse_duration(v, field)
     return v
+def _nic(v: Any, field: str) -> Nic:
+    if not isinstance(v, dict):
+        raise _bad(field, v, "an object of nic_type, nic_hwaddr, nic_parent, hostfwd")
+    unknown = sorted(str(k) for k in v if k not in NIC_FIELDS)
+    if unknown:
+        raise _bad(field, unknown[0], f"not a NIC key ({', '.join(NIC_FIELDS)})")
+    return Nic(**{k: NIC_FIELDS[k](x, f"{field}.{k}") for k, x in v.items()})
+
+
+def _nics(v: Any, field: str) -> list[Nic]:
+    if not isinstance(v, list) or len(v) > MAX_NICS:
+        raise _bad(field, v, f"a list of at most {MAX_NICS} NICs")
+    return [_nic(n, f"{field}[{i + 1}]") for i, n in enumerate(v)]
+
+
+# A NIC's keys (CBSD's bhyvenic names) and their rules; its relations: check_relations.
+NIC_FIELDS: dict[str, Check] = {
+    "nic_type": _enum(NIC_TYPES),
+    "nic_hwaddr": _or_empty(check_mac),
+    "nic_parent": _or_empty(_ifname),
+    "hostfwd": _hostfwd,
+}
+# The keys a definition written before several NICs existed has for its one NIC, each with
+# its rule and the NIC key it becomes: upgrade_nics() reads such a definition as one NIC.
+LEGACY_NIC: dict[str, tuple[Check, str]] = {
+    "nic": (_enum(NICS), "nic_type"),
+    "mac": (_or_empty(check_mac), "nic_hwaddr"),
+    "interface": (_or_empty(_ifname), "nic_parent"),
+    "hostfwd": (_hostfwd, "hostfwd"),
+}
+
+
+def upgrade_nics(data: dict[str, Any]) -> dict[str, Any]:
+    """A definition with the single-NIC keys (nic, mac, interface, hostfwd) as one with
+    `nics` (nic=none: no NIC), read as written then upgraded, the way Ganeti upgrades its
+    runtime files on read; the next write stores the new form. Each old key is checked by
+    its old rule first, so a refusal names the key the definition holds."""
+    old = {k: data[k] for k in LEGACY_NIC if k in data}
+    if not old:
+        return data
+    for key, value in old.items():
+        LEGACY_NIC[key][0](value, key)
+    if "nics" in data:
+        raise UsageError(f"both nics and {sorted(old)[0]} (an older definition's single-NIC "
+                         "key): one or the other")
+    rest = {k: v for k, v in data.items() if k not in old}
+    if old.get("nic", "user") == "none":
+        if old.get("hostfwd"):
+            raise UsageError("hostfwd= needs nic=user")
+        if old.get("interface"):
+            raise UsageError("interface= needs nic=bridge")
+        return {**rest, "nics": []}
+    nic = {LEGACY_NIC[k][1]: v for k, v in old.items() if k != "nic"}
+    return {**rest, "nics": [{"nic_type": old.get("nic", "user"), **nic}]}
 
 
 # Every VMSpec field and its rule (tests/unit/test_spec_validation.py checks none is missing:
@@ -231,15 +288,12 @@ FIELDS: dict[str, Check] = {
     "vnc": _bool,
     "vnc_password": _optional(_text),
     "vnc_bind": _loopback,
-    "nic": _enum(NICS),
-    "hostfwd": _hostfwd,
+    "nics": _nics,
     "astart": _bool,
     "guest_agent": _bool,
     "virtio_rnd": _bool,
     "efi": _enum(EFI_MODES),
     "cloud_init": _cloud_init,
-    "mac": _or_empty(check_mac),
-    "interface": _or_empty(_ifname),
     "disk_controllers": _controllers,
     "ram_file": _enum(AUTO_OFF),
     "dedup": _enum(AUTO_OFF),
@@ -260,6 +314,7 @@ def from_untrusted(data: Any, origin: str) -> VMSpec:
     try:
         if not isinstance(data, dict):
             raise UsageError(f"not a VM definition ({_show(data)})")
+        data = upgrade_nics(data)
         unknown = sorted(str(k) for k in data if k not in FIELDS)
         if unknown:
             raise UsageError(f"unknown key {unknown[0]!r} (not a setting this cbsd has)")
@@ -282,11 +337,56 @@ def check_relations(spec: VMSpec) -> None:
         raise UsageError("initrd= and cmdline= need kernel=")
     if spec.vnc_password and not spec.vnc:
         raise UsageError("vnc_password= needs vnc=1")
-    if spec.hostfwd and spec.nic != "user":
-        raise UsageError("hostfwd= needs nic=user")
-    if spec.interface and spec.nic != "bridge":
-        raise UsageError("interface= needs nic=bridge")
+    check_nics(spec.nics)
     stray = sorted(set(spec.disk_controllers) - set(spec.disks))
     if stray:
         raise UsageError(f"bad value for disk_controllers: {stray[0]} is not one of the "
                          "VM's disks")
+
+
+def with_first_nic(nics: list[Nic], *, fresh_mac: str, nic: str | None = None,
+                   mac: str | None = None, interface: str | None = None,
+                   hostfwd: list[str] | None = None) -> list[Nic]:
+    """*nics* with bcreate's/bset's single-NIC keys applied to the first NIC (None: not
+    given). nic=none removes the only NIC; a NIC made here gets *fresh_mac* unless mac= is
+    given. The result is checked by check_relations where the spec is."""
+    first = nics[0] if nics else None
+    kind = nic or (first.nic_type if first else "none")
+    if kind == "none":
+        if len(nics) > 1:
+            raise UsageError(f"nic=none: the VM has {len(nics)} NICs (detach them with "
+                             "'cbsd bhyve-nic mode=detach')")
+        if hostfwd:
+            raise UsageError("hostfwd= needs nic=user")
+        if interface:
+            raise UsageError("interface= needs nic=bridge")
+        if mac:
+            raise UsageError("nic_hwaddr= needs a NIC (nic=user or nic=bridge)")
+        return []
+    base = first or Nic(nic_type=kind, nic_hwaddr=fresh_mac)
+    new = Nic(nic_type=kind, nic_hwaddr=base.nic_hwaddr if mac is None else mac,
+              nic_parent=base.nic_parent if interface is None else interface,
+              hostfwd=list(base.hostfwd if hostfwd is None else hostfwd))
+    return [new, *nics[1:]]
+
+
+def check_nics(nics: list[Nic]) -> None:
+    """The rules between a VM's NICs and their keys (bcreate's single-NIC keys name them as
+    a user types them: hostfwd=, interface= for the first NIC)."""
+    if len(nics) > MAX_NICS:
+        raise UsageError(f"a VM has at most {MAX_NICS} NICs")
+    for i, nic in enumerate(nics):
+        first = i == 0
+        if nic.hostfwd and nic.nic_type != "user":
+            raise UsageError("hostfwd= needs nic=user" if first else
+                             f"NIC {i + 1}: hostfwd= needs nic_type=user")
+        if nic.nic_parent and nic.nic_type != "bridge":
+            raise UsageError("interface= needs nic=bridge" if first else
+                             f"NIC {i + 1}: nic_parent= needs nic_type=bridge")
+    macs = [n.nic_hwaddr for n in nics if n.nic_hwaddr]
+    twice = sorted({m for m in macs if macs.count(m) > 1})
+    if twice:
+        raise UsageError(f"bad value for nic_hwaddr: {twice[0]} is the MAC of two NICs")
+    # QEMU's user networks all listen on the host: one port forwarded by two is refused
+    # there, so here (parse_hostfwd names the port).
+    parse_hostfwd(",".join(r for n in nics for r in n.hostfwd))

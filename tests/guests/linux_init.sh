@@ -53,10 +53,19 @@ EOS
 fi
 # Commands typed on the serial console (the tests write them to its socket):
 #   ping ADDRESS  ->  "cbsd-guest: ping ADDRESS ok|failed"
-( while read -r cmd arg; do
+#   net           ->  "cbsd-guest: net IFACE MAC" per network card, then "cbsd-guest: net end"
+#   ifaddr IFACE ADDRESS/PREFIX  ->  "cbsd-guest: ifaddr IFACE ok|failed" (link up, address set)
+( while read -r cmd arg arg2; do
     case "$cmd" in
     ping) if ping -c 1 -W 3 "$arg" >/dev/null 2>&1; then r=ok; else r=failed; fi
           echo "cbsd-guest: ping $arg $r" ;;
+    net) for d in /sys/class/net/eth*; do
+             [ -e "$d/address" ] && echo "cbsd-guest: net ${d##*/} $(cat "$d/address")"
+         done
+         echo "cbsd-guest: net end" ;;
+    ifaddr) ip link set "$arg" up && ip addr add "$arg2" dev "$arg" 2>/dev/null
+            if ip addr show dev "$arg" | grep -q "inet $arg2 "; then r=ok; else r=failed; fi
+            echo "cbsd-guest: ifaddr $arg $r" ;;
     esac
   done < /dev/ttyS0 ) &
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cbsd.errors import StateError
-from cbsd.model import ALLOWED, Action, Status, VMSpec, require
+from cbsd.model import ALLOWED, Action, Nic, Status, VMSpec, require
 
 
 @pytest.mark.parametrize("action", list(Action))
@@ -37,7 +37,7 @@ def test_messages_users_rely_on(action: Action, status: Status, fragment: str) -
 
 
 def test_spec_round_trips_and_ignores_unknown_keys() -> None:
-    spec = VMSpec(jname="a", ram=1 << 30, disks=["dsk1.qcow2"], hostfwd=["tcp:1:2"])
+    spec = VMSpec(jname="a", ram=1 << 30, disks=["dsk1.qcow2"], nics=[Nic(hostfwd=["tcp:1:2"])])
     d = spec.to_dict()
     d["future_field"] = 1
     assert VMSpec.from_dict(d) == spec

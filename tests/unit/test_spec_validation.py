@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cbsd import specs
 from cbsd.errors import UsageError
-from cbsd.model import VMSpec
+from cbsd.model import Nic, VMSpec
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.host import Host
 from cbsd.storage.paths import Workdir
@@ -39,7 +39,13 @@ def test_every_field_has_a_rule() -> None:
 
 def test_a_good_definition_round_trips() -> None:
     spec = specs.from_untrusted(GOOD, "x")
-    assert spec.to_dict() == GOOD
+    # GOOD has the single-NIC keys of a definition before bhyve-nic: read as one NIC.
+    nic = {"nic_type": "user", "nic_hwaddr": "52:54:00:12:34:56", "nic_parent": "",
+           "hostfwd": GOOD["hostfwd"]}
+    assert spec.to_dict() == {**{k: v for k, v in GOOD.items()
+                                 if k not in ("nic", "mac", "interface", "hostfwd")},
+                              "nics": [nic]}
+    assert specs.from_untrusted(spec.to_dict(), "x") == spec
     # What cbsd writes, it reads back (the inventory, vm.json, an export's header).
     assert specs.from_untrusted(VMSpec(jname="a", ram=1 << 30).to_dict(), "x") == \
         VMSpec(jname="a", ram=1 << 30)
@@ -145,7 +151,7 @@ def test_the_workdir_joins_only_plain_names(tmp_path: Path, name: str) -> None:
 
 HOST = Host(qemu="/q", qemu_img="/qi", version="8.2.0", accel="tcg", qboot="")
 PATHS = RuntimePaths(disks=("/w/d,1.qcow2",), qmp_sock="/w/q", console_sock="/w/c",
-                     console_log="/w/l", pidfile="/w/p", qemu_log="/w/ql", tap="t,x",
+                     console_log="/w/l", pidfile="/w/p", qemu_log="/w/ql", taps=("t,x",),
                      ifup="/w/i")
 
 
@@ -162,7 +168,8 @@ def test_argv_escapes_every_value_in_an_option_string() -> None:
     # Definitions are checked before QEMU sees them; argv alone must still never let a value
     # add an option: these bypass the check on purpose.
     spec = VMSpec(jname="x,y", ram=1 << 30, machine="pc", disks=["dsk1.qcow2"],
-                  hostfwd=["tcp:127.0.0.1:22,restrict=on:22"], mac="52:54:00:00:00:01,x=y")
+                  nics=[Nic(hostfwd=["tcp:127.0.0.1:22,restrict=on:22"],
+                            nic_hwaddr="52:54:00:00:00:01,x=y")])
     argv = build_argv(spec, HOST, PATHS)
     netdev = _split(_options(argv, "-netdev")[0])
     assert netdev[:2] == ["user", "id=net0"] and len(netdev) == 3
@@ -170,7 +177,7 @@ def test_argv_escapes_every_value_in_an_option_string() -> None:
     device = _split(_options(argv, "-device")[-1])
     assert [p.split("=")[0] for p in device] == ["virtio-net-pci", "netdev", "mac", "romfile"]
     assert len(_split(_options(argv, "-name")[0])) == 2
-    bridge = build_argv(dataclasses.replace(spec, nic="bridge", hostfwd=[]), HOST, PATHS)
+    bridge = build_argv(dataclasses.replace(spec, nics=[Nic(nic_type="bridge")]), HOST, PATHS)
     assert [p.split("=")[0] for p in _split(_options(bridge, "-netdev")[0])] == \
         ["tap", "id", "ifname", "script", "downscript"]
 
@@ -218,7 +225,8 @@ _json_value = st.recursive(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.dictionaries(st.sampled_from([*specs.FIELDS, "other"]), _json_value, max_size=6),
+@given(st.dictionaries(st.sampled_from([*specs.FIELDS, *specs.LEGACY_NIC, "other"]),
+                      _json_value, max_size=6),
        st.booleans())
 def test_any_json_is_a_definition_or_one_line_exit_2(change: dict[str, Any], whole: bool
                                                      ) -> None:

@@ -209,32 +209,6 @@ def bclone(ctx: Context, a: Args) -> int:
     return 0
 
 
-def bhyve_dsk(ctx: Context, a: Args) -> int:
-    # lazy: only bhyve-dsk
-    from cbsd.core.manage import disks
-
-    mode, jname = a["mode"], a["jname"]
-    only_in_modes(a, mode, {"dsk_size": ("attach",), "dsk_controller": ("attach",),
-                    "dsk_name": ("attach", "detach"), "format": ("list",)},
-          {"dsk_size": None, "dsk_controller": None, "dsk_name": None, "format": "text"},
-          "bhyve-dsk")
-    if mode == "list":
-        rows = disks.listing(ctx, jname)
-        if a["format"] == "json":
-            sys.stdout.write(output.as_json(rows))
-        else:
-            sys.stdout.write(output.table(rows, ["dsk_name", "dsk_size", "dsk_controller"],
-                                          True))
-        return 0
-    if mode == "attach":
-        print(disks.attach(ctx, jname, a["dsk_size"], a["dsk_controller"], a["dsk_name"]))
-        return 0
-    if not a["dsk_name"]:
-        raise UsageError("bhyve-dsk: mode=detach needs dsk_name= (see mode=list)")
-    print(disks.detach(ctx, jname, a["dsk_name"]))
-    return 0
-
-
 def bpause(ctx: Context, a: Args) -> int:
     # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle

@@ -7,7 +7,7 @@ import dataclasses
 from cbsd.cli.args import Command, Key
 from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
-from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, MAX_NICS, NIC_TYPES, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
 J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
@@ -251,6 +251,29 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         details=("Checkpoints snapshot every disk. A disk a checkpoint holds a snapshot of "
                  "cannot be detached\n(destroy those checkpoints first); a detached disk's "
                  "image stays in the VM's folder."),
+    ),
+    Command(
+        "bhyve-nic", "List, attach or detach a stopped VM's NICs (network cards).",
+        (J_NAME,
+         Key("mode", "enum", None, required=True, help="action",
+             choices=("list", "attach", "detach")),
+         Key("nic_type", "enum", "bridge", help="attach: bridge (a tap on nic_parent) or "
+             "user (QEMU's NAT)", choices=NIC_TYPES),
+         Key("nic_parent", "ifname", None, help="attach: the bridge (default auto: cbsd's "
+             "own network cbsd0)"),
+         Key("nic_hwaddr", "mac", None, help="attach: its MAC (default: a new "
+             "52:54:00:xx:xx:xx); detach: the NIC with this MAC"),
+         Key("hostfwd", "hostfwd", [], help="attach, nic_type=user: forward host ports "
+             "tcp:[BIND:]HOSTPORT:GUESTPORT,..."),
+         Key("nic_id", "int", None, help="detach: the NIC's number in mode=list", lo=1,
+             hi=MAX_NICS),
+         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
+        "cbsd bhyve-nic mode=attach jname=vm1 nic_parent=br0",
+        bare="one",
+        readonly_modes=("list",),
+        details=("NICs are in PCI order: the guest's eth0, eth1, ... NIC 1 is also bcreate's "
+                 "and bset's nic=,\ninterface=, nic_hwaddr=. A checkpoint restores while the "
+                 "NICs' types are, in order, those it\nwas taken with (docs/networking.md)."),
     ),
     Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",

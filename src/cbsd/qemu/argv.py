@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from cbsd.errors import UsageError
-from cbsd.model import VMSpec
+from cbsd.model import Nic, VMSpec
 from cbsd.qemu.host import Host
 
 
@@ -26,8 +26,8 @@ class RuntimePaths:
     seed: str = ""  # the cloud-init NoCloud seed (an ISO labelled cidata)
     efi_vars: str = ""  # the VM's UEFI variable store (qcow2), with vm_efi=uefi
     efi_code: str = ""  # the firmware matching that store (host.ovmf_code_for)
-    tap: str = ""  # nic=bridge: the tap QEMU creates
-    ifup: str = ""  # nic=bridge: the script QEMU runs to put the tap on its bridge
+    taps: tuple[str, ...] = ()  # per NIC (spec.nics): the tap QEMU creates ("": a user NIC)
+    ifup: str = ""  # bridge NICs: the script QEMU runs to put each tap on its bridge
     ram_file: str = ""  # guest RAM as this file (shared mapping), where it can be cloned
 
 
@@ -110,6 +110,28 @@ def nic_model(spec: VMSpec) -> str:
     return "virtio-net-pci" if spec.os_type in ("linux", "freebsd") else "e1000"
 
 
+def netdev_id(i: int) -> str:
+    """NIC *i*'s netdev (net0 is what the one NIC of every earlier VM had)."""
+    return f"net{i}"
+
+
+def _nic_args(spec: VMSpec, paths: RuntimePaths, i: int, nic: Nic) -> list[str]:
+    """NIC *i*: its backend and its card. The cards follow each other on the PCI bus in
+    the definition's order, so the guest sees them in that order (eth0, eth1, ...)."""
+    net = netdev_id(i)
+    if nic.nic_type == "user":
+        netdev = f"user,id={net}" + "".join(
+            ",hostfwd={}:{}:{}-:{}".format(*map(_esc, hostfwd_parts(rule)))
+            for rule in nic.hostfwd)
+    else:
+        tap = paths.taps[i] if i < len(paths.taps) else ""
+        netdev = (f"tap,id={net},ifname={_esc(tap)},script={_esc(paths.ifup)},"
+                  "downscript=no")
+    # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
+    mac = f",mac={_esc(nic.nic_hwaddr)}" if nic.nic_hwaddr else ""
+    return ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev={net}{mac},romfile="]
+
+
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,
                start_paused: bool = False, generation: str | None = AS_DEFINED) -> list[str]:
     """generation: the vmgenid device's guid ("auto": a new random one, a UUID: that one),
@@ -186,18 +208,8 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
             "-blockdev", "driver=raw,file=seed0-file,node-name=seed0,read-only=on",
             "-device", "ide-cd,drive=seed0,id=seed0-dev",
         ]
-    if spec.nic == "user":
-        netdev = "user,id=net0" + "".join(
-            ",hostfwd={}:{}:{}-:{}".format(*map(_esc, hostfwd_parts(rule)))
-            for rule in spec.hostfwd)
-        # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
-        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
-        argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
-    elif spec.nic == "bridge":
-        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
-        argv += ["-netdev", f"tap,id=net0,ifname={_esc(paths.tap)},script={_esc(paths.ifup)},"
-                 "downscript=no",
-                 "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
+    for i, nic in enumerate(spec.nics):
+        argv += _nic_args(spec, paths, i, nic)
     if spec.virtio_rnd:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-pci,rng=rng0"]

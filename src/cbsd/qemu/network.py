@@ -38,20 +38,25 @@ def subnet() -> ipaddress.IPv4Interface:
         raise UsageError(f"CBSD_NET0: {e} (e.g. CBSD_NET0=10.77.0.1/24)") from None
 
 
-def tap_name(root: Path, jname: str) -> str:
-    """A stable tap name per VM (IFNAMSIZ allows 15 characters)."""
-    return "cbsdt" + hashlib.sha1(f"{root}:{jname}".encode()).hexdigest()[:9]
+def tap_name(root: Path, jname: str, i: int = 0) -> str:
+    """A stable tap name per VM and NIC (IFNAMSIZ allows 15 characters); NIC 0's is the
+    one a VM's only NIC always had."""
+    key = f"{root}:{jname}" + (f":{i}" if i else "")
+    return "cbsdt" + hashlib.sha1(key.encode()).hexdigest()[:9]
 
 
 def bridge_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}/bridge").is_dir()
 
 
-def write_ifup(path: Path, bridge: str) -> None:
-    check_ifname(bridge)
+def write_ifup(path: Path, bridges: dict[str, str]) -> None:
+    """The script QEMU runs with each new tap: the tap goes on its NIC's bridge (*bridges*:
+    tap -> bridge; names checked, so nothing else reaches the script)."""
+    cases = "".join(f'{check_ifname(tap)}) exec ip link set "$1" master '
+                    f'{check_ifname(bridge)} up ;;\n' for tap, bridge in bridges.items())
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(f'#!/bin/sh\n# Written by cbsd: QEMU runs it with its new tap.\n'
-                   f'exec ip link set "$1" master {bridge} up\n')
+    tmp.write_text('#!/bin/sh\n# Written by cbsd: QEMU runs it with each new tap.\n'
+                   f'case "$1" in\n{cases}esac\nexit 1\n')
     os.chmod(tmp, 0o700)
     os.replace(tmp, path)
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from cbsd.model import VMSpec
+from cbsd.model import Nic, VMSpec
 from cbsd.qemu.argv import RuntimePaths, build_argv
 from cbsd.qemu.host import Host
 from tests.paths import GOLDEN
@@ -26,15 +26,16 @@ CASES = {
     "minimal": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2", disks=["dsk1.qcow2"]),
                 {}),
     "bootsector-other": (VMSpec(jname="x", ram=32 << 20, os_type="other", machine="pc",
-                                disks=["dsk1.qcow2"], nic="none"), {}),
+                                disks=["dsk1.qcow2"], nics=[]), {}),
     "kernel-vnc-hostfwd": (VMSpec(jname="x", ram=1 << 30, cpus=2, machine="pc-i440fx-7.2",
                                   disks=["dsk1.qcow2"], kernel="/k/vmlinuz", initrd="/k/initrd",
                                   cmdline="console=ttyS0", vnc=True, vnc_password="s3cret",
-                                  hostfwd=["tcp:2222:22", "udp:5353:53"]), {}),
+                                  nics=[Nic(hostfwd=["tcp:2222:22", "udp:5353:53"])]), {}),
     "agent-rng-seed-bind": (VMSpec(jname="x", ram=1 << 30, machine="pc-i440fx-7.2",
                                    disks=["dsk1.qcow2"], guest_agent=True, virtio_rnd=True,
                                    cloud_init={"ci_user_add": "u"},
-                                   hostfwd=["tcp:127.0.0.1:2222:22", "tcp:0.0.0.0:8080:80"]),
+                                   nics=[Nic(hostfwd=["tcp:127.0.0.1:2222:22",
+                                                      "tcp:0.0.0.0:8080:80"])]),
                             {}),
     "uefi": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2", disks=["dsk1.qcow2"],
                     efi="uefi", kernel="/k/vmlinuz", iso="/iso/efi.iso"),
@@ -43,12 +44,12 @@ CASES = {
     "disks-ahci-nvme": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",
                                disks=["dsk1.qcow2", "dsk2.qcow2", "dsk3.qcow2"],
                                disk_controllers={"dsk2.qcow2": "ahci", "dsk3.qcow2": "nvme"},
-                               mac="52:54:00:12:34:56"),
+                               nics=[Nic(nic_hwaddr="52:54:00:12:34:56")]),
                         {"paths": {"disks": ("/w/vm/x/dsk1.qcow2", "/w/vm/x/dsk2.qcow2",
                                              "/w/vm/x/dsk3.qcow2")}}),
     "bridge": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2", disks=["dsk1.qcow2"],
-                      nic="bridge", mac="52:54:00:ab:cd:ef"),
-               {"paths": {"tap": "cbsdt0123456789", "ifup": "/w/js/x/ifup"}}),
+                      nics=[Nic(nic_type="bridge", nic_hwaddr="52:54:00:ab:cd:ef")]),
+               {"paths": {"taps": ("cbsdt0123456789",), "ifup": "/w/js/x/ifup"}}),
     "iso-windows": (VMSpec(jname="x", ram=4 << 30, os_type="windows", machine="pc-i440fx-7.2",
                            disks=["dsk1.qcow2"], iso="/iso/win,1.iso"), {}),
     "restore-incoming": (VMSpec(jname="x", ram=512 << 20, machine="pc-i440fx-7.2",

@@ -13,7 +13,7 @@ from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.states import drop_state_and_sweep
 from cbsd.errors import CheckpointError
-from cbsd.model import Action, require
+from cbsd.model import Action, VMSpec, require, settings_part
 from cbsd.names import check_name
 from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
@@ -87,6 +87,15 @@ def drop(vm: VM, name: str) -> None:
     parent = _parent_of(final)
     drop_state_and_sweep(vm, final)
     tree.reparent(wd, vm.jname, name, parent[0] if parent else None)
+
+
+def unrestorable_after(ctx: Context, jname: str, old: VMSpec, new: VMSpec) -> list[str]:
+    """The checkpoints a definition change (bset, bhyve-nic) makes unrestorable: they match
+    *old*'s devices and not *new*'s (mode=list says why; changing back restores them)."""
+    return [m.name for _, m in ckpstore.list_states(ctx.workdir.checkpoints(jname))
+            if m is not None and settings_part(m.restore_relevant) != new.restore_relevant()
+            and settings_part(m.restore_relevant) == old.restore_relevant()]
+
 
 
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:

@@ -65,7 +65,7 @@ def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: st
     """Why a saved state cannot be loaded into this VM on this host, or None (pure)."""
     saved = settings_part(m.restore_relevant)
     keys = [*relevant, *(k for k in saved if k not in relevant)]
-    diffs = [f"{k} was {saved.get(k)!r}, now {relevant.get(k)!r}" for k in keys
+    diffs = [_diff(k, saved.get(k), relevant.get(k)) for k in keys
              if saved.get(k) != relevant.get(k)]
     if diffs:
         return "is incompatible with the VM's configuration now: " + "; ".join(diffs)
@@ -77,6 +77,13 @@ def incompatibility(m: ckpstore.Manifest, relevant: dict[str, object], accel: st
     if not machine_known(m.machine):
         return f"needs machine type {m.machine}, which this QEMU {version} does not provide"
     return None
+
+
+def _diff(key: str, saved: object, now: object) -> str:
+    if key == "nic":  # the NICs' types in order (VMSpec.restore_relevant)
+        return (f"its NICs were {saved} (nic_type in order), now {now}: attach or detach "
+                "NICs to match (cbsd bhyve-nic)")
+    return f"{key} was {saved!r}, now {now!r}"
 
 
 def disk_snapshots(vm: VM) -> dict[str, set[str]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from cbsd import clock, specs
 from cbsd.core.checkpoint import tree
 from cbsd.core.manage import cron
+from cbsd.core.manage.nics import with_macs
 from cbsd.core.vm import ramfile, recovery
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import (
@@ -81,11 +81,6 @@ def check_host(ctx: Context, spec: VMSpec) -> None:
         raise UsageError("vm_efi=uefi needs UEFI firmware (OVMF): apt-get install ovmf")
 
 
-def new_mac() -> str:
-    """A random address in QEMU's locally administered range 52:54:00:xx:xx:xx."""
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
-
-
 def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
            image: str | None = None) -> VMSpec:
     """Define a VM from *spec* (its disks and machine type are filled in here): its first disk
@@ -95,7 +90,7 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
     validate(spec, image)
     check_host(ctx, spec)
     spec = dataclasses.replace(spec, machine=resolve_machine(ctx.host, "pc"),
-                               disks=[FIRST_DISK], mac=spec.mac or new_mac())
+                               disks=[FIRST_DISK], nics=with_macs(ctx, spec.nics))
     wd = ctx.workdir
     jname = spec.jname
 
@@ -132,14 +127,15 @@ def create_from_keys(ctx: Context, a: dict[str, Any]) -> VMSpec:
     # lazy: only bcreate builds a cloud-init seed (pycdlib behind it)
     from cbsd.core.manage.cloudinit import settings
 
+    # NIC 1 from the single-NIC keys (create gives it its MAC); more: bhyve-nic.
+    nics = specs.with_first_nic([], fresh_mac="", nic=a["nic"], mac=a["nic_hwaddr"] or "",
+                                interface=a["interface"] or "", hostfwd=a["hostfwd"])
     return create(ctx, VMSpec(
         jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
         iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
-        vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
+        vnc=a["vnc"], vnc_password=a["vnc_password"], nics=nics,
         astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
         efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
-        mac=a["nic_hwaddr"] or "",
-        interface=a["interface"] or "",
         cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS}),
         **{k: a[k] for k in SCHEDULE_KEYS}), imgsize=a["imgsize"], image=a["image"])
 

@@ -15,15 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd import clock
+from cbsd import clock, specs
+from cbsd.core.checkpoint.checkpoints import unrestorable_after
 from cbsd.core.manage import cloudinit, cron, lifecycle
+from cbsd.core.manage.nics import new_mac, taken_macs, with_macs
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import RENAME_NOTE, finish_rename, save_spec_file
 from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
 from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require, settings_part
+from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.storage import ckpstore
@@ -38,6 +40,7 @@ class Setting:
     show: Callable[[Any], Any] = lambda v: v
     # May change while the VM runs: nothing QEMU reads (a running VM's checkpoint schedule).
     live: bool = False
+    first_nic: bool = False  # NIC 1's key (VMSpec's property of that name reads it)
 
 
 def _secret(value: Any) -> str:
@@ -50,10 +53,10 @@ SETTINGS = (
     Setting("vm_os_type", "os_type"),
     Setting("vnc", "vnc"),
     Setting("vnc_password", "vnc_password", _secret),
-    Setting("nic", "nic"),
-    Setting("nic_hwaddr", "mac"),
-    Setting("interface", "interface"),
-    Setting("hostfwd", "hostfwd", lambda rules: ",".join(rules)),
+    Setting("nic", "nic", first_nic=True),
+    Setting("nic_hwaddr", "mac", first_nic=True),
+    Setting("interface", "interface", first_nic=True),
+    Setting("hostfwd", "hostfwd", lambda rules: ",".join(rules), first_nic=True),
     Setting("astart", "astart"),
     Setting("vm_efi", "efi"),
     Setting("virtio_rnd", "virtio_rnd"),
@@ -93,7 +96,12 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
         if not set(changes) <= _LIVE:  # only a stopped VM's devices and settings change
             require(jname, vm.status(mine=True), Action.CONFIGURE)
         old = vm.spec
-        fields = {s.field: changes[s.key] for s in SETTINGS if s.key in changes}
+        fields: dict[str, Any] = {s.field: changes[s.key] for s in SETTINGS
+                                  if s.key in changes and not s.first_nic}
+        nic1 = {s.field: changes[s.key] for s in SETTINGS if s.key in changes and s.first_nic}
+        if nic1:
+            fields["nics"] = specs.with_first_nic(old.nics, fresh_mac=new_mac(taken_macs(ctx)),
+                                                  **nic1)
         if any(k in changes for k in CLOUD_INIT_KEYS):
             given = {k: changes[k] for k in CLOUD_INIT_KEYS if k in changes}
             cleared = {k for k, v in given.items() if v == ""}  # ci_gw4= removes the key
@@ -117,9 +125,7 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
             # A new schedule starts now: its first checkpoint is at its next slot, not at
             # a slot of the old one that it "missed".
             cron.record_run(wd, jname, clock.now())
-    stale = [m.name for _, m in ckpstore.list_states(ctx.workdir.checkpoints(jname))
-             if m is not None and settings_part(m.restore_relevant) != new.restore_relevant()
-             and settings_part(m.restore_relevant) == old.restore_relevant()]
+    stale = unrestorable_after(ctx, jname, old, new)
     done = f"{jname}: set " + ", ".join(f"{k}={v}" for k, v in _shown(changes).items())
     if stale:
         done += (f" ({len(stale)} checkpoint(s) taken with the old settings cannot be restored "
@@ -179,7 +185,7 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
                 raise StateError(f"{old}: no checkpoint {checkpoint}")
             ckpstore.verify_files(source, ckpstore.read_manifest(source))
         spec = dataclasses.replace(
-            vm.spec, jname=new, mac=lifecycle.new_mac() if vm.spec.mac else "",
+            vm.spec, jname=new, nics=with_macs(ctx, vm.spec.nics, renew=True),
             cloud_init=({**vm.spec.cloud_init, "instance_id": os.urandom(8).hex()}
                         if vm.spec.cloud_init else {}), astart=False)
 

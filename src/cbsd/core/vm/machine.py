@@ -76,14 +76,20 @@ class VM:
             qga_sock=str(wd.qga_sock(self.jname)),
             seed=str(wd.seed(self.jname)),
             efi_vars=str(wd.disk(self.jname, EFI_VARS)) if spec.efi == "uefi" else "",
-            tap=tap_name(wd.root, self.jname) if spec.nic == "bridge" else "",
-            ifup=str(wd.system(self.jname) / "ifup") if spec.nic == "bridge" else "",
+            taps=tuple(tap_name(wd.root, self.jname, i) if n.nic_type == "bridge" else ""
+                       for i, n in enumerate(spec.nics)),
+            ifup=str(wd.system(self.jname) / "ifup") if self.bridged() else "",
         )
         self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
         self.recorded_pid = self.pid  # what the inventory says (self.pid may be found later)
         self._mon: Monitor | None = None
         self.unresponsive = ""  # why the monitor did not answer a status probe
         self.died = ""  # VMLock.died of the lock this command holds on the VM
+
+    def bridged(self) -> list[tuple[int, str]]:
+        """(index, bridge) of each NIC on a bridge ("": cbsd0)."""
+        return [(i, n.nic_parent) for i, n in enumerate(self.spec.nics)
+                if n.nic_type == "bridge"]
 
     @classmethod
     def load(cls, ctx: Site, jname: str) -> VM:
@@ -191,8 +197,8 @@ class VM:
         self.ctx.workdir.ensure_vm(self.jname)
         try:
             self.check_images()  # QEMU runs as root: no image may make it open another file
-            if self.spec.nic == "bridge":
-                self._prepare_bridge()
+            if self.bridged():
+                self._prepare_bridges()
             for sock in (self.paths.qmp_sock, self.paths.console_sock, self.paths.qga_sock):
                 Path(sock).unlink(missing_ok=True)
             self.pid = process.launch(self.argv(incoming=incoming, paused=paused,
@@ -228,18 +234,21 @@ class VM:
             except UsageError as e:
                 raise StateError(str(e)) from None
 
-    def _prepare_bridge(self) -> None:
-        """The bridge the tap goes on: the one named, or cbsd0 (brought up on first use)."""
+    def _prepare_bridges(self) -> None:
+        """The bridges the taps go on: the ones named, or cbsd0 (brought up on first use)."""
         wd = self.ctx.workdir
-        bridge = self.spec.interface or network.MANAGED
-        if not self.spec.interface:
+        bridged = self.bridged()
+        for i, parent in bridged:
+            key = "interface" if i == 0 else f"NIC {i + 1}: nic_parent"
+            if parent and not network.bridge_exists(parent):
+                raise QemuError(f"{self.jname}: {key}={parent}: no such bridge on this host "
+                                f"(create it, e.g. 'ip link add {parent} type bridge', or "
+                                "leave it empty for cbsd's own network cbsd0)")
+        if any(not parent for _, parent in bridged):
             with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30):
                 network.ensure_managed(wd.run_dir, wd.inventory.parent)
-        elif not network.bridge_exists(bridge):
-            raise QemuError(f"{self.jname}: interface={bridge}: no such bridge on this host "
-                          f"(create it, e.g. 'ip link add {bridge} type bridge', or leave "
-                          "interface= empty for cbsd's own network cbsd0)")
-        network.write_ifup(Path(self.paths.ifup), bridge)
+        network.write_ifup(Path(self.paths.ifup), {self.paths.taps[i]: parent or network.MANAGED
+                                                   for i, parent in bridged})
 
     def _record(self, pid: int, vnc_port: int) -> None:
         """Note the pid in the inventory. Only a hint (see the module's docstring), so a full
@@ -350,9 +359,17 @@ class VM:
         addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
         if addresses:
             return str(addresses[0])
-        if self.spec.nic == "bridge" and not self.spec.interface and self.spec.mac:
-            return lease_ip(self.ctx.workdir.inventory.parent, self.spec.mac)
+        for address in self.lease_addresses():
+            if address:
+                return address
         return None
+
+    def lease_addresses(self) -> list[str | None]:
+        """Per NIC: the address cbsd0's DHCP server leased its MAC (None: none, or not on
+        cbsd0)."""
+        db = self.ctx.workdir.inventory.parent
+        return [lease_ip(db, n.nic_hwaddr) if n.nic_type == "bridge" and not n.nic_parent
+                and n.nic_hwaddr else None for n in self.spec.nics]
 
     def rss_and_cpu(self) -> tuple[int, float]:
         """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
