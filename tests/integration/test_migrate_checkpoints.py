@@ -61,9 +61,10 @@ def _intact_here(a: Cbsd, marks: dict[str, tuple[int, int]], before: int) -> Non
     assert a.status("vm1") == "On"
     assert counting(a, "vm1", 3) > before  # it ran on here
     assert _tree(a) == [("c1", None), ("c2", "c1")]
-    assert not [p.name for p in a.system("vm1").iterdir() if "bmigrate" in p.name]
     assert not (a.system("vm1") / "moving").exists()
     a("bstop", "vm1", "noacpi=1").ok()
+    # The scratch folder of the images it built: the first locked command's recovery drops it.
+    assert not [p.name for p in a.system("vm1").iterdir() if "bmigrate" in p.name]
     restored_from(a, "vm1", "c1", marks["c1"])
     restored_from(a, "vm1", "c2", marks["c2"])
 
