@@ -8,7 +8,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        BENCH_ENGINE_OUT=NAME for a partial re-run, e.g. engine-ab;
        BENCH_ENGINE_SIZES=256m:200,1g:768 for a quick run),
        hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
-       study "hosts", no chart)."""
+       study "hosts", no chart),
+       migrate-checkpoints (bmigrate's downtime with and without checkpoints; study
+       "hosts-migrate-checkpoints", no chart)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_hosts
 
             print(bench_hosts.write(*bench_hosts.run_all()), flush=True)
+            continue
+        if case == "migrate-checkpoints":
+            from bench import bench_migrate_ckp
+
+            print(bench_migrate_ckp.write(*bench_migrate_ckp.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls
