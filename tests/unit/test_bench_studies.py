@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bench import bench_engine, bench_hosts, report, run
+from bench import bench_engine, bench_hosts, bench_migrate_ckp, report, run
 from bench.common import BENCHMARKS, Case, Study, load_cases
 
 from tests.unit.test_doc_links import broken_links
@@ -23,6 +23,8 @@ def writer(study: str) -> Writer:
         return report.write
     if study == "hosts":
         return bench_hosts.write
+    if study == bench_migrate_ckp.STUDY.name:
+        return bench_migrate_ckp.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"
     return bench_engine.write
 
