@@ -100,3 +100,24 @@ def test_kill9_of_the_node_while_it_receives_them_leaves_all_on_the_source(  # t
     assert p.returncode == 1 and err.count("\n") == 1, err
     _gone_on(b.cbsd)  # the source had the node clear it (bmigrate mode=status there)
     _intact_here(a.cbsd, marks, before)
+
+
+def test_a_checkpoint_of_an_image_the_vm_no_longer_has_is_refused_naming_bmove(  # type: ignore[no-untyped-def]
+        two, counter_image) -> None:
+    """The one layout bmigrate cannot carry: a checkpoint holding a snapshot of an image the
+    VM no longer uses (here the UEFI variable store, after vm_efi=none): QEMU mirrors only
+    what it has open, so that file could not follow at the switchover."""
+    a, b = two
+    joined(a, b)
+    image = counter_image(fill_mib=1)
+    a.cbsd("bcreate", "jname=vm1", f"image={image}", "vm_os_type=other", "vm_ram=32m",
+           "vm_efi=uefi").ok()
+    a.cbsd("bstart", "vm1").ok()
+    a.cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c1").ok()
+    a.cbsd("bstop", "vm1", "noacpi=1").ok()
+    a.cbsd("bset", "jname=vm1", "vm_efi=none").ok()
+    a.cbsd("bstart", "vm1").ok()
+    counting(a.cbsd, "vm1")
+    a.cbsd("bmigrate", "jname=vm1", "node=b").fails(1, "use bmove")
+    assert a.cbsd.status("vm1") == "On" and b.cbsd("bls", "header=0").ok().out == ""
+    assert [c["name"] for c in a.cbsd.checkpoints("vm1")] == ["c1"]

@@ -64,9 +64,9 @@ def why_not(vm: VM) -> str | None:
         except CheckpointError as e:
             return f"{e} (bcheckpoint mode=verify)"
         if disks - images:
-            return (f"checkpoint {name} has a snapshot of {sorted(disks - images)[0]}, a disk "
-                    "the VM no longer has attached, which only the VM's whole folder can "
-                    "carry: use bmove")
+            return (f"checkpoint {name} has a snapshot in {sorted(disks - images)[0]}, an "
+                    "image the VM no longer uses, which QEMU's mirror cannot carry (only the "
+                    "VM's whole folder can): use bmove, or destroy that checkpoint")
     if vm.ctx.host.accel == "kvm":
         return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
                 "migrate: use bmove (hibernate, move, resume)")
