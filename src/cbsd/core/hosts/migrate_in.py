@@ -23,10 +23,10 @@ from cbsd.core.vm.machine import VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, VMSpec
+from cbsd.names import check_name
 from cbsd.qemu import img, migration, process
 from cbsd.qemu.runstate import MigrationStatus, RunState
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a checkpoint's name (ckpstore's folders)
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -99,9 +99,8 @@ def _request(line: bytes, jname: str
     if genid is not None and not (isinstance(genid, str) and UUID.fullmatch(genid)):
         raise UsageError(f"{what} holds a bad generation ID")
     current = req.get("checkpoints")
-    if current is not None and not (isinstance(current, str) and (
-            current == "" or NAME.fullmatch(current))):
-        raise UsageError(f"{what} names a bad checkpoint")
+    if current is not None and current != "":
+        check_name(current, f"checkpoint in {what}")
     return spec, source, {f: int(sizes[f]) for f, _ in VM.image_nodes(spec)}, \
         req.get("paused") is True, genid, current
 
