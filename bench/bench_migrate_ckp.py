@@ -1,9 +1,10 @@
 """bmigrate with and without checkpoints: the downtime and the whole command
 (python -m bench.run migrate-checkpoints -> docs/benchmarks/hosts-migrate-checkpoints/).
 
-The guest of the many-hosts study (bench/bench_hosts.py: 1 GiB, 768 MiB of random RAM, its disk
-768 MiB of data, vm_dedup=off so its checkpoints are plain files) between the same two hosts
-(network namespaces, each with its own sshd: tests/guests/hosts.py). Each repetition migrates
+The guest of the many-hosts study (bench/bench_hosts.py: 1 GiB, 768 MiB of random RAM, the
+counter guest's 1 MiB disk, vm_dedup=off so its checkpoints are plain files) between the same
+two hosts (network namespaces, each with its own sshd: tests/guests/hosts.py). Each repetition
+migrates
 it once with two checkpoints (c2 a child of c1, both carried) and once without (destroyall
 first), then makes the two checkpoints again on the host it is on: the two cases alternate, so
 load on the shared machine falls on both alike. The downtime is what cbsd reports (QEMU's own
@@ -66,8 +67,8 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
         twohosts.remove((a, b))
         subprocess.run(["rm", "-rf", str(base)], check=False)
     for c in (down, whole):
-        c.notes.append(f"guest: {RAM} RAM ({FILL} MiB random), {FILL} MiB of disk data; each "
-                       "checkpoint: its memory and its disk snapshot")
+        c.notes.append(f"guest: {RAM} RAM ({FILL} MiB of it random), a 1 MiB disk (the counter "
+                       "guest's); each checkpoint: its memory stream and its disk snapshot")
     versions = {"ssh": subprocess.run(["ssh", "-V"], capture_output=True,
                                       text=True).stderr.strip()}
     return [down, whole], versions
