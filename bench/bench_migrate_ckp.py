@@ -4,11 +4,10 @@
 The guest of the many-hosts study (bench/bench_hosts.py: 1 GiB, 768 MiB of random RAM, the
 counter guest's 1 MiB disk, vm_dedup=off so its checkpoints are plain files) between the same
 two hosts (network namespaces, each with its own sshd: tests/guests/hosts.py). Each repetition
-migrates
-it once with two checkpoints (c2 a child of c1, both carried) and once without (destroyall
-first), then makes the two checkpoints again on the host it is on: the two cases alternate, so
-load on the shared machine falls on both alike. The downtime is what cbsd reports (QEMU's own
-downtime plus the time until the node has registered the VM and it runs)."""
+migrates it once with two checkpoints (c2 a child of c1, both carried) and once without
+(destroyall first), then makes the two checkpoints again on the host it is on: the two cases
+alternate, so load on the shared machine falls on both alike. The downtime is what cbsd reports
+(QEMU's own downtime plus the time until the node has registered the VM and it runs)."""
 
 from __future__ import annotations
 
