@@ -5,9 +5,13 @@ their way leaves everything on the source."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,11 +26,30 @@ def _tree(cbsd: Cbsd) -> list[tuple[str, str | None]]:
     return [(str(c["name"]), c["parent"]) for c in cbsd.checkpoints("vm1")]
 
 
-def test_bmigrate_carries_the_checkpoint_tree(two, counter_image) -> None:  # type: ignore[no-untyped-def]
+def _snapshots(cbsd: Cbsd, tmp: Path) -> dict[str, str]:
+    """Each internal snapshot of vm1's disk: its tag and the SHA-256 of its contents."""
+    qemu_img = os.environ.get("CBSD_QEMU_IMG", "qemu-img")
+    disk = cbsd.workdir / "vm" / "vm1" / "dsk1.qcow2"
+    info = json.loads(subprocess.run([qemu_img, "info", "-U", "--output=json", str(disk)],
+                                     capture_output=True, text=True, check=True).stdout)
+    out = {}
+    for tag in (s["name"] for s in info.get("snapshots", [])):
+        raw = tmp / f"{tag}.raw"
+        subprocess.run([qemu_img, "convert", "-U", "-l", f"snapshot.name={tag}", "-O", "raw",
+                        str(disk), str(raw)], check=True, capture_output=True)
+        out[tag] = hashlib.sha256(raw.read_bytes()).hexdigest()
+        raw.unlink()
+    return out
+
+
+def test_bmigrate_carries_the_checkpoint_tree(two, counter_image,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
     a, b = two
     joined(a, b)
     marks = vm_with_checkpoints(a.cbsd, counter_image(fill_mib=8), "c1", "c2")
     assert _tree(a.cbsd) == [("c1", None), ("c2", "c1")]  # c2 is c1's child
+    snaps = _snapshots(a.cbsd, tmp_path)
+    assert len(snaps) == 2 and len(set(snaps.values())) == 2  # two different disk states
     before = counting(a.cbsd, "vm1")
     r = a.cbsd("bmigrate", "jname=vm1", "node=b", timeout=600).ok()
     assert "migrated to node b (downtime" in r.out, r.out
@@ -38,6 +61,7 @@ def test_bmigrate_carries_the_checkpoint_tree(two, counter_image) -> None:  # ty
     assert first_after(b.cbsd, "vm1", 0) >= before
     counting(b.cbsd, "vm1", 3)
     assert _tree(b.cbsd) == [("c1", None), ("c2", "c1")]
+    assert _snapshots(b.cbsd, tmp_path) == snaps  # each disk snapshot, byte for byte
     # The tree goes on from where the guest was: a new checkpoint is c2's child.
     b.cbsd("bcheckpoint", "mode=create", "jname=vm1", "name=c3").ok()
     assert _tree(b.cbsd)[-1] == ("c3", "c2")
