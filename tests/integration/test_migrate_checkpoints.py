@@ -145,3 +145,21 @@ def test_a_checkpoint_of_an_image_the_vm_no_longer_has_is_refused_naming_bmove( 
     a.cbsd("bmigrate", "jname=vm1", "node=b").fails(1, "use bmove")
     assert a.cbsd.status("vm1") == "On" and b.cbsd("bls", "header=0").ok().out == ""
     assert [c["name"] for c in a.cbsd.checkpoints("vm1")] == ["c1"]
+
+
+def test_kill9_after_the_switchover_leaves_the_checkpoints_with_the_vm_here(  # type: ignore[no-untyped-def]
+        two, counter_image) -> None:
+    """Killed once the memory is across, before "go": the node has the VM and its checkpoints
+    only under the unfinished mark; the next command here asks it (it clears them) and the
+    guest runs on here with every checkpoint."""
+    a, b = two
+    joined(a, b)
+    marks = vm_with_checkpoints(a.cbsd, counter_image(fill_mib=8), "c1", "c2")
+    before = counting(a.cbsd, "vm1")
+    p = stopped_at(a.cbsd, "bmigrate:migrated", "bmigrate", "jname=vm1", "node=b")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (b.cbsd.workdir / "jails-system" / "vm1" / "checkpoints").is_dir()  # it had them
+    a.cbsd("bstart", "vm1").fails(1, "already running")  # settled first, then refused
+    _gone_on(b.cbsd)
+    _intact_here(a.cbsd, marks, before)
