@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bench import bench_engine, bench_hosts, bench_service, report, run
+from bench import bench_engine, bench_hosts, bench_migrate_ckp, bench_service, report, run
 from bench.common import BENCHMARKS, Case, Study, load_cases
 
 from tests.unit.test_doc_links import broken_links
@@ -25,6 +25,8 @@ def writer(study: str) -> Writer:
         return bench_hosts.write
     if study == "service":
         return bench_service.write
+    if study == bench_migrate_ckp.STUDY.name:
+        return bench_migrate_ckp.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"
     return bench_engine.write
 
@@ -39,7 +41,7 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         return True
 
     # the writers describe the machine they run on
-    for writer in (bench_engine, bench_hosts, bench_service):
+    for writer in (bench_engine, bench_hosts, bench_migrate_ckp, bench_service):
         monkeypatch.setattr(writer, "machine", lambda: ["- (machine)"])
     monkeypatch.setattr(report, "chart", chart)
     monkeypatch.setattr(bench_engine, "_chart", chart)

@@ -116,7 +116,9 @@ def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_out
     spec = VMSpec(jname="vm1", ram=64 << 20, disks=["dsk1.qcow2"])
     good = {"spec": spec.to_dict(), "sizes": {"dsk1.qcow2": 1 << 30}, "paused": True,
             "source": {"qemu": "7.2.0", "accel": "tcg", "cpu": {"model": "qemu64"}}}
-    got, source, sizes, paused, _ = _request(json.dumps(good).encode(), "vm1")
+    got, source, sizes, paused, _, ckp = _request(json.dumps(good).encode(), "vm1")
+    assert ckp is None  # no checkpoints follow
+    assert _request(json.dumps({**good, "checkpoints": "c2"}).encode(), "vm1")[5] == "c2"
     assert got == spec and sizes == {"dsk1.qcow2": 1 << 30} and paused is True
     assert source["accel"] == "tcg"
     bad = {
@@ -128,6 +130,7 @@ def test_the_request_bmigrate_sends_a_node_is_checked_as_any_definition_from_out
         "a size as text": json.dumps({**good, "sizes": {"dsk1.qcow2": "1g"}}).encode(),
         "no size": json.dumps({**good, "sizes": {}}).encode(),
         "no source": json.dumps({**good, "source": None}).encode(),
+        "a path as the current checkpoint": json.dumps({**good, "checkpoints": "../x"}).encode(),
     }
     for line in bad.values():
         with pytest.raises(UsageError):

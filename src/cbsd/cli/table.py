@@ -375,8 +375,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "(docs/many-hosts.md)."),
     ),
     Command(
-        "bmigrate", "Move a running VM to another node while it runs (memory and disks, no "
-        "shared storage).",
+        "bmigrate", "Move a running VM to another node while it runs (memory, disks and "
+        "checkpoints, no shared storage).",
         (
             J_NAME,
             Key("node", "name", None, help="the node to migrate it to"),
@@ -385,8 +385,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         ),
         "cbsd bmigrate jname=vm1 node=host2",
         bare="one",
-        details=("QEMU mirrors the disks over NBD and migrates the memory, both through ssh; "
-                 "on any failure\nthe VM keeps running here (docs/many-hosts.md)."),
+        details=("Its checkpoints go first, while it runs; then QEMU mirrors the disks over "
+                 "NBD and migrates\nthe memory, all through ssh; on any failure the VM keeps "
+                 "running here, every\ncheckpoint with it (docs/many-hosts.md)."),
     ),
     Command(
         "bpause", "Pause (freeze vCPUs, memory stays in RAM) or resume VMs.",

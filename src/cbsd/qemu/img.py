@@ -68,6 +68,19 @@ def snapshot_delete(path: Path, tag: str) -> None:
     _run("snapshot", "-d", tag, str(path))
 
 
+def snapshot_create(path: Path, tag: str) -> None:
+    _run("snapshot", "-c", tag, str(path))
+
+
+def write_snapshot(src: Path, tag: str, dst: Path) -> None:
+    """Internal snapshot *tag* of the qcow2 *src* written over the active layer of the
+    existing qcow2 *dst* (every byte: zeros too). *src* may be in use by a running QEMU
+    (-U): a snapshot's clusters and tables never change while it exists (a write to them
+    is copied elsewhere first), so what is read is exactly the snapshot."""
+    _run("convert", "-q", "-U", "-n", "-f", "qcow2", "-O", "qcow2", "-l",
+         f"snapshot.name={tag}", str(src), str(dst))
+
+
 # --- is an image self-contained? ----------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -249,6 +249,12 @@ class Reader:
         if missing:
             raise ArchiveError(f"the archive lacks {', '.join(sorted(missing))}")
 
+    def end(self) -> None:
+        """Read the rest of the end record Writer.close wrote (members() stops at its first
+        block), so the stream can carry more after the archive (bmigrate's control channel)."""
+        if self._read(tarfile.RECORDSIZE - BLOCK) != bytes(tarfile.RECORDSIZE - BLOCK):
+            raise ArchiveError("the archive has data after its end")
+
 
 def _pax_records(data: bytes) -> dict[str, str]:
     """A pax extended header's records, "LEN KEY=VALUE\\n" each."""

@@ -106,3 +106,23 @@ def test_remote_arguments_are_quoted_and_hosts_checked() -> None:
     for bad in ("-oProxyCommand=x", "a b", "x;y", ""):
         with pytest.raises(Exception, match="bad host"):
             ssh.check_host(bad)
+
+
+def test_end_reads_exactly_the_archive_so_the_stream_goes_on(tmp_path: Path) -> None:
+    """bmigrate sends the checkpoints as an archive on its control channel, then a JSON line:
+    Reader.end leaves the stream right after the archive's end record."""
+    data = archive(tmp_path, {"vm/d.qcow2": b"d" * 3000})
+    stream = io.BytesIO(data + b'{"go": true}\n')
+    r = Reader(stream)
+    r.header()
+    for info in r.members():
+        r.extract(info, tmp_path / ("x-" + info.name.replace("/", "_")))
+    r.check_seal()
+    r.end()
+    assert stream.readline() == b'{"go": true}\n'
+    r = Reader(io.BytesIO(data[:-1] + b"x"))
+    r.header()
+    for info in r.members():
+        r.extract(info, tmp_path / ("y-" + info.name.replace("/", "_")))
+    with pytest.raises(ArchiveError, match="after its end"):
+        r.end()

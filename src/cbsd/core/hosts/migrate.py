@@ -2,9 +2,11 @@
 storage. QEMU does the work and OpenSSH carries it; cbsd only sequences it.
 
   node:  `cbsd bmigrate mode=incoming` (over the control ssh, JSON lines on stdin/stdout)
-         creates the VM's folder under the unfinished mark, empty disks of the same sizes,
-         starts its QEMU waiting for a migration (late-block-activate: the disks are taken
-         only at `cont`), exports the disks writable over NBD on a Unix socket, and answers
+         creates the VM's folder under the unfinished mark, empty disks of the same sizes
+         (for a VM with checkpoints: receives them first, with disks that hold their disk
+         snapshots and an empty active layer, core/hosts/migrate_ckp.py), starts its QEMU
+         waiting for a migration (late-block-activate: the disks are taken only at `cont`),
+         exports the disks writable over NBD on a Unix socket, and answers
          the two sockets' paths. Nothing is registered.
   here:  a second `ssh -N -L` forwards both sockets; each disk is mirrored into its export
          (blockdev-mirror sync=full) until all are in step, then the memory is migrated with
@@ -27,15 +29,16 @@ import select
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from cbsd import node_answers
-from cbsd.core.checkpoint import compat, generation
+from cbsd.core.checkpoint import compat, generation, tree
+from cbsd.core.hosts import migrate_ckp
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.moving import MIRROR, drop_mirror_nodes, mirror_of, node_named
-from cbsd.errors import CbsdError, NodeError, QemuError, StateError
+from cbsd.errors import CbsdError, CheckpointError, NodeError, QemuError, StateError
 from cbsd.failpoints import failpoint
 from cbsd.model import Action, Status, require
 from cbsd.qemu import img, migration
@@ -54,10 +57,16 @@ _CANCELLING = frozenset({MigrationStatus.CANCELLING, MigrationStatus.ACTIVE,
 
 def why_not(vm: VM) -> str | None:
     """Why this VM cannot migrate live (pure checks on what is here)."""
-    wd = vm.ctx.workdir
-    if ckpstore.list_states(wd.checkpoints(vm.jname)):
-        return ("it has checkpoints, which QEMU's disk mirror cannot carry (they are "
-                "snapshots inside its disk images): use bmove, or destroy them first")
+    images = {im.name for im in vm.images()}
+    for name, path in migrate_ckp.states(vm).items():
+        try:
+            disks = {s.disk for s in ckpstore.read_manifest(path).disk_snapshots}
+        except CheckpointError as e:
+            return f"{e} (bcheckpoint mode=verify)"
+        if disks - images:
+            return (f"checkpoint {name} has a snapshot in {sorted(disks - images)[0]}, an "
+                    "image the VM no longer uses, which QEMU's mirror cannot carry (only the "
+                    "VM's whole folder can): use bmove, or destroy that checkpoint")
     if vm.ctx.host.accel == "kvm":
         return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
                 "migrate: use bmove (hibernate, move, resume)")
@@ -80,6 +89,7 @@ def migrate(ctx: Context, jname: str, node_name: str) -> str:
 def _migrate_held(vm: VM, node: Node) -> float:
     wd, jname = vm.ctx.workdir, vm.jname
     paused = vm.status(mine=True) is Status.PAUSED
+    carried = bool(migrate_ckp.states(vm))
     sizes = {im.name: int(img.info(Path(im.path))["virtual-size"]) for im in vm.images()}
     control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -94,7 +104,11 @@ def _migrate_held(vm: VM, node: Node) -> float:
         _send(control, {"spec": vm.spec.to_dict(), "sizes": sizes, "paused": paused,
                         "source": {"qemu": vm.ctx.host.version, "accel": vm.ctx.host.accel,
                                    "cpu": compat.cpu_signature(vm.ctx.host)},
-                        "genid": generation.current(vm, mon)})
+                        "genid": generation.current(vm, mon),
+                        "checkpoints": (tree.current(wd, jname) or "") if carried else None})
+        if carried:  # before the mirror: the node's disks are built from them
+            with contextlib.suppress(BrokenPipeError):  # the node ended: _receive says why
+                migrate_ckp.send(vm, cast(IO[bytes], control.stdin))
         ready = node.checked("bmigrate mode=incoming", node_answers.migrate_sockets,
                              _receive(control, node, READY_TIMEOUT))
         forward = _forward(node, local, ready)

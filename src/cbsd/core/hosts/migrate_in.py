@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from cbsd import specs
-from cbsd.core.checkpoint import compat
+from cbsd.core.checkpoint import compat, tree
+from cbsd.core.hosts import migrate_ckp
 from cbsd.core.manage import cloudinit
 from cbsd.core.vm import definition, ramfile
 from cbsd.core.vm.context import Context
@@ -22,6 +23,7 @@ from cbsd.core.vm.machine import VM
 from cbsd.errors import QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, VMSpec
+from cbsd.names import check_name
 from cbsd.qemu import img, migration, process
 from cbsd.qemu.runstate import MigrationStatus, RunState
 
@@ -30,7 +32,7 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
     """The node's half (see the module's docstring); runs as long as the control ssh."""
-    spec, source, sizes, paused, genid = _request(inp.readline(), jname)
+    spec, source, sizes, paused, genid, current = _request(inp.readline(), jname)
     why = compat.host_incompatibility(ctx.host, spec, source, {"the VM": {
         "qemu": source["qemu"], "accel": source["accel"], "machine": spec.machine}})
     if why:
@@ -51,8 +53,13 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
         vm = VM(ctx, spec, runtime=(0, 0))
         try:
             wd.ensure_vm(jname)
-            for im in vm.images():
-                img.create(Path(im.path), sizes[im.name])
+            if current is not None:  # the VM's checkpoints follow the request
+                migrate_ckp.receive(ctx, spec, sizes, inp)
+                if current and wd.checkpoint(jname, current).is_dir():
+                    tree.set_current(wd, jname, current)  # the tree goes on from there
+            else:
+                for im in vm.images():
+                    img.create(Path(im.path), sizes[im.name])
             if spec.cloud_init:
                 cloudinit.write_seed(wd.seed(jname), cloudinit.documents(jname,
                                                                          spec.cloud_init))
@@ -65,9 +72,10 @@ def incoming(ctx: Context, jname: str, inp: IO[bytes], out: IO[str]) -> None:
 
 
 def _request(line: bytes, jname: str
-             ) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool, str | None]:
-    """The sending host's request (the VM's definition, its source, its disks' sizes),
-    checked as any definition from outside (specs.from_untrusted) before it is used:
+             ) -> tuple[VMSpec, dict[str, Any], dict[str, int], bool, str | None, str | None]:
+    """The sending host's request (the VM's definition, its source, its disks' sizes,
+    whether its checkpoints follow: None if not, else the one the guest descends from or
+    ''), checked as any definition from outside (specs.from_untrusted) before it is used:
     UsageError (exit 2) naming what is wrong."""
     what = f"{jname}: the request bmigrate sent"
     try:
@@ -90,8 +98,11 @@ def _request(line: bytes, jname: str
     genid = req.get("genid")  # the source QEMU's generation ID; absent: no vmgenid device
     if genid is not None and not (isinstance(genid, str) and UUID.fullmatch(genid)):
         raise UsageError(f"{what} holds a bad generation ID")
+    current = req.get("checkpoints")
+    if current is not None and current != "":
+        check_name(current, f"checkpoint in {what}")
     return spec, source, {f: int(sizes[f]) for f, _ in VM.image_nodes(spec)}, \
-        req.get("paused") is True, genid
+        req.get("paused") is True, genid, current
 
 
 def _receive_vm(vm: VM, paused: bool, genid: str | None, inp: IO[bytes], out: IO[str]

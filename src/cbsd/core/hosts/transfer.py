@@ -34,6 +34,7 @@ from cbsd.errors import ArchiveError, CheckpointError, StateError, UsageError
 from cbsd.failpoints import failpoint
 from cbsd.model import BOOT_MEDIA, Action, Status, VMSpec, require
 from cbsd.names import check_name
+from cbsd.qemu import img
 from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Reader, Source, Writer
@@ -52,7 +53,7 @@ NOT_STAGED = "nothing is staged as"
 # --- export -------------------------------------------------------------------------------
 
 @dataclass
-class _Plan:
+class Plan:
     members: list[tuple[str, Source, str | None]] = field(default_factory=list)
 
     def add(self, name: str, src: Source, expect: str | None = None) -> None:
@@ -78,7 +79,13 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
         head, plan = _plan(vm, checkpoints, status)
     except CheckpointError as e:
         raise CheckpointError(f"{jname}: {e} (bcheckpoint mode=verify)") from None
-    stream = out()
+    write_plan(jname, head, plan, out())
+    n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
+    return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
+
+
+def write_plan(jname: str, head: bytes, plan: Plan, stream: IO[bytes]) -> None:
+    """The archive: *head*, then the members, each saved state's checked as it goes out."""
     # On a failure the archive just stops (no seal): any importer refuses it as truncated.
     writer = Writer(stream)
     writer.add_bytes(HEADER, head)
@@ -93,8 +100,6 @@ def write_archive(vm: VM, out: Callable[[], IO[bytes]], checkpoints: list[str] |
                                   "state is damaged: bcheckpoint mode=verify)")
     writer.close()
     stream.flush()
-    n = len([m for m in plan.members if m[0].endswith("/" + ckpstore.MANIFEST)])
-    return f"{jname}: exported ({n} saved state{'s' if n != 1 else ''})"
 
 
 def _state_of(member: str) -> str:
@@ -113,8 +118,8 @@ def status_of(ctx: Context, jname: str) -> Status:
         vm.close()
 
 
-def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, _Plan]:
-    wd, jname, plan = vm.ctx.workdir, vm.jname, _Plan()
+def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, Plan]:
+    wd, jname, plan = vm.ctx.workdir, vm.jname, Plan()
     for f in sorted(wd.vm_dir(jname).iterdir()):
         if f.is_file() and not f.is_symlink():
             plan.add(f"vm/{f.name}", Source(f.stat().st_size, f))
@@ -136,7 +141,7 @@ def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, _
     summary: dict[str, Any] = {}
     for prefix, ckdir in dirs:
         m = ckpstore.read_manifest(ckdir)
-        _add_state(plan, prefix, ckdir, m, set(wanted))
+        add_state(plan, prefix, ckdir, m, set(wanted))
         summary[prefix] = {"qemu": m.qemu_version, "accel": m.accel, "machine": m.machine}
     host = vm.ctx.host
     head = {
@@ -150,7 +155,7 @@ def _plan(vm: VM, selection: list[str] | None, status: Status) -> tuple[bytes, _
     return json.dumps(head, indent=1, sort_keys=True).encode(), plan
 
 
-def _add_state(plan: _Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
+def add_state(plan: Plan, prefix: str, ckdir: Path, m: ckpstore.Manifest,
                exported: set[str]) -> None:
     """The state's files; its manifest rewritten where what travels differs from what is
     stored (a folded stream goes as a plain `memory`; a parent not exported is dropped)."""
@@ -212,9 +217,7 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
         raise ArchiveError(f"the archive's {HEADER} lacks what a cbsd export has") from None
     spec = _definition(definition, members)
     jname = check_name(new_name or spec.jname)
-    bad = [n for n in members if not _MEMBER.fullmatch(n) or ".." in n]
-    if bad:
-        raise ArchiveError(f"the archive holds {bad[0]}, which no cbsd export has")
+    check_members(members)
     why = host_incompatibility(ctx.host, spec, source, states)
     if why:
         raise StateError(f"{jname}: cannot import on this host: {why}")
@@ -223,18 +226,7 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
                          "another name)")
     folder, lock = staging.new(ctx)
     try:
-        for info in reader.members():
-            if members.get(info.name) != info.size:
-                raise ArchiveError(f"the archive holds {info.name} ({info.size} bytes), "
-                                   f"which its {HEADER} does not list so")
-            dst = folder / info.name
-            dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            reader.extract(info, dst)
-            failpoint("bimport:member")
-        reader.check_seal()
-        missing = set(members) - set(reader.sums)
-        if missing:
-            raise ArchiveError(f"the archive lacks {', '.join(sorted(missing))}")
+        extract(reader, folder, members, "bimport:member")
         spec = _settle(ctx, folder, spec, jname, reader.sums)
         (folder / "spec.json").write_text(_json(spec.to_dict()))
         if stage:
@@ -246,6 +238,30 @@ def _import(ctx: Context, inp: IO[bytes], new_name: str | None, *,
         if not (folder / staging.STAGED).exists():
             staging.drop(folder)
         os.close(lock)
+
+
+def check_members(members: dict[str, int]) -> None:
+    """Every member name one a cbsd export may hold (no path is taken as it is)."""
+    bad = [n for n in members if not _MEMBER.fullmatch(n) or ".." in n]
+    if bad:
+        raise ArchiveError(f"the archive holds {bad[0]}, which no cbsd export has")
+
+
+def extract(reader: Reader, folder: Path, members: dict[str, int], point: str) -> None:
+    """Every member of the archive into *folder*, each listed (with its size) in *members*;
+    the seal checked. *point*: the failpoint after each member."""
+    for info in reader.members():
+        if members.get(info.name) != info.size:
+            raise ArchiveError(f"the archive holds {info.name} ({info.size} bytes), "
+                               f"which its {HEADER} does not list so")
+        dst = folder / info.name
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        reader.extract(info, dst)
+        failpoint(point)
+    reader.check_seal()
+    missing = set(members) - set(reader.sums)
+    if missing:
+        raise ArchiveError(f"the archive lacks {', '.join(sorted(missing))}")
 
 
 def _definition(data: Any, members: dict[str, int]) -> VMSpec:
@@ -287,6 +303,15 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
     boot = {m: str(wd.vm_dir(jname) / f"boot-{m}") for m in BOOT_MEDIA
             if (folder / "boot" / m).is_file()}
     spec = dataclasses.replace(spec, jname=jname, **boot)  # type: ignore[arg-type]
+    check_states(ctx, folder, spec, sums, boot)
+    return spec
+
+
+def check_states(ctx: Context, folder: Path, spec: VMSpec, sums: dict[str, list[Any]],
+                 boot: dict[str, str]) -> dict[str, img.ImageInfo]:
+    """_settle's checks of the folder's images and saved states, for the VM *spec* (boot:
+    its boot media's new paths, for the states' copies of the definition); the images."""
+    jname = spec.jname
     images = staging.check_images(ctx.workdir, folder, spec)
     owned = staging.check_snapshots(_state_dirs(folder), images)
     for ckdir in _state_dirs(folder):
@@ -309,7 +334,7 @@ def _settle(ctx: Context, folder: Path, spec: VMSpec, jname: str,
             m.jname, m.spec = jname, {**m.spec, "jname": jname, **boot}
             ckpstore.save_manifest(m, ckdir)
     staging.drop_orphans(folder, images, owned)  # snapshots of checkpoints not exported
-    return spec
+    return images
 
 
 def _state_dirs(folder: Path) -> list[Path]:
