@@ -13,7 +13,6 @@ from cbsd.cli import output
 from cbsd.cli.args import show_value
 from cbsd.core.vm.context import Context
 from cbsd.errors import CheckpointError, NodeError, NoSuchVM, UsageError, describe
-from cbsd.model import CLOUD_INIT_KEYS, VMSpec
 from cbsd.names import is_mask, match_mask
 
 Args = dict[str, Any]
@@ -77,19 +76,7 @@ def bcreate(ctx: Context, a: Args) -> int:
     # lazy: each command loads its own core module; bls skips lifecycle
     from cbsd.core.manage import lifecycle
 
-    # lazy: only bcreate builds a cloud-init seed (pycdlib behind it)
-    from cbsd.core.manage.cloudinit import settings
-
-    spec = lifecycle.create(ctx, VMSpec(
-        jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
-        iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
-        vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
-        astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
-        efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
-        mac=a["nic_hwaddr"] or "",
-        interface=a["interface"] or "",
-        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS})), imgsize=a["imgsize"],
-        image=a["image"])
+    spec = lifecycle.create_from_keys(ctx, a)
     print(f"{spec.jname}: created")
     if a["runasap"]:
         print(lifecycle.start(ctx, spec.jname))

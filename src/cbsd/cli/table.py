@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_service import SERVICE_COMMANDS
 from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
@@ -385,12 +386,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "needs\nqemu-guest-agent in the guest (docs/management.md)."),
         readonly=True,
     ),
+    *SERVICE_COMMANDS,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
 LOCAL_ONLY = {"bls", "node", "bmove", "bmigrate", "bimport", "bregister", "bwhereis",
-              "bexec", "bscp"}
+              "bexec", "bscp", "serve", "token"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

@@ -80,10 +80,15 @@ def _hostname(name: str) -> bool:
         and not lb.startswith("-") for lb in labels)
 
 
+def names_a_file(pubkey: str) -> bool:
+    """Whether a ci_user_pubkey value is a path to read (not the key itself)."""
+    return not pubkey.startswith(_KEY_PREFIXES)
+
+
 def _public_key(value: str) -> str:
     """A path to a public key file, or the key itself."""
     text = value
-    if not value.startswith(_KEY_PREFIXES):
+    if names_a_file(value):
         try:
             text = Path(value).read_text().strip()
         except OSError as e:

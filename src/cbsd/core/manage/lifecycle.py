@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cbsd import specs
 from cbsd.core.checkpoint import tree
@@ -27,7 +28,7 @@ from cbsd.core.vm.machine import EFI_VARS, VM, adopt_lost_qemu
 from cbsd.core.vm.pause import switch
 from cbsd.errors import EnvironmentFault, QemuError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import Action, Status, VMSpec, require
+from cbsd.model import CLOUD_INIT_KEYS, Action, Status, VMSpec, require
 from cbsd.names import check_name
 from cbsd.qemu import img, process
 from cbsd.qemu.host import resolve_machine
@@ -119,6 +120,24 @@ def create(ctx: Context, spec: VMSpec, *, imgsize: int | None = None,
         failpoint("bcreate:disk")
 
     return create_from(ctx, spec, make)
+
+
+def create_from_keys(ctx: Context, a: dict[str, Any]) -> VMSpec:
+    """bcreate's keys (as its key table parses them: every key present, defaults filled in)
+    -> a new VM. The CLI's bcreate and the service's POST /1.0/instances both call this."""
+    # lazy: only bcreate builds a cloud-init seed (pycdlib behind it)
+    from cbsd.core.manage.cloudinit import settings
+
+    return create(ctx, VMSpec(
+        jname=a["jname"], ram=a["vm_ram"], cpus=a["vm_cpus"], os_type=a["vm_os_type"],
+        iso=a["iso"], kernel=a["kernel"], initrd=a["initrd"], cmdline=a["cmdline"],
+        vnc=a["vnc"], vnc_password=a["vnc_password"], nic=a["nic"], hostfwd=a["hostfwd"],
+        astart=a["astart"], guest_agent=ctx.host.agent_channel, virtio_rnd=a["virtio_rnd"],
+        efi=a["vm_efi"], ram_file=a["vm_ramfile"], dedup=a["vm_dedup"], genid=a["vm_genid"],
+        mac=a["nic_hwaddr"] or "",
+        interface=a["interface"] or "",
+        cloud_init=settings({k: a[k] for k in CLOUD_INIT_KEYS})), imgsize=a["imgsize"],
+        image=a["image"])
 
 
 def create_from(ctx: Context, spec: VMSpec, make: Callable[[Path], None]) -> VMSpec:

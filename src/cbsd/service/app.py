@@ -1,0 +1,124 @@
+"""create_app(config) -> the FastAPI application: every router, the error format, and who may
+call it (auth.py). The routers call the same core functions the CLI's handlers call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import platform
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from cbsd import __version__
+from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
+from cbsd.service import auth, events
+from cbsd.service.operations import Operation, Operations
+from cbsd.service.pools import Forbidden
+from cbsd.storage.paths import Workdir
+
+Keys = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class Config:
+    workdir: Workdir
+    keys: Keys  # (command, JSON body) -> the command's parsed keys (cli/serve.api_keys)
+    listen: str | None = None  # ADDRESS:PORT of the TLS listener, if any
+    pools: list[Path] = field(default_factory=list)
+
+
+def status_of(e: BaseException) -> int:
+    """The HTTP status for an error, from what the CLI's exit code says (docs/api.md)."""
+    if isinstance(e, Forbidden):
+        return 403
+    if isinstance(e, NoSuchVM):
+        return 404
+    if isinstance(e, BusyError):
+        return 409
+    if isinstance(e, UsageError):
+        return 400
+    return 500
+
+
+def error(e: BaseException) -> JSONResponse:
+    message, _ = describe(e)
+    status = status_of(e)
+    return JSONResponse({"error": message, "error_code": status}, status_code=status)
+
+
+def create_app(config: Config) -> FastAPI:
+    bus = events.Bus()
+    watcher = events.StatusWatcher(config.workdir, bus)
+
+    def notify(op: Operation) -> None:
+        bus.publish("operation", op.as_json())
+        if op.finished.is_set():
+            watcher.look()  # the VM's new status, at once (in the operation's thread)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bus.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(watcher.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="cbsd", version=__version__, lifespan=lifespan,
+                  description="The cbsd service's REST API (docs/api.md).")
+    app.state.config = config
+    app.state.bus = bus
+    app.state.operations = Operations(config.workdir, notify)
+
+    @app.exception_handler(CbsdError)
+    async def cbsd_error(request: Request, e: CbsdError) -> JSONResponse:
+        return error(e)
+
+    @app.middleware("http")
+    async def authenticate(request: Request,
+                           call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        how = who(config.workdir, request)
+        if how is None:
+            return JSONResponse({"error": "cbsd: authentication required (a token: "
+                                 "'Authorization: Bearer TOKEN', or a trusted client "
+                                 "certificate)", "error_code": 401}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        request.state.auth = how
+        return await call_next(request)
+
+    @app.get("/1.0", summary="Server information")
+    def server_info(request: Request) -> dict[str, Any]:
+        # lazy: the host's probe (cached) only when asked
+        from cbsd.core.vm.context import Context
+
+        host = Context(config.workdir, writable=False).host
+        return {"api_version": "1.0", "version": __version__, "host": platform.node(),
+                "accel": host.accel, "qemu_version": host.version,
+                "auth": request.state.auth, "pools": [str(p) for p in config.pools]}
+
+    # lazy: the routers import the core; create_app is their one user
+    from cbsd.service import (
+        api_checkpoints,
+        api_instances,
+        api_operations,
+        api_state,
+    )
+
+    for module in (api_instances, api_state, api_checkpoints, api_operations, events):
+        app.include_router(module.router)
+    return app
+
+
+def who(wd: Workdir, request: Request) -> str | None:
+    """How this request is authenticated: 'unix' (the local socket: trusted), 'certificate'
+    (a client certificate the TLS handshake verified), 'token:NAME', or None (refused)."""
+    scope = request.scope
+    if scope.get("cbsd.transport") == "unix":
+        return "unix"
+    if scope.get("cbsd.client_cert"):
+        return "certificate"
+    name = auth.token_owner(wd, request.headers.get("authorization"))
+    return f"token:{name}" if name else None
