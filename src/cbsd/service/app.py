@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
-from cbsd.service import auth, events
+from cbsd.service import auth, consoles, events, ui
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
 from cbsd.storage.paths import Workdir
@@ -81,6 +81,8 @@ def create_app(config: Config) -> FastAPI:
     async def authenticate(request: Request,
                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         how = who(config.workdir, request)
+        if how is None and ui.is_public(request.url.path):
+            how = "anonymous"  # the web UI's page, its files and its log-in: no VM reached
         if how is None:
             return JSONResponse({"error": "cbsd: authentication required (a token: "
                                  "'Authorization: Bearer TOKEN', or a trusted client "
@@ -107,8 +109,11 @@ def create_app(config: Config) -> FastAPI:
         api_state,
     )
 
-    for module in (api_instances, api_state, api_checkpoints, api_operations, events):
+    for module in (api_instances, api_state, api_checkpoints, api_operations, events,
+                   ui, consoles):
         app.include_router(module.router)
+    ui.mount_static(app)
+    app.add_middleware(ui.SessionGuard)  # outermost: a session's user, before authenticate
     return app
 
 
@@ -120,5 +125,7 @@ def who(wd: Workdir, request: Request) -> str | None:
         return "unix"
     if scope.get("cbsd.client_cert"):
         return "certificate"
+    if user := ui.session_user(request.state):  # the web UI's session (ui.SessionGuard)
+        return user
     name = auth.token_owner(wd, request.headers.get("authorization"))
     return f"token:{name}" if name else None

@@ -58,6 +58,16 @@ def mount_static(app: Any) -> None:
                   name="ui-novnc")
 
 
+PUBLIC = ("/ui/static/", "/ui/xterm/", "/ui/novnc/")
+PUBLIC_EXACT = frozenset({"/", "/ui/", "/ui/login", "/ui/session", "/ui/logout"})
+
+
+def is_public(path: str) -> bool:
+    """The paths anyone may fetch: the page, its files, and logging in and out (they answer
+    401 themselves without a session). Nothing here reads or changes a VM."""
+    return path in PUBLIC_EXACT or path.startswith(PUBLIC)
+
+
 def error(status: int, message: str) -> JSONResponse:
     """The API's error shape (docs/api.md)."""
     return JSONResponse({"error": message, "error_code": status}, status_code=status)
