@@ -46,6 +46,7 @@ function openEvents() {
   };
 }
 
+// Until the page changes (call after show(), which ends the previous page's listeners).
 function listen(fn) { listeners.add(fn); leaving.push(() => listeners.delete(fn)); }
 
 // An operation (the 202 answer of a state change, checkpoint, ...) shown as a progress bar in
@@ -155,9 +156,9 @@ async function listPage() {
     el("td", {}, r.vm_cpus), el("td", {}, r.vm_ram), el("td", {}, r.vm_os_type),
     el("td", {}, stateButtons(r.jname, r.status, ops)))));
   const refresh = async () => render(await api("GET", "/1.0/instances"));
-  listen((e) => { if (e.type === "lifecycle") refresh(); });
   show(() => el("div", {}, el("section", {}, el("h2", {}, "Virtual machines"), table, ops),
                 createForm(refresh)));
+  listen((e) => { if (e.type === "lifecycle") refresh(); });
   await refresh();
 }
 
@@ -215,7 +216,9 @@ async function vmPage(name) {
     status.textContent = vm.status;
     status.className = `status ${vm.status}`;
     buttons.replaceChildren(...stateButtons(name, vm.status, ops));
-    const cps = await api("GET", `${path}/checkpoints`);
+    let cps;
+    try { cps = await api("GET", `${path}/checkpoints`); }
+    catch (e) { tree.replaceChildren(el("p", { class: "error" }, e.message)); return; }
     const list = Array.isArray(cps) ? cps : (cps.checkpoints ?? []);
     const current = Array.isArray(cps) ? null : cps.current;
     tree.replaceChildren(list.length ? drawTree(list, current, (c) => [
@@ -243,12 +246,12 @@ async function vmPage(name) {
   const vncState = el("span", { id: "vnc-state" }, "");
   const vncButton = el("button", { id: "vnc-open", on: { click: () => openVnc(name, vncBox, vncState) } },
                        "Show the display");
-  listen((e) => { if (e.type === "lifecycle" && e.metadata.name === name) refresh(); });
   show(() => el("div", {},
     el("section", {}, el("h2", {}, name, " ", status), buttons, ops),
     el("section", {}, el("h2", {}, "Checkpoints"), cpForm, tree),
     el("section", {}, el("h2", {}, "Serial console ", consoleState), termBox),
     el("section", {}, el("h2", {}, "Display (VNC) ", vncState), vncButton, vncBox)));
+  listen((e) => { if (e.type === "lifecycle" && e.metadata.name === name) refresh(); });
   openConsole(name, termBox, consoleState);
   await refresh();
 }

@@ -1,0 +1,192 @@
+"""The web UI in a real browser (the browser tier): Debian's chromium driven by Playwright
+against a real `cbsd serve` (TLS on 127.0.0.1) and a real boot-sector counter VM.
+
+One service, one browser and one VM for the module (the steps build on each other: log in, see
+the list, start, watch the console, checkpoint, restore); the refusals (bad token, a POST without
+the CSRF token, a foreign Origin's WebSocket) use the same service. Every wait is Playwright's
+(a condition with a deadline), never a fixed sleep.
+
+CBSD_WEBUI_SCREENSHOTS=DIR saves the main pages as PNG into DIR (docs/web-ui/ is made so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.guests import build
+from tests.harness import COUNTER_RE, Cbsd, kill_vms
+from tests.service import Service
+
+pytestmark = [pytest.mark.vm, pytest.mark.browser]
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT = 60_000  # ms: Playwright's deadline for a condition in the page (a loaded host)
+SHOTS = os.environ.get("CBSD_WEBUI_SCREENSHOTS")
+sync_api.expect.set_options(timeout=WAIT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UI:
+    def __init__(self, cbsd: Cbsd, svc: Service, base: str, token: str, page: Any) -> None:
+        self.cbsd, self.svc, self.base, self.token, self.page = cbsd, svc, base, token, page
+
+    def shot(self, name: str) -> None:
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+    def console_text(self) -> str:
+        return str(self.page.locator("#terminal .xterm-rows").inner_text())
+
+    def counts(self) -> list[int]:
+        return [int(n) for n, _, _ in re.findall(COUNTER_RE, self.console_text())]
+
+    def wait_count(self, above: int) -> int:
+        """Wait until the page's console shows a counter line above *above*; the last count."""
+        self.page.wait_for_function(
+            """(above) => [...(document.querySelector('#terminal .xterm-rows')?.innerText ?? '')
+                 .matchAll(/n=(\\d+) disk=\\d+ OK/g)].some(m => Number(m[1]) > above)""",
+            arg=above, timeout=WAIT)
+        return self.counts()[-1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
+    base = tmp_path_factory.mktemp("webui")
+    wd = base / "wd"
+    pool = base / "pool"
+    pool.mkdir()
+    build.counter_image(pool / "counter.raw")
+    cbsd = Cbsd(wd)
+    cbsd("bcreate", "jname=vm1", f"image={pool / 'counter.raw'}", "vm_os_type=other",
+         "vm_ram=32m", "vnc=1").ok()
+    token = cbsd("token", "mode=add", "name=browser").ok().out.strip().split()[-1]
+    port = free_port()
+    svc = Service(wd, f"listen=127.0.0.1:{port}", f"pools={pool}").start()
+    profile = tempfile.mkdtemp(prefix="cbsd-chromium-")
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+                ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+            page = browser.new_page()
+            page.set_default_timeout(WAIT)
+            yield UI(cbsd, svc, f"https://127.0.0.1:{port}", token, page)
+            browser.close()
+    finally:
+        svc.stop()
+        kill_vms(wd)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_bad_token_is_refused(ui: UI) -> None:
+    ui.page.goto(ui.base + "/")
+    ui.page.fill("#token", "not-a-token")
+    ui.page.click("#login button[type=submit]")
+    sync_api.expect(ui.page.locator("#login-error")).to_contain_text("not valid")
+    sync_api.expect(ui.page.locator("#vms")).to_have_count(0)
+
+
+def test_log_in_and_see_the_list(ui: UI) -> None:
+    ui.page.goto(ui.base + "/")
+    ui.shot("login")
+    ui.page.fill("#token", ui.token)
+    ui.page.click("#login button[type=submit]")
+    row = ui.page.locator('#vms tr[data-vm="vm1"]')
+    sync_api.expect(row.locator(".status")).to_have_text("Off")
+    sync_api.expect(ui.page.locator("#new-image option")).to_contain_text("counter.raw")
+
+
+def test_start_shows_live_status_and_the_console(ui: UI) -> None:
+    row = ui.page.locator('#vms tr[data-vm="vm1"]')
+    row.locator("button.action-start").click()
+    sync_api.expect(ui.page.locator("#operations .op-text")).to_contain_text("Success")
+    # the status comes from the event stream: nothing reloads the page
+    sync_api.expect(row.locator(".status")).to_have_text("On")
+    ui.shot("vms")
+    row.locator("a").click()
+    sync_api.expect(ui.page.locator("#console-state")).to_have_text("connected")
+    first = ui.wait_count(-1)
+    assert ui.wait_count(first + 2) > first  # it keeps counting, in the page
+
+
+def test_checkpoint_and_restore_from_the_tree(ui: UI) -> None:
+    page = ui.page
+    before = ui.wait_count(-1)
+    page.fill("#cp-name", "c1")
+    page.click("#cp-create button[type=submit]")
+    sync_api.expect(page.locator(".operation .op-text")).to_contain_text("Success")
+    after = ui.counts()[-1]
+    node = page.locator('#checkpoints li[data-checkpoint="c1"]')
+    sync_api.expect(node).to_have_count(1)
+    later = ui.wait_count(after + 15)  # the guest goes on well past the checkpoint
+    ui.shot("vm")
+    node.locator("button.cp-restore").first.click()
+    sync_api.expect(page.locator(".operation .op-text")).to_contain_text("Success")
+    # The console reconnects to the restored QEMU; its first counter line continues from
+    # the checkpoint's count (between what the page showed around the create), not from
+    # `later`, and it counts on from there.
+    page.wait_for_function(
+        """([lo, hi]) => [...(document.querySelector('#terminal .xterm-rows')?.innerText ?? '')
+             .matchAll(/n=(\\d+) disk=\\d+ OK/g)].some(m => Number(m[1]) >= lo
+                                                       && Number(m[1]) <= hi + 3)""",
+        arg=[before, after], timeout=WAIT)
+    restored = [n for n in ui.counts() if before <= n <= after + 3]
+    assert restored and later > after + 3, (ui.counts(), before, after, later)
+    assert ui.wait_count(restored[-1] + 3) > restored[-1]
+
+
+def test_post_without_csrf_token_is_refused(ui: UI) -> None:
+    """The page's session cookie alone (as a form another site posts would carry it) changes
+    nothing: 403, and the VM keeps running."""
+    answer = ui.page.evaluate(
+        """async () => { const r = await fetch('/1.0/instances/vm1/state', {method: 'PUT',
+             headers: {'Content-Type': 'application/json'}, credentials: 'same-origin',
+             body: JSON.stringify({action: 'stop', noacpi: true})});
+           return [r.status, await r.text()]; }""")
+    assert answer[0] == 403 and "CSRF" in answer[1], answer
+    assert ui.cbsd.status("vm1") == "On"
+
+
+def test_websocket_from_a_foreign_origin_is_refused(ui: UI) -> None:
+    cookies = {c["name"]: c["value"] for c in ui.page.context.cookies()}
+    host = ui.base.removeprefix("https://")
+    headers = {"Origin": "https://evil.example", "Connection": "Upgrade", "Upgrade": "websocket",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+               "Host": host}
+    with httpx.Client(verify=False, cookies=cookies) as c:  # the service's self-signed cert
+        foreign = c.get(ui.base + "/1.0/instances/vm1/console", headers=headers)
+        assert foreign.status_code == 403, foreign.text
+    # the page's own origin gets the console (the same cookie, the same request otherwise)
+    ok = ui.page.evaluate(
+        """() => new Promise((resolve) => {
+             const ws = new WebSocket(`wss://${location.host}/1.0/instances/vm1/console`);
+             ws.onopen = () => { ws.close(); resolve(true); };
+             ws.onerror = () => resolve(false); })""")
+    assert ok
+
+
+def test_vnc_display_in_the_page(ui: UI) -> None:
+    ui.page.click("#vnc-open")
+    sync_api.expect(ui.page.locator("#vnc-state")).to_have_text("connected")
+    sync_api.expect(ui.page.locator("#vnc-screen canvas")).to_have_count(1)
+    ui.shot("vm-vnc")
