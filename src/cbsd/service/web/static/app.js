@@ -185,6 +185,12 @@ function createForm(refresh) {
   return el("section", {}, el("h2", {}, "Create a VM from an image"), form, out);
 }
 
+function when(created) {
+  if (created === null || created === undefined) return "damaged";
+  const d = new Date(typeof created === "number" ? created * 1000 : created);
+  return isNaN(d) ? String(created) : d.toLocaleString();
+}
+
 // The checkpoints as a tree: each under its parent (a checkpoint whose parent is gone is a root).
 function drawTree(list, current, buttons) {
   const byName = new Map(list.map((c) => [c.name, c]));
@@ -199,7 +205,7 @@ function drawTree(list, current, buttons) {
       el("li", { "data-checkpoint": c.name },
         el("span", { class: `node${c.name === current ? " current" : ""}` },
           el("span", { class: "cp-name" }, c.name),
-          el("small", {}, c.created ? new Date(c.created * 1000).toLocaleString() : "damaged"),
+          el("small", {}, when(c.created)),
           buttons(c)),
         kids.has(c.name) ? branch(c.name) : "")));
   return branch(null);
@@ -223,6 +229,10 @@ async function vmPage(name) {
     const current = Array.isArray(cps) ? null : cps.current;
     tree.replaceChildren(list.length ? drawTree(list, current, (c) => [
       el("button", { class: "cp-restore", on: { click: async () => {
+        // As on the command line: a running VM is powered off first (bstop noacpi=1, then
+        // bstart checkpoint=); the checkpoint holds the whole state it returns to.
+        if (["On", "Paused"].includes(status.textContent)
+            && !await act(ops, "PUT", `${path}/state`, { action: "stop", noacpi: true })) return;
         if (await act(ops, "POST", `${path}/checkpoints/${encodeURIComponent(c.name)}/restore`, {})) refresh();
       } } }, "restore"),
       el("button", { class: "cp-verify", on: { click: () =>
