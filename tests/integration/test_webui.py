@@ -34,6 +34,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MARKER = "[cbsd: connected to vm1's console]"  # the page's line at each (re)connect
 WAIT = 60_000  # ms: Playwright's deadline for a condition in the page (a loaded host)
 SHOTS = os.environ.get("CBSD_WEBUI_SCREENSHOTS")
 sync_api.expect.set_options(timeout=WAIT)
@@ -55,18 +56,29 @@ class UI:
             self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
 
     def console_text(self) -> str:
-        return str(self.page.locator("#terminal .xterm-rows").inner_text())
+        """What the page's console shows since it last (re)connected to a QEMU."""
+        text = str(self.page.locator("#terminal .xterm-rows").inner_text())
+        return text.rpartition(MARKER)[2]
+
+    def connections(self) -> int:
+        return int(self.page.get_attribute("#console-state", "data-connections") or 0)
 
     def counts(self) -> list[int]:
         return [int(n) for n, _, _ in re.findall(COUNTER_RE, self.console_text())]
 
+    def wait_counts(self, test: str, arg: Any) -> list[int]:
+        """Wait until some counter line the console shows since its last connect passes the
+        JavaScript *test* (of n and arg); the counts it shows then."""
+        self.page.wait_for_function(
+            f"""([arg, marker]) => [...(document.querySelector('#terminal .xterm-rows')
+                 ?.innerText ?? '').split(marker).pop().matchAll(/n=(\\d+) disk=\\d+ OK/g)]
+                 .some(m => {{ const n = Number(m[1]); return {test}; }})""",
+            arg=[arg, MARKER], timeout=WAIT)
+        return self.counts()
+
     def wait_count(self, above: int) -> int:
         """Wait until the page's console shows a counter line above *above*; the last count."""
-        self.page.wait_for_function(
-            """(above) => [...(document.querySelector('#terminal .xterm-rows')?.innerText ?? '')
-                 .matchAll(/n=(\\d+) disk=\\d+ OK/g)].some(m => Number(m[1]) > above)""",
-            arg=above, timeout=WAIT)
-        return self.counts()[-1]
+        return self.wait_counts("n > arg", above)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -134,25 +146,23 @@ def test_checkpoint_and_restore_from_the_tree(ui: UI) -> None:
     before = ui.wait_count(-1)
     page.fill("#cp-name", "c1")
     page.click("#cp-create button[type=submit]")
-    sync_api.expect(page.locator(".operation .op-text")).to_contain_text("Success")
+    sync_api.expect(page.locator(".operation .op-text")).to_have_text("checkpoint vm1 c1: Success")
     after = ui.counts()[-1]
     node = page.locator('#checkpoints li[data-checkpoint="c1"]')
     sync_api.expect(node).to_have_count(1)
     later = ui.wait_count(after + 15)  # the guest goes on well past the checkpoint
     ui.shot("vm")
-    node.locator("button.cp-restore").first.click()
-    sync_api.expect(page.locator(".operation .op-text")).to_contain_text("Success")
+    connections = ui.connections()
+    node.locator("button.cp-restore").first.click()  # a running VM: stopped, then restored
+    sync_api.expect(page.locator(".operation .op-text")).to_have_text("restore vm1 c1: Success")
     # The console reconnects to the restored QEMU; its first counter line continues from
     # the checkpoint's count (between what the page showed around the create), not from
     # `later`, and it counts on from there.
-    page.wait_for_function(
-        """([lo, hi]) => [...(document.querySelector('#terminal .xterm-rows')?.innerText ?? '')
-             .matchAll(/n=(\\d+) disk=\\d+ OK/g)].some(m => Number(m[1]) >= lo
-                                                       && Number(m[1]) <= hi + 3)""",
-        arg=[before, after], timeout=WAIT)
-    restored = [n for n in ui.counts() if before <= n <= after + 3]
-    assert restored and later > after + 3, (ui.counts(), before, after, later)
-    assert ui.wait_count(restored[-1] + 3) > restored[-1]
+    page.wait_for_function(f"() => Number(document.querySelector('#console-state')"
+                           f".dataset.connections) > {connections}", timeout=WAIT)
+    shown = ui.wait_counts("n >= 0", None)
+    assert before <= shown[0] <= after + 3 < later, (shown, before, after, later)
+    assert ui.wait_count(shown[0] + 3) > shown[0]  # and it counts on from there
 
 
 def test_post_without_csrf_token_is_refused(ui: UI) -> None:

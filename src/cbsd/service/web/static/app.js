@@ -282,7 +282,13 @@ function openConsole(name, box, state) {
   const connect = () => {
     ws = new WebSocket(wsUrl(`/1.0/instances/${encodeURIComponent(name)}/console`));
     ws.binaryType = "arraybuffer";
-    ws.onopen = () => { state.textContent = "connected"; state.className = "ok"; };
+    ws.onopen = () => {
+      // A line of the page's own between QEMUs: what follows is the new one's output.
+      term.write(`\r\n\x1b[2m[cbsd: connected to ${name}'s console]\x1b[0m\r\n`);
+      state.dataset.connections = String(Number(state.dataset.connections ?? 0) + 1);
+      state.textContent = "connected";
+      state.className = "ok";
+    };
     ws.onmessage = (m) => term.write(new Uint8Array(m.data));
     ws.onclose = (ev) => {
       state.textContent = ev.reason ? `closed: ${ev.reason}` : "disconnected";
