@@ -151,7 +151,6 @@ def test_checkpoint_and_restore_from_the_tree(ui: UI) -> None:
     node = page.locator('#checkpoints li[data-checkpoint="c1"]')
     sync_api.expect(node).to_have_count(1)
     later = ui.wait_count(after + 15)  # the guest goes on well past the checkpoint
-    ui.shot("vm")
     connections = ui.connections()
     node.locator("button.cp-restore").first.click()  # a running VM: stopped, then restored
     sync_api.expect(page.locator(".operation .op-text")).to_have_text("restore vm1 c1: Success")
@@ -163,6 +162,28 @@ def test_checkpoint_and_restore_from_the_tree(ui: UI) -> None:
     shown = ui.wait_counts("n >= 0", None)
     assert before <= shown[0] <= after + 3 < later, (shown, before, after, later)
     assert ui.wait_count(shown[0] + 3) > shown[0]  # and it counts on from there
+
+
+def test_tree_verify_and_destroy(ui: UI) -> None:
+    """A checkpoint taken after the restore is drawn under c1 (its parent); verify and
+    destroy act from the tree."""
+    page = ui.page
+    page.fill("#cp-name", "c2")
+    page.click("#cp-create button[type=submit]")
+    sync_api.expect(page.locator(".operation .op-text")).to_have_text("checkpoint vm1 c2: Success")
+    child = page.locator('#checkpoints li[data-checkpoint="c1"] li[data-checkpoint="c2"]')
+    sync_api.expect(child).to_have_count(1)
+    sync_api.expect(child.locator(".node")).to_have_class(re.compile(r"\bcurrent\b"))
+    ui.shot("vm")
+    child.locator("button.cp-verify").click()
+    sync_api.expect(page.locator(".operation .op-text")).to_have_text(
+        "verify checkpoint vm1 c2: Success")
+    page.once("dialog", lambda dialog: dialog.accept())
+    child.locator("button.cp-destroy").click()
+    sync_api.expect(page.locator(".operation .op-text")).to_have_text(
+        "destroy checkpoint vm1 c2: Success")
+    sync_api.expect(page.locator('#checkpoints li[data-checkpoint="c2"]')).to_have_count(0)
+    assert [c["name"] for c in ui.cbsd.checkpoints("vm1")] == ["c1"]
 
 
 def test_post_without_csrf_token_is_refused(ui: UI) -> None:
