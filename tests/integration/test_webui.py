@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright import sync_api
 
 from tests.guests import build
 from tests.harness import COUNTER_RE, Cbsd, kill_vms
@@ -29,7 +30,6 @@ from tests.service import Service
 
 pytestmark = [pytest.mark.vm, pytest.mark.browser]
 
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,8 +47,10 @@ def free_port() -> int:
 
 
 class UI:
-    def __init__(self, cbsd: Cbsd, svc: Service, base: str, token: str, page: Any) -> None:
+    def __init__(self, cbsd: Cbsd, svc: Service, base: str, token: str, page: Any,
+                 pool: Path) -> None:
         self.cbsd, self.svc, self.base, self.token, self.page = cbsd, svc, base, token, page
+        self.pool = pool
 
     def shot(self, name: str) -> None:
         if SHOTS:
@@ -102,7 +104,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
                 ignore_https_errors=True, viewport={"width": 1280, "height": 900})
             page = browser.new_page()
             page.set_default_timeout(WAIT)
-            yield UI(cbsd, svc, f"https://127.0.0.1:{port}", token, page)
+            yield UI(cbsd, svc, f"https://127.0.0.1:{port}", token, page, pool)
             browser.close()
     finally:
         svc.stop()
@@ -126,6 +128,17 @@ def test_log_in_and_see_the_list(ui: UI) -> None:
     row = ui.page.locator('#vms tr[data-vm="vm1"]')
     sync_api.expect(row.locator(".status")).to_have_text("Off")
     sync_api.expect(ui.page.locator("#new-image option")).to_contain_text("counter.raw")
+
+
+def test_create_a_vm_from_the_pool(ui: UI) -> None:
+    ui.page.fill("#new-name", "vm2")
+    ui.page.select_option("#new-image", str(ui.pool / "counter.raw"))
+    ui.page.uncheck("#new-start")
+    ui.page.click("#create button[type=submit]")
+    sync_api.expect(ui.page.locator("#create-result .op-text")).to_have_text(
+        "create vm2: Success")
+    sync_api.expect(ui.page.locator('#vms tr[data-vm="vm2"] .status')).to_have_text("Off")
+    assert ui.cbsd.status("vm2") == "Off"
 
 
 def test_start_shows_live_status_and_the_console(ui: UI) -> None:
