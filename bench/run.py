@@ -3,7 +3,8 @@
 Each study writes docs/benchmarks/<study>/: report.md, results.json and chart.png.
 cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        report (re-render peer's report.md and chart.png from its results.json),
-       checkpoint (cbsd vs the dd floor only), bls,
+       checkpoint (cbsd vs the dd floor only), bls, api (the service: list, idle CPU and
+       memory, event latency),
        engine (restore vs RAM size per engine, space of many checkpoints; study "engine", or
        BENCH_ENGINE_OUT=NAME for a partial re-run, e.g. engine-ab;
        BENCH_ENGINE_SIZES=256m:200,1g:768 for a quick run),
@@ -46,6 +47,11 @@ def main(argv: list[str]) -> None:
             lv.ensure()
             for c in bench_bls.run():
                 print(c.title, {n: round(s.median, 3) for n, s in c.series.items()}, flush=True)
+        elif case == "api":
+            from bench import bench_api
+
+            for c in bench_api.run():
+                print(c.title, {n: round(s.median, 4) for n, s in c.series.items()}, flush=True)
         elif case == "checkpoint":
             from bench import bench_checkpoint
 

@@ -116,7 +116,7 @@ def test_bad_token_is_refused(ui: UI) -> None:
     ui.page.goto(ui.base + "/")
     ui.page.fill("#token", "not-a-token")
     ui.page.click("#login button[type=submit]")
-    sync_api.expect(ui.page.locator("#login-error")).to_contain_text("not valid")
+    sync_api.expect(ui.page.locator("#login-error")).to_contain_text("unknown token")
     sync_api.expect(ui.page.locator("#vms")).to_have_count(0)
 
 

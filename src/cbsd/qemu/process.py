@@ -15,7 +15,7 @@ import contextlib
 import os
 import time
 
-from cbsd import debug
+from cbsd import cancel, debug
 from cbsd.errors import QemuError
 
 TYPE_CHECKING = False
@@ -147,10 +147,15 @@ def kill(pid: int, marker: str, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def wait_gone(pid: int, marker: str, timeout: float) -> bool:
+def wait_gone(pid: int, marker: str, timeout: float, *, cancellable: bool = False) -> bool:
+    """Whether QEMU *pid* ended within *timeout* s. *cancellable*: a cancel (cbsd.cancel)
+    ends the wait with Cancelled -- only where nothing is being rolled back (bstop's ACPI
+    wait), never in a power-off that a rollback itself runs."""
     deadline = time.monotonic() + timeout
     while alive(pid, marker):
         if time.monotonic() >= deadline:
             return False
+        if cancellable:
+            cancel.check()
         time.sleep(0.02)
     return True

@@ -14,14 +14,18 @@ from cbsd.errors import UsageError
 from cbsd.service import pools
 from cbsd.service.common import context, keys, started
 from cbsd.service.operations import Progress
+from cbsd.storage import ckpstore
 
 router = APIRouter(prefix="/1.0/instances", tags=["instances"])
 
 
-@router.get("", summary="Every VM of this host (bls's columns)")
+@router.get("", summary="Every VM of this host: bls's columns and its checkpoint count")
 def instances(request: Request) -> list[dict[str, Any]]:
     with context(request) as ctx:
         rows, _, damaged = listing.rows(ctx, None)
+        wd = ctx.workdir
+    for row in rows:
+        row["checkpoints"] = ckpstore.count_states(wd.checkpoints(row["jname"]))
     # A damaged entry is not listed (as bls): it is named in the list of problems instead.
     return [*rows, *({"damaged": d} for d in damaged)]
 
@@ -35,7 +39,7 @@ def instance(request: Request, name: str) -> dict[str, Any]:
                 "checkpoints": len(checkpoints.listing(ctx, name))}
 
 
-@router.post("", status_code=201, summary="Create a VM (bcreate's keys as JSON)")
+@router.post("", status_code=202, summary="Create a VM (bcreate's keys as JSON; an operation)")
 def create(request: Request, body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
     a = keys(request, "bcreate", body)
     cfg = request.app.state.config
@@ -72,6 +76,6 @@ def set_config(request: Request, name: str,
     a = keys(request, "bset", {**body, "jname": name})
     cfg = request.app.state.config
     changes = pools.confine(cfg.pools, cfg.workdir, {
-        k: v for k, v in a.items() if k in settings.SETTABLE and v is not None})
+        k: v for k, v in a.items() if k in settings.SETTABLE and v is not None}, "bset")
     with context(request, writable=True) as ctx:
         return {"result": settings.set_(ctx, name, changes), "config": settings.get(ctx, name)}

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
-from cbsd.service import auth, consoles, events, ui
+from cbsd.service import auth, consoles, events, sessions, ui
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
 from cbsd.storage.paths import Workdir
@@ -72,17 +74,38 @@ def create_app(config: Config) -> FastAPI:
     app.state.config = config
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
+    app.state.sessions = sessions.Sessions()
 
     @app.exception_handler(CbsdError)
     async def cbsd_error(request: Request, e: CbsdError) -> JSONResponse:
         return error(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(UsageError(f"{request.method} {request.url.path}: {where or 'body'}: "
+                                f"{first.get('msg', 'invalid')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": f"cbsd: {e.detail}", "error_code": e.status_code},
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return error(e)  # one line, as the CLI's internal error (traceback: CBSD_DEBUG=1)
+
     @app.middleware("http")
     async def authenticate(request: Request,
                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        how = who(config.workdir, request)
+        how, refused = who(config.workdir, request)
+        if refused:
+            return JSONResponse({"error": refused, "error_code": 403}, status_code=403)
+        if how is None and request.url.path == "/1.0/login" and request.method == "POST":
+            how = "login"  # checks the token it is given itself
         if how is None and ui.is_public(request.url.path):
-            how = "anonymous"  # the web UI's page, its files and its log-in: no VM reached
+            how = "anonymous"  # the web UI's page and its files: no VM reached
         if how is None:
             return JSONResponse({"error": "cbsd: authentication required (a token: "
                                  "'Authorization: Bearer TOKEN', or a trusted client "
@@ -104,28 +127,29 @@ def create_app(config: Config) -> FastAPI:
     # lazy: the routers import the core; create_app is their one user
     from cbsd.service import (
         api_checkpoints,
+        api_disks,
         api_instances,
         api_operations,
         api_state,
     )
 
-    for module in (api_instances, api_state, api_checkpoints, api_operations, events,
-                   ui, consoles):
+    for module in (api_instances, api_state, api_checkpoints, api_disks, api_operations,
+                   events, sessions, ui, consoles):
         app.include_router(module.router)
     ui.mount_static(app)
-    app.add_middleware(ui.SessionGuard)  # outermost: a session's user, before authenticate
     return app
 
 
-def who(wd: Workdir, request: Request) -> str | None:
-    """How this request is authenticated: 'unix' (the local socket: trusted), 'certificate'
-    (a client certificate the TLS handshake verified), 'token:NAME', or None (refused)."""
+def who(wd: Workdir, request: Request) -> tuple[str | None, str | None]:
+    """(how this request is authenticated: 'unix' (the local socket: trusted), 'certificate'
+    (a client certificate the TLS handshake verified), 'token:NAME', 'session:NAME' (the UI's
+    cookie), or None; why it is refused although it carries a session, or None)."""
     scope = request.scope
     if scope.get("cbsd.transport") == "unix":
-        return "unix"
+        return "unix", None
     if scope.get("cbsd.client_cert"):
-        return "certificate"
-    if user := ui.session_user(request.state):  # the web UI's session (ui.SessionGuard)
-        return user
+        return "certificate", None
     name = auth.token_owner(wd, request.headers.get("authorization"))
-    return f"token:{name}" if name else None
+    if name:
+        return f"token:{name}", None
+    return sessions.session_auth(request)

@@ -4,7 +4,8 @@ Each relays bytes both ways between the WebSocket and what QEMU already serves f
 serial console's Unix socket (the one `blogin` attaches to, paths.console_sock) and its VNC
 server on 127.0.0.1 (the port the inventory records at start). Nothing new listens: QEMU's VNC
 stays on the loopback, and reaching it from a browser goes through the service's
-authentication (a session, a token or the Unix socket) and the Origin check (ui.SessionGuard).
+authentication (a session, a token or the Unix socket) and the Origin check
+(ui.websocket_user).
 Like blogin, the console has one user at a time: QEMU serves one client on that socket, and a
 second waits until the first leaves.
 
@@ -25,22 +26,12 @@ from starlette.websockets import WebSocketDisconnect
 from cbsd.core.vm.context import Context
 from cbsd.errors import CbsdError
 from cbsd.names import check_name
-from cbsd.service import auth, ui
+from cbsd.service import ui
 
 router = APIRouter()
 
 NOT_RUNNING = 4404  # WebSocket close code: the VM has no console/VNC to reach now
 CHUNK = 65536
-
-
-def _allowed(ws: WebSocket) -> bool:
-    """A session (ui.SessionGuard checked it and its Origin), a valid bearer token, or a peer
-    on the Unix socket (server.py marks its scope)."""
-    if ui.session_user(ws.state) is not None:
-        return True
-    if auth.token_owner(ui.workdir(ws.app), ws.headers.get("authorization")) is not None:
-        return True
-    return ws.scope.get("cbsd.transport") == "unix"
 
 
 async def _relay(ws: WebSocket, reader: asyncio.StreamReader,
@@ -81,7 +72,7 @@ Opener = Callable[[Context, str], Awaitable[tuple[asyncio.StreamReader, asyncio.
 
 
 async def _serve(ws: WebSocket, name: str, what: str, opener: Opener) -> None:
-    if not _allowed(ws):
+    if ui.websocket_user(ws) is None:
         await ws.close(1008)  # before accept: HTTP 403
         return
     protocols = ws.scope.get("subprotocols") or []

@@ -3,8 +3,8 @@
 Each event is one JSON object `{"type": "lifecycle"|"operation", "timestamp", "metadata"}`:
 an operation's start, progress and end, and a VM's status change. Status changes are found
 whoever made them (this service or a CLI command): a watcher compares the VMs' statuses when
-a file it touches changes (StatusWatcher.signature: a few stats every POLL seconds, no
-measurable CPU when idle) and after each operation ends.
+inotify reports a change of a file a status change touches (StatusWatcher._watch: no polling,
+so no measurable CPU when idle) and after each operation ends.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from asyncinotify import Event, Inotify, Mask
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -26,8 +27,9 @@ from cbsd.core.vm.machine import VM
 from cbsd.model import VMSpec
 from cbsd.storage.paths import Workdir
 
-POLL = 0.1  # seconds between looks at the files a status change touches (see signature)
-FULL_LOOK = 10.0  # seconds between looks at every VM's status whatever the files say
+POLL = 0.1  # seconds between looks while a VM is in Maintenance
+BURST = 0.01  # seconds of quiet that end a burst of file events
+FULL_LOOK = 30.0  # seconds between looks at every VM's status whatever the files say
 KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies close silent ones)
 QUEUE = 1000  # events a slow subscriber may fall behind before it is dropped
 
@@ -59,6 +61,14 @@ class Bus:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
 
+    def close(self) -> None:
+        """End every subscriber's stream (the service is stopping: open streams would keep
+        uvicorn waiting for them)."""
+        for q in list(self._subscribers):
+            self._subscribers.discard(q)
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+
     async def subscribe(self) -> AsyncIterator[dict[str, Any] | None]:
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE)
         self._subscribers.add(q)
@@ -84,6 +94,7 @@ class StatusWatcher:
         self.bus = bus
         self._last: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._watched: set[Path] = set()
         self.look()
 
     def statuses(self) -> dict[str, str]:
@@ -107,31 +118,48 @@ class StatusWatcher:
                                                "previous": self._last[jname]})
             self._last = now
 
-    def signature(self) -> tuple[float, ...]:
-        """The mtimes that change when a VM's status may have: the inventory (and its WAL)
-        and every VM's lock file (a command writes its holder line on taking the lock and
-        empties it on release). One stat each: cheap enough every POLL."""
+    def _watch(self, ino: Inotify) -> None:
+        """Watch what a status change touches: the VMs' lock files (a command writes its
+        holder line on taking a lock, empties it on release), the inventory (and its WAL),
+        and each VM's folder for QEMU's pidfile and the hibernation image coming and going
+        (not its console log: a guest printing must not wake the service)."""
         wd = self.workdir
-        found: list[float] = []
-        for path in (wd.inventory, wd.inventory.with_name(wd.inventory.name + "-wal")):
-            with contextlib.suppress(OSError):
-                found.append(path.stat().st_mtime)
-        with contextlib.suppress(OSError), os.scandir(wd.locks) as entries:
-            found += [e.stat().st_mtime for e in entries]
-        return tuple(found)
+        wanted = {wd.locks: Mask.MODIFY | Mask.CREATE | Mask.DELETE,
+                  # MODIFY only: a reader (this watcher's look too) creates and deletes the WAL
+                  wd.inventory.parent: Mask.MODIFY,
+                  wd.root / "jails-system": Mask.CREATE | Mask.DELETE}
+        for jname in self._last:
+            wanted[wd.system(jname)] = Mask.CREATE | Mask.DELETE | Mask.MOVED_TO
+        for path, mask in wanted.items():
+            if path not in self._watched:
+                with contextlib.suppress(OSError):  # a folder not made yet: next look
+                    ino.add_watch(path, mask | Mask.ONLYDIR)
+                    self._watched.add(path)
 
     async def run(self) -> None:
-        """Look whenever a file in signature() changes; again while a VM is in Maintenance
-        (its lock is released just after the holder line is emptied); and every FULL_LOOK
-        seconds for what changes no file (a guest that powers itself off)."""
-        last, since = self.signature(), time.monotonic()
-        while True:
-            await asyncio.sleep(POLL)
-            now = await asyncio.to_thread(self.signature)
-            busy = "Maintenance" in self._last.values()
-            if now != last or busy or time.monotonic() - since > FULL_LOOK:
-                last, since = now, time.monotonic()
+        """Look when inotify reports a change (a burst of events gives one look), again every
+        POLL while a VM is in Maintenance (its lock is released just after the holder line
+        is emptied), and every FULL_LOOK s for what changes no file. Idle: no wake-ups but
+        the FULL_LOOK."""
+        with Inotify() as ino:
+            self._watch(ino)
+            while True:
+                busy = "Maintenance" in self._last.values()
+                with contextlib.suppress(TimeoutError):
+                    while not _relevant(await asyncio.wait_for(
+                            ino.get(), POLL if busy else FULL_LOOK)):
+                        pass
+                    with contextlib.suppress(TimeoutError):
+                        for _ in range(1000):  # the rest of the burst
+                            await asyncio.wait_for(ino.get(), BURST)
                 await asyncio.to_thread(self.look)
+                self._watch(ino)
+
+
+def _relevant(event: Event) -> bool:
+    """Not SQLite's shared-memory index: every reader writes it, the watcher's own look too
+    (it would wake itself forever)."""
+    return not (event.name is not None and str(event.name).endswith("-shm"))
 
 
 @router.get("/1.0/events", summary="The event stream (Server-Sent Events)")

@@ -46,27 +46,30 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def resolve(pools: Sequence[Path], wd: Workdir, key: str, value: str) -> str:
+def resolve(pools: Sequence[Path], wd: Workdir, key: str, value: str, command: str = "bcreate"
+            ) -> str:
     """The real path of the file *value* names for *key*, if it lies inside a pool; else
     Forbidden (outside, or a VM's file) or UsageError (not a plain absolute path, missing)."""
     if not value.startswith("/"):
-        raise UsageError(f"{key}={value}: give an absolute path inside an image pool")
+        raise UsageError(f"{command}: {key}={value}: give an absolute path inside an image pool")
     if ".." in Path(value).parts:
-        raise UsageError(f"{key}={value}: '..' is not allowed in an image path")
+        raise UsageError(f"{command}: {key}={value}: '..' is not allowed in an image path")
     real = Path(os.path.realpath(value))
     pool = next((p for p in pools if _inside(real, p)), None)
     if pool is None:
         where = ", ".join(map(str, pools)) or "none: the service was started without pools="
-        raise Forbidden(f"{key}={value}: not inside an image pool (pools: {where})")
+        raise Forbidden(f"{command}: {key}={value}: not inside an image pool (pools: {where})")
     if any(_inside(real, wd.root.resolve() / d) for d in ("vm", "jails-system", "var",
                                                           "service")):
-        raise Forbidden(f"{key}={value}: a VM's or cbsd's own file, not an image of the pool")
+        raise Forbidden(f"{command}: {key}={value}: a VM's or cbsd's own file, not an image "
+                        "of the pool")
     if not real.is_file():
-        raise UsageError(f"{key}={value}: no such file in the image pool")
+        raise UsageError(f"{command}: {key}={value}: no such file in the image pool")
     return str(real)
 
 
-def check_image_refs(pools: Sequence[Path], wd: Workdir, key: str, path: str) -> None:
+def check_image_refs(pools: Sequence[Path], wd: Workdir, key: str, path: str,
+                     command: str = "bcreate") -> None:
     """An image in the pool may name other files (a qcow2's backing file or data file):
     each must be in a pool too, or the API would read host files through it."""
     # lazy: only a create that imports an image asks qemu-img
@@ -81,11 +84,12 @@ def check_image_refs(pools: Sequence[Path], wd: Workdir, key: str, path: str) ->
             try:
                 resolve(pools, wd, key, os.path.normpath(target))
             except CbsdError:
-                raise Forbidden(f"{key}={path}: it refers to {ref}, outside the image pools"
-                                ) from None
+                raise Forbidden(f"{command}: {key}={path}: it refers to {ref}, outside the "
+                                "image pools") from None
 
 
-def confine(pools: Sequence[Path], wd: Workdir, keys: dict[str, Any]) -> dict[str, Any]:
+def confine(pools: Sequence[Path], wd: Workdir, keys: dict[str, Any], command: str = "bcreate"
+            ) -> dict[str, Any]:
     """*keys* (bcreate's or bset's, from an API body) with every host path checked and
     resolved; anything outside the pools refused before the core sees it."""
     # lazy: only API bodies with cloud-init keys
@@ -94,10 +98,10 @@ def confine(pools: Sequence[Path], wd: Workdir, keys: dict[str, Any]) -> dict[st
     out = dict(keys)
     for key in FILE_KEYS:
         if out.get(key):
-            out[key] = resolve(pools, wd, key, str(out[key]))
+            out[key] = resolve(pools, wd, key, str(out[key]), command)
     if out.get("image"):
-        check_image_refs(pools, wd, "image", out["image"])
+        check_image_refs(pools, wd, "image", out["image"], command)
     pubkey = out.get("ci_user_pubkey")
     if pubkey and names_a_file(str(pubkey)):
-        out["ci_user_pubkey"] = resolve(pools, wd, "ci_user_pubkey", str(pubkey))
+        out["ci_user_pubkey"] = resolve(pools, wd, "ci_user_pubkey", str(pubkey), command)
     return out

@@ -28,6 +28,8 @@ from cbsd.errors import BusyError, UsageError
 from cbsd.service import auth
 from cbsd.service.app import Config, create_app
 
+GRACE = 5  # seconds
+
 Scope = MutableMapping[str, Any]
 ASGI = Callable[[Scope, Any, Any], Awaitable[None]]
 
@@ -95,7 +97,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 def run(config: Config) -> None:
     app = create_app(config)
     sock = unix_socket(auth.socket_path(config.workdir))
-    quiet: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "access_log": False}
+    # A stop waits GRACE s at most for requests still running (operations go on in their
+    # threads until the process ends: they are left as a killed command leaves them).
+    quiet: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "access_log": False,
+                             "timeout_graceful_shutdown": GRACE}
     servers = [(Server(uvicorn.Config(
         tagged(app, **{"cbsd.transport": "unix"}), **quiet)), [sock])]
     if config.listen:
@@ -107,7 +112,8 @@ def run(config: Config) -> None:
             ssl_certfile=str(cert), ssl_keyfile=str(key), http=CertProtocol,
             ssl_cert_reqs=ssl.CERT_OPTIONAL if trusted.exists() else ssl.CERT_NONE,
             ssl_ca_certs=str(trusted) if trusted.exists() else None,
-            lifespan="off", log_level="warning", access_log=False)), []))
+            lifespan="off", log_level="warning", access_log=False,
+            timeout_graceful_shutdown=GRACE)), []))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -116,6 +122,7 @@ def run(config: Config) -> None:
         await asyncio.gather(*(s.serve(sockets=socks or None) for s, socks in servers))
 
     def stop() -> None:
+        app.state.bus.close()
         for s, _ in servers:
             s.should_exit = True
 

@@ -3,9 +3,10 @@ a browser makes goes through (SessionGuard). The page itself is plain ES modules
 third-party pieces served as their packages ship them: xterm.js from web/node_modules (npm ci
 in scripts/setup.sh) and noVNC from Debian's novnc package. No build step.
 
-A browser never holds an API token after logging in: POST /ui/login trades one for a session
-(websession.py). The WebSocket endpoints the page uses (the serial console, VNC) are in
-consoles.py.
+A browser never holds an API token after logging in: POST /1.0/login trades one for a session
+cookie and a CSRF token (sessions.py). The WebSocket endpoints the page uses (the serial
+console, VNC) are in consoles.py; who may open them is websocket_user() here (the HTTP
+middleware of app.py does not see WebSockets).
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cbsd.service import auth, websession
+from cbsd.service import auth, sessions
 from cbsd.storage.paths import Workdir, default_workdir
 
 WEB = Path(__file__).with_name("web")
@@ -35,18 +34,6 @@ def workdir(app: Any) -> Workdir:
     return wd if isinstance(wd, Workdir) else Workdir(default_workdir())
 
 
-def sessions(app: Any) -> websession.Sessions:
-    """The app's sessions, made on first use: a session lives as long as its token does."""
-    found = getattr(app.state, "sessions", None)
-    if found is None:
-        wd = workdir(app)
-        found = websession.Sessions(
-            lambda name: any(t["name"] == name for t in auth.list_tokens(wd)))
-        app.state.sessions = found
-    assert isinstance(found, websession.Sessions)
-    return found
-
-
 def mount_static(app: Any) -> None:
     """The page's files under /ui/static, xterm.js under /ui/xterm, noVNC under /ui/novnc.
     A missing piece (setup.sh not run) is left out: the page says the console is unavailable."""
@@ -59,12 +46,12 @@ def mount_static(app: Any) -> None:
 
 
 PUBLIC = ("/ui/static/", "/ui/xterm/", "/ui/novnc/")
-PUBLIC_EXACT = frozenset({"/", "/ui/", "/ui/login", "/ui/session", "/ui/logout"})
+PUBLIC_EXACT = frozenset({"/", "/ui/", "/ui/session"})
 
 
 def is_public(path: str) -> bool:
-    """The paths anyone may fetch: the page, its files, and logging in and out (they answer
-    401 themselves without a session). Nothing here reads or changes a VM."""
+    """The paths anyone may fetch: the page, its files, and /ui/session (401 without one).
+    Nothing here reads or changes a VM."""
     return path in PUBLIC_EXACT or path.startswith(PUBLIC)
 
 
@@ -94,48 +81,19 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "form-action 'self'")
 
 
-class Login(BaseModel):
-    token: str
-
-
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
-
-
-@router.post("/ui/login")
-async def login(body: Login, request: Request) -> Response:
-    if not websession.same_origin(request.headers.get("origin"), request.url.scheme,
-                                  request.headers.get("host")):
-        return error(403, "login: the request comes from another site")
-    name = auth.token_owner(workdir(request.app), f"Bearer {body.token}")
-    if name is None:
-        return error(401, "login: the token is not valid")
-    sid, session = sessions(request.app).create(name)
-    response = JSONResponse({"user": name, "csrf": session.csrf,
-                             "idle_timeout": websession.IDLE})
-    response.set_cookie(websession.COOKIE, sid, httponly=True, samesite="strict",
-                        secure=_secure(request), path="/",
-                        max_age=int(websession.LIFETIME))
-    return response
-
-
 @router.get("/ui/session")
 async def current(request: Request) -> Response:
-    """The page's session after a reload: who, and its CSRF token (the cookie alone cannot be
-    read by the page)."""
-    session = sessions(request.app).get(request.cookies.get(websession.COOKIE))
-    if session is None:
-        return error(401, "session: not logged in, or the session expired")
-    return JSONResponse({"user": session.token_name, "csrf": session.csrf,
-                         "idle_timeout": websession.IDLE})
+    """The page's session after a reload: who, and its CSRF token (the page cannot read the
+    HttpOnly cookie; it gets the token from POST /1.0/login, or from here)."""
+    found = _session(request.app, request.cookies.get(sessions.COOKIE))
+    if found is None:
+        return error(401, "cbsd: not logged in, or the session expired")
+    return JSONResponse({"owner": found.owner, "csrf_token": found.csrf})
 
 
-@router.post("/ui/logout")
-async def logout(request: Request) -> Response:
-    sessions(request.app).end(request.cookies.get(websession.COOKIE))
-    response = JSONResponse({"user": None})
-    response.delete_cookie(websession.COOKIE, path="/")
-    return response
+def _session(app: Any, sid: str | None) -> sessions.Session | None:
+    live: sessions.Sessions = app.state.sessions
+    return live.get(sid)
 
 
 IMAGE_SUFFIXES = (".raw", ".img", ".qcow2", ".iso", ".vmdk", ".vdi", ".vhdx")
@@ -157,60 +115,19 @@ def images(request: Request) -> list[str]:
     return found
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
-def _cookie(scope: Scope, name: str) -> str | None:
-    raw = _header(scope, b"cookie") or ""
-    for part in raw.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name:
-            return value
-    return None
-
-
-class SessionGuard:
-    """ASGI middleware in front of every route: a request that carries a live session cookie
-    is the session's user (scope state `cbsd_user` = "session:<token name>", which auth
-    accepts like a token); a state-changing one must also carry the session's CSRF token and
-    come from this origin, else 403. Every WebSocket upgrade whose Origin is another site's is
-    refused (403), whatever its credentials: the cookie would be sent along."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        origin_ok = websession.same_origin(
-            _header(scope, b"origin"), scope.get("scheme", "http"), _header(scope, b"host"))
-        if scope["type"] == "websocket" and not origin_ok:
-            await send({"type": "websocket.http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "websocket.http.response.body",
-                        "body": b"cross-origin WebSocket refused"})
-            return
-        sid = _cookie(scope, websession.COOKIE)
-        session = sessions(scope["app"]).get(sid) if sid and "app" in scope else None
-        if session is not None and scope.get("path") != "/ui/login":  # it checks its origin
-            method = scope.get("method", "GET")
-            if scope["type"] == "http" and not (
-                    origin_ok and websession.csrf_ok(
-                        session, method, _header(scope, websession.CSRF_HEADER.encode()))):
-                await error(403, "the request lacks the session's CSRF token "
-                                 f"({websession.CSRF_HEADER}) or comes from another site"
-                            )(scope, receive, send)
-                return
-            scope.setdefault("state", {})["cbsd_user"] = f"session:{session.token_name}"
-        await self.app(scope, receive, send)
-
-
-def session_user(scope_state: Any) -> str | None:
-    """The session user SessionGuard found for a request (its request.state), or None."""
-    user = getattr(scope_state, "cbsd_user", None)
-    return user if isinstance(user, str) else None
+def websocket_user(ws: WebSocket) -> str | None:
+    """Who may open this WebSocket (the console, VNC), or None. Its Origin, when it sends one
+    (browsers always do), must be the service itself: a page of another site would otherwise
+    drive the console with the browser's cookie. Then: the Unix socket's peer, a valid bearer
+    token, or a live session (a session only with a matching Origin, which browsers set)."""
+    origin = ws.headers.get("origin")
+    tls = ws.url.scheme == "wss"
+    if origin is not None and not sessions.origin_ok(ws.headers, tls):
+        return None
+    if ws.scope.get("cbsd.transport") == "unix":
+        return "unix"
+    name = auth.token_owner(workdir(ws.app), ws.headers.get("authorization"))
+    if name:
+        return f"token:{name}"
+    found = _session(ws.app, ws.cookies.get(sessions.COOKIE))
+    return f"session:{found.owner}" if found is not None and origin is not None else None

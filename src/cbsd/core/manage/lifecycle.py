@@ -332,7 +332,7 @@ def _acpi_stop_held(vm: VM, status: Status, hard_timeout: int) -> str:
         print(f"{jname}: was paused: resumed it so it can act on the ACPI power button",
               file=sys.stderr)
     mon.cmd("system_powerdown")
-    if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout):
+    if process.wait_gone(vm.pid, vm.paths.qmp_sock, hard_timeout, cancellable=True):
         vm.forget_process()
         return f"{jname}: stopped (ACPI shutdown)"
     vm.power_off()

@@ -1,5 +1,5 @@
 // cbsd's web UI: one page, plain ES modules, no build step. It talks to the service's REST API
-// (docs/api.md) with the session cookie /ui/login set, sends the session's CSRF token on every
+// (docs/api.md) with the session cookie POST /1.0/login set, sends the CSRF token on every
 // state-changing request, follows /1.0/events for live status and operation progress, and
 // opens the serial console (xterm.js) and the VNC display (noVNC) over WebSockets.
 import { Terminal } from "/ui/xterm/xterm/lib/xterm.mjs";
@@ -31,7 +31,7 @@ async function api(method, path, body) {
   const r = await fetch(path, { method, headers, credentials: "same-origin",
                                 body: body === undefined ? undefined : JSON.stringify(body) });
   const data = r.headers.get("content-type")?.includes("json") ? await r.json() : null;
-  if (r.status === 401 && path !== "/ui/login") { showLogin("Your session ended: log in again."); }
+  if (r.status === 401 && path !== "/1.0/login") { showLogin("Your session ended: log in again."); }
   if (!r.ok) throw new ApiError(r.status, data?.error ?? `${r.status} ${r.statusText}`);
   return data;
 }
@@ -107,7 +107,7 @@ function showLogin(message) {
     const form = el("form", { id: "login", on: { submit: async (ev) => {
       ev.preventDefault();
       try {
-        const s = await api("POST", "/ui/login", { token: token.value });
+        const s = await api("POST", "/1.0/login", { token: token.value });
         loggedIn(s);
         location.hash = "#/";
         route();
@@ -118,9 +118,9 @@ function showLogin(message) {
 }
 
 function loggedIn(s) {
-  session.user = s.user;
-  session.csrf = s.csrf;
-  document.getElementById("who").textContent = `logged in: ${s.user}`;
+  session.user = s.owner;
+  session.csrf = s.csrf_token;
+  document.getElementById("who").textContent = `logged in: ${s.owner}`;
   document.getElementById("logout").hidden = false;
   openEvents();
 }
@@ -327,7 +327,7 @@ function route() {
 
 window.addEventListener("hashchange", route);
 document.getElementById("logout").addEventListener("click", async () => {
-  await api("POST", "/ui/logout").catch(() => null);
+  await api("POST", "/1.0/logout").catch(() => null);
   showLogin("Logged out.");
 });
 
