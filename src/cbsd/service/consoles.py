@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
@@ -32,6 +34,7 @@ router = APIRouter()
 
 NOT_RUNNING = 4404  # WebSocket close code: the VM has no console/VNC to reach now
 CHUNK = 65536
+RECENT = 4096  # bytes of the console's recent output a new viewer is shown first
 
 
 async def _relay(ws: WebSocket, reader: asyncio.StreamReader,
@@ -71,7 +74,8 @@ async def _relay(ws: WebSocket, reader: asyncio.StreamReader,
 Opener = Callable[[Context, str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-async def _serve(ws: WebSocket, name: str, what: str, opener: Opener) -> None:
+async def _serve(ws: WebSocket, name: str, what: str, opener: Opener,
+                 history: bool = False) -> None:
     if ui.websocket_user(ws) is None:
         await ws.close(1008)  # before accept: HTTP 403
         return
@@ -90,12 +94,30 @@ async def _serve(ws: WebSocket, name: str, what: str, opener: Opener) -> None:
         reason = str(e) if isinstance(e, CbsdError) else f"{name} has no {what} now (not running?)"
         await ws.close(NOT_RUNNING, reason[:120])  # a close reason is at most 123 bytes
         return
+    if history and (recent := recent_output(ui.workdir(ws.app).console_log(name))):
+        await ws.send_bytes(recent)
     await _relay(ws, reader, writer)
 
 
 async def _open_console(ctx: Context, name: str) -> tuple[asyncio.StreamReader,
                                                           asyncio.StreamWriter]:
     return await asyncio.open_unix_connection(str(ctx.workdir.console_sock(name)))
+
+
+def recent_output(log: Path) -> bytes:
+    """The end of the console's log (QEMU writes all the guest prints there, attached or not),
+    from a line's start: what the guest printed just before the page attached (a login
+    prompt, the lines since a restore). Read after the socket is connected, so nothing falls
+    between the two; a line printed meanwhile may show twice."""
+    try:
+        with log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - RECENT))
+            data = f.read(RECENT)
+    except OSError:
+        return b""
+    cut = data.find(b"\n")
+    return data[cut + 1:] if len(data) == RECENT and cut >= 0 else data
 
 
 async def _open_vnc(ctx: Context, name: str) -> tuple[asyncio.StreamReader,
@@ -108,7 +130,7 @@ async def _open_vnc(ctx: Context, name: str) -> tuple[asyncio.StreamReader,
 
 @router.websocket("/1.0/instances/{name}/console")
 async def console(ws: WebSocket, name: str) -> None:
-    await _serve(ws, name, "serial console", _open_console)
+    await _serve(ws, name, "serial console", _open_console, history=True)
 
 
 @router.websocket("/1.0/instances/{name}/vnc")

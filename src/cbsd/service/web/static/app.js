@@ -275,6 +275,7 @@ function wsUrl(path) {
 function openConsole(name, box, state) {
   const term = new Terminal({ convertEol: false, rows: 24, cols: 100, scrollback: 1000 });
   term.open(box);
+  box.terminal = term; // its scrollback, for whoever reads the page (the browser tests)
   let ws = null;
   let closed = false;
   const encoder = new TextEncoder();
