@@ -251,3 +251,14 @@ def test_vnc_display_in_the_page(ui: UI) -> None:
     sync_api.expect(ui.page.locator("#vnc-state")).to_have_text("connected")
     sync_api.expect(ui.page.locator("#vnc-screen canvas")).to_have_count(1)
     ui.shot("vm-vnc")
+
+
+def test_log_out_ends_the_session(ui: UI) -> None:
+    cookies = {c["name"]: c["value"] for c in ui.page.context.cookies()}
+    ui.page.click("#logout")
+    sync_api.expect(ui.page.locator("#token")).to_be_visible()
+    # the old cookie is worth nothing now, to the page or to anyone who kept it
+    with httpx.Client(verify=False, cookies=cookies) as c:  # the service's self-signed cert
+        assert c.get(ui.base + "/1.0/instances").status_code == 401
+    ui.page.reload()
+    sync_api.expect(ui.page.locator("#token")).to_be_visible()

@@ -1,5 +1,6 @@
-"""The web UI: its page and static files, log in and out, and the session check every request
-a browser makes goes through (SessionGuard). The page itself is plain ES modules (web/), its
+"""The web UI: its page and static files, the session's CSRF token after a reload, the images
+the create form offers, and who may open the console's and VNC's WebSockets. The page itself
+is plain ES modules (web/), its
 third-party pieces served as their packages ship them: xterm.js from web/node_modules (npm ci
 in scripts/setup.sh) and noVNC from Debian's novnc package. No build step.
 
@@ -36,7 +37,7 @@ def workdir(app: Any) -> Workdir:
 
 def mount_static(app: Any) -> None:
     """The page's files under /ui/static, xterm.js under /ui/xterm, noVNC under /ui/novnc.
-    A missing piece (setup.sh not run) is left out: the page says the console is unavailable."""
+    scripts/setup.sh installs both; one that is missing is not mounted (its files 404)."""
     app.mount("/ui/static", StaticFiles(directory=WEB / "static"), name="ui-static")
     if XTERM.is_dir():
         app.mount("/ui/xterm", StaticFiles(directory=XTERM), name="ui-xterm")
