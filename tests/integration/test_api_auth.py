@@ -100,6 +100,12 @@ def browser_session(url: str, ctx: ssl.SSLContext, token: str) -> None:
         assert c.get("/1.0").status_code == 401
 
 
-def test_one_service_per_workdir(cbsd: Cbsd) -> None:
-    with Service(cbsd.workdir):
+def test_one_service_per_workdir_and_its_openapi_document(cbsd: Cbsd) -> None:
+    with Service(cbsd.workdir) as svc:
         cbsd("serve").fails(75, "serve: a service already listens on")
+        paths = svc.client.get("/openapi.json").json()["paths"]
+        assert {"/1.0/instances", "/1.0/instances/{name}/state", "/1.0/events",
+                "/1.0/instances/{name}/checkpoints/{cp}/restore",
+                "/1.0/operations/{op_id}/wait"} <= set(paths)
+        r = svc.client.get("/1.0/nothing")
+        assert r.json() == {"error": "cbsd: Not Found", "error_code": 404}

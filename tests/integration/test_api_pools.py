@@ -18,15 +18,17 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture
-def pool(tmp_path: Path) -> Path:
-    """The pool is tmp_path itself, which holds the workdir too (tmp_path/wd): even a pool
-    an administrator drew too wide cannot reach the VMs' own files."""
-    build.counter_image(tmp_path / "counter.raw")
-    (tmp_path / "shadow-link.raw").symlink_to("/etc/shadow")
-    (tmp_path / "sub").mkdir()
+def pool(cbsd: Cbsd) -> Path:
+    """The pool is the workdir's parent folder, which holds the workdir too: even a pool an
+    administrator drew too wide cannot reach the VMs' own files."""
+    pool = cbsd.workdir.parent
+    pool.mkdir(parents=True, exist_ok=True)
+    build.counter_image(pool / "counter.raw")
+    (pool / "shadow-link.raw").symlink_to("/etc/shadow")
+    (pool / "sub").mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw",
-                    str(tmp_path / "backed.qcow2")], check=True)
-    return tmp_path
+                    str(pool / "backed.qcow2")], check=True)
+    return pool
 
 
 @pytest.fixture

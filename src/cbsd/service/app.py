@@ -69,7 +69,9 @@ def create_app(config: Config) -> FastAPI:
         yield
         task.cancel()
 
-    app = FastAPI(title="cbsd", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is the document.
+    app = FastAPI(title="cbsd", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="The cbsd service's REST API (docs/api.md).")
     app.state.config = config
     app.state.bus = bus

@@ -119,8 +119,9 @@ class Operations:
         with self._lock:
             return list(self._ops.values())
 
-    def cancel(self, op: Operation) -> None:
-        op.token.cancel("cancelled through the API")
+    def cancel(self, op: Operation, reason: str = "cancelled through the API") -> None:
+        if not op.finished.is_set():
+            op.token.cancel(reason)
 
     def _forget_old(self) -> None:
         done = [o for o in self._ops.values() if o.finished.is_set()]

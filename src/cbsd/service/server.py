@@ -5,8 +5,9 @@
 
 Stopping or killing this process never touches a VM: QEMU runs -daemonize (its own session,
 re-parented to init), so it is no child of the service's; the systemd unit stops only the
-service's own process (KillMode=process). An operation killed halfway is recovered as a killed
-CLI command is (operations.py).
+service's own process (KillMode=process). On SIGTERM/SIGINT every running operation is
+cancelled and given ROLLBACK_WAIT s to roll back, as a CLI command on SIGTERM; one killed
+halfway (kill -9) is recovered as a killed CLI command is (operations.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from cbsd.service import auth
 from cbsd.service.app import Config, create_app
 
 GRACE = 5  # seconds
+ROLLBACK_WAIT = 60  # seconds a stopping service gives cancelled operations to roll back
 
 Scope = MutableMapping[str, Any]
 ASGI = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -122,6 +125,9 @@ def run(config: Config) -> None:
         await asyncio.gather(*(s.serve(sockets=socks or None) for s, socks in servers))
 
     def stop() -> None:
+        # As SIGTERM to a CLI command: each running operation is cancelled and rolls back.
+        for op in app.state.operations.all():
+            app.state.operations.cancel(op, "cancelled: the service is stopping")
         app.state.bus.close()
         for s, _ in servers:
             s.should_exit = True
@@ -131,3 +137,6 @@ def run(config: Config) -> None:
     finally:
         with contextlib.suppress(OSError):
             auth.socket_path(config.workdir).unlink()
+        deadline = time.monotonic() + ROLLBACK_WAIT
+        for op in app.state.operations.all():
+            op.finished.wait(max(0.0, deadline - time.monotonic()))
