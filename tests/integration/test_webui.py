@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 from playwright import sync_api
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect, unix_connect
 
 from tests.guests import build
 from tests.harness import COUNTER_RE, Cbsd, kill_vms
@@ -244,6 +247,27 @@ def test_websocket_from_a_foreign_origin_is_refused(ui: UI) -> None:
              ws.onopen = () => { ws.close(); resolve(true); };
              ws.onerror = () => resolve(false); })""")
     assert ok
+
+
+def test_console_for_api_clients(ui: UI) -> None:
+    """The same WebSocket serves non-browser clients: over the Unix socket (trusted), and over
+    TCP with a token but no session; without either it is refused. (The page holds the live
+    console meanwhile: these see its recent output, which the endpoint sends first.)"""
+    def counter_line(ws: Any) -> None:
+        text = b""
+        while not re.search(COUNTER_RE.encode(), text):
+            text += ws.recv(timeout=WAIT / 1000)
+
+    with unix_connect(str(ui.svc.socket), "ws://cbsd/1.0/instances/vm1/console") as ws:
+        counter_line(ws)
+    url = ui.base.replace("https://", "wss://") + "/1.0/instances/vm1/console"
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE  # self-signed
+    with connect(url, ssl=insecure,
+                 additional_headers={"Authorization": f"Bearer {ui.token}"}) as ws:
+        counter_line(ws)
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(url, ssl=insecure)
 
 
 def test_vnc_display_in_the_page(ui: UI) -> None:
