@@ -125,7 +125,9 @@ async def _open_vnc(ctx: Context, name: str) -> tuple[asyncio.StreamReader,
     _, port = ctx.inventory.runtime(name)
     if not port:
         raise CbsdError(f"{name} has no VNC display (vnc=1, and running)")
-    return await asyncio.open_connection("127.0.0.1", port)
+    bind = ctx.spec(name).vnc_bind  # 127.0.0.1 unless the VM's vnc_bind says otherwise
+    return await asyncio.open_connection(
+        "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind.strip("[]"), port)
 
 
 @router.websocket("/1.0/instances/{name}/console")
