@@ -280,6 +280,30 @@ def test_vnc_display_in_the_page(ui: UI) -> None:
     ui.shot("vm-vnc")
 
 
+def test_pause_resume_hibernate_start(ui: UI) -> None:
+    """The VM page's buttons, each an operation; the status follows from the event stream and
+    the guest's counter goes on after each (no reboot)."""
+    page = ui.page
+    status = page.locator("#vm-status")
+    sync_api.expect(status).to_have_text("On")
+    log = ui.cbsd.console("vm1")
+    for action, then in (("pause", "Paused"), ("resume", "On"), ("hibernate", "Suspended"),
+                         ("start", "On")):
+        if action == "hibernate":
+            saved = counter_lines(log.text())[-1][0]  # the hibernated count is at least this
+        mark = log.mark()
+        page.click(f"#vm-actions button.action-{action}")
+        sync_api.expect(page.locator("#operations .op-text")).to_have_text(
+            f"{action} vm1: Success")
+        sync_api.expect(status).to_have_text(then)
+        assert ui.cbsd.status("vm1") == then
+    # resumed from the hibernation, not booted: its first line goes on from the saved count,
+    # and the page shows it counting on
+    first = counter_lines(log.wait(COUNTER_RE, since=mark)[0].group(0))[0][0]
+    assert first >= saved and "BOOT" not in log.since(mark), (first, saved)
+    assert ui.wait_count(first + 3) > first
+
+
 def test_log_out_ends_the_session(ui: UI) -> None:
     cookies = {c["name"]: c["value"] for c in ui.page.context.cookies()}
     ui.page.click("#logout")
