@@ -170,6 +170,8 @@ def test_checkpoint_and_restore_from_the_tree(ui: UI) -> None:
     page.fill("#cp-name", "c1")
     page.click("#cp-create button[type=submit]")
     sync_api.expect(page.locator(".operation .op-text")).to_have_text("checkpoint vm1 c1: Success")
+    # its progress bar was fed by the operation's progress reports (the event stream)
+    sync_api.expect(page.locator(".operation")).to_have_attribute("data-progressed", "true")
     # The upper bound from the console's log, which QEMU writes as the guest prints (the page
     # may show the last lines a moment later): no count after it was taken before the save.
     after = counter_lines(ui.cbsd.console("vm1").text())[-1][0]

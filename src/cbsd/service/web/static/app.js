@@ -42,11 +42,23 @@ function openEvents() {
   events = new EventSource("/1.0/events");
   events.onmessage = (m) => {
     const event = JSON.parse(m.data);
+    if (event.type === "operation") remember(event.metadata);
     for (const fn of listeners) fn(event);
   };
 }
 
 // Until the page changes (call after show(), which ends the previous page's listeners).
+// The latest report of recent operations, kept from the stream: an operation's first progress
+// may arrive before the answer that starts it does (follow() then catches up from here).
+const reports = new Map();
+function remember(op) {
+  const before = reports.get(op.id);
+  reports.delete(op.id);
+  reports.set(op.id, { ...op, progressed: before?.progressed || isProgress(op) });
+  if (reports.size > 200) reports.delete(reports.keys().next().value);
+}
+function isProgress(op) { return op.status === "Running" && !!op.progress; }
+
 function listen(fn) { listeners.add(fn); leaving.push(() => listeners.delete(fn)); }
 
 // An operation (the 202 answer of a state change, checkpoint, ...) shown as a progress bar in
@@ -61,6 +73,8 @@ function follow(op, where) {
     const show = (o) => {
       if (done) return;
       if (o.progress) { bar.value = o.progress.percent; }
+      // the bar was moved by the operation's own progress reports while it ran
+      if (isProgress(o) || o.progressed) row.dataset.progressed = "true";
       if (o.status === "Running") return;
       done = true;
       listeners.delete(onEvent);
@@ -72,6 +86,7 @@ function follow(op, where) {
     const onEvent = (e) => { if (e.type === "operation" && e.metadata.id === op.id) show(e.metadata); };
     listeners.add(onEvent);
     show(op);
+    if (reports.has(op.id)) show(reports.get(op.id));
     // The stream may have missed the end (it reconnects): ask the operation itself too.
     (async () => {
       while (!done) {
