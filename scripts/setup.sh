@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 # debootstrap + e2fsprogs (the Debian guest), openssh-client and iproute2 (tests reach guests
 # over SSH inside network namespaces), ovmf + dosfstools + mtools + systemd-boot-efi (UEFI),
 # openssl (cloud-init password hashes), dnsmasq-base + nftables (the managed network cbsd0),
-# xfsprogs (the tests' loop-mounted XFS with reflink, where VMs keep RAM in a file).
+# xfsprogs (the tests' loop-mounted XFS with reflink, where VMs keep RAM in a file),
+# novnc (the web UI's VNC display: its ES modules are served as they are), chromium (the
+# browser the web UI's tests drive through Playwright, which cannot download its own here).
 PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates
           debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
-          openssl dnsmasq-base nftables xfsprogs)
+          openssl dnsmasq-base nftables xfsprogs novnc chromium)
+# npm fetches the web UI's xterm.js (pinned in src/cbsd/service/web/package-lock.json); a node
+# that brings its own npm (NodeSource's) conflicts with Debian's npm package, so only without one.
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 export DEBIAN_FRONTEND=noninteractive
 # CBSD_SETUP=packages: only the Debian packages (scripts/trixie.sh builds its cached base system
 # with this, so the packages it tests with are the ones this list names).
@@ -95,6 +100,15 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypo
              "this again" >&2
         exit 1
     fi
+fi
+# The web UI's browser modules, exactly as the lock file pins them (plain ES modules: no build
+# step); again whenever the lock file changes.
+web=src/cbsd/service/web
+web_wanted=$(sha256sum "$web/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$web/node_modules/.cbsd-lock" 2>/dev/null)" != "$web_wanted" ]; then
+    echo "setup: installing the web UI's modules (npm ci)" >&2
+    npm ci --prefix "$web" --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
+    echo "$web_wanted" > "$web/node_modules/.cbsd-lock"
 fi
 # Cached bytecode for every module: a command then starts ~35 ms sooner, also where
 # PYTHONDONTWRITEBYTECODE keeps Python from writing it itself (compileall writes regardless).
