@@ -56,13 +56,14 @@ def _cancel_on_signals() -> None:
 
 def handler(command: str) -> Callable[[Context, dict[str, Any]], int]:
     """The function that carries out *command*: cli/hosts.py for the commands that reach other
-    hosts, cli/guest.py for those that reach inside a guest, cli/commands.py for the rest."""
+    hosts, cli/guest.py for those that reach inside a guest, cli/snapshots.py for bsnapshot,
+    cli/commands.py for the rest."""
     # lazy: only a command that runs: --help and completion skip them
-    from cbsd.cli import commands, guest, hosts
+    from cbsd.cli import commands, guest, hosts, snapshots
 
     name = command.replace("-", "_")
     fn: Callable[[Context, dict[str, Any]], int] = getattr(hosts, name, None) or \
-        getattr(guest, name, None) or getattr(commands, name)
+        getattr(guest, name, None) or getattr(snapshots, name, None) or getattr(commands, name)
     return fn
 
 
