@@ -17,9 +17,10 @@ from cbsd.core.vm import fsfreeze
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.snapshots import SNAP_PREFIX as PREFIX
-from cbsd.core.vm.snapshots import holding, pending, revert, tag
+from cbsd.core.vm.snapshots import holding, in_flux, pending, revert, tag
 from cbsd.core.vm.states import delete_tags
 from cbsd.errors import CbsdError, UsageError
+from cbsd.failpoints import failpoint
 from cbsd.model import Action, Status, require
 from cbsd.names import check_name
 from cbsd.qemu import img
@@ -42,6 +43,7 @@ def create(ctx: Context, jname: str, name: str) -> str:
                              "another name)")
         with pending(vm, "create", name):
             how = _take(vm, status, name)
+            failpoint("bsnapshot:taken")
     return f"{jname}: snapshot {name} created ({how})"
 
 
@@ -62,11 +64,13 @@ def _take(vm: VM, status: Status, name: str) -> str:
             {"type": "blockdev-snapshot-internal-sync",
              "data": {"device": i.node, "name": tag(name)}} for i in images])
 
-    if status is not Status.ON or not vm.agent_listening():
+    if status is not Status.ON:
         take()
-        why = "the VM is paused" if status is not Status.ON else "no guest agent answers"
-        return (f"{CRASH_NOTE}: {why}, so the guest's filesystems were not frozen "
-                "(install qemu-guest-agent in the guest for application-consistent ones)")
+        return f"{CRASH_NOTE}: the VM is paused, its guest agent cannot freeze its filesystems"
+    if not vm.agent_listening():
+        take()
+        return (f"{CRASH_NOTE}: no guest agent answers; install qemu-guest-agent in the guest "
+                "for application-consistent snapshots")
     out = fsfreeze.frozen_snapshot(vm, take)
     if out.thaw_error:
         raise CbsdError(f"{vm.jname}: snapshot {name} was created, but the guest's "
@@ -79,23 +83,28 @@ def _take(vm: VM, status: Status, name: str) -> str:
 
 
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
-    """The VM's snapshots, oldest first: name, created (ISO 8601), the images holding it."""
+    """The VM's snapshots, oldest first: name, created (ISO 8601), the images holding it. One
+    being created or destroyed (by a command under way, or cut short and not yet settled by
+    recovery) is not listed: it never was, or no longer is, a snapshot of the VM."""
     vm = VM.load(ctx, jname)
+    gone = in_flux(vm)
     found: dict[str, dict[str, Any]] = {}
+    when: dict[str, tuple[int, int]] = {}
     for image in vm.images():
         if not Path(image.path).exists():
             continue
         for s in img.snapshot_list(Path(image.path)):
             t = str(s.get("name", ""))
-            if not t.startswith(PREFIX):
+            if not t.startswith(PREFIX) or t.removeprefix(PREFIX) == gone:
                 continue
+            sec = int(s.get("date-sec", 0))
+            when.setdefault(t, (sec, int(s.get("date-nsec", 0))))
             row = found.setdefault(t, {
                 "jname": jname, "snapname": t.removeprefix(PREFIX),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                         time.localtime(int(s.get("date-sec", 0)))),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(sec)),
                 "disks": []})
             row["disks"].append(image.name)
-    return sorted(found.values(), key=lambda r: (r["created"], r["snapname"]))
+    return [found[t] for t in sorted(found, key=lambda t: when[t])]
 
 
 def destroy(ctx: Context, jname: str, name: str) -> str:

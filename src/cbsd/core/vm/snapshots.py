@@ -24,6 +24,7 @@ from cbsd import debug
 from cbsd.core.vm.machine import VM, Image
 from cbsd.core.vm.states import delete_tags
 from cbsd.errors import CbsdError
+from cbsd.failpoints import failpoint
 from cbsd.qemu import img
 from cbsd.storage.atomic import write_atomic
 
@@ -58,18 +59,32 @@ def pending(vm: VM, op: str, snap: str) -> Iterator[None]:
     path.unlink(missing_ok=True)
 
 
+def _mark(vm: VM) -> tuple[str, str] | None:
+    """(op, snapshot) of the operation under way or cut short, if any and readable."""
+    try:
+        mark = json.loads((vm.ctx.workdir.system(vm.jname) / PENDING).read_bytes())
+        return str(mark["op"]), str(mark["snap"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def in_flux(vm: VM) -> str | None:
+    """The snapshot a create or destroy under way (or cut short) is about: not one to list."""
+    mark = _mark(vm)
+    return mark[1] if mark and mark[0] in ("create", "destroy") else None
+
+
 def settle(vm: VM) -> None:
     """Finish the operation a command died in (its mark): a create is undone, a destroy
     or a rollback completed."""
     path = vm.ctx.workdir.system(vm.jname) / PENDING
-    try:
-        mark = json.loads(path.read_bytes())
-        op, snap = str(mark["op"]), str(mark["snap"])
-    except FileNotFoundError:
+    if not path.exists():
         return
-    except (OSError, ValueError, KeyError, TypeError):
+    mark = _mark(vm)
+    if mark is None:
         path.unlink(missing_ok=True)  # unreadable: nothing to finish by it
         return
+    op, snap = mark
     if debug.ON:
         debug.log("recover", f"{vm.jname}: finishing an interrupted bsnapshot {op} of {snap}")
     if op == "rollback":
@@ -86,3 +101,4 @@ def revert(vm: VM, snap: str) -> None:
     """Every image that holds *snap* back to it (the VM stopped)."""
     for image in holding(vm, snap):
         img.snapshot_apply(Path(image.path), tag(snap))
+        failpoint("bsnapshot:reverted-one")
