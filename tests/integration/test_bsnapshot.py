@@ -17,7 +17,8 @@ import pytest
 
 from cbsd.qemu.agent import Agent
 from tests.guests.debian_ssh import Debian
-from tests.harness import Cbsd, proc_cmdline
+from tests.guests.hosts import joined
+from tests.harness import Cbsd, proc_cmdline, start_counter
 
 pytestmark = [pytest.mark.vm]
 
@@ -184,7 +185,7 @@ def test_kill9_mid_create_and_mid_rollback_is_finished_by_the_next_command(
 def ready(deb: Debian) -> Debian:
     """From the `ready` checkpoint, with its agent answering: a deadline, not a fixed wait."""
     deb.start_from()
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300  # the agent helper's own wait (SETTIME_WAIT) and more
     while not deb.agent_state().get("agent"):
         assert time.monotonic() < deadline, "the guest agent never answered"
         time.sleep(0.5)
@@ -282,3 +283,31 @@ def test_kill9_between_freeze_and_thaw_leaves_no_guest_frozen(deb: Debian) -> No
         assert names(deb.cbsd, "deb") == ["after"]  # the killed creates were undone
     finally:
         deb.cbsd("bsnapshot", "mode=destroyall", "jname=deb").ok()
+
+
+def test_copies_carry_snapshots(cbsd: Cbsd, counter_vm: str,
+                                                         tmp_path: Path) -> None:
+    """bclone and bexport/bimport copy the images whole, snapshots with them (each copy can
+    roll back)."""
+    vm = counter_vm
+    write(disk(cbsd, vm), 0xAA)
+    cbsd("bsnapshot", "mode=create", vm, "name=s").ok()
+    write(disk(cbsd, vm), 0xBB)
+    cbsd("bclone", f"old={vm}", "new=copy").ok()
+    cbsd("bexport", f"jname={vm}", f"out={tmp_path / 'vm.cbsd'}").ok()
+    cbsd("bimport", f"in={tmp_path / 'vm.cbsd'}", "jname=imported").ok()
+    for other in ("copy", "imported"):
+        assert names(cbsd, other) == ["s"]
+        cbsd("bsnapshot", "mode=rollback", other, "name=s").ok()
+        assert holds(disk(cbsd, other), 0xAA)
+    assert holds(disk(cbsd, vm), 0xBB)  # the original's disk is its own
+
+
+@pytest.mark.twohost
+def test_bmigrate_refuses_a_vm_with_snapshots(two, counter_image) -> None:  # type: ignore[no-untyped-def]
+    a, b = two
+    joined(a, b)
+    start_counter(a.cbsd, counter_image())
+    a.cbsd("bsnapshot", "mode=create", "jname=vm1", "name=s").ok()
+    a.cbsd("bmigrate", "jname=vm1", "node=b").fails(1, "disk snapshots (bsnapshot)")
+    assert a.cbsd.status("vm1") == "On"

@@ -31,6 +31,7 @@ from typing import Any
 
 from cbsd import node_answers
 from cbsd.core.checkpoint import compat, generation
+from cbsd.core.vm import snapshots
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import VM
@@ -58,6 +59,9 @@ def why_not(vm: VM) -> str | None:
     if ckpstore.list_states(wd.checkpoints(vm.jname)):
         return ("it has checkpoints, which QEMU's disk mirror cannot carry (they are "
                 "snapshots inside its disk images): use bmove, or destroy them first")
+    if snapshots.any_held(vm):
+        return ("it has disk snapshots (bsnapshot), which QEMU's disk mirror cannot carry: "
+                "use bmove, or destroy them first")
     if vm.ctx.host.accel == "kvm":
         return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
                 "migrate: use bmove (hibernate, move, resume)")

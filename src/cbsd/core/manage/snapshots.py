@@ -42,21 +42,24 @@ def create(ctx: Context, jname: str, name: str) -> str:
             raise UsageError(f"{jname}: snapshot {name} exists (destroy it first, or choose "
                              "another name)")
         with pending(vm, "create", name):
-            how = _take(vm, status, name)
+            how, thaw_error = _take(vm, status, name)
             failpoint("bsnapshot:taken")
+    if thaw_error:  # the snapshot stands: only the thaw is late (the guard goes on)
+        raise CbsdError(f"{jname}: snapshot {name} was created, but the guest's filesystems "
+                        f"could not be thawed yet ({thaw_error})")
     return f"{jname}: snapshot {name} created ({how})"
 
 
-def _take(vm: VM, status: Status, name: str) -> str:
-    """Make the snapshot; -> how consistent it is, in words."""
+def _take(vm: VM, status: Status, name: str) -> tuple[str, str]:
+    """Make the snapshot; -> (how consistent it is, in words; why the thaw failed, or '')."""
     images = vm.images()
     if not vm.alive():
         for image in images:
             img.snapshot_create(Path(image.path), tag(name))
         if status is Status.SUSPENDED:
             return (f"{CRASH_NOTE}: the VM is hibernated, the data its guest had not yet "
-                    "written is in the hibernation image")
-        return "the VM is off"
+                    "written is in the hibernation image"), ""
+        return "the VM is off", ""
     mon = vm.monitor()
 
     def take() -> None:
@@ -66,20 +69,18 @@ def _take(vm: VM, status: Status, name: str) -> str:
 
     if status is not Status.ON:
         take()
-        return f"{CRASH_NOTE}: the VM is paused, its guest agent cannot freeze its filesystems"
+        return (f"{CRASH_NOTE}: the VM is paused, its guest agent cannot freeze its "
+                "filesystems"), ""
     if not vm.agent_listening():
         take()
         return (f"{CRASH_NOTE}: no guest agent answers; install qemu-guest-agent in the guest "
-                "for application-consistent snapshots")
+                "for application-consistent snapshots"), ""
     out = fsfreeze.frozen_snapshot(vm, take)
-    if out.thaw_error:
-        raise CbsdError(f"{vm.jname}: snapshot {name} was created, but the guest's "
-                        f"filesystems could not be thawed yet ({out.thaw_error})")
     if not out.frozen:
         return (f"{CRASH_NOTE}: the guest agent could not freeze the guest's filesystems "
-                f"({out.why_not})")
+                f"({out.why_not})"), out.thaw_error
     return (f"application-consistent: the guest's filesystems were frozen for "
-            f"{out.seconds * 1000:.0f} ms")
+            f"{out.seconds * 1000:.0f} ms"), out.thaw_error
 
 
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:

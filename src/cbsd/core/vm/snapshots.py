@@ -43,6 +43,12 @@ def holding(vm: VM, snap: str) -> list[Image]:
             and t in img.snapshots(Path(i.path))]
 
 
+def any_held(vm: VM) -> bool:
+    """Whether any image of the VM holds a bsnapshot (bmigrate's mirror cannot carry one)."""
+    return any(t.startswith(SNAP_PREFIX) for i in vm.images() if Path(i.path).exists()
+               for t in img.snapshots(Path(i.path)))
+
+
 @contextmanager
 def pending(vm: VM, op: str, snap: str) -> Iterator[None]:
     """Mark *op* on *snap* as under way while the block runs. If the block fails, it is
