@@ -117,41 +117,45 @@ def frozen_snapshot(vm: VM, take: Callable[[], None]) -> Outcome:
             os.close(r)
         out = Outcome(frozen=False)
         started = time.monotonic()
+        sent = False
         try:
-            out.why_not = _freeze(sock)
+            sent, out.why_not = _freeze(sock)
             out.frozen = not out.why_not
             if out.frozen:
                 failpoint("bsnapshot:frozen")
             take()  # unfrozen if the freeze failed: crash-consistent (thawed below all the same)
         finally:
-            out.thaw_error = _end_freeze(fd, w, sock)
+            # A freeze that reached the agent is thawed even if it failed: it may have frozen
+            # some filesystems, or land late.
+            out.thaw_error = _end_freeze(fd, w, sock if sent else None)
             out.seconds = time.monotonic() - started
         return out
     finally:
         os.close(fd)  # releases the flock
 
 
-def _freeze(sock: str) -> str:
-    """Freeze; '' once frozen, else why not."""
+def _freeze(sock: str) -> tuple[bool, str]:
+    """Freeze. -> (whether the request reached the agent, '' once frozen or why not)."""
     try:
         agent = Agent(sock, timeout=FREEZE_TIMEOUT)
     except QemuError as e:
-        return str(e)
+        return False, str(e)
     try:
         agent.call("guest-fsfreeze-freeze")
-        return ""
+        return True, ""
     except QemuError as e:
-        return str(e)
+        return True, str(e)
     finally:
         agent.close()
 
 
-def _end_freeze(fd: int, w: int, sock: str) -> str:
-    """Thaw and clear the token, then tell the guard; '' or why the thaw failed. If it
-    failed, the token stays and the guard (which sees the pipe close without THAWED) keeps
-    trying."""
+def _end_freeze(fd: int, w: int, sock: str | None) -> str:
+    """Thaw (*sock*: None when no freeze request was sent) and clear the token, then tell the
+    guard; '' or why the thaw failed. If it failed, the token stays and the guard (which sees
+    the pipe close without THAWED) keeps trying."""
     try:
-        thaw(sock)
+        if sock is not None:
+            thaw(sock)
     except QemuError as e:
         if not _qemu_gone(e):
             os.close(w)
