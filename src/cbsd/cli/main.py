@@ -57,14 +57,15 @@ def _cancel_on_signals() -> None:
 def handler(command: str) -> Callable[[Context, dict[str, Any]], int]:
     """The function that carries out *command*: cli/hosts.py for the commands that reach other
     hosts, cli/guest.py for those that reach inside a guest, cli/devices.py for a VM's disks
-    and NICs, cli/serve.py for the service's, cli/commands.py for the rest."""
+    and NICs, cli/snapshots.py for bsnapshot, cli/serve.py for the service's,
+    cli/commands.py for the rest."""
     # lazy: only a command that runs: --help and completion skip them
-    from cbsd.cli import commands, devices, guest, hosts, serve
+    from cbsd.cli import commands, devices, guest, hosts, serve, snapshots
 
     name = command.replace("-", "_")
     fn: Callable[[Context, dict[str, Any]], int] = getattr(hosts, name, None) or \
         getattr(guest, name, None) or getattr(devices, name, None) or \
-        getattr(serve, name, None) or getattr(commands, name)
+        getattr(snapshots, name, None) or getattr(serve, name, None) or getattr(commands, name)
     return fn
 
 

@@ -306,6 +306,28 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         readonly_modes=("list", "verify"),
     ),
     Command(
+        "bsnapshot", "Create, list, destroy and roll back disk-only snapshots of VMs.",
+        (
+            J_MASK,
+            Key("mode", "enum", None, required=True, help="action",
+                choices=("create", "list", "destroy", "destroyall", "rollback")),
+            Key("name", "name", None, help="snapshot name (create: default the time, "
+                "YYYYMMDDHHMMSS, as CBSD's snapname=gettimeofday; destroy, rollback: "
+                "required)"),
+            Key("snapname", "name", alias_of="name"),
+            Key("header", "bool", True, help="list: print the header line"),
+            Key("format", "enum", "text", help="list: output format", choices=("text", "json")),
+        ),
+        "cbsd bsnapshot mode=create jname=vm1 name=before_upgrade",
+        details=("A snapshot holds the contents of every disk of the VM (no memory): cheap, "
+                 "on a VM that is Off,\nOn, Paused or hibernated. On a running VM whose guest "
+                 "agent answers, the guest's filesystems\nare frozen for its instant "
+                 "(application-consistent); otherwise it is crash-consistent, and the\n"
+                 "command says so. rollback needs the VM Off; checkpoints and other snapshots "
+                 "stay as they are\n(docs/management.md)."),
+        readonly_modes=("list",),
+    ),
+    Command(
         "bsuspend", "Hibernate VMs (state to disk, QEMU ends, RAM freed) or discard the image.",
         (
             J_MASK,

@@ -34,6 +34,7 @@ from typing import IO, Any, cast
 from cbsd import node_answers
 from cbsd.core.checkpoint import compat, generation, tree
 from cbsd.core.hosts import migrate_ckp
+from cbsd.core.vm import snapshots
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import VM
@@ -67,6 +68,9 @@ def why_not(vm: VM) -> str | None:
             return (f"checkpoint {name} has a snapshot in {sorted(disks - images)[0]}, an "
                     "image the VM no longer uses, which QEMU's mirror cannot carry (only the "
                     "VM's whole folder can): use bmove, or destroy that checkpoint")
+    if snapshots.any_held(vm):
+        return ("it has disk snapshots (bsnapshot), which QEMU's disk mirror cannot carry: "
+                "use bmove, or destroy them first")
     if vm.ctx.host.accel == "kvm":
         return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
                 "migrate: use bmove (hibernate, move, resume)")
