@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_devices import DEVICE_COMMANDS, J_MASK, J_NAME
 from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
-from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, MAX_NICS, NIC_TYPES, NICS, OS_TYPES
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
-J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
-J_NAME = Key("jname", "name", required=True, help="VM name")
 RUNNING_ONLY = Key("running_only", "bool", False, help="skip VMs that are not On or Paused "
                    "(for host shutdown scripts)")
 CLOUD_INIT = (
@@ -235,47 +234,6 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "original's MAC address (see docs/management.md)."),
     ),
     Command(
-        "bhyve-dsk", "List, attach or detach a stopped VM's disks.",
-        (J_NAME,
-         Key("mode", "enum", None, required=True, help="action",
-             choices=("list", "attach", "detach")),
-         Key("dsk_size", "size", None, help="attach: size of the new disk (k/m/g/t)"),
-         Key("dsk_controller", "enum", None, help="attach: controller (default virtio-blk "
-             "for linux/freebsd, ahci otherwise)", choices=("virtio-blk", "ahci", "nvme")),
-         Key("dsk_name", "name", None, help="attach: a name (default dsk2, dsk3, ...; an "
-             "image detached earlier is attached again); detach: required"),
-         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
-        "cbsd bhyve-dsk mode=attach jname=vm1 dsk_size=20g dsk_controller=nvme",
-        bare="one",
-        readonly_modes=("list",),
-        details=("Checkpoints snapshot every disk. A disk a checkpoint holds a snapshot of "
-                 "cannot be detached\n(destroy those checkpoints first); a detached disk's "
-                 "image stays in the VM's folder."),
-    ),
-    Command(
-        "bhyve-nic", "List, attach or detach a stopped VM's NICs (network cards).",
-        (J_NAME,
-         Key("mode", "enum", None, required=True, help="action",
-             choices=("list", "attach", "detach")),
-         Key("nic_type", "enum", "bridge", help="attach: bridge (a tap on nic_parent) or "
-             "user (QEMU's NAT)", choices=NIC_TYPES),
-         Key("nic_parent", "ifname", None, help="attach: the bridge (default auto: cbsd's "
-             "own network cbsd0)"),
-         Key("nic_hwaddr", "mac", None, help="attach: its MAC (default: a new "
-             "52:54:00:xx:xx:xx); detach: the NIC with this MAC"),
-         Key("hostfwd", "hostfwd", [], help="attach, nic_type=user: forward host ports "
-             "tcp:[BIND:]HOSTPORT:GUESTPORT,..."),
-         Key("nic_id", "int", None, help="detach: the NIC's number in mode=list", lo=1,
-             hi=MAX_NICS),
-         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
-        "cbsd bhyve-nic mode=attach jname=vm1 nic_parent=br0",
-        bare="one",
-        readonly_modes=("list",),
-        details=("NICs are in PCI order: the guest's eth0, eth1, ... NIC 1 is also bcreate's "
-                 "and bset's nic=,\ninterface=, nic_hwaddr=. A checkpoint restores while the "
-                 "NICs' types are, in order, those it\nwas taken with (docs/networking.md)."),
-    ),
-    Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",
         (J_NAME,),
         "cbsd blogin jname=vm1",
@@ -304,28 +262,6 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "mode=list shows them as a tree: each under the checkpoint the VM was restored "
                  "from or\ntaken after ('*': the one the running VM descends from)."),
         readonly_modes=("list", "verify"),
-    ),
-    Command(
-        "bsnapshot", "Create, list, destroy and roll back disk-only snapshots of VMs.",
-        (
-            J_MASK,
-            Key("mode", "enum", None, required=True, help="action",
-                choices=("create", "list", "destroy", "destroyall", "rollback")),
-            Key("name", "name", None, help="snapshot name (create: default the time, "
-                "YYYYMMDDHHMMSS, as CBSD's snapname=gettimeofday; destroy, rollback: "
-                "required)"),
-            Key("snapname", "name", alias_of="name"),
-            Key("header", "bool", True, help="list: print the header line"),
-            Key("format", "enum", "text", help="list: output format", choices=("text", "json")),
-        ),
-        "cbsd bsnapshot mode=create jname=vm1 name=before_upgrade",
-        details=("A snapshot holds the contents of every disk of the VM (no memory): cheap, "
-                 "on a VM that is Off,\nOn, Paused or hibernated. On a running VM whose guest "
-                 "agent answers, the guest's filesystems\nare frozen for its instant "
-                 "(application-consistent); otherwise it is crash-consistent, and the\n"
-                 "command says so. rollback needs the VM Off; checkpoints and other snapshots "
-                 "stay as they are\n(docs/management.md)."),
-        readonly_modes=("list",),
     ),
     Command(
         "bsuspend", "Hibernate VMs (state to disk, QEMU ends, RAM freed) or discard the image.",
@@ -445,6 +381,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "needs\nqemu-guest-agent in the guest (docs/management.md)."),
         readonly=True,
     ),
+    *DEVICE_COMMANDS,
     *SERVICE_COMMANDS,
     *SCHEDULE_COMMANDS,
 )}
