@@ -86,7 +86,8 @@ def create_app(config: Config) -> FastAPI:
     app.state.cbsd_metrics = metrics
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
-    app.state.sessions = sessions.Sessions()
+    app.state.sessions = sessions.Sessions(
+        token_exists=lambda owner: auth.token_exists(config.workdir, owner))
     app.state.scheduler = scheduler
 
     @app.exception_handler(CbsdError)
