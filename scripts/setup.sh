@@ -30,23 +30,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# sshd for the two-host tests, which start their own inside network namespaces: the package's
-# own service must not start (policy-rc.d says so while it installs) nor come up at boot.
-if ! dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
-    echo "setup: installing openssh-server (its service stays off)" >&2
-    apt-cache show openssh-server >/dev/null 2>&1 || apt-get update -qq
-    policy=/usr/sbin/policy-rc.d
-    own_policy=0
+# Packages whose own service must not start (policy-rc.d says so while they install) nor come
+# up at boot: sshd for the many-host tests, which start their own inside network namespaces;
+# etcd (etcd-server, and etcdctl from etcd-client) for the cluster (docs/cluster.md), whose
+# member `cbsd bcluster mode=init|join` starts and configures itself, with TLS, in its workdir
+# (bookworm has 3.4, trixie 3.5: both serve the JSON gateway cbsd's client speaks).
+quiet_install() {  # PACKAGE UNITS...
+    local pkg=$1; shift
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && return 0
+    echo "setup: installing $pkg (its service stays off)" >&2
+    apt-cache show "$pkg" >/dev/null 2>&1 || apt-get update -qq
+    local policy=/usr/sbin/policy-rc.d own_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1
     fi
-    apt-get install -y -qq --no-install-recommends openssh-server >/dev/null || {
+    apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null || {
         [ $own_policy = 1 ] && rm -f "$policy"; exit 1; }
     [ $own_policy = 1 ] && rm -f "$policy"
-    if [ -d /run/systemd/system ]; then
-        systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ] && [ $# -gt 0 ]; then
+        systemctl disable --now "$@" >/dev/null 2>&1 || true
     fi
-fi
+}
+quiet_install openssh-server ssh.service ssh.socket
+quiet_install etcd-server etcd.service
+quiet_install etcd-client
 # The Linux test guest's kernel is fetched with 'apt-get download': the package lists must exist.
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq

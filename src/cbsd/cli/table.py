@@ -304,6 +304,34 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         bare="none",
     ),
     Command(
+        "bcluster", "Make this host a node of an etcd cluster, or show the cluster "
+        "(docs/cluster.md).",
+        (
+            Key("mode", "enum", None, required=True, help="init: the first node (a CA, an "
+                "etcd member here); issue: a joining node's bundle (on the init node); join; "
+                "leave; start: the member and keeper again after a reboot; status",
+                choices=("init", "issue", "join", "leave", "start", "status")),
+            Key("name", "name", None, help="init, join: this node's name; issue: the joining "
+                "node's"),
+            Key("address", "str", None, help="init, join: this node's address (etcd listens "
+                "there, TLS only); issue: the joining node's"),
+            Key("bundle", "path", None, help="join: the folder mode=issue wrote"),
+            Key("out", "path", None, help="issue: the folder to write the bundle to"),
+            Key("member", "bool", True, help="join: run an etcd member here (0: a client of "
+                "the members)"),
+            Key("ttl", "int", 10, help="init: the node lease, seconds (a node is shown down "
+                "this long after it stops renewing)", lo=2, hi=3600),
+            Key("format", "enum", "text", help="status: output format",
+                choices=("text", "json")),
+        ),
+        "cbsd bcluster mode=init name=n1 address=10.0.0.1",
+        bare="none",
+        details=("Every member and node talks TLS with a client certificate of the cluster's "
+                 "CA. A VM's\nchanges are refused on any node but its owner (etcd's owner "
+                 "record). Replication and HA:\nnot built yet."),
+        readonly_modes=("status",),
+    ),
+    Command(
         "node", "Add, list or remove the other hosts cbsd drives over SSH.",
         (
             Key("mode", "enum", None, required=True, help="action",
@@ -388,8 +416,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "bmetrics", "node", "bmove", "bmigrate", "bimport", "bregister",
-              "bwhereis", "bexec", "bscp", "serve", "token"}
+LOCAL_ONLY = {"bls", "bmetrics", "node", "bcluster", "bmove", "bmigrate", "bimport",
+              "bregister", "bwhereis", "bexec", "bscp", "serve", "token"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

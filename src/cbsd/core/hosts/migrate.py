@@ -33,6 +33,7 @@ from typing import IO, Any, cast
 
 from cbsd import node_answers
 from cbsd.core.checkpoint import compat, generation, tree
+from cbsd.core.cluster import admin
 from cbsd.core.hosts import migrate_ckp
 from cbsd.core.vm import snapshots
 from cbsd.core.vm.context import Context
@@ -95,6 +96,9 @@ def _migrate_held(vm: VM, node: Node) -> float:
     paused = vm.status(mine=True) is Status.PAUSED
     carried = bool(migrate_ckp.states(vm))
     sizes = {im.name: int(img.info(Path(im.path))["virtual-size"]) for im in vm.images()}
+    # On a cluster node, the switchover comes first: the node's half registers the VM only
+    # if the cluster says the node owns it; a migration that fails takes it back.
+    take_back = admin.hand_over(wd, jname, node.name)
     control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -139,6 +143,9 @@ def _migrate_held(vm: VM, node: Node) -> float:
             _roll_back(mon, vm, paused)
             with contextlib.suppress(CbsdError):  # the node clears a half-received VM
                 node.call(["bmigrate", "mode=status", f"jname={jname}"], timeout=60)
+            # The node never got the go, so it never registered the VM: it stays here. (After
+            # the node's status, whose guard needs the record the switch gave it.)
+            take_back()
         raise
     finally:
         for sock in local.values():
