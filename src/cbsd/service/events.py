@@ -23,8 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from cbsd.core.vm.context import Context
-from cbsd.core.vm.machine import VM
-from cbsd.model import VMSpec
+from cbsd.service.rowcache import RowCache
 from cbsd.storage.paths import Workdir
 
 POLL = 0.1  # seconds between looks while a VM is in Maintenance
@@ -89,19 +88,21 @@ class Bus:
 class StatusWatcher:
     """Publishes a lifecycle event for each VM whose status differs from the last look."""
 
-    def __init__(self, workdir: Workdir, bus: Bus) -> None:
+    def __init__(self, workdir: Workdir, bus: Bus, rows: RowCache) -> None:
         self.workdir = workdir
         self.bus = bus
+        self.rows = rows
         self._last: dict[str, str] = {}
         self._lock = threading.Lock()
         self._watched: set[Path] = set()
         self.look()
 
     def statuses(self) -> dict[str, str]:
+        """Every VM's status: derived again only for the VMs whose files changed and those
+        with a QEMU (RowCache: the API's list shares it)."""
         ctx = Context(self.workdir, writable=False)
         try:
-            return {j: VM(ctx, spec, (pid, port)).status().value
-                    for j, spec, pid, port in ctx.inventory.all() if isinstance(spec, VMSpec)}
+            return {row["jname"]: row["status"] for row in self.rows.rows(ctx)[0]}
         finally:
             if "inventory" in ctx.__dict__:
                 ctx.inventory.close()
