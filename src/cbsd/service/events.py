@@ -121,11 +121,16 @@ class StatusWatcher:
 
     def _watch(self, ino: Inotify) -> None:
         """Watch what a status change touches: the VMs' lock files (a command writes its
-        holder line on taking a lock, empties it on release), the inventory (and its WAL),
-        and each VM's folder for QEMU's pidfile and the hibernation image coming and going
-        (not its console log: a guest printing must not wake the service)."""
+        holder line on taking a lock, empties it and closes the file on release), the
+        inventory (and its WAL), and each VM's folder for QEMU's pidfile and the hibernation
+        image coming and going (not its console log: a guest printing must not wake the
+        service). A look derives again only the VMs these changed (and those with a QEMU):
+        the RowCache it shares with the list has its own inotify queue for that."""
         wd = self.workdir
-        wanted = {wd.locks: Mask.MODIFY | Mask.CREATE | Mask.DELETE,
+        # CLOSE_WRITE: the holder's close is what releases the lock, just after it emptied
+        # its line (MODIFY): the look that follows sees the lock free (status readers open
+        # the lock file read-only: no CLOSE_WRITE of theirs wakes the watcher).
+        wanted = {wd.locks: Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.DELETE,
                   # MODIFY only: a reader (this watcher's look too) creates and deletes the WAL
                   wd.inventory.parent: Mask.MODIFY,
                   wd.root / "jails-system": Mask.CREATE | Mask.DELETE}
