@@ -41,9 +41,10 @@ KEPT = (Status.OFF.value, Status.SUSPENDED.value)
 # deriving a status opens the lock file itself.
 LOCKS = Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.DELETE | Mask.ONLYDIR
 # In a VM's folder and its checkpoints folder: a file or folder appearing or going (the
-# pidfile, the hibernation image, a checkpoint). Not MODIFY: a running guest's console log
-# would flood the queue.
-FILES = Mask.CREATE | Mask.DELETE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.ONLYDIR
+# pidfile, the hibernation image, a checkpoint), or written and closed (the pidfile's pid).
+# Not MODIFY: a running guest's console log (kept open) would flood the queue.
+FILES = Mask.CREATE | Mask.DELETE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CLOSE_WRITE \
+    | Mask.ONLYDIR
 GONE = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF
 
 
