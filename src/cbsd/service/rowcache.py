@@ -1,9 +1,10 @@
 """The service's list of VMs: bls's rows, each derived again only when it may have changed.
 
 cbsd never stores a status: it derives it (docs/architecture.md). Deriving every VM's row at
-each GET /1.0/instances costs about 0.1 ms per VM (its definition parsed, its lock, pidfile
-and hibernation image looked at), so 1,000 VMs took 0.1-0.3 s. This keeps the last row of
-each VM that has no QEMU (Off, Suspended) and derives it again when one of these changed:
+each GET /1.0/instances costs 0.05-0.1 ms per VM on an idle host (its definition parsed and
+checked, its lock, pidfile and hibernation image looked at), several times that under load.
+This keeps the last row of each VM that has no QEMU (Off, Suspended) and derives it again
+when one of these changed:
 
 - its inventory entry (definition text, pid, VNC port: compared at every look, one query);
 - a file its status is derived from, as inotify reports it: its lock file (a command writes
