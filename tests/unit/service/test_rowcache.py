@@ -1,5 +1,6 @@
-"""The service's list cache (service/rowcache.py): a VM's row is derived again exactly when
-something it is derived from changed, and a row with a process is derived at every look --
+"""The service's list cache (service/rowcache.py) and the status watcher built on it: a
+VM's row is derived again exactly when something it is derived from changed, and a row with a
+process is derived at every look --
 so the list is never older than the request. Real files, a real inventory and real inotify;
 a `sleep` whose command line carries the VM's QMP socket path stands in for its QEMU."""
 
@@ -19,6 +20,7 @@ from cbsd.core.manage import listing
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.lock import VMLock
 from cbsd.model import VMSpec
+from cbsd.service.events import Bus, StatusWatcher
 from cbsd.service.rowcache import RowCache
 from cbsd.storage.ckpstore import MANIFEST
 from cbsd.storage.inventory import Inventory
@@ -166,3 +168,24 @@ def test_a_vm_with_a_process_is_derived_at_every_look(cache: RowCache, wd: Workd
 def test_an_unknown_file_among_the_locks_derives_all(cache: RowCache, wd: Workdir) -> None:
     look(cache)
     assert derived(cache, lambda: (wd.locks / "something-else").touch()) == len(NAMES)
+
+
+def test_the_status_watcher_derives_only_what_changed(cache: RowCache, wd: Workdir) -> None:
+    """The event stream's watcher shares the cache: its look after a change derives the VM
+    that changed, and publishes that VM's new status only."""
+    published: list[dict[str, Any]] = []
+
+    class Recorder(Bus):
+        def publish(self, kind: str, metadata: dict[str, Any]) -> None:
+            published.append(metadata)
+
+    watcher = StatusWatcher(wd, Recorder(), cache)  # its first look: every VM, no event
+    assert published == [{"name": n, "status": "Off", "previous": None} for n in NAMES]
+    published.clear()
+    before = cache.derived
+    with VMLock(wd.lock_file("b"), "b", "bstart").acquire():
+        watcher.look()
+    watcher.look()
+    assert cache.derived - before == 2  # b, twice; a and c not at all
+    assert published == [{"name": "b", "status": "Maintenance", "previous": "Off"},
+                         {"name": "b", "status": "Off", "previous": "Maintenance"}]
