@@ -1,8 +1,8 @@
 """The service's list cache (service/rowcache.py) and the status watcher built on it: a
 VM's row is derived again exactly when something it is derived from changed, and a row with a
-process is derived at every look --
-so the list is never older than the request. Real files, a real inventory and real inotify;
-a `sleep` whose command line carries the VM's QMP socket path stands in for its QEMU."""
+process is derived at every look -- so the list is never older than the request. Real files,
+a real inventory and real inotify; a `sleep` whose command line carries the VM's QMP socket
+path stands in for its QEMU."""
 
 from __future__ import annotations
 
