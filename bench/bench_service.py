@@ -9,7 +9,9 @@ records) -- listing reads the inventory and each VM's status, never its disks.
 - idle: a real `cbsd serve` left alone for IDLE_S seconds, once with the one VM and once with
   1,001: its CPU (from /proc/PID/stat, per second) and resident memory (sampled each second);
 - listing: GET /1.0/instances (httpx over the Unix socket, response parsed) against the CLI's
-  `cbsd bls format=json` (wall time, a new process each) with 1,001 VMs; and GET /metrics;
+  `cbsd bls format=json` (wall time, a new process each) with 11, 101 and 1,001 VMs, and
+  the derivation of every row alone (listing.rows in this process: what each look cost
+  before the service kept rows, service/rowcache.py); and GET /metrics with 1,001;
 - events: a subscriber on GET /1.0/events; `cbsd bpause` pauses and resumes the guest; the
   time from the command's exit (a lower bound: QEMU had changed state just before) and from
   its start (an upper bound) until the lifecycle event arrives;
@@ -43,6 +45,7 @@ from bench.timing import settle
 SERVICE = Study("service")
 IDLE_S = 30.0
 MANY = 1000
+SMALL = (10, 100)  # the list's other sizes (VMs besides the guest)
 GUEST = "ctr"
 
 
@@ -77,36 +80,62 @@ def idle(svc: Service, vms: int, seconds: float = IDLE_S) -> Case:
     return case
 
 
-def many(env: dict[str, str], wd: Path) -> None:
-    """1,000 defined VMs: one bcreate, its row copied (see the module's docstring)."""
-    cli(env, "bcreate", "jname=b0000", "vm_os_type=other", "vm_ram=32m", "imgsize=1m")
+def many(env: dict[str, str], wd: Path, count: int) -> None:
+    """*count* defined VMs b0000... in all: one bcreate, its row copied (see the module's
+    docstring); VMs already there are kept."""
     from cbsd.storage.inventory import Inventory
     from cbsd.storage.paths import Workdir
 
     inv = Inventory(Workdir(wd).inventory)
+    if inv.get("b0000") is None:
+        inv.close()
+        cli(env, "bcreate", "jname=b0000", "vm_os_type=other", "vm_ram=32m", "imgsize=1m")
+        inv = Inventory(Workdir(wd).inventory)
     spec = inv.get("b0000")
     assert spec is not None
-    for i in range(1, MANY):
-        inv.add(dataclasses.replace(spec, jname=f"b{i:04d}"))
+    for i in range(1, count):
+        if inv.get(f"b{i:04d}") is None:
+            inv.add(dataclasses.replace(spec, jname=f"b{i:04d}"))
     inv.close()
 
 
-def listing(svc: Service, env: dict[str, str], repeat: int) -> Case:
-    case = Case(f"list {MANY + 1} VMs: API vs CLI")
+def listing(svc: Service, env: dict[str, str], repeat: int, vms: int,
+            metrics: bool = False) -> Case:
+    case = Case(f"list {vms} VMs: API vs CLI")
     for _ in range(repeat):
         settle()
         t = time.perf_counter()
         r = svc.client.get("/1.0/instances")
         rows = r.json()
         case.add("GET /1.0/instances", time.perf_counter() - t)
-        assert r.status_code == 200 and len(rows) == MANY + 1, (r.status_code, len(rows))
+        assert r.status_code == 200 and len(rows) == vms, (r.status_code, len(rows))
         case.add("cbsd bls format=json", timed([CBSD, "bls", "format=json"], env))
         settle()
-        t = time.perf_counter()
-        m = svc.client.get("/metrics")
-        case.add("GET /metrics", time.perf_counter() - t)
-        assert m.status_code == 200
+        case.add("every row derived (listing.rows in process: bls's core)",
+                 derive_all(svc.workdir))
+        if metrics:
+            settle()
+            t = time.perf_counter()
+            m = svc.client.get("/metrics")
+            case.add("GET /metrics", time.perf_counter() - t)
+            assert m.status_code == 200
     return case
+
+
+def derive_all(wd: Path) -> float:
+    """Seconds to derive every VM's row (what bls does, and the service for the rows that
+    may have changed), in this process: no process start, no HTTP."""
+    from cbsd.core.manage import listing
+    from cbsd.core.vm.context import Context
+    from cbsd.storage.paths import Workdir
+
+    ctx = Context(Workdir(wd), writable=False)
+    try:
+        t = time.perf_counter()
+        listing.rows(ctx, None)
+        return time.perf_counter() - t
+    finally:
+        ctx.inventory.close()
 
 
 class Subscriber:
@@ -198,11 +227,14 @@ def run_all(repeat: int = 9, idle_s: float = IDLE_S) -> tuple[list[Case], dict[s
         try:
             with Service(wd) as svc:
                 cases.append(idle(svc, 1, idle_s))
-            many(env, wd)
-            with Service(wd) as svc:
                 svc.client.get("/1.0/instances")  # warm: the first look loads the modules
+                for count in SMALL:  # how the time grows with the VMs
+                    many(env, wd, count)
+                    cases.append(listing(svc, env, repeat, count + 1))
+            many(env, wd, MANY)
+            with Service(wd) as svc:
                 cases.append(idle(svc, MANY + 1, idle_s))
-                cases.append(listing(svc, env, repeat))
+                cases.append(listing(svc, env, repeat, MANY + 1, metrics=True))
                 cases.append(events(svc, env, repeat))
                 cases.append(checkpoints(svc, env, repeat))
         finally:

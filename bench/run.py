@@ -3,15 +3,14 @@
 Each study writes docs/benchmarks/<study>/: report.md, results.json and chart.png.
 cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        report (re-render peer's report.md and chart.png from its results.json),
-       checkpoint (cbsd vs the dd floor only), bls, api (the service: list, idle CPU and
-       memory, event latency),
+       checkpoint (cbsd vs the dd floor only), bls,
        engine (restore vs RAM size per engine, space of many checkpoints; study "engine", or
        BENCH_ENGINE_OUT=NAME for a partial re-run, e.g. engine-ab;
        BENCH_ENGINE_SIZES=256m:200,1g:768 for a quick run),
        hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
        study "hosts", no chart),
-       service (cbsd serve: idle CPU and memory, API list of 1,001 VMs vs bls, event
-       latency, checkpoint create via the API vs the CLI; study "service", no chart),
+       service (cbsd serve: idle CPU and memory, API list of 11, 101 and 1,001 VMs vs bls,
+       event latency, checkpoint create via the API vs the CLI; study "service", no chart),
        migrate-checkpoints (bmigrate's downtime with and without checkpoints; study
        "hosts-migrate-checkpoints", no chart)."""
 
@@ -48,6 +47,7 @@ def main(argv: list[str]) -> None:
             from bench import bench_service
 
             print(bench_service.write(*bench_service.run_all()), flush=True)
+            continue
         if case == "migrate-checkpoints":
             from bench import bench_migrate_ckp
 
@@ -60,11 +60,6 @@ def main(argv: list[str]) -> None:
             lv.ensure()
             for c in bench_bls.run():
                 print(c.title, {n: round(s.median, 3) for n, s in c.series.items()}, flush=True)
-        elif case == "api":
-            from bench import bench_api
-
-            for c in bench_api.run():
-                print(c.title, {n: round(s.median, 4) for n, s in c.series.items()}, flush=True)
         elif case == "checkpoint":
             from bench import bench_checkpoint
 

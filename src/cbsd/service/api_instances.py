@@ -14,7 +14,6 @@ from cbsd.errors import UsageError
 from cbsd.service import pools
 from cbsd.service.common import context, keys, started
 from cbsd.service.operations import Progress
-from cbsd.storage import ckpstore
 
 router = APIRouter(prefix="/1.0/instances", tags=["instances"])
 
@@ -22,10 +21,8 @@ router = APIRouter(prefix="/1.0/instances", tags=["instances"])
 @router.get("", summary="Every VM of this host: bls's columns and its checkpoint count")
 def instances(request: Request) -> list[dict[str, Any]]:
     with context(request) as ctx:
-        rows, _, damaged = listing.rows(ctx, None)
-        wd = ctx.workdir
-    for row in rows:
-        row["checkpoints"] = ckpstore.count_states(wd.checkpoints(row["jname"]))
+        # Each VM's row derived again only if it may have changed (service/rowcache.py).
+        rows, _, damaged = request.app.state.rows.rows(ctx)
     # A damaged entry is not listed (as bls): it is named in the list of problems instead.
     return [*rows, *({"damaged": d} for d in damaged)]
 

@@ -22,6 +22,7 @@ from cbsd.service import auth, consoles, events, sessions, ui
 from cbsd.service.metrics import ServiceMetrics
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
+from cbsd.service.rowcache import RowCache
 from cbsd.service.scheduler import Scheduler
 from cbsd.storage.paths import Workdir
 
@@ -57,7 +58,8 @@ def error(e: BaseException) -> JSONResponse:
 
 def create_app(config: Config) -> FastAPI:
     bus = events.Bus()
-    watcher = events.StatusWatcher(config.workdir, bus)
+    rows = RowCache(config.workdir)  # GET /1.0/instances and the watcher's looks
+    watcher = events.StatusWatcher(config.workdir, bus, rows)
     metrics = ServiceMetrics(lambda: config.workdir)  # GET /metrics (api_metrics.py)
 
     def notify(op: Operation) -> None:
@@ -85,6 +87,7 @@ def create_app(config: Config) -> FastAPI:
     app.state.config = config
     app.state.cbsd_metrics = metrics
     app.state.bus = bus
+    app.state.rows = rows
     app.state.operations = Operations(config.workdir, notify)
     app.state.sessions = sessions.Sessions(
         token_exists=lambda owner: auth.token_exists(config.workdir, owner))

@@ -23,8 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from cbsd.core.vm.context import Context
-from cbsd.core.vm.machine import VM
-from cbsd.model import VMSpec
+from cbsd.service.rowcache import RowCache
 from cbsd.storage.paths import Workdir
 
 POLL = 0.1  # seconds between looks while a VM is in Maintenance
@@ -89,19 +88,21 @@ class Bus:
 class StatusWatcher:
     """Publishes a lifecycle event for each VM whose status differs from the last look."""
 
-    def __init__(self, workdir: Workdir, bus: Bus) -> None:
+    def __init__(self, workdir: Workdir, bus: Bus, rows: RowCache) -> None:
         self.workdir = workdir
         self.bus = bus
+        self.rows = rows
         self._last: dict[str, str] = {}
         self._lock = threading.Lock()
         self._watched: set[Path] = set()
         self.look()
 
     def statuses(self) -> dict[str, str]:
+        """Every VM's status: derived again only for the VMs whose files changed and those
+        with a QEMU (RowCache: the API's list shares it)."""
         ctx = Context(self.workdir, writable=False)
         try:
-            return {j: VM(ctx, spec, (pid, port)).status().value
-                    for j, spec, pid, port in ctx.inventory.all() if isinstance(spec, VMSpec)}
+            return {row["jname"]: row["status"] for row in self.rows.rows(ctx)[0]}
         finally:
             if "inventory" in ctx.__dict__:
                 ctx.inventory.close()
@@ -120,11 +121,16 @@ class StatusWatcher:
 
     def _watch(self, ino: Inotify) -> None:
         """Watch what a status change touches: the VMs' lock files (a command writes its
-        holder line on taking a lock, empties it on release), the inventory (and its WAL),
-        and each VM's folder for QEMU's pidfile and the hibernation image coming and going
-        (not its console log: a guest printing must not wake the service)."""
+        holder line on taking a lock, empties it and closes the file on release), the
+        inventory (and its WAL), and each VM's folder for QEMU's pidfile and the hibernation
+        image coming and going (not its console log: a guest printing must not wake the
+        service). A look derives again only the VMs these changed (and those with a QEMU):
+        the RowCache it shares with the list has its own inotify queue for that."""
         wd = self.workdir
-        wanted = {wd.locks: Mask.MODIFY | Mask.CREATE | Mask.DELETE,
+        # CLOSE_WRITE: the holder's close is what releases the lock, just after it emptied
+        # its line (MODIFY): the look that follows sees the lock free (status readers open
+        # the lock file read-only: no CLOSE_WRITE of theirs wakes the watcher).
+        wanted = {wd.locks: Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.DELETE,
                   # MODIFY only: a reader (this watcher's look too) creates and deletes the WAL
                   wd.inventory.parent: Mask.MODIFY,
                   wd.root / "jails-system": Mask.CREATE | Mask.DELETE}

@@ -168,15 +168,22 @@ class Inventory:
     def all(self) -> list[tuple[str, VMSpec | EnvironmentFault, int, int]]:
         """Every entry: (jname, its spec -- or, for an entry that is damaged, the error that
         says so --, pid, VNC port). One damaged entry never hides the others (bls)."""
-        rows = self._rows("SELECT jname, spec, pid, vnc_port FROM vm ORDER BY jname")
-        out: list[tuple[str, VMSpec | EnvironmentFault, int, int]] = []
-        for jname, text, pid, port in rows:
-            try:
-                spec: VMSpec | EnvironmentFault = self._spec(jname, text)
-            except EnvironmentFault as e:
-                spec = e
-            out.append((str(jname), spec, pid, port))
-        return out
+        return [(jname, self.parse(jname, text), pid, port)
+                for jname, text, pid, port in self.entries()]
+
+    def entries(self) -> list[tuple[str, str, int, int]]:
+        """Every entry as stored: (jname, its definition's text, pid, VNC port). The service
+        parses only the texts that changed since its last look (service/rowcache.py)."""
+        return [(str(j), str(t), int(p or 0), int(v or 0)) for j, t, p, v in self._rows(
+            "SELECT jname, spec, pid, vnc_port FROM vm ORDER BY jname")]
+
+    def parse(self, jname: str, text: str) -> VMSpec | EnvironmentFault:
+        """The definition *text* of entry *jname*, or the EnvironmentFault that says it is
+        damaged (see _spec)."""
+        try:
+            return self._spec(jname, text)
+        except EnvironmentFault as e:
+            return e
 
     def _spec(self, jname: str, text: str) -> VMSpec:
         """The entry's definition, checked as any definition cbsd did not just make itself

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sqlite3
@@ -65,9 +66,20 @@ class VM:
         self.ctx = ctx
         self.spec = spec
         self.jname = spec.jname
-        wd = ctx.workdir
-        self.paths = RuntimePaths(
-            disks=tuple(str(wd.disk(self.jname, d)) for d in spec.disks),
+        self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
+        self.recorded_pid = self.pid  # what the inventory says (self.pid may be found later)
+        self._mon: Monitor | None = None
+        self.unresponsive = ""  # why the monitor did not answer a status probe
+        self.died = ""  # VMLock.died of the lock this command holds on the VM
+
+    @functools.cached_property
+    def paths(self) -> RuntimePaths:
+        """Every runtime file's path. Computed on first use: a status look needs three
+        paths (the lock, the pidfile, the hibernation image), not a dozen -- bls and the
+        API's list derive the status of every VM at each call."""
+        wd = self.ctx.workdir
+        return RuntimePaths(
+            disks=tuple(str(wd.disk(self.jname, d)) for d in self.spec.disks),
             qmp_sock=str(wd.qmp_sock(self.jname)),
             console_sock=str(wd.console_sock(self.jname)),
             console_log=str(wd.console_log(self.jname)),
@@ -75,16 +87,11 @@ class VM:
             qemu_log=str(wd.qemu_log(self.jname)),
             qga_sock=str(wd.qga_sock(self.jname)),
             seed=str(wd.seed(self.jname)),
-            efi_vars=str(wd.disk(self.jname, EFI_VARS)) if spec.efi == "uefi" else "",
+            efi_vars=str(wd.disk(self.jname, EFI_VARS)) if self.spec.efi == "uefi" else "",
             taps=tuple(tap_name(wd.root, self.jname, i) if n.nic_type == "bridge" else ""
-                       for i, n in enumerate(spec.nics)),
+                       for i, n in enumerate(self.spec.nics)),
             ifup=str(wd.system(self.jname) / "ifup") if self.bridged() else "",
         )
-        self.pid, self.vnc_port = runtime or ctx.inventory.runtime(self.jname)
-        self.recorded_pid = self.pid  # what the inventory says (self.pid may be found later)
-        self._mon: Monitor | None = None
-        self.unresponsive = ""  # why the monitor did not answer a status probe
-        self.died = ""  # VMLock.died of the lock this command holds on the VM
 
     def bridged(self) -> list[tuple[int, str]]:
         """(index, bridge) of each NIC on a bridge ("": cbsd0)."""
@@ -114,9 +121,10 @@ class VM:
     # --- process --------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        if process.alive(self.pid, self.paths.qmp_sock):
+        if self.pid and process.alive(self.pid, self.paths.qmp_sock):
             return True
-        pid = process.read_pidfile(self.paths.pidfile)
+        # Not self.paths.pidfile: a VM that is off needs no other path (see paths).
+        pid = process.read_pidfile(str(self.ctx.workdir.pidfile(self.jname)))
         if pid and pid != self.pid and process.alive(pid, self.paths.qmp_sock):
             self.pid = pid  # a launch whose pid never reached the inventory
             return True
