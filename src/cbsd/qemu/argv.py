@@ -93,6 +93,8 @@ def _disk_device(spec: VMSpec, name: str, i: int) -> list[str]:
 
 
 AS_DEFINED = "as-defined"  # build_argv's generation= for a boot: from the spec (vm_genid)
+NIC_ID = "nic0"  # a restore that forks state replaces it (core/checkpoint/identity.py)
+NETDEV_ID = "net0"
 GENID_ID = "vmgenid0"  # the vmgenid device's id (QMP: /machine/peripheral/vmgenid0)
 GENID_OPTION = b"vmgenid,"  # how a running QEMU's argv shows the device
 
@@ -108,6 +110,25 @@ def generation_arg(spec: VMSpec, generation: str | None) -> str | None:
 
 def nic_model(spec: VMSpec) -> str:
     return "virtio-net-pci" if spec.os_type in ("linux", "freebsd") else "e1000"
+
+
+def nic_properties(spec: VMSpec, addr: str = "") -> dict[str, str]:
+    """The NIC's -device properties, also device_add's when a restore replaces it (then at
+    the slot *addr* the replaced one had). romfile= : no PXE option ROM, the firmware boots
+    faster and nothing netboots by surprise. The id does not enter the migration stream (a
+    PCI device's section is named by its slot), so states saved before it had one load."""
+    props = {"driver": nic_model(spec), "id": NIC_ID, "netdev": NETDEV_ID}
+    if spec.mac:
+        props["mac"] = spec.mac
+    if addr:
+        props["addr"] = addr
+    props["romfile"] = ""
+    return props
+
+
+def nic_device(spec: VMSpec) -> str:
+    props = nic_properties(spec)
+    return ",".join([props.pop("driver"), *(f"{k}={_esc(v)}" for k, v in props.items())])
 
 
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,
@@ -190,14 +211,11 @@ def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool 
         netdev = "user,id=net0" + "".join(
             ",hostfwd={}:{}:{}-:{}".format(*map(_esc, hostfwd_parts(rule)))
             for rule in spec.hostfwd)
-        # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
-        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
-        argv += ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
+        argv += ["-netdev", netdev, "-device", nic_device(spec)]
     elif spec.nic == "bridge":
-        mac = f",mac={_esc(spec.mac)}" if spec.mac else ""
         argv += ["-netdev", f"tap,id=net0,ifname={_esc(paths.tap)},script={_esc(paths.ifup)},"
                  "downscript=no",
-                 "-device", f"{nic_model(spec)},netdev=net0{mac},romfile="]
+                 "-device", nic_device(spec)]
     if spec.virtio_rnd:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-pci,rng=rng0"]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cbsd import cancel
-from cbsd.core.checkpoint import generation
+from cbsd.core.checkpoint import generation, identity
 from cbsd.core.checkpoint.compat import newer_qemu
 from cbsd.core.vm import ramfile
 from cbsd.core.vm.machine import VM
@@ -151,16 +151,24 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         _load_memory(vm, mon, ckdir, m)
         failpoint("load:loaded")
         generation.check_loaded(vm, mon, m, genid)
+        new_nic = identity.nic_to_renew(vm, m, fork=fork)
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
         if before_run is not None:
             before_run(m)
+        slot = identity.unplug(vm, mon) if new_nic and not paused else None
         if not paused:
             mon.cmd("cont")
         expected = RunState.PAUSED if paused else RunState.RUNNING
         if (state := mon.status()) != expected:
             raise QemuError(f"{vm.jname}: after loading the state QEMU reports '{state}', "
                             f"expected '{expected}'")
+        if slot is not None:
+            identity.plug(vm, mon, slot)
+        elif new_nic:
+            print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC address "
+                  f"{identity.saved_mac(m)} (a restore that runs it gets {vm.spec.mac})",
+                  file=sys.stderr)
         _fix_guest_clock(vm, m, ckdir)
     except BaseException as e:
         died = not vm.alive()
