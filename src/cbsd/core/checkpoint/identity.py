@@ -1,4 +1,5 @@
-"""A fork of a guest's state is a new machine on the network: its NIC gets the definition's MAC.
+"""A fork of a guest's state is a new machine: on the network (its NIC gets the definition's
+MAC) and to its peers (a clone's guest gets a new machine-id and SSH host keys).
 
 QEMU restores virtio-net's (and e1000's) state with the stream, the MAC included, and the
 guest's driver read the MAC when it probed the device: a clone continuing from a copied
@@ -21,6 +22,13 @@ generation.py) and whose definition's MAC differs from the MAC the saved device 
 manifest's definition, which bclone leaves the original's). A guest that never ejects the card
 (no ACPI hotplug support, or a hung guest) within NIC_WAIT keeps the saved MAC: the link is set
 up again and the command says so on stderr (docs/checkpoints.md).
+
+machine-id and SSH host keys live in the guest's files (and memory), so only the guest can
+change them. A state copied by bclone is marked (the manifest's migration[CLONE_OF]: the
+original's name); every restore of such a state runs RENEW_SCRIPT in the guest through the
+guest agent, in the detached helper that also sets the clock (qemu/agent.py), once the agent
+answers. The same script runs at a clone's first boot from cloud-init (core/manage/
+cloudinit.py). A guest with neither keeps both (docs/checkpoints.md says what to do).
 """
 
 from __future__ import annotations
@@ -35,6 +43,32 @@ from cbsd.errors import QemuError
 from cbsd.qemu.argv import NETDEV_ID, NIC_ID, nic_properties
 from cbsd.qemu.qmp import Monitor
 from cbsd.storage import ckpstore
+
+CLONE_OF = "clone_of"  # the manifest's migration[CLONE_OF]: the VM a copied state came from
+
+# Run by /bin/sh in the guest: a new machine-id (systemd-machine-id-setup; it would reuse a
+# VM's SMBIOS UUID, and a random one is written if that gave the old ID back) and new SSH
+# host keys (every type ssh-keygen -A makes), then sshd reloaded to serve them. Services that
+# read the machine-id when they started (journald, dbus) keep the old one in memory until
+# they restart or the guest reboots.
+RENEW_SCRIPT = """\
+old=$(cat /etc/machine-id 2>/dev/null)
+rm -f /etc/machine-id
+systemd-machine-id-setup >/dev/null 2>&1
+new=$(cat /etc/machine-id 2>/dev/null)
+if [ -z "$new" ] || [ "$new" = "$old" ]; then
+  tr -d '-' < /proc/sys/kernel/random/uuid > /etc/machine-id
+fi
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+  cp /etc/machine-id /var/lib/dbus/machine-id
+fi
+if command -v ssh-keygen >/dev/null; then
+  rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+  ssh-keygen -A
+  systemctl try-reload-or-restart ssh.service sshd.service 2>/dev/null || true
+fi
+echo "machine-id $(cat /etc/machine-id)"
+"""
 
 NIC_WAIT = 60.0  # seconds a restored guest has to eject its old card (it may be busy at first)
 
@@ -96,3 +130,9 @@ def plug(vm: VM, mon: Monitor, addr: str, seconds: float = NIC_WAIT) -> bool:
         raise QemuError(f"{vm.jname}: the new network card has MAC {now}, expected "
                         f"{vm.spec.mac}")
     return True
+
+
+def guest_script(m: ckpstore.Manifest, *, fork: bool) -> str | None:
+    """What to run in the restored guest: RENEW_SCRIPT for a state another VM's guest saved
+    (a clone's copy), None otherwise (a VM's own checkpoint is the same machine)."""
+    return RENEW_SCRIPT if fork and m.migration.get(CLONE_OF) else None

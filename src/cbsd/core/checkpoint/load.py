@@ -169,7 +169,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
             print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC address "
                   f"{identity.saved_mac(m)} (a restore that runs it gets {vm.spec.mac})",
                   file=sys.stderr)
-        _fix_guest_clock(vm, m, ckdir)
+        _tend_guest(vm, m, ckdir, identity.guest_script(m, fork=fork))
     except BaseException as e:
         died = not vm.alive()
         reason = _qemu_log_tail(vm)
@@ -311,21 +311,25 @@ def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) ->
 AGENT_WAIT = 120.0  # seconds the helper waits for the agent of a restored or resumed guest
 
 
-def _fix_guest_clock(vm: VM, m: ckpstore.Manifest, ckdir: Path) -> None:
-    """After a restore or resume the guest's clock is behind by the state's age. With an agent
-    (one listened when the state was saved) a detached helper sets it from the host's once
-    the agent answers (a paused guest's agent answers once it runs); without one, say so."""
-    if not vm.spec.guest_agent:
-        return
-    if m.agent:
-        vm.tend_agent(settime=True, seconds=AGENT_WAIT)
-        return
-
-    behind = max(0, int(time.time() - m.created_ts))
-    print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
-          f"saved: the guest's clock is about {behind} s behind; install qemu-guest-agent in "
-          "the guest, or set the clock there (e.g. 'systemctl restart chrony')",
-          file=sys.stderr)
+def _tend_guest(vm: VM, m: ckpstore.Manifest, ckdir: Path, script: str | None) -> None:
+    """After a restore or resume the guest's clock is behind by the state's age, and a clone's
+    guest still has the original's machine-id and host keys (*script* renews them). With an
+    agent (one listened when the state was saved) a detached helper sets the clock from the
+    host's and runs *script* once the agent answers (a paused guest's agent answers once it
+    runs); without one, say what is left undone."""
+    if vm.spec.guest_agent and (m.agent or script):
+        vm.tend_agent(settime=m.agent, seconds=AGENT_WAIT, script=script)
+    if vm.spec.guest_agent and not m.agent:
+        behind = max(0, int(time.time() - m.created_ts))
+        print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
+              f"saved: the guest's clock is about {behind} s behind; install "
+              "qemu-guest-agent in the guest, or set the clock there (e.g. 'systemctl "
+              "restart chrony')", file=sys.stderr)
+    if script and not (vm.spec.guest_agent and m.agent):
+        print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
+              f"saved: the guest keeps {m.migration.get(identity.CLONE_OF)}'s machine-id and "
+              "SSH host keys until cloud-init renews them at its next boot (or renew them "
+              "there yourself: docs/checkpoints.md)", file=sys.stderr)
 
 
 # Following the load through the file offset: QEMU reads its first bytes within milliseconds

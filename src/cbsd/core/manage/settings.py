@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd import clock
+from cbsd.core.checkpoint.identity import CLONE_OF
 from cbsd.core.manage import cloudinit, cron, lifecycle
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import RENAME_NOTE, finish_rename, save_spec_file
@@ -26,6 +27,7 @@ from cbsd.failpoints import failpoint
 from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require, settings_part
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
+from cbsd.specs import CI_STORED
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 from cbsd.storage.chunkstore import Recipe, Store
@@ -98,9 +100,11 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
             given = {k: changes[k] for k in CLOUD_INIT_KEYS if k in changes}
             cleared = {k for k, v in given.items() if v == ""}  # ci_gw4= removes the key
             # The new instance id (from settings()) makes cloud-init apply the change.
-            merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given)}.items()
-                      if k not in cleared}
-            fields["cloud_init"] = merged if set(merged) - {"instance_id"} else {}
+            # The machine stays the same one: its identity_id stays (from bcreate or bclone).
+            kept = {k: old.cloud_init[k] for k in ("identity_id",) if k in old.cloud_init}
+            merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given),
+                                        **kept}.items() if k not in cleared}
+            fields["cloud_init"] = merged if set(merged) - set(CI_STORED) else {}
         new = dataclasses.replace(old, **fields)
         lifecycle.validate(new)
         lifecycle.check_host(ctx, new)
@@ -223,8 +227,9 @@ def _clone_one(ctx: Context, vm: VM, new: str, source: Path | None) -> None:
     wd = ctx.workdir
     spec = dataclasses.replace(
         vm.spec, jname=new, mac=lifecycle.new_mac() if vm.spec.mac else "",
-        cloud_init=({**vm.spec.cloud_init, "instance_id": os.urandom(8).hex()}
-                    if vm.spec.cloud_init else {}), astart=False)
+        cloud_init=({**vm.spec.cloud_init, "instance_id": os.urandom(8).hex(),
+                     "identity_id": os.urandom(8).hex()} if vm.spec.cloud_init else {}),
+        astart=False)
 
     def make(_: Path) -> None:
         for image in vm.images():
@@ -252,6 +257,7 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     """The checkpoint as the clone's own: its memory file copied, its manifest rewritten for
     the clone's name and definition and sealed again."""
     m = ckpstore.read_manifest(source)
+    source_jname = m.jname
     final = ctx.workdir.checkpoint(spec.jname, m.name)
     tmp = ckpstore.new_tmpdir(final)
     for fname in m.files:  # memory, and the RAM file of a VM that has one (cloned if it can)
@@ -267,6 +273,8 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     m.jname = spec.jname
     m.spec = {**m.spec, "jname": spec.jname}
     m.parent = None  # the clone has none of the original's other checkpoints
+    # The guest in it is the original's: its restores renew machine-id and host keys
+    m.migration = {**m.migration, CLONE_OF: m.migration.get(CLONE_OF) or source_jname}
     ckpstore.save_manifest(m, tmp)
     ckpstore.publish(tmp, final)
 
