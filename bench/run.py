@@ -11,7 +11,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        hosts (bexport/bimport/bmove against cat and ssh of the same bytes, bmove downtime;
        study "hosts", no chart),
        service (cbsd serve: idle CPU and memory, API list of 1,001 VMs vs bls, event
-       latency, checkpoint create via the API vs the CLI; study "service", no chart)."""
+       latency, checkpoint create via the API vs the CLI; study "service", no chart),
+       clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
+       output, host memory; study "clone", no chart)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def main(argv: list[str]) -> None:
             from bench import bench_service
 
             print(bench_service.write(*bench_service.run_all()), flush=True)
+        if case == "clone":
+            from bench import bench_clone
+
+            print(bench_clone.write(*bench_clone.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

@@ -6,10 +6,13 @@ all at once, all-or-nothing. The network exists only inside a namespace the test
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import pytest
 
+from tests.guests.debian_ssh import Debian
 from tests.guests.netns import Netns
 from tests.harness import Cbsd, create_linux
 from tests.integration.test_network import NET_CMDLINE, netcbsd, ns, type_on_console
@@ -50,3 +53,90 @@ def test_clones_of_one_checkpoint_hold_their_own_mac_and_address_on_cbsd0(
     for src, dst in (("web1", "orig"), ("web1", "web2"), ("web2", "orig"), ("orig", "web2")):
         type_on_console(cbsd, src, f"ping {ips[dst]}",
                         rf"cbsd-guest: ping {re.escape(ips[dst])} ok")
+    # The clone's own checkpoint, taken with the card cbsd plugged in, restores into a fresh
+    # QEMU like any other (same model and slot), and keeps the clone's MAC: no new card.
+    cbsd("bcheckpoint", "mode=create", "jname=web1", "name=own").ok()
+    cbsd("bstop", "web1", "noacpi=1").ok()
+    mark = cbsd.console("web1").mark()
+    cbsd("bstart", "web1", "checkpoint=own").ok()
+    cbsd.console("web1").wait(r"tick n=\d+", since=mark, count=2)
+    assert "ip=" not in cbsd.console("web1").since(mark)
+    type_on_console(cbsd, "web1", f"ping {ips['web2']}",
+                    rf"cbsd-guest: ping {re.escape(ips['web2'])} ok")
+
+
+def test_bclone_count_is_all_or_nothing(cbsd: Cbsd, counter_vm: str) -> None:
+    cbsd("bclone", "old=vm1", "new=web2").ok()
+    before = sorted(p.name for p in cbsd.workdir.glob("*/*"))
+    cbsd("bclone", "old=vm1", "new=web%d", "count=3").fails(
+        2, "bclone: VM already exist: web2 (nothing was cloned)")
+    cbsd("bclone", "old=vm1", "new=web", "count=2").fails(2, "count= needs new= with one %d")
+    cbsd("bclone", "old=vm1", "new=web%d%d", "count=2").fails(2, "count= needs new= with one")
+    cbsd("bclone", "old=vm1", "new=web%d").fails(2, "bad new 'web%d'")
+    cbsd("bclone", "old=vm1", "new=w%d", "count=0").fails(2, "count")
+    cbsd("bclone", "old=vm1", "new=w/%d", "count=2").fails(2, "bad new 'w/1'")
+    assert [v["jname"] for v in cbsd.bls()] == ["vm1", "web2"]
+    assert sorted(p.name for p in cbsd.workdir.glob("*/*")) == before, "no file was made"
+    out = cbsd("bclone", "old=vm1", "new=x%d", "count=3").ok().out
+    assert out.strip() == "vm1: cloned to x1, x2, x3"
+    macs = {cbsd("bget", n, "nic_hwaddr").ok().out.strip() for n in ("vm1", "x1", "x2", "x3")}
+    assert len(macs) == 4
+
+
+# --- machine-id and SSH host keys (the Debian guest: systemd, sshd, cloud-init, an agent) ----
+
+# What the guest shows: its machine-id, its SSH host key's fingerprint, its cards' MACs.
+IDENTITY = ("cmd=cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | "
+            "cut -d' ' -f2; cat /sys/class/net/e*/address")
+
+
+def identity(cbsd: Cbsd, jname: str, timeout: float = 240) -> list[str]:
+    """[machine-id, host key fingerprint, MAC...] read through the guest agent, once it answers."""
+    deadline = time.monotonic() + timeout
+    while (r := cbsd("bexec", f"jname={jname}", IDENTITY)).code != 0:
+        assert time.monotonic() < deadline, f"{jname}'s agent never answered: {r.err}"
+        time.sleep(1)
+    return r.out.split()
+
+
+def wait_renewed(cbsd: Cbsd, jname: str, old: list[str], timeout: float = 240) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (now := identity(cbsd, jname))[0] == old[0]:
+        assert time.monotonic() < deadline, f"{jname} still has the original's machine-id"
+        time.sleep(1)
+    return now
+
+
+@pytest.mark.debian
+def test_a_debian_clone_gets_its_own_machine_id_host_keys_and_mac(deb: Debian) -> None:
+    cbsd = deb.cbsd
+    deb.start_from("ready")
+    original = identity(cbsd, "deb")
+    cbsd("bstop", "deb", "noacpi=1").ok()
+    made = []
+    try:
+        # Continuing from a copied checkpoint: renewed through the agent, a new card.
+        cbsd("bclone", "old=deb", "new=debclone", "checkpoint=ready").ok()
+        made.append("debclone")
+        boot = cbsd("bstart", "debclone", "checkpoint=ready").ok()
+        assert "machine-id" not in boot.err, "the checkpoint had an agent: nothing to warn of"
+        clone = wait_renewed(cbsd, "debclone", original)
+        assert clone[1] != original[1], "the clone serves new SSH host keys"
+        mac = cbsd("bget", "debclone", "nic_hwaddr").ok().out.strip().lower()
+        assert clone[2:] == [mac] and original[2:] != [mac]
+        ran = json.loads((cbsd.system("debclone") / "agent.json").read_text())["ran"]
+        assert ran["exitcode"] == 0 and f"machine-id {clone[0]}" in ran["out"]
+        cbsd("bstop", "debclone", "noacpi=1").ok()
+        # A clone's first boot: cloud-init's new instance and cbsd's identity_id.
+        cbsd("bclone", "old=deb", "new=debboot").ok()
+        made.append("debboot")
+        cbsd("bstart", "debboot").ok()
+        booted = identity(cbsd, "debboot")
+        assert booted[0] not in (original[0], clone[0])
+        assert booted[1] not in (original[1], clone[1])
+        cbsd("bstop", "debboot", "noacpi=1").ok()
+    finally:
+        for name in made:
+            if cbsd.status(name) != "Off":
+                cbsd("bstop", name, "noacpi=1")
+            cbsd("bremove", name)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bench import bench_engine, bench_hosts, bench_service, report, run
+from bench import bench_clone, bench_engine, bench_hosts, bench_service, report, run
 from bench.common import BENCHMARKS, Case, Study, load_cases
 
 from tests.unit.test_doc_links import broken_links
@@ -25,6 +25,8 @@ def writer(study: str) -> Writer:
         return bench_hosts.write
     if study == "service":
         return bench_service.write
+    if study == "clone":
+        return bench_clone.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"
     return bench_engine.write
 
