@@ -112,8 +112,9 @@ def run_all(repeat: int = 3) -> tuple[list[Case], dict[str, str]]:
                     cli(env, "bstop", j, "noacpi=1")
                     cli(env, "bremove", j)
         for c in (avail, pss):
-            c.notes.append(f"MiB; each guest has {RAM} of RAM, of which the busybox guest "
-                           "touches a small part")
+            c.notes.append(f"MiB; each guest has {RAM} of RAM, all of it resident after its "
+                           "restore (on ext4: each clone's RAM is its own anonymous memory), "
+                           "plus QEMU's own")
         last.notes.append("from the command's start (copies made, then all started at "
                           "once); the consoles are watched while it runs")
         command.notes.append("it returns once every clone runs with its new NIC (the guest "
