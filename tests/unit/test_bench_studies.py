@@ -41,7 +41,7 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         return True
 
     # the writers describe the machine they run on
-    for writer in (bench_engine, bench_hosts, bench_service):
+    for writer in (bench_clone, bench_engine, bench_hosts, bench_service):
         monkeypatch.setattr(writer, "machine", lambda: ["- (machine)"])
     monkeypatch.setattr(report, "chart", chart)
     monkeypatch.setattr(bench_engine, "_chart", chart)
