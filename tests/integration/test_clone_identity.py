@@ -63,6 +63,11 @@ def test_clones_of_one_checkpoint_hold_their_own_mac_and_address_on_cbsd0(
     assert "ip=" not in cbsd.console("web1").since(mark)
     type_on_console(cbsd, "web1", f"ping {ips['web2']}",
                     rf"cbsd-guest: ping {re.escape(ips['web2'])} ok")
+    # Restored paused, the guest cannot eject a card: nothing is replaced, and it says so.
+    cbsd("bstop", "web2", "noacpi=1").ok()
+    r = cbsd("bstart", "web2", "checkpoint=c", "paused=1").ok()
+    assert f"web2: restored paused: the guest keeps the checkpoint's MAC address " \
+        f"{macs['orig']} (a restore that runs it gets {macs['web2']})" in r.err.splitlines()
 
 
 def test_bclone_count_is_all_or_nothing(cbsd: Cbsd, counter_vm: str) -> None:
