@@ -93,13 +93,21 @@ def _slot(mon: Monitor) -> str | None:
     return None
 
 
-def unplug(vm: VM, mon: Monitor) -> str:
-    """Before the guest runs: its link down, the unplug of its card requested. -> the slot."""
+def unplug(vm: VM, mon: Monitor) -> str | None:
+    """Before the guest runs: its link down, the unplug of its card requested. -> the slot,
+    or None where QEMU cannot unplug it (a card on a bus without hotplug, such as q35's
+    pcie.0): then the guest keeps the saved MAC, and the command says so."""
     addr = _slot(mon)
     if addr is None:
         raise QemuError(f"{vm.jname}: QEMU shows no network card {NIC_ID} after the load")
     mon.cmd("set_link", name=NETDEV_ID, up=False)
-    mon.cmd("device_del", id=NIC_ID)
+    try:
+        mon.cmd("device_del", id=NIC_ID)
+    except QemuError as e:
+        mon.cmd("set_link", name=NETDEV_ID, up=True)
+        print(f"{vm.jname}: cannot replace the network card ({e}): the guest keeps the "
+              "checkpoint's MAC address until it reboots", file=sys.stderr)
+        return None
     return addr
 
 

@@ -165,7 +165,7 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
                             f"expected '{expected}'")
         if slot is not None:
             identity.plug(vm, mon, slot)
-        elif new_nic:
+        elif new_nic and paused:
             print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC address "
                   f"{identity.saved_mac(m)} (a restore that runs it gets {vm.spec.mac})",
                   file=sys.stderr)
