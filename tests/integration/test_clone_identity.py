@@ -14,8 +14,9 @@ import pytest
 
 from tests.guests.debian_ssh import Debian
 from tests.guests.netns import Netns
-from tests.harness import Cbsd, create_linux
+from tests.harness import COUNTER_RE, Cbsd, create_linux
 from tests.integration.test_network import NET_CMDLINE, netcbsd, ns, type_on_console
+from tests.integration.test_nics import guest_nics, nics
 
 __all__ = ["netcbsd", "ns"]  # fixtures, used by name
 
@@ -67,7 +68,48 @@ def test_clones_of_one_checkpoint_hold_their_own_mac_and_address_on_cbsd0(
     cbsd("bstop", "web2", "noacpi=1").ok()
     r = cbsd("bstart", "web2", "checkpoint=c", "paused=1").ok()
     assert f"web2: restored paused: the guest keeps the checkpoint's MAC address " \
-        f"{macs['orig']} (a restore that runs it gets {macs['web2']})" in r.err.splitlines()
+        f"{macs['orig']} for NIC 1 (a restore that runs it gets {macs['web2']})" \
+        in r.err.splitlines()
+
+
+def test_a_clone_renews_every_nic_at_its_own_slot(
+        netcbsd: Cbsd, ns: Netns, linux_guest) -> None:  # type: ignore[no-untyped-def]
+    """Two cards on cbsd0: the clone's guest shows both new MACs (each card asked DHCP
+    again), and its NICs keep their order (eth0 is NIC 1)."""
+    cbsd = netcbsd
+    create_linux(cbsd, linux_guest, "orig", "nic=bridge", f"cmdline={NET_CMDLINE}")
+    cbsd("bhyve-nic", "mode=attach", "jname=orig", "nic_type=bridge").ok()
+    cbsd("bstart", "orig").ok()
+    cbsd.console("orig").wait(IP_RE, timeout=120, count=2)
+    cbsd("bcheckpoint", "mode=create", "jname=orig", "name=c").ok()
+    cbsd("bstop", "orig", "noacpi=1").ok()
+    cbsd("bclone", "old=orig", "new=twin", "checkpoint=c").ok()
+    mine = [str(n["nic_hwaddr"]) for n in nics(cbsd, "twin")]
+    theirs = [str(n["nic_hwaddr"]) for n in nics(cbsd, "orig")]
+    assert len(set(mine + theirs)) == 4, (mine, theirs)
+    mark = cbsd.console("twin").mark()
+    r = cbsd("bstart", "twin", "checkpoint=c").ok()
+    assert "keeps the checkpoint's MAC" not in r.err, r.err
+    got = {m.group(2) for m in cbsd.console("twin").wait(IP_RE, since=mark, timeout=120,
+                                                          count=2)}
+    assert got == set(mine)
+    assert guest_nics(cbsd, "twin") == [("eth0", mine[0]), ("eth1", mine[1])]
+
+
+def test_a_guest_without_acpi_keeps_its_mac_at_once(cbsd: Cbsd, counter_vm: str) -> None:
+    """The boot-sector guest never switches ACPI on, so it could never eject its card: the
+    clone's restore does not ask it to (no wait for an eject that cannot come) and says the
+    guest keeps the saved MAC."""
+    cbsd("bstart", counter_vm).ok()
+    cbsd.console(counter_vm).wait(COUNTER_RE, count=1)
+    cbsd("bcheckpoint", "mode=create", f"jname={counter_vm}", "name=c").ok()
+    cbsd("bstop", counter_vm, "noacpi=1").ok()
+    cbsd("bclone", f"old={counter_vm}", "new=copy", "checkpoint=c").ok()
+    r = cbsd("bstart", "copy", "checkpoint=c").ok()
+    assert "copy: NIC 1: the guest has not switched ACPI on, so it cannot release its " \
+        "network card for a new one: the guest keeps the checkpoint's MAC address until it " \
+        "reboots" in r.err.splitlines(), r.err
+    assert "did not release" not in r.err
 
 
 def test_bclone_count_is_all_or_nothing(cbsd: Cbsd, counter_vm: str) -> None:

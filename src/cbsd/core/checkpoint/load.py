@@ -174,10 +174,10 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
             identity.plug(vm, mon, slots)
         elif renew and paused:
             saved = identity.saved_macs(m)
-            print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC "
-                  f"address(es) {', '.join(saved[i] or '(QEMU default)' for i in renew)} (a "
-                  "restore that runs it gets "
-                  f"{', '.join(vm.spec.nics[i].nic_hwaddr for i in renew)})", file=sys.stderr)
+            for i in renew:
+                print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC "
+                      f"address {saved[i]} for NIC {i + 1} (a restore that runs it gets "
+                      f"{vm.spec.nics[i].nic_hwaddr})", file=sys.stderr)
         _tend_guest(vm, m, ckdir, identity.guest_script(m, fork=fork))
     except BaseException as e:
         died = not vm.alive()
