@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 # debootstrap + e2fsprogs (the Debian guest), openssh-client and iproute2 (tests reach guests
 # over SSH inside network namespaces), ovmf + dosfstools + mtools + systemd-boot-efi (UEFI),
 # openssl (cloud-init password hashes), dnsmasq-base + nftables (the managed network cbsd0),
-# xfsprogs (the tests' loop-mounted XFS with reflink, where VMs keep RAM in a file).
+# xfsprogs (the tests' loop-mounted XFS with reflink, where VMs keep RAM in a file),
+# novnc (the web UI's VNC display: its ES modules are served as they are), chromium (the
+# browser the web UI's tests drive through Playwright, which cannot download its own here).
 PACKAGES=(qemu-system-x86 qemu-utils nasm busybox-static python3 python3-venv ca-certificates
           debootstrap e2fsprogs openssh-client iproute2 ovmf dosfstools mtools systemd-boot-efi
-          openssl dnsmasq-base nftables xfsprogs)
+          openssl dnsmasq-base nftables xfsprogs novnc chromium)
+# npm fetches the web UI's xterm.js (pinned in src/cbsd/service/web/package-lock.json); a node
+# that brings its own npm (NodeSource's) conflicts with Debian's npm package, so only without one.
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 export DEBIAN_FRONTEND=noninteractive
 # CBSD_SETUP=packages: only the Debian packages (scripts/trixie.sh builds its cached base system
 # with this, so the packages it tests with are the ones this list names).
@@ -25,23 +30,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# sshd for the two-host tests, which start their own inside network namespaces: the package's
-# own service must not start (policy-rc.d says so while it installs) nor come up at boot.
-if ! dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
-    echo "setup: installing openssh-server (its service stays off)" >&2
-    apt-cache show openssh-server >/dev/null 2>&1 || apt-get update -qq
-    policy=/usr/sbin/policy-rc.d
-    own_policy=0
+# Packages whose own service must not start (policy-rc.d says so while they install) nor come
+# up at boot: sshd for the many-host tests, which start their own inside network namespaces;
+# etcd (etcd-server, and etcdctl from etcd-client) for the cluster (docs/cluster.md), whose
+# member `cbsd bcluster mode=init|join` starts and configures itself, with TLS, in its workdir
+# (bookworm has 3.4, trixie 3.5: both serve the JSON gateway cbsd's client speaks).
+quiet_install() {  # PACKAGE UNITS...
+    local pkg=$1; shift
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && return 0
+    echo "setup: installing $pkg (its service stays off)" >&2
+    apt-cache show "$pkg" >/dev/null 2>&1 || apt-get update -qq
+    local policy=/usr/sbin/policy-rc.d own_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1
     fi
-    apt-get install -y -qq --no-install-recommends openssh-server >/dev/null || {
+    apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null || {
         [ $own_policy = 1 ] && rm -f "$policy"; exit 1; }
     [ $own_policy = 1 ] && rm -f "$policy"
-    if [ -d /run/systemd/system ]; then
-        systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ] && [ $# -gt 0 ]; then
+        systemctl disable --now "$@" >/dev/null 2>&1 || true
     fi
-fi
+}
+quiet_install openssh-server ssh.service ssh.socket
+quiet_install etcd-server etcd.service
+quiet_install etcd-client
 # The Linux test guest's kernel is fetched with 'apt-get download': the package lists must exist.
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     apt-get update -qq
@@ -95,6 +107,15 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import cbsd, pytest, hypo
              "this again" >&2
         exit 1
     fi
+fi
+# The web UI's browser modules, exactly as the lock file pins them (plain ES modules: no build
+# step); again whenever the lock file changes.
+web=src/cbsd/service/web
+web_wanted=$(sha256sum "$web/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$web/node_modules/.cbsd-lock" 2>/dev/null)" != "$web_wanted" ]; then
+    echo "setup: installing the web UI's modules (npm ci)" >&2
+    npm ci --prefix "$web" --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
+    echo "$web_wanted" > "$web/node_modules/.cbsd-lock"
 fi
 # Cached bytecode for every module: a command then starts ~35 ms sooner, also where
 # PYTHONDONTWRITEBYTECODE keeps Python from writing it itself (compileall writes regardless).

@@ -13,7 +13,11 @@ import subprocess
 from collections.abc import Sequence
 
 
-def start_detached(argv: Sequence[str]) -> subprocess.Popen[bytes]:
-    """Start *argv* detached (see the module's docstring); OSError if it cannot start."""
+def start_detached(argv: Sequence[str], pass_fds: Sequence[int] = ()
+                   ) -> subprocess.Popen[bytes]:
+    """Start *argv* detached (see the module's docstring); OSError if it cannot start.
+    *pass_fds*: descriptors the helper is meant to share (a pipe whose end tells it that the
+    command ended), under the same numbers."""
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            pass_fds=tuple(pass_fds))

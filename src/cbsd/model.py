@@ -75,6 +75,8 @@ class Action(enum.Enum):
     UNREGISTER = "unregister"
     GUEST = "run a command in or copy files to or from"
     NICS = "attach or detach NICs of"
+    SNAPSHOT = "snapshot the disks of"
+    ROLLBACK = "roll back the disks of"
 
 
 _RUNNING = {Status.ON, Status.PAUSED}
@@ -105,6 +107,10 @@ ALLOWED: dict[Action, set[Status]] = {
     # bexec, bscp: the guest agent serves only a guest whose vCPUs run (a paused guest would
     # leave the command waiting for nothing).
     Action.GUEST: {Status.ON},
+    # bsnapshot: disk snapshots of a VM in any state; a rollback only of one whose disks no
+    # QEMU holds and no saved state is about to load (docs/management.md, bsnapshot).
+    Action.SNAPSHOT: {Status.ON, Status.PAUSED, Status.OFF, Status.SUSPENDED},
+    Action.ROLLBACK: {Status.OFF},
 }
 
 # Messages users know from CBSD come first; the rest say what state blocks what.
@@ -137,6 +143,14 @@ _WHY = {
     (Action.UNREGISTER, Status.ON): "is running: stop it first (cbsd bstop), then unregister it",
     (Action.UNREGISTER, Status.PAUSED): (
         "is running (paused): stop it first (cbsd bstop), then unregister it"
+    ),
+    (Action.ROLLBACK, Status.ON): ("is running: stop it first (cbsd bstop), then roll its "
+                                   "disks back"),
+    (Action.ROLLBACK, Status.PAUSED): ("is running (paused): stop it first (cbsd bstop), then "
+                                       "roll its disks back"),
+    (Action.ROLLBACK, Status.SUSPENDED): (
+        "is hibernated: its saved memory expects the disks as they are; resume and stop it "
+        "(bstart, bstop), or drop the image with 'bsuspend mode=discard', before a rollback"
     ),
     (Action.STOP, Status.SUSPENDED): (
         "is hibernated: 'bstop' would throw its saved state away; "

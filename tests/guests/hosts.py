@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,19 @@ def stopped_node_half(args: bytes, p: subprocess.Popen[str]) -> int:
                 return pid
         assert time.monotonic() < deadline and p.poll() is None, "the node never stopped"
         time.sleep(0.02)
+
+
+def node_half_killed(a: Host, b: Host, point: str, node_args: bytes, *command: str,
+                     timeout: float = 120) -> tuple[int, str, str]:
+    """`cbsd COMMAND` run on *a*, whose half on node *b* (the cbsd there whose arguments start
+    with *node_args*) stops at failpoint *point* and is killed there with SIGKILL; the
+    command's (exit code, stdout, stderr) once it has dealt with that. b's later logins run
+    the plain cbsd again."""
+    with b.cbsd_as(f"CBSD_FAILPOINT={point} {b.real_cbsd}"):
+        p = a.cbsd.popen(*command)
+        os.kill(stopped_node_half(node_args, p), signal.SIGKILL)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
 
 
 def _cbsd_pid(p: subprocess.Popen[str]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guests.hosts import joined, moved, stopped_at, stopped_node_half
+from tests.guests.hosts import joined, moved, node_half_killed, stopped_at, stopped_node_half
 from tests.harness import Cbsd, kill_vms, qemu_processes
 from tests.vmchecks import (
     counting,
@@ -327,15 +327,9 @@ def test_kill9_after_the_switchover_is_settled_by_the_next_command(two, counter_
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     else:  # b's half stops itself once told "go", and is killed there
-        wrapper = b.root / "bin" / "cbsd"
-        plain = wrapper.read_text()
-        wrapper.write_text(plain.replace("exec ", "CBSD_FAILPOINT=bmigrate:go exec "))
-        p = a.cbsd.popen("bmigrate", "jname=vm1", "node=b")
-        victim = stopped_node_half(b"bmigrate\x00mode=incoming", p)
-        os.kill(victim, signal.SIGKILL)
-        wrapper.write_text(plain)
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 1 and err.count("\n") == 1, err
+        code, _, err = node_half_killed(a, b, "bmigrate:go", b"bmigrate\x00mode=incoming",
+                                        "bmigrate", "jname=vm1", "node=b")
+        assert code == 1 and err.count("\n") == 1, err
     assert (a.cbsd.system("vm1") / "moving").exists()
     a.cbsd("bstart", "vm1").fails(1, "already running")  # settled first, then refused
     assert not (a.cbsd.system("vm1") / "moving").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guests.hosts import joined, moved, stopped_at, stopped_node_half
+from tests.guests.hosts import joined, moved, node_half_killed, stopped_at
 from tests.harness import Cbsd, qemu_processes
 from tests.vmchecks import counting, first_after, leftovers, restored_from, vm_with_checkpoints
 
@@ -113,15 +113,9 @@ def test_kill9_of_the_node_while_it_receives_them_leaves_all_on_the_source(  # t
     joined(a, b)
     marks = vm_with_checkpoints(a.cbsd, counter_image(fill_mib=8), "c1", "c2")
     before = counting(a.cbsd, "vm1")
-    wrapper = b.root / "bin" / "cbsd"
-    plain = wrapper.read_text()
-    wrapper.write_text(plain.replace("exec ", "CBSD_FAILPOINT=bmigrate:received exec "))
-    p = a.cbsd.popen("bmigrate", "jname=vm1", "node=b")
-    victim = stopped_node_half(b"bmigrate\x00mode=incoming", p)
-    os.kill(victim, signal.SIGKILL)
-    wrapper.write_text(plain)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 1 and err.count("\n") == 1, err
+    code, _, err = node_half_killed(a, b, "bmigrate:received", b"bmigrate\x00mode=incoming",
+                                    "bmigrate", "jname=vm1", "node=b")
+    assert code == 1 and err.count("\n") == 1, err
     _gone_on(b.cbsd)  # the source had the node clear it (bmigrate mode=status there)
     _intact_here(a.cbsd, marks, before)
 

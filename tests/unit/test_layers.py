@@ -17,7 +17,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = ("base", "storage", "qemu", "core.vm", "core.checkpoint", "core.manage",
-          "core.hosts", "service", "cli")
+          "core.cluster", "core.hosts", "service", "cli")
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -107,8 +107,8 @@ def test_no_import_cycle() -> None:
 @pytest.mark.parametrize(("module", "rank"), [
     ("cbsd.errors", 0), ("cbsd.specs", 0), ("cbsd.storage.inventory", 1), ("cbsd.qemu.qmp", 2),
     ("cbsd.core.vm.recovery", 3), ("cbsd.core.checkpoint.save", 4),
-    ("cbsd.core.manage.lifecycle", 5), ("cbsd.core.hosts.move", 6), ("cbsd.service", 7),
-    ("cbsd.cli.main", 8),
+    ("cbsd.core.manage.lifecycle", 5), ("cbsd.core.cluster.owner", 6),
+    ("cbsd.core.hosts.move", 7), ("cbsd.service", 8), ("cbsd.cli.main", 9),
 ])
 def test_layers_are_ranked(module: str, rank: int) -> None:
     assert layer(module) == rank

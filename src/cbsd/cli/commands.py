@@ -230,7 +230,9 @@ def bls(ctx: Context, a: Args) -> int:
 
     columns = a["display"] or list(listing.COLUMNS)
     unreached = 0
-    if a["node"]:
+    if a["node"] == "*" and _clustered(ctx):
+        rows, columns = _cluster_rows(ctx, a)
+    elif a["node"]:
         rows, unreached = _across_nodes(ctx, a, columns)
     else:
         names = ctx.resolve(a["names"]) if a["names"] else None
@@ -255,6 +257,34 @@ def bmetrics(ctx: Context, a: Args) -> int:
 
     sys.stdout.write(metrics.exposition(lambda: ctx.workdir).decode())
     return 0
+
+
+CLUSTER_COLUMNS = ("node", "jname", "status", "vm_ram", "vm_cpus", "node_state")
+
+
+def _clustered(ctx: Context) -> bool:
+    # lazy: only bls node='*' asks
+    from cbsd.core.cluster import config
+
+    return config.configured(ctx.workdir)
+
+
+def _cluster_rows(ctx: Context, a: Args) -> tuple[list[dict[str, Any]], list[str]]:
+    """bls node='*' on a cluster node: every clustered VM from etcd's owner records, in one
+    range read -- the owner, whether that node is up, the status its last command left."""
+    # lazy: only a cluster node's bls node='*'
+    from cbsd.core.cluster import admin
+
+    columns = list(a["display"] or CLUSTER_COLUMNS)
+    other = [c for c in columns if c not in CLUSTER_COLUMNS]
+    if other:
+        raise UsageError(f"bls: node='*' on a cluster node shows {','.join(CLUSTER_COLUMNS)} "
+                         f"(from etcd), not {','.join(other)}")
+    rows = admin.vm_rows(ctx)
+    if a["names"]:
+        keep = {n for m in a["names"] for n in match_mask(m, [r["jname"] for r in rows])}
+        rows = [r for r in rows if r["jname"] in keep]
+    return rows, columns
 
 
 def _across_nodes(ctx: Context, a: Args, columns: list[str]

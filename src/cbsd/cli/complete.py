@@ -33,10 +33,11 @@ def candidates(current: str, words: list[str]) -> list[str]:
     if key in VM_KEYS:
         names = _unregistered(value) if cmd.name == "bregister" else _vms(value)
         return [f"{key}={n}" for n in names]
-    if key in ("checkpoint", "name"):
+    if key in ("checkpoint", "name", "snapname"):
         vm = next((w.split("=", 1)[1] for w in words if w.startswith(("jname=", "old="))),
                   next((w for w in words[1:] if "=" not in w), None))
-        return [f"{key}={n}" for n in _checkpoints(vm) if n.startswith(value)]
+        names = _snapshots(vm) if cmd.name == "bsnapshot" else _checkpoints(vm)
+        return [f"{key}={n}" for n in names if n.startswith(value)]
     return []
 
 
@@ -76,4 +77,18 @@ def _checkpoints(jname: str | None) -> list[str]:
         ctx = Context(writable=False)
         return [ckpstore.state_name(p) for p, _ in
                 ckpstore.list_states(ctx.workdir.checkpoints(jname))]
+    return []
+
+
+def _snapshots(jname: str | None) -> list[str]:
+    if not jname:
+        return []
+    with contextlib.suppress(Exception):
+        # lazy: only completing a snapshot name (qemu-img), which needs the workdir
+        from cbsd.core.manage.snapshots import listing
+
+        # lazy: completing a command or key name needs no workdir
+        from cbsd.core.vm.context import Context
+
+        return [r["snapname"] for r in listing(Context(writable=False), jname)]
     return []

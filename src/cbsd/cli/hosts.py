@@ -148,6 +148,45 @@ def node(ctx: Context, a: Args) -> int:
     return 0
 
 
+def bcluster(ctx: Context, a: Args) -> int:
+    # lazy: only bcluster loads the cluster's administration
+    from cbsd.core.cluster import admin
+
+    mode = a["mode"]
+    only_in_modes(a, mode, {"name": ("init", "issue", "join"),
+                            "address": ("init", "issue", "join"), "bundle": ("join",),
+                            "out": ("issue",), "member": ("join",), "ttl": ("init",),
+                            "format": ("status",)},
+                  {"name": None, "address": None, "bundle": None, "out": None, "member": True,
+                   "ttl": 10, "format": "text"}, "bcluster")
+    for key, modes in (("name", ("init", "issue", "join")), ("address", ("init", "issue",
+                       "join")), ("bundle", ("join",)), ("out", ("issue",))):
+        if mode in modes and not a[key]:
+            raise UsageError(f"bcluster: mode={mode} needs {key}=")
+    if mode == "status":
+        rows = admin.status(ctx)
+        if a["format"] == "json":
+            sys.stdout.write(output.as_json(rows))
+        else:
+            sys.stdout.write(output.table(rows, list(STATUS_COLUMNS), True))
+        return 0
+    if mode == "init":
+        print(admin.init(ctx, a["name"], a["address"], a["ttl"]))
+    elif mode == "issue":
+        print(admin.issue(ctx, a["name"], a["address"], a["out"]))
+    elif mode == "join":
+        print(admin.join(ctx, a["name"], a["address"], a["bundle"], a["member"]))
+    elif mode == "start":
+        print(admin.start(ctx))
+    else:
+        print(admin.leave(ctx))
+    return 0
+
+
+STATUS_COLUMNS = ("node", "state", "address", "cpus", "mem_total", "mem_free", "qemu", "accel",
+                  "vms")
+
+
 def bmove(ctx: Context, a: Args) -> int:
     # lazy: each host command loads its own core module
     from cbsd.core.hosts import move

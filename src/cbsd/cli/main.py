@@ -57,15 +57,36 @@ def _cancel_on_signals() -> None:
 def handler(command: str) -> Callable[[Context, dict[str, Any]], int]:
     """The function that carries out *command*: cli/hosts.py for the commands that reach other
     hosts, cli/guest.py for those that reach inside a guest, cli/devices.py for a VM's disks
-    and NICs, cli/serve.py for the service's, cli/commands.py for the rest."""
+    and NICs, cli/snapshots.py for bsnapshot, cli/serve.py for the service's,
+    cli/commands.py for the rest."""
     # lazy: only a command that runs: --help and completion skip them
-    from cbsd.cli import commands, devices, guest, hosts, serve
+    from cbsd.cli import commands, devices, guest, hosts, serve, snapshots
 
     name = command.replace("-", "_")
     fn: Callable[[Context, dict[str, Any]], int] = getattr(hosts, name, None) or \
         getattr(guest, name, None) or getattr(devices, name, None) or \
-        getattr(serve, name, None) or getattr(commands, name)
+        getattr(snapshots, name, None) or getattr(serve, name, None) or getattr(commands, name)
     return fn
+
+
+def _auto_node(parsed: dict[str, Any], args: list[str]) -> tuple[str | None, list[str]]:
+    """bcreate node=auto on a cluster node: the live node with the most free memory for the
+    VM's vm_ram (one read of etcd); None (here) when that is this node. The command is then
+    forwarded as node=N is, to the `cbsd node` of that name."""
+    # lazy: only node=auto
+    from cbsd.core.cluster import admin, config
+
+    # lazy: only node=auto
+    from cbsd.core.vm.context import Context
+
+    ctx = Context(writable=False)
+    cfg = config.load(ctx.workdir)
+    if cfg is None:
+        raise UsageError("bcreate: node=auto needs a cluster ('cbsd bcluster'): this host is "
+                         "not a node of one")
+    chosen = admin.pick(ctx, int(parsed["vm_ram"]))
+    rest = [w for w in args if w != "node=auto"]
+    return (None if chosen == cfg.node else chosen), rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             print(help_text(cmd))
             return 0
         parsed = parse(cmd, args[1:])
+        if cmd.name == "bcreate" and parsed.get("node") == "auto":
+            parsed["node"], args = _auto_node(parsed, args)
         if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node"):
             # lazy: only node= forwarding
             from cbsd.core.hosts import nodes
@@ -121,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         from cbsd.core.vm.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))
+        # lazy: only the check; the client itself loads only on a cluster node
+        from cbsd.core.cluster import config
+
+        if config.configured(ctx.workdir):
+            # lazy: only a cluster node installs the ownership guard
+            from cbsd.core.cluster import admin
+
+            admin.install(ctx)
         return int(handler(cmd.name)(ctx, parsed))
     except BrokenPipeError:
         # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that

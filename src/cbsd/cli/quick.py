@@ -45,6 +45,8 @@ def bpause(args: list[str]) -> int | None:
     root = _root()
     if len(names) != 1 or not _plain_name(names[0]) or root is None:
         return None
+    if os.path.exists(root + "/cluster/config.json"):
+        return None  # a cluster node: the full command checks ownership in etcd first
     message = pause.quick(root, names[0], mode or "auto")
     if message is None:
         return None

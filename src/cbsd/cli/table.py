@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_devices import DEVICE_COMMANDS, J_MASK, J_NAME
 from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
-from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, MAX_NICS, NIC_TYPES, NICS, OS_TYPES
+from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
 
-J_MASK = Key("jname", "mask", required=True, help="VM name or mask (* and ?); bare words too")
-J_NAME = Key("jname", "name", required=True, help="VM name")
 RUNNING_ONLY = Key("running_only", "bool", False, help="skip VMs that are not On or Paused "
                    "(for host shutdown scripts)")
 CLOUD_INIT = (
@@ -242,47 +241,6 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "guest agent a new machine-id and SSH host keys (see docs/checkpoints.md)."),
     ),
     Command(
-        "bhyve-dsk", "List, attach or detach a stopped VM's disks.",
-        (J_NAME,
-         Key("mode", "enum", None, required=True, help="action",
-             choices=("list", "attach", "detach")),
-         Key("dsk_size", "size", None, help="attach: size of the new disk (k/m/g/t)"),
-         Key("dsk_controller", "enum", None, help="attach: controller (default virtio-blk "
-             "for linux/freebsd, ahci otherwise)", choices=("virtio-blk", "ahci", "nvme")),
-         Key("dsk_name", "name", None, help="attach: a name (default dsk2, dsk3, ...; an "
-             "image detached earlier is attached again); detach: required"),
-         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
-        "cbsd bhyve-dsk mode=attach jname=vm1 dsk_size=20g dsk_controller=nvme",
-        bare="one",
-        readonly_modes=("list",),
-        details=("Checkpoints snapshot every disk. A disk a checkpoint holds a snapshot of "
-                 "cannot be detached\n(destroy those checkpoints first); a detached disk's "
-                 "image stays in the VM's folder."),
-    ),
-    Command(
-        "bhyve-nic", "List, attach or detach a stopped VM's NICs (network cards).",
-        (J_NAME,
-         Key("mode", "enum", None, required=True, help="action",
-             choices=("list", "attach", "detach")),
-         Key("nic_type", "enum", "bridge", help="attach: bridge (a tap on nic_parent) or "
-             "user (QEMU's NAT)", choices=NIC_TYPES),
-         Key("nic_parent", "ifname", None, help="attach: the bridge (default auto: cbsd's "
-             "own network cbsd0)"),
-         Key("nic_hwaddr", "mac", None, help="attach: its MAC (default: a new "
-             "52:54:00:xx:xx:xx); detach: the NIC with this MAC"),
-         Key("hostfwd", "hostfwd", [], help="attach, nic_type=user: forward host ports "
-             "tcp:[BIND:]HOSTPORT:GUESTPORT,..."),
-         Key("nic_id", "int", None, help="detach: the NIC's number in mode=list", lo=1,
-             hi=MAX_NICS),
-         Key("format", "enum", "text", help="list: output format", choices=("text", "json"))),
-        "cbsd bhyve-nic mode=attach jname=vm1 nic_parent=br0",
-        bare="one",
-        readonly_modes=("list",),
-        details=("NICs are in PCI order: the guest's eth0, eth1, ... NIC 1 is also bcreate's "
-                 "and bset's nic=,\ninterface=, nic_hwaddr=. A checkpoint restores while the "
-                 "NICs' types are, in order, those it\nwas taken with (docs/networking.md)."),
-    ),
-    Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",
         (J_NAME,),
         "cbsd blogin jname=vm1",
@@ -351,6 +309,34 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         ),
         "cbsd bimport in=/backup/vm1.cbsd jname=vm1copy",
         bare="none",
+    ),
+    Command(
+        "bcluster", "Make this host a node of an etcd cluster, or show the cluster "
+        "(docs/cluster.md).",
+        (
+            Key("mode", "enum", None, required=True, help="init: the first node (a CA, an "
+                "etcd member here); issue: a joining node's bundle (on the init node); join; "
+                "leave; start: the member and keeper again after a reboot; status",
+                choices=("init", "issue", "join", "leave", "start", "status")),
+            Key("name", "name", None, help="init, join: this node's name; issue: the joining "
+                "node's"),
+            Key("address", "str", None, help="init, join: this node's address (etcd listens "
+                "there, TLS only); issue: the joining node's"),
+            Key("bundle", "path", None, help="join: the folder mode=issue wrote"),
+            Key("out", "path", None, help="issue: the folder to write the bundle to"),
+            Key("member", "bool", True, help="join: run an etcd member here (0: a client of "
+                "the members)"),
+            Key("ttl", "int", 10, help="init: the node lease, seconds (a node is shown down "
+                "this long after it stops renewing)", lo=2, hi=3600),
+            Key("format", "enum", "text", help="status: output format",
+                choices=("text", "json")),
+        ),
+        "cbsd bcluster mode=init name=n1 address=10.0.0.1",
+        bare="none",
+        details=("Every member and node talks TLS with a client certificate of the cluster's "
+                 "CA. A VM's\nchanges are refused on any node but its owner (etcd's owner "
+                 "record). Replication and HA:\nnot built yet."),
+        readonly_modes=("status",),
     ),
     Command(
         "node", "Add, list or remove the other hosts cbsd drives over SSH.",
@@ -430,14 +416,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                  "needs\nqemu-guest-agent in the guest (docs/management.md)."),
         readonly=True,
     ),
+    *DEVICE_COMMANDS,
     *SERVICE_COMMANDS,
     *SCHEDULE_COMMANDS,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).
 REMOTE = Key("node", "name", None, help="run this command on that node (cbsd node) over ssh")
-LOCAL_ONLY = {"bls", "bmetrics", "node", "bmove", "bmigrate", "bimport", "bregister",
-              "bwhereis", "bexec", "bscp", "serve", "token"}
+LOCAL_ONLY = {"bls", "bmetrics", "node", "bcluster", "bmove", "bmigrate", "bimport",
+              "bregister", "bwhereis", "bexec", "bscp", "serve", "token"}
 for _name, _cmd in list(COMMANDS.items()):
     if _name not in LOCAL_ONLY and _cmd.key("node") is None:
         COMMANDS[_name] = dataclasses.replace(_cmd, keys=(*_cmd.keys, REMOTE))

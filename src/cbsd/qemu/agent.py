@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 # How long the helper waits for the agent when it is to set the clock: a guest left paused
 # is served once it runs, and a loaded host may take a while to run it.
 SETTIME_WAIT = 120.0
+# How long one attempt to reach the agent waits for its handshake: a silent channel (no agent,
+# guest still booting) is tried again soon rather than waited on.
+HANDSHAKE_WAIT = 3.0
 # What a user without an agent can do instead (after a pause or a checkpoint's stop).
 SET_IT_YOURSELF = ("install qemu-guest-agent in the guest, or set the clock there "
                    "(e.g. 'systemctl restart chrony')")
@@ -109,6 +112,9 @@ class Agent:
         except (OSError, ValueError) as e:
             raise QemuError(f"the guest agent does not answer {command} ({e})") from e
 
+    def settimeout(self, seconds: float) -> None:
+        self._sock.settimeout(seconds)
+
     def close(self) -> None:
         self._sock.close()
 
@@ -143,13 +149,18 @@ def ipv4_addresses(interfaces: list[dict[str, Any]]) -> list[str]:
 def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool,
                   then: Callable[[Agent], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The helper's work: wait for the agent, set the clock, do *then* (recorded as "ran"),
-    record what the agent says."""
+    record what the agent says. A guest that answered the handshake but is slow to carry out
+    a call (a loaded host, just after a restore) is given the time left, then asked again on
+    a new connection (whose handshake skips the late reply), until the deadline; *then* is
+    done once (not again on a new connection once it finished); the record is written
+    whatever the end."""
     deadline = time.monotonic() + seconds
     state: dict[str, Any] = {"agent": False}
+    ran: dict[str, Any] | None = None
     while True:
         try:
-            agent = Agent(path, timeout=min(3.0, max(0.1, deadline - time.monotonic())))
-            break
+            agent = Agent(path, timeout=min(HANDSHAKE_WAIT,
+                                            max(0.1, deadline - time.monotonic())))
         except QemuError as e:
             if isinstance(e.__cause__, FileNotFoundError | ConnectionRefusedError):
                 return state  # QEMU is gone (its socket with it): nobody left to serve
@@ -158,21 +169,27 @@ def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool,
                 _write(state_file, state)
                 return state
             time.sleep(0.5)
-    try:
+            continue
         state = {"agent": True, "checked": time.time()}
-        if settime:
-            agent.call("guest-set-time", time=time.time_ns())
-            state["clock_set"] = time.time()
-        if then is not None:
-            state["ran"] = then(agent)
         try:
-            state["ip4"] = ipv4_addresses(agent.call("guest-network-get-interfaces"))
+            agent.settimeout(max(HANDSHAKE_WAIT, deadline - time.monotonic()))
+            if settime:
+                agent.call("guest-set-time", time=time.time_ns())
+                state["clock_set"] = time.time()
+            if then is not None:
+                ran = ran if ran is not None else then(agent)
+                state["ran"] = ran
+            try:
+                state["ip4"] = ipv4_addresses(agent.call("guest-network-get-interfaces"))
+            except QemuError:
+                state["ip4"] = []
         except QemuError:
-            state["ip4"] = []
-    finally:
-        agent.close()
-    _write(state_file, state)
-    return state
+            if time.monotonic() < deadline:
+                continue  # asked again, on a new connection
+        finally:
+            agent.close()
+        _write(state_file, state)
+        return state
 
 
 def _write(path: Path, state: dict[str, Any]) -> None:

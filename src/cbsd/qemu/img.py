@@ -60,16 +60,21 @@ def snapshots(path: Path) -> list[str]:
     return [s["name"] for s in info(path).get("snapshots", [])]
 
 
+def snapshot_list(path: Path) -> list[dict[str, Any]]:
+    """Each internal snapshot as qemu-img reports it (name, date-sec, ...), oldest first."""
+    return list(info(path).get("snapshots", []))
+
+
+def snapshot_create(path: Path, tag: str) -> None:
+    _run("snapshot", "-c", tag, str(path))
+
+
 def snapshot_apply(path: Path, tag: str) -> None:
     _run("snapshot", "-a", tag, str(path))
 
 
 def snapshot_delete(path: Path, tag: str) -> None:
     _run("snapshot", "-d", tag, str(path))
-
-
-def snapshot_create(path: Path, tag: str) -> None:
-    _run("snapshot", "-c", tag, str(path))
 
 
 def write_snapshot(src: Path, tag: str, dst: Path) -> None:

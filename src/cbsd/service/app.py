@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbsd import __version__
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
-from cbsd.service import auth, events, sessions
+from cbsd.service import auth, consoles, events, sessions, ui
 from cbsd.service.metrics import ServiceMetrics
 from cbsd.service.operations import Operation, Operations
 from cbsd.service.pools import Forbidden
@@ -86,7 +86,8 @@ def create_app(config: Config) -> FastAPI:
     app.state.cbsd_metrics = metrics
     app.state.bus = bus
     app.state.operations = Operations(config.workdir, notify)
-    app.state.sessions = sessions.Sessions()
+    app.state.sessions = sessions.Sessions(
+        token_exists=lambda owner: auth.token_exists(config.workdir, owner))
     app.state.scheduler = scheduler
 
     @app.exception_handler(CbsdError)
@@ -117,6 +118,8 @@ def create_app(config: Config) -> FastAPI:
             return JSONResponse({"error": refused, "error_code": 403}, status_code=403)
         if how is None and request.url.path == "/1.0/login" and request.method == "POST":
             how = "login"  # checks the token it is given itself
+        if how is None and ui.is_public(request.url.path):
+            how = "anonymous"  # the web UI's page and its files: no VM reached
         if how is None:
             return JSONResponse({"error": "cbsd: authentication required (a token: "
                                  "'Authorization: Bearer TOKEN', or a trusted client "
@@ -146,8 +149,9 @@ def create_app(config: Config) -> FastAPI:
     )
 
     for module in (api_instances, api_state, api_checkpoints, api_disks, api_operations,
-                   events, sessions, api_metrics):
+                   events, sessions, api_metrics, ui, consoles):
         app.include_router(module.router)
+    ui.mount_static(app)
     return app
 
 

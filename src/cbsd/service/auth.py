@@ -82,6 +82,10 @@ def list_tokens(wd: Workdir) -> list[dict[str, Any]]:
     return [{"name": n, "created": t.get("created", 0)} for n, t in sorted(_load(wd).items())]
 
 
+def token_exists(wd: Workdir, name: str) -> bool:
+    return name in _load(wd)
+
+
 def remove_token(wd: Workdir, name: str) -> str:
     tokens = _load(wd)
     if tokens.pop(name, None) is None:

@@ -1,5 +1,7 @@
 """The web UI's sessions: a browser logs in with a token (POST /1.0/login) and gets a session
-cookie (HttpOnly, SameSite=Strict, Secure over TLS) that expires; every state-changing request
+cookie (HttpOnly, SameSite=Strict, Secure over TLS) that expires -- 8 hours after the log-in,
+after 30 minutes unused, or at once when its token is removed (`cbsd token mode=remove`); a
+log-in from a page of another origin is refused (login CSRF); every state-changing request
 made with that cookie must carry the session's CSRF token in the X-CSRF-Token header (a page
 from another site cannot read it); a WebSocket upgrade must come from the service's own origin.
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ from cbsd.service import auth
 COOKIE = "cbsd_session"
 CSRF_HEADER = "x-csrf-token"
 LIFETIME = 8 * 3600.0  # seconds a session lasts after login
+IDLE = 30 * 60.0  # seconds a session lasts unused
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 router = APIRouter(tags=["sessions"])
@@ -30,20 +34,27 @@ router = APIRouter(tags=["sessions"])
 
 @dataclass
 class Session:
-    owner: str
+    owner: str  # the name of the token the session was bought with
     csrf: str
     expires: float
+    used: float  # when it last authenticated a request (time.monotonic())
 
 
 class Sessions:
-    def __init__(self, lifetime: float = LIFETIME) -> None:
+    def __init__(self, lifetime: float = LIFETIME, idle: float = IDLE,
+                 token_exists: Callable[[str], bool] = lambda owner: True) -> None:
         self.lifetime = lifetime
+        self.idle = idle
+        # A session is worth what its token is: asked at every use, so a removed token
+        # logs its browsers out at once.
+        self.token_exists = token_exists
         self._by_id: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def new(self, owner: str) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        s = Session(owner, secrets.token_urlsafe(32), time.monotonic() + self.lifetime)
+        now = time.monotonic()
+        s = Session(owner, secrets.token_urlsafe(32), now + self.lifetime, now)
         with self._lock:
             now = time.monotonic()
             self._by_id = {k: v for k, v in self._by_id.items() if v.expires > now}
@@ -54,7 +65,14 @@ class Sessions:
         if not sid:
             return None
         s = self._by_id.get(sid)
-        return s if s is not None and s.expires > time.monotonic() else None
+        now = time.monotonic()
+        if s is None:
+            return None
+        if s.expires <= now or now - s.used > self.idle or not self.token_exists(s.owner):
+            self.end(sid)
+            return None
+        s.used = now
+        return s
 
     def end(self, sid: str | None) -> None:
         with self._lock:
@@ -89,6 +107,12 @@ class Login(BaseModel):
 @router.post("/1.0/login", summary="Log a browser in with a token: a session cookie")
 def login(request: Request, body: Login) -> Response:
     cfg = request.app.state.config
+    if request.headers.get("origin") is not None and not origin_ok(
+            request.headers, tls=request.url.scheme == "https"):
+        # A page of another site could otherwise log the browser into a session of its own
+        # choosing (login CSRF); a client that is no browser sends no Origin.
+        return JSONResponse({"error": "cbsd: a log-in from another origin", "error_code": 403},
+                            status_code=403)
     owner = auth.token_owner(cfg.workdir, f"Bearer {body.token}")
     if owner is None:
         return JSONResponse({"error": "cbsd: unknown token", "error_code": 401},

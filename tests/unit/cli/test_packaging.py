@@ -29,8 +29,8 @@ def test_the_man_page_has_every_command_and_key() -> None:
 
 def test_completion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CBSD_WORKDIR", str(tmp_path / "none"))
-    assert complete.candidates("bs", []) == ["bschedule", "bscp", "bset", "bstart", "bstop",
-                                             "bsuspend"]
+    assert complete.candidates("bs", []) == ["bschedule", "bscp", "bset", "bsnapshot", "bstart",
+                                             "bstop", "bsuspend"]
     assert "checkpoint=" in complete.candidates("ch", ["bstart"])
     assert complete.candidates("mode=d", ["bcheckpoint"]) == ["mode=destroy",
                                                                 "mode=destroyall"]

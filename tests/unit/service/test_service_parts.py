@@ -157,3 +157,36 @@ def test_sessions_expire_and_origins_must_match() -> None:
     assert not origin_ok({"origin": "https://evil", "host": "h:8443"}, tls=True)
     assert not origin_ok({"origin": "http://h:8443", "host": "h:8443"}, tls=True)
     assert not origin_ok({"host": "h:8443"}, tls=True)
+
+
+def test_a_session_ends_unused_and_with_its_token(tmp_path: Path) -> None:
+    from cbsd.service.sessions import Sessions
+
+    idle = Sessions(lifetime=3600, idle=0)  # unused for longer than no time at all
+    sid, _ = idle.new("ci")
+    assert idle.get(sid) is None
+    wd = Workdir(tmp_path / "wd")
+    auth.add_token(wd, "ci")
+    live = Sessions(lifetime=3600, token_exists=lambda owner: auth.token_exists(wd, owner))
+    sid, s = live.new("ci")
+    assert live.get(sid) is s
+    auth.remove_token(wd, "ci")
+    assert live.get(sid) is None, "a removed token's sessions end at once"
+
+
+def test_a_login_from_another_origin_is_refused(tmp_path: Path) -> None:
+    """Login CSRF: a page of another site may not log the browser into a session."""
+    from fastapi.testclient import TestClient
+
+    from cbsd.service.app import Config, create_app
+
+    wd = Workdir(tmp_path / "wd")
+    token = auth.add_token(wd, "ci")
+    with TestClient(create_app(Config(wd, api_keys)), base_url="http://cbsd") as c:
+        r = c.post("/1.0/login", json={"token": token}, headers={"Origin": "http://evil"})
+        assert r.status_code == 403 and "another origin" in r.json()["error"]
+        assert "cbsd_session" not in r.cookies
+        r = c.post("/1.0/login", json={"token": token}, headers={"Origin": "http://cbsd"})
+        assert r.status_code == 200 and "cbsd_session" in r.cookies
+        c.cookies.clear()
+        assert c.post("/1.0/login", json={"token": token}).status_code == 200  # no browser

@@ -33,7 +33,9 @@ from typing import IO, Any, cast
 
 from cbsd import node_answers
 from cbsd.core.checkpoint import compat, generation, tree
+from cbsd.core.cluster import admin
 from cbsd.core.hosts import migrate_ckp
+from cbsd.core.vm import snapshots
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.definition import remove_held
 from cbsd.core.vm.machine import VM
@@ -67,6 +69,9 @@ def why_not(vm: VM) -> str | None:
             return (f"checkpoint {name} has a snapshot in {sorted(disks - images)[0]}, an "
                     "image the VM no longer uses, which QEMU's mirror cannot carry (only the "
                     "VM's whole folder can): use bmove, or destroy that checkpoint")
+    if snapshots.any_held(vm):
+        return ("it has disk snapshots (bsnapshot), which QEMU's disk mirror cannot carry: "
+                "use bmove, or destroy them first")
     if vm.ctx.host.accel == "kvm":
         return ("under KVM its guest sees this host's own CPU (-cpu host), which cannot "
                 "migrate: use bmove (hibernate, move, resume)")
@@ -91,6 +96,9 @@ def _migrate_held(vm: VM, node: Node) -> float:
     paused = vm.status(mine=True) is Status.PAUSED
     carried = bool(migrate_ckp.states(vm))
     sizes = {im.name: int(img.info(Path(im.path))["virtual-size"]) for im in vm.images()}
+    # On a cluster node, the switchover comes first: the node's half registers the VM only
+    # if the cluster says the node owns it; a migration that fails takes it back.
+    take_back = admin.hand_over(wd, jname, node.name)
     control = subprocess.Popen(node.argv(["bmigrate", "mode=incoming", f"jname={jname}"]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -135,6 +143,9 @@ def _migrate_held(vm: VM, node: Node) -> float:
             _roll_back(mon, vm, paused)
             with contextlib.suppress(CbsdError):  # the node clears a half-received VM
                 node.call(["bmigrate", "mode=status", f"jname={jname}"], timeout=60)
+            # The node never got the go, so it never registered the VM: it stays here. (After
+            # the node's status, whose guard needs the record the switch gave it.)
+            take_back()
         raise
     finally:
         for sock in local.values():

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from cbsd import specs
 from cbsd.core.checkpoint import compat, tree
+from cbsd.core.cluster import admin
 from cbsd.core.hosts import migrate_ckp
 from cbsd.core.manage import cloudinit
 from cbsd.core.vm import definition, ramfile
@@ -142,6 +143,7 @@ def _receive_vm(vm: VM, paused: bool, genid: str | None, inp: IO[bytes], out: IO
     definition.unmark(ctx, jname)
     ctx.inventory.add(vm.spec)
     ctx.inventory.set_runtime(jname, vm.pid, vm.vnc_port)
+    admin.taken_up(ctx.workdir, jname)  # a cluster's record: the VM is this node's now
     if paused:
         migration.activate_disks(mon)
     else:

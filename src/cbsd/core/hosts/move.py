@@ -28,6 +28,7 @@ from typing import IO, cast
 
 from cbsd import node_answers
 from cbsd.core.checkpoint import hibernate
+from cbsd.core.cluster import admin
 from cbsd.core.hosts import transfer
 from cbsd.core.manage import lifecycle
 from cbsd.core.vm.context import Context
@@ -80,6 +81,10 @@ def _send_and_commit(vm: VM, node: Node) -> None:
         raise
     _intend(vm, node.name, ident, commit="not sent")
     failpoint("bmove:staged")  # from here recovery asks the node (settle)
+    # On a cluster node, the switchover: the owner record goes to the node in one
+    # compare-and-swap before the commit can reach it (its commit checks it owns the VM).
+    take_back = admin.hand_over(ctx.workdir, jname, node.name)
+    failpoint("bmove:switched")
     _intend(vm, node.name, ident, commit="sent")
     failpoint("bmove:committing")
     try:
@@ -97,6 +102,7 @@ def _send_and_commit(vm: VM, node: Node) -> None:
                              "it") from None
         if not there:
             intent.unlink()  # it dropped what it staged: the VM stays here, as it was
+            take_back()
             raise
     failpoint("bmove:committed")
     remove_held(ctx, vm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cbsd.core.cluster import admin, config
 from cbsd.core.hosts import nodes
 from cbsd.core.vm.context import Context
 from cbsd.errors import CbsdError, NodeError
@@ -26,6 +27,8 @@ def whereis(ctx: Context, jname: str) -> Found:
     """Where *jname* is registered; CbsdError (exit 1, one line) if no host answered that
     it has it."""
     check_name(jname)
+    if config.configured(ctx.workdir):
+        return _from_etcd(ctx, jname)
     if jname in ctx.inventory.names():
         return Found(["local"])
     known = [n for n, _, _ in ctx.inventory.nodes()]
@@ -47,3 +50,16 @@ def whereis(ctx: Context, jname: str) -> Found:
     hint = (f"; its files are here but unregistered: 'cbsd bregister jname={jname}'"
             if ctx.workdir.spec_file(jname).exists() else "")
     raise CbsdError(f"{jname}: not found on {where}{hint}")
+
+
+def _from_etcd(ctx: Context, jname: str) -> Found:
+    """A cluster node answers from the VM's owner record (one read): 'local' if this node
+    owns it, else the owner's name; an owner that is down is said on stderr."""
+    found = admin.owner_of(ctx, jname)
+    if found is None:
+        raise CbsdError(f"{jname}: no node of the cluster owns a VM by that name")
+    node, up, me = found
+    if not up:
+        found_down = NodeError(f"{jname}: its owner, node {node}, is down (its lease lapsed)")
+        return Found([node], [found_down])
+    return Found(["local" if node == me else node])

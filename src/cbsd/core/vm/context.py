@@ -7,8 +7,8 @@ read-only or full workdir, and on one that does not exist yet (no VMs)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 from cbsd.core.vm import recovery
@@ -29,6 +29,9 @@ class Context:
     def __init__(self, workdir: Workdir | None = None, *, writable: bool = True) -> None:
         self.workdir = workdir or Workdir(default_workdir())
         self.writable = writable
+        # The cluster's ownership guard (core/cluster/owner.py), which the CLI installs when
+        # this workdir is a cluster node: every VM lock is held inside it. None: SSH-only.
+        self.guard: Callable[[str, str], AbstractContextManager[None]] | None = None
         if writable:
             self.workdir.ensure()
 
@@ -61,8 +64,18 @@ class Context:
             found += [h for h in hits if h not in found]
         return found
 
-    def lock(self, jname: str, what: str, wait: float = 0.0) -> VMLock:
-        return VMLock(self.workdir.lock_file(jname), jname, what).acquire(wait)
+    def lock(self, jname: str, what: str, wait: float = 0.0, *, vm: bool = True) -> VMLock:
+        """Lock VM *jname* for command *what* (vm=False: a host-wide lock by that name).
+        On a cluster node the command runs inside the ownership guard, entered once the lock
+        is held, so the etcd record and the local lock agree."""
+        lock = VMLock(self.workdir.lock_file(jname), jname, what).acquire(wait)
+        if vm and self.guard is not None:
+            try:
+                lock.hold_in(self.guard(jname, what))
+            except BaseException:
+                lock.release()
+                raise
+        return lock
 
     @contextmanager
     def locked_vm(self, jname: str, what: str, *, recover: bool = True) -> Iterator[VM]:

@@ -22,7 +22,9 @@ from cbsd.errors import BusyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from pathlib import Path
+    from typing import Any
 
 
 HOLDER_GRACE = 0.5
@@ -36,6 +38,7 @@ class VMLock:
         self.jname = jname
         self.what = what
         self._fd = -1
+        self._guard: AbstractContextManager[None] | None = None
         self.died = ""  # "PID COMMAND" of a previous holder that never released the lock
 
     def acquire(self, wait: float = 0.0) -> VMLock:
@@ -94,11 +97,22 @@ class VMLock:
                 os.close(self._fd)  # closing releases the flock
                 self._fd = -1
 
+    def hold_in(self, guard: AbstractContextManager[None]) -> None:
+        """Enter *guard* now and leave it (with the command's outcome) before the lock is
+        released: the cluster's ownership guard (Context.lock)."""
+        guard.__enter__()
+        self._guard = guard
+
     def __enter__(self) -> VMLock:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, *exc: Any) -> None:
+        guard, self._guard = self._guard, None
+        try:
+            if guard is not None:
+                guard.__exit__(*exc)
+        finally:
+            self.release()
 
 
 def _read_holder(fd: int) -> str:

@@ -245,7 +245,7 @@ class VM:
                                 f"(create it, e.g. 'ip link add {parent} type bridge', or "
                                 "leave it empty for cbsd's own network cbsd0)")
         if any(not parent for _, parent in bridged):
-            with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30):
+            with self.ctx.lock(f"net-{network.MANAGED}", "network set-up", wait=30, vm=False):
                 network.ensure_managed(wd.run_dir, wd.inventory.parent)
         network.write_ifup(Path(self.paths.ifup), {self.paths.taps[i]: parent or network.MANAGED
                                                    for i, parent in bridged})

@@ -114,7 +114,7 @@ def _checkpoint_adds(vm: VM) -> int:
 def _admitting(vm: VM, what: str, adds: int) -> Iterator[None]:
     """Admission and the step it admits as one, for the commands of one workdir: two VMs
     started at once must not both count the same free space."""
-    with vm.ctx.lock(LOCK, "guest RAM space check", wait=30):
+    with vm.ctx.lock(LOCK, "guest RAM space check", wait=30, vm=False):
         ramspace.admit(vm.jname, what, vm.ram_path, adds)
         yield
 

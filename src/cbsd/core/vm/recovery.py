@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from cbsd import debug
-from cbsd.core.vm import definition, moving
+from cbsd.core.vm import definition, fsfreeze, moving, snapshots
 from cbsd.core.vm.machine import VM, adopt_lost_qemu
 from cbsd.core.vm.states import collect_chunks, drop_state, sweep_orphans
 from cbsd.errors import QemuError
@@ -67,6 +67,8 @@ def recover(vm: VM, died: str = "") -> None:
         moving.settle(vm)
     definition.settle(vm)
     adopt_lost_qemu(vm, scan=bool(died))
+    fsfreeze.recover(vm)  # a guest a dead bsnapshot left frozen (if its guard died too)
+    snapshots.settle(vm)  # a bsnapshot create, destroy or rollback cut short
     doomed: list[Path] = []
     for d in (wd.checkpoints(vm.jname), wd.system(vm.jname)):
         if d.is_dir():

@@ -1,0 +1,295 @@
+"""bcluster: init (the first member, its CA), issue (a joining node's bundle), join (as a
+member or as a client of the etcd members), leave, status; and install(), the ownership guard
+every command on a cluster node runs VM commands in (core/cluster/owner.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from cbsd.core.cluster import config, keeper, member, nodes, owner, pki
+from cbsd.core.cluster.config import Config
+from cbsd.core.cluster.store import (
+    ClusterUnreachable,
+    Delete,
+    EtcdStore,
+    Store,
+    client_urls,
+    member_remove,
+)
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
+from cbsd.detach import start_detached
+from cbsd.errors import CbsdError, StateError, UsageError
+from cbsd.names import check_name
+from cbsd.storage.paths import Workdir
+
+
+def _store(ctx: Context | Workdir) -> tuple[Config, Store]:
+    wd = ctx if isinstance(ctx, Workdir) else ctx.workdir
+    cfg = config.load(wd)
+    if cfg is None:
+        raise StateError("cluster: this host is not a cluster node ('cbsd bcluster mode=init' "
+                         "or mode=join makes it one)")
+    return cfg, config.store(wd, cfg)
+
+
+def install(ctx: Context) -> None:
+    """Put the ownership guard on *ctx*. The client (etcd3gw, requests: 0.1-0.4 s to import
+    here) is made at the first VM lock, so a command that locks no VM (bls, bget) does not
+    pay for it."""
+    made: list[tuple[Config, Store]] = []
+
+    def connected() -> tuple[Config, Store]:
+        if not made:
+            made.append(_store(ctx))
+        return made[0]
+
+    def facts(jname: str) -> tuple[bool, dict[str, Any]]:
+        spec = ctx.inventory.get(jname)
+        if spec is None:
+            return False, {}
+        # Whether its QEMU runs, not the full status: that asks QMP, whose one session the
+        # command may still hold (bmigrate's incoming half does, until it ends).
+        try:
+            status = "On" if VM.load(ctx, jname).alive() else "Off"
+        except CbsdError:
+            status = "unknown"
+        return True, {"ram": spec.ram, "cpus": spec.cpus, "status": status}
+
+    def guard(jname: str, what: str) -> AbstractContextManager[None]:
+        if what in owner.UNGUARDED:
+            return contextlib.nullcontext()
+        cfg, store = connected()
+        return owner.guarded(store, cfg.node, jname, what, lambda: facts(jname),
+                             lambda: ctx.workdir.moving(jname).exists())
+
+    ctx.guard = guard
+
+
+def _fresh(ctx: Context, address: str) -> Path:
+    if config.configured(ctx.workdir):
+        raise StateError("cluster: this host is a cluster node already ('bcluster "
+                         "mode=leave' first)")
+    if not address or address in ("0.0.0.0", "::"):
+        raise UsageError("bcluster: address= must be this node's own address (etcd never "
+                         "listens on a wildcard)")
+    d = config.folder(ctx.workdir)
+    shutil.rmtree(d, ignore_errors=True)  # what a failed init/join left
+    d.mkdir(mode=0o700, parents=True)
+    return d
+
+
+def _start_node(ctx: Context, cfg: Config, state: str | None) -> tuple[Store, list[str]]:
+    """Start the member (unless a client), register the node, start its keeper, claim this
+    host's VMs; the names another node owns already (not claimed)."""
+    wd = ctx.workdir
+    config.save(wd, cfg)
+    if state is not None:
+        member.start(wd, cfg, state)
+    store = config.store(wd, cfg)
+    member.wait_serving(store, config.folder(wd) / "etcd.log")
+    host = ctx.host
+    nodes.register(store, cfg.node, nodes.offer(cfg.address, host.version, host.accel))
+    start_keeper(ctx)
+    conflicts = []
+    for jname in ctx.inventory.names():
+        try:
+            owner.claim_or_check(store, cfg.node, jname, "bcluster join")
+        except owner.NotOwner:
+            conflicts.append(jname)
+    return store, conflicts
+
+
+def start_keeper(ctx: Context) -> None:
+    if member._pid(keeper.pid_file(ctx.workdir)) is None:
+        start_detached([sys.executable, "-m", "cbsd.core.cluster.keeper", str(ctx.workdir.root)])
+
+
+def _undo(ctx: Context) -> None:
+    member.stop(keeper.pid_file(ctx.workdir))
+    member.stop(member.pid_file(ctx.workdir))
+    shutil.rmtree(config.folder(ctx.workdir), ignore_errors=True)
+
+
+def _done(cfg: Config, conflicts: list[str], what: str) -> str:
+    msg = f"node {cfg.node}: {what} ({cfg.client_url if cfg.member else 'client'})"
+    if conflicts:
+        msg += ("\nowned by another node, so left unchanged here (every change refused): "
+                + ", ".join(conflicts))
+    return msg
+
+
+def init(ctx: Context, node: str, address: str, ttl: int) -> str:
+    check_name(node, "node name")
+    d = _fresh(ctx, address)
+    try:
+        pki.make_ca(d)
+        pki.issue(d, d, node, address)
+        cfg = Config(node, address, [], True, ttl, {})
+        cfg.endpoints, cfg.peers = [cfg.client_url], {node: cfg.peer_url}
+        _, conflicts = _start_node(ctx, cfg, "new")
+    except BaseException:
+        _undo(ctx)
+        raise
+    return _done(cfg, conflicts, "cluster made, etcd member started")
+
+
+def issue(ctx: Context, node: str, address: str, out: str) -> str:
+    """A bundle for node *node* at *address*: the CA's certificate, its key and certificate,
+    the endpoints to reach; only where the CA's key is (the init node)."""
+    check_name(node, "node name")
+    cfg, store = _store(ctx)
+    d = config.folder(ctx.workdir)
+    if not (d / "ca.key").is_file():
+        raise StateError("cluster: this node has no CA key: issue on the node that ran init")
+    dest = Path(out)
+    try:
+        dest.mkdir(mode=0o700)
+    except FileExistsError:
+        raise UsageError(f"bcluster: {dest} exists (cbsd does not overwrite it)") from None
+    pki.issue(d, dest, node, address)
+    urls = client_urls(store) if isinstance(store, EtcdStore) else cfg.endpoints
+    (dest / "join.json").write_text(json.dumps({"endpoints": urls, "ttl": cfg.ttl}))
+    return f"{dest}: bundle for node {node} (copy it there; 'cbsd bcluster mode=join')"
+
+
+def join(ctx: Context, node: str, address: str, bundle: str, as_member: bool) -> str:
+    check_name(node, "node name")
+    src = Path(bundle)
+    try:
+        info = json.loads((src / "join.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"bcluster: bundle={bundle}: not a bundle ({e})") from None
+    d = _fresh(ctx, address)
+    try:
+        for f in ("ca.crt", "node.crt", "node.key"):
+            shutil.copyfile(src / f, d / f)
+            (d / f).chmod(0o600)
+        cfg = Config(node, address, list(info["endpoints"]), as_member, int(info["ttl"]), {})
+        state = None
+        if as_member:
+            remote = EtcdStore(cfg.endpoints, str(d / "ca.crt"), str(d / "node.crt"),
+                               str(d / "node.key"))
+            for m in _add_member(remote, cfg.peer_url):
+                cfg.peers[m.get("name") or node] = m["peerURLs"][0]
+            cfg.endpoints = [cfg.client_url, *cfg.endpoints]
+            state = "existing"
+        _, conflicts = _start_node(ctx, cfg, state)
+    except BaseException:
+        _undo(ctx)
+        raise
+    return _done(cfg, conflicts, "joined")
+
+
+def _add_member(remote: EtcdStore, peer_url: str, timeout: float = 60.0
+                ) -> list[dict[str, Any]]:
+    """MemberAdd, again while etcd refuses it as unsafe (503: a member added moments ago has
+    not been connected for etcd's health interval, 5 s, so a new one could cost the
+    quorum); any other refusal, or still refused at *timeout*, is the answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return remote.member_add(peer_url)
+        except ClusterUnreachable as e:
+            if "Unavailable" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def start(ctx: Context) -> str:
+    """Bring this node back after a reboot (or anything that ended its processes): the
+    member, from its data (etcd ignores the initial-cluster flags then), and the keeper."""
+    cfg, store = _store(ctx)
+    if cfg.member:
+        member.start(ctx.workdir, cfg, "existing")
+    member.wait_serving(store, config.folder(ctx.workdir) / "etcd.log")
+    start_keeper(ctx)
+    return f"node {cfg.node}: started" + (" (etcd member and keeper)" if cfg.member
+                                          else " (keeper)")
+
+
+def leave(ctx: Context) -> str:
+    """Stop being a node: the keeper stops, the node's records go (its VMs' owner records
+    too: they are this host's alone again), the member leaves the cluster and stops."""
+    cfg, store = _store(ctx)
+    member.stop(keeper.pid_file(ctx.workdir))
+    snap = nodes.snapshot(store)
+    for jname, kv in snap.vms.items():
+        if kv.json().get("node") == cfg.node:
+            owner.settle(store, cfg.node, jname, "bcluster leave", exists=False, facts={})
+    store.txn([], [Delete(nodes.NODE + cfg.node), Delete(nodes.ALIVE + cfg.node)])
+    if cfg.member and isinstance(store, EtcdStore):
+        member_remove(store, cfg.node)
+    _undo(ctx)
+    return f"node {cfg.node}: left the cluster"
+
+
+def status(ctx: Context) -> list[dict[str, Any]]:
+    _, store = _store(ctx)
+    return nodes.status_rows(nodes.snapshot(store))
+
+
+def vm_rows(ctx: Context) -> list[dict[str, Any]]:
+    """Every clustered VM with its owner and whether that node is up: one range read."""
+    _, store = _store(ctx)
+    snap = nodes.snapshot(store)
+    rows = []
+    for jname, kv in sorted(snap.vms.items()):
+        rec = kv.json()
+        rows.append({"jname": jname, "node": rec.get("node"),
+                     "node_state": "up" if snap.up(rec.get("node", "")) else "down",
+                     "status": rec.get("status", "-"), "vm_ram": rec.get("ram"),
+                     "vm_cpus": rec.get("cpus")})
+    return rows
+
+
+def pick(ctx: Context, ram: int) -> str:
+    _, store = _store(ctx)
+    chosen = nodes.pick(nodes.snapshot(store), ram)
+    if chosen is None:
+        raise StateError(f"bcreate node=auto: no live node has {ram >> 20} MiB free")
+    return chosen
+
+
+def hand_over(wd: Workdir, jname: str, to: str) -> Callable[[], None]:
+    """bmove/bmigrate's switchover on a cluster node: the owner record goes to node *to*
+    (which must be a live node of the cluster) in one compare-and-swap; the function that
+    undoes it if the VM stays here. SSH-only: nothing to switch."""
+    if not config.configured(wd):
+        return lambda: None
+    cfg, store = _store(wd)
+    snap = nodes.snapshot(store)
+    if to not in snap.nodes or not snap.up(to):
+        raise StateError(f"{jname}: node {to} is not a live node of the cluster "
+                         "('cbsd bcluster mode=status'): the VM stays here")
+    owner.switch(store, cfg.node, jname, to)
+    return lambda: owner.take_back(store, cfg.node, jname)
+
+
+def owner_of(ctx: Context, jname: str) -> tuple[str, bool, str] | None:
+    """(owner, whether it is up, this node's name) of *jname*, or None: one range read."""
+    cfg, store = _store(ctx)
+    snap = nodes.snapshot(store)
+    kv = snap.vms.get(jname)
+    if kv is None:
+        return None
+    node = str(kv.json().get("node"))
+    return node, snap.up(node), cfg.node
+
+
+def taken_up(wd: Workdir, jname: str) -> None:
+    """The target's half of a handover, at the moment the VM is in its inventory and before
+    it tells the source so (bmigrate's answer; after it the source ends the ssh session,
+    and this process may not live to leave its guard): the record drops "from"."""
+    if not config.configured(wd):
+        return
+    cfg, store = _store(wd)
+    owner.settle(store, cfg.node, jname, "bmigrate", exists=True, facts={})

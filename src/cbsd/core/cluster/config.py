@@ -1,0 +1,70 @@
+"""This node's part of the cluster: WORKDIR/cluster/ (0700) holds config.json (this node's
+name and address, the etcd endpoints it talks to, whether it runs a member), the cluster CA's
+certificate, this node's certificate and key (the CA's key only on the node that made it),
+and the local member's data, log and pid files. No config.json: the SSH-only mode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbsd.core.cluster.store import EtcdStore, Store
+from cbsd.errors import StateError
+from cbsd.storage.atomic import write_atomic
+from cbsd.storage.paths import Workdir
+
+PREFIX = "/cbsd/"
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+
+
+@dataclass
+class Config:
+    node: str
+    address: str
+    endpoints: list[str]
+    member: bool
+    ttl: int = 10  # the node lease, seconds: a node is down this long after its keeper stops
+    peers: dict[str, str] = field(default_factory=dict)  # member name -> peer URL
+
+    @property
+    def client_url(self) -> str:
+        return f"https://{self.address}:{CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"https://{self.address}:{PEER_PORT}"
+
+
+def folder(wd: Workdir) -> Path:
+    return wd.root / "cluster"
+
+
+def path(wd: Workdir) -> Path:
+    return folder(wd) / "config.json"
+
+
+def configured(wd: Workdir) -> bool:
+    return path(wd).is_file()
+
+
+def load(wd: Workdir) -> Config | None:
+    try:
+        raw: Any = json.loads(path(wd).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StateError(f"cluster: cannot read {path(wd)}: {e}") from None
+    return Config(**raw)
+
+
+def save(wd: Workdir, cfg: Config) -> None:
+    write_atomic(path(wd), json.dumps(asdict(cfg), indent=1).encode())
+
+
+def store(wd: Workdir, cfg: Config) -> Store:
+    d = folder(wd)
+    return EtcdStore(list(cfg.endpoints), str(d / "ca.crt"), str(d / "node.crt"),
+                     str(d / "node.key"))

@@ -1,0 +1,36 @@
+"""bcluster's bad input: one line, exit 2, nothing made (no etcd is needed to refuse it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cbsd.cli.main import main
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["mode=init", "address=10.0.0.1"], "bcluster: mode=init needs name="),
+    (["mode=init", "name=n1"], "bcluster: mode=init needs address="),
+    (["mode=init", "name=n1", "address=0.0.0.0"], "never listens on a wildcard"),
+    (["mode=join", "name=n2", "address=10.0.0.2"], "bcluster: mode=join needs bundle="),
+    (["mode=status", "name=n1"], "bcluster: name= is not used with mode=status"),
+    (["mode=join", "name=n2", "address=10.0.0.2", "bundle=/nonexistent"], "not a bundle"),
+    (["mode=bogus"], "mode"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], args: list[str],
+                                          line: str) -> None:
+    monkeypatch.setenv("CBSD_WORKDIR", str(tmp_path / "wd"))
+    assert main(["bcluster", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and line in err, err
+    assert not (tmp_path / "wd" / "cluster").exists()
+
+
+def test_status_on_a_host_that_is_no_node_says_so(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CBSD_WORKDIR", str(tmp_path / "wd"))
+    assert main(["bcluster", "mode=status"]) == 1
+    assert "not a cluster node" in capsys.readouterr().err
