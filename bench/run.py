@@ -12,7 +12,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        service (cbsd serve: idle CPU and memory, API list of 11, 101 and 1,001 VMs vs bls,
        event latency, checkpoint create via the API vs the CLI; study "service", no chart),
        migrate-checkpoints (bmigrate's downtime with and without checkpoints; study
-       "hosts-migrate-checkpoints", no chart)."""
+       "hosts-migrate-checkpoints", no chart),
+       clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
+       output, host memory; study "clone", no chart)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_migrate_ckp
 
             print(bench_migrate_ckp.write(*bench_migrate_ckp.run_all()), flush=True)
+            continue
+        if case == "clone":
+            from bench import bench_clone
+
+            print(bench_clone.write(*bench_clone.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

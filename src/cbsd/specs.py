@@ -46,7 +46,10 @@ DISK_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.qcow2")
 RESERVED_FILES = ("efivars.qcow2",)  # core/vm/machine.EFI_VARS: the UEFI variable store, not a disk
 # QEMU machine types (pc, pc-i440fx-10.0, q35): one token, nothing QEMU's option syntax reads.
 MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CI_STORED = ("instance_id",)  # kept beside the ci_* keys (core/manage/cloudinit.settings)
+# Kept beside the ci_* keys (core/manage/cloudinit.settings): cloud-init's instance id, and
+# the machine's identity (a new one only for a clone: its guest then renews machine-id and
+# SSH host keys at first boot).
+CI_STORED = ("instance_id", "identity_id")
 
 Check = Callable[[Any, str], Any]
 

@@ -26,8 +26,10 @@ for ev in /sys/class/input/event*; do
     fi
 done
 
-# Network. cbsd.net=dhcp (kernel command line): ask DHCP (a bridge network), print the
-# address; otherwise QEMU user networking's fixed address. A tiny web server for hostfwd tests.
+# Network. cbsd.net=dhcp (kernel command line): ask DHCP (a bridge network) on every network
+# card that appears -- at boot and any hot-plugged later (a restored clone's new card) -- and
+# print its address and MAC; otherwise QEMU user networking's fixed address. A tiny web server
+# for hostfwd tests.
 if ip link set eth0 up 2>/dev/null; then
     if grep -q "cbsd.net=dhcp" /proc/cmdline; then
         cat > /bin/dhcp-event <<'EOS'
@@ -35,15 +37,29 @@ if ip link set eth0 up 2>/dev/null; then
 [ "$1" = bound ] || [ "$1" = renew ] || exit 0
 ip addr add "$ip/${mask:-24}" dev "$interface"
 [ -n "$router" ] && ip route add default via "${router%% *}"
-echo "cbsd-guest: ip=$ip" > /dev/console
+echo "cbsd-guest: ip=$ip mac=$(cat /sys/class/net/$interface/address)" > /dev/console
 exit 0
 EOS
         chmod 755 /bin/dhcp-event
-        ok=""
-        for try in 1 2 3; do
-            udhcpc -i eth0 -s /bin/dhcp-event -q -n -t 10 -T 3 >/dev/null 2>&1 && ok=1 && break
-        done
-        [ -n "$ok" ] || echo "cbsd-guest: no DHCP answer"
+        dhcp() {
+            ok=""
+            for try in 1 2 3; do
+                udhcpc -i "$1" -s /bin/dhcp-event -q -n -t 10 -T 3 >/dev/null 2>&1 && ok=1 && break
+            done
+            [ -n "$ok" ] || echo "cbsd-guest: no DHCP answer"
+        }
+        ( seen=""
+          while true; do
+            for d in /sys/class/net/eth*; do
+                [ -e "$d/ifindex" ] || continue
+                i=$(cat "$d/ifindex")
+                case " $seen " in *" $i "*) continue ;; esac
+                seen="$seen $i"
+                ip link set "${d##*/}" up
+                dhcp "${d##*/}" &
+            done
+            sleep 0.5
+          done ) &
     else
         ip addr add 10.0.2.15/24 dev eth0
         ip route add default via 10.0.2.2

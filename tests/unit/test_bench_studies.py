@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bench import bench_engine, bench_hosts, bench_migrate_ckp, bench_service, report, run
+from bench import (
+    bench_clone,
+    bench_engine,
+    bench_hosts,
+    bench_migrate_ckp,
+    bench_service,
+    report,
+    run,
+)
 from bench.common import BENCHMARKS, Case, Study, load_cases
 
 from tests.unit.test_doc_links import broken_links
@@ -27,6 +35,8 @@ def writer(study: str) -> Writer:
         return bench_service.write
     if study == bench_migrate_ckp.STUDY.name:
         return bench_migrate_ckp.write
+    if study == "clone":
+        return bench_clone.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"
     return bench_engine.write
 
@@ -41,7 +51,7 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         return True
 
     # the writers describe the machine they run on
-    for writer in (bench_engine, bench_hosts, bench_migrate_ckp, bench_service):
+    for writer in (bench_clone, bench_engine, bench_hosts, bench_migrate_ckp, bench_service):
         monkeypatch.setattr(writer, "machine", lambda: ["- (machine)"])
     monkeypatch.setattr(report, "chart", chart)
     monkeypatch.setattr(bench_engine, "_chart", chart)

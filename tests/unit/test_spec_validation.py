@@ -175,7 +175,8 @@ def test_argv_escapes_every_value_in_an_option_string() -> None:
     assert netdev[:2] == ["user", "id=net0"] and len(netdev) == 3
     assert netdev[2].startswith("hostfwd=")
     device = _split(_options(argv, "-device")[-1])
-    assert [p.split("=")[0] for p in device] == ["virtio-net-pci", "netdev", "mac", "romfile"]
+    assert [p.split("=")[0] for p in device] == ["virtio-net-pci", "id", "netdev", "mac",
+                                                 "romfile"]
     assert len(_split(_options(argv, "-name")[0])) == 2
     bridge = build_argv(dataclasses.replace(spec, nics=[Nic(nic_type="bridge")]), HOST, PATHS)
     assert [p.split("=")[0] for p in _split(_options(bridge, "-netdev")[0])] == \

@@ -205,8 +205,16 @@ def bclone(ctx: Context, a: Args) -> int:
     # lazy: only bset/bget/brename/bclone; bls and bstart skip it
     from cbsd.core.manage import settings as manage
 
-    print(manage.clone(ctx, a["old"], a["new"], a["checkpoint"]))
-    return 0
+    names = manage.clone(ctx, a["old"], a["new"], a["checkpoint"], a["count"])
+    print(f"{a['old']}: cloned to {', '.join(names)}"
+          + (f" with checkpoint {a['checkpoint']}" if a["checkpoint"] else ""))
+    if not a["start"]:
+        return 0
+    # lazy: each command loads its own core module; bls skips lifecycle
+    from cbsd.core.manage import lifecycle
+
+    return each(ctx, names, lambda c, j: lifecycle.start(c, j, checkpoint=a["checkpoint"]),
+                a["parallel"])
 
 
 def bpause(ctx: Context, a: Args) -> int:

@@ -221,17 +221,24 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         bare="none",
     ),
     Command(
-        "bclone", "Copy a stopped VM (optionally with one checkpoint) into a new one.",
+        "bclone", "Copy a stopped VM (optionally with one checkpoint) into new ones.",
         (Key("old", "name", None, required=True, help="the VM to copy"),
-         Key("new", "name", None, required=True, help="the copy's name"),
+         Key("new", "str", None, required=True, help="the copy's name; with count=N a "
+             "pattern where %d is the number 1..N (new=web%d: web1, web2, ...)"),
          Key("checkpoint", "name", None, help="also copy this checkpoint, so the copy can "
-             "continue from its instant (bstart jname=NEW checkpoint=NAME)")),
-        "cbsd bclone old=vm1 new=vm2 checkpoint=before_upgrade",
+             "continue from its instant (bstart jname=NEW checkpoint=NAME)"),
+         Key("count", "int", None, help="make N copies at once, named from the new= pattern "
+             "(all or nothing)", lo=1, hi=256),
+         Key("start", "bool", False, help="start the copies once all are made (together, "
+             "from checkpoint= if given)"),
+         PARALLEL),
+        "cbsd bclone old=vm1 new=web%d count=4 checkpoint=ready start=1",
         bare="none",
-        details=("The copy gets its own MAC address and cloud-init identity; disks are copied "
-                 "with reflinks where\nthe filesystem has them. A copy restored from a "
-                 "checkpoint is the same machine until it reboots:\nits guest still sees the "
-                 "original's MAC address (see docs/management.md)."),
+        details=("Each copy gets its own MAC address and cloud-init identity; disks are "
+                 "copied with reflinks where\nthe filesystem has them. A copy that continues "
+                 "from a checkpoint gets a new network card with its\nown MAC (the guest sees "
+                 "a new link and asks DHCP again), a new generation ID, and through the\n"
+                 "guest agent a new machine-id and SSH host keys (see docs/checkpoints.md)."),
     ),
     Command(
         "blogin", "Attach the terminal to a VM's serial console (Ctrl-] detaches).",

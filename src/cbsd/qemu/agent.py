@@ -11,8 +11,11 @@ detached, after a VM boots, restores or resumes, after `bpause mode=off` and aft
 checkpoint's stop: it waits up to SECONDS for the agent, sets the guest's clock from the
 host's (settime: the guest's clock stood still with its vCPUs, so it is behind by the
 checkpoint's age, the time hibernated or paused, or the checkpoint's own stop), and records
-what the agent reports (its IPv4 address, for bls) in STATEFILE. The command that started it
-does not wait for it.
+what the agent reports (its IPv4 address, for bls) in STATEFILE. With `run SCRIPT` it also
+runs SCRIPT with /bin/sh in the guest (guest-exec, by agent_exec's entry point; a restored
+clone's new machine-id and SSH host keys, core/checkpoint/identity.py) and records its exit
+code and output as "ran". The
+command that started it does not wait for it.
 
 bpause's quick lane (cbsd/core/pause.py) starts the helper too, so this module imports at
 the top only what the lane has loaded anyway (os, sys, time, contextlib, cbsd.errors): json
@@ -32,6 +35,7 @@ from cbsd.errors import QemuError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any
 
@@ -142,13 +146,17 @@ def ipv4_addresses(interfaces: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool) -> dict[str, Any]:
-    """The helper's work: wait for the agent, set the clock, record what it says. A guest
-    that answered the handshake but is slow to carry out the call (a loaded host, just after
-    a restore) is given the time left, then asked again on a new connection (whose handshake
-    skips the late reply), until the deadline; the record is written whatever the end."""
+def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool,
+                  then: Callable[[Agent], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The helper's work: wait for the agent, set the clock, do *then* (recorded as "ran"),
+    record what the agent says. A guest that answered the handshake but is slow to carry out
+    a call (a loaded host, just after a restore) is given the time left, then asked again on
+    a new connection (whose handshake skips the late reply), until the deadline; *then* is
+    done once (not again on a new connection once it finished); the record is written
+    whatever the end."""
     deadline = time.monotonic() + seconds
     state: dict[str, Any] = {"agent": False}
+    ran: dict[str, Any] | None = None
     while True:
         try:
             agent = Agent(path, timeout=min(HANDSHAKE_WAIT,
@@ -168,6 +176,9 @@ def wait_and_tend(path: str, state_file: Path, seconds: float, settime: bool) ->
             if settime:
                 agent.call("guest-set-time", time=time.time_ns())
                 state["clock_set"] = time.time()
+            if then is not None:
+                ran = ran if ran is not None else then(agent)
+                state["ran"] = ran
             try:
                 state["ip4"] = ipv4_addresses(agent.call("guest-network-get-interfaces"))
             except QemuError:
@@ -201,18 +212,23 @@ def read_state(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def start_helper(sock: str, state_file: str | Path, seconds: float, settime: bool) -> None:
+def start_helper(sock: str, state_file: str | Path, seconds: float, settime: bool,
+                 script: str | None = None) -> None:
     """Run the helper detached: it outlives the command, which does not wait for it. Its own
     session, stdio on /dev/null; it inherits no other descriptor (Python opens them all
     close-on-exec)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_file)
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # A script is run by agent_exec's helper (which imports this module, never the reverse)
+    module = "agent" if script is None else "agent_exec"
     argv = [sys.executable, "-I", "-c",
-            f"import sys; sys.path.insert(0, {src!r}); from cbsd.qemu.agent import main; "
+            f"import sys; sys.path.insert(0, {src!r}); from cbsd.qemu.{module} import main; "
             "sys.exit(main(sys.argv[1:]))", sock, os.fspath(state_file), str(seconds)]
     if settime:
         argv.append("settime")
+    if script is not None:
+        argv += ["run", script]
     if debug.ON:
         debug.log("proc", " ".join(argv) + " &")
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -223,13 +239,13 @@ def start_helper(sock: str, state_file: str | Path, seconds: float, settime: boo
         os.close(null)
 
 
-def main(args: list[str]) -> int:
+def main(args: list[str], then: Callable[[Agent], dict[str, Any]] | None = None) -> int:
     # lazy: only the detached helper; pathlib is too heavy for the pause lane
     from pathlib import Path
 
     sock, state_file, seconds = args[0], Path(args[1]), float(args[2])
     try:
-        wait_and_tend(sock, state_file, seconds, settime="settime" in args[3:])
+        wait_and_tend(sock, state_file, seconds, settime="settime" in args[3:], then=then)
     except (OSError, QemuError):
         return 1
     return 0

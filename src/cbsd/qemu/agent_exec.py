@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbsd.errors import QemuError
+from cbsd.qemu import agent as agent_helper
 from cbsd.qemu.agent import Agent
 
 # One guest-file-read/write: small enough that a request line stays well under the agent's
@@ -100,3 +101,23 @@ def write_file(agent: Agent, path: str, source: Callable[[int], bytes]) -> int:
     finally:
         agent.call("guest-file-close", handle=handle)
     return total
+
+
+RUN_TIMEOUT = 120.0  # seconds the agent helper lets a script it runs in the guest take
+
+
+def main(args: list[str]) -> int:
+    """The agent helper (qemu/agent.py) given `run SCRIPT`: it also runs SCRIPT in the guest
+    once the agent answers, and records its exit code and output."""
+    rest = args[3:]
+    script = rest[rest.index("run") + 1]
+
+    def then(agent: Agent) -> dict[str, Any]:
+        try:
+            done = run(agent, ["/bin/sh", "-c", script], RUN_TIMEOUT)
+        except QemuError as e:
+            return {"exitcode": None, "error": str(e), "at": time.time()}
+        return {"exitcode": done.exitcode, "out": done.out.decode(errors="replace")[-2000:],
+                "err": done.err.decode(errors="replace")[-2000:], "at": time.time()}
+
+    return agent_helper.main(args, then)

@@ -115,6 +115,27 @@ def netdev_id(i: int) -> str:
     return f"net{i}"
 
 
+def nic_id(i: int) -> str:
+    """NIC *i*'s card (QMP: /machine/peripheral/nic{i}); a restore that forks state replaces
+    it (core/checkpoint/identity.py)."""
+    return f"nic{i}"
+
+
+def nic_properties(spec: VMSpec, i: int, nic: Nic, addr: str = "") -> dict[str, str]:
+    """NIC *i*'s card: its -device properties, also device_add's when a restore replaces it
+    (then at the slot *addr* the replaced one had). romfile= : no PXE option ROM, the
+    firmware boots faster and nothing netboots by surprise. The id does not enter the
+    migration stream (a PCI device's section is named by its slot), so states saved before
+    the cards had ids load."""
+    props = {"driver": nic_model(spec), "id": nic_id(i), "netdev": netdev_id(i)}
+    if nic.nic_hwaddr:
+        props["mac"] = nic.nic_hwaddr
+    if addr:
+        props["addr"] = addr
+    props["romfile"] = ""
+    return props
+
+
 def _nic_args(spec: VMSpec, paths: RuntimePaths, i: int, nic: Nic) -> list[str]:
     """NIC *i*: its backend and its card. The cards follow each other on the PCI bus in
     the definition's order, so the guest sees them in that order (eth0, eth1, ...)."""
@@ -127,9 +148,9 @@ def _nic_args(spec: VMSpec, paths: RuntimePaths, i: int, nic: Nic) -> list[str]:
         tap = paths.taps[i] if i < len(paths.taps) else ""
         netdev = (f"tap,id={net},ifname={_esc(tap)},script={_esc(paths.ifup)},"
                   "downscript=no")
-    # romfile= : no PXE option ROM, the firmware boots faster and nothing netboots by surprise.
-    mac = f",mac={_esc(nic.nic_hwaddr)}" if nic.nic_hwaddr else ""
-    return ["-netdev", netdev, "-device", f"{nic_model(spec)},netdev={net}{mac},romfile="]
+    props = nic_properties(spec, i, nic)
+    device = ",".join([props.pop("driver"), *(f"{k}={_esc(v)}" for k, v in props.items())])
+    return ["-netdev", netdev, "-device", device]
 
 
 def build_argv(spec: VMSpec, host: Host, paths: RuntimePaths, *, incoming: bool = False,

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cbsd import cancel
-from cbsd.core.checkpoint import generation
+from cbsd.core.checkpoint import generation, identity
 from cbsd.core.checkpoint.compat import newer_qemu
 from cbsd.core.vm import ramfile
 from cbsd.core.vm.machine import VM
@@ -158,17 +158,27 @@ def load(vm: VM, ckdir: Path, *, paused: bool | None,
         _load_memory(vm, mon, ckdir, m)
         failpoint("load:loaded")
         generation.check_loaded(vm, mon, m, genid)
+        renew = identity.nics_to_renew(vm, m, fork=fork)
         if paused:
             migration.activate_disks(mon)  # QEMU 10 keeps them inactive until 'cont'
         if before_run is not None:
             before_run(m)
+        slots = identity.unplug(vm, mon, renew) if not paused else {}
         if not paused:
             mon.cmd("cont")
         expected = RunState.PAUSED if paused else RunState.RUNNING
         if (state := mon.status()) != expected:
             raise QemuError(f"{vm.jname}: after loading the state QEMU reports '{state}', "
                             f"expected '{expected}'")
-        _fix_guest_clock(vm, m, ckdir)
+        if slots:
+            identity.plug(vm, mon, slots)
+        elif renew and paused:
+            saved = identity.saved_macs(m)
+            for i in renew:
+                print(f"{vm.jname}: restored paused: the guest keeps the checkpoint's MAC "
+                      f"address {saved[i]} for NIC {i + 1} (a restore that runs it gets "
+                      f"{vm.spec.nics[i].nic_hwaddr})", file=sys.stderr)
+        _tend_guest(vm, m, ckdir, identity.guest_script(m, fork=fork))
     except BaseException as e:
         died = not vm.alive()
         reason = _qemu_log_tail(vm)
@@ -310,21 +320,25 @@ def _load_from_store(vm: VM, mon: Monitor, ckdir: Path, m: ckpstore.Manifest) ->
 AGENT_WAIT = 120.0  # seconds the helper waits for the agent of a restored or resumed guest
 
 
-def _fix_guest_clock(vm: VM, m: ckpstore.Manifest, ckdir: Path) -> None:
-    """After a restore or resume the guest's clock is behind by the state's age. With an agent
-    (one listened when the state was saved) a detached helper sets it from the host's once
-    the agent answers (a paused guest's agent answers once it runs); without one, say so."""
-    if not vm.spec.guest_agent:
-        return
-    if m.agent:
-        vm.tend_agent(settime=True, seconds=AGENT_WAIT)
-        return
-
-    behind = max(0, int(time.time() - m.created_ts))
-    print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
-          f"saved: the guest's clock is about {behind} s behind; install qemu-guest-agent in "
-          "the guest, or set the clock there (e.g. 'systemctl restart chrony')",
-          file=sys.stderr)
+def _tend_guest(vm: VM, m: ckpstore.Manifest, ckdir: Path, script: str | None) -> None:
+    """After a restore or resume the guest's clock is behind by the state's age, and a clone's
+    guest still has the original's machine-id and host keys (*script* renews them). With an
+    agent (one listened when the state was saved) a detached helper sets the clock from the
+    host's and runs *script* once the agent answers (a paused guest's agent answers once it
+    runs); without one, say what is left undone."""
+    if vm.spec.guest_agent and (m.agent or script):
+        vm.tend_agent(settime=m.agent, seconds=AGENT_WAIT, script=script)
+    if vm.spec.guest_agent and not m.agent:
+        behind = max(0, int(time.time() - m.created_ts))
+        print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
+              f"saved: the guest's clock is about {behind} s behind; install "
+              "qemu-guest-agent in the guest, or set the clock there (e.g. 'systemctl "
+              "restart chrony')", file=sys.stderr)
+    if script and not (vm.spec.guest_agent and m.agent):
+        print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "
+              f"saved: the guest keeps {m.migration.get(identity.CLONE_OF)}'s machine-id and "
+              "SSH host keys until cloud-init renews them at its next boot (or renew them "
+              "there yourself: docs/checkpoints.md)", file=sys.stderr)
 
 
 # Following the load through the file offset: QEMU reads its first bytes within milliseconds

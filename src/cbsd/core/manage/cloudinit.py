@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from cbsd.core.checkpoint.identity import RENEW_SCRIPT
 from cbsd.errors import CbsdError, UsageError
 from cbsd.model import CLOUD_INIT_KEYS
 from cbsd.names import check_name
@@ -70,7 +71,25 @@ def settings(raw: dict[str, str | None]) -> dict[str, str]:
         raise UsageError("bcreate: ci_gw4= and ci_nameserver_address= need a static "
                          "ci_ip4_addr=ADDRESS/PREFIX")
     values["instance_id"] = os.urandom(8).hex()  # a new identity: cloud-init runs once per id
+    values["identity_id"] = os.urandom(8).hex()  # the machine's: bset keeps it, bclone not
     return values
+
+
+# A bootcmd (every boot, before sshd starts) that renews machine-id and SSH host keys once on
+# the first boot of a clone: the identity_id the guest recorded (/var/lib/cbsd/identity) is
+# another machine's. A guest without the record (its first boot, or an original made before
+# cbsd wrote one) renews them only if cloud-init ran on this disk before, for another
+# instance -- a clone's first boot; never on an original's first boot.
+FIRST_BOOT_RENEW = """\
+T={token}; F=/var/lib/cbsd/identity
+if [ "$(cat $F 2>/dev/null)" != "$T" ]; then
+  p=$(cat /var/lib/cloud/data/previous-instance-id 2>/dev/null)
+  if [ -e $F ] || {{ [ -n "$p" ] && [ "$p" != NO_PREVIOUS_INSTANCE_ID ] && \
+      [ "$p" != "$INSTANCE_ID" ]; }}; then
+{renew}  fi
+  mkdir -p /var/lib/cbsd && echo "$T" > $F
+fi
+"""
 
 
 def _hostname(name: str) -> bool:
@@ -136,6 +155,9 @@ def documents(jname: str, ci: dict[str, str]) -> dict[str, str]:
             user_data["ssh_pwauth"] = True
         users.append(user)
     user_data["users"] = users
+    if "identity_id" in ci:
+        user_data["bootcmd"] = [FIRST_BOOT_RENEW.format(token=ci["identity_id"],
+                                                        renew=RENEW_SCRIPT)]
     if "ci_user_pw_root" in ci:
         user_data["chpasswd"] = {"expire": False, "users": [
             {"name": "root", "password": ci["ci_user_pw_root"]}]}

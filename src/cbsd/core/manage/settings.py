@@ -17,6 +17,7 @@ from typing import Any
 
 from cbsd import clock, specs
 from cbsd.core.checkpoint.checkpoints import unrestorable_after
+from cbsd.core.checkpoint.identity import CLONE_OF
 from cbsd.core.manage import cloudinit, cron, lifecycle
 from cbsd.core.manage.nics import new_mac, taken_macs, with_macs
 from cbsd.core.vm.context import Context
@@ -28,6 +29,7 @@ from cbsd.failpoints import failpoint
 from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
+from cbsd.specs import CI_STORED
 from cbsd.storage import ckpstore
 from cbsd.storage.atomic import write_atomic
 from cbsd.storage.chunkstore import Recipe, Store
@@ -106,9 +108,11 @@ def set_(ctx: Context, jname: str, changes: dict[str, Any]) -> str:
             given = {k: changes[k] for k in CLOUD_INIT_KEYS if k in changes}
             cleared = {k for k, v in given.items() if v == ""}  # ci_gw4= removes the key
             # The new instance id (from settings()) makes cloud-init apply the change.
-            merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given)}.items()
-                      if k not in cleared}
-            fields["cloud_init"] = merged if set(merged) - {"instance_id"} else {}
+            # The machine stays the same one: its identity_id stays (from bcreate or bclone).
+            kept = {k: old.cloud_init[k] for k in ("identity_id",) if k in old.cloud_init}
+            merged = {k: v for k, v in {**old.cloud_init, **cloudinit.settings(given),
+                                        **kept}.items() if k not in cleared}
+            fields["cloud_init"] = merged if set(merged) - set(CI_STORED) else {}
         new = dataclasses.replace(old, **fields)
         lifecycle.validate(new)
         lifecycle.check_host(ctx, new)
@@ -166,14 +170,39 @@ def rename(ctx: Context, old: str, new: str) -> str:
     return f"{old}: renamed to {new}"
 
 
-def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> str:
-    """An independent copy of a stopped VM: its disks (reflinked where the filesystem can),
-    its settings, a new MAC address and cloud-init identity; with *checkpoint*, that
-    checkpoint too, so the copy can continue from its instant."""
-    check_name(new)
+PATTERN = "%d"  # in bclone's new= with count=N: replaced by 1..N
+
+
+def clone_names(new: str, count: int | None) -> list[str]:
+    """bclone's new names: *new* itself, or with count=N the pattern's N names (web%d ->
+    web1..webN). UsageError (exit 2) for a pattern without count or count without one."""
+    if count is None:
+        check_name(new, "new")
+        return [new]
+    if new.count(PATTERN) != 1:
+        raise UsageError(f"bclone: count= needs new= with one {PATTERN} for the number "
+                         f"(e.g. new=web{PATTERN}), got '{new}'")
+    names = [new.replace(PATTERN, str(i)) for i in range(1, count + 1)]
+    for name in names:
+        check_name(name, "new")
+    return names
+
+
+def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None,
+          count: int | None = None) -> list[str]:
+    """Independent copies of a stopped VM: its disks (reflinked where the filesystem can),
+    its settings, and for each a new MAC address and cloud-init identity; with *checkpoint*,
+    that checkpoint too, so each copy can continue from its instant (and then gets a new
+    network card and generation ID: core/checkpoint/identity.py, generation.py). All or
+    nothing: every name is checked before anything is made, and the copies made are removed
+    if a later one fails. -> the new names."""
+    names = clone_names(new, count)
     wd = ctx.workdir
-    if ctx.inventory.get(new) is not None:  # before any lock: new may be old itself
-        raise StateError(f"VM already exist: {new}")
+    taken = [n for n in names if ctx.inventory.get(n) is not None]  # before any lock: n may be old
+    if taken:
+        if count is None:
+            raise StateError(f"VM already exist: {taken[0]}")
+        raise UsageError(f"bclone: VM already exist: {', '.join(taken)} (nothing was cloned)")
     with ctx.locked_vm(old, "bclone") as vm:
         require(old, vm.status(mine=True), Action.CLONE)
         vm.check_images()  # a clone copies the images as they are: only self-contained ones
@@ -184,24 +213,41 @@ def clone(ctx: Context, old: str, new: str, checkpoint: str | None = None) -> st
             if not source.is_dir() or source.is_symlink():
                 raise StateError(f"{old}: no checkpoint {checkpoint}")
             ckpstore.verify_files(source, ckpstore.read_manifest(source))
-        spec = dataclasses.replace(
-            vm.spec, jname=new, nics=with_macs(ctx, vm.spec.nics, renew=True),
-            cloud_init=({**vm.spec.cloud_init, "instance_id": os.urandom(8).hex()}
-                        if vm.spec.cloud_init else {}), astart=False)
+        files = [str(p) for n in names for p in (wd.system(n), wd.vm_dir(n)) if p.exists()]
+        if files and count is not None:
+            raise UsageError(f"bclone: files of a VM by that name exist ({', '.join(files)}): "
+                             "move them away first (nothing was cloned)")
+        made: list[str] = []
+        try:
+            for name in names:
+                _clone_one(ctx, vm, name, source)
+                made.append(name)
+        except BaseException:
+            for name in made:  # all or nothing
+                lifecycle.remove(ctx, name)
+            raise
+    return names
 
-        def make(_: Path) -> None:
-            for image in vm.images():
-                _copy(Path(image.path), wd.disk(new, image.name))
-            if spec.cloud_init:
-                cloudinit.write_seed(wd.seed(new), cloudinit.documents(new, spec.cloud_init))
-            if source is not None:
-                _copy_checkpoint(ctx, source, spec)
-            failpoint("bclone:copied")
 
-        lifecycle.create_from(ctx, spec, make)
+def _clone_one(ctx: Context, vm: VM, new: str, source: Path | None) -> None:
+    wd = ctx.workdir
+    spec = dataclasses.replace(
+        vm.spec, jname=new, nics=with_macs(ctx, vm.spec.nics, renew=True),
+        cloud_init=({**vm.spec.cloud_init, "instance_id": os.urandom(8).hex(),
+                     "identity_id": os.urandom(8).hex()} if vm.spec.cloud_init else {}),
+        astart=False)
 
-        sweep_orphans(VM.load(ctx, new))  # snapshots of checkpoints not copied
-    return f"{old}: cloned to {new}" + (f" with checkpoint {checkpoint}" if checkpoint else "")
+    def make(_: Path) -> None:
+        for image in vm.images():
+            _copy(Path(image.path), wd.disk(new, image.name))
+        if spec.cloud_init:
+            cloudinit.write_seed(wd.seed(new), cloudinit.documents(new, spec.cloud_init))
+        if source is not None:
+            _copy_checkpoint(ctx, source, spec)
+        failpoint("bclone:copied")
+
+    lifecycle.create_from(ctx, spec, make)
+    sweep_orphans(VM.load(ctx, new))  # snapshots of checkpoints not copied
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -217,6 +263,7 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     """The checkpoint as the clone's own: its memory file copied, its manifest rewritten for
     the clone's name and definition and sealed again."""
     m = ckpstore.read_manifest(source)
+    source_jname = m.jname
     final = ctx.workdir.checkpoint(spec.jname, m.name)
     tmp = ckpstore.new_tmpdir(final)
     for fname in m.files:  # memory, and the RAM file of a VM that has one (cloned if it can)
@@ -232,6 +279,8 @@ def _copy_checkpoint(ctx: Context, source: Path, spec: VMSpec) -> None:
     m.jname = spec.jname
     m.spec = {**m.spec, "jname": spec.jname}
     m.parent = None  # the clone has none of the original's other checkpoints
+    # The guest in it is the original's: its restores renew machine-id and host keys
+    m.migration = {**m.migration, CLONE_OF: m.migration.get(CLONE_OF) or source_jname}
     ckpstore.save_manifest(m, tmp)
     ckpstore.publish(tmp, final)
 

@@ -351,13 +351,14 @@ class VM:
 
         return self.spec.guest_agent and agent.listening(self.monitor())
 
-    def tend_agent(self, *, settime: bool, seconds: float) -> None:
-        """Start the detached helper that waits for the agent (and sets the clock)."""
+    def tend_agent(self, *, settime: bool, seconds: float, script: str | None = None) -> None:
+        """Start the detached helper that waits for the agent (and sets the clock, and runs
+        *script* in the guest)."""
         # lazy: only a running VM's agent; bls and every VM command import machine
         from cbsd.qemu import agent
 
         agent.start_helper(self.paths.qga_sock, self.ctx.workdir.agent_state(self.jname),
-                           seconds, settime)
+                           seconds, settime, script)
 
     def agent_ip4(self) -> str | None:
         """The guest's address: as its agent reports it, or as cbsd0's DHCP server leased it."""
