@@ -4,7 +4,8 @@
 #   1. everything, against the distribution's QEMU (7.2 on Debian 12, 10 on Debian 13);
 #   2. on Debian 12: what depends on QEMU's version again (its argv and probes, the guests'
 #      boots, checkpoints, hibernation, pause, the tree, restores, faults and kill -9 during
-#      saves, bmigrate), against QEMU 10 from bookworm-backports, extracted privately by
+#      saves, bmigrate with its checkpoints, a clone's NIC swap, bsnapshot's QMP transaction),
+#      against QEMU 10 from bookworm-backports, extracted privately by
 #      scripts/qemu10.sh (CBSD_QEMU, CBSD_QEMU_IMG); the argument, network, guest-agent and
 #      bmove/export suites do not differ with QEMU and stay with pass 1;
 #   3. the fault, corruption, kill -9 and checkpoint suites again with every workdir on a
@@ -41,7 +42,9 @@ qemu_dependent=(tests/unit/qemu tests/integration/test_linux_guest.py
     tests/integration/test_ramfile.py tests/integration/test_hostile_conditions.py
     tests/integration/test_faults.py tests/integration/test_kill_loop.py
     tests/integration/test_trust_definition.py tests/integration/test_many_hosts.py
-    tests/integration/test_nics.py)
+    tests/integration/test_nics.py tests/integration/test_clone_identity.py
+    tests/integration/test_bsnapshot.py
+    tests/integration/test_migrate_checkpoints.py::test_bmigrate_carries_the_checkpoint_tree)
 status=0
 for pass in $passes; do
     case $pass in
