@@ -16,7 +16,7 @@
 # CBSD_TEST_PASSES=1 (or "1 3", ...) runs only those passes (a quick run picks one).
 # CBSD_TEST_SELECTION=trixie: passes 1 and 3 only, pass 1 on what differs with the distribution
 # (its QEMU, Python, kernel package, packages): the unit tier, the Linux guest, checkpoints,
-# hibernation, hostile conditions, trust (one host: test_trust*.py but the two-host one), and the network (network namespaces, cbsd0's dnsmasq and nftables); the
+# hibernation, hostile conditions, trust (one host: test_trust*.py but the two-host one), the network (network namespaces, cbsd0's dnsmasq and nftables), and the service's API (its web stack on that Python); the
 # Debian guest and the longer suites stay with the host's pass 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,8 @@ if [ "${CBSD_TEST_SELECTION:-}" = trixie ]; then
                tests/integration/test_checkpoints.py tests/integration/test_suspend.py
                tests/integration/test_hostile_conditions.py
                tests/integration/test_trust_definition.py
-               tests/integration/test_trust_images.py tests/integration/test_network.py)
+               tests/integration/test_trust_images.py tests/integration/test_network.py
+               tests/integration/test_api.py)
 fi
 # Pass 2's selection: the tests whose outcome can change with QEMU's version.
 qemu_dependent=(tests/unit/qemu tests/integration/test_linux_guest.py
