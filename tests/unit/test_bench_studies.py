@@ -16,6 +16,7 @@ from bench import (
     bench_hosts,
     bench_migrate_ckp,
     bench_service,
+    common,
     report,
     run,
 )
@@ -50,9 +51,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
         path.write_bytes(b"")
         return True
 
-    # the writers describe the machine they run on
-    for writer in (bench_clone, bench_engine, bench_hosts, bench_migrate_ckp, bench_service):
-        monkeypatch.setattr(writer, "machine", lambda: ["- (machine)"])
+    # the writers' headers (common.report_header) describe the machine they run on
+    monkeypatch.setattr(common, "machine", lambda: ["- (machine)"])
     monkeypatch.setattr(report, "chart", chart)
     monkeypatch.setattr(bench_engine, "_chart", chart)
 
