@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,12 +207,17 @@ def kill_vms(wd: Path, timeout: float = 30) -> None:
     test's workdir (whether or not the inventory recorded it) is killed, and this returns
     once none is left (a zombie counts as gone: it holds no file open), so what comes next --
     an unmount, the next test's QEMU on the same port -- never races a dying one."""
+    killed_until_gone(lambda: qemu_processes(wd), "QEMU", timeout)
+
+
+def killed_until_gone(find: Callable[[], list[int]], what: str, timeout: float = 30) -> None:
+    """SIGKILL to every process *find* returns, until it returns none (or the deadline)."""
     deadline = time.monotonic() + timeout
-    while alive := qemu_processes(wd):
+    while alive := find():
         for pid in alive:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f"QEMU {alive} outlived SIGKILL for {timeout} s"
+        assert time.monotonic() < deadline, f"{what} {alive} outlived SIGKILL for {timeout} s"
         time.sleep(0.02)
 
 

@@ -6,9 +6,7 @@ have no other link and no route."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 from tests.guests import hosts
 from tests.guests.hosts import Host
 from tests.guests.netns import Netns
-from tests.harness import Cbsd
+from tests.harness import Cbsd, killed_until_gone
 
 SUBNET = "10.253.0"
 NAMES = ("a", "b", "c")
@@ -63,13 +61,7 @@ def cluster_processes(wd: Path) -> list[int]:
 
 
 def kill_cluster(wd: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while alive := cluster_processes(wd):
-        for pid in alive:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f"{alive} outlived SIGKILL"
-        time.sleep(0.05)
+    killed_until_gone(lambda: cluster_processes(wd), "cluster processes", timeout)
 
 
 def remove(switch: Netns, made: list[Host]) -> None:

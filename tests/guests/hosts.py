@@ -218,6 +218,19 @@ def node_half_killed(a: Host, b: Host, point: str, node_args: bytes, *command: s
     return p.returncode, out, err
 
 
+def kill_cbsd_running(args: bytes) -> None:
+    """SIGKILL to every cbsd whose arguments start with *args* (a node's half, as if its host
+    crashed)."""
+    for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"-m\x00cbsd\x00" + args in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _cbsd_pid(p: subprocess.Popen[str]) -> int:
     """The cbsd process itself (under `ip netns exec`, which execs it: the same pid)."""
     return p.pid

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.guests import cluster
-from tests.guests.hosts import Host, stopped_at
+from tests.guests.hosts import Host, kill_cbsd_running, stopped_at
 from tests.vmchecks import counting
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vm]
@@ -145,13 +145,7 @@ def test_bmigrate_hands_the_owner_over_and_a_failed_one_gives_it_back(  # type: 
     # a migration stopped mid-way: the record already names b (from a); b's half then dies
     p = stopped_at(a.cbsd, "bmigrate:forwarded", "bmigrate", "jname=vmm", "node=b")
     assert record(c, "vmm")["node"] == "b" and record(c, "vmm")["from"] == "a"
-    for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"-m\x00cbsd\x00bmigrate\x00mode=incoming" in cmd:
-            os.kill(pid, signal.SIGKILL)
+    kill_cbsd_running(b"bmigrate\x00mode=incoming")
     os.kill(p.pid, signal.SIGCONT)
     p.communicate(timeout=300)
     assert p.returncode == 1

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.guests.hosts import joined, moved, node_half_killed, stopped_at, stopped_node_half
+from tests.guests.hosts import (
+    joined,
+    kill_cbsd_running,
+    moved,
+    node_half_killed,
+    stopped_at,
+    stopped_node_half,
+)
 from tests.harness import Cbsd, kill_vms, qemu_processes
 from tests.vmchecks import (
     counting,
@@ -293,13 +300,7 @@ def test_a_failed_bmigrate_leaves_the_guest_running_here(two, counter_image,  # 
     running_vm1(a.cbsd, counter_image(fill_mib=4))
     p = stopped_at(a.cbsd, point, "bmigrate", "jname=vm1", "node=b")
     # The node's half goes (as if b crashed): this side must roll back and go on.
-    for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"-m\x00cbsd\x00bmigrate\x00mode=incoming" in cmd:
-            os.kill(pid, signal.SIGKILL)
+    kill_cbsd_running(b"bmigrate\x00mode=incoming")
     os.kill(p.pid, signal.SIGCONT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and err.count("\n") == 2, err  # the failpoint's line + one
