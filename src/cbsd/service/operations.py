@@ -80,9 +80,12 @@ class Operations:
                                     f"'{other.description}' on it (operation {other.id})")
             self._ops[op.id] = op
             self._forget_old()
+        # Its start is published before its thread runs: a thread that ended first (a quick
+        # failure on a loaded host) would otherwise publish its end before its start, and
+        # the start would then be published with the end's status (the metrics lost it).
+        self.notify(op)
         threading.Thread(target=self._run, args=(op, work), name=f"op-{op.id[:8]}",
                          daemon=True).start()
-        self.notify(op)
         return op
 
     def _run(self, op: Operation, work: Work) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cbsd.cli.serve import api_keys
 from cbsd.errors import BusyError, Cancelled, CbsdError, NoSuchVM, StateError, UsageError
 from cbsd.service import auth, pools
 from cbsd.service.app import status_of
-from cbsd.service.operations import Operations
+from cbsd.service.operations import Operation, Operations
 from cbsd.storage.paths import Workdir
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -190,3 +191,26 @@ def test_a_login_from_another_origin_is_refused(tmp_path: Path) -> None:
         assert r.status_code == 200 and "cbsd_session" in r.cookies
         c.cookies.clear()
         assert c.post("/1.0/login", json={"token": token}).status_code == 200  # no browser
+
+
+def test_an_operation_that_ends_at_once_is_published_started_then_ended(tmp_path: Path) -> None:
+    """Its start is published before its end, however soon it fails: here the publisher,
+    when called by the caller's thread, lets the operation's own thread finish first (as a
+    loaded host may) -- before the fix the start was then published with the end's status,
+    and the metrics never counted it as started."""
+    seen: list[str] = []
+
+    def notify(op: Operation) -> None:
+        if threading.current_thread() is threading.main_thread():
+            op.finished.wait(0.5)  # the operation's thread, if it runs already, ends first
+        seen.append(op.status)
+
+    def fail(ctx: object, progress: object) -> None:
+        raise StateError("vm1: is Off: cannot pause it")
+
+    op = Operations(Workdir(tmp_path / "wd"), notify).start("pause vm1", ["vm1"], fail)
+    assert op.finished.wait(10)
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["Running", "Failure"]
