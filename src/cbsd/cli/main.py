@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from cbsd.core.vm.context import Context
 
         ctx = Context(writable=cmd.writes(parsed))
-        # lazy: only the check; the client itself loads only on a cluster node
-        from cbsd.core.cluster import config
-
-        if config.configured(ctx.workdir):
+        if ctx.workdir.cluster_config.is_file():
             # lazy: only a cluster node installs the ownership guard
             from cbsd.core.cluster import admin
 

@@ -45,7 +45,7 @@ def bpause(args: list[str]) -> int | None:
     root = _root()
     if len(names) != 1 or not _plain_name(names[0]) or root is None:
         return None
-    if os.path.exists(root + "/cluster/config.json"):
+    if os.path.exists(root + "/cluster/config.json"):  # Workdir.cluster_config (no pathlib here)
         return None  # a cluster node: the full command checks ownership in etcd first
     message = pause.quick(root, names[0], mode or "auto")
     if message is None:

@@ -47,6 +47,13 @@ class Workdir:
     def locks(self) -> Path:
         return self.root / "var" / "lock"
 
+    @property
+    def cluster_config(self) -> Path:
+        """This node's cluster configuration (core/cluster/config.py); none: SSH-only mode.
+        Known here so that every command can ask cheaply whether it runs on a cluster node
+        (cli/quick.py, which loads no pathlib, spells the same path)."""
+        return self.root / "cluster" / "config.json"
+
     def lock_file(self, jname: str) -> Path:
         return self.locks / f"{plain(jname, 'VM name')}.lock"
 

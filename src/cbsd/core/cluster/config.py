@@ -39,11 +39,11 @@ class Config:
 
 
 def folder(wd: Workdir) -> Path:
-    return wd.root / "cluster"
+    return wd.cluster_config.parent
 
 
 def path(wd: Workdir) -> Path:
-    return folder(wd) / "config.json"
+    return wd.cluster_config
 
 
 def configured(wd: Workdir) -> bool:
