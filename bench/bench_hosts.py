@@ -28,6 +28,10 @@ from bench.common import CBSD, Case, Study, report_header, workdir_env
 from bench.guests import wait_counting
 from bench.timing import settle
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tests.guests.hosts import Host
+
 RAM, FILL = "1g", 768
 HOSTS = Study("hosts")
 
@@ -63,6 +67,29 @@ def _guest(env: dict[str, str], wd: Path, name: str) -> Path:
     for c in ("c1", "c2"):
         cli(env, "bcheckpoint", "mode=create", f"jname={name}", f"name={c}")
     return log
+
+
+def pair_running_m(base: Path) -> tuple[Host, Host]:
+    """Two test hosts in network namespaces, each the other's node, and on the first the
+    benchmark's VM m running with its RAM filled (bench_migrate_ckp uses it too)."""
+    # lazy: the tests' host helpers only for the runs that need two hosts
+    from tests.guests import hosts as twohosts
+
+    a, b = twohosts.make(base / "hosts")
+    try:
+        a.trust(b)
+        b.trust(a)
+        a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
+        b.cbsd("node", "mode=add", "name=a", f"host=root@{a.addr}").ok()
+        img = counter_image(base / "m.raw", FILL)
+        a.cbsd("bcreate", "jname=m", f"image={img}", "vm_os_type=other", f"vm_ram={RAM}",
+               "vm_dedup=off").ok()
+        a.cbsd("bstart", "m").ok()
+        wait_counting(a.cbsd.system("m") / "console.log", FILL, timeout=1800)
+    except BaseException:
+        twohosts.remove((a, b))
+        raise
+    return a, b
 
 
 def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
@@ -101,17 +128,8 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
             out.unlink()
         for c in (export, stream):
             c.notes.append(f"{nbytes / 2**20:.0f} MiB of files (disk + 2 checkpoints)")
-        a, b = twohosts.make(base / "hosts")
+        a, b = pair_running_m(base)
         try:
-            a.trust(b)
-            b.trust(a)
-            a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
-            b.cbsd("node", "mode=add", "name=a", f"host=root@{a.addr}").ok()
-            img = counter_image(base / "m.raw", FILL)
-            a.cbsd("bcreate", "jname=m", f"image={img}", "vm_os_type=other",
-                   f"vm_ram={RAM}", "vm_dedup=off").ok()
-            a.cbsd("bstart", "m").ok()
-            wait_counting(a.cbsd.system("m") / "console.log", FILL, timeout=1800)
             for c in ("c1", "c2"):
                 a.cbsd("bcheckpoint", "mode=create", "jname=m", f"name={c}").ok()
             a.cbsd("bstop", "m", "noacpi=1").ok()

@@ -17,11 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.guests.build import counter_image
-
-from bench.bench_hosts import FILL, RAM
+from bench.bench_hosts import FILL, RAM, pair_running_m
 from bench.common import Case, Study, report_header
-from bench.guests import wait_counting
 from bench.timing import settle
 
 STUDY = Study("hosts-migrate-checkpoints")
@@ -34,17 +31,8 @@ def run_all(repeat: int = 5) -> tuple[list[Case], dict[str, str]]:
     base = Path(tempfile.mkdtemp(prefix="cbsd-bench-migrate-ckp-", dir="/var/tmp"))
     down = Case("bmigrate downtime (reported: QEMU's downtime + until running there)")
     whole = Case("bmigrate, whole command (checkpoints shipped, disks mirrored, memory migrated)")
-    a, b = twohosts.make(base / "hosts")
+    a, b = pair_running_m(base)
     try:
-        a.trust(b)
-        b.trust(a)
-        a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
-        b.cbsd("node", "mode=add", "name=a", f"host=root@{a.addr}").ok()
-        img = counter_image(base / "m.raw", FILL)
-        a.cbsd("bcreate", "jname=m", f"image={img}", "vm_os_type=other", f"vm_ram={RAM}",
-               "vm_dedup=off").ok()
-        a.cbsd("bstart", "m").ok()
-        wait_counting(a.cbsd.system("m") / "console.log", FILL, timeout=1800)
         here, there = a, b
         for _ in range(repeat):
             for case in (WITH, WITHOUT):
