@@ -273,14 +273,14 @@ def _cluster_rows(ctx: Context, a: Args) -> tuple[list[dict[str, Any]], list[str
     """bls node='*' on a cluster node: every clustered VM from etcd's owner records, in one
     range read -- the owner, whether that node is up, the status its last command left."""
     # lazy: only a cluster node's bls node='*'
-    from cbsd.core.cluster import admin
+    from cbsd.core.cluster import view
 
     columns = list(a["display"] or CLUSTER_COLUMNS)
     other = [c for c in columns if c not in CLUSTER_COLUMNS]
     if other:
         raise UsageError(f"bls: node='*' on a cluster node shows {','.join(CLUSTER_COLUMNS)} "
                          f"(from etcd), not {','.join(other)}")
-    rows = admin.vm_rows(ctx)
+    rows = view.vm_rows(ctx.workdir)
     if a["names"]:
         keep = {n for m in a["names"] for n in match_mask(m, [r["jname"] for r in rows])}
         rows = [r for r in rows if r["jname"] in keep]

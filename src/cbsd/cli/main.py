@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = Context(writable=cmd.writes(parsed))
         if ctx.workdir.cluster_config.is_file():
-            # lazy: only a cluster node installs the ownership guard
-            from cbsd.core.cluster import admin
+            # lazy: only a cluster node imports the guard's module
+            from cbsd.core.cluster import guard
 
-            admin.install(ctx)
+            guard.install_if_node(ctx)
         return int(handler(cmd.name)(ctx, parsed))
     except BrokenPipeError:
         # Only a closed stdout (`cbsd bls | head -1`) gets here silently; anything else that
