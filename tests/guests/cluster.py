@@ -127,3 +127,16 @@ def records(count: int, nodes: tuple[str, ...]) -> dict[str, dict[str, object]]:
                           "cpus": 1 + i % 2, "status": "On" if i % 3 == 0 else "Off",
                           "last": "bcreate", "time": 1.0e9 + i}
             for i in range(count)}
+
+
+def record(via: Host, jname: str) -> dict[str, object]:
+    """The owner record of *jname* as etcd has it ({} if none), read by etcdctl with *via*'s
+    certificate."""
+    d = via.cbsd.workdir / "cluster"
+    p = via.ns.run("etcdctl", "--dial-timeout=3s", "--command-timeout=5s",
+                   f"--endpoints=https://{via.addr}:2379", "--cacert", str(d / "ca.crt"),
+                   "--cert", str(d / "node.crt"), "--key", str(d / "node.key"),
+                   "get", f"/cbsd/vm/{jname}", "--print-value-only", timeout=30)
+    assert p.returncode == 0, p.stderr
+    out: dict[str, object] = json.loads(p.stdout) if p.stdout.strip() else {}
+    return out

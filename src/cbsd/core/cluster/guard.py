@@ -15,10 +15,12 @@ from typing import Any
 
 from cbsd.core.cluster import config, owner
 from cbsd.core.cluster.config import Config
+from cbsd.core.cluster.nodes import VM as VM_KEY
 from cbsd.core.cluster.store import Store
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.errors import CbsdError, StateError
+from cbsd.storage.paths import Workdir
 
 
 def install_if_node(ctx: Context) -> bool:
@@ -28,6 +30,25 @@ def install_if_node(ctx: Context) -> bool:
         return False
     install(ctx)
     return True
+
+
+def check_owned(wd: Workdir, jnames: list[str], what: str) -> None:
+    """On a cluster node: NotOwner (owner.refusal, the guard's own message) at once if another
+    node owns one of *jnames* -- one read each, nothing written. For the service, which
+    answers before its operation starts (409) rather than with the operation's failure a
+    moment later; the guard, entered under the VM's lock, still decides. A VM whose move from
+    here is unsettled is left to the guard (its recovery runs first, as there)."""
+    if not wd.cluster_config.is_file():
+        return
+    # lazy: the read path (the standard library's HTTPS) only when there is something to ask
+    from cbsd.core.cluster import view
+
+    cfg, reader = view.reader(wd)
+    for jname in jnames:
+        kv = reader.get(VM_KEY + jname)
+        node = kv.json().get("node") if kv is not None else None
+        if node not in (None, cfg.node) and not wd.moving(jname).exists():
+            raise owner.refusal(jname, node, cfg.node, what)
 
 
 def install(ctx: Context) -> None:
