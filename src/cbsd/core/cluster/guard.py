@@ -18,7 +18,6 @@ from cbsd.core.cluster.config import Config
 from cbsd.core.cluster.nodes import VM as VM_KEY
 from cbsd.core.cluster.store import Store
 from cbsd.core.vm.context import Context
-from cbsd.core.vm.machine import VM
 from cbsd.errors import CbsdError, StateError
 from cbsd.storage.paths import Workdir
 
@@ -65,6 +64,9 @@ def install(ctx: Context) -> None:
         return made[0]
 
     def facts(jname: str) -> tuple[bool, dict[str, Any]]:
+        # lazy: only after a guarded command, which has loaded the VM's module already
+        from cbsd.core.vm.machine import VM
+
         spec = ctx.inventory.get(jname)
         if spec is None:
             return False, {}
