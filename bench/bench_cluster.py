@@ -17,6 +17,9 @@ runs it: wall time from the process's start to its exit, output read.
 - the phases inside one process (the read path's imports, TLS handshake + range read, the
   parsing into rows, the table), to say where the time goes.
 
+With BENCH_CLUSTER_BEFORE=COMMIT, the two commands are also timed as cbsd was at COMMIT (its
+src/ from `git archive`, first on PYTHONPATH): the read path through etcd3gw, for comparison.
+
 Series alternate within each repetition; each run starts from a quiet disk (timing.settle)."""
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from tests.guests import cluster
 
-from bench.common import CBSD, Case, Study, report_header, workdir_env
+from bench.common import CBSD, ROOT, Case, Study, report_header, workdir_env
 from bench.timing import run as timed
 
 TYPE_CHECKING = False
@@ -42,6 +45,7 @@ VMS = 1000
 TARGET = 0.3  # seconds, the issue's
 LISTING = "cbsd bls node='*'"
 WHEREIS = "cbsd bwhereis"
+BEFORE = "the same command at BENCH_CLUSTER_BEFORE (read through etcd3gw)"
 
 # The read path's phases in one process (run in node c's namespace with its workdir).
 _PHASES = """
@@ -87,16 +91,31 @@ def run_all(repeat: int = 15) -> tuple[list[Case], dict[str, str]]:
             env = workdir_env(local)
             cli(env, "bcreate", "jname=b0000", "vm_os_type=other", "vm_ram=32m", "imgsize=1m")
             many(env, local, VMS)  # b0000's inventory row copied under 999 names
-            cases = measure(made[2], local, repeat)
+            before = os.environ.get("BENCH_CLUSTER_BEFORE")
+            old = _source_at(before, base / "before") if before else None
+            cases = measure(made[2], local, repeat, old)
         finally:
             cluster.remove(switch, made)
     etcd = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout
-    return cases, {"python": sys.version.split()[0], "etcd": etcd.splitlines()[0],
-                   "load": f"{load_before} before, {_load()} after"}
+    versions = {"python": sys.version.split()[0], "etcd": etcd.splitlines()[0],
+                "load": f"{load_before} before, {_load()} after"}
+    if before:
+        versions["before"] = before
+    return cases, versions
 
 
-def measure(c: Host, local: Path, repeat: int) -> list[Case]:
+def _source_at(commit: str, into: Path) -> Path:
+    """cbsd's src/ as it was at *commit* (for PYTHONPATH)."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def measure(c: Host, local: Path, repeat: int, old: Path | None) -> list[Case]:
     ns = [*c.ns.prefix, "env", f"CBSD_WORKDIR={c.cbsd.workdir}"]
+    old_cbsd = [*ns, f"PYTHONPATH={old}", sys.executable, "-m", "cbsd"]
     d = c.cbsd.workdir / "cluster"
     etcdctl = [*ns, "etcdctl", f"--endpoints=https://{c.addr}:2379", "--cacert",
                str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key", str(d / "node.key")]
@@ -111,6 +130,8 @@ def measure(c: Host, local: Path, repeat: int) -> list[Case]:
                     timed([*etcdctl, "get", "--prefix", "/cbsd/"]))
         listing.add(f"cbsd bls, {VMS} VMs in a local inventory (no cluster)",
                     timed([*c.ns.prefix, "env", f"CBSD_WORKDIR={local}", CBSD, "bls"]))
+        if old:
+            listing.add(BEFORE, timed([*old_cbsd, "bls", "node=*"]))
         listing.add("python -c pass (the interpreter's start)", timed([*py, "-c", "pass"]))
         listing.add("python -c 'import etcd3gw' (the client the read no longer loads)",
                     timed([*py, "-c", "import etcd3gw"]))
@@ -118,6 +139,8 @@ def measure(c: Host, local: Path, repeat: int) -> list[Case]:
         whereis.add(WHEREIS, timed([*ns, CBSD, "bwhereis", name]))
         whereis.add("etcdctl get /cbsd/vm/NAME (floor)", timed([*etcdctl, "get",
                                                                 f"/cbsd/vm/{name}"]))
+        if old:
+            whereis.add(BEFORE, timed([*old_cbsd, "bwhereis", name]))
         p = subprocess.run([*py, "-c", _PHASES], capture_output=True, text=True, check=True)
         got = json.loads(p.stdout)
         for k in ("imports", "read", "read and parse", "table"):
@@ -135,9 +158,10 @@ def write(cases: list[Case], versions: dict[str, str], study: Study = STUDY) -> 
     study.save_results(cases, versions)
     lines = report_header(
         "Cluster-wide listings", "cluster", "bench_cluster",
-        f"what it means: [docs/cluster.md](../../cluster.md#cluster-wide-listings) and "
-        f"[analysis.md]({study.analysis('the-cluster-wide-listings')}).",
+        f"what it means: [analysis.md]({study.analysis('the-cluster-wide-listings')}) "
+        "(and docs/cluster.md, \"Cluster-wide listings\").",
         f"- Python {versions['python']}, {versions['etcd']}",
+        f"- BENCH_CLUSTER_BEFORE: {versions.get('before', 'not set (no before series)')}",
         f"- load average (1, 5, 15 min): {versions.get('load', 'not recorded')}")
     lines += ["## Target", "", "| target | measured | verdict |", "|---|---|---|"]
     for case, who in ((cases[0], LISTING), (cases[1], WHEREIS)):
