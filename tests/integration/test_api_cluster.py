@@ -30,6 +30,7 @@ def b_serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, 
             h.cbsd("bcreate", "shared", "imgsize=16m", "vm_ram=64m").ok()
         b.cbsd("bcreate", "mine", "imgsize=16m", "vm_ram=64m").ok()
         cluster.form([a, b], base)
+        a.cbsd("bcreate", "onlya", "imgsize=16m", "vm_ram=64m").ok()  # a's name, not on b
         with Service(b.cbsd.workdir, prefix=b.ns.prefix) as svc:
             yield b, svc
     finally:
@@ -52,12 +53,18 @@ def test_changes_to_a_vm_another_node_owns_are_refused_with_the_clis_message(
     assert r.json() == {"error": cli_refusal(b, "bset", "shared", "vm_cpus=2"),
                         "error_code": 409}
     assert "bset refused" in r.json()["error"]
+    r = svc.client.post("/1.0/instances/shared/disks", json={"dsk_size": "16m"})
+    assert (r.status_code, r.json()["error"]) == (409, cli_refusal(
+        b, "bhyve-dsk", "mode=attach", "jname=shared", "dsk_size=16m"))
     # the operations: refused before they start, with their CLI command's message
     for method, path, body, args in (
             ("PUT", "/1.0/instances/shared/state", {"action": "start"}, ("bstart", "shared")),
             ("DELETE", "/1.0/instances/shared", None, ("bremove", "shared")),
             ("POST", "/1.0/instances/shared/checkpoints", {"name": "c1"},
-             ("bcheckpoint", "mode=create", "jname=shared", "name=c1"))):
+             ("bcheckpoint", "mode=create", "jname=shared", "name=c1")),
+            # a name another node owns is not created here either
+            ("POST", "/1.0/instances", {"jname": "onlya", "imgsize": "16m"},
+             ("bcreate", "onlya", "imgsize=16m"))):
         r = svc.client.request(method, path, json=body)
         assert r.status_code == 409, (path, r.text)
         assert r.json()["error"] == cli_refusal(b, *args), path
@@ -66,6 +73,7 @@ def test_changes_to_a_vm_another_node_owns_are_refused_with_the_clis_message(
     assert spec["config"]["vm_cpus"] == 1 and spec["status"] == "Off"
     assert svc.client.get("/1.0/operations").json() == []
     assert cluster.record(b, "shared") == before
+    assert [r["jname"] for r in svc.client.get("/1.0/instances").json()] == ["mine", "shared"]
 
 
 def test_a_vm_this_node_owns_is_changed_through_the_guard(
