@@ -10,6 +10,7 @@ by a. b also has `mine`, which b's join claims. b's service is asked about both.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from tests.guests.hosts import Host
 from tests.service import Service
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vm]
+T0 = 1_796_536_810.0  # 2026-12-06 06:00:10 UTC, the service's clock at its start
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +31,17 @@ def b_serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, 
         for h in (a, b):
             h.cbsd("bcreate", "shared", "imgsize=16m", "vm_ram=64m").ok()
         b.cbsd("bcreate", "mine", "imgsize=16m", "vm_ram=64m").ok()
+        # Both of b's VMs scheduled (before the cluster: afterwards b may not change shared);
+        # b's service ticks by the test's clock (cbsd/clock.py), moved by the schedule test.
+        clock = base / "clock"
+        clock.write_text(repr(T0))
+        b.cbsd.env.update({"CBSD_TEST_CLOCK": str(clock), "TZ": "UTC"})  # bset arms at T0
+        for jname in ("shared", "mine"):
+            b.cbsd("bset", jname, "checkpoint_schedule=@hourly", "checkpoint_stopped=1").ok()
         cluster.form([a, b], base)
         a.cbsd("bcreate", "onlya", "imgsize=16m", "vm_ram=64m").ok()  # a's name, not on b
-        with Service(b.cbsd.workdir, prefix=b.ns.prefix) as svc:
+        with Service(b.cbsd.workdir, prefix=b.ns.prefix,
+                     env={"CBSD_TEST_CLOCK": str(clock), "TZ": "UTC"}) as svc:
             yield b, svc
     finally:
         cluster.remove(switch, made)
@@ -92,3 +102,21 @@ def test_a_vm_this_node_owns_is_changed_through_the_guard(
                           json={"action": "stop", "noacpi": True}))
     rec = cluster.record(b, "mine")
     assert (rec["last"], rec["status"]) == ("bstop", "Off")
+
+
+def test_a_schedule_tick_runs_in_the_guard_too(b_serving: tuple[Host, Service]) -> None:
+    """The service's scheduler (its own Context, each tick) takes mine's checkpoint through
+    the guard and is refused shared's, as `cbsd bschedule` would be."""
+    b, svc = b_serving
+    clock = Path(svc.env["CBSD_TEST_CLOCK"])
+    tmp = clock.with_name(".clock.tmp")
+    tmp.write_text(repr(T0 + 3600))
+    tmp.rename(clock)  # atomically: the service reads it at any moment
+    refused = "shared: owned by node a in the cluster, not by this node (b): bschedule refused"
+    cluster.wait_for("shared's refusal", lambda: refused in svc.log_text())
+    cluster.wait_for("mine's checkpoint", lambda: "mine: scheduled checkpoint" in
+                     svc.log_text())
+    assert [c["name"] for c in b.cbsd.checkpoints("shared")] == []
+    assert [c["name"] for c in b.cbsd.checkpoints("mine")] == ["auto-20261206-0700"]
+    assert cluster.record(b, "mine")["last"] == "bschedule"
+    assert cluster.record(b, "shared")["node"] == "a"
