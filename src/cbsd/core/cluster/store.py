@@ -63,6 +63,7 @@ class Reads(Protocol):
 
 
 class Store(Reads, Protocol):
+    """Reads, and the writes: the guard's transactions, the keeper's lease, bcluster's."""
 
     def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
         """Apply *ops* atomically iff every compare holds; whether they were applied."""
