@@ -26,8 +26,11 @@ START_DEADLINE = 60.0  # seconds for the service to answer on its socket (a load
 
 
 class Service:
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.prefix = prefix or []  # e.g. a test host's `ip netns exec NS` (its Unix socket
+        #                             is a file: reachable from here all the same)
         self.args = list(args)
         self.env = {**os.environ, "CBSD_WORKDIR": str(workdir), **(env or {})}
         self.socket = workdir / "cbsd.sock"
@@ -38,7 +41,8 @@ class Service:
     def start(self) -> Service:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.workdir.parent / "serve.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "cbsd", "serve", *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "cbsd", "serve",
+                                      *self.args],
                                      env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + START_DEADLINE

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from bench import (
     bench_clone,
+    bench_cluster,
     bench_engine,
     bench_hosts,
     bench_migrate_ckp,
@@ -38,6 +39,8 @@ def writer(study: str) -> Writer:
         return bench_migrate_ckp.write
     if study == "clone":
         return bench_clone.write
+    if study == bench_cluster.STUDY.name:
+        return bench_cluster.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"
     return bench_engine.write
 

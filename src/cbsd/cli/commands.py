@@ -225,14 +225,16 @@ def bpause(ctx: Context, a: Args) -> int:
 
 
 def bls(ctx: Context, a: Args) -> int:
-    # lazy: only bls
+    unreached = 0
+    if a["node"] == "*" and _clustered(ctx):
+        # before the local listing's module: the cluster's listing needs none of it
+        rows, columns = _cluster_rows(ctx, a)
+        return _print_rows(rows, columns, a, unreached)
+    # lazy: only bls of this host or of the nodes
     from cbsd.core.manage import listing
 
     columns = a["display"] or list(listing.COLUMNS)
-    unreached = 0
-    if a["node"] == "*" and _clustered(ctx):
-        rows, columns = _cluster_rows(ctx, a)
-    elif a["node"]:
+    if a["node"]:
         rows, unreached = _across_nodes(ctx, a, columns)
     else:
         names = ctx.resolve(a["names"]) if a["names"] else None
@@ -240,6 +242,12 @@ def bls(ctx: Context, a: Args) -> int:
         for note in notes + damaged:
             print(note, file=sys.stderr)
         unreached = len(damaged)  # listed the others; exit 1 names what was not
+    return _print_rows(rows, columns, a, unreached)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], a: Args,
+                unreached: int) -> int:
+    """bls's rows in its order= and format=; exit 1 if *unreached* (VMs or nodes) is not 0."""
     order = a["order"]
     column = order.lstrip("-")
     rows.sort(key=lambda r: (r.get(column) or 0, r["jname"], r.get("node", "")),
@@ -273,14 +281,14 @@ def _cluster_rows(ctx: Context, a: Args) -> tuple[list[dict[str, Any]], list[str
     """bls node='*' on a cluster node: every clustered VM from etcd's owner records, in one
     range read -- the owner, whether that node is up, the status its last command left."""
     # lazy: only a cluster node's bls node='*'
-    from cbsd.core.cluster import admin
+    from cbsd.core.cluster import view
 
     columns = list(a["display"] or CLUSTER_COLUMNS)
     other = [c for c in columns if c not in CLUSTER_COLUMNS]
     if other:
         raise UsageError(f"bls: node='*' on a cluster node shows {','.join(CLUSTER_COLUMNS)} "
                          f"(from etcd), not {','.join(other)}")
-    rows = admin.vm_rows(ctx)
+    rows = view.vm_rows(ctx.workdir)
     if a["names"]:
         keep = {n for m in a["names"] for n in match_mask(m, [r["jname"] for r in rows])}
         rows = [r for r in rows if r["jname"] in keep]

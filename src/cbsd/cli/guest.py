@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from cbsd.core.vm.context import Context
-from cbsd.core.vm.machine import VM
 from cbsd.errors import CbsdError, UsageError, describe
 from cbsd.model import Action, require
 
@@ -18,6 +17,9 @@ Args = dict[str, Any]
 def blogin(ctx: Context, a: Args) -> int:
     # lazy: only blogin needs the terminal (termios, tty)
     from cbsd.cli.console import attach
+
+    # lazy: main.handler imports this module for every command: the VM's module only here
+    from cbsd.core.vm.machine import VM
 
     vm = VM.load(ctx, a["jname"])
     require(vm.jname, vm.status(), Action.LOGIN)

@@ -69,7 +69,8 @@ def create(request: Request, name: str, body: NewCheckpoint) -> JSONResponse:
         return checkpoints.create(ctx, name, body.name, poweroff=body.poweroff,
                                   live=body.live, keep=body.keep, progress=progress)
 
-    return started(request, f"checkpoint {name} {body.name}", [name], work)
+    return started(request, f"checkpoint {name} {body.name}", [name], work,
+                   command="bcheckpoint create")
 
 
 @router.delete("/{cp}", status_code=202, summary="Destroy a checkpoint (an operation)")
@@ -78,7 +79,8 @@ def destroy(request: Request, name: str, cp: str) -> JSONResponse:
         existing(ctx, name, cp)
         check_not_busy(ctx, name)
     return started(request, f"destroy checkpoint {name} {cp}", [name],
-                   lambda ctx, _: checkpoints.destroy(ctx, name, cp))
+                   lambda ctx, _: checkpoints.destroy(ctx, name, cp),
+                   command="bcheckpoint destroy")
 
 
 @router.post("/{cp}/verify", status_code=202,
@@ -92,7 +94,8 @@ def verify(request: Request, name: str, cp: str) -> JSONResponse:
         return {"checkpoint": ck, "ok": problem is None, "problem": problem}
 
     # A verify takes no lock (as the CLI's): it does not make the VM busy for others.
-    return started(request, f"verify checkpoint {name} {cp}", [], work)
+    return started(request, f"verify checkpoint {name} {cp}", [], work,
+                   command="bcheckpoint verify")
 
 
 @router.post("/{cp}/restore", status_code=202,
@@ -103,4 +106,5 @@ def restore(request: Request, name: str, cp: str, body: Restore | None = None) -
         existing(ctx, name, cp)
         check_not_busy(ctx, name)
     return started(request, f"restore {name} {cp}", [name],
-                   lambda ctx, _: lifecycle.start(ctx, name, checkpoint=cp, paused=paused))
+                   lambda ctx, _: lifecycle.start(ctx, name, checkpoint=cp, paused=paused),
+                   command="bstart")

@@ -47,4 +47,5 @@ def clone(request: Request, name: str, body: Json) -> JSONResponse:
         ctx.spec(name)
         check_not_busy(ctx, name)
     return started(request, f"clone {name} {a['new']}", [name, a["new"]],
-                   lambda ctx, _: settings.clone(ctx, name, a["new"], a["checkpoint"]))
+                   lambda ctx, _: settings.clone(ctx, name, a["new"], a["checkpoint"]),
+                   command="bclone")

@@ -50,7 +50,7 @@ def create(request: Request, body: Annotated[dict[str, Any], Body()]) -> JSONRes
         return f"{jname}: created" + (f"; {lifecycle.start(ctx, jname)}" if a["runasap"]
                                       else "")
 
-    return started(request, f"create {jname}", [jname], work)
+    return started(request, f"create {jname}", [jname], work, command="bcreate")
 
 
 @router.delete("/{name}", summary="Delete a VM with its disks and checkpoints (bremove)")
@@ -58,7 +58,7 @@ def delete(request: Request, name: str) -> JSONResponse:
     with context(request) as ctx:
         ctx.spec(name)
     return started(request, f"remove {name}", [name],
-                   lambda ctx, _: lifecycle.remove(ctx, name))
+                   lambda ctx, _: lifecycle.remove(ctx, name), command="bremove")
 
 
 @router.get("/{name}/config", summary="A VM's settings (bget)")

@@ -29,6 +29,11 @@ class StateChange(BaseModel):
                               "wait for the ACPI shutdown")
 
 
+# The CLI command each action is (its name in the ownership guard's refusal).
+COMMAND = {"start": "bstart", "stop": "bstop", "restart": "brestart", "pause": "bpause",
+           "resume": "bpause", "hibernate": "bsuspend"}
+
+
 def check_not_busy(ctx: Context, name: str) -> None:
     """409 at once when a CLI command (or anything) holds the VM's lock: the operation would
     only fail with the same message a moment later."""
@@ -54,4 +59,4 @@ def change_state(request: Request, name: str, body: StateChange) -> JSONResponse
             return lifecycle.pause(ctx, name, "on" if b.action == "pause" else "off")
         return hibernate.suspend(ctx, name, progress=progress)
 
-    return started(request, f"{b.action} {name}", [name], work)
+    return started(request, f"{b.action} {name}", [name], work, command=COMMAND[b.action])

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbsd import __version__
+from cbsd.core.cluster.owner import NotOwner
 from cbsd.errors import BusyError, CbsdError, NoSuchVM, UsageError, describe
 from cbsd.service import auth, consoles, events, sessions, ui
 from cbsd.service.metrics import ServiceMetrics
@@ -43,8 +44,8 @@ def status_of(e: BaseException) -> int:
         return 403
     if isinstance(e, NoSuchVM):
         return 404
-    if isinstance(e, BusyError):
-        return 409
+    if isinstance(e, BusyError | NotOwner):
+        return 409  # NotOwner: another cluster node owns the VM; it is to be asked there
     if isinstance(e, UsageError):
         return 400
     return 500

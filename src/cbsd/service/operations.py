@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cbsd import cancel
+from cbsd.core.cluster import guard
 from cbsd.core.vm.context import Context
 from cbsd.errors import BusyError, Cancelled, describe
 from cbsd.storage.paths import Workdir
@@ -103,6 +104,7 @@ class Operations:
         ctx = None
         try:
             ctx = Context(self.workdir)
+            guard.install_if_node(ctx)  # the CLI's ownership guard, on a cluster node
             op.result = work(ctx, progress)
             op.status = "Success"
         except BaseException as e:  # an operation's failure, whatever it is, is its err

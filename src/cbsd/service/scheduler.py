@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from cbsd import clock
+from cbsd.core.cluster import guard
 from cbsd.core.manage.schedule import Outcome, run_due
 from cbsd.core.vm.context import Context
 from cbsd.errors import CbsdError, describe
@@ -71,7 +72,9 @@ class Scheduler:
         """One tick, in the calling thread: its own Context (SQLite connections are per
         thread)."""
         self._ticked_at = now = clock.now()
-        outcomes = run_due(Context(self.workdir), now)
+        ctx = Context(self.workdir)
+        guard.install_if_node(ctx)  # a scheduled change is guarded as the CLI's, when clustered
+        outcomes = run_due(ctx, now)
         for o in outcomes:
             self.report(o)
         self.ticks += 1

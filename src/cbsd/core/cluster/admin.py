@@ -1,20 +1,18 @@
 """bcluster: init (the first member, its CA), issue (a joining node's bundle), join (as a
-member or as a client of the etcd members), leave, status; and install(), the ownership guard
-every command on a cluster node runs VM commands in (core/cluster/owner.py)."""
+member or as a client of the etcd members), leave, status. The ownership guard every command
+on a cluster node runs VM commands in is installed by guard.py (core/cluster/owner.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.cluster import config, keeper, member, nodes, owner, pki
+from cbsd.core.cluster import config, keeper, member, nodes, owner, pki, view
 from cbsd.core.cluster.config import Config
 from cbsd.core.cluster.store import (
     ClusterUnreachable,
@@ -25,9 +23,8 @@ from cbsd.core.cluster.store import (
     member_remove,
 )
 from cbsd.core.vm.context import Context
-from cbsd.core.vm.machine import VM
 from cbsd.detach import start_detached
-from cbsd.errors import CbsdError, StateError, UsageError
+from cbsd.errors import StateError, UsageError
 from cbsd.names import check_name
 from cbsd.storage.paths import Workdir
 
@@ -39,39 +36,6 @@ def _store(ctx: Context | Workdir) -> tuple[Config, Store]:
         raise StateError("cluster: this host is not a cluster node ('cbsd bcluster mode=init' "
                          "or mode=join makes it one)")
     return cfg, config.store(wd, cfg)
-
-
-def install(ctx: Context) -> None:
-    """Put the ownership guard on *ctx*. The client (etcd3gw, requests: 0.1-0.4 s to import
-    here) is made at the first VM lock, so a command that locks no VM (bls, bget) does not
-    pay for it."""
-    made: list[tuple[Config, Store]] = []
-
-    def connected() -> tuple[Config, Store]:
-        if not made:
-            made.append(_store(ctx))
-        return made[0]
-
-    def facts(jname: str) -> tuple[bool, dict[str, Any]]:
-        spec = ctx.inventory.get(jname)
-        if spec is None:
-            return False, {}
-        # Whether its QEMU runs, not the full status: that asks QMP, whose one session the
-        # command may still hold (bmigrate's incoming half does, until it ends).
-        try:
-            status = "On" if VM.load(ctx, jname).alive() else "Off"
-        except CbsdError:
-            status = "unknown"
-        return True, {"ram": spec.ram, "cpus": spec.cpus, "status": status}
-
-    def guard(jname: str, what: str) -> AbstractContextManager[None]:
-        if what in owner.UNGUARDED:
-            return contextlib.nullcontext()
-        cfg, store = connected()
-        return owner.guarded(store, cfg.node, jname, what, lambda: facts(jname),
-                             lambda: ctx.workdir.moving(jname).exists())
-
-    ctx.guard = guard
 
 
 def _fresh(ctx: Context, address: str) -> Path:
@@ -233,27 +197,13 @@ def leave(ctx: Context) -> str:
 
 
 def status(ctx: Context) -> list[dict[str, Any]]:
-    _, store = _store(ctx)
-    return nodes.status_rows(nodes.snapshot(store))
-
-
-def vm_rows(ctx: Context) -> list[dict[str, Any]]:
-    """Every clustered VM with its owner and whether that node is up: one range read."""
-    _, store = _store(ctx)
-    snap = nodes.snapshot(store)
-    rows = []
-    for jname, kv in sorted(snap.vms.items()):
-        rec = kv.json()
-        rows.append({"jname": jname, "node": rec.get("node"),
-                     "node_state": "up" if snap.up(rec.get("node", "")) else "down",
-                     "status": rec.get("status", "-"), "vm_ram": rec.get("ram"),
-                     "vm_cpus": rec.get("cpus")})
-    return rows
+    _, snap = view.snapshot(ctx.workdir)
+    return nodes.status_rows(snap)
 
 
 def pick(ctx: Context, ram: int) -> str:
-    _, store = _store(ctx)
-    chosen = nodes.pick(nodes.snapshot(store), ram)
+    _, snap = view.snapshot(ctx.workdir)
+    chosen = nodes.pick(snap, ram)
     if chosen is None:
         raise StateError(f"bcreate node=auto: no live node has {ram >> 20} MiB free")
     return chosen
@@ -272,17 +222,6 @@ def hand_over(wd: Workdir, jname: str, to: str) -> Callable[[], None]:
                          "('cbsd bcluster mode=status'): the VM stays here")
     owner.switch(store, cfg.node, jname, to)
     return lambda: owner.take_back(store, cfg.node, jname)
-
-
-def owner_of(ctx: Context, jname: str) -> tuple[str, bool, str] | None:
-    """(owner, whether it is up, this node's name) of *jname*, or None: one range read."""
-    cfg, store = _store(ctx)
-    snap = nodes.snapshot(store)
-    kv = snap.vms.get(jname)
-    if kv is None:
-        return None
-    node = str(kv.json().get("node"))
-    return node, snap.up(node), cfg.node
 
 
 def taken_up(wd: Workdir, jname: str) -> None:

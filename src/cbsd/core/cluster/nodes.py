@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbsd.core.cluster.config import PREFIX
-from cbsd.core.cluster.store import KV, Put, Store
+from cbsd.core.cluster.store import KV, Put, Reads, Store
 
 NODE = PREFIX + "node/"
 ALIVE = PREFIX + "alive/"
@@ -62,7 +62,7 @@ class Snapshot:
         return int(self.alive.get(node, {}).get("mem_free", 0)) - taken
 
 
-def snapshot(store: Store) -> Snapshot:
+def snapshot(store: Reads) -> Snapshot:
     nodes: dict[str, dict[str, Any]] = {}
     alive: dict[str, dict[str, Any]] = {}
     vms: dict[str, KV] = {}

@@ -33,6 +33,13 @@ class NotOwner(StateError):
     """Another node owns the VM: this node changes nothing of it."""
 
 
+def refusal(jname: str, node: object, me: str, what: str) -> NotOwner:
+    """The refusal of *what* on a VM node *node* owns, as every caller says it (the guard,
+    and the service's check before it starts an operation)."""
+    return NotOwner(f"{jname}: owned by node {node} in the cluster, not by this node ({me}): "
+                    f"{what} refused")
+
+
 def _record(kv: KV | None) -> dict[str, Any]:
     return kv.json() if kv is not None else {}
 
@@ -55,8 +62,7 @@ def claim_or_check(store: Store, me: str, jname: str, what: str, *,
     if kv is not None and rec.get("node") != me:
         if handing_over:
             return False
-        raise NotOwner(f"{jname}: owned by node {rec.get('node')} in the cluster, not by this "
-                       f"node ({me}): {what} refused")
+        raise refusal(jname, rec.get("node"), me, what)
     new = {**rec, "node": me, "last": what, "time": time.time()}
     if not store.txn([Compare(VM + jname, kv.mod_revision if kv else 0)],
                      [Put(VM + jname, json.dumps(new).encode())]):

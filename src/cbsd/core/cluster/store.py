@@ -53,12 +53,17 @@ class Delete:
     key: str
 
 
-class Store(Protocol):
+class Reads(Protocol):
+    """What a reader of the cluster needs (gateway.Reader is one, with the standard library)."""
     def get(self, key: str) -> KV | None: ...
 
     def prefix(self, prefix: str) -> list[KV]:
         """Every key under *prefix*, in one range read (one round trip)."""
         ...
+
+
+class Store(Reads, Protocol):
+    """Reads, and the writes: the guard's transactions, the keeper's lease, bcluster's."""
 
     def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
         """Apply *ops* atomically iff every compare holds; whether they were applied."""

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cbsd.core.cluster import admin, config
-from cbsd.core.hosts import nodes
+from cbsd.core.cluster import config, view
 from cbsd.core.vm.context import Context
 from cbsd.errors import CbsdError, NodeError
 from cbsd.names import check_name
@@ -31,6 +30,9 @@ def whereis(ctx: Context, jname: str) -> Found:
         return _from_etcd(ctx, jname)
     if jname in ctx.inventory.names():
         return Found(["local"])
+    # lazy: the SSH fan-out (and the VM modules it stands on) only where no cluster answers
+    from cbsd.core.hosts import nodes
+
     known = [n for n, _, _ in ctx.inventory.nodes()]
     found = Found([])
     # Each node's whole listing (validated, in parallel, each within its deadline): a VM a
@@ -55,7 +57,7 @@ def whereis(ctx: Context, jname: str) -> Found:
 def _from_etcd(ctx: Context, jname: str) -> Found:
     """A cluster node answers from the VM's owner record (one read): 'local' if this node
     owns it, else the owner's name; an owner that is down is said on stderr."""
-    found = admin.owner_of(ctx, jname)
+    found = view.owner_of(ctx.workdir, jname)
     if found is None:
         raise CbsdError(f"{jname}: no node of the cluster owns a VM by that name")
     node, up, me = found

@@ -11,17 +11,15 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
-from cbsd.core.vm import recovery
 from cbsd.core.vm.lock import VMLock
-from cbsd.core.vm.machine import VM
 from cbsd.errors import NoSuchVM
 from cbsd.model import VMSpec
 from cbsd.names import check_mask, is_mask, match_mask
-from cbsd.qemu.host import probe
 from cbsd.storage.inventory import Inventory
 from cbsd.storage.paths import Workdir, default_workdir
 
 if TYPE_CHECKING:
+    from cbsd.core.vm.machine import VM
     from cbsd.qemu.host import Host
 
 
@@ -41,6 +39,9 @@ class Context:
 
     @property
     def host(self) -> Host:
+        # lazy: the host's probe (subprocess, QEMU's capabilities) only for who asks for it
+        from cbsd.qemu.host import probe
+
         return probe(self.workdir.inventory.parent / "host-cache.json")
 
     def spec(self, jname: str) -> VMSpec:
@@ -81,6 +82,14 @@ class Context:
     def locked_vm(self, jname: str, what: str, *, recover: bool = True) -> Iterator[VM]:
         """The VM under its lock, with whatever an interrupted command left cleared first
         (recover=False: the caller runs recovery itself, e.g. after ending a wedged QEMU)."""
+        # The VM at run time and its recovery (QEMU's argv, images, QMP: ~20 ms of imports)
+        # only for a command that locks a VM: a Context alone stays light.
+        # lazy: recovery only for a locked VM
+        from cbsd.core.vm import recovery
+
+        # lazy: the VM's module only for a locked VM
+        from cbsd.core.vm.machine import VM
+
         with self.lock(jname, what) as lock:
             vm = VM.load(self, jname)
             vm.died = lock.died
