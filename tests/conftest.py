@@ -12,6 +12,20 @@ from tests.guests import build
 from tests.harness import COUNTER_RE, RAMFILE_MODE, Cbsd, kill_vms, xfs_mount
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """CBSD_TEST_RAMFILE=1 (scripts/test.sh's pass 3) changes one thing: where the `cbsd`
+    fixture below puts a test's workdir. A test without that fixture (its workdirs are its
+    own: a tmpfs, an XFS it mounts itself, a path that is no workdir) runs exactly as in
+    pass 1, so there it would only run again: it is deselected (tests/unit/
+    test_ramfile_mode.py checks that nothing else reads the variable)."""
+    if not RAMFILE_MODE:
+        return
+    same = [i for i in items if "cbsd" not in getattr(i, "fixturenames", ())]
+    if same:
+        config.hook.pytest_deselected(items=same)
+        items[:] = [i for i in items if "cbsd" in getattr(i, "fixturenames", ())]
+
+
 @pytest.fixture(scope="session")
 def reflink_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with xfs_mount(tmp_path_factory.mktemp("xfs") / "mnt") as mnt:

@@ -145,24 +145,24 @@ def bremove(ctx: Context, a: Args) -> int:
 
 
 def bregister(ctx: Context, a: Args) -> int:
-    # lazy: each command loads its own core module; bls skips lifecycle
-    from cbsd.core.manage import lifecycle
+    # lazy: each command loads its own core module; bls skips registry
+    from cbsd.core.manage import registry
 
     found: list[str] = []
-    candidates = lifecycle.unregistered(ctx)
+    candidates = registry.unregistered(ctx)
     for mask in a["names"]:
         hits = match_mask(mask, candidates) if is_mask(mask) else [mask]
         if not hits:
             raise NoSuchVM(f"No unregistered VM matches the mask: {mask}")
         found += [h for h in hits if h not in found]
-    return each(ctx, found, lifecycle.register)
+    return each(ctx, found, registry.register)
 
 
 def bunregister(ctx: Context, a: Args) -> int:
-    # lazy: each command loads its own core module; bls skips lifecycle
-    from cbsd.core.manage import lifecycle
+    # lazy: each command loads its own core module; bls skips registry
+    from cbsd.core.manage import registry
 
-    return each(ctx, ctx.resolve(a["names"]), lifecycle.unregister)
+    return each(ctx, ctx.resolve(a["names"]), registry.unregister)
 
 
 def bset(ctx: Context, a: Args) -> int:

@@ -55,7 +55,7 @@ def _unregistered(prefix: str) -> list[str]:
     bunregister, or a lost inventory), not those the inventory lists."""
     with contextlib.suppress(Exception):
         # lazy: completing a command or key name needs no workdir
-        from cbsd.core.manage.lifecycle import unregistered
+        from cbsd.core.manage.registry import unregistered
 
         # lazy: as above
         from cbsd.core.vm.context import Context

@@ -61,7 +61,8 @@ def create_app(config: Config) -> FastAPI:
     bus = events.Bus()
     rows = RowCache(config.workdir)  # GET /1.0/instances and the watcher's looks
     watcher = events.StatusWatcher(config.workdir, bus, rows)
-    metrics = ServiceMetrics(lambda: config.workdir)  # GET /metrics (api_metrics.py)
+    # GET /metrics (api_metrics.py), its VMs read through the list's row cache
+    metrics = ServiceMetrics(lambda: config.workdir, source=rows.stats)
 
     def notify(op: Operation) -> None:
         metrics.tally.observe(op.id, op.status)

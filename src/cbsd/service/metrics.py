@@ -1,12 +1,13 @@
 """Prometheus metrics: every VM of this host as the CLI sees it, and the service's own health.
 
-A custom collector (prometheus_client's `Collector`): nothing is kept between scrapes, each
-scrape reads the truth again (core/manage/vmstats.py: inventory, derived status, /proc, QMP
-with a short timeout), so the numbers can never drift from what `cbsd bls` says. The same
-exposition is served at GET /metrics (service/api_metrics.py) and printed by `cbsd bmetrics`
-(for node_exporter's textfile collector on a host without the service); the service adds the
-process collector (its CPU and memory), its uptime and its operations. Every metric, label
-and meaning: docs/metrics.md.
+A custom collector (prometheus_client's `Collector`): each scrape reads the truth again
+(core/manage/vmstats.py: inventory, derived status, /proc, QMP with a short timeout), so the
+numbers can never drift from what `cbsd bls` says. The same exposition is served at GET
+/metrics (service/api_metrics.py) and printed by `cbsd bmetrics` (for node_exporter's textfile
+collector on a host without the service); the service adds the process collector (its CPU and
+memory), its uptime and its operations, and reads the VMs through its list's row cache
+(service/rowcache.py: a VM with no QEMU is read again only when a file or inventory entry it
+is derived from changed). Every metric, label and meaning: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from cbsd.core.manage import vmstats
+from cbsd.core.manage.vmstats import VMStats
 from cbsd.core.vm.context import Context
 from cbsd.model import Status
 from cbsd.storage.paths import Workdir
@@ -29,6 +32,13 @@ from cbsd.storage.paths import Workdir
 # collector read.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 OUTCOMES = ("Success", "Failure", "Cancelled")
+
+
+class Source(Protocol):
+    """(every VM's facts, the damaged entries): vmstats.gather, or the service's row cache's
+    stats() (the same facts, kept for a VM whose files did not change)."""
+
+    def __call__(self, ctx: Context, *, timeout: float) -> tuple[list[VMStats], list[str]]: ...
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = ("jname",)) -> GaugeMetricFamily:
@@ -98,17 +108,19 @@ def families(stats: list[vmstats.VMStats], damaged: int, now: float) -> list[Met
 
 
 class VMCollector(Collector):
-    """Every VM in the workdir's inventory, read afresh at each scrape."""
+    """Every VM in the workdir's inventory, read afresh at each scrape (by *source*)."""
 
-    def __init__(self, workdir: Callable[[], Workdir], timeout: float = vmstats.TIMEOUT) -> None:
+    def __init__(self, workdir: Callable[[], Workdir], timeout: float = vmstats.TIMEOUT,
+                 source: Source = vmstats.gather) -> None:
         self.workdir = workdir
         self.timeout = timeout
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
         ctx = Context(self.workdir(), writable=False)
         try:
-            stats, damaged = vmstats.gather(ctx, timeout=self.timeout)
+            stats, damaged = self.source(ctx, timeout=self.timeout)
         finally:
             if "inventory" in ctx.__dict__:  # opened (a cached_property): this thread's
                 ctx.inventory.close()
@@ -173,21 +185,22 @@ class ServiceCollector(Collector):
         yield from self.tally.collect()
 
 
-def vm_registry(workdir: Callable[[], Workdir]) -> CollectorRegistry:
+def vm_registry(workdir: Callable[[], Workdir],
+                source: Source = vmstats.gather) -> CollectorRegistry:
     """What `cbsd bmetrics` prints: the VMs only (a one-shot command has no health to tell)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(VMCollector(workdir))
+    registry.register(VMCollector(workdir, source=source))
     return registry
 
 
 class ServiceMetrics:
     """The service's registry: the VMs, the process (CPU, memory, fds: prometheus_client's
     process collector), uptime and operations. One per service; `tally` is what its
-    operations report to."""
+    operations report to; *source* reads the VMs (the service passes its row cache's)."""
 
-    def __init__(self, workdir: Callable[[], Workdir]) -> None:
+    def __init__(self, workdir: Callable[[], Workdir], source: Source = vmstats.gather) -> None:
         self.tally = OperationTally()
-        self.registry = vm_registry(workdir)
+        self.registry = vm_registry(workdir, source)
         ProcessCollector(registry=self.registry)
         self.registry.register(ServiceCollector(self.tally))
 

@@ -18,6 +18,12 @@ is seen by that request -- never a row older than the request. A VM with a QEMU 
 Paused, Maintenance) is derived in full at every look (its QEMU may die or pause without
 touching a file: kill -9 shows Off at once), and so is a VM whose folder is not watched
 (not made yet, or inotify refused the watch). A lost event (queue overflow) re-derives all.
+
+GET /metrics shares it (stats()): what the metrics say of a VM with no QEMU -- its status,
+its definition's CPUs and RAM, its checkpoints' count, size, newest and timings -- changes
+only with the same inventory entry and files, under the same lock (a checkpoint folded into
+the chunk store is folded under the VM's lock too): kept and dropped with its row. A VM with
+a QEMU is asked in full at every scrape, as `cbsd bmetrics` asks every VM.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from typing import Any
 
 from asyncinotify import Inotify, Mask, Watch
 
-from cbsd.core.manage import listing
+from cbsd.core.manage import listing, vmstats
+from cbsd.core.manage.vmstats import VMStats
 from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
 from cbsd.model import Status, VMSpec
 from cbsd.storage import ckpstore
 from cbsd.storage.paths import Workdir
@@ -51,8 +59,13 @@ GONE = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF
 
 @dataclass
 class Kept:
+    """What was derived of a VM with no QEMU from one inventory entry, while no file it is
+    derived from changed: its list row, its metrics' facts, or both (each derived on first
+    need: the list and the metrics are asked apart)."""
+
     entry: tuple[str, int, int]  # (definition text, pid, VNC port) it was derived from
-    row: dict[str, Any]
+    row: dict[str, Any] | None = None
+    stats: VMStats | None = None
 
 
 class RowCache:
@@ -84,11 +97,10 @@ class RowCache:
                 if not isinstance(spec, VMSpec):
                     damaged.append(str(spec))
                     continue
-                kept = self._kept.get(jname)
-                if kept is not None and kept.entry == (text, pid, port):
+                kept = self._current(jname, (text, pid, port))
+                if kept is not None and kept.row is not None:
                     out.append(kept.row)
                     continue
-                self._kept.pop(jname, None)
                 # Watched before it is derived: a change while it is derived is an event.
                 watched = self._top and self._watch(jname)
                 row, note = listing.row(ctx, spec, pid, port)
@@ -96,11 +108,72 @@ class RowCache:
                 row["checkpoints"] = ckpstore.count_states(self.workdir.checkpoints(jname))
                 if note:
                     notes.append(note)
-                elif watched and row["status"] in KEPT:
-                    self._kept[jname] = Kept((text, pid, port), row)
+                    self._kept.pop(jname, None)
+                else:
+                    self._keep(jname, (text, pid, port), watched, row["status"], row=row)
                 out.append(row)
             self._forget(set(self._specs) - {e[0] for e in entries})
             return [dict(r) for r in out], notes, damaged
+
+    def stats(self, ctx: Context, *, timeout: float = vmstats.TIMEOUT,
+              ) -> tuple[list[VMStats], list[str]]:
+        """As vmstats.gather(ctx): the facts of a VM whose row may be kept (see above) are
+        kept too; the others are asked, in parallel, as gather asks them."""
+        with self._lock:
+            self._watch_top()
+            self._drain()
+            entries = ctx.inventory.entries()
+            out: list[VMStats | None] = []
+            damaged: list[str] = []
+            asked: list[tuple[int, VM, tuple[str, int, int], bool]] = []
+            for jname, text, pid, port in entries:
+                spec = self._parse(ctx, jname, text)
+                if not isinstance(spec, VMSpec):
+                    damaged.append(f"{jname}: {spec}")
+                    continue
+                kept = self._current(jname, (text, pid, port))
+                if kept is not None and kept.stats is not None:
+                    out.append(kept.stats)
+                    continue
+                # Watched before it is derived, as for a row.
+                watched = self._top and self._watch(jname)
+                asked.append((len(out), VM(ctx, spec, (pid, port)), (text, pid, port), watched))
+                out.append(None)
+            for (i, vm, entry, watched), stats in zip(
+                    asked, vmstats.each([a[1] for a in asked], timeout), strict=True):
+                out[i] = stats
+                self.derived += 1
+                self._keep(vm.jname, entry, watched, stats.status.value, stats=stats)
+            self._forget(set(self._specs) - {e[0] for e in entries})
+            return [s for s in out if s is not None], damaged
+
+    def _current(self, jname: str, entry: tuple[str, int, int]) -> Kept | None:
+        """What is kept of *jname* if it was derived from *entry* (else it is dropped)."""
+        kept = self._kept.get(jname)
+        if kept is not None and kept.entry != entry:
+            del self._kept[jname]
+            return None
+        return kept
+
+    def _keep(self, jname: str, entry: tuple[str, int, int], watched: bool, status: str, *,
+              row: dict[str, Any] | None = None, stats: VMStats | None = None) -> None:
+        """Keep what was just derived of *jname* if nothing of it runs and its folders are
+        watched; what was kept from the same entry stays beside it only if it says the
+        same status (no event came between them: it must)."""
+        if not (watched and status in KEPT):
+            self._kept.pop(jname, None)
+            return
+        kept = self._current(jname, entry)
+        if kept is None:
+            kept = self._kept[jname] = Kept(entry)
+        if row is not None:
+            kept.row = row
+            if kept.stats is not None and kept.stats.status.value != status:
+                kept.stats = None
+        if stats is not None:
+            kept.stats = stats
+            if kept.row is not None and kept.row["status"] != status:
+                kept.row = None
 
     def _parse(self, ctx: Context, jname: str, text: str) -> VMSpec | Exception:
         """The entry's definition, parsed again only when its text changed (the parse checks

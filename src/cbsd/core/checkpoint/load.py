@@ -28,7 +28,7 @@ from pathlib import Path
 from cbsd import cancel
 from cbsd.core.checkpoint import generation, identity
 from cbsd.core.checkpoint.compat import newer_qemu
-from cbsd.core.vm import ramfile
+from cbsd.core.vm import guest_agent, ramfile
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.states import state_tags
 from cbsd.errors import Cancelled, CheckpointError, QemuError
@@ -327,7 +327,7 @@ def _tend_guest(vm: VM, m: ckpstore.Manifest, ckdir: Path, script: str | None) -
     host's and runs *script* once the agent answers (a paused guest's agent answers once it
     runs); without one, say what is left undone."""
     if vm.spec.guest_agent and (m.agent or script):
-        vm.tend_agent(settime=m.agent, seconds=AGENT_WAIT, script=script)
+        guest_agent.tend(vm, settime=m.agent, seconds=AGENT_WAIT, script=script)
     if vm.spec.guest_agent and not m.agent:
         behind = max(0, int(time.time() - m.created_ts))
         print(f"{vm.jname}: no guest agent answered when the {ckpstore.describe(ckdir)} was "

@@ -26,11 +26,12 @@ from typing import Any
 from cbsd import cancel
 from cbsd.core.checkpoint import generation, tree
 from cbsd.core.checkpoint.save_stream import Follower
-from cbsd.core.vm import ramfile
+from cbsd.core.checkpoint.save_undo import put_back, rollback
+from cbsd.core.vm import guest_agent, ramfile
 from cbsd.core.vm.machine import VM, Image
 from cbsd.core.vm.pause import set_clock
 from cbsd.core.vm.recovery import INTENT
-from cbsd.core.vm.states import TAG_PREFIX, delete_tags, drop_state
+from cbsd.core.vm.states import TAG_PREFIX, drop_state
 from cbsd.errors import (
     CbsdError,
     CheckpointError,
@@ -42,32 +43,14 @@ from cbsd.errors import (
 from cbsd.failpoints import failpoint
 from cbsd.qemu import migration, process
 from cbsd.qemu.qmp import Monitor, open_fd_for
-from cbsd.qemu.runstate import ENDED, IN_PROGRESS, RunState
 from cbsd.storage import ckpstore
-from cbsd.storage.atomic import fsync_dir, fsync_path, os_error, remove_tree
+from cbsd.storage.atomic import fsync_dir, fsync_path, os_error
 from cbsd.storage.manifest import DiskSnapshot, FileEntry, Manifest, Timings
 from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
 Stamp = Callable[[Manifest], None]  # the caller's marks on a manifest before it is sealed
 UNLIMITED_BANDWIDTH = 1 << 40
-def put_back(mon: Monitor, was_running: bool) -> None:
-    """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
-    'postmigrate' with its disks inactive; 'cont' reactivates them (probed, not assumed)."""
-    # QEMU reports the migration completed (or failed) a moment before its migration thread
-    # leaves 'finish-migrate' for 'postmigrate'; a 'cont' sent in between is undone by it.
-    deadline = time.monotonic() + 10
-    while (state := mon.status()) == RunState.FINISH_MIGRATE and time.monotonic() < deadline:
-        time.sleep(0.001)
-    if was_running:
-        if state != RunState.RUNNING:
-            mon.cmd("cont")
-    elif state == RunState.POSTMIGRATE and not migration.activate_disks(mon):
-        # QEMU 7.2 has no way to reactivate disks without running the vCPUs: the guest runs
-        # for one QMP round trip (~0.5 ms). Sending 'stop' without awaiting 'cont' is no
-        # way out: QEMU then asserts on a write to a still-inactive disk.
-        mon.cmd("cont")
-        mon.cmd("stop")
 
 
 def _set_clock(vm: VM, mon: Monitor, stopped: float | None) -> str | None:
@@ -130,7 +113,7 @@ def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
         if a.follower is not None:
             with contextlib.suppress(Exception):
                 a.follower.abandon()
-        _rollback(vm, a.mon, a.tmp, a.tags, a.was_running, wait_out=a.mapped)
+        rollback(vm, a.mon, a.tmp, a.tags, a.was_running, wait_out=a.mapped)
         with contextlib.suppress(CbsdError, OSError):
             _set_clock(vm, a.mon, a.stopped)  # its note is not printed: the error is the line
         error = _save_error(vm, e, kind, name)
@@ -168,7 +151,7 @@ def _prepare(vm: VM, final: Path, name: str, kind: str, live: bool,
     return _Attempt(vm=vm, mon=mon, name=name, kind=kind, live=live and was_running,
                     keep_running=keep_running, caps=caps, ram_file=ram_file, tmp=tmp,
                     was_running=was_running, began=began,
-                    agent=vm.agent_listening())  # before the vCPUs stop: as saved
+                    agent=guest_agent.listening(vm))  # before the vCPUs stop: as saved
 
 
 def _freeze(a: _Attempt) -> None:
@@ -182,7 +165,7 @@ def _freeze(a: _Attempt) -> None:
     migration.set_capabilities(mon, caps, {"x-ignore-shared": a.ram_file})
     # Not for checkpoints that will be folded into the chunk store (a folded stream is
     # fed back through a pipe; mapped-ram loads only from a file). A mapped-ram save is
-    # never cancelled, only waited out (see _end_migration).
+    # never cancelled, only waited out (save_undo._end_migration).
     a.mapped = ((a.kind == "hibernation" or vm.spec.dedup == "off")
                 and migration.mapped_ram_usable(caps, live=a.live, ram_file=a.ram_file))
     migration.use_mapped_ram(mon, caps, a.mapped)
@@ -348,53 +331,6 @@ def _verify_written(tmp: Path, files: dict[str, FileEntry]) -> None:
         if actual != entry.size or m.files.get(fname) != entry:
             raise CheckpointError(f"verification failed: {fname} file has {actual} bytes, "
                                   f"checksummed {entry.size}")
-
-
-def _rollback(vm: VM, mon: Monitor, tmp: Path, tags: list[tuple[Image, str]],
-              was_running: bool, *, wait_out: bool = False) -> None:
-    """Undo a failed save, leaving the VM as it was (even when a power-off was requested: that
-    was conditional on success). Every step is attempted even if an earlier one fails."""
-    if vm.alive():
-        with contextlib.suppress(CbsdError, OSError):
-            _end_migration(mon, wait_out=wait_out)
-        with contextlib.suppress(CbsdError, OSError):
-            put_back(mon, was_running)
-    try:
-        # Offline (qemu-img) when QEMU is gone: its lock on the image went with it.
-        delete_tags(vm, tags)
-    except (CbsdError, OSError):
-        return  # keep tmp: it tells the next command to sweep the orphaned disk snapshots
-    remove_tree(tmp)
-
-
-# How long a mapped-ram save is waited out before it is cancelled after all: such a save of a
-# stopped guest to a local file ends in seconds (1 GiB in ~0.3 s here); only a wedged disk
-# takes longer, and then a QEMU that may crash is better than a command that never returns.
-WAIT_OUT_S = 120.0
-
-
-def _end_migration(mon: Monitor, *, wait_out: bool = False) -> None:
-    """Stop an outgoing migration still in progress. *wait_out*: let it finish (its file is
-    discarded by the caller) instead of cancelling it. QEMU 10.0 can crash when a mapped-ram +
-    multifd save is cancelled: a multifd sender thread still marks pages in the RAM block's
-    file bitmap that the cancel's cleanup has already freed (segfault in `mig/src/send_N`;
-    here about 1 in 10 cancelled hibernations with a cold page cache, docs/checkpoints.md)."""
-    if mon.cmd("query-migrate").get("status") not in IN_PROGRESS:
-        return
-    if wait_out and _ended_within(mon, WAIT_OUT_S, 0.005):
-        return
-    mon.cmd("migrate_cancel")
-    _ended_within(mon, 10, 0.01)
-
-
-def _ended_within(mon: Monitor, seconds: float, poll: float) -> bool:
-    """Whether the outgoing migration ends (completed, failed, cancelled) within *seconds*."""
-    deadline = time.monotonic() + seconds
-    while mon.cmd("query-migrate").get("status") not in ENDED:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll)
-    return True
 
 
 def _manifest(a: _Attempt) -> Manifest:

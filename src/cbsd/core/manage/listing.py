@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cbsd.core.vm import guest_agent
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.model import BLS_COLUMNS as COLUMNS
@@ -58,7 +59,7 @@ def row(ctx: Context, spec: VMSpec, pid: int, port: int) -> tuple[dict[str, Any]
         "vm_cpus": spec.cpus,
         "pcpu": pcpu,
         "vm_os_type": spec.os_type,
-        "ip4_addr": (live and vm.agent_ip4()) or ("DHCP" if spec.nic != "none" else "-"),
+        "ip4_addr": (live and guest_agent.ip4(vm)) or ("DHCP" if spec.nic != "none" else "-"),
         "status": status.value,
         "vnc_port": f"{spec.vnc_bind}:{vm.vnc_port}" if live and vm.vnc_port else "0",
     }, note

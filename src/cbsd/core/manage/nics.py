@@ -70,10 +70,10 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     """Each NIC as bhyve-nic mode=list shows it; ip4_addr: what cbsd0's DHCP server leased
     it ("" for other networks: cbsd cannot know)."""
     # lazy: only the listing asks leases; the rest of bhyve-nic needs no VM
-    from cbsd.core.vm.machine import VM
+    from cbsd.core.vm.guest_agent import lease_addresses
 
     spec = ctx.spec(jname)
-    leases = VM(ctx, spec, runtime=(0, 0)).lease_addresses()
+    leases = lease_addresses(ctx.workdir, spec)
     return [{"nic_id": i + 1, "nic_type": n.nic_type, "nic_parent": parent_shown(n),
              "nic_hwaddr": n.nic_hwaddr, "nic_driver": nic_model(spec),
              "hostfwd": list(n.hostfwd), "ip4_addr": leases[i] or ""}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.vm import fsfreeze
+from cbsd.core.vm import fsfreeze, guest_agent
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.core.vm.snapshots import SNAP_PREFIX as PREFIX
@@ -71,7 +71,7 @@ def _take(vm: VM, status: Status, name: str) -> tuple[str, str]:
         take()
         return (f"{CRASH_NOTE}: the VM is paused, its guest agent cannot freeze its "
                 "filesystems"), ""
-    if not vm.agent_listening():
+    if not guest_agent.listening(vm):
         take()
         return (f"{CRASH_NOTE}: no guest agent answers; install qemu-guest-agent in the guest "
                 "for application-consistent snapshots"), ""

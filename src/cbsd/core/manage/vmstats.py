@@ -62,7 +62,6 @@ class VMStats:
 
 def gather(ctx: Context, *, timeout: float = TIMEOUT) -> tuple[list[VMStats], list[str]]:
     """(one VMStats per VM in the inventory, the damaged entries named in one line each)."""
-    good: list[VMStats] = []
     damaged: list[str] = []
     vms = []
     for jname, spec, pid, port in ctx.inventory.all():
@@ -70,10 +69,16 @@ def gather(ctx: Context, *, timeout: float = TIMEOUT) -> tuple[list[VMStats], li
             vms.append(VM(ctx, spec, (pid, port)))
         else:
             damaged.append(f"{jname}: {spec}")
-    if vms:
-        with ThreadPoolExecutor(min(WORKERS, len(vms)), thread_name_prefix="vmstats") as pool:
-            good = list(pool.map(lambda vm: one(vm, timeout), vms))
-    return good, damaged
+    return each(vms, timeout), damaged
+
+
+def each(vms: list[VM], timeout: float = TIMEOUT) -> list[VMStats]:
+    """one() of every VM, in order, asked in parallel (the service's row cache asks only the
+    VMs whose facts may have changed: service/rowcache.py)."""
+    if not vms:
+        return []
+    with ThreadPoolExecutor(min(WORKERS, len(vms)), thread_name_prefix="vmstats") as pool:
+        return list(pool.map(lambda vm: one(vm, timeout), vms))
 
 
 def one(vm: VM, timeout: float = TIMEOUT) -> VMStats:

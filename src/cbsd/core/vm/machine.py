@@ -34,7 +34,7 @@ from cbsd.qemu.argv import (
     build_argv,
     disk_node,
 )
-from cbsd.qemu.network import lease_ip, tap_name
+from cbsd.qemu.network import tap_name
 from cbsd.qemu.qmp import Monitor
 from cbsd.qemu.runstate import RunState
 from cbsd.storage.ckpstore import has_manifest
@@ -340,45 +340,6 @@ class VM:
         if has_manifest(self.ctx.workdir.hibernation(self.jname)):
             return Status.SUSPENDED
         return Status.OFF
-
-    # --- guest agent ----------------------------------------------------------------------
-
-    def agent_listening(self) -> bool:
-        """Whether a guest agent has the channel open now (QEMU's chardev frontend-open: the
-        guest opened org.qemu.guest_agent.0), asked of QEMU, not of the guest: instant."""
-        # lazy: only a running VM's agent; bls and every VM command import machine
-        from cbsd.qemu import agent
-
-        return self.spec.guest_agent and agent.listening(self.monitor())
-
-    def tend_agent(self, *, settime: bool, seconds: float, script: str | None = None) -> None:
-        """Start the detached helper that waits for the agent (and sets the clock, and runs
-        *script* in the guest)."""
-        # lazy: only a running VM's agent; bls and every VM command import machine
-        from cbsd.qemu import agent
-
-        agent.start_helper(self.paths.qga_sock, self.ctx.workdir.agent_state(self.jname),
-                           seconds, settime, script)
-
-    def agent_ip4(self) -> str | None:
-        """The guest's address: as its agent reports it, or as cbsd0's DHCP server leased it."""
-        # lazy: only a running VM's agent; bls and every VM command import machine
-        from cbsd.qemu.agent import read_state
-
-        addresses = read_state(self.ctx.workdir.agent_state(self.jname)).get("ip4") or []
-        if addresses:
-            return str(addresses[0])
-        for address in self.lease_addresses():
-            if address:
-                return address
-        return None
-
-    def lease_addresses(self) -> list[str | None]:
-        """Per NIC: the address cbsd0's DHCP server leased its MAC (None: none, or not on
-        cbsd0)."""
-        db = self.ctx.workdir.inventory.parent
-        return [lease_ip(db, n.nic_hwaddr) if n.nic_type == "bridge" and not n.nic_parent
-                and n.nic_hwaddr else None for n in self.spec.nics]
 
     def rss_and_cpu(self) -> tuple[int, float]:
         """Resident MB of the QEMU process and its CPU percent (lifetime average, like ps)."""
