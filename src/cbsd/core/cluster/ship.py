@@ -209,7 +209,10 @@ def _ship(vm: VM, peer: Node, ckdir: Path, plan: delta.Plan, scratch: Path,
         proc.wait()
         raise
     if proc.returncode != 0:
-        raise peer.failed(proc.returncode, err)
+        # What the standby refused is what this node sent (damaged on the way, or based on
+        # a generation it no longer has): a failure of this command, not bad input to it.
+        failed = peer.failed(proc.returncode, err)
+        raise NodeError(str(failed), 1 if failed.exit_code == 2 else failed.exit_code)
     try:
         done = json.loads(answer)
     except ValueError:
