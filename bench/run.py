@@ -14,7 +14,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        migrate-checkpoints (bmigrate's downtime with and without checkpoints; study
        "hosts-migrate-checkpoints", no chart),
        clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
-       output, host memory; study "clone", no chart)."""
+       output, host memory; study "clone", no chart),
+       replicate (bytes shipped and the guest's pause per replication to a standby; study
+       "replicate", no chart)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_migrate_ckp
 
             print(bench_migrate_ckp.write(*bench_migrate_ckp.run_all()), flush=True)
+            continue
+        if case == "replicate":
+            from bench import bench_replicate
+
+            print(bench_replicate.write(*bench_replicate.run_all()), flush=True)
             continue
         if case == "clone":
             from bench import bench_clone
