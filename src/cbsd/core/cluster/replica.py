@@ -199,8 +199,9 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         m = ckpstore.read_manifest(tmp)
         recipe = _recipe(store, rep, tmp / "entries", pack_tmp, pack)
         (tmp / "entries").unlink()
-        if m.stream is None:
-            raise ArchiveError(f"{jname}: the replicated checkpoint has no memory stream")
+        if m.stream is None or set(m.files) != {RECIPE}:
+            raise ArchiveError(f"{jname}: the replicated checkpoint is not a folded one (its "
+                               "memory as a chunk recipe, nothing else)")
         store.verify(recipe, m.stream.size, m.stream.xxh3_128)
         data = recipe.to_bytes()
         write_atomic(tmp / RECIPE, data)
