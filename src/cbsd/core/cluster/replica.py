@@ -290,6 +290,16 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
     incoming.unlink()
 
 
+def remove(wd: Workdir, jname: str) -> str:
+    """Drop the replica here (the VM stays where it is; its next replication is full)."""
+    root = folder(wd, jname)
+    if not root.is_dir():
+        raise StateError(f"{jname}: no replica of it on this node")
+    with held(wd, jname):
+        shutil.rmtree(root)
+    return f"{jname}: replica removed"
+
+
 # --- promote ------------------------------------------------------------------------------
 
 def promote(ctx: Context, jname: str) -> str:
