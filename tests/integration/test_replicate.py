@@ -146,7 +146,8 @@ def test_the_keeper_replicates_every_interval_and_mode_list_shows_the_chain(
                      timeout=180)
     log = (a.cbsd.workdir / "cluster" / "hasched.log").read_text()
     assert "vmr exit 0: vmr: generation" in log, log
-    a.cbsd("bset", "vmr", "ha=0").ok()
+    # while a periodic replication holds the VM, bset is refused as busy (75): try again
+    cluster.wait_for("ha=0 set", lambda: a.cbsd("bset", "vmr", "ha=0").code == 0)
     cluster.wait_for("the last periodic replication ended", lambda: not replicating())
     before = last_count(a.cbsd, "vmr")
     r = a.cbsd("bcheckpoint", "mode=replicate", "jname=vmr").ok()
