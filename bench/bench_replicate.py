@@ -54,7 +54,7 @@ def run_all(repeat: int = 6) -> tuple[list[Case], dict[str, str]]:
     switch, made = cluster.make(base / "hosts")
     try:
         a, b = made[0], made[1]
-        cluster.form(base, [a, b])
+        cluster.form([a, b], base)
         a.trust(b)
         a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
         image = counter_image(base / "m.raw", FILL, churn_pages=CHURN)
