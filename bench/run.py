@@ -16,7 +16,9 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
        output, host memory; study "clone", no chart),
        cluster (bls node='*' and bwhereis of 1,000 VMs on a three-member etcd cluster
-       against etcdctl and a local listing; study "cluster", no chart)."""
+       against etcdctl and a local listing; study "cluster", no chart),
+       replicate (bytes shipped and the guest's pause per replication to a standby; study
+       "replicate", no chart)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_cluster
 
             print(bench_cluster.write(*bench_cluster.run_all()), flush=True)
+            continue
+        if case == "replicate":
+            from bench import bench_replicate
+
+            print(bench_replicate.write(*bench_replicate.run_all()), flush=True)
             continue
         if case == "clone":
             from bench import bench_clone

@@ -16,6 +16,7 @@ from bench import (
     bench_engine,
     bench_hosts,
     bench_migrate_ckp,
+    bench_replicate,
     bench_service,
     common,
     report,
@@ -37,6 +38,8 @@ def writer(study: str) -> Writer:
         return bench_service.write
     if study == bench_migrate_ckp.STUDY.name:
         return bench_migrate_ckp.write
+    if study == bench_replicate.STUDY.name:
+        return bench_replicate.write
     if study == "clone":
         return bench_clone.write
     if study == bench_cluster.STUDY.name:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cbsd.core.cluster import config, nodes
+from cbsd.core.cluster import config, hasched, nodes
 from cbsd.core.cluster.store import ClusterUnreachable, Store
 from cbsd.storage.atomic import write_atomic
 from cbsd.storage.paths import Workdir
@@ -43,6 +43,7 @@ def main() -> int:
     if cfg is None:
         return 1
     write_atomic(pid_file(wd), str(os.getpid()).encode())
+    hasched.start(wd)  # periodic replication (docs/cluster.md "Replication"): its own thread
     run(config.store(wd, cfg), cfg.node, cfg.ttl)
     return 0
 
