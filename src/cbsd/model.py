@@ -34,6 +34,7 @@ DEFAULT_CHECKPOINT_PATTERN = "auto-%Y%m%d-%H%M"  # checkpoint_pattern=: a schedu
 # The scheduled-checkpoint keys: bcreate's and bset's names are the VMSpec fields' own.
 SCHEDULE_KEYS = ("checkpoint_schedule", "checkpoint_expiry", "checkpoint_pattern",
                  "checkpoint_live", "checkpoint_stopped")
+HA_KEYS = ("ha", "ha_node", "ha_interval")
 
 
 # A saved state's restore_relevant key that the state decides rather than the VM's settings:
@@ -236,6 +237,12 @@ class VMSpec:
     checkpoint_pattern: str = DEFAULT_CHECKPOINT_PATTERN
     checkpoint_live: bool = False
     checkpoint_stopped: bool = False
+    # Replication to a standby cluster node (core/cluster/replica.py, docs/cluster.md
+    # "Replication"): on, the standby's node name, the interval ("30s", "5m"). Not
+    # restore-relevant; bset may change them while the VM runs.
+    ha: bool = False
+    ha_node: str = ""
+    ha_interval: str = "30s"
 
     # bcreate's and bset's single-NIC keys read the first NIC (bget shows them so).
     @property

@@ -75,6 +75,26 @@ def parse_duration(value: str, what: str) -> int:
     return n
 
 
+HA_MIN_INTERVAL = 5
+
+
+def parse_interval(value: str, what: str) -> int:
+    """'30s', '5m', '1m30s' or a number of seconds -> seconds, at least HA_MIN_INTERVAL
+    (ha_interval=: how often a VM is replicated to its standby)."""
+    if re.fullmatch(r"[0-9]{1,7}", value):
+        n = int(value)
+    elif re.fullmatch(r"(?:[0-9]{1,7}[hms])+", value):
+        n = sum(int(num) * {"h": 3600, "m": 60, "s": 1}[unit]
+                for num, unit in re.findall(r"([0-9]+)([hms])", value))
+    else:
+        raise UsageError(f"bad value for {what}: '{value}' is not an interval (e.g. 30s, 5m, "
+                         "1m30s)")
+    if n < HA_MIN_INTERVAL:
+        raise UsageError(f"bad value for {what}: '{value}' is shorter than "
+                         f"{HA_MIN_INTERVAL}s")
+    return n
+
+
 def format_size(n: int) -> str:
     for unit, mult in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
         if n % mult == 0:

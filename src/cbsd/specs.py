@@ -35,7 +35,15 @@ from cbsd.model import (
     Nic,
     VMSpec,
 )
-from cbsd.names import MIB, check_ifname, check_mac, check_name, parse_duration, parse_hostfwd
+from cbsd.names import (
+    MIB,
+    check_ifname,
+    check_mac,
+    check_name,
+    parse_duration,
+    parse_hostfwd,
+    parse_interval,
+)
 
 MIN_RAM = 16 * MIB
 # No number from outside is taken unbounded: 16 TiB is beyond any guest QEMU runs on x86.
@@ -219,6 +227,19 @@ def check_pattern(v: str, field: str) -> str:
 def _expiry(v: str, field: str) -> str:
     parse_duration(v, field)
     return v
+
+
+def _interval(v: Any, field: str) -> str:
+    if not isinstance(v, str):
+        raise _bad(field, v, "an interval such as 30s or 5m")
+    parse_interval(v, field)
+    return v
+
+
+def _node_or_empty(v: Any, field: str) -> str:
+    if not isinstance(v, str):
+        raise _bad(field, v, "a node name")
+    return check_name(v, field) if v else v
 def _nic(v: Any, field: str) -> Nic:
     if not isinstance(v, dict):
         raise _bad(field, v, "an object of nic_type, nic_hwaddr, nic_parent, hostfwd")
@@ -306,6 +327,9 @@ FIELDS: dict[str, Check] = {
     "checkpoint_pattern": check_pattern,
     "checkpoint_live": _bool,
     "checkpoint_stopped": _bool,
+    "ha": _bool,
+    "ha_node": _node_or_empty,
+    "ha_interval": _interval,
 }
 REQUIRED = ("jname", "ram")
 
@@ -340,6 +364,8 @@ def check_relations(spec: VMSpec) -> None:
         raise UsageError("initrd= and cmdline= need kernel=")
     if spec.vnc_password and not spec.vnc:
         raise UsageError("vnc_password= needs vnc=1")
+    if spec.ha and not spec.ha_node:
+        raise UsageError("ha=1 needs ha_node= (the standby cluster node)")
     check_nics(spec.nics)
     stray = sorted(set(spec.disk_controllers) - set(spec.disks))
     if stray:

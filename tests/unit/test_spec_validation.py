@@ -30,6 +30,7 @@ GOOD: dict[str, Any] = {
     "dedup": "off", "genid": "off", "checkpoint_schedule": "@hourly",
     "checkpoint_expiry": "1d12h", "checkpoint_pattern": "auto-%H%M", "checkpoint_live": True,
     "checkpoint_stopped": False,
+    "ha": False, "ha_node": "", "ha_interval": "30s",
 }
 
 

@@ -13,6 +13,7 @@ from cbsd.cli import output
 from cbsd.cli.args import show_value
 from cbsd.core.vm.context import Context
 from cbsd.errors import CheckpointError, NodeError, NoSuchVM, UsageError, describe
+from cbsd.model import HA_KEYS
 from cbsd.names import is_mask, match_mask
 
 Args = dict[str, Any]
@@ -170,6 +171,11 @@ def bset(ctx: Context, a: Args) -> int:
     from cbsd.core.manage import settings as manage
 
     changes = {k: v for k, v in a.items() if k in manage.SETTABLE and v is not None}
+    if any(k in changes for k in HA_KEYS):
+        # lazy: only the ha keys ask the cluster (its etcd client)
+        from cbsd.core.cluster import ship
+
+        ship.check_settings(ctx, changes)
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: manage.set_(c, j, changes))
 
 
@@ -322,14 +328,36 @@ def _across_nodes(ctx: Context, a: Args, columns: list[str]
     return rows, unreached
 
 
+def breplica(ctx: Context, a: Args) -> int:
+    """The standby's half of replication (core/cluster/replica.py)."""
+    # lazy: only replication loads the cluster's code
+    from cbsd.core.cluster import replica
+
+    jname, mode = a["jname"], a["mode"]
+    if mode == "status":
+        sys.stdout.write(output.as_json(replica.status(ctx.workdir, jname)))
+    elif mode == "apply":
+        sys.stdout.write(output.as_json(replica.apply(ctx, jname, sys.stdin.buffer)))
+    else:
+        print(replica.promote(ctx, jname))
+    return 0
+
+
 def bcheckpoint(ctx: Context, a: Args) -> int:
     # lazy: only bcheckpoint loads the checkpoint engine
     from cbsd.core.checkpoint import checkpoints
 
     mode = a["mode"]
     only_in_modes(a, mode, {"name": ("create", "destroy", "verify"), "poweroff": ("create",),
-                    "live": ("create",), "keep": ("create",), "format": ("list",)},
-          {"name": None, "poweroff": False, "live": False, "keep": None, "format": "text"})
+                    "live": ("create",), "keep": ("create",), "format": ("list",),
+                    "node": ("replicate",)},
+          {"name": None, "poweroff": False, "live": False, "keep": None, "format": "text",
+           "node": None})
+    if mode == "replicate":
+        # lazy: only replication loads the cluster's code (and its etcd client)
+        from cbsd.core.cluster import ship
+
+        return each(ctx, ctx.resolve(a["names"]), lambda c, j: ship.replicate(c, j, a["node"]))
     if mode == "create":
         name = a["name"] or "checkpoint"
         return each(ctx, ctx.resolve(a["names"]), lambda c, j: checkpoints.create(

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse(cmd, args[1:])
         if cmd.name == "bcreate" and parsed.get("node") == "auto":
             parsed["node"], args = _auto_node(parsed, args)
-        if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node"):
+        if parsed.get("node") and cmd.name not in ("bls", "bmove", "bmigrate", "node") and \
+                (cmd.name, parsed.get("mode")) != ("bcheckpoint", "replicate"):
             # lazy: only node= forwarding
             from cbsd.core.hosts import nodes
 

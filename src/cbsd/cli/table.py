@@ -6,7 +6,7 @@ import dataclasses
 
 from cbsd.cli.args import Command, Key
 from cbsd.cli.table_devices import DEVICE_COMMANDS, J_MASK, J_NAME
-from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
+from cbsd.cli.table_schedule import BREPLICA, HA, SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
 from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
@@ -75,7 +75,7 @@ BCREATE_KEYS = (
 # bset takes what bcreate sets, except what only makes sense once (disks, boot media, runasap):
 # the same keys, without defaults (a key not given is left as it is).
 _ONCE = {"imgsize", "image", "iso", "kernel", "initrd", "cmdline", "runasap"}
-BSET_KEYS = tuple(dataclasses.replace(k, default=None) for k in BCREATE_KEYS
+BSET_KEYS = tuple(dataclasses.replace(k, default=None) for k in (*BCREATE_KEYS, *HA)
                   if k.name not in _ONCE)
 PARALLEL = Key("parallel", "int", 4, help="how many VMs to work on at once", lo=1, hi=64)
 # bstop's and brestart's way of stopping, one definition for both
@@ -251,7 +251,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         (
             J_MASK,
             Key("mode", "enum", None, required=True, help="action",
-                choices=("create", "list", "destroy", "destroyall", "verify")),
+                choices=("create", "list", "destroy", "destroyall", "verify", "replicate")),
             Key("name", "name", None, help="checkpoint name (create: default 'checkpoint'; "
                 "destroy: required)"),
             Key("poweroff", "bool", False, help="create: power the VM off once the checkpoint "
@@ -262,12 +262,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             Key("keep", "int", None, help="create: then delete the oldest checkpoints of the VM "
                 "so that this many remain", lo=1, hi=100000),
             Key("format", "enum", "text", help="list: output format", choices=("text", "json")),
+            Key("node", "name", None, help="replicate: the standby node (default: the VM's "
+                "ha_node)"),
         ),
         "cbsd bcheckpoint mode=create jname=vm1 name=after_update",
         details=("A checkpoint holds memory, CPU and device state and the disk contents of one "
                  "instant.\nRestore with: cbsd bstart jname=VM checkpoint=NAME\n"
                  "mode=list shows them as a tree: each under the checkpoint the VM was restored "
-                 "from or\ntaken after ('*': the one the running VM descends from)."),
+                 "from or\ntaken after ('*': the one the running VM descends from).\n"
+                 "mode=replicate takes a live checkpoint ha-G and ships what changed to the "
+                 "standby cluster node\n(docs/cluster.md \"Replication\")."),
         readonly_modes=("list", "verify"),
     ),
     Command(
@@ -423,6 +427,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     *DEVICE_COMMANDS,
     *SERVICE_COMMANDS,
     *SCHEDULE_COMMANDS,
+    BREPLICA,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).

@@ -86,6 +86,24 @@ def write_snapshot(src: Path, tag: str, dst: Path) -> None:
          f"snapshot.name={tag}", str(src), str(dst))
 
 
+def snapshot_to(src: Path, tag: str, dst: Path) -> None:
+    """Internal snapshot *tag* of *src* (which may be in use: -U, as write_snapshot) as a new
+    qcow2 *dst* holding only the snapshot's allocated clusters."""
+    _run("convert", "-q", "-U", "-f", "qcow2", "-O", "qcow2", "-l", f"snapshot.name={tag}",
+         str(src), str(dst))
+
+
+def write_over(src: Path, dst: Path) -> None:
+    """The qcow2 *src*'s contents written over the active layer of the existing qcow2 *dst*
+    (every byte, zeros too; dst's snapshots untouched)."""
+    _run("convert", "-q", "-n", "-f", "qcow2", "-O", "qcow2", str(src), str(dst))
+
+
+def compare(a: Path, b: Path) -> None:
+    """QemuError unless the two qcow2 images' active layers read the same."""
+    _run("compare", "-q", "-f", "qcow2", "-F", "qcow2", str(a), str(b))
+
+
 # --- is an image self-contained? ----------------------------------------------------------
 
 @dataclass(frozen=True)

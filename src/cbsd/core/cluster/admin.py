@@ -28,7 +28,7 @@ from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.detach import start_detached
 from cbsd.errors import CbsdError, StateError, UsageError
-from cbsd.names import check_name
+from cbsd.names import check_name, parse_interval
 from cbsd.storage.paths import Workdir
 
 
@@ -62,7 +62,11 @@ def install(ctx: Context) -> None:
             status = "On" if VM.load(ctx, jname).alive() else "Off"
         except CbsdError:
             status = "unknown"
-        return True, {"ram": spec.ram, "cpus": spec.cpus, "status": status}
+        # The standby finds the VMs it stands by for in one range read (docs/cluster.md
+        # "Replication"); ha=0 records null.
+        ha = ({"node": spec.ha_node, "interval": parse_interval(spec.ha_interval, "ha_interval")}
+              if spec.ha and spec.ha_node else None)
+        return True, {"ram": spec.ram, "cpus": spec.cpus, "status": status, "ha": ha}
 
     def guard(jname: str, what: str) -> AbstractContextManager[None]:
         if what in owner.UNGUARDED:

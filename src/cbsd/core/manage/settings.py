@@ -26,7 +26,7 @@ from cbsd.core.vm.machine import EFI_VARS, VM
 from cbsd.core.vm.states import sweep_orphans
 from cbsd.errors import CbsdError, StateError, UsageError
 from cbsd.failpoints import failpoint
-from cbsd.model import CLOUD_INIT_KEYS, SCHEDULE_KEYS, Action, VMSpec, require
+from cbsd.model import CLOUD_INIT_KEYS, HA_KEYS, SCHEDULE_KEYS, Action, VMSpec, require
 from cbsd.names import check_name, format_size
 from cbsd.qemu import img
 from cbsd.specs import CI_STORED
@@ -66,6 +66,7 @@ SETTINGS = (
     Setting("vm_dedup", "dedup"),
     Setting("vm_genid", "genid"),
     *(Setting(key, key, live=True) for key in SCHEDULE_KEYS),
+    *(Setting(key, key, live=True) for key in HA_KEYS),
 )
 SETTABLE = {s.key for s in SETTINGS} | set(CLOUD_INIT_KEYS)
 _LIVE = {s.key for s in SETTINGS if s.live}
