@@ -57,14 +57,16 @@ def ha_owned(records: dict[str, dict[str, Any]], me: str) -> set[str]:
 
 def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str],
                moving: Iterable[str]) -> set[str]:
-    """VMs in this node's inventory whose HA record names another node -- taken over while
-    this node was cut off, or while its keeper was down -- and that no move of this node's
+    """VMs in this node's inventory whose record names another node and is an HA one or
+    says it was taken from this node (a promoted VM's record has no "ha" until it is set
+    again) -- taken over while this node was cut off, or while its keeper was down -- and
+    that no move of this node's
     hands over (a bmigrate's record names the target, "from" this node, while the guest still
     runs here; its intent file says so too): their QEMU must not run here."""
     busy = set(moving)
     return {j for j in local
-            if j in records and isinstance(records[j].get("ha"), dict)
-            and records[j].get("node") not in (None, me)
+            if j in records and records[j].get("node") not in (None, me)
+            and (isinstance(records[j].get("ha"), dict) or records[j].get("taken_from") == me)
             and records[j].get("from") != me and j not in busy}
 
 

@@ -55,6 +55,8 @@ def claim_or_check(store: Store, me: str, jname: str, what: str, *,
     if kv is not None and rec.get("node") != me:
         if handing_over:
             return False
+        if what == "bremove" and rec.get("taken_from") == me:
+            return False  # the copy a takeover left here: removing it is all it may do
         raise NotOwner(f"{jname}: owned by node {rec.get('node')} in the cluster, not by this "
                        f"node ({me}): {what} refused")
     new = {**rec, "node": me, "last": what, "time": time.time()}

@@ -10,7 +10,8 @@ keeper's lease renewal never waits for it:
    absent -> the record names this node, with "takeover": OWNER (work in progress);
 2. replica.promote(): the replica becomes a VM of this node's inventory, a checkpoint;
 3. that checkpoint restored, running (bstart checkpoint=, through the ownership guard);
-4. "takeover" dropped from the record.
+4. "takeover" dropped from the record ("taken_from": OWNER stays: the old owner's keeper
+   kills its copy if it runs, its guard lets only bremove of the copy run there).
 
 A child cut short (kill -9, a host crash) leaves the record naming this node with "takeover":
 the next round starts the child again without the swap (REVISION 0), and promote is
@@ -20,7 +21,6 @@ RETRY seconds (a broken replica does not spin)."""
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import subprocess
 import sys
@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from cbsd.core.cluster import config, fence, nodes
+from cbsd.core.cluster import config, fence, nodes, replica
 from cbsd.core.cluster.store import Compare, Put, Store
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
@@ -50,7 +50,7 @@ class Replicas(Protocol):
 
 
 def replicas() -> Replicas:
-    return cast(Replicas, importlib.import_module("cbsd.core.cluster.replica"))
+    return replica
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,9 @@ def take(ctx: Context, store: Store, me: str, a: Action, reps: Replicas) -> str:
         kv = store.get(key)
         if kv is None or kv.mod_revision != a.revision:
             return f"{a.jname}: its record changed since it was read: no takeover"
-        new = {**kv.json(), "node": me, "takeover": a.owner,
+        # "takeover": in progress (dropped at the end); "taken_from": for good -- the old
+        # owner's keeper kills its copy, and only bremove of that copy runs there
+        new = {**kv.json(), "node": me, "takeover": a.owner, "taken_from": a.owner,
                "last": f"taken over from {a.owner}", "time": time.time()}
         if not store.txn([Compare(key, a.revision), Compare(nodes.ALIVE + a.owner, 0)],
                          [Put(key, json.dumps(new).encode())]):

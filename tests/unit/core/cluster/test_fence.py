@@ -60,9 +60,12 @@ def test_the_fencing_set_is_the_ha_vms_this_node_owns() -> None:
 def test_stale_copies_are_ha_vms_here_whose_record_names_another_node() -> None:
     records = {"taken": {"node": "b", "ha": HA}, "mine": {"node": "a", "ha": HA},
                "plain": {"node": "b"}, "migrating": {"node": "b", "from": "a", "ha": HA},
-               "moving": {"node": "b", "ha": HA}, "elsewhere": {"node": "c", "ha": HA}}
-    local = ["taken", "mine", "plain", "migrating", "moving", "unclustered"]
-    assert fence.stale_here(records, "a", local, moving=["moving"]) == {"taken"}
+               "moving": {"node": "b", "ha": HA}, "elsewhere": {"node": "c", "ha": HA},
+               "promoted": {"node": "b", "ha": None, "taken_from": "a"},
+               "other": {"node": "b", "ha": None, "taken_from": "c"}}
+    local = ["taken", "mine", "plain", "migrating", "moving", "unclustered", "promoted",
+             "other"]
+    assert fence.stale_here(records, "a", local, moving=["moving"]) == {"taken", "promoted"}
 
 
 class Clock:

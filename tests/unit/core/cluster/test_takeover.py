@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cbsd.core.checkpoint import checkpoints
-from cbsd.core.cluster import nodes
+from cbsd.core.cluster import nodes, owner
 from cbsd.core.cluster.store import Put
 from cbsd.core.cluster.takeover import Action, Standby, decide, take
 from cbsd.core.manage import lifecycle
@@ -135,7 +135,21 @@ def test_the_takeover_swaps_the_record_promotes_and_restores_running(
     assert "taken over from node a" in msg
     assert VM.load(ctx, "v").alive() and replica_here.promoted == 1
     got = s.get(nodes.VM + "v").json()  # type: ignore[union-attr]
-    assert got["node"] == "b" and "takeover" not in got and got["ha"] == HA_B
+    assert got["node"] == "b" and "takeover" not in got and got["taken_from"] == "a"
+
+
+def test_the_old_owner_may_only_remove_the_copy_a_takeover_left_there() -> None:
+    s = FakeStore()
+    s.txn([], [Put(nodes.VM + "v", json.dumps(rec("b", taken_from="a")).encode()),
+               Put(nodes.VM + "w", json.dumps(rec("b", taken_from="c")).encode())])
+    for what in ("bstart", "bset", "bcheckpoint"):
+        with pytest.raises(owner.NotOwner):
+            owner.claim_or_check(s, "a", "v", what)
+    assert owner.claim_or_check(s, "a", "v", "bremove") is False  # runs, writes nothing
+    owner.settle(s, "a", "v", "bremove", exists=False, facts={})
+    assert s.get(nodes.VM + "v").json()["node"] == "b"  # type: ignore[union-attr]
+    with pytest.raises(owner.NotOwner):
+        owner.claim_or_check(s, "a", "w", "bremove")  # not taken from a: a has no copy to drop
 
 
 def test_no_takeover_when_the_record_changed_or_the_owner_came_back(
