@@ -46,6 +46,19 @@ def make(base: Path) -> tuple[Netns, list[Host]]:
     return switch, made
 
 
+def form(base: Path, made: list[Host], ttl: int) -> None:
+    """The cluster through the CLI: init on the first host, issue + join on the others."""
+    first = made[0]
+    first.cbsd("bcluster", "mode=init", f"name={first.name}", f"address={first.addr}",
+               f"ttl={ttl}").ok()
+    for h in made[1:]:
+        bundle = base / f"bundle-{h.name}"
+        first.cbsd("bcluster", "mode=issue", f"name={h.name}", f"address={h.addr}",
+                   f"out={bundle}").ok()
+        h.cbsd("bcluster", "mode=join", f"name={h.name}", f"address={h.addr}",
+               f"bundle={bundle}").ok()
+
+
 def cluster_processes(wd: Path) -> list[int]:
     """The etcd member and the lease keeper of workdir *wd* (their command lines name it)."""
     mark = str(wd).encode()

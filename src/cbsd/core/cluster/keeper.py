@@ -36,16 +36,19 @@ WATCH = 1.0  # seconds between range reads of the cluster (the standby's reactio
 
 
 class Keeper:
-    """One node's keeper. *site*: this node's VMs (None: a keeper with no VMs to fence, as
-    in tests of the lease alone); *clock*: monotonic seconds; *on_snapshot*: what the watch
-    round does with the cluster it read (the standby's takeovers)."""
+    """One node's keeper. *site*: makes a view of this node's VMs, one per thread (an
+    SQLite connection serves the thread that opened it); None: a keeper with no VMs to fence,
+    as in tests of the lease alone. *clock*: monotonic seconds; *on_snapshot*: what the
+    watch round does with the cluster it read (the standby's takeovers)."""
 
-    def __init__(self, store: Store, name: str, ttl: int, site: Site | None = None, *,
+    def __init__(self, store: Store, name: str, ttl: int,
+                 site: Callable[[], Site] | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
                  watchdog: Watchdog | None = None,
                  on_snapshot: Callable[[nodes.Snapshot], None] | None = None,
                  log: Callable[[str], None] = lambda _msg: None) -> None:
-        self.store, self.name, self.ttl, self.site = store, name, ttl, site
+        self.store, self.name, self.ttl, self.make_site = store, name, ttl, site
+        self._local = threading.local()
         self.clock, self.watchdog, self.on_snapshot, self.log = clock, watchdog, on_snapshot, log
         self.margin = fence.margin(ttl)
         self.lease = 0
@@ -55,6 +58,14 @@ class Keeper:
         self.records: dict[str, dict[str, Any]] = {}
         self.fencing: set[str] = set()  # the HA VMs this node owned at the last read
         self.fenced: set[str] = set()   # the ones this keeper killed (logged once each)
+
+    @property
+    def site(self) -> Site | None:
+        if self.make_site is None:
+            return None
+        if getattr(self._local, "site", None) is None:
+            self._local.site = self.make_site()
+        return self._local.site  # type: ignore[no-any-return]
 
     def renew(self) -> bool:
         """One renewal: the lease kept alive (or granted anew if it lapsed) and the alive key
@@ -74,11 +85,12 @@ class Keeper:
         snap = nodes.snapshot(self.store)
         self.records = {j: kv.json() for j, kv in snap.vms.items()}
         self.fencing = fence.ha_owned(self.records, self.name)
-        if self.site is not None:
-            local = self.site.inventory.names()
-            moving = [j for j in local if self.site.workdir.moving(j).exists()]
+        site = self.site
+        if site is not None:
+            local = site.inventory.names()
+            moving = [j for j in local if site.workdir.moving(j).exists()]
             for j in fence.stale_here(self.records, self.name, local, moving):
-                if fence.kill(self.site, j) and j not in self.fenced:
+                if fence.kill(site, j) and j not in self.fenced:
                     self.fenced.add(j)
                     self.log(f"killed {j}: its owner record names node "
                              f"{self.records[j].get('node')}")
@@ -89,15 +101,16 @@ class Keeper:
         """The fencing check; whether this node is healthy (lease fresh, or every HA VM
         here stopped) -- the watchdog is petted only then."""
         now = self.clock()
+        site = self.site
         if not fence.fence_due(self.ttl, self.last_ok, now, self.margin):
             self.fenced.clear()
             healthy = True
-        elif self.site is None:
+        elif site is None:
             healthy = True
         else:
-            left = fence.kill_all(self.site, self.fencing)
+            left = fence.kill_all(site, self.fencing)
             for j in sorted(self.fencing - set(left) - self.fenced):
-                if j in self.site.inventory.names():
+                if j in site.inventory.names():
                     self.fenced.add(j)
                     self.log(f"fenced {j}: last renewal {now - self.last_ok:.2f} s ago "
                              f"(ttl {self.ttl} s)")
@@ -114,7 +127,10 @@ class Keeper:
         for job, period in ((self.renew, self.ttl / 3), (self.watch, WATCH)):
             threading.Thread(target=_forever, args=(job, period, self.log), daemon=True).start()
         while True:
-            self.tick()
+            try:
+                self.tick()
+            except Exception as e:  # logged, and the next tick tries again (no pet now)
+                self.log(f"tick: {e.__class__.__name__}: {e}")
             time.sleep(TICK)
 
 
@@ -158,7 +174,6 @@ def main() -> int:
 
     write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     log = _logger(config.keeper_log(wd))
-    site = Context(wd, writable=False)
     standby = takeover.Standby(wd, cfg.node, cfg.ttl, log)
     dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
     if dog is not None:
@@ -169,7 +184,8 @@ def main() -> int:
             os._exit(0)
 
         signal.signal(signal.SIGTERM, stop)
-    Keeper(config.store(wd, cfg), cfg.node, cfg.ttl, site, watchdog=dog,
+    Keeper(config.store(wd, cfg), cfg.node, cfg.ttl, lambda: Context(wd, writable=False),
+           watchdog=dog,
            on_snapshot=standby.round, log=log).serve()
     return 0
 

@@ -128,6 +128,11 @@ def take(ctx: Context, store: Store, me: str, a: Action, reps: Replicas) -> str:
     """The child's work (see the module's docstring); what it did."""
     key = nodes.VM + a.jname
     if a.revision:
+        if ctx.inventory.get(a.jname) is not None:
+            # a VM of that name here (a copy this node was once the owner of) would be
+            # taken for the promoted one: the operator removes it first
+            return (f"{a.jname}: a VM of that name is in this node's inventory already: "
+                    "no takeover (bremove it here first)")
         kv = store.get(key)
         if kv is None or kv.mod_revision != a.revision:
             return f"{a.jname}: its record changed since it was read: no takeover"

@@ -92,7 +92,7 @@ def owned(s: FakeStore, jname: str, node: str, ha: bool = True) -> None:
 def test_a_node_cut_off_kills_its_ha_vms_before_its_lease_can_expire(ctx: Context) -> None:
     s = FakeStore()
     log: list[str] = []
-    k = Keeper(s, "a", 10, ctx, clock=Clock(s), log=log.append)
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s), log=log.append)
     ha_vm, plain = running(ctx, "ha1"), running(ctx, "plain")
     owned(s, "ha1", "a")
     owned(s, "plain", "a", ha=False)
@@ -123,7 +123,7 @@ def test_a_node_cut_off_kills_its_ha_vms_before_its_lease_can_expire(ctx: Contex
 def test_the_lease_is_dated_by_when_the_renewal_was_sent(ctx: Context) -> None:
     # a renewal that took 4 s to answer counts from its start: etcd renewed it no earlier
     s = FakeStore()
-    k = Keeper(s, "a", 10, ctx, clock=Clock(s))
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
     real = s.keepalive
 
     def slow(lease: int) -> int:
@@ -142,7 +142,7 @@ def test_a_keeper_before_its_first_renewal_counts_as_due(ctx: Context) -> None:
     s = FakeStore()
     s.down = True
     vm = running(ctx, "ha1")
-    k = Keeper(s, "a", 10, ctx, clock=Clock(s))
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
     k.fencing = {"ha1"}
     assert k.tick() and not vm.alive()
 
@@ -151,7 +151,7 @@ def test_a_copy_taken_over_elsewhere_is_killed_here_when_the_node_is_back(ctx: C
     s = FakeStore()
     vm = running(ctx, "ha1")
     owned(s, "ha1", "b")  # the standby took it while this node was away
-    k = Keeper(s, "a", 10, ctx, clock=Clock(s))
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
     assert k.renew()
     k.watch()
     assert not vm.alive()
@@ -163,7 +163,7 @@ def test_the_watchdog_is_petted_each_healthy_round_and_not_when_fencing_fails(
     device.write_bytes(b"")
     s = FakeStore()
     dog = Watchdog(str(device), 10)
-    k = Keeper(s, "a", 10, ctx, clock=Clock(s), watchdog=dog)
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s), watchdog=dog)
     running(ctx, "ha1")
     owned(s, "ha1", "a")
     assert k.renew()

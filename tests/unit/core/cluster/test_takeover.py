@@ -102,8 +102,8 @@ def test_one_child_per_takeover_and_a_failed_one_waits_before_again(
 
 class FakeReplicas:
     """promote() as HA.md fixes it: the VM in this node's inventory with the replica's
-    checkpoint, whose name it returns. Here the VM and its checkpoint are made beforehand
-    (as a replica would bring them); promote counts its calls."""
+    checkpoint, whose name it returns (here made by starting the VM and checkpointing it
+    powered off, the first time; idempotent after). Counts its calls."""
 
     def __init__(self, checkpoint: str) -> None:
         self.checkpoint = checkpoint
@@ -114,15 +114,16 @@ class FakeReplicas:
 
     def promote(self, ctx: Context, jname: str) -> str:
         self.promoted += 1
+        if ctx.inventory.get(jname) is None:
+            define(ctx, jname)
+            lifecycle.start(ctx, jname)
+            checkpoints.create(ctx, jname, self.checkpoint, poweroff=True)
+            assert not VM.load(ctx, jname).alive()
         return self.checkpoint
 
 
 @pytest.fixture
 def replica_here(ctx: Context) -> FakeReplicas:
-    define(ctx, "v")
-    lifecycle.start(ctx, "v")
-    checkpoints.create(ctx, "v", "ha-1", poweroff=True)
-    assert not VM.load(ctx, "v").alive()
     return FakeReplicas("ha-1")
 
 
@@ -163,7 +164,7 @@ def test_no_takeover_when_the_record_changed_or_the_owner_came_back(
     s.revoke(lease)
     s.txn([], [Put(nodes.VM + "v", json.dumps(rec("a", last="bset")).encode())])
     assert "changed since" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
-    assert replica_here.promoted == 0 and not VM.load(ctx, "v").alive()
+    assert replica_here.promoted == 0 and ctx.inventory.get("v") is None
     assert s.get(nodes.VM + "v").json()["node"] == "a"  # type: ignore[union-attr]
 
 
@@ -179,3 +180,14 @@ def test_a_takeover_cut_short_is_resumed_without_a_second_swap(
     take(ctx, s, "b", Action("v", "a", 0), replica_here)
     assert VM.load(ctx, "v").alive() and replica_here.promoted == 2
     assert "takeover" not in s.get(nodes.VM + "v").json()  # type: ignore[union-attr]
+
+
+def test_no_takeover_over_a_vm_of_the_same_name_here(
+        ctx: Context, replica_here: FakeReplicas) -> None:
+    define(ctx, "v")  # say, the copy this node kept when the VM was taken from it once
+    s = FakeStore()
+    s.txn([], [Put(nodes.VM + "v", json.dumps(rec("a")).encode())])
+    rev = s.get(nodes.VM + "v").mod_revision  # type: ignore[union-attr]
+    assert "bremove it here first" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
+    assert replica_here.promoted == 0
+    assert s.get(nodes.VM + "v").json()["node"] == "a"  # type: ignore[union-attr]

@@ -1,0 +1,160 @@
+"""What the HA tests and the HA bench do to the three cluster hosts (tests/guests/cluster.py):
+an HA counter guest with a replica on its standby, a host cut off (links down, everything
+still running) or dead (every process in its namespace killed, links down), the etcd side
+seen from another host, and the guests' consoles watched for two copies advancing at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.guests.hosts import Host
+from tests.harness import COUNTER_RE, counter_lines
+from tests.vmchecks import counting, last_count
+
+
+def etcd_get(observer: Host, key: str) -> str | None:
+    """*key*'s value as *observer*'s etcd endpoint answers it now; None: absent, or no
+    answer (the caller only counts an answer)."""
+    d = observer.cbsd.workdir / "cluster"
+    r = observer.ns.run("etcdctl", "--dial-timeout=2s", "--command-timeout=3s",
+                        f"--endpoints=https://{observer.addr}:2379", "--cacert",
+                        str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key",
+                        str(d / "node.key"), "get", key, "-w", "json", timeout=20)
+    if r.returncode != 0:
+        raise RuntimeError(f"etcdctl on {observer.name}: {r.stderr.strip()}")
+    kvs = json.loads(r.stdout).get("kvs", [])
+    return "present" if kvs else None
+
+
+def record(observer: Host, jname: str) -> dict[str, object]:
+    d = observer.cbsd.workdir / "cluster"
+    r = observer.ns.run("etcdctl", "--dial-timeout=2s", "--command-timeout=3s",
+                        f"--endpoints=https://{observer.addr}:2379", "--cacert",
+                        str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key",
+                        str(d / "node.key"), "get", f"/cbsd/vm/{jname}",
+                        "--print-value-only", timeout=20)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout) if r.stdout.strip() else {}
+
+
+def qemu_running(h: Host, jname: str) -> bool:
+    """Whether the QEMU the VM's pid file names runs (read from /proc, as cbsd does)."""
+    try:
+        pid = int((h.cbsd.system(jname) / "qemu.pid").read_text())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, ValueError):
+        return False
+    return state not in (b"Z", b"X") and str(h.cbsd.system(jname)).encode() in cmd
+
+
+def arm(owner: Host, standby: Host, jname: str, interval: str = "5s") -> None:
+    """*jname* (running on *owner*) an HA VM with *standby* as its standby."""
+    owner.trust(standby)
+    nodes = owner.cbsd("node", "mode=list", "format=json").ok().out
+    if standby.name not in [n["name"] for n in json.loads(nodes or "[]")]:
+        owner.cbsd("node", "mode=add", f"name={standby.name}",
+                   f"host=root@{standby.addr}").ok()
+    owner.cbsd("bset", jname, "ha=1", f"ha_node={standby.name}",
+               f"ha_interval={interval}").ok()
+
+
+def replicate(owner: Host, jname: str) -> tuple[int, int]:
+    """Ship a generation now; (last count before, last count after): the replicated count
+    lies between them."""
+    counting(owner.cbsd, jname, 2)
+    before = last_count(owner.cbsd, jname)
+    owner.cbsd("bcheckpoint", "mode=replicate", f"jname={jname}", timeout=600).ok()
+    return before, last_count(owner.cbsd, jname)
+
+
+def ns_pids(h: Host) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", h.ns.name], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def die(h: Host) -> float:
+    """The host dies: its links go down and every process in its namespace is SIGKILLed
+    (etcd, keeper, QEMU, sshd, anything else); the moment it was dead (time.time())."""
+    h.link(False)
+    deadline = time.monotonic() + 30
+    while pids := ns_pids(h):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"{h.name}'s processes outlived SIGKILL"
+        time.sleep(0.02)
+    return time.time()
+
+
+@dataclass
+class Consoles:
+    """Samples the consoles of (host, jname) copies every 50 ms in a thread: when each
+    grew. Two copies advancing at once -- a split brain -- shows as overlapping spans."""
+    copies: list[tuple[Host, str]]
+    grew: dict[str, list[float]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Consoles:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _size(self, h: Host, jname: str) -> int:
+        try:
+            return (h.cbsd.system(jname) / "console.log").stat().st_size
+        except OSError:
+            return -1
+
+    def _run(self) -> None:
+        last = {h.name: self._size(h, j) for h, j in self.copies}
+        while not self._stop.is_set():
+            now = time.time()
+            for h, j in self.copies:
+                size = self._size(h, j)
+                if size > last[h.name] >= 0 or (last[h.name] < 0 <= size):
+                    self.grew.setdefault(h.name, []).append(now)
+                last[h.name] = size
+            time.sleep(0.05)
+
+    def overlaps(self) -> int:
+        """How many sample instants two copies' consoles both grew within 1 s of (the
+        counter prints several lines a second: a live copy grows in every such window)."""
+        names = list(self.grew)
+        clashes = 0
+        for i, x in enumerate(names):
+            for y in names[i + 1:]:
+                clashes += sum(1 for t in self.grew[x]
+                               if any(abs(t - u) < 1.0 for u in self.grew[y]))
+        return clashes
+
+
+def first_count(h: Host, jname: str, timeout: float) -> tuple[int, float]:
+    """Wait until the copy on *h* prints two counter lines; (the first count, when the
+    first line was seen). No reboot: its console has no BOOT line."""
+    con = h.cbsd.console(jname)
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = counter_lines(con.text())
+        if lines:
+            seen = time.time()
+            break
+        assert time.monotonic() < deadline, f"{jname} never ran on {h.name}"
+        time.sleep(0.05)
+    con.wait(COUNTER_RE, count=2)
+    lines = counter_lines(con.text())
+    assert "BOOT" not in con.text(), "a takeover must not reboot the guest"
+    assert all(ok == "OK" for _, _, ok in lines), lines  # its disk matches its memory
+    return lines[0][0], seen
