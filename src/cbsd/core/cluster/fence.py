@@ -70,19 +70,22 @@ def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str]
             and records[j].get("from") != me and j not in busy}
 
 
-def kill(site: Site, jname: str) -> bool:
-    """SIGKILL VM *jname*'s QEMU here if it runs; whether it is gone now. No lock taken."""
+def kill(site: Site, jname: str) -> bool | None:
+    """SIGKILL VM *jname*'s QEMU here if it runs: None if nothing of it ran, else whether it
+    is gone now. No lock taken."""
     try:
         vm = VM.load(site, jname)
     except CbsdError:
-        return True  # not in this inventory: nothing of it runs here
+        return None  # not in this inventory: nothing of it runs here
     if not vm.alive():
-        return True
+        return None
     marker = vm.paths.qmp_sock
     process.kill(vm.pid, marker, signal.SIGKILL)
     return process.wait_gone(vm.pid, marker, KILL_WAIT)
 
 
-def kill_all(site: Site, jnames: Iterable[str]) -> list[str]:
-    """Kill every one of *jnames* that runs here; the ones still running after it."""
-    return [j for j in sorted(jnames) if not kill(site, j)]
+def kill_all(site: Site, jnames: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Kill every one of *jnames* that runs here: (the ones killed, the ones still running
+    after it)."""
+    done = {j: kill(site, j) for j in sorted(jnames)}
+    return [j for j, r in done.items() if r], [j for j, r in done.items() if r is False]

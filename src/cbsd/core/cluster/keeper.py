@@ -57,7 +57,6 @@ class Keeper:
         self.last_ok = clock() - ttl
         self.records: dict[str, dict[str, Any]] = {}
         self.fencing: set[str] = set()  # the HA VMs this node owned at the last read
-        self.fenced: set[str] = set()   # the ones this keeper killed (logged once each)
 
     @property
     def site(self) -> Site | None:
@@ -90,8 +89,7 @@ class Keeper:
             local = site.inventory.names()
             moving = [j for j in local if site.workdir.moving(j).exists()]
             for j in fence.stale_here(self.records, self.name, local, moving):
-                if fence.kill(site, j) and j not in self.fenced:
-                    self.fenced.add(j)
+                if fence.kill(site, j):
                     self.log(f"killed {j}: its owner record names node "
                              f"{self.records[j].get('node')}")
         if self.on_snapshot is not None:
@@ -102,18 +100,13 @@ class Keeper:
         here stopped) -- the watchdog is petted only then."""
         now = self.clock()
         site = self.site
-        if not fence.fence_due(self.ttl, self.last_ok, now, self.margin):
-            self.fenced.clear()
-            healthy = True
-        elif site is None:
+        if not fence.fence_due(self.ttl, self.last_ok, now, self.margin) or site is None:
             healthy = True
         else:
-            left = fence.kill_all(site, self.fencing)
-            for j in sorted(self.fencing - set(left) - self.fenced):
-                if j in site.inventory.names():
-                    self.fenced.add(j)
-                    self.log(f"fenced {j}: last renewal {now - self.last_ok:.2f} s ago "
-                             f"(ttl {self.ttl} s)")
+            killed, left = fence.kill_all(site, self.fencing)
+            for j in killed:
+                self.log(f"fenced {j}: last renewal {now - self.last_ok:.2f} s ago "
+                         f"(ttl {self.ttl} s)")
             for j in left:
                 self.log(f"fencing {j} FAILED: its QEMU is still running")
             healthy = not left
