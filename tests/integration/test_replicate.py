@@ -51,6 +51,7 @@ def test_replicate_ships_only_what_the_standby_lacks_and_the_promoted_replica_re
     counting(a.cbsd, "vmr")
     first = SHIPPED.search(a.cbsd("bcheckpoint", "mode=replicate", "jname=vmr").ok().out)
     assert first is not None and first.group(1) == "1"
+    assert "disks: full" in first.string
     assert published(b, "vmr")["generation"] == 1
     counting(a.cbsd, "vmr")
     before = last_count(a.cbsd, "vmr")
@@ -58,6 +59,7 @@ def test_replicate_ships_only_what_the_standby_lacks_and_the_promoted_replica_re
     at = (before, last_count(a.cbsd, "vmr"))
     second = SHIPPED.search(r.out)
     assert second is not None and second.group(1) == "2" and "full" not in r.out
+    assert "disks: delta" in r.out  # only the clusters written since generation 1
     # the second ships the chunks generation 1 lacks: far fewer than the whole stream
     assert int(second.group(2)) < int(first.group(2)) / 2, (first.group(0), second.group(0))
     # the owner keeps the last shipped checkpoint as the base of the next one

@@ -99,6 +99,15 @@ def write_over(src: Path, dst: Path) -> None:
     _run("convert", "-q", "-n", "-f", "qcow2", "-O", "qcow2", str(src), str(dst))
 
 
+def commit_into(top: Path, image: Path) -> None:
+    """The clusters allocated in the self-contained qcow2 *top* written into *image*'s active
+    layer, nothing else (*top* is given *image* as its backing file, by cbsd, for this one
+    commit, then emptied: the caller deletes it)."""
+    _run("rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(image.resolve()),
+         str(top))
+    _run("commit", "-q", "-f", "qcow2", str(top))
+
+
 def compare(a: Path, b: Path) -> None:
     """QemuError unless the two qcow2 images' active layers read the same."""
     _run("compare", "-q", "-f", "qcow2", "-F", "qcow2", str(a), str(b))

@@ -32,7 +32,8 @@ def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live:
 
 def create_held(vm: VM, name: str, *, poweroff: bool = False, live: bool = False,
                 keep: int | None = None, progress: save.Progress | None = None,
-                stamp: save.Stamp | None = None) -> tuple[str, bool]:
+                stamp: save.Stamp | None = None,
+                along: save.Along | None = None) -> tuple[str, bool]:
     """create()'s work on a VM whose lock the caller holds (bcheckpoint, the schedule's run):
     (what to say, whether to fold), for after_create once the lock is released."""
     wd, jname = vm.ctx.workdir, vm.jname
@@ -41,7 +42,7 @@ def create_held(vm: VM, name: str, *, poweroff: bool = False, live: bool = False
     final = wd.checkpoint(jname, name)
     replaced = _parent_of(final)
     save.save(vm, final, name=name, kind="checkpoint", live=live,
-              keep_running=not poweroff, progress=progress, stamp=stamp)
+              keep_running=not poweroff, progress=progress, stamp=stamp, along=along)
     if replaced is not None:  # the old state of that name is gone: its children move up
         tree.reparent(wd, jname, name, replaced[0])
     if not poweroff:

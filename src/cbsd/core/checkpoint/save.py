@@ -50,6 +50,9 @@ from cbsd.storage.paths import free_bytes
 
 Progress = Callable[[int, int], None]
 Stamp = Callable[[Manifest], None]  # the caller's marks on a manifest before it is sealed
+# QMP transaction actions the caller adds to the disks' snapshots, given (image, tag) of each:
+# taken in the same paused instant, all or none (replication's dirty bitmaps and backup jobs)
+Along = Callable[[list[tuple[Image, str]]], list[dict[str, Any]]]
 UNLIMITED_BANDWIDTH = 1 << 40
 def put_back(mon: Monitor, was_running: bool) -> None:
     """Return the VM to the run state it had. After a completed migration QEMU 7.2 leaves it in
@@ -110,18 +113,21 @@ class _Attempt:
     guest_gap: float = 0.0  # how long the vCPUs stood still for this save (Timings)
     files: dict[str, FileEntry] = field(default_factory=dict)
     stamp: Stamp | None = None
+    along: Along | None = None
 
 
 def save(vm: VM, final: Path, *, name: str, kind: str, live: bool = False,
          keep_running: bool = True, progress: Progress | None = None,
-         stamp: Stamp | None = None) -> Manifest:
+         stamp: Stamp | None = None, along: Along | None = None) -> Manifest:
     """Write the VM's complete state to *final* (replacing an older one only once complete).
     The caller holds the VM's lock, under which recovery already ran.
 
     keep_running=False leaves QEMU stopped after the save (the caller ends it). *stamp*
-    adds the caller's marks to the manifest (a schedule's), sealed with the rest."""
+    adds the caller's marks to the manifest (a schedule's), sealed with the rest. *along*:
+    QMP actions taken with the disks' snapshots, in one transaction (the caller undoes their
+    effects if the save fails)."""
     a = _prepare(vm, final, name, kind, live, keep_running)
-    a.stamp = stamp
+    a.stamp, a.along = stamp, along
     try:
         _freeze(a)
         _stream(a, progress)
@@ -194,7 +200,12 @@ def _freeze(a: _Attempt) -> None:
         mon.cmd("stop")
         a.stopped = time.monotonic()
     failpoint("save:stopped")
-    for image in vm.images():
+    if a.along is not None:  # one transaction: the snapshots and the caller's actions
+        tags = [(image, f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}") for image in vm.images()]
+        mon.cmd("transaction", actions=[{"type": "blockdev-snapshot-internal-sync", "data": {
+            "device": image.node, "name": tag}} for image, tag in tags] + a.along(tags))
+        a.tags.extend(tags)
+    for image in vm.images() if a.along is None else ():
         tag = f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}"
         mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
         a.tags.append((image, tag))

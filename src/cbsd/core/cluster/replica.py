@@ -181,13 +181,15 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         store.packs.mkdir(parents=True, exist_ok=True, mode=0o700)
         pack = os.urandom(8).hex()
         pack_tmp = store.packs / f"{TMP_PREFIX}{pack}.pack"
-        sizes = {str(k): int(v) for k, v in head["disks"].items()}
+        disks = {str(k): (int(v["size"]), str(v["mode"])) for k, v in head["disks"].items()}
+        if any(mode == "delta" for _, mode in disks.values()) and base is None:
+            raise ArchiveError(f"{jname}: a disk delta without a base generation")
         for info in reader.members():
             if info.name in (ckpstore.MANIFEST, "entries"):
                 reader.extract(info, tmp / info.name)
             elif info.name == "chunks":
                 reader.extract(info, pack_tmp)
-            elif info.name.startswith("disk/") and info.name[5:] in sizes:
+            elif info.name.startswith("disk/") and info.name[5:] in disks:
                 reader.extract(info, root / "disks" / f".in-{info.name[5:]}")
             else:
                 raise ArchiveError(f"{jname}: the replication stream holds {info.name}")
@@ -210,8 +212,8 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         fsync_dir(tmp)
         failpoint("replica:memory")
         new_tag = f"{TAG}{gen}"
-        for name, size in sorted(sizes.items()):
-            _disk(root / "disks", name, size, new_tag)
+        for name, (size, mode) in sorted(disks.items()):
+            _disk(root / "disks", name, size, mode, new_tag)
         failpoint("replica:disks")
         final = root / f"gen-{gen}.ckp"
         os.rename(tmp, final)
@@ -256,19 +258,28 @@ def _recipe(store: Store, rep: Replica | None, entries: Path, pack_tmp: Path,
     return Recipe(packs, size, out)
 
 
-def _disk(d: Path, name: str, size: int, tag: str) -> None:
-    """The received contents of image *name* (a qcow2 of the owner's snapshot) written over
-    the replica image's active layer (its published snapshot untouched), checked, flushed
-    and snapshotted as *tag*."""
+def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
+    """The received image *name* written over the replica image's active layer (its
+    published snapshot untouched), flushed and snapshotted as *tag*. "full": a qcow2 of the
+    owner's snapshot, every byte written, then compared; "delta": a qcow2 holding only the
+    clusters written since the base generation (core/cluster/delta.py), committed into the
+    image (only its allocated clusters are written)."""
     incoming, image = d / f".in-{name}", d / name
     if not incoming.exists():
         raise ArchiveError(f"the replication stream lacks image {name}")
-    img.check(incoming, f"the replicated image {name}")
-    if not image.exists():
-        img.create(image, size)
-        image.chmod(0o600)
-    img.write_over(incoming, image)
-    img.compare(incoming, image)
+    got = img.check(incoming, f"the replicated image {name}")
+    if got.virtual_size != size:
+        raise ArchiveError(f"the replicated image {name} is not the disk's size")
+    if mode == "delta":
+        if not image.exists():
+            raise ArchiveError(f"a delta of image {name}, which this replica lacks")
+        img.commit_into(incoming, image)
+    else:
+        if not image.exists():
+            img.create(image, size)
+            image.chmod(0o600)
+        img.write_over(incoming, image)
+        img.compare(incoming, image)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from cbsd.core.checkpoint import checkpoints, fold
-from cbsd.core.cluster import config, nodes
+from cbsd.core.cluster import config, delta, nodes
 from cbsd.core.cluster.replica import ENTRY, KIND, NAME
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
@@ -116,9 +116,13 @@ def _replicate_held(vm: VM, peer: Node, me: str) -> str:
             base = have
     gen = max([*local, have if isinstance(have, int) else 0, 0]) + 1
     name = f"{NAME}{gen}"
-    checkpoints.create_held(vm, name, live=True)
-    ckdir = wd.checkpoint(jname, name)
+    scratch = ckpstore.new_tmpdir(wd.system(jname) / "replicate.ckp")
+    plan = delta.Plan(gen, base)
     try:
+        plan = delta.prepare(vm, scratch, gen, base)
+        checkpoints.create_held(vm, name, live=True, along=delta.along(plan))
+        ckdir = wd.checkpoint(jname, name)
+        delta.finish(vm, plan)
         m = ckpstore.read_manifest(ckdir)
         if not m.folded and ckdir not in fold.foldable(wd, jname):
             raise StateError(f"{jname}: replication ships memory as chunks: it needs "
@@ -126,87 +130,93 @@ def _replicate_held(vm: VM, peer: Node, me: str) -> str:
         if not m.folded and not fold.fold_one(Store(wd.store(jname)), ckdir, lambda: False):
             raise StateError(f"{jname}: checkpoint {name} does not match its own checksum")
         failpoint("replicate:taken")
-        sent = _ship(vm, peer, ckdir, gen, base, local.get(base) if base else None, me)
+        sent = _ship(vm, peer, ckdir, plan, scratch, local.get(base) if base else None, me)
     except BaseException:
         with contextlib.suppress(CbsdError, OSError):
-            checkpoints.drop(vm, name)  # the standby keeps what it had; so does the base here
+            delta.close(vm, plan)
+            delta.drop(vm, gen)  # the base's bitmap stays: the next one ships from it
+        if ckpstore.has_manifest(wd.checkpoint(jname, name)):
+            with contextlib.suppress(CbsdError, OSError):
+                checkpoints.drop(vm, name)  # the standby keeps what it had, so does the base
         raise
+    finally:
+        remove_tree(scratch)
     failpoint("replicate:acknowledged")
+    delta.keep_only(vm, gen)
     for g, _ in sorted(local.items()):
         checkpoints.drop(vm, f"{NAME}{g}")
     ram = vm.spec.ram
+    how = "; disks: " + ", ".join(sorted({plan.mode(i) for i in range(len(vm.images()))}))
     return (f"{jname}: generation {gen} replicated to {peer.name} ({sent['memory']} bytes of "
             f"memory chunks, {sent['disks']} of disks; {100 * sum(sent.values()) / ram:.1f}% "
-            f"of its RAM{'' if base else '; full: no base there'})")
+            f"of its RAM{'' if base else '; full: no base there'}{how})")
 
 
-def _ship(vm: VM, peer: Node, ckdir: Path, gen: int, base: int | None,
+def _ship(vm: VM, peer: Node, ckdir: Path, plan: delta.Plan, scratch: Path,
           base_dir: Path | None, me: str) -> dict[str, int]:
     """The stream into `breplica mode=apply` on *peer*; bytes sent by kind, once the
-    standby said it published generation *gen*."""
-    wd, jname = vm.ctx.workdir, vm.jname
+    standby said it published generation plan.gen."""
+    wd, jname, gen = vm.ctx.workdir, vm.jname, plan.gen
     m = ckpstore.read_manifest(ckdir)
     recipe = Recipe.read(ckdir / RECIPE)
     known: set[bytes] = set()
     if base_dir is not None:
         known = {e[0] for e in Recipe.read(base_dir / RECIPE).entries}
-    scratch = ckpstore.new_tmpdir(wd.system(jname) / "replicate.ckp")
+    tags = {s.disk: s.tag for s in m.disk_snapshots}
+    disks: dict[str, dict[str, Any]] = {}
+    files: dict[str, Path] = {}
+    for i, image in enumerate(vm.images()):
+        files[image.name] = plan.deltas.get(i) or scratch / image.name
+        if i not in plan.deltas:
+            img.snapshot_to(Path(image.path), tags[image.name], files[image.name])
+        disks[image.name] = {"size": int(img.info(Path(image.path))["virtual-size"]),
+                             "mode": plan.mode(i)}
+    failpoint("replicate:built")
+    store = Store(wd.store(jname))
+    entries = b"".join(ENTRY.pack(d, n) for d, _, _, n in recipe.entries)
+    new, new_size = [], 0
+    for digest, pack, offset, length in recipe.entries:
+        if digest not in known:
+            known.add(digest)
+            new.append((recipe.packs[pack], offset, length))
+            new_size += length
+    head = {"format": FORMAT, "kind": KIND, "jname": jname, "generation": gen,
+            "base": plan.base, "source": me, "spec": vm.spec.to_dict(), "disks": disks}
+    proc = subprocess.Popen(peer.argv(["breplica", "mode=apply", f"jname={jname}"]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
-        tags = {s.disk: s.tag for s in m.disk_snapshots}
-        disks: dict[str, int] = {}
-        for image in vm.images():
-            img.snapshot_to(Path(image.path), tags[image.name], scratch / image.name)
-            disks[image.name] = int(img.info(Path(image.path))["virtual-size"])
-        failpoint("replicate:built")
-        store = Store(wd.store(jname))
-        entries = b"".join(ENTRY.pack(d, n) for d, _, _, n in recipe.entries)
-        new, new_size = [], 0
-        for digest, pack, offset, length in recipe.entries:
-            if digest not in known:
-                known.add(digest)
-                new.append((recipe.packs[pack], offset, length))
-                new_size += length
-        head = {"format": FORMAT, "kind": KIND, "jname": jname, "generation": gen,
-                "base": base, "source": me, "spec": vm.spec.to_dict(), "disks": disks}
-        proc = subprocess.Popen(peer.argv(["breplica", "mode=apply", f"jname={jname}"]),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
         try:
-            try:
-                out = cast(IO[bytes], proc.stdin)
-                w = Writer(out)
-                w.add_bytes(HEADER, json.dumps(head).encode())
-                w.add_bytes(ckpstore.MANIFEST, (ckdir / ckpstore.MANIFEST).read_bytes())
-                w.add_bytes("entries", entries)
-                w.add("chunks", Source(new_size, pieces=_chunks(store, new)))
-                failpoint("replicate:shipping")
-                for name in sorted(disks):
-                    w.add(f"disk/{name}", Source((scratch / name).stat().st_size,
-                                                 scratch / name))
-                w.close()
-            except BrokenPipeError:
-                pass  # the standby stopped reading: its answer says why
-            finally:
-                with contextlib.suppress(BrokenPipeError):
-                    cast(IO[bytes], proc.stdin).close()
-                proc.stdin = None
-            answer, err = proc.communicate(timeout=APPLY_TIMEOUT)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise peer.failed(proc.returncode, err)
-        try:
-            done = json.loads(answer)
-        except ValueError:
-            done = None
-        if not isinstance(done, dict) or done.get("generation") != gen:
-            raise NodeError(f"node {peer.name}: did not say it published generation {gen}")
-        return {"memory": new_size,
-                "disks": sum((scratch / n).stat().st_size for n in disks)}
-    finally:
-        remove_tree(scratch)
+            out = cast(IO[bytes], proc.stdin)
+            w = Writer(out)
+            w.add_bytes(HEADER, json.dumps(head).encode())
+            w.add_bytes(ckpstore.MANIFEST, (ckdir / ckpstore.MANIFEST).read_bytes())
+            w.add_bytes("entries", entries)
+            w.add("chunks", Source(new_size, pieces=_chunks(store, new)))
+            failpoint("replicate:shipping")
+            for name in sorted(disks):
+                w.add(f"disk/{name}", Source(files[name].stat().st_size, files[name]))
+            w.close()
+        except BrokenPipeError:
+            pass  # the standby stopped reading: its answer says why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                cast(IO[bytes], proc.stdin).close()
+            proc.stdin = None
+        answer, err = proc.communicate(timeout=APPLY_TIMEOUT)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise peer.failed(proc.returncode, err)
+    try:
+        done = json.loads(answer)
+    except ValueError:
+        done = None
+    if not isinstance(done, dict) or done.get("generation") != gen:
+        raise NodeError(f"node {peer.name}: did not say it published generation {gen}")
+    return {"memory": new_size, "disks": sum(f.stat().st_size for f in files.values())}
 
 
 def _chunks(store: Store, refs: list[tuple[str, int, int]]) -> Iterator[bytes]:
