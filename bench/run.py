@@ -14,7 +14,10 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        migrate-checkpoints (bmigrate's downtime with and without checkpoints; study
        "hosts-migrate-checkpoints", no chart),
        clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
-       output, host memory; study "clone", no chart)."""
+       output, host memory; study "clone", no chart),
+       ha (fencing and failover on three hosts: time to the guest running on the standby,
+       state lost, split brains over 20 partitions and 5 host deaths; study "ha", no
+       chart)."""
 
 from __future__ import annotations
 
@@ -59,6 +62,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_clone
 
             print(bench_clone.write(*bench_clone.run_all()), flush=True)
+            continue
+        if case == "ha":
+            from bench import bench_ha
+
+            print(bench_ha.write(*bench_ha.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

@@ -101,6 +101,7 @@ class Consoles:
     grew. Two copies advancing at once -- a split brain -- shows as overlapping spans."""
     copies: list[tuple[Host, str]]
     grew: dict[str, list[float]] = field(default_factory=dict)
+    both_running: int = 0  # samples in which two copies' QEMUs ran at once
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Consoles:
@@ -127,6 +128,8 @@ class Consoles:
                 if size > last[h.name] >= 0 or (last[h.name] < 0 <= size):
                     self.grew.setdefault(h.name, []).append(now)
                 last[h.name] = size
+            if sum(qemu_running(h, j) for h, j in self.copies) > 1:
+                self.both_running += 1
             time.sleep(0.05)
 
     def overlaps(self) -> int:
@@ -158,3 +161,19 @@ def first_count(h: Host, jname: str, timeout: float) -> tuple[int, float]:
     assert "BOOT" not in con.text(), "a takeover must not reboot the guest"
     assert all(ok == "OK" for _, _, ok in lines), lines  # its disk matches its memory
     return lines[0][0], seen
+
+
+def revive(h: Host) -> None:
+    """A dead host back: its link up, its sshd again (same config and host key), then
+    `bcluster mode=start` (the member from its data, the keeper)."""
+    h.link(True)
+    log = h.root / "sshd.log"
+    log.write_bytes(b"")
+    h.sshd = subprocess.Popen([*h.ns.prefix, "/usr/sbin/sshd", "-D", "-e", "-f",
+                               str(h.root / "sshd_config")], stdout=subprocess.DEVNULL,
+                              stderr=open(log, "wb"))  # noqa: SIM115
+    deadline = time.monotonic() + 20
+    while b"Server listening" not in log.read_bytes():
+        assert h.sshd.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    h.cbsd("bcluster", "mode=start", timeout=120).ok()
