@@ -112,8 +112,9 @@ def write(cases: list[Case], versions: dict[str, str], study: Study = HA) -> str
                           "what is measured: docs/cluster.md, \"Fencing and failover\".",
                           f"- {versions['etcd']}")
     for c in cases:
-        lines += c.table("s" if "split" not in c.title else "")
-        if "split" in c.title:
+        split = c.title.startswith("Split")
+        lines += c.table("" if split else "s")
+        if split:
             lines += [f"- {n}: **{int(sum(s.samples))} split brains in {len(s.samples)} "
                       "trials**" for n, s in c.series.items()]
         lines += [f"- {n}" for n in c.notes] + [""]
