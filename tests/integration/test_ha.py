@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,22 @@ def test_a_dead_owner_s_guest_resumes_on_its_standby(three: list[Host]) -> None:
     # the lease, the standby's margin and one read a second, then the promote and restore:
     # bounded, not a figure (bench/bench_ha.py measures it)
     assert seen - dead < TTL + 30, seen - dead
+
+
+def test_the_watchdog_is_opt_in_and_petted_by_the_keeper(three: list[Host],
+                                                         tmp_path: Path) -> None:
+    a, _b, c = three
+    a.cbsd("bcluster", "mode=start", f"watchdog={tmp_path / 'none-here'}").fails(
+        2, "no such device")
+    # a regular file stands in for /dev/watchdog: a real one would reboot this machine
+    device = tmp_path / "watchdog"
+    device.write_bytes(b"")
+    a.cbsd("bcluster", "mode=start", f"watchdog={device}").ok()
+    cluster.wait_for("petted", lambda: device.stat().st_size >= 5, timeout=TTL * 5)
+    assert set(device.read_bytes()) == {0}
+    assert up(c, "a")
+    a.cbsd("bcluster", "mode=start", "watchdog=none").ok()  # the keeper anew, without it
+    assert device.read_bytes().endswith(b"V")  # disarmed by the magic close
+    size = device.stat().st_size
+    cluster.wait_for("a up", lambda: up(c, "a"), timeout=TTL * 5)
+    assert device.stat().st_size == size

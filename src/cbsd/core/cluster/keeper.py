@@ -46,8 +46,12 @@ class Keeper:
                  clock: Callable[[], float] = time.monotonic,
                  watchdog: Watchdog | None = None,
                  on_snapshot: Callable[[nodes.Snapshot], None] | None = None,
-                 log: Callable[[str], None] = lambda _msg: None) -> None:
+                 log: Callable[[str], None] = lambda _msg: None,
+                 watch_store: Store | None = None) -> None:
         self.store, self.name, self.ttl, self.make_site = store, name, ttl, site
+        # the watch thread's own client: a client (its session, its endpoint order) serves
+        # one thread
+        self.watch_store = watch_store or store
         self._local = threading.local()
         self.clock, self.watchdog, self.on_snapshot, self.log = clock, watchdog, on_snapshot, log
         self.margin = fence.margin(ttl)
@@ -81,7 +85,7 @@ class Keeper:
 
     def watch(self) -> None:
         """One read of the cluster: the fencing set, stale copies killed, takeovers."""
-        snap = nodes.snapshot(self.store)
+        snap = nodes.snapshot(self.watch_store)
         self.records = {j: kv.json() for j, kv in snap.vms.items()}
         self.fencing = fence.ha_owned(self.records, self.name)
         site = self.site
@@ -179,7 +183,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, stop)
     Keeper(config.store(wd, cfg), cfg.node, cfg.ttl, lambda: Context(wd, writable=False),
            watchdog=dog,
-           on_snapshot=standby.round, log=log).serve()
+           on_snapshot=standby.round, log=log, watch_store=config.store(wd, cfg)).serve()
     return 0
 
 
