@@ -20,29 +20,32 @@ from tests.harness import COUNTER_RE, counter_lines
 from tests.vmchecks import counting, last_count
 
 
-def etcd_get(observer: Host, key: str) -> str | None:
-    """*key*'s value as *observer*'s etcd endpoint answers it now; None: absent, or no
-    answer (the caller only counts an answer)."""
+def _etcdctl(observer: Host, *args: str, timeout: float = 60) -> str:
+    """etcdctl against *observer*'s member; its output. A query that gets no answer (an
+    election under way: a healed member may call one) is asked again, until *timeout*."""
     d = observer.cbsd.workdir / "cluster"
-    r = observer.ns.run("etcdctl", "--dial-timeout=2s", "--command-timeout=3s",
-                        f"--endpoints=https://{observer.addr}:2379", "--cacert",
-                        str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key",
-                        str(d / "node.key"), "get", key, "-w", "json", timeout=20)
-    if r.returncode != 0:
-        raise RuntimeError(f"etcdctl on {observer.name}: {r.stderr.strip()}")
-    kvs = json.loads(r.stdout).get("kvs", [])
-    return "present" if kvs else None
+    deadline = time.monotonic() + timeout
+    while True:
+        r = observer.ns.run("etcdctl", "--dial-timeout=2s", "--command-timeout=3s",
+                            f"--endpoints=https://{observer.addr}:2379", "--cacert",
+                            str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key",
+                            str(d / "node.key"), *args, timeout=20)
+        if r.returncode == 0:
+            return r.stdout
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"etcdctl on {observer.name}: {r.stderr.strip()}")
+        time.sleep(0.2)
+
+
+def etcd_get(observer: Host, key: str) -> str | None:
+    """Whether *key* exists as *observer*'s etcd member answers now ("present" or None)."""
+    return "present" if json.loads(_etcdctl(observer, "get", key, "-w", "json")).get(
+        "kvs") else None
 
 
 def record(observer: Host, jname: str) -> dict[str, object]:
-    d = observer.cbsd.workdir / "cluster"
-    r = observer.ns.run("etcdctl", "--dial-timeout=2s", "--command-timeout=3s",
-                        f"--endpoints=https://{observer.addr}:2379", "--cacert",
-                        str(d / "ca.crt"), "--cert", str(d / "node.crt"), "--key",
-                        str(d / "node.key"), "get", f"/cbsd/vm/{jname}",
-                        "--print-value-only", timeout=20)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout) if r.stdout.strip() else {}
+    out = _etcdctl(observer, "get", f"/cbsd/vm/{jname}", "--print-value-only")
+    return json.loads(out) if out.strip() else {}
 
 
 def qemu_running(h: Host, jname: str) -> bool:
