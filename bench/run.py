@@ -15,6 +15,8 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        "hosts-migrate-checkpoints", no chart),
        clone (bclone count=N start=1 for N = 1, 4, 16 small guests: time to the last one's
        output, host memory; study "clone", no chart),
+       replicate (bytes shipped and the guest's pause per replication to a standby; study
+       "replicate", no chart),
        ha (fencing and failover on three hosts: time to the guest running on the standby,
        state lost, split brains over 20 partitions and 5 host deaths; study "ha", no
        chart)."""
@@ -57,6 +59,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_migrate_ckp
 
             print(bench_migrate_ckp.write(*bench_migrate_ckp.run_all()), flush=True)
+            continue
+        if case == "replicate":
+            from bench import bench_replicate
+
+            print(bench_replicate.write(*bench_replicate.run_all()), flush=True)
             continue
         if case == "clone":
             from bench import bench_clone

@@ -46,19 +46,6 @@ def make(base: Path) -> tuple[Netns, list[Host]]:
     return switch, made
 
 
-def form(base: Path, made: list[Host], ttl: int) -> None:
-    """The cluster through the CLI: init on the first host, issue + join on the others."""
-    first = made[0]
-    first.cbsd("bcluster", "mode=init", f"name={first.name}", f"address={first.addr}",
-               f"ttl={ttl}").ok()
-    for h in made[1:]:
-        bundle = base / f"bundle-{h.name}"
-        first.cbsd("bcluster", "mode=issue", f"name={h.name}", f"address={h.addr}",
-                   f"out={bundle}").ok()
-        h.cbsd("bcluster", "mode=join", f"name={h.name}", f"address={h.addr}",
-               f"bundle={bundle}").ok()
-
-
 def cluster_processes(wd: Path) -> list[int]:
     """The etcd member and the lease keeper of workdir *wd* (their command lines name it)."""
     mark = str(wd).encode()
@@ -90,3 +77,17 @@ def wait_for(what: str, check: object, timeout: float = 60) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.1)
+
+
+def form(base: Path, made: list[Host], ttl: int = 10) -> None:
+    """The cluster of *made* through the CLI: init on the first, issue + join on the others
+    (what tests/integration/test_cluster.py's fixture does, for the benches)."""
+    first = made[0]
+    first.cbsd("bcluster", "mode=init", f"name={first.name}", f"address={first.addr}",
+               f"ttl={ttl}").ok()
+    for h in made[1:]:
+        bundle = base / f"bundle-{h.name}"
+        first.cbsd("bcluster", "mode=issue", f"name={h.name}", f"address={h.addr}",
+                   f"out={bundle}").ok()
+        h.cbsd("bcluster", "mode=join", f"name={h.name}", f"address={h.addr}",
+               f"bundle={bundle}").ok()

@@ -24,7 +24,7 @@ import pytest
 
 from tests.guests import cluster, ha
 from tests.guests.hosts import Host
-from tests.vmchecks import counting
+from tests.vmchecks import counting, last_count
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vm]
 TTL = 6  # the lease: the owner fences at most 4 s after its last renewal (margin 2 s)
@@ -56,6 +56,7 @@ def test_a_partitioned_owner_fences_before_its_lease_lapses_and_the_standby_resu
     assert ha.record(c, "vmh")["ha"] == {"node": "b", "interval": 5}
     with ha.Consoles([(a, "vmh"), (b, "vmh")]) as consoles:
         a.link(False)  # cut off; a's processes keep running
+        last = last_count(a.cbsd, "vmh")
         # Watch from c's etcd: a's QEMU must be gone while a's alive key is still there.
         killed_while_leased = False
         deadline = time.monotonic() + TTL * 5
@@ -66,7 +67,9 @@ def test_a_partitioned_owner_fences_before_its_lease_lapses_and_the_standby_resu
         assert not ha.qemu_running(a, "vmh")
         assert killed_while_leased, "a's QEMU was not killed before its lease lapsed"
         first, _ = ha.first_count(b, "vmh", timeout=TTL * 10)
-        assert at[0] <= first <= at[1] + 1, (first, at)  # from the replica: no reboot
+        # from the replica (no reboot): the one shipped just before the cut, or a newer one
+        # the keeper's periodic replication published; never past what a printed
+        assert at[0] <= first <= last + 1, (first, at, last)
         rec = ha.record(c, "vmh")
         assert rec["node"] == "b" and rec["taken_from"] == "a" and "takeover" not in rec
         a.link(True)
@@ -86,9 +89,10 @@ def test_a_dead_owner_s_guest_resumes_on_its_standby(three: list[Host]) -> None:
     _a, b, c = three
     ha.arm(b, c, "vmh")  # b runs it now (taken over above); c stands by
     at = ha.replicate(b, "vmh")
+    last = last_count(b.cbsd, "vmh")
     dead = ha.die(b)
     first, seen = ha.first_count(c, "vmh", timeout=TTL * 10)
-    assert at[0] <= first <= at[1] + 1, (first, at)
+    assert at[0] <= first <= last + 1, (first, at, last)
     assert ha.record(c, "vmh")["node"] == "c"
     # the lease, the standby's margin and one read a second, then the promote and restore:
     # bounded, not a figure (bench/bench_ha.py measures it)

@@ -13,8 +13,10 @@ import pytest
 from bench import (
     bench_clone,
     bench_engine,
+    bench_ha,
     bench_hosts,
     bench_migrate_ckp,
+    bench_replicate,
     bench_service,
     common,
     report,
@@ -36,6 +38,10 @@ def writer(study: str) -> Writer:
         return bench_service.write
     if study == bench_migrate_ckp.STUDY.name:
         return bench_migrate_ckp.write
+    if study == bench_replicate.STUDY.name:
+        return bench_replicate.write
+    if study == bench_ha.HA.name:
+        return bench_ha.write
     if study == "clone":
         return bench_clone.write
     assert study.startswith("engine"), f"{study}: which bench writes this study?"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from cbsd.model import Action, VMSpec, require, settings_part
 from cbsd.names import check_name
 from cbsd.qemu.host import machine_known
 from cbsd.storage import ckpstore
+from cbsd.storage.paths import Workdir
 
 
 def create(ctx: Context, jname: str, name: str, *, poweroff: bool = False, live: bool = False,
@@ -99,11 +101,37 @@ def unrestorable_after(ctx: Context, jname: str, old: VMSpec, new: VMSpec) -> li
 
 
 
+# In the VM's system folder: the replication chain (core/cluster/ship.py writes it once the
+# standby acknowledged a generation): {"node", "generation", "chain": [[G, base], ...]}.
+REPLICATED = "replicated.json"
+
+
+def replicated(wd: Workdir, jname: str) -> dict[str, Any]:
+    try:
+        data = json.loads((wd.system(jname) / REPLICATED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _chain(rep: dict[str, Any], name: str) -> str | None:
+    """mode=list's note on the checkpoint the standby has: its node and generation, then
+    each generation it was shipped on (newest first; 'full': shipped whole)."""
+    if name != f"ha-{rep.get('generation')}":
+        return None
+    try:
+        links = [f"{g} on {b}" if b else f"{g} full" for g, b in reversed(rep["chain"])]
+    except (KeyError, TypeError, ValueError):
+        links = []
+    return f"on {rep.get('node')} as generation {rep.get('generation')} ({', '.join(links)})"
+
+
 def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
     """Each checkpoint with what restore would say of it now (restorable, and why not)."""
     spec = ctx.spec(jname)
     host = ctx.host
     relevant = spec.restore_relevant()
+    rep = replicated(ctx.workdir, jname)
     out = []
     for path, m in ckpstore.list_states(ctx.workdir.checkpoints(jname)):
         name = ckpstore.state_name(path)
@@ -131,6 +159,7 @@ def listing(ctx: Context, jname: str) -> list[dict[str, Any]]:
             # Taken by checkpoint_schedule= and when the schedule destroys it (None: never).
             "scheduled": m.scheduled,
             "expires": iso_time(m.expires_ts),
+            "replicated": _chain(rep, name),
             **_restorable(load.incompatibility(m, relevant, host.accel, host.version,
                                                lambda t: machine_known(host, t))),
         })
@@ -142,6 +171,7 @@ def tree_lines(ctx: Context, jname: str, listed: list[dict[str, Any]]) -> list[s
     from, and why a checkpoint cannot be restored now."""
     states = [(ck["name"], ck.get("parent"),
                (f" (expires {ck['expires']})" if ck.get("expires") else "")
+               + (f" (replicated {ck['replicated']})" if ck.get("replicated") else "")
                + (" (damaged)" if ck["damaged"] else "" if ck["restorable"]
                   else f" (not restorable now: {ck['why_not']})")) for ck in listed]
     return tree.render(states, tree.current(ctx.workdir, jname))

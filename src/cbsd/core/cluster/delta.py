@@ -83,7 +83,7 @@ def along(plan: Plan) -> Along:
                 out.append({"type": "blockdev-backup", "data": {
                     "job-id": f"{NODE}{i}", "device": image.node, "target": f"{NODE}{i}",
                     "sync": "bitmap", "bitmap": f"{BITMAP}{plan.base}",
-                    "bitmap-mode": "never", "auto-dismiss": False}})
+                    "bitmap-mode": "never", "auto-finalize": False, "auto-dismiss": False}})
         return out
     return actions
 
@@ -100,7 +100,9 @@ def finish(vm: VM, plan: Plan) -> None:
             job = jobs.get(job_id)
             if job is None:
                 raise QemuError(f"{vm.jname}: the disk delta's job {job_id} is gone")
-            if job["status"] == "concluded":
+            if job["status"] == "pending":  # copied: finalized now, after the save
+                mon.cmd("job-finalize", id=job_id)
+            elif job["status"] == "concluded":
                 mon.cmd("job-dismiss", id=job_id)
                 pending.discard(job_id)
                 if job.get("error"):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.cluster import config, fence, nodes
+from cbsd.core.cluster import config, fence, hasched, nodes
 from cbsd.core.cluster.store import ClusterUnreachable, Store
 from cbsd.core.cluster.watchdog import Watchdog
 from cbsd.core.vm.site import Site
@@ -172,6 +172,7 @@ def main() -> int:
     write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     log = _logger(config.keeper_log(wd))
     standby = takeover.Standby(wd, cfg.node, cfg.ttl, log)
+    hasched.start(wd)  # periodic replication (docs/cluster.md "Replication"): its own thread
     dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
     if dog is not None:
         # stopped on purpose (bcluster mode=leave, or start with another watchdog=): the

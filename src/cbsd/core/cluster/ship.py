@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
@@ -39,7 +40,7 @@ from cbsd.qemu import img
 from cbsd.ssh import Node
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Source, Writer
-from cbsd.storage.atomic import remove_tree
+from cbsd.storage.atomic import remove_tree, write_atomic
 from cbsd.storage.chunkstore import RECIPE, Recipe, Store
 
 APPLY_TIMEOUT = 3600.0
@@ -142,6 +143,7 @@ def _replicate_held(vm: VM, peer: Node, me: str) -> str:
     finally:
         remove_tree(scratch)
     failpoint("replicate:acknowledged")
+    _record(vm, peer.name, gen, base)
     delta.keep_only(vm, gen)
     for g, _ in sorted(local.items()):
         checkpoints.drop(vm, f"{NAME}{g}")
@@ -150,6 +152,20 @@ def _replicate_held(vm: VM, peer: Node, me: str) -> str:
     return (f"{jname}: generation {gen} replicated to {peer.name} ({sent['memory']} bytes of "
             f"memory chunks, {sent['disks']} of disks; {100 * sum(sent.values()) / ram:.1f}% "
             f"of its RAM{'' if base else '; full: no base there'}{how})")
+
+
+CHAIN_KEPT = 20  # generations mode=list shows
+
+
+def _record(vm: VM, node: str, gen: int, base: int | None) -> None:
+    """The chain mode=list shows: each acknowledged generation and the one it was shipped
+    on (None: whole), the last CHAIN_KEPT; a chain to another node, or from nothing, starts
+    anew."""
+    old = checkpoints.replicated(vm.ctx.workdir, vm.jname)
+    chain = old.get("chain", []) if old.get("node") == node and base is not None else []
+    write_atomic(vm.ctx.workdir.system(vm.jname) / checkpoints.REPLICATED, json.dumps({
+        "node": node, "generation": gen, "time": time.time(),
+        "chain": [*chain, [gen, base]][-CHAIN_KEPT:]}).encode())
 
 
 def _ship(vm: VM, peer: Node, ckdir: Path, plan: delta.Plan, scratch: Path,
@@ -209,7 +225,10 @@ def _ship(vm: VM, peer: Node, ckdir: Path, plan: delta.Plan, scratch: Path,
         proc.wait()
         raise
     if proc.returncode != 0:
-        raise peer.failed(proc.returncode, err)
+        # What the standby refused is what this node sent (damaged on the way, or based on
+        # a generation it no longer has): a failure of this command, not bad input to it.
+        failed = peer.failed(proc.returncode, err)
+        raise NodeError(str(failed), 1 if failed.exit_code == 2 else failed.exit_code)
     try:
         done = json.loads(answer)
     except ValueError:
