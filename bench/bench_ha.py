@@ -69,10 +69,10 @@ def _trial(kind: str, owner: Host, standby: Host, observer: Host,
     while ha.etcd_get(observer, f"/cbsd/alive/{owner.name}") is None:
         assert time.monotonic() < deadline, f"{owner.name} never came back"
         time.sleep(0.2)
-    r = owner.cbsd("bstart", JNAME)
+    r = ha.not_busy(owner, "bstart", JNAME)
     assert r.code == 1 and "owned by node" in r.err, (r.code, r.err)
     assert not ha.qemu_running(owner, JNAME)
-    owner.cbsd("bremove", JNAME).ok()
+    ha.not_busy(owner, "bremove", JNAME).ok()
 
 
 def run_all(partitions: int = 20, deaths: int = 5) -> tuple[list[Case], dict[str, str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.guests.hosts import Host
-from tests.harness import COUNTER_RE, counter_lines
+from tests.harness import COUNTER_RE, Result, counter_lines
 from tests.vmchecks import counting, last_count
 
 
@@ -70,18 +70,25 @@ def arm(owner: Host, standby: Host, jname: str, interval: str = "5s") -> None:
                f"ha_interval={interval}").ok()
 
 
+def not_busy(h: Host, *args: str, timeout: float = 120) -> Result:
+    """The command on *h*, again while it finds the VM busy (exit 75): a replication the
+    keeper started before a partition may hold the VM until its ssh gives up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = h.cbsd(*args, timeout=600)
+        if r.code != 75 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
 def replicate(owner: Host, jname: str) -> tuple[int, int]:
     """Ship a generation now; (last count before, last count after): the replicated count
     lies between them (a periodic one may publish a newer one after it)."""
     counting(owner.cbsd, jname, 2)
-    deadline = time.monotonic() + 120
-    while True:  # the keeper's periodic replication may hold the VM (busy: 75)
-        before = last_count(owner.cbsd, jname)
-        r = owner.cbsd("bcheckpoint", "mode=replicate", f"jname={jname}", timeout=600)
-        if r.code != 75 or time.monotonic() > deadline:
-            r.ok()
-            return before, last_count(owner.cbsd, jname)
-        time.sleep(0.2)
+    before = last_count(owner.cbsd, jname)
+    # the keeper's periodic replication may hold the VM (busy): the count is read before it
+    not_busy(owner, "bcheckpoint", "mode=replicate", f"jname={jname}").ok()
+    return before, last_count(owner.cbsd, jname)
 
 
 def ns_pids(h: Host) -> list[int]:

@@ -75,13 +75,13 @@ def test_a_partitioned_owner_fences_before_its_lease_lapses_and_the_standby_resu
         a.link(True)
         cluster.wait_for("a up again", lambda: up(c, "a"), timeout=TTL * 10)
         # healed: a's copy stays stopped; the guard refuses to start it there
-        a.cbsd("bstart", "vmh").fails(1, "vmh: owned by node b")
+        ha.not_busy(a, "bstart", "vmh").fails(1, "vmh: owned by node b")
         counting(b.cbsd, "vmh")  # b's copy runs on
     assert consoles.overlaps() == 0 and consoles.both_running == 0, consoles.grew
     assert not ha.qemu_running(a, "vmh") and ha.qemu_running(b, "vmh")
     assert "fenced vmh" in (a.cbsd.workdir / "cluster" / "keeper.log").read_text()
     # the operator removes the old copy (the one change the guard lets run there)
-    a.cbsd("bremove", "vmh").ok()
+    ha.not_busy(a, "bremove", "vmh").ok()
     assert ha.record(c, "vmh")["node"] == "b"
 
 
