@@ -54,12 +54,12 @@ def run_all(repeat: int = 6) -> tuple[list[Case], dict[str, str]]:
     switch, made = cluster.make(base / "hosts")
     try:
         a, b = made[0], made[1]
-        cluster.form(base, [a, b])
+        cluster.form([a, b], base)
         a.trust(b)
         a.cbsd("node", "mode=add", "name=b", f"host=root@{b.addr}").ok()
         image = counter_image(base / "m.raw", FILL, churn_pages=CHURN)
         a.cbsd("bcreate", "jname=m", f"image={image}", "vm_os_type=other",
-               f"vm_ram={RAM_MIB}m").ok()
+               f"vm_ram={RAM_MIB}m", "vm_ramfile=off").ok()
         a.cbsd("bset", "m", "ha_node=b").ok()  # ha=0: the bench runs each one itself
         a.cbsd("bstart", "m").ok()
         log = a.cbsd.system("m") / "console.log"

@@ -79,13 +79,14 @@ def wait_for(what: str, check: object, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def form(base: Path, made: list[Host], ttl: int = 10) -> None:
-    """The cluster of *made* through the CLI: init on the first, issue + join on the others
-    (what tests/integration/test_cluster.py's fixture does, for the benches)."""
-    first = made[0]
+
+def form(made: list[Host], base: Path, ttl: int = 10) -> None:
+    """The cluster of *made* through the CLI: init on the first, issue + join for the others
+    (each a member)."""
+    first, *rest = made
     first.cbsd("bcluster", "mode=init", f"name={first.name}", f"address={first.addr}",
                f"ttl={ttl}").ok()
-    for h in made[1:]:
+    for h in rest:
         bundle = base / f"bundle-{h.name}"
         first.cbsd("bcluster", "mode=issue", f"name={h.name}", f"address={h.addr}",
                    f"out={bundle}").ok()

@@ -338,6 +338,8 @@ def breplica(ctx: Context, a: Args) -> int:
         sys.stdout.write(output.as_json(replica.status(ctx.workdir, jname)))
     elif mode == "apply":
         sys.stdout.write(output.as_json(replica.apply(ctx, jname, sys.stdin.buffer)))
+    elif mode == "remove":
+        print(replica.remove(ctx.workdir, jname))
     else:
         print(replica.promote(ctx, jname))
     return 0

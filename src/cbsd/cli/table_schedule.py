@@ -50,8 +50,8 @@ BREPLICA = Command(
         Key("jname", "name", None, required=True, help="the replicated VM"),
         Key("mode", "enum", None, required=True, help="status, apply: what the owner runs "
             "here over ssh; promote: register the published replica as a VM of this node "
-            "(its ownership taken first), then restore the checkpoint it names",
-            choices=("status", "apply", "promote")),
+            "(its ownership taken first), then restore the checkpoint it names; remove: "
+            "drop the replica here", choices=("status", "apply", "promote", "remove")),
     ),
     "cbsd breplica jname=vm1 mode=promote",
     bare="one",

@@ -200,15 +200,14 @@ def _freeze(a: _Attempt) -> None:
         mon.cmd("stop")
         a.stopped = time.monotonic()
     failpoint("save:stopped")
+    tags = [(image, f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}") for image in vm.images()]
+    for image, tag in tags if a.along is None else ():
+        mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
+        a.tags.append((image, tag))
     if a.along is not None:  # one transaction: the snapshots and the caller's actions
-        tags = [(image, f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}") for image in vm.images()]
         mon.cmd("transaction", actions=[{"type": "blockdev-snapshot-internal-sync", "data": {
             "device": image.node, "name": tag}} for image, tag in tags] + a.along(tags))
         a.tags.extend(tags)
-    for image in vm.images() if a.along is None else ():
-        tag = f"{TAG_PREFIX}{a.name}-{os.urandom(6).hex()}"
-        mon.cmd("blockdev-snapshot-internal-sync", device=image.node, name=tag)
-        a.tags.append((image, tag))
     failpoint("save:snapshotted")
 
 

@@ -199,8 +199,9 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         m = ckpstore.read_manifest(tmp)
         recipe = _recipe(store, rep, tmp / "entries", pack_tmp, pack)
         (tmp / "entries").unlink()
-        if m.stream is None:
-            raise ArchiveError(f"{jname}: the replicated checkpoint has no memory stream")
+        if m.stream is None or set(m.files) != {RECIPE}:
+            raise ArchiveError(f"{jname}: the replicated checkpoint is not a folded one (its "
+                               "memory as a chunk recipe, nothing else)")
         store.verify(recipe, m.stream.size, m.stream.xxh3_128)
         data = recipe.to_bytes()
         write_atomic(tmp / RECIPE, data)
@@ -287,6 +288,16 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
         os.close(fd)
     img.snapshot_create(image, tag)
     incoming.unlink()
+
+
+def remove(wd: Workdir, jname: str) -> str:
+    """Drop the replica here (the VM stays where it is; its next replication is full)."""
+    root = folder(wd, jname)
+    if not root.is_dir():
+        raise StateError(f"{jname}: no replica of it on this node")
+    with held(wd, jname):
+        shutil.rmtree(root)
+    return f"{jname}: replica removed"
 
 
 # --- promote ------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ def replicate(ctx: Context, jname: str, node: str | None = None) -> str:
         assert cfg is not None  # _standby checked
         if not vm.alive():
             raise StateError(f"{jname}: replication needs the VM running or paused")
+        if vm.spec.dedup == "off" or vm.uses_ram_file():
+            raise StateError(f"{jname}: replication ships memory as chunks: it needs "
+                             "vm_dedup=auto and guest RAM not in a file (vm_ramfile=off)")
         return _replicate_held(vm, peer, cfg.node)
 
 

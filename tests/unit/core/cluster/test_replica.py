@@ -154,3 +154,13 @@ def test_the_loop_starts_one_replication_per_interval_and_never_two_at_once(
     log = hasched.log_path(wd).read_text().splitlines()
     assert log[0].endswith("fast exit 0: vm: generation 1 replicated to b")
     assert log[-1].endswith(f"vm exit {hasched.BUSY}: vm: busy")
+
+
+def test_remove_drops_the_replica_and_says_when_there_is_none(tmp_path: Path) -> None:
+    wd = Workdir(tmp_path / "wd")
+    root = replica.folder(wd, "vm")
+    (root / "gen-1.ckp").mkdir(parents=True)
+    assert replica.remove(wd, "vm") == "vm: replica removed"
+    assert not root.exists()
+    with pytest.raises(StateError, match="no replica of it on this node"):
+        replica.remove(wd, "vm")
