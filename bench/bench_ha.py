@@ -83,7 +83,7 @@ def run_all(partitions: int = 20, deaths: int = 5) -> tuple[list[Case], dict[str
     base = Path(tempfile.mkdtemp(prefix="bench-ha-"))
     switch, made = cluster.make(base / "hosts")
     try:
-        cluster.form(base, made, TTL)
+        cluster.form(made, base, TTL)
         a, b, c = made
         a.cbsd("bcreate", f"jname={JNAME}", f"image={counter_image(base / 'c.raw', 0)}",
                "vm_os_type=other", "vm_ram=32m").ok()

@@ -35,7 +35,7 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Host]]:
     base = tmp_path_factory.mktemp("ha")
     switch, made = cluster.make(base / "hosts")
     try:
-        cluster.form(base, made, TTL)
+        cluster.form(made, base, TTL)
         yield made
     finally:
         cluster.remove(switch, made)
