@@ -35,7 +35,7 @@ from cbsd.core.cluster.store import Compare, Put, Store
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
 from cbsd.detach import start_detached
-from cbsd.errors import StateError
+from cbsd.errors import CbsdError, StateError
 from cbsd.storage.paths import Workdir
 
 RETRY = 30.0  # seconds before a failed takeover of the same VM is tried again
@@ -98,8 +98,15 @@ class Standby:
         self.gone: dict[str, float] = {}
         self.children: dict[str, subprocess.Popen[bytes] | None] = {}
         self.failed: dict[str, float] = {}  # jname -> when its last child failed
-        self.has_replica = has_replica or (lambda j: replicas().latest(wd, j) is not None)
+        self.has_replica = has_replica or self._published
         self.spawn = spawn or self._spawn
+
+    def _published(self, jname: str) -> bool:
+        try:
+            return replicas().latest(self.wd, jname) is not None
+        except CbsdError as e:  # one damaged replica must not stop the others' takeovers
+            self.log(f"{jname}: no takeover: {e}")
+            return False
 
     def _spawn(self, a: Action) -> subprocess.Popen[bytes]:
         return start_detached([sys.executable, "-m", "cbsd.core.cluster.takeover",

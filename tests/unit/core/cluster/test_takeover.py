@@ -191,3 +191,14 @@ def test_no_takeover_over_a_vm_of_the_same_name_here(
     assert "bremove it here first" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
     assert replica_here.promoted == 0
     assert s.get(nodes.VM + "v").json()["node"] == "a"  # type: ignore[union-attr]
+
+
+def test_a_damaged_replica_stops_only_its_own_takeover(short_tmp: Any) -> None:
+    wd = Workdir(short_tmp)
+    bad = wd.root / "cluster" / "replicas" / "v"
+    bad.mkdir(parents=True)
+    (bad / "replica.json").write_text("{not json")
+    log: list[str] = []
+    sb = Standby(wd, "b", 10, log.append)
+    assert sb.has_replica("v") is False and "unreadable" in log[0]
+    assert sb.has_replica("w") is False  # none at all
