@@ -18,7 +18,10 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
        cluster (bls node='*' and bwhereis of 1,000 VMs on a three-member etcd cluster
        against etcdctl and a local listing; study "cluster", no chart),
        replicate (bytes shipped and the guest's pause per replication to a standby; study
-       "replicate", no chart)."""
+       "replicate", no chart),
+       ha (fencing and failover on three hosts: time to the guest running on the standby,
+       state lost, split brains over 20 partitions and 5 host deaths; study "ha", no
+       chart)."""
 
 from __future__ import annotations
 
@@ -73,6 +76,11 @@ def main(argv: list[str]) -> None:
             from bench import bench_clone
 
             print(bench_clone.write(*bench_clone.run_all()), flush=True)
+            continue
+        if case == "ha":
+            from bench import bench_ha
+
+            print(bench_ha.write(*bench_ha.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls

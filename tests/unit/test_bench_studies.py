@@ -14,6 +14,7 @@ from bench import (
     bench_clone,
     bench_cluster,
     bench_engine,
+    bench_ha,
     bench_hosts,
     bench_migrate_ckp,
     bench_replicate,
@@ -40,6 +41,8 @@ def writer(study: str) -> Writer:
         return bench_migrate_ckp.write
     if study == bench_replicate.STUDY.name:
         return bench_replicate.write
+    if study == bench_ha.HA.name:
+        return bench_ha.write
     if study == "clone":
         return bench_clone.write
     if study == bench_cluster.STUDY.name:

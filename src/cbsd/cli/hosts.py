@@ -156,9 +156,9 @@ def bcluster(ctx: Context, a: Args) -> int:
     only_in_modes(a, mode, {"name": ("init", "issue", "join"),
                             "address": ("init", "issue", "join"), "bundle": ("join",),
                             "out": ("issue",), "member": ("join",), "ttl": ("init",),
-                            "format": ("status",)},
+                            "format": ("status",), "watchdog": ("init", "join", "start")},
                   {"name": None, "address": None, "bundle": None, "out": None, "member": True,
-                   "ttl": 10, "format": "text"}, "bcluster")
+                   "ttl": 10, "format": "text", "watchdog": None}, "bcluster")
     for key, modes in (("name", ("init", "issue", "join")), ("address", ("init", "issue",
                        "join")), ("bundle", ("join",)), ("out", ("issue",))):
         if mode in modes and not a[key]:
@@ -171,13 +171,14 @@ def bcluster(ctx: Context, a: Args) -> int:
             sys.stdout.write(output.table(rows, list(STATUS_COLUMNS), True))
         return 0
     if mode == "init":
-        print(admin.init(ctx, a["name"], a["address"], a["ttl"]))
+        print(admin.init(ctx, a["name"], a["address"], a["ttl"], a["watchdog"] or ""))
     elif mode == "issue":
         print(admin.issue(ctx, a["name"], a["address"], a["out"]))
     elif mode == "join":
-        print(admin.join(ctx, a["name"], a["address"], a["bundle"], a["member"]))
+        print(admin.join(ctx, a["name"], a["address"], a["bundle"], a["member"],
+                         a["watchdog"] or ""))
     elif mode == "start":
-        print(admin.start(ctx))
+        print(admin.start(ctx, a["watchdog"]))
     else:
         print(admin.leave(ctx))
     return 0

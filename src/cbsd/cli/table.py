@@ -334,12 +334,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                 "this long after it stops renewing)", lo=2, hi=3600),
             Key("format", "enum", "text", help="status: output format",
                 choices=("text", "json")),
+            Key("watchdog", "str", None, help="init, join, start: the watchdog device the "
+                "keeper pets while healthy (/dev/watchdog: a hung keeper reboots the host); "
+                "start: none turns it off"),
         ),
         "cbsd bcluster mode=init name=n1 address=10.0.0.1",
         bare="none",
         details=("Every member and node talks TLS with a client certificate of the cluster's "
                  "CA. A VM's\nchanges are refused on any node but its owner (etcd's owner "
-                 "record). Replication and HA:\nnot built yet."),
+                 "record). An HA VM is fenced\nwhen its node cannot renew its lease, and "
+                 "taken over by its standby (docs/cluster.md)."),
         readonly_modes=("status",),
     ),
     Command(

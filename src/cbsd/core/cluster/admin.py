@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.cluster import config, keeper, member, nodes, owner, pki, view
+from cbsd.core.cluster import config, member, nodes, owner, pki, view
 from cbsd.core.cluster.config import Config
 from cbsd.core.cluster.store import (
     ClusterUnreachable,
@@ -73,12 +73,12 @@ def _start_node(ctx: Context, cfg: Config, state: str | None) -> tuple[Store, li
 
 
 def start_keeper(ctx: Context) -> None:
-    if member._pid(keeper.pid_file(ctx.workdir)) is None:
+    if member._pid(config.keeper_pid(ctx.workdir)) is None:
         start_detached([sys.executable, "-m", "cbsd.core.cluster.keeper", str(ctx.workdir.root)])
 
 
 def _undo(ctx: Context) -> None:
-    member.stop(keeper.pid_file(ctx.workdir))
+    member.stop(config.keeper_pid(ctx.workdir))
     member.stop(member.pid_file(ctx.workdir))
     shutil.rmtree(config.folder(ctx.workdir), ignore_errors=True)
 
@@ -91,13 +91,22 @@ def _done(cfg: Config, conflicts: list[str], what: str) -> str:
     return msg
 
 
-def init(ctx: Context, node: str, address: str, ttl: int) -> str:
+def _watchdog(path: str) -> str:
+    """watchdog=: the device must be there (opening it arms it: the keeper does that)."""
+    if path and not Path(path).exists():
+        raise UsageError(f"bcluster: watchdog={path}: no such device (load softdog, or a "
+                         "hardware watchdog's driver)")
+    return path
+
+
+def init(ctx: Context, node: str, address: str, ttl: int, watchdog: str = "") -> str:
     check_name(node, "node name")
+    _watchdog(watchdog)
     d = _fresh(ctx, address)
     try:
         pki.make_ca(d)
         pki.issue(d, d, node, address)
-        cfg = Config(node, address, [], True, ttl, {})
+        cfg = Config(node, address, [], True, ttl, {}, watchdog)
         cfg.endpoints, cfg.peers = [cfg.client_url], {node: cfg.peer_url}
         _, conflicts = _start_node(ctx, cfg, "new")
     except BaseException:
@@ -125,8 +134,10 @@ def issue(ctx: Context, node: str, address: str, out: str) -> str:
     return f"{dest}: bundle for node {node} (copy it there; 'cbsd bcluster mode=join')"
 
 
-def join(ctx: Context, node: str, address: str, bundle: str, as_member: bool) -> str:
+def join(ctx: Context, node: str, address: str, bundle: str, as_member: bool,
+         watchdog: str = "") -> str:
     check_name(node, "node name")
+    _watchdog(watchdog)
     src = Path(bundle)
     try:
         info = json.loads((src / "join.json").read_text())
@@ -137,7 +148,8 @@ def join(ctx: Context, node: str, address: str, bundle: str, as_member: bool) ->
         for f in ("ca.crt", "node.crt", "node.key"):
             shutil.copyfile(src / f, d / f)
             (d / f).chmod(0o600)
-        cfg = Config(node, address, list(info["endpoints"]), as_member, int(info["ttl"]), {})
+        cfg = Config(node, address, list(info["endpoints"]), as_member, int(info["ttl"]), {},
+                     watchdog)
         state = None
         if as_member:
             remote = EtcdStore(cfg.endpoints, str(d / "ca.crt"), str(d / "node.crt"),
@@ -168,10 +180,16 @@ def _add_member(remote: EtcdStore, peer_url: str, timeout: float = 60.0
         time.sleep(0.5)
 
 
-def start(ctx: Context) -> str:
+def start(ctx: Context, watchdog: str | None = None) -> str:
     """Bring this node back after a reboot (or anything that ended its processes): the
-    member, from its data (etcd ignores the initial-cluster flags then), and the keeper."""
+    member, from its data (etcd ignores the initial-cluster flags then), and the keeper.
+    *watchdog*: a device the keeper is to pet from now on ("none": no more); a keeper
+    running already is started anew to take it."""
     cfg, store = _store(ctx)
+    if watchdog is not None:
+        cfg.watchdog = "" if watchdog == "none" else _watchdog(watchdog)
+        config.save(ctx.workdir, cfg)
+        member.stop(config.keeper_pid(ctx.workdir))
     if cfg.member:
         member.start(ctx.workdir, cfg, "existing")
     member.wait_serving(store, config.folder(ctx.workdir) / "etcd.log")
@@ -184,7 +202,7 @@ def leave(ctx: Context) -> str:
     """Stop being a node: the keeper stops, the node's records go (its VMs' owner records
     too: they are this host's alone again), the member leaves the cluster and stops."""
     cfg, store = _store(ctx)
-    member.stop(keeper.pid_file(ctx.workdir))
+    member.stop(config.keeper_pid(ctx.workdir))
     snap = nodes.snapshot(store)
     for jname, kv in snap.vms.items():
         if kv.json().get("node") == cfg.node:

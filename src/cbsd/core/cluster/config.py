@@ -28,6 +28,7 @@ class Config:
     member: bool
     ttl: int = 10  # the node lease, seconds: a node is down this long after its keeper stops
     peers: dict[str, str] = field(default_factory=dict)  # member name -> peer URL
+    watchdog: str = ""  # the watchdog device the keeper pets ("": none; core/cluster/watchdog)
 
     @property
     def client_url(self) -> str:
@@ -40,6 +41,15 @@ class Config:
 
 def folder(wd: Workdir) -> Path:
     return wd.cluster_config.parent
+
+
+def keeper_pid(wd: Workdir) -> Path:
+    return folder(wd) / "keeper.pid"
+
+
+def keeper_log(wd: Workdir) -> Path:
+    """The keeper's and the takeovers' events (fencing, kills, takeovers), one per line."""
+    return folder(wd) / "keeper.log"
 
 
 def path(wd: Workdir) -> Path:

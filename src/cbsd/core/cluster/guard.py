@@ -46,8 +46,10 @@ def check_owned(wd: Workdir, jnames: list[str], what: str) -> None:
     cfg, reader = view.reader(wd)
     for jname in jnames:
         kv = reader.get(VM_KEY + jname)
-        node = kv.json().get("node") if kv is not None else None
-        if node not in (None, cfg.node) and not wd.moving(jname).exists():
+        rec = kv.json() if kv is not None else {}
+        node = rec.get("node")
+        if (node not in (None, cfg.node) and not wd.moving(jname).exists()
+                and not owner.leftover_removal(rec, cfg.node, what)):
             raise owner.refusal(jname, node, cfg.node, what)
 
 

@@ -32,6 +32,11 @@ def argv(d: Path, cfg: Config, state: str) -> list[str]:
             "--initial-advertise-peer-urls", cfg.peer_url,
             "--initial-cluster", initial, "--initial-cluster-state", state,
             "--initial-cluster-token", "cbsd", *tls,
+            # A member back from a partition asks before it calls an election (raft's
+            # pre-vote): without it, its raised term deposes a working leader, and the
+            # cluster stalls for an election just as the partition heals (fencing and
+            # failover, docs/cluster.md). Default in etcd 3.6; 3.4 and 3.5 have the flag.
+            "--pre-vote",
             "--logger", "zap", "--log-outputs", str(d / "etcd.log")]
 
 

@@ -48,6 +48,12 @@ def _mine(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k != "from"}
 
 
+def leftover_removal(rec: dict[str, Any], me: str, what: str) -> bool:
+    """Whether *what* is the bremove of the copy a takeover left on this node (the record
+    names the standby that took the VM from here): the one command that copy may run."""
+    return what == "bremove" and rec.get("taken_from") == me
+
+
 def claim_or_check(store: Store, me: str, jname: str, what: str, *,
                    handing_over: bool = False) -> bool:
     """Record *what* in the VM's owner record iff this node owns it (or nobody does: then
@@ -62,6 +68,8 @@ def claim_or_check(store: Store, me: str, jname: str, what: str, *,
     if kv is not None and rec.get("node") != me:
         if handing_over:
             return False
+        if leftover_removal(rec, me, what):
+            return False  # the copy a takeover left here: removing it is all it may do
         raise refusal(jname, rec.get("node"), me, what)
     new = {**rec, "node": me, "last": what, "time": time.time()}
     if not store.txn([Compare(VM + jname, kv.mod_revision if kv else 0)],

@@ -17,6 +17,9 @@ from cbsd.cli.main import main
     (["mode=status", "name=n1"], "bcluster: name= is not used with mode=status"),
     (["mode=join", "name=n2", "address=10.0.0.2", "bundle=/nonexistent"], "not a bundle"),
     (["mode=bogus"], "mode"),
+    (["mode=init", "name=n1", "address=10.0.0.1", "watchdog=/nonexistent/wd"],
+     "bcluster: watchdog=/nonexistent/wd: no such device"),
+    (["mode=status", "watchdog=/dev/null"], "bcluster: watchdog= is not used with mode=status"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str], args: list[str],

@@ -1,0 +1,91 @@
+"""Self-fencing (docs/cluster.md, "Fencing and failover"): a node that cannot renew its lease
+stops its HA VMs before the lease can expire at etcd, so the standby -- which acts only once
+the lease is gone, plus a margin -- never resumes a VM whose QEMU still runs here.
+
+Why it holds: etcd renews a lease when a keepalive *reaches* it, which is after the keeper
+sent it; the keeper dates a renewal by the moment it sent the request (last_ok), so the lease
+expires at etcd no earlier than last_ok + ttl. The keeper kills at last_ok + ttl - margin,
+whatever its calls to etcd are doing (they may hang for their timeout: the check runs in its
+own thread). The decisions are pure functions of (ttl, last_ok, now), tested as tables.
+
+The kill takes no VM lock (a command stuck on the VM must not delay it): SIGKILL to the QEMU
+the inventory or its pid file names, then wait until it is gone. Nothing here restarts a
+fenced VM: a start goes through the ownership guard, which refuses while etcd is out of
+reach and, later, while the record names the standby."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+from cbsd.core.vm.machine import VM
+from cbsd.core.vm.site import Site
+from cbsd.errors import CbsdError
+from cbsd.qemu import process
+
+KILL_WAIT = 5.0  # seconds a SIGKILLed QEMU gets to be gone (it is, in milliseconds, unless
+#                  stuck in the kernel: then fencing failed and the watchdog is the backstop)
+
+
+def margin(ttl: float) -> float:
+    """How long before the lease's earliest expiry the keeper kills: room for the kill itself
+    and the keeper's tick, never more than a third of the lease (renewals come every ttl/3,
+    so one late renewal never fences)."""
+    return min(2.0, ttl / 3)
+
+
+def fence_due(ttl: float, last_ok: float, now: float, margin_s: float) -> bool:
+    """Whether this node must stop its HA VMs now: its last successful renewal (dated by when
+    it was sent) is ttl - margin old or more, so the lease may expire at etcd within margin."""
+    return now - last_ok >= ttl - margin_s
+
+
+def takeover_due(first_gone: float | None, now: float, margin_s: float) -> bool:
+    """The standby's side: the owner's alive key was first seen gone at *first_gone* (None:
+    it is there); take over once it has stayed gone for the margin (the owner fenced by the
+    lease's earliest expiry; the margin covers a kill that took longer)."""
+    return first_gone is not None and now - first_gone >= margin_s
+
+
+def ha_owned(records: dict[str, dict[str, Any]], me: str) -> set[str]:
+    """The VMs a standby may take from this node: records naming this node with an HA
+    standby set. These are the ones fenced."""
+    return {j for j, rec in records.items()
+            if rec.get("node") == me and isinstance(rec.get("ha"), dict)}
+
+
+def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str],
+               moving: Iterable[str]) -> set[str]:
+    """VMs in this node's inventory whose record names another node and is an HA one or
+    says it was taken from this node (a promoted VM's record has no "ha" until it is set
+    again) -- taken over while this node was cut off, or while its keeper was down -- and
+    that no move of this node's
+    hands over (a bmigrate's record names the target, "from" this node, while the guest still
+    runs here; its intent file says so too): their QEMU must not run here."""
+    busy = set(moving)
+    return {j for j in local
+            if j in records and records[j].get("node") not in (None, me)
+            and (isinstance(records[j].get("ha"), dict) or records[j].get("taken_from") == me)
+            and records[j].get("from") != me and j not in busy}
+
+
+def kill(site: Site, jname: str) -> bool | None:
+    """SIGKILL VM *jname*'s QEMU here if it runs: None if nothing of it ran, else whether it
+    is gone now. No lock taken."""
+    try:
+        vm = VM.load(site, jname)
+    except CbsdError:
+        return None  # not in this inventory: nothing of it runs here
+    if not vm.alive():
+        return None
+    marker = vm.paths.qmp_sock
+    process.kill(vm.pid, marker, signal.SIGKILL)
+    return process.wait_gone(vm.pid, marker, KILL_WAIT)
+
+
+def kill_all(site: Site, jnames: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Kill every one of *jnames* that runs here: (the ones killed, the ones still running
+    after it)."""
+    done = {j: kill(site, j) for j in sorted(jnames)}
+    return [j for j, r in done.items() if r], [j for j, r in done.items() if r is False]

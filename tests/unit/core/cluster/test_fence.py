@@ -1,0 +1,190 @@
+"""Self-fencing and the watchdog (core/cluster/fence.py, keeper.py, watchdog.py): the decisions
+as tables, then the keeper's rounds against the in-memory store on a clock the test moves,
+with VMs whose QEMU is the fake one (a real process that SIGKILL ends)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cbsd.core.cluster import fence, keeper, nodes
+from cbsd.core.cluster.keeper import Keeper
+from cbsd.core.cluster.store import Put
+from cbsd.core.cluster.watchdog import Watchdog
+from cbsd.core.manage import lifecycle
+from cbsd.core.vm.context import Context
+from cbsd.core.vm.machine import VM
+from tests.unit.core.cluster.fakestore import FakeStore
+from tests.unit.core.conftest import define
+
+HA = {"node": "b", "interval": 30}
+
+
+@pytest.mark.parametrize(("ttl", "last_ok", "now", "margin", "due"), [
+    (10, 100.0, 100.0, 2.0, False),    # just renewed
+    (10, 100.0, 103.4, 2.0, False),    # one renewal period late: never fences
+    (10, 100.0, 107.9, 2.0, False),    # two periods late, still inside ttl - margin
+    (10, 100.0, 108.0, 2.0, True),     # ttl - margin: the lease may lapse within the margin
+    (10, 100.0, 130.0, 2.0, True),     # long cut off
+    (3, 50.0, 51.9, 1.0, False),
+    (3, 50.0, 52.0, 1.0, True),
+])
+def test_fencing_is_due_at_ttl_less_the_margin_after_the_last_renewal(
+        ttl: int, last_ok: float, now: float, margin: float, due: bool) -> None:
+    assert fence.fence_due(ttl, last_ok, now, margin) is due
+
+
+@pytest.mark.parametrize(("ttl", "margin"), [(2, 2 / 3), (3, 1.0), (6, 2.0), (10, 2.0),
+                                             (60, 2.0)])
+def test_the_margin_is_at_most_a_third_of_the_lease(ttl: int, margin: float) -> None:
+    # renewals come every ttl/3: the margin never makes one late renewal fence
+    assert fence.margin(ttl) == pytest.approx(margin)
+    assert ttl - fence.margin(ttl) >= 2 * ttl / 3
+
+
+@pytest.mark.parametrize(("first_gone", "now", "due"), [
+    (None, 100.0, False), (100.0, 100.0, False), (100.0, 101.9, False), (100.0, 102.0, True)])
+def test_the_standby_waits_the_margin_after_seeing_the_owner_gone(
+        first_gone: float | None, now: float, due: bool) -> None:
+    assert fence.takeover_due(first_gone, now, 2.0) is due
+
+
+def test_the_fencing_set_is_the_ha_vms_this_node_owns() -> None:
+    records = {"v1": {"node": "a", "ha": HA}, "v2": {"node": "a"}, "v3": {"node": "b", "ha": HA},
+               "v4": {"node": "a", "ha": None}}
+    assert fence.ha_owned(records, "a") == {"v1"}
+
+
+def test_stale_copies_are_ha_vms_here_whose_record_names_another_node() -> None:
+    records = {"taken": {"node": "b", "ha": HA}, "mine": {"node": "a", "ha": HA},
+               "plain": {"node": "b"}, "migrating": {"node": "b", "from": "a", "ha": HA},
+               "moving": {"node": "b", "ha": HA}, "elsewhere": {"node": "c", "ha": HA},
+               "promoted": {"node": "b", "ha": None, "taken_from": "a"},
+               "other": {"node": "b", "ha": None, "taken_from": "c"}}
+    local = ["taken", "mine", "plain", "migrating", "moving", "unclustered", "promoted",
+             "other"]
+    assert fence.stale_here(records, "a", local, moving=["moving"]) == {"taken", "promoted"}
+
+
+class Clock:
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+
+    def __call__(self) -> float:
+        return self.store.now
+
+
+def running(ctx: Context, jname: str) -> VM:
+    define(ctx, jname)
+    lifecycle.start(ctx, jname)
+    vm = VM.load(ctx, jname)
+    assert vm.alive()
+    return vm
+
+
+def owned(s: FakeStore, jname: str, node: str, ha: bool = True) -> None:
+    rec = {"node": node, **({"ha": HA} if ha else {})}
+    s.txn([], [Put(nodes.VM + jname, json.dumps(rec).encode())])
+
+
+def test_a_node_cut_off_kills_its_ha_vms_before_its_lease_can_expire(ctx: Context) -> None:
+    s = FakeStore()
+    log: list[str] = []
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s), log=log.append)
+    ha_vm, plain = running(ctx, "ha1"), running(ctx, "plain")
+    owned(s, "ha1", "a")
+    owned(s, "plain", "a", ha=False)
+    assert k.renew()
+    k.watch()
+    assert k.fencing == {"ha1"}
+    s.down = True  # etcd out of reach from here on
+    for t in (1, 3.4, 6.8, 7.9):  # renewals fail; the lease has not lapsed yet
+        s.now = t
+        assert not k.renew()
+        assert k.tick() and ha_vm.alive()
+    s.now = 8.0  # ttl - margin after the last renewal (sent at 0): the lease lapses at >= 10
+    assert k.tick()
+    assert not ha_vm.alive() and plain.alive()
+    assert log == [log[0]] and log[0].startswith("fenced ha1: last renewal 8.00 s ago")
+    # still cut off: nothing here starts it again (the guard cannot ask etcd); the keeper
+    # kills it anyway if something does
+    lifecycle.start(ctx, "ha1")
+    s.now = 9.0
+    assert k.tick() and not VM.load(ctx, "ha1").alive()
+    assert len(log) == 2  # killed again, and said so
+    # etcd back, the lease long gone: a new lease, the VM stays stopped
+    s.down, s.now = False, 30.0
+    assert k.renew()
+    assert k.tick() and not VM.load(ctx, "ha1").alive()
+    assert nodes.snapshot(s).up("a")
+
+
+def test_the_lease_is_dated_by_when_the_renewal_was_sent(ctx: Context) -> None:
+    # a renewal that took 4 s to answer counts from its start: etcd renewed it no earlier
+    s = FakeStore()
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
+    real = s.keepalive
+
+    def slow(lease: int) -> int:
+        ttl = real(lease)
+        s.now += 4
+        return ttl
+
+    assert k.renew()
+    s.now = 3.0
+    s.keepalive = slow  # type: ignore[method-assign]
+    assert k.renew()
+    assert k.last_ok == 3.0 and s.now == 7.0
+
+
+def test_a_keeper_before_its_first_renewal_counts_as_due(ctx: Context) -> None:
+    s = FakeStore()
+    s.down = True
+    vm = running(ctx, "ha1")
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
+    k.fencing = {"ha1"}
+    assert k.tick() and not vm.alive()
+
+
+def test_a_copy_taken_over_elsewhere_is_killed_here_when_the_node_is_back(ctx: Context) -> None:
+    s = FakeStore()
+    vm = running(ctx, "ha1")
+    owned(s, "ha1", "b")  # the standby took it while this node was away
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
+    assert k.renew()
+    k.watch()
+    assert not vm.alive()
+
+
+def test_the_watchdog_is_petted_each_healthy_round_and_not_when_fencing_fails(
+        ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    device = tmp_path / "watchdog"  # a regular file stands in: never a real device here
+    device.write_bytes(b"")
+    s = FakeStore()
+    dog = Watchdog(str(device), 10)
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s), watchdog=dog)
+    running(ctx, "ha1")
+    owned(s, "ha1", "a")
+    assert k.renew()
+    k.watch()
+    for t in (0.2, 0.4, 0.6):
+        s.now = t
+        k.tick()
+    assert device.read_bytes() == b"\0" * 3
+    s.now = 9.0  # cut off, due, and the kill works: still healthy
+    assert k.tick()
+    assert device.read_bytes() == b"\0" * 4
+    lifecycle.start(ctx, "ha1")
+    monkeypatch.setattr(fence, "kill", lambda site, j: False)  # a QEMU that will not die
+    assert not k.tick()
+    assert device.read_bytes() == b"\0" * 4  # no pet: the kernel reboots the host
+    dog.disarm()
+    assert device.read_bytes() == b"\0" * 4 + b"V"
+
+
+def test_run_keeps_the_lease_of_a_keeper_without_vms() -> None:
+    s = FakeStore()
+    keeper.run(s, "a", ttl=3, rounds=2, sleep=0)
+    assert nodes.snapshot(s).up("a")
