@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cbsd.core.cluster import config, fence, nodes, replica
+from cbsd.core.cluster import config, fence, guard, nodes, replica
 from cbsd.core.cluster.store import Compare, Put, Store
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
@@ -177,11 +177,8 @@ def main(argv: list[str]) -> int:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0  # another child is at it
-        # lazy: the guard's module (admin) only here, as the CLI installs it
-        from cbsd.core.cluster import admin
-
         ctx = Context(wd)
-        admin.install(ctx)
+        guard.install(ctx)
         with open(config.keeper_log(wd), "a") as log:
             try:
                 msg = take(ctx, config.store(wd, cfg), cfg.node, a, replicas())
