@@ -25,7 +25,21 @@ cases: peer (cbsd vs libvirt vs floor, study "peer"; default),
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# The studies whose module has run_all() -> write(): loaded only when asked for (each
+# imports its own set-up).
+STUDIES = {
+    "engine": "bench_engine",
+    "hosts": "bench_hosts",
+    "service": "bench_service",
+    "migrate-checkpoints": "bench_migrate_ckp",
+    "cluster": "bench_cluster",
+    "replicate": "bench_replicate",
+    "clone": "bench_clone",
+    "ha": "bench_ha",
+}
 
 
 def main(argv: list[str]) -> None:
@@ -42,45 +56,9 @@ def main(argv: list[str]) -> None:
 
             report.write(*load_cases(report.PEER.results))
             continue
-        if case == "engine":
-            from bench import bench_engine
-
-            print(bench_engine.write(*bench_engine.run_all()), flush=True)
-            continue
-        if case == "hosts":
-            from bench import bench_hosts
-
-            print(bench_hosts.write(*bench_hosts.run_all()), flush=True)
-            continue
-        if case == "service":
-            from bench import bench_service
-
-            print(bench_service.write(*bench_service.run_all()), flush=True)
-            continue
-        if case == "migrate-checkpoints":
-            from bench import bench_migrate_ckp
-
-            print(bench_migrate_ckp.write(*bench_migrate_ckp.run_all()), flush=True)
-            continue
-        if case == "cluster":
-            from bench import bench_cluster
-
-            print(bench_cluster.write(*bench_cluster.run_all()), flush=True)
-            continue
-        if case == "replicate":
-            from bench import bench_replicate
-
-            print(bench_replicate.write(*bench_replicate.run_all()), flush=True)
-            continue
-        if case == "clone":
-            from bench import bench_clone
-
-            print(bench_clone.write(*bench_clone.run_all()), flush=True)
-            continue
-        if case == "ha":
-            from bench import bench_ha
-
-            print(bench_ha.write(*bench_ha.run_all()), flush=True)
+        if case in STUDIES:
+            study = importlib.import_module(f"bench.{STUDIES[case]}")
+            print(study.write(*study.run_all()), flush=True)
             continue
         if case == "bls":
             from bench import bench_bls
