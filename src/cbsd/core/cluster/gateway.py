@@ -34,6 +34,9 @@ class Reader:
         # checked against the member's certificate (it names the member's address), and this
         # node's certificate presented: what etcd's --client-cert-auth asks for.
         self._tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        # Strict RFC 5280 checks on every Python, as 3.13 (Debian 13) does by default: the
+        # cluster's certificates must pass them on both distributions (core/cluster/pki.py).
+        self._tls.verify_flags |= ssl.VERIFY_X509_STRICT
         self._tls.load_cert_chain(cert, key)
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:

@@ -23,9 +23,17 @@ def _run(argv: list[str]) -> None:
         raise StateError(f"cluster: {argv[0]} {argv[1]} failed: {last}")
 
 
+# The extensions a strict verifier asks of a CA (RFC 5280; Python 3.13's ssl sets
+# VERIFY_X509_STRICT by default and refuses a CA without keyUsage), spelled out rather than
+# left to the defaults of the openssl.cnf at hand.
+CA_EXTENSIONS = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign",
+                 "subjectKeyIdentifier=hash"]
+
+
 def make_ca(d: Path) -> None:
     _run(["openssl", "req", "-x509", *CURVE, "-keyout", str(d / "ca.key"), "-out",
-          str(d / "ca.crt"), "-days", DAYS, "-subj", "/CN=cbsd cluster CA"])
+          str(d / "ca.crt"), "-days", DAYS, "-subj", "/CN=cbsd cluster CA",
+          *[a for e in CA_EXTENSIONS for a in ("-addext", e)]])
     os.chmod(d / "ca.key", 0o600)
 
 
@@ -35,7 +43,10 @@ def issue(ca_dir: Path, out: Path, name: str, address: str) -> None:
         csr, ext = Path(tmp) / "node.csr", Path(tmp) / "ext"
         ext.write_text(f"subjectAltName=IP:{address},IP:127.0.0.1\n"
                        "extendedKeyUsage=serverAuth,clientAuth\n"
-                       "keyUsage=critical,digitalSignature,keyEncipherment\n")
+                       "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                       # a strict verifier (Python 3.13) wants the issuer's key named
+                       "authorityKeyIdentifier=keyid,issuer\n"
+                       "subjectKeyIdentifier=hash\n")
         _run(["openssl", "req", "-new", *CURVE, "-keyout", str(out / "node.key"), "-out",
               str(csr), "-subj", f"/CN={name}"])
         os.chmod(out / "node.key", 0o600)
