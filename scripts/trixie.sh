@@ -13,7 +13,9 @@
 # undone on any exit, and a folder is removed only once nothing is mounted below it. The test
 # guests' cache inside and pip's cache are kept across runs (~/.cache/cbsd-trixie/).
 #
-# Usage: bash scripts/trixie.sh [PYTEST ARGS...]   (CBSD_TRIXIE_BASE_ONLY=1: only the base)
+# Usage: bash scripts/trixie.sh [PYTEST ARGS...]   (CBSD_TRIXIE_BASE_ONLY=1: only the base;
+#        CBSD_TRIXIE_RUN='COMMAND': run COMMAND in the repository inside instead of the demo
+#        and the tests, e.g. 'bash scripts/setup.sh && .venv/bin/python -m pytest tests/x.py')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -150,6 +152,10 @@ chmod 0700 "$root/root"
 copy_repo "$root/root/cbsd"
 
 echo "== trixie: $(inside "$root" '. /etc/os-release; echo "$PRETTY_NAME"'), $(inside "$root" "qemu-system-x86_64 --version | head -1"), $(inside "$root" "python3 -V"), kernel $(uname -r)"
+if [ -n "${CBSD_TRIXIE_RUN:-}" ]; then
+    inside "$root" "$CBSD_TRIXIE_RUN"
+    exit
+fi
 status=0
 start=$SECONDS
 inside "$root" "bash scripts/demo.sh" || status=1
