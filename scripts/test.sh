@@ -19,7 +19,8 @@
 # CBSD_TEST_PASSES=1 (or "1 3", ...) runs only those passes (a quick run picks one).
 # CBSD_TEST_SELECTION=trixie: passes 1 and 3 only, pass 1 on what differs with the distribution
 # (its QEMU, Python, kernel package, packages): the unit tier, the Linux guest, checkpoints,
-# hibernation, hostile conditions, trust (one host: test_trust*.py but the two-host one), the network (network namespaces, cbsd0's dnsmasq and nftables), and the service's API (its web stack on that Python); the
+# hibernation, hostile conditions, trust (one host: test_trust*.py but the two-host one), the network (network namespaces, cbsd0's dnsmasq and nftables), and the service's API (its web stack on that Python), the cluster
+# (its etcd, its Python's TLS, QEMU's bitmaps and backup jobs in replication); the
 # Debian guest and the longer suites stay with the host's pass 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,9 @@ if [ "${CBSD_TEST_SELECTION:-}" = trixie ]; then
                tests/integration/test_trust_images.py tests/integration/test_network.py
                tests/integration/test_api.py tests/integration/test_ramfile.py
                tests/integration/test_ramfile_space.py
-               tests/integration/test_faults.py::test_full_disk)
+               tests/integration/test_faults.py::test_full_disk
+               tests/integration/test_cluster.py tests/integration/test_replicate.py
+               tests/integration/test_ha.py)
 fi
 # Pass 2's selection: the tests whose outcome can change with QEMU's version.
 qemu_dependent=(tests/unit/qemu tests/integration/test_linux_guest.py
