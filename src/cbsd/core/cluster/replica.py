@@ -197,7 +197,10 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         reader.check_seal()
         reader.end()
         m = ckpstore.read_manifest(tmp)
-        recipe = _recipe(store, rep, tmp / "entries", pack_tmp, pack)
+        # A stream without a base carries every chunk (the owner assumed nothing here):
+        # none of the published recipe's may be taken for known, or the pack does not fit.
+        recipe = _recipe(store, rep if base is not None else None, tmp / "entries",
+                         pack_tmp, pack)
         (tmp / "entries").unlink()
         if m.stream is None or set(m.files) != {RECIPE}:
             raise ArchiveError(f"{jname}: the replicated checkpoint is not a folded one (its "
