@@ -26,7 +26,7 @@ HA_B = {"node": "b", "interval": 30}
 
 
 def rec(node: str, ha: dict[str, Any] | None = HA_B, **more: Any) -> dict[str, Any]:
-    return {"node": node, **({"ha": ha} if ha else {}), **more}
+    return {"node": node, "status": "On", **({"ha": ha} if ha else {}), **more}
 
 
 @pytest.mark.parametrize(("records", "up", "gone", "now", "due"), [
