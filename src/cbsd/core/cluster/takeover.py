@@ -137,24 +137,27 @@ class Standby:
 
 
 def take(ctx: Context, store: Store, me: str, a: Action, reps: Replicas) -> str:
-    """The child's work (see the module's docstring); what it did."""
+    """The child's work (see the module's docstring); what it did. A refusal (a VM of that
+    name here, the record changed) is a StateError: the child fails, and the round waits
+    RETRY before it tries again, as after any failure."""
     key = nodes.VM + a.jname
     if a.revision:
         if ctx.inventory.get(a.jname) is not None:
             # a VM of that name here (a copy this node was once the owner of) would be
             # taken for the promoted one: the operator removes it first
-            return (f"{a.jname}: a VM of that name is in this node's inventory already: "
-                    "no takeover (bremove it here first)")
+            raise StateError(f"{a.jname}: a VM of that name is in this node's inventory "
+                             "already: no takeover (bremove it here first)")
         kv = store.get(key)
         if kv is None or kv.mod_revision != a.revision:
-            return f"{a.jname}: its record changed since it was read: no takeover"
+            raise StateError(f"{a.jname}: its record changed since it was read: no takeover")
         # "takeover": in progress (dropped at the end); "taken_from": for good -- the old
         # owner's keeper kills its copy, and only bremove of that copy runs there
         new = {**kv.json(), "node": me, "takeover": a.owner, "taken_from": a.owner,
                "last": f"taken over from {a.owner}", "time": time.time()}
         if not store.txn([Compare(key, a.revision), Compare(nodes.ALIVE + a.owner, 0)],
                          [Put(key, json.dumps(new).encode())]):
-            return f"{a.jname}: its record changed, or node {a.owner} came back: no takeover"
+            raise StateError(f"{a.jname}: its record changed, or node {a.owner} came back: "
+                             "no takeover")
     checkpoint = reps.promote(ctx, a.jname)
     # lazy: the restore path (the checkpoint engine) only in a takeover's child
     from cbsd.core.manage import lifecycle
@@ -184,13 +187,13 @@ def main(argv: list[str]) -> int:
             return 0  # another child is at it
         ctx = Context(wd)
         guard.install(ctx)
-        with open(config.keeper_log(wd), "a") as log:
-            try:
-                msg = take(ctx, config.store(wd, cfg), cfg.node, a, replicas())
-            except Exception as e:
-                log.write(f"{time.time():.3f} takeover of {a.jname}: {e}\n")
-                return 1
-            log.write(f"{time.time():.3f} {msg}\n")
+        try:
+            msg = take(ctx, config.store(wd, cfg), cfg.node, a, replicas())
+        except Exception as e:
+            config.append_log(config.keeper_log(wd), f"{time.time():.3f} takeover of "
+                              f"{a.jname}: {e}")
+            return 1
+        config.append_log(config.keeper_log(wd), f"{time.time():.3f} {msg}")
     return 0
 
 

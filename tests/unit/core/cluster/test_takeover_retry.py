@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from cbsd.core.cluster import nodes
+import pytest
+
+from cbsd.core.cluster import config, guard, nodes, takeover
 from cbsd.core.cluster.store import Put
 from cbsd.core.cluster.takeover import Action, Standby, decide
+from cbsd.core.vm.context import Context
 from cbsd.storage.paths import Workdir
 from tests.unit.core.cluster.fakestore import FakeStore
-from tests.unit.core.cluster.test_takeover import Child, rec
+from tests.unit.core.cluster.test_takeover import Child, FakeReplicas, rec
+from tests.unit.core.conftest import define
 
 
 def test_a_failed_takeover_is_resumed_though_its_record_has_no_ha_any_more() -> None:
@@ -45,3 +51,28 @@ def test_a_resume_needs_no_replica_here(short_tmp: Any) -> None:
                  has_replica=lambda j: False, spawn=spawn)
     sb.round(nodes.snapshot(s))
     assert started == [Action("v", "a", 0)]
+
+
+def test_a_refused_takeover_fails_so_it_waits_before_again(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    define(ctx, "v")  # a VM of that name here: refused
+    s = FakeStore()
+    s.txn([], [Put(nodes.VM + "v", json.dumps(rec("a")).encode())])
+    rev = s.get(nodes.VM + "v").mod_revision  # type: ignore[union-attr]
+    wd = ctx.workdir
+    config.folder(wd).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(config, "load", lambda _wd: SimpleNamespace(node="b"))
+    monkeypatch.setattr(config, "store", lambda _wd, _cfg: s)
+    monkeypatch.setattr(guard, "install", lambda _ctx: None)
+    monkeypatch.setattr(takeover, "replicas", lambda: FakeReplicas("ha-1"))
+    assert takeover.main([str(wd.root), "v", "a", str(rev)]) == 1
+    assert "bremove it here first" in config.keeper_log(wd).read_text()
+
+
+def test_the_keeper_log_is_capped(short_tmp: Path) -> None:
+    path = short_tmp / "keeper.log"
+    for i in range(200):
+        config.append_log(path, f"line {i:04d} " + "x" * 40, cap=1000)
+    text = path.read_text()
+    assert len(text) <= 1000 + 60 and text.endswith("line 0199 " + "x" * 40 + "\n")
+    assert text.startswith("line ")  # whole lines only
