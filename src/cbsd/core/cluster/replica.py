@@ -327,12 +327,33 @@ def promote(ctx: Context, jname: str) -> str:
             jname=jname, ha=False, ha_node="")
         if ctx.inventory.get(jname) is None:
             _register(ctx, rep, spec)
+        elif not _registered(wd, rep):
+            # another VM of that name: taking it for the promoted one would delete the only
+            # current copy (the replica) and point that VM at a checkpoint it lacks
+            raise StateError(f"{jname}: a VM of that name is in this node's inventory and is "
+                             "not this replica promoted: bremove it first (the replica is kept)")
         tree.set_current(wd, jname, rep.checkpoint)
         # The replica goes, the VM's files stay (links): promoted, and idempotently so.
         os.unlink(root / PUBLISHED)
         fsync_dir(root)
         shutil.rmtree(root, ignore_errors=True)
         return rep.checkpoint
+
+
+def _registered(wd: Workdir, rep: Replica) -> bool:
+    """Whether the VM of the replica's name here is this replica promoted (a promote cut
+    short after _register): its checkpoint ha-G's recipe and every image of it are the
+    replica's own files (hard links: the same inodes), which nothing else makes."""
+    def same(a: Path, b: Path) -> bool:
+        try:
+            sa, sb = a.stat(), b.stat()
+        except FileNotFoundError:
+            return False
+        return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+    ckdir = wd.checkpoint(rep.jname, rep.checkpoint)
+    return same(ckdir / RECIPE, rep.ckdir / RECIPE) and all(
+        same(wd.vm_dir(rep.jname) / image.name, image) for image in _images(rep.root))
 
 
 def _register(ctx: Context, rep: Replica, spec: VMSpec) -> None:

@@ -10,15 +10,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import xxhash
 
 from cbsd.core.cluster import replica
 from cbsd.core.vm.context import Context
+from cbsd.errors import StateError
 from cbsd.model import VMSpec
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Source, Writer
 from cbsd.storage.chunkstore import RECIPE
 from cbsd.storage.manifest import FileEntry, Manifest
+from tests.unit.core.conftest import define
 
 SPEC = VMSpec(jname="vm", ram=64 << 20, ram_file="off").to_dict()
 
@@ -68,3 +71,23 @@ def test_a_stream_without_a_base_applies_onto_a_replica_sharing_its_chunks(
     rep = replica.latest(ctx.workdir, "vm")
     assert rep is not None and rep.generation == 3
     assert replica.apply(ctx, "vm", stream(4, 3, [B, A], []))["generation"] == 4
+
+
+def test_promote_refuses_over_another_vm_of_the_same_name_and_keeps_the_replica(
+        ctx: Context) -> None:
+    replica.apply(ctx, "vm", stream(1, None, [A, B], [A, B]))
+    define(ctx, "vm")  # say, a copy this node kept when the VM was taken from it once
+    with pytest.raises(StateError, match="not this replica promoted: bremove it first"):
+        replica.promote(ctx, "vm")
+    rep = replica.latest(ctx.workdir, "vm")  # untouched
+    assert rep is not None and rep.generation == 1 and rep.ckdir.is_dir()
+
+
+def test_a_promote_cut_short_after_registering_finishes(ctx: Context) -> None:
+    replica.apply(ctx, "vm", stream(1, None, [A, B], [A, B]))
+    rep = replica.latest(ctx.workdir, "vm")
+    assert rep is not None
+    replica._register(ctx, rep, VMSpec(jname="vm", ram=64 << 20, ram_file="off"))
+    assert replica.promote(ctx, "vm") == "ha-1"  # registered already: only the rest done
+    assert replica.latest(ctx.workdir, "vm") is None
+    assert ctx.inventory.get("vm") is not None
