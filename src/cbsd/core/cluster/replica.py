@@ -7,7 +7,8 @@ core/cluster/ship.py). Nothing here is in the standby's inventory until promote(
                                  generation G is the internal snapshot cbsd-rep-G of each
         gen-G.ckp/               generation G's checkpoint (ckpstore format, its memory a
                                  recipe into store/), its manifest sealed
-        replica.json             THE publish point (write_atomic): generation, source, spec
+        replica.json             THE publish point (write_atomic): generation, source, spec,
+                                 images (disks/ files it names; any other is removed)
         .lock                    held (flock) by whoever changes the replica
 
 Anything replica.json does not name is an interrupted apply: the next apply (and promote)
@@ -69,6 +70,7 @@ class Replica:
     spec: dict[str, Any]
     stream: str  # the memory stream's XXH3-128 (the owner checks its base against it)
     root: Path
+    images: frozenset[str] | None = None  # its images (None: a replica.json from before)
 
     @property
     def ckdir(self) -> Path:
@@ -88,8 +90,10 @@ def latest(wd: Workdir, jname: str) -> Replica | None:
     root = folder(wd, jname)
     try:
         raw = json.loads((root / PUBLISHED).read_text())
+        images = raw.get("images")
         return Replica(jname, int(raw["generation"]), str(raw["source"]),
-                       float(raw["taken"]), dict(raw["spec"]), str(raw["stream"]), root)
+                       float(raw["taken"]), dict(raw["spec"]), str(raw["stream"]), root,
+                       None if images is None else frozenset(str(i) for i in images))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -123,8 +127,10 @@ def recover(wd: Workdir, jname: str) -> Replica | None:
     for leftover in (root / "disks").glob(".*") if (root / "disks").is_dir() else ():
         leftover.unlink()
     for image in _images(root):
-        if rep is None:
-            image.unlink()  # a first apply cut short: no generation to go back to
+        if rep is None or (rep.images is not None and image.name not in rep.images):
+            # a first apply cut short (no generation to go back to), a disk the published
+            # generation lacks (added by an apply cut short, or detached on the owner)
+            image.unlink()
             continue
         tags = img.snapshots(image)
         if rep.tag not in tags:
@@ -224,7 +230,8 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         fsync_dir(root)
         write_atomic(root / PUBLISHED, json.dumps({
             "generation": gen, "source": str(head.get("source")), "taken": time.time(),
-            "spec": spec.to_dict(), "stream": m.stream.xxh3_128}).encode())
+            "spec": spec.to_dict(), "stream": m.stream.xxh3_128,
+            "images": sorted(disks)}).encode())
         failpoint("replica:published")
         recover(wd, jname)  # the generation before it: its snapshots, folder and chunks
         return {"jname": jname, "generation": gen}
@@ -267,7 +274,9 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
     published snapshot untouched), flushed and snapshotted as *tag*. "full": a qcow2 of the
     owner's snapshot, every byte written, then compared; "delta": a qcow2 holding only the
     clusters written since the base generation (core/cluster/delta.py), committed into the
-    image (only its allocated clusters are written)."""
+    image (only its allocated clusters are written). An image new here is made under a
+    temporary name and put in place once it has its snapshot: an image without the
+    published generation's is always one replica.json does not name (recover removes it)."""
     incoming, image = d / f".in-{name}", d / name
     if not incoming.exists():
         raise ArchiveError(f"the replication stream lacks image {name}")
@@ -280,6 +289,7 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
         img.commit_into(incoming, image)
     else:
         if not image.exists():
+            image = d / f".new-{name}"  # a leftover dot file: recover removes it
             img.create(image, size)
             image.chmod(0o600)
         img.write_over(incoming, image)
@@ -290,6 +300,9 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
     finally:
         os.close(fd)
     img.snapshot_create(image, tag)
+    if image != d / name:
+        os.rename(image, d / name)
+        fsync_dir(d)
     incoming.unlink()
 
 

@@ -17,6 +17,7 @@ from cbsd.core.cluster import replica
 from cbsd.core.vm.context import Context
 from cbsd.errors import StateError
 from cbsd.model import VMSpec
+from cbsd.qemu import img
 from cbsd.storage import ckpstore
 from cbsd.storage.archive import FORMAT, HEADER, Source, Writer
 from cbsd.storage.chunkstore import RECIPE
@@ -91,3 +92,52 @@ def test_a_promote_cut_short_after_registering_finishes(ctx: Context) -> None:
     assert replica.promote(ctx, "vm") == "ha-1"  # registered already: only the rest done
     assert replica.latest(ctx.workdir, "vm") is None
     assert ctx.inventory.get("vm") is not None
+
+
+MIB = 1 << 20
+
+
+def disks(tmp: Path, *names: str) -> dict[str, tuple[int, Path]]:
+    out = {}
+    for name in names:
+        path = tmp / f"src-{name}.qcow2"
+        if not path.exists():
+            img.create(path, MIB)
+        out[name] = (MIB, path)
+    return out
+
+
+def test_a_disk_detached_on_the_owner_leaves_the_replica_usable(
+        ctx: Context, tmp_path: Path) -> None:
+    replica.apply(ctx, "vm", stream(1, None, [A], [A], disks(tmp_path, "d0", "d1")))
+    # d1 detached on the owner: generation 2 has d0 only
+    assert replica.apply(ctx, "vm", stream(2, 1, [A], [], disks(tmp_path, "d0")))[
+        "generation"] == 2
+    assert replica.apply(ctx, "vm", stream(3, 2, [A], [], disks(tmp_path, "d0")))[
+        "generation"] == 3
+    root = replica.folder(ctx.workdir, "vm")
+    assert sorted(p.name for p in (root / "disks").iterdir()) == ["d0"]
+
+
+def test_an_apply_cut_short_while_adding_a_disk_leaves_the_replica_usable(
+        ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica.apply(ctx, "vm", stream(1, None, [A], [A], disks(tmp_path, "d0")))
+    real = img.snapshot_create
+
+    def cut(image: Path, tag: str) -> None:
+        if "d1" in image.name:
+            raise KeyboardInterrupt  # as a kill -9 there leaves it
+        real(image, tag)
+
+    monkeypatch.setattr(img, "snapshot_create", cut)
+    with pytest.raises(KeyboardInterrupt):
+        replica.apply(ctx, "vm", stream(2, 1, [A], [], disks(tmp_path, "d0", "d1")))
+    monkeypatch.setattr(img, "snapshot_create", real)
+    rep = replica.recover(ctx.workdir, "vm")  # what a takeover's promote does first
+    assert rep is not None and rep.generation == 1
+    root = replica.folder(ctx.workdir, "vm")
+    assert sorted(p.name for p in (root / "disks").iterdir()) == ["d0"]
+    assert replica.apply(ctx, "vm", stream(2, 1, [A], [], disks(tmp_path, "d0", "d1")))[
+        "generation"] == 2
+    assert sorted(p.name for p in (root / "disks").iterdir()) == ["d0", "d1"]
+    assert img.snapshots(root / "disks" / "d1") == ["cbsd-rep-2"]
