@@ -143,6 +143,22 @@ def test_a_replication_cut_short_or_damaged_leaves_the_published_replica_and_the
     counting(a.cbsd, "vmr")  # the guest ran on, its disk matching its memory
 
 
+def test_a_replication_without_a_base_onto_the_replica_and_the_next_one_on_it(
+        three: list[Host]) -> None:  # noqa: F811
+    a, b, _c = three
+    gen = int(str(published(b, "vmr")["generation"]))
+    # the owner lost its base (here: its ha-G destroyed; an acknowledgement lost, a
+    # destroyall, a move do the same): the next one ships everything, onto a replica that
+    # has most of those chunks already
+    a.cbsd("bcheckpoint", "mode=destroy", "jname=vmr", f"name=ha-{gen}").ok()
+    r = a.cbsd("bcheckpoint", "mode=replicate", "jname=vmr").ok()
+    assert "full: no base there" in r.out, r.out
+    assert published(b, "vmr")["generation"] == gen + 1
+    r = a.cbsd("bcheckpoint", "mode=replicate", "jname=vmr").ok()  # and on it again
+    assert "full" not in r.out and published(b, "vmr")["generation"] == gen + 2, r.out
+    counting(a.cbsd, "vmr")
+
+
 def replicating() -> bool:
     return any(b"bcheckpoint\x00mode=replicate\x00jname=vmr" in cmdline(p) for p in pids())
 

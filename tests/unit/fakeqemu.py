@@ -326,7 +326,7 @@ class Daemon:
             return {}
         if name == "blockdev-set-active" and int(self.version.split(".")[0]) >= 10:
             return {}
-        if name == "query-block-jobs":
+        if name in ("query-block-jobs", "query-jobs"):
             return []
         if name == "query-named-block-nodes":
             return [{"node-name": n} for n in [*self.files, *self.nodes, *self.added]]

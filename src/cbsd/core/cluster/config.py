@@ -39,6 +39,9 @@ class Config:
         return f"https://{self.address}:{PEER_PORT}"
 
 
+LOG_MAX = 1 << 20  # the cluster's logs (hasched.log, keeper.log): bytes kept at most
+
+
 def folder(wd: Workdir) -> Path:
     return wd.cluster_config.parent
 
@@ -50,6 +53,19 @@ def keeper_pid(wd: Workdir) -> Path:
 def keeper_log(wd: Workdir) -> Path:
     """The keeper's and the takeovers' events (fencing, kills, takeovers), one per line."""
     return folder(wd) / "keeper.log"
+
+
+def append_log(path: Path, line: str, cap: int = LOG_MAX) -> None:
+    """*line* appended to the log *path*, which is kept under *cap* bytes (past it, the older
+    half is dropped). A log that cannot be written is skipped: what it records matters more."""
+    try:
+        if path.exists() and path.stat().st_size > cap:
+            kept = path.read_bytes()[-cap // 2:]
+            path.write_bytes(kept[kept.find(b"\n") + 1:])
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def path(wd: Workdir) -> Path:

@@ -54,21 +54,31 @@ def _bitmaps(vm: VM) -> dict[str, set[str]]:
 
 def prepare(vm: VM, scratch: Path, gen: int, base: int | None) -> Plan:
     """A delta target for every image whose QEMU has the base's bitmap (added to QEMU as a
-    node, empty); the others go in full."""
+    node, empty); the others go in full. First, whatever delta job or node an earlier
+    replication left in this QEMU (cut short before its close: killed, or its close failed)
+    goes: the VM's lock is held, so every one there is stale, and one left would make the
+    blockdev-add of its name fail until QEMU restarts. A failure part-way removes what this
+    one added."""
+    clear(vm)
     plan = Plan(gen, base)
     if base is None:
         return plan
-    have = _bitmaps(vm)
-    mon = vm.monitor()
-    for i, image in enumerate(vm.images()):
-        if f"{BITMAP}{base}" not in have.get(image.node, set()):
-            continue
-        path = scratch / f"{image.name}.delta"
-        img.create(path, int(img.info(Path(image.path))["virtual-size"]))
-        mon.cmd("blockdev-add", driver="qcow2", **{"node-name": f"{NODE}{i}"},
-                file={"driver": "file", "filename": str(path)})
-        plan.added.append(f"{NODE}{i}")
-        plan.deltas[i] = path
+    try:
+        have = _bitmaps(vm)
+        mon = vm.monitor()
+        for i, image in enumerate(vm.images()):
+            if f"{BITMAP}{base}" not in have.get(image.node, set()):
+                continue
+            path = scratch / f"{image.name}.delta"
+            img.create(path, int(img.info(Path(image.path))["virtual-size"]))
+            mon.cmd("blockdev-add", driver="qcow2", **{"node-name": f"{NODE}{i}"},
+                    file={"driver": "file", "filename": str(path)})
+            plan.added.append(f"{NODE}{i}")
+            plan.deltas[i] = path
+    except BaseException:
+        with contextlib.suppress(CbsdError):
+            close(vm, plan)
+        raise
     return plan
 
 
@@ -118,7 +128,16 @@ def finish(vm: VM, plan: Plan) -> None:
 
 def close(vm: VM, plan: Plan) -> None:
     """Cancel what still runs and remove the delta nodes (after finish, or on a failure)."""
-    if not plan.added or not vm.alive():
+    if not plan.added:
+        return
+    clear(vm)
+    plan.added.clear()
+
+
+def clear(vm: VM) -> None:
+    """Every cbsd-ha-delta-* job cancelled and dismissed, every such node deleted (the
+    caller holds the VM's lock: none belongs to a replication still running)."""
+    if not vm.alive():
         return
     mon = vm.monitor()
     for job in mon.cmd("query-jobs"):
@@ -128,9 +147,9 @@ def close(vm: VM, plan: Plan) -> None:
                     mon.cmd("job-cancel", id=job["id"])
                 _wait_concluded(vm, job["id"])
                 mon.cmd("job-dismiss", id=job["id"])
-    for node in list(plan.added):
-        _delete_node(vm, node)
-        plan.added.remove(node)
+    for node in mon.cmd("query-named-block-nodes", flat=True):
+        if str(node["node-name"]).startswith(NODE):
+            _delete_node(vm, node["node-name"])
 
 
 def _delete_node(vm: VM, node: str, timeout: float = 30.0) -> None:

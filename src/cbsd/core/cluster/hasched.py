@@ -7,7 +7,7 @@ jname=X`, with its lock, ownership guard and recovery -- so a slow or stuck repl
 delays the keeper's lease renewal, and two never run at once for one VM (a VM whose child
 still runs is not due). A VM another command holds (exit 75, busy) is tried again at the next
 tick; any other outcome waits a whole interval. Each outcome is one line in
-WORKDIR/cluster/hasched.log (kept under LOG_MAX bytes: the older half is dropped)."""
+WORKDIR/cluster/hasched.log (kept under config.LOG_MAX bytes: the older half is dropped)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from cbsd.storage.paths import Workdir
 
 TICK = 1.0
 BUSY = 75
-LOG_MAX = 1 << 20
 
 
 def log_path(wd: Workdir) -> Path:
@@ -97,16 +96,8 @@ class Loop:
     def _log(self, jname: str, code: int, out: bytes, err: bytes) -> None:
         text = (err if code else out).decode(errors="replace").strip().splitlines()
         line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {jname} exit {code}: "
-                f"{text[-1] if text else ''}\n")
-        path = log_path(self.wd)
-        try:
-            if path.exists() and path.stat().st_size > LOG_MAX:
-                kept = path.read_bytes()[-LOG_MAX // 2:]
-                path.write_bytes(kept[kept.find(b"\n") + 1:])
-            with open(path, "a") as f:
-                f.write(line)
-        except OSError:
-            pass  # a full disk: the replication's own outcome is what matters
+                f"{text[-1] if text else ''}")
+        config.append_log(log_path(self.wd), line)  # a full disk: the outcome matters
 
 
 def run(wd: Workdir, stop: threading.Event) -> None:

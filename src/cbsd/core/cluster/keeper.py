@@ -156,8 +156,7 @@ def run(store: Store, name: str, ttl: int, rounds: int | None = None,
 
 def _logger(path: Path) -> Callable[[str], None]:
     def log(msg: str) -> None:
-        with open(path, "a") as f:
-            f.write(f"{time.time():.3f} {msg}\n")
+        config.append_log(path, f"{time.time():.3f} {msg}")  # capped, as hasched.log
     return log
 
 

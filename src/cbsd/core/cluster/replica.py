@@ -7,7 +7,8 @@ core/cluster/ship.py). Nothing here is in the standby's inventory until promote(
                                  generation G is the internal snapshot cbsd-rep-G of each
         gen-G.ckp/               generation G's checkpoint (ckpstore format, its memory a
                                  recipe into store/), its manifest sealed
-        replica.json             THE publish point (write_atomic): generation, source, spec
+        replica.json             THE publish point (write_atomic): generation, source, spec,
+                                 images (disks/ files it names; any other is removed)
         .lock                    held (flock) by whoever changes the replica
 
 Anything replica.json does not name is an interrupted apply: the next apply (and promote)
@@ -69,6 +70,7 @@ class Replica:
     spec: dict[str, Any]
     stream: str  # the memory stream's XXH3-128 (the owner checks its base against it)
     root: Path
+    images: frozenset[str] | None = None  # its images (None: a replica.json from before)
 
     @property
     def ckdir(self) -> Path:
@@ -88,8 +90,10 @@ def latest(wd: Workdir, jname: str) -> Replica | None:
     root = folder(wd, jname)
     try:
         raw = json.loads((root / PUBLISHED).read_text())
+        images = raw.get("images")
         return Replica(jname, int(raw["generation"]), str(raw["source"]),
-                       float(raw["taken"]), dict(raw["spec"]), str(raw["stream"]), root)
+                       float(raw["taken"]), dict(raw["spec"]), str(raw["stream"]), root,
+                       None if images is None else frozenset(str(i) for i in images))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -123,8 +127,10 @@ def recover(wd: Workdir, jname: str) -> Replica | None:
     for leftover in (root / "disks").glob(".*") if (root / "disks").is_dir() else ():
         leftover.unlink()
     for image in _images(root):
-        if rep is None:
-            image.unlink()  # a first apply cut short: no generation to go back to
+        if rep is None or (rep.images is not None and image.name not in rep.images):
+            # a first apply cut short (no generation to go back to), a disk the published
+            # generation lacks (added by an apply cut short, or detached on the owner)
+            image.unlink()
             continue
         tags = img.snapshots(image)
         if rep.tag not in tags:
@@ -197,7 +203,10 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         reader.check_seal()
         reader.end()
         m = ckpstore.read_manifest(tmp)
-        recipe = _recipe(store, rep, tmp / "entries", pack_tmp, pack)
+        # A stream without a base carries every chunk (the owner assumed nothing here):
+        # none of the published recipe's may be taken for known, or the pack does not fit.
+        recipe = _recipe(store, rep if base is not None else None, tmp / "entries",
+                         pack_tmp, pack)
         (tmp / "entries").unlink()
         if m.stream is None or set(m.files) != {RECIPE}:
             raise ArchiveError(f"{jname}: the replicated checkpoint is not a folded one (its "
@@ -221,7 +230,8 @@ def apply(ctx: Context, jname: str, inp: IO[bytes]) -> dict[str, Any]:
         fsync_dir(root)
         write_atomic(root / PUBLISHED, json.dumps({
             "generation": gen, "source": str(head.get("source")), "taken": time.time(),
-            "spec": spec.to_dict(), "stream": m.stream.xxh3_128}).encode())
+            "spec": spec.to_dict(), "stream": m.stream.xxh3_128,
+            "images": sorted(disks)}).encode())
         failpoint("replica:published")
         recover(wd, jname)  # the generation before it: its snapshots, folder and chunks
         return {"jname": jname, "generation": gen}
@@ -264,7 +274,9 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
     published snapshot untouched), flushed and snapshotted as *tag*. "full": a qcow2 of the
     owner's snapshot, every byte written, then compared; "delta": a qcow2 holding only the
     clusters written since the base generation (core/cluster/delta.py), committed into the
-    image (only its allocated clusters are written)."""
+    image (only its allocated clusters are written). An image new here is made under a
+    temporary name and put in place once it has its snapshot: an image without the
+    published generation's is always one replica.json does not name (recover removes it)."""
     incoming, image = d / f".in-{name}", d / name
     if not incoming.exists():
         raise ArchiveError(f"the replication stream lacks image {name}")
@@ -277,6 +289,7 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
         img.commit_into(incoming, image)
     else:
         if not image.exists():
+            image = d / f".new-{name}"  # a leftover dot file: recover removes it
             img.create(image, size)
             image.chmod(0o600)
         img.write_over(incoming, image)
@@ -287,6 +300,9 @@ def _disk(d: Path, name: str, size: int, mode: str, tag: str) -> None:
     finally:
         os.close(fd)
     img.snapshot_create(image, tag)
+    if image != d / name:
+        os.rename(image, d / name)
+        fsync_dir(d)
     incoming.unlink()
 
 
@@ -324,12 +340,33 @@ def promote(ctx: Context, jname: str) -> str:
             jname=jname, ha=False, ha_node="")
         if ctx.inventory.get(jname) is None:
             _register(ctx, rep, spec)
+        elif not _registered(wd, rep):
+            # another VM of that name: taking it for the promoted one would delete the only
+            # current copy (the replica) and point that VM at a checkpoint it lacks
+            raise StateError(f"{jname}: a VM of that name is in this node's inventory and is "
+                             "not this replica promoted: bremove it first (the replica is kept)")
         tree.set_current(wd, jname, rep.checkpoint)
         # The replica goes, the VM's files stay (links): promoted, and idempotently so.
         os.unlink(root / PUBLISHED)
         fsync_dir(root)
         shutil.rmtree(root, ignore_errors=True)
         return rep.checkpoint
+
+
+def _registered(wd: Workdir, rep: Replica) -> bool:
+    """Whether the VM of the replica's name here is this replica promoted (a promote cut
+    short after _register): its checkpoint ha-G's recipe and every image of it are the
+    replica's own files (hard links: the same inodes), which nothing else makes."""
+    def same(a: Path, b: Path) -> bool:
+        try:
+            sa, sb = a.stat(), b.stat()
+        except FileNotFoundError:
+            return False
+        return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+    ckdir = wd.checkpoint(rep.jname, rep.checkpoint)
+    return same(ckdir / RECIPE, rep.ckdir / RECIPE) and all(
+        same(wd.vm_dir(rep.jname) / image.name, image) for image in _images(rep.root))
 
 
 def _register(ctx: Context, rep: Replica, spec: VMSpec) -> None:

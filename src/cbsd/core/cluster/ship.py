@@ -137,7 +137,8 @@ def _replicate_held(vm: VM, peer: Node, me: str) -> str:
         sent = _ship(vm, peer, ckdir, plan, scratch, local.get(base) if base else None, me)
     except BaseException:
         with contextlib.suppress(CbsdError, OSError):
-            delta.close(vm, plan)
+            delta.close(vm, plan)  # what it leaves, the next prepare removes
+        with contextlib.suppress(CbsdError, OSError):
             delta.drop(vm, gen)  # the base's bitmap stays: the next one ships from it
         if ckpstore.has_manifest(wd.checkpoint(jname, name)):
             with contextlib.suppress(CbsdError, OSError):

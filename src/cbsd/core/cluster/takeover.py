@@ -1,6 +1,7 @@
 """Takeover on the standby (docs/cluster.md, "Fencing and failover"). The keeper's watch round
 hands every read of the cluster to Standby.round: for each VM whose record names this node as
-its HA standby (`"ha": {"node": ME}`) while another node owns it, the owner's alive key must
+its HA standby (`"ha": {"node": ME}`) while another node owns it and whose recorded status is
+"On" (the owner did not leave it stopped or hibernated), the owner's alive key must
 have stayed gone for a margin (the owner fenced itself before its lease could expire) and a
 published replica must be here (core/cluster/replica.latest). Then a child process
 (`python -m cbsd.core.cluster.takeover WORKDIR JNAME OWNER REVISION`) does the work, so the
@@ -14,9 +15,11 @@ keeper's lease renewal never waits for it:
    kills its copy if it runs, its guard lets only bremove of the copy run there).
 
 A child cut short (kill -9, a host crash) leaves the record naming this node with "takeover":
-the next round starts the child again without the swap (REVISION 0), and promote is
-idempotent. One child per VM at a time (a lock file), and a failed one is retried only after
-RETRY seconds (a broken replica does not spin)."""
+the next round starts the child again without the swap (REVISION 0), whatever the record's
+"ha" says by then (the promoted definition's guard writes none) and with no replica needed
+(promote removed it once the VM was in the inventory), and promote is idempotent. One child
+per VM at a time (a lock file), and a failed one is retried only after RETRY seconds (a
+broken replica does not spin)."""
 
 from __future__ import annotations
 
@@ -69,16 +72,17 @@ def decide(records: dict[str, tuple[dict[str, Any], int]], up: set[str], me: str
         del gone[node]
     due = []
     for jname, (rec, rev) in sorted(records.items()):
-        ha = rec.get("ha")
-        if not isinstance(ha, dict) or ha.get("node") != me:
-            continue
         owner = str(rec.get("node", ""))
-        if owner == me:
-            if rec.get("takeover"):
-                due.append(Action(jname, str(rec["takeover"]), 0))
+        if owner == me and rec.get("takeover"):
+            # a takeover cut short or failed: resumed whatever the record says since (the
+            # promote's guard writes the promoted definition's ha, none, and status)
+            due.append(Action(jname, str(rec["takeover"]), 0))
             continue
-        if owner in up or not owner:
+        ha = rec.get("ha")
+        if not isinstance(ha, dict) or ha.get("node") != me or owner == me:
             continue
+        if owner in up or not owner or rec.get("status") != "On":
+            continue  # a VM its owner left stopped or hibernated stays so (not resumed)
         first = gone.setdefault(owner, now)
         if fence.takeover_due(first, now, margin_s):
             due.append(Action(jname, owner, rev))
@@ -125,31 +129,35 @@ class Standby:
         for a in decide(records, set(snap.alive), self.me, self.gone, now, self.margin):
             if a.jname in self.children or now - self.failed.get(a.jname, -RETRY) < RETRY:
                 continue
-            if not self.has_replica(a.jname):
+            if a.revision and not self.has_replica(a.jname):
                 continue  # nothing to resume from: the VM stays down with its owner
+            # (a resume needs none: its promote may have consumed the replica already)
             self.log(f"taking {a.jname} over from node {a.owner}")
             self.children[a.jname] = self.spawn(a)
 
 
 def take(ctx: Context, store: Store, me: str, a: Action, reps: Replicas) -> str:
-    """The child's work (see the module's docstring); what it did."""
+    """The child's work (see the module's docstring); what it did. A refusal (a VM of that
+    name here, the record changed) is a StateError: the child fails, and the round waits
+    RETRY before it tries again, as after any failure."""
     key = nodes.VM + a.jname
     if a.revision:
         if ctx.inventory.get(a.jname) is not None:
             # a VM of that name here (a copy this node was once the owner of) would be
             # taken for the promoted one: the operator removes it first
-            return (f"{a.jname}: a VM of that name is in this node's inventory already: "
-                    "no takeover (bremove it here first)")
+            raise StateError(f"{a.jname}: a VM of that name is in this node's inventory "
+                             "already: no takeover (bremove it here first)")
         kv = store.get(key)
         if kv is None or kv.mod_revision != a.revision:
-            return f"{a.jname}: its record changed since it was read: no takeover"
+            raise StateError(f"{a.jname}: its record changed since it was read: no takeover")
         # "takeover": in progress (dropped at the end); "taken_from": for good -- the old
         # owner's keeper kills its copy, and only bremove of that copy runs there
         new = {**kv.json(), "node": me, "takeover": a.owner, "taken_from": a.owner,
                "last": f"taken over from {a.owner}", "time": time.time()}
         if not store.txn([Compare(key, a.revision), Compare(nodes.ALIVE + a.owner, 0)],
                          [Put(key, json.dumps(new).encode())]):
-            return f"{a.jname}: its record changed, or node {a.owner} came back: no takeover"
+            raise StateError(f"{a.jname}: its record changed, or node {a.owner} came back: "
+                             "no takeover")
     checkpoint = reps.promote(ctx, a.jname)
     # lazy: the restore path (the checkpoint engine) only in a takeover's child
     from cbsd.core.manage import lifecycle
@@ -179,13 +187,13 @@ def main(argv: list[str]) -> int:
             return 0  # another child is at it
         ctx = Context(wd)
         guard.install(ctx)
-        with open(config.keeper_log(wd), "a") as log:
-            try:
-                msg = take(ctx, config.store(wd, cfg), cfg.node, a, replicas())
-            except Exception as e:
-                log.write(f"{time.time():.3f} takeover of {a.jname}: {e}\n")
-                return 1
-            log.write(f"{time.time():.3f} {msg}\n")
+        try:
+            msg = take(ctx, config.store(wd, cfg), cfg.node, a, replicas())
+        except Exception as e:
+            config.append_log(config.keeper_log(wd), f"{time.time():.3f} takeover of "
+                              f"{a.jname}: {e}")
+            return 1
+        config.append_log(config.keeper_log(wd), f"{time.time():.3f} {msg}")
     return 0
 
 

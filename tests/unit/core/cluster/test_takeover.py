@@ -18,6 +18,7 @@ from cbsd.core.cluster.takeover import Action, Standby, decide, take
 from cbsd.core.manage import lifecycle
 from cbsd.core.vm.context import Context
 from cbsd.core.vm.machine import VM
+from cbsd.errors import StateError
 from cbsd.storage.paths import Workdir
 from tests.unit.core.cluster.fakestore import FakeStore
 from tests.unit.core.conftest import define
@@ -26,7 +27,7 @@ HA_B = {"node": "b", "interval": 30}
 
 
 def rec(node: str, ha: dict[str, Any] | None = HA_B, **more: Any) -> dict[str, Any]:
-    return {"node": node, **({"ha": ha} if ha else {}), **more}
+    return {"node": node, "status": "On", **({"ha": ha} if ha else {}), **more}
 
 
 @pytest.mark.parametrize(("records", "up", "gone", "now", "due"), [
@@ -160,10 +161,12 @@ def test_no_takeover_when_the_record_changed_or_the_owner_came_back(
     rev = s.get(nodes.VM + "v").mod_revision  # type: ignore[union-attr]
     lease = s.grant(10)
     s.txn([], [Put(nodes.ALIVE + "a", b"{}", lease)])  # a renewed in the meantime
-    assert "came back" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
+    with pytest.raises(StateError, match="came back"):  # a failure: retried after RETRY
+        take(ctx, s, "b", Action("v", "a", rev), replica_here)
     s.revoke(lease)
     s.txn([], [Put(nodes.VM + "v", json.dumps(rec("a", last="bset")).encode())])
-    assert "changed since" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
+    with pytest.raises(StateError, match="changed since"):
+        take(ctx, s, "b", Action("v", "a", rev), replica_here)
     assert replica_here.promoted == 0 and ctx.inventory.get("v") is None
     assert s.get(nodes.VM + "v").json()["node"] == "a"  # type: ignore[union-attr]
 
@@ -188,7 +191,8 @@ def test_no_takeover_over_a_vm_of_the_same_name_here(
     s = FakeStore()
     s.txn([], [Put(nodes.VM + "v", json.dumps(rec("a")).encode())])
     rev = s.get(nodes.VM + "v").mod_revision  # type: ignore[union-attr]
-    assert "bremove it here first" in take(ctx, s, "b", Action("v", "a", rev), replica_here)
+    with pytest.raises(StateError, match="bremove it here first"):
+        take(ctx, s, "b", Action("v", "a", rev), replica_here)
     assert replica_here.promoted == 0
     assert s.get(nodes.VM + "v").json()["node"] == "a"  # type: ignore[union-attr]
 
