@@ -8,14 +8,15 @@ expires at etcd no earlier than last_ok + ttl. The keeper kills at last_ok + ttl
 whatever its calls to etcd are doing (they may hang for their timeout: the check runs in its
 own thread). The decisions are pure functions of (ttl, last_ok, now), tested as tables.
 
-The kill takes no VM lock (a command stuck on the VM must not delay it): SIGKILL to the QEMU
-the inventory or its pid file names, then wait until it is gone. Nothing here restarts a
+The kill takes no VM lock (a command stuck on the VM must not delay it): SIGKILL to every QEMU
+the inventory or its pid file names, then wait until all are gone. Nothing here restarts a
 fenced VM: a start goes through the ownership guard, which refuses while etcd is out of
 reach and, later, while the record names the standby."""
 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -70,9 +71,9 @@ def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str]
             and records[j].get("from") != me and j not in busy}
 
 
-def kill(site: Site, jname: str) -> bool | None:
-    """SIGKILL VM *jname*'s QEMU here if it runs: None if nothing of it ran, else whether it
-    is gone now. No lock taken."""
+def _signal(site: Site, jname: str) -> tuple[int, str] | None:
+    """SIGKILL VM *jname*'s QEMU here if it runs: its (pid, marker), None if nothing of it
+    ran. No lock taken, no wait."""
     try:
         vm = VM.load(site, jname)
     except CbsdError:
@@ -81,11 +82,22 @@ def kill(site: Site, jname: str) -> bool | None:
         return None
     marker = vm.paths.qmp_sock
     process.kill(vm.pid, marker, signal.SIGKILL)
-    return process.wait_gone(vm.pid, marker, KILL_WAIT)
+    return vm.pid, marker
+
+
+def kill(site: Site, jname: str) -> bool | None:
+    """SIGKILL VM *jname*'s QEMU here if it runs: None if nothing of it ran, else whether it
+    is gone now."""
+    killed, left = kill_all(site, [jname])
+    return True if killed else False if left else None
 
 
 def kill_all(site: Site, jnames: Iterable[str]) -> tuple[list[str], list[str]]:
     """Kill every one of *jnames* that runs here: (the ones killed, the ones still running
-    after it)."""
-    done = {j: kill(site, j) for j in sorted(jnames)}
-    return [j for j, r in done.items() if r], [j for j, r in done.items() if r is False]
+    after it). Every QEMU gets its SIGKILL first, then the waits share one deadline: a QEMU
+    stuck in the kernel must not hold up the kill of the others past the margin."""
+    sent = {j: h for j in sorted(jnames) if (h := _signal(site, j)) is not None}
+    deadline = time.monotonic() + KILL_WAIT
+    gone = {j: process.wait_gone(pid, marker, max(0.0, deadline - time.monotonic()))
+            for j, (pid, marker) in sent.items()}
+    return [j for j, g in gone.items() if g], [j for j, g in gone.items() if not g]

@@ -177,11 +177,34 @@ def test_the_watchdog_is_petted_each_healthy_round_and_not_when_fencing_fails(
     assert k.tick()
     assert device.read_bytes() == b"\0" * 4
     lifecycle.start(ctx, "ha1")
-    monkeypatch.setattr(fence, "kill", lambda site, j: False)  # a QEMU that will not die
+    # a QEMU that will not die
+    monkeypatch.setattr(fence.process, "wait_gone", lambda *_a, **_k: False)
     assert not k.tick()
     assert device.read_bytes() == b"\0" * 4  # no pet: the kernel reboots the host
     dog.disarm()
     assert device.read_bytes() == b"\0" * 4 + b"V"
+
+
+def test_fencing_kills_every_qemu_before_waiting_for_any(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one QEMU stuck in the kernel (its wait times out) must not hold up the others' SIGKILL
+    vms = {j: running(ctx, j) for j in ("ha1", "ha2", "ha3")}
+    events: list[str] = []
+    real_kill, real_wait = fence.process.kill, fence.process.wait_gone
+
+    def kill(pid: int, marker: str, sig: int) -> None:
+        events.append("kill")
+        real_kill(pid, marker, sig)
+
+    def wait(pid: int, marker: str, timeout: float, **kw: bool) -> bool:
+        events.append("wait")
+        return False if pid == vms["ha1"].pid else real_wait(pid, marker, timeout, **kw)
+
+    monkeypatch.setattr(fence.process, "kill", kill)
+    monkeypatch.setattr(fence.process, "wait_gone", wait)
+    killed, left = fence.kill_all(ctx, vms)
+    assert events == ["kill"] * 3 + ["wait"] * 3
+    assert killed == ["ha2", "ha3"] and left == ["ha1"]
 
 
 def test_run_keeps_the_lease_of_a_keeper_without_vms() -> None:
