@@ -61,7 +61,10 @@ class Keeper:
         # down may have let it lapse): fencing is due until a renewal succeeds.
         self.last_ok = clock() - ttl
         self.records: dict[str, dict[str, Any]] = {}
-        self.fencing: set[str] = set()  # the HA VMs this node owned at the last read
+        # the HA VMs this node owned at the last read; None until a read succeeds: then the
+        # local definitions with ha=1 stand in (fence.local_ha), so a keeper restarted while
+        # etcd is out of reach still fences
+        self.fencing: set[str] | None = None
 
     @property
     def site(self) -> Site | None:
@@ -108,7 +111,8 @@ class Keeper:
         if not fence.fence_due(self.ttl, self.last_ok, now, self.margin) or site is None:
             healthy = True
         else:
-            killed, left = fence.kill_all(site, self.fencing)
+            fencing = fence.local_ha(site) if self.fencing is None else self.fencing
+            killed, left = fence.kill_all(site, fencing)
             for j in killed:
                 self.log(f"fenced {j}: last renewal {now - self.last_ok:.2f} s ago "
                          f"(ttl {self.ttl} s)")

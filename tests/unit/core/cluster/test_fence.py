@@ -5,7 +5,9 @@ with VMs whose QEMU is the fake one (a real process that SIGKILL ends)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +76,12 @@ class Clock:
 
     def __call__(self) -> float:
         return self.store.now
+
+
+def bset(ctx: Context, jname: str, **keys: Any) -> None:
+    spec = ctx.inventory.get(jname)
+    assert spec is not None
+    ctx.inventory.update_spec(replace(spec, **keys))
 
 
 def running(ctx: Context, jname: str) -> VM:
@@ -146,6 +154,19 @@ def test_a_keeper_before_its_first_renewal_counts_as_due(ctx: Context) -> None:
     k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
     k.fencing = {"ha1"}
     assert k.tick() and not vm.alive()
+
+
+def test_a_keeper_that_never_read_the_cluster_fences_the_vms_defined_ha_here(
+        ctx: Context) -> None:
+    # restarted while etcd is out of reach: no record read yet, the definitions stand in
+    s = FakeStore()
+    s.down = True
+    ha_vm, plain = running(ctx, "ha1"), running(ctx, "plain")
+    bset(ctx, "ha1", ha=True, ha_node="b")
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
+    assert not k.renew()
+    assert k.tick()
+    assert not ha_vm.alive() and plain.alive()
 
 
 def test_a_copy_taken_over_elsewhere_is_killed_here_when_the_node_is_back(ctx: Context) -> None:
