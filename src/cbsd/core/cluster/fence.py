@@ -67,17 +67,20 @@ def local_ha(site: Site) -> set[str]:
 
 
 def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str],
-               moving: Iterable[str]) -> set[str]:
-    """VMs in this node's inventory whose record names another node and is an HA one or
-    says it was taken from this node (a promoted VM's record has no "ha" until it is set
-    again) -- taken over while this node was cut off, or while its keeper was down -- and
-    that no move of this node's
-    hands over (a bmigrate's record names the target, "from" this node, while the guest still
-    runs here; its intent file says so too): their QEMU must not run here."""
-    busy = set(moving)
+               moving: Iterable[str], local_ha: Iterable[str] = ()) -> set[str]:
+    """VMs in this node's inventory that are provably the VM another node owns now --
+    taken over while this node was cut off, or while its keeper was down: the record says
+    it was taken from this node, or it is an HA record and the copy here is defined ha=1
+    (*local_ha*; ha=1 is set only by the owner, so this copy was the VM) -- and that no move
+    of this node's hands over (a bmigrate's record names the target, "from" this node, while
+    the guest still runs here; its intent file says so too): their QEMU must not run here.
+    A same-name VM that was here before the node joined, and never owned, is not one of them
+    (docs/cluster.md: it stays unowned here, every change refused, but it is not killed)."""
+    busy, ha_here = set(moving), set(local_ha)
     return {j for j in local
             if j in records and records[j].get("node") not in (None, me)
-            and (isinstance(records[j].get("ha"), dict) or records[j].get("taken_from") == me)
+            and (records[j].get("taken_from") == me
+                 or (isinstance(records[j].get("ha"), dict) and j in ha_here))
             and records[j].get("from") != me and j not in busy}
 
 

@@ -8,7 +8,7 @@ granted anew. Killed, it leaves the lease to lapse: the node shows down within t
 Three threads, so that no call to etcd (each may hang for its timeout) delays another job:
 - renewal: the lease, every ttl/3; it dates each success by when the request was sent;
 - watch: one range read of /cbsd/ a second: which HA VMs this node owns (the fencing set),
-  HA VMs whose record names another node killed here (fence.stale_here), and the standby's
+  copies here of VMs another node took over killed (fence.stale_here), and the standby's
   takeovers (core/cluster/takeover.py, in child processes);
 - the main thread's tick, five times a second: fencing (fence.fence_due: kill every HA VM's
   QEMU here before the lease can expire) and the watchdog, petted while the tick is healthy.
@@ -96,7 +96,8 @@ class Keeper:
         if site is not None:
             local = site.inventory.names()
             moving = [j for j in local if site.workdir.moving(j).exists()]
-            for j in fence.stale_here(self.records, self.name, local, moving):
+            for j in fence.stale_here(self.records, self.name, local, moving,
+                                      fence.local_ha(site)):
                 if fence.kill(site, j):
                     self.log(f"killed {j}: its owner record names node "
                              f"{self.records[j].get('node')}")

@@ -59,15 +59,22 @@ def test_the_fencing_set_is_the_ha_vms_this_node_owns() -> None:
     assert fence.ha_owned(records, "a") == {"v1"}
 
 
-def test_stale_copies_are_ha_vms_here_whose_record_names_another_node() -> None:
-    records = {"taken": {"node": "b", "ha": HA}, "mine": {"node": "a", "ha": HA},
+def test_stale_copies_are_the_vms_here_another_node_provably_took() -> None:
+    records = {"taken": {"node": "b", "ha": HA, "taken_from": "a"},
+               "defined_ha": {"node": "b", "ha": HA}, "mine": {"node": "a", "ha": HA},
                "plain": {"node": "b"}, "migrating": {"node": "b", "from": "a", "ha": HA},
-               "moving": {"node": "b", "ha": HA}, "elsewhere": {"node": "c", "ha": HA},
+               "moving": {"node": "b", "ha": HA, "taken_from": "a"},
+               "elsewhere": {"node": "c", "ha": HA},
                "promoted": {"node": "b", "ha": None, "taken_from": "a"},
-               "other": {"node": "b", "ha": None, "taken_from": "c"}}
-    local = ["taken", "mine", "plain", "migrating", "moving", "unclustered", "promoted",
-             "other"]
-    assert fence.stale_here(records, "a", local, moving=["moving"]) == {"taken", "promoted"}
+               "other": {"node": "b", "ha": None, "taken_from": "c"},
+               "same_name": {"node": "b", "ha": HA}}
+    local = ["taken", "defined_ha", "mine", "plain", "migrating", "moving", "unclustered",
+             "promoted", "other", "same_name", "elsewhere"]
+    # "same_name", "elsewhere": a VM of this name was here before the node joined (never
+    # owned here, not defined ha=1 here): another VM, not killed
+    assert fence.stale_here(records, "a", local, moving=["moving"],
+                            local_ha=["defined_ha", "mine", "migrating"]) == {
+        "taken", "defined_ha", "promoted"}
 
 
 class Clock:
@@ -172,11 +179,24 @@ def test_a_keeper_that_never_read_the_cluster_fences_the_vms_defined_ha_here(
 def test_a_copy_taken_over_elsewhere_is_killed_here_when_the_node_is_back(ctx: Context) -> None:
     s = FakeStore()
     vm = running(ctx, "ha1")
+    bset(ctx, "ha1", ha=True, ha_node="b")
     owned(s, "ha1", "b")  # the standby took it while this node was away
     k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
     assert k.renew()
     k.watch()
     assert not vm.alive()
+
+
+def test_a_same_name_vm_that_was_here_before_the_node_joined_is_not_killed(
+        ctx: Context) -> None:
+    # docs/cluster.md: a name another node owns stays unowned here -- another VM, not a copy
+    s = FakeStore()
+    vm = running(ctx, "web")
+    owned(s, "web", "b")  # node b's HA VM of the same name
+    k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s))
+    assert k.renew()
+    k.watch()
+    assert vm.alive()
 
 
 def test_the_watchdog_is_petted_each_healthy_round_and_not_when_fencing_fails(
