@@ -5,6 +5,7 @@ on a cluster node runs VM commands in is installed by guard.py (core/cluster/own
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cbsd.core.cluster import config, member, nodes, owner, pki, view
+from cbsd.core.cluster import watchdog as wdog
 from cbsd.core.cluster.config import Config
 from cbsd.core.cluster.store import (
     ClusterUnreachable,
@@ -92,10 +94,17 @@ def _done(cfg: Config, conflicts: list[str], what: str) -> str:
 
 
 def _watchdog(path: str) -> str:
-    """watchdog=: the device must be there (opening it arms it: the keeper does that)."""
-    if path and not Path(path).exists():
+    """watchdog=: the device must be there and be a character device (opening it arms it:
+    the keeper does that; it writes to it, so a disk given by mistake must never pass)."""
+    if not path:
+        return path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
         raise UsageError(f"bcluster: watchdog={path}: no such device (load softdog, or a "
-                         "hardware watchdog's driver)")
+                         "hardware watchdog's driver)") from None
+    if (why := wdog.unfit(mode)) is not None:
+        raise UsageError(f"bcluster: watchdog={path}: {why}")
     return path
 
 

@@ -20,6 +20,11 @@ from cbsd.cli.main import main
     (["mode=init", "name=n1", "address=10.0.0.1", "watchdog=/nonexistent/wd"],
      "bcluster: watchdog=/nonexistent/wd: no such device"),
     (["mode=status", "watchdog=/dev/null"], "bcluster: watchdog= is not used with mode=status"),
+    # the keeper writes to the device as root: a disk or a file given by mistake never passes
+    (["mode=init", "name=n1", "address=10.0.0.1", "watchdog=/etc/passwd"],
+     "bcluster: watchdog=/etc/passwd: not a character device"),
+    (["mode=init", "name=n1", "address=10.0.0.1", "watchdog=/"],
+     "bcluster: watchdog=/: not a character device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str], args: list[str],

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cbsd.core.cluster import fence, keeper, nodes
+from cbsd.core.cluster import watchdog as wdog
 from cbsd.core.cluster.keeper import Keeper
 from cbsd.core.cluster.store import Put
 from cbsd.core.cluster.watchdog import Watchdog
@@ -203,6 +204,7 @@ def test_the_watchdog_is_petted_each_healthy_round_and_not_when_fencing_fails(
         ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     device = tmp_path / "watchdog"  # a regular file stands in: never a real device here
     device.write_bytes(b"")
+    monkeypatch.setenv(wdog.TEST_ENV, "1")
     s = FakeStore()
     dog = Watchdog(str(device), 10)
     k = Keeper(s, "a", 10, lambda: ctx, clock=Clock(s), watchdog=dog)
@@ -246,6 +248,19 @@ def test_fencing_kills_every_qemu_before_waiting_for_any(
     killed, left = fence.kill_all(ctx, vms)
     assert events == ["kill"] * 3 + ["wait"] * 3
     assert killed == ["ha2", "ha3"] and left == ["ha1"]
+
+
+def test_the_keeper_pets_only_a_character_device_unless_the_test_switch_is_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = tmp_path / "disk"  # what watchdog=/dev/sda would be: never written to
+    disk.write_bytes(b"data")
+    monkeypatch.delenv(wdog.TEST_ENV, raising=False)
+    with pytest.raises(wdog.WatchdogError, match="not a character device"):
+        Watchdog(str(disk), 10)
+    assert disk.read_bytes() == b"data"
+    monkeypatch.setenv(wdog.TEST_ENV, "1")
+    Watchdog(str(disk), 10).pet()
+    assert disk.read_bytes() == b"\0ata"
 
 
 def test_run_keeps_the_lease_of_a_keeper_without_vms() -> None:
