@@ -42,6 +42,15 @@ def fence_due(ttl: float, last_ok: float, now: float, margin_s: float) -> bool:
     return now - last_ok >= ttl - margin_s
 
 
+def pet_safe(ttl: float, last_ok: float, now: float, timeout: float, margin_s: float) -> bool:
+    """Whether the keeper may pet a watchdog of *timeout* s now: a reboot one timeout from
+    now (the keeper hanging right after this pet) still comes before fencing is due, so
+    before the lease can expire. With a watchdog, fencing starts where this stops holding
+    (a healthy keeper fences rather than have the host rebooted): fence_due at now + timeout.
+    """
+    return not fence_due(ttl, last_ok, now + timeout, margin_s)
+
+
 def takeover_due(first_gone: float | None, now: float, margin_s: float) -> bool:
     """The standby's side: the owner's alive key was first seen gone at *first_gone* (None:
     it is there); take over once it has stayed gone for the margin (the owner fenced by the

@@ -11,7 +11,9 @@ Three threads, so that no call to etcd (each may hang for its timeout) delays an
   copies here of VMs another node took over killed (fence.stale_here), and the standby's
   takeovers (core/cluster/takeover.py, in child processes);
 - the main thread's tick, five times a second: fencing (fence.fence_due: kill every HA VM's
-  QEMU here before the lease can expire) and the watchdog, petted while the tick is healthy.
+  QEMU here before the lease can expire; a watchdog's timeout earlier with one) and the
+  watchdog, petted only while a reboot one timeout later would still come before fencing
+  is due, or every HA VM is fenced (fence.pet_safe).
 Every fencing event is a line in WORKDIR/cluster/keeper.log."""
 
 from __future__ import annotations
@@ -105,11 +107,14 @@ class Keeper:
             self.on_snapshot(snap)
 
     def tick(self) -> bool:
-        """The fencing check; whether this node is healthy (lease fresh, or every HA VM
-        here stopped) -- the watchdog is petted only then."""
+        """The fencing check; whether this node is healthy (a watchdog's timeout from now,
+        the lease is still fresh; or every HA VM here stopped) -- the watchdog is petted only
+        then. With a watchdog fencing starts that timeout earlier (fence.pet_safe): a keeper
+        that stops petting must have fenced already, or the host reboots."""
         now = self.clock()
         site = self.site
-        if not fence.fence_due(self.ttl, self.last_ok, now, self.margin) or site is None:
+        timeout = self.watchdog.timeout if self.watchdog is not None else 0
+        if fence.pet_safe(self.ttl, self.last_ok, now, timeout, self.margin) or site is None:
             healthy = True
         else:
             fencing = fence.local_ha(site) if self.fencing is None else self.fencing

@@ -5,6 +5,7 @@ with VMs whose QEMU is the fake one (a real process that SIGKILL ends)."""
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,87 @@ def test_the_keeper_pets_only_a_character_device_unless_the_test_switch_is_set(
     monkeypatch.setenv(wdog.TEST_ENV, "1")
     Watchdog(str(disk), 10).pet()
     assert disk.read_bytes() == b"\0ata"
+
+
+@pytest.mark.parametrize(("ttl", "last_ok", "now", "timeout", "safe"), [
+    (10, 100.0, 100.2, 1, True),
+    (10, 100.0, 103.4, 1, True),     # one renewal round late
+    (10, 100.0, 106.9, 1, True),     # a reboot at 107.9: before fencing is due (108)
+    (10, 100.0, 107.0, 1, False),    # a reboot at 108 would come with the lease's last margin
+    (10, 100.0, 107.5, 0, True),     # no watchdog: only fencing's own deadline
+    (60, 100.0, 120.0, 18, True),
+    (60, 100.0, 140.0, 18, False),   # ttl 60, a 60 s timeout would never be safe
+    (60, 100.0, 100.0, 60, False),
+])
+def test_the_watchdog_is_petted_only_if_a_reboot_a_timeout_later_beats_fencing(
+        ttl: int, last_ok: float, now: float, timeout: int, safe: bool) -> None:
+    assert fence.pet_safe(ttl, last_ok, now, timeout, fence.margin(ttl)) is safe
+
+
+@pytest.mark.parametrize(("ttl", "wanted", "fits"), [
+    # (ttl, the timeout asked, the timeouts a driver may give that still protect)
+    (3, 1, ()), (6, 1, (1,)), (9, 1, (1, 2, 3)), (10, 1, (1, 2, 3, 4)),
+    (30, 8, tuple(range(1, 18))), (60, 18, tuple(range(1, 38))),
+])
+def test_the_watchdog_timeout_asked_and_the_ones_accepted(
+        ttl: int, wanted: int, fits: tuple[int, ...]) -> None:
+    m = fence.margin(ttl)
+    assert wdog.wanted_timeout(ttl, m) == wanted
+    assert tuple(t for t in range(0, 200) if wdog.protects(ttl, m, t)) == fits
+
+
+class Dog:
+    """A watchdog that records when it was petted and whether the HA VM *vm* still ran."""
+
+    def __init__(self, clock: Clock, timeout: int, vm: VM) -> None:
+        self.clock, self.timeout, self.vm = clock, timeout, vm
+        self.pets: list[tuple[float, bool]] = []
+
+    def pet(self) -> None:
+        self.pets.append((self.clock(), self.vm.alive()))
+
+
+def test_a_hung_keeper_is_rebooted_before_its_lease_can_expire(ctx: Context) -> None:
+    # the keeper may hang right after any pet: while an HA VM runs here, the reboot (a
+    # timeout later) must come before the lease can lapse -- here cut off after a renewal at 0
+    s = FakeStore()
+    ttl = 10
+    vm = running(ctx, "ha1")
+    dog = Dog(Clock(s), 1, vm)  # 1 s: what the keeper asks for a 10 s lease (wanted_timeout)
+    k = Keeper(s, "a", ttl, lambda: ctx, clock=Clock(s), watchdog=dog)  # type: ignore[arg-type]
+    owned(s, "ha1", "a")
+    assert k.renew()
+    k.watch()
+    s.down = True
+    t = 0.0
+    while t < 9.0:
+        s.now = t
+        k.tick()
+        t = round(t + 0.1, 1)
+    assert all(p + dog.timeout < k.last_ok + ttl - k.margin for p, ran in dog.pets if ran), \
+        dog.pets
+    assert not vm.alive()
+    # the keeper fenced rather than stop petting: the host is not rebooted
+    assert [p for p, _ in dog.pets] == [round(i * 0.1, 1) for i in range(90)]
+
+
+def test_a_driver_whose_timeout_cannot_protect_the_lease_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # /dev/null: a character device that takes the writes; its "driver" is the fake ioctl
+    told = {"timeout": 60}  # a driver with a fixed 60 s timeout
+
+    def ioctl(_fd: int, req: int, arg: bytes) -> bytes:
+        if req == wdog.WDIOC_GETTIMEOUT:
+            return struct.pack("i", told["timeout"])
+        return arg
+
+    monkeypatch.setattr(wdog.fcntl, "ioctl", ioctl)
+    with pytest.raises(OSError, match="cannot protect a 10 s lease"):
+        Watchdog("/dev/null", 10)
+    told["timeout"] = 1  # took the 1 s asked
+    dog = Watchdog("/dev/null", 10)
+    assert dog.timeout == 1
+    dog.disarm()
 
 
 def test_run_keeps_the_lease_of_a_keeper_without_vms() -> None:
