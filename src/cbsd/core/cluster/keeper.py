@@ -35,6 +35,7 @@ from cbsd.storage.atomic import write_atomic
 from cbsd.storage.paths import Workdir
 
 TICK = 0.2  # seconds between fencing checks (well inside fence.margin)
+NOT_STARTED = "not started: "  # a keeper.log line's start: why the keeper gave up at its start
 WATCH = 1.0  # seconds between range reads of the cluster (the standby's reaction time)
 
 
@@ -180,11 +181,16 @@ def main() -> int:
     from cbsd.core.cluster import takeover
     from cbsd.core.vm.context import Context  # lazy: as above (the inventory, its SQLite)
 
-    write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     log = _logger(config.keeper_log(wd))
+    try:
+        dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
+    except OSError as e:  # busy (another watchdog daemon has it), denied, unfit
+        log(f"{NOT_STARTED}{e}")
+        return 1
+    # the pid file says "started": bcluster waits for it (admin.start_keeper), so only now
+    write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     standby = takeover.Standby(wd, cfg.node, cfg.ttl, log)
     hasched.start(wd)  # periodic replication (docs/cluster.md "Replication"): its own thread
-    dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
     if dog is not None:
         # stopped on purpose (bcluster mode=leave, or start with another watchdog=): the
         # magic close, so a stop that was asked for does not reboot the host

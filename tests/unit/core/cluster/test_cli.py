@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 from cbsd.cli.main import main
+from cbsd.core.cluster import admin, config
+from cbsd.core.cluster import watchdog as wdog
+from cbsd.core.cluster.config import Config
+from cbsd.core.vm.context import Context
+from cbsd.errors import StateError
 
 
 @pytest.mark.parametrize(("args", "line"), [
@@ -42,3 +47,20 @@ def test_status_on_a_host_that_is_no_node_says_so(tmp_path: Path,
     monkeypatch.setenv("CBSD_WORKDIR", str(tmp_path / "wd"))
     assert main(["bcluster", "mode=status"]) == 1
     assert "not a cluster node" in capsys.readouterr().err
+
+
+def test_a_keeper_that_cannot_open_its_watchdog_is_never_reported_started(
+        ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the device unfit when the keeper opens it (here: a regular file without the test-only
+    # switch; busy or denied end the same way): bcluster waits for the keeper and says why
+    monkeypatch.delenv(wdog.TEST_ENV, raising=False)
+    device = tmp_path / "wd-file"
+    device.write_bytes(b"")
+    config.folder(ctx.workdir).mkdir(parents=True, exist_ok=True)
+    config.save(ctx.workdir, Config("n1", "10.0.0.1", ["https://10.0.0.1:2379"], False,
+                                    watchdog=str(device)))
+    with pytest.raises(StateError, match=r"the keeper did not start: watchdog=.*not a "
+                                         r"character device"):
+        admin.start_keeper(ctx)
+    assert admin.member._pid(config.keeper_pid(ctx.workdir)) is None
+    assert device.read_bytes() == b""
