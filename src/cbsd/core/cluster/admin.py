@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.cluster import config, member, nodes, owner, pki, view
+from cbsd.core.cluster import config, fence, member, nodes, owner, pki, view
 from cbsd.core.cluster import watchdog as wdog
 from cbsd.core.cluster.config import Config
 from cbsd.core.cluster.keeper import NOT_STARTED
@@ -261,6 +261,14 @@ def leave(ctx: Context) -> str:
     """Stop being a node: the keeper stops, the node's records go (its VMs' owner records
     too: they are this host's alone again), the member leaves the cluster and stops."""
     cfg, store = _store(ctx)
+    # An HA VM here would run on unfenced (the keeper stops; a replication child it started
+    # may still settle the record again) while its standby, seeing this node's alive key
+    # gone, takes it over: two copies. HA is turned off first, on purpose.
+    ha = sorted(fence.local_ha(ctx, unreadable=False))
+    if ha:
+        raise StateError(f"bcluster: {', '.join(ha)}: ha=1 here: turn ha off first "
+                         f"('cbsd bset {ha[0]} ha=0'), or its standby would take it over "
+                         "while it runs here")
     member.stop(config.keeper_pid(ctx.workdir))
     snap = nodes.snapshot(store)
     for jname, kv in snap.vms.items():

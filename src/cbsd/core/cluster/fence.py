@@ -65,14 +65,14 @@ def ha_owned(records: dict[str, dict[str, Any]], me: str) -> set[str]:
             if rec.get("node") == me and isinstance(rec.get("ha"), dict)}
 
 
-def local_ha(site: Site) -> set[str]:
+def local_ha(site: Site, *, unreadable: bool = True) -> set[str]:
     """The VMs whose definition here says ha=1 -- what a keeper fences before its first read
     of the cluster (the records are out of reach: etcd may be why it is due). An HA VM's
     record gets its "ha" from this definition (the guard's facts), so the set holds every VM
     a standby may take from this node; a definition that cannot be parsed counts too (it
-    may be an HA one)."""
+    may be an HA one) unless *unreadable* is False."""
     return {j for j, spec, _, _ in site.inventory.all()
-            if isinstance(spec, Exception) or (spec.ha and spec.ha_node)}
+            if (unreadable if isinstance(spec, Exception) else spec.ha and spec.ha_node)}
 
 
 def stale_here(records: dict[str, dict[str, Any]], me: str, local: Iterable[str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from cbsd.core.cluster import watchdog as wdog
 from cbsd.core.cluster.config import Config
 from cbsd.core.vm.context import Context
 from cbsd.errors import StateError
+from tests.unit.core.conftest import define
 
 
 @pytest.mark.parametrize(("args", "line"), [
@@ -64,3 +66,20 @@ def test_a_keeper_that_cannot_open_its_watchdog_is_never_reported_started(
         admin.start_keeper(ctx)
     assert admin.member._pid(config.keeper_pid(ctx.workdir)) is None
     assert device.read_bytes() == b""
+
+
+def test_leave_is_refused_while_a_vm_here_is_ha(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # leaving stops the keeper and deletes alive/NODE: the standby would take the VM over
+    # while it runs here, unfenced
+    spec = define(ctx, "vmh")
+    ctx.inventory.update_spec(replace(spec, ha=True, ha_node="n2"))
+    define(ctx, "plain")
+    config.folder(ctx.workdir).mkdir(parents=True, exist_ok=True)
+    config.save(ctx.workdir, Config("n1", "10.0.0.1", ["https://10.0.0.1:2379"], False))
+    monkeypatch.setenv("CBSD_WORKDIR", str(ctx.workdir.root))
+    assert main(["bcluster", "mode=leave"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vmh: ha=1 here: turn ha off first" in err, err
+    assert config.configured(ctx.workdir)
