@@ -334,9 +334,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                 "this long after it stops renewing)", lo=2, hi=3600),
             Key("format", "enum", "text", help="status: output format",
                 choices=("text", "json")),
-            Key("watchdog", "str", None, help="init, join, start: the watchdog device the "
-                "keeper pets while healthy (/dev/watchdog: a hung keeper reboots the host); "
-                "start: none turns it off"),
+            Key("watchdog", "str", None, help="init, join, start: the watchdog device (a "
+                "character device) the keeper pets while healthy (/dev/watchdog: a hung keeper "
+                "reboots the host); start: none turns it off"),
         ),
         "cbsd bcluster mode=init name=n1 address=10.0.0.1",
         bare="none",

@@ -4,7 +4,9 @@ on a cluster node runs VM commands in is installed by guard.py (core/cluster/own
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -12,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cbsd.core.cluster import config, member, nodes, owner, pki, view
+from cbsd.core.cluster import config, fence, member, nodes, owner, pki, view
+from cbsd.core.cluster import watchdog as wdog
 from cbsd.core.cluster.config import Config
+from cbsd.core.cluster.keeper import NOT_STARTED
 from cbsd.core.cluster.store import (
     ClusterUnreachable,
     Delete,
@@ -72,9 +76,43 @@ def _start_node(ctx: Context, cfg: Config, state: str | None) -> tuple[Store, li
     return store, conflicts
 
 
+KEEPER_START = 60.0  # seconds a keeper gets to open its watchdog and say it runs (loaded host)
+
+
 def start_keeper(ctx: Context) -> None:
-    if member._pid(config.keeper_pid(ctx.workdir)) is None:
-        start_detached([sys.executable, "-m", "cbsd.core.cluster.keeper", str(ctx.workdir.root)])
+    """Start the keeper unless it runs, and wait until it says it runs (its pid file, written
+    once its watchdog is open); StateError with the keeper's reason if it ended instead (the
+    device busy -- another watchdog daemon --, denied, or unfit): never "started" for a node
+    whose HA VMs would run unfenced."""
+    wd = ctx.workdir
+    pid_file = config.keeper_pid(wd)
+    if member._pid(pid_file) is not None:
+        return
+    pid_file.unlink(missing_ok=True)  # a dead keeper's
+    log = config.keeper_log(wd)
+    seen = log.stat().st_size if log.exists() else 0
+    proc = start_detached([sys.executable, "-m", "cbsd.core.cluster.keeper", str(wd.root)])
+    deadline = time.monotonic() + KEEPER_START
+    while member._pid(pid_file) != proc.pid:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            raise StateError(f"cluster: the keeper did not start: {_keeper_said(log, seen)}")
+        time.sleep(0.05)
+
+
+def _keeper_said(log: Path, offset: int) -> str:
+    """The reason a keeper that gave up at its start logged (keeper.NOT_STARTED), after
+    *offset* of its log."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    why = [ln.split(NOT_STARTED, 1)[1] for ln in lines if NOT_STARTED in ln]
+    return why[-1] if why else f"it ended or did not answer (see {log})"
 
 
 def _undo(ctx: Context) -> None:
@@ -92,10 +130,20 @@ def _done(cfg: Config, conflicts: list[str], what: str) -> str:
 
 
 def _watchdog(path: str) -> str:
-    """watchdog=: the device must be there (opening it arms it: the keeper does that)."""
-    if path and not Path(path).exists():
+    """watchdog=: the device must be there and be a character device (opening it arms it:
+    the keeper does that; it writes to it, so a disk given by mistake must never pass)."""
+    if not path:
+        return path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
         raise UsageError(f"bcluster: watchdog={path}: no such device (load softdog, or a "
-                         "hardware watchdog's driver)")
+                         "hardware watchdog's driver)") from None
+    if (why := wdog.unfit(mode)) is not None:
+        raise UsageError(f"bcluster: watchdog={path}: {why}")
+    if not os.access(path, os.W_OK):
+        raise StateError(f"bcluster: watchdog={path}: permission denied (the keeper must "
+                         "write to it: run as root)")
     return path
 
 
@@ -186,14 +234,25 @@ def start(ctx: Context, watchdog: str | None = None) -> str:
     *watchdog*: a device the keeper is to pet from now on ("none": no more); a keeper
     running already is started anew to take it."""
     cfg, store = _store(ctx)
+    before = cfg.watchdog
     if watchdog is not None:
+        # checked before the running keeper is stopped; what only opening tells (busy,
+        # its timeout) the new keeper finds, and then the old one comes back
         cfg.watchdog = "" if watchdog == "none" else _watchdog(watchdog)
         config.save(ctx.workdir, cfg)
         member.stop(config.keeper_pid(ctx.workdir))
     if cfg.member:
         member.start(ctx.workdir, cfg, "existing")
     member.wait_serving(store, config.folder(ctx.workdir) / "etcd.log")
-    start_keeper(ctx)
+    try:
+        start_keeper(ctx)
+    except StateError:
+        if cfg.watchdog != before:  # the keeper as it was: HA VMs are not left unfenced
+            cfg.watchdog = before
+            config.save(ctx.workdir, cfg)
+            with contextlib.suppress(StateError):
+                start_keeper(ctx)
+        raise
     return f"node {cfg.node}: started" + (" (etcd member and keeper)" if cfg.member
                                           else " (keeper)")
 
@@ -202,6 +261,14 @@ def leave(ctx: Context) -> str:
     """Stop being a node: the keeper stops, the node's records go (its VMs' owner records
     too: they are this host's alone again), the member leaves the cluster and stops."""
     cfg, store = _store(ctx)
+    # An HA VM here would run on unfenced (the keeper stops; a replication child it started
+    # may still settle the record again) while its standby, seeing this node's alive key
+    # gone, takes it over: two copies. HA is turned off first, on purpose.
+    ha = sorted(fence.local_ha(ctx, unreadable=False))
+    if ha:
+        raise StateError(f"bcluster: {', '.join(ha)}: ha=1 here: turn ha off first "
+                         f"('cbsd bset {ha[0]} ha=0'), or its standby would take it over "
+                         "while it runs here")
     member.stop(config.keeper_pid(ctx.workdir))
     snap = nodes.snapshot(store)
     for jname, kv in snap.vms.items():

@@ -8,10 +8,12 @@ granted anew. Killed, it leaves the lease to lapse: the node shows down within t
 Three threads, so that no call to etcd (each may hang for its timeout) delays another job:
 - renewal: the lease, every ttl/3; it dates each success by when the request was sent;
 - watch: one range read of /cbsd/ a second: which HA VMs this node owns (the fencing set),
-  HA VMs whose record names another node killed here (fence.stale_here), and the standby's
+  copies here of VMs another node took over killed (fence.stale_here), and the standby's
   takeovers (core/cluster/takeover.py, in child processes);
 - the main thread's tick, five times a second: fencing (fence.fence_due: kill every HA VM's
-  QEMU here before the lease can expire) and the watchdog, petted while the tick is healthy.
+  QEMU here before the lease can expire; a watchdog's timeout earlier with one) and the
+  watchdog, petted only while a reboot one timeout later would still come before fencing
+  is due, or every HA VM is fenced (fence.pet_safe).
 Every fencing event is a line in WORKDIR/cluster/keeper.log."""
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cbsd.storage.atomic import write_atomic
 from cbsd.storage.paths import Workdir
 
 TICK = 0.2  # seconds between fencing checks (well inside fence.margin)
+NOT_STARTED = "not started: "  # a keeper.log line's start: why the keeper gave up at its start
 WATCH = 1.0  # seconds between range reads of the cluster (the standby's reaction time)
 
 
@@ -61,7 +64,10 @@ class Keeper:
         # down may have let it lapse): fencing is due until a renewal succeeds.
         self.last_ok = clock() - ttl
         self.records: dict[str, dict[str, Any]] = {}
-        self.fencing: set[str] = set()  # the HA VMs this node owned at the last read
+        # the HA VMs this node owned at the last read; None until a read succeeds: then the
+        # local definitions with ha=1 stand in (fence.local_ha), so a keeper restarted while
+        # etcd is out of reach still fences
+        self.fencing: set[str] | None = None
 
     @property
     def site(self) -> Site | None:
@@ -93,7 +99,8 @@ class Keeper:
         if site is not None:
             local = site.inventory.names()
             moving = [j for j in local if site.workdir.moving(j).exists()]
-            for j in fence.stale_here(self.records, self.name, local, moving):
+            for j in fence.stale_here(self.records, self.name, local, moving,
+                                      fence.local_ha(site)):
                 if fence.kill(site, j):
                     self.log(f"killed {j}: its owner record names node "
                              f"{self.records[j].get('node')}")
@@ -101,14 +108,18 @@ class Keeper:
             self.on_snapshot(snap)
 
     def tick(self) -> bool:
-        """The fencing check; whether this node is healthy (lease fresh, or every HA VM
-        here stopped) -- the watchdog is petted only then."""
+        """The fencing check; whether this node is healthy (a watchdog's timeout from now,
+        the lease is still fresh; or every HA VM here stopped) -- the watchdog is petted only
+        then. With a watchdog fencing starts that timeout earlier (fence.pet_safe): a keeper
+        that stops petting must have fenced already, or the host reboots."""
         now = self.clock()
         site = self.site
-        if not fence.fence_due(self.ttl, self.last_ok, now, self.margin) or site is None:
+        timeout = self.watchdog.timeout if self.watchdog is not None else 0
+        if fence.pet_safe(self.ttl, self.last_ok, now, timeout, self.margin) or site is None:
             healthy = True
         else:
-            killed, left = fence.kill_all(site, self.fencing)
+            fencing = fence.local_ha(site) if self.fencing is None else self.fencing
+            killed, left = fence.kill_all(site, fencing)
             for j in killed:
                 self.log(f"fenced {j}: last renewal {now - self.last_ok:.2f} s ago "
                          f"(ttl {self.ttl} s)")
@@ -169,11 +180,16 @@ def main() -> int:
     from cbsd.core.cluster import takeover
     from cbsd.core.vm.context import Context  # lazy: as above (the inventory, its SQLite)
 
-    write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     log = _logger(config.keeper_log(wd))
+    try:
+        dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
+    except OSError as e:  # busy (another watchdog daemon has it), denied, unfit
+        log(f"{NOT_STARTED}{e}")
+        return 1
+    # the pid file says "started": bcluster waits for it (admin.start_keeper), so only now
+    write_atomic(config.keeper_pid(wd), str(os.getpid()).encode())
     standby = takeover.Standby(wd, cfg.node, cfg.ttl, log)
     hasched.start(wd)  # periodic replication (docs/cluster.md "Replication"): its own thread
-    dog = Watchdog(cfg.watchdog, cfg.ttl) if cfg.watchdog else None
     if dog is not None:
         # stopped on purpose (bcluster mode=leave, or start with another watchdog=): the
         # magic close, so a stop that was asked for does not reboot the host
