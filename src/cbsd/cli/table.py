@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from cbsd.cli.args import Command, Key
+from cbsd.cli.table_cluster import CLUSTER_COMMANDS, HA
 from cbsd.cli.table_devices import DEVICE_COMMANDS, J_MASK, J_NAME
-from cbsd.cli.table_schedule import BREPLICA, HA, SCHEDULE, SCHEDULE_COMMANDS
+from cbsd.cli.table_schedule import SCHEDULE, SCHEDULE_COMMANDS
 from cbsd.cli.table_service import SERVICE_COMMANDS
 from cbsd.model import AUTO_OFF, EFI_MODES, MAX_CPUS, NICS, OS_TYPES
 from cbsd.model import BLS_COLUMNS as COLUMNS
@@ -315,38 +316,6 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
         bare="none",
     ),
     Command(
-        "bcluster", "Make this host a node of an etcd cluster, or show the cluster "
-        "(docs/cluster.md).",
-        (
-            Key("mode", "enum", None, required=True, help="init: the first node (a CA, an "
-                "etcd member here); issue: a joining node's bundle (on the init node); join; "
-                "leave; start: the member and keeper again after a reboot; status",
-                choices=("init", "issue", "join", "leave", "start", "status")),
-            Key("name", "name", None, help="init, join: this node's name; issue: the joining "
-                "node's"),
-            Key("address", "str", None, help="init, join: this node's address (etcd listens "
-                "there, TLS only); issue: the joining node's"),
-            Key("bundle", "path", None, help="join: the folder mode=issue wrote"),
-            Key("out", "path", None, help="issue: the folder to write the bundle to"),
-            Key("member", "bool", True, help="join: run an etcd member here (0: a client of "
-                "the members)"),
-            Key("ttl", "int", 10, help="init: the node lease, seconds (a node is shown down "
-                "this long after it stops renewing)", lo=2, hi=3600),
-            Key("format", "enum", "text", help="status: output format",
-                choices=("text", "json")),
-            Key("watchdog", "str", None, help="init, join, start: the watchdog device (a "
-                "character device) the keeper pets while healthy (/dev/watchdog: a hung keeper "
-                "reboots the host); start: none turns it off"),
-        ),
-        "cbsd bcluster mode=init name=n1 address=10.0.0.1",
-        bare="none",
-        details=("Every member and node talks TLS with a client certificate of the cluster's "
-                 "CA. A VM's\nchanges are refused on any node but its owner (etcd's owner "
-                 "record). An HA VM is fenced\nwhen its node cannot renew its lease, and "
-                 "taken over by its standby (docs/cluster.md)."),
-        readonly_modes=("status",),
-    ),
-    Command(
         "node", "Add, list or remove the other hosts cbsd drives over SSH.",
         (
             Key("mode", "enum", None, required=True, help="action",
@@ -427,7 +396,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     *DEVICE_COMMANDS,
     *SERVICE_COMMANDS,
     *SCHEDULE_COMMANDS,
-    BREPLICA,
+    *CLUSTER_COMMANDS,
 )}
 
 # Every command on VMs of this host can act on a node's instead (cli/main.py forwards it).

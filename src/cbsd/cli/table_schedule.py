@@ -22,14 +22,6 @@ SCHEDULE = (
     Key("checkpoint_stopped", "bool", False, help="a stopped VM gets scheduled checkpoints "
         "too (of its disks: restoring one boots from them)"),
 )
-# Replication to a standby (docs/cluster.md "Replication"): bset only, checked against the
-# cluster by core/cluster/replica.check_settings (cli/commands.bset).
-HA = (
-    Key("ha", "bool", False, help="replicate the running VM to its standby node every "
-        "ha_interval (a cluster node only)"),
-    Key("ha_node", "name", None, help="ha=1: the standby, another node of the cluster"),
-    Key("ha_interval", "str", "30s", help="ha=1: how often: 30s, 5m, 1m30s (at least 5s)"),
-)
 SCHEDULE_COMMANDS = (
     Command(
         "bschedule", "Run the checkpoint schedules once now: take the due checkpoints, destroy "
@@ -43,18 +35,4 @@ SCHEDULE_COMMANDS = (
                  "while nothing ran it runs once; a busy VM is skipped and retried at the "
                  "next run\n(docs/checkpoints.md)."),
     ),
-)
-BREPLICA = Command(
-    "breplica", "The standby's half of replication (bcheckpoint mode=replicate runs it there).",
-    (
-        Key("jname", "name", None, required=True, help="the replicated VM"),
-        Key("mode", "enum", None, required=True, help="status, apply: what the owner runs "
-            "here over ssh; promote: register the published replica as a VM of this node "
-            "(its ownership taken first), then restore the checkpoint it names; remove: "
-            "drop the replica here", choices=("status", "apply", "promote", "remove")),
-    ),
-    "cbsd breplica jname=vm1 mode=promote",
-    bare="one",
-    details=("A replica is not in this node's inventory until promoted (docs/cluster.md "
-             "\"Replication\")."),
 )
