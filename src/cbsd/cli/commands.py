@@ -12,7 +12,7 @@ from cbsd import cancel
 from cbsd.cli import output
 from cbsd.cli.args import show_value
 from cbsd.core.vm.context import Context
-from cbsd.errors import CheckpointError, NodeError, NoSuchVM, UsageError, describe
+from cbsd.errors import CheckpointError, NoSuchVM, UsageError, describe
 from cbsd.model import HA_KEYS
 from cbsd.names import is_mask, match_mask
 
@@ -230,126 +230,11 @@ def bpause(ctx: Context, a: Args) -> int:
     return each(ctx, ctx.resolve(a["names"]), lambda c, j: lifecycle.pause(c, j, a["mode"]))
 
 
-def bls(ctx: Context, a: Args) -> int:
-    unreached = 0
-    if a["node"] == "*" and _clustered(ctx):
-        # before the local listing's module: the cluster's listing needs none of it
-        rows, columns = _cluster_rows(ctx, a)
-        return _print_rows(rows, columns, a, unreached)
-    # lazy: only bls of this host or of the nodes
-    from cbsd.core.manage import listing
-
-    columns = a["display"] or list(listing.COLUMNS)
-    if a["node"]:
-        rows, unreached = _across_nodes(ctx, a, columns)
-    else:
-        names = ctx.resolve(a["names"]) if a["names"] else None
-        rows, notes, damaged = listing.rows(ctx, names)
-        for note in notes + damaged:
-            print(note, file=sys.stderr)
-        unreached = len(damaged)  # listed the others; exit 1 names what was not
-    return _print_rows(rows, columns, a, unreached)
-
-
-def _print_rows(rows: list[dict[str, Any]], columns: list[str], a: Args,
-                unreached: int) -> int:
-    """bls's rows in its order= and format=; exit 1 if *unreached* (VMs or nodes) is not 0."""
-    order = a["order"]
-    column = order.lstrip("-")
-    rows.sort(key=lambda r: (r.get(column) or 0, r["jname"], r.get("node", "")),
-              reverse=order.startswith("-"))
-    if a["format"] == "json":
-        sys.stdout.write(output.as_json([{c: r[c] for c in columns} for r in rows]))
-    else:
-        sys.stdout.write(output.table(rows, columns, a["header"]))
-    return 1 if unreached else 0
-
-
 def bmetrics(ctx: Context, a: Args) -> int:
     # lazy: only bmetrics loads prometheus_client (the CLI's start stays light)
     from cbsd.service import metrics
 
     sys.stdout.write(metrics.exposition(lambda: ctx.workdir).decode())
-    return 0
-
-
-CLUSTER_COLUMNS = ("node", "jname", "status", "vm_ram", "vm_cpus", "node_state")
-
-
-def _clustered(ctx: Context) -> bool:
-    # lazy: only bls node='*' asks
-    from cbsd.core.cluster import config
-
-    return config.configured(ctx.workdir)
-
-
-def _cluster_rows(ctx: Context, a: Args) -> tuple[list[dict[str, Any]], list[str]]:
-    """bls node='*' on a cluster node: every clustered VM from etcd's owner records, in one
-    range read -- the owner, whether that node is up, the status its last command left."""
-    # lazy: only a cluster node's bls node='*'
-    from cbsd.core.cluster import view
-
-    columns = list(a["display"] or CLUSTER_COLUMNS)
-    other = [c for c in columns if c not in CLUSTER_COLUMNS]
-    if other:
-        raise UsageError(f"bls: node='*' on a cluster node shows {','.join(CLUSTER_COLUMNS)} "
-                         f"(from etcd), not {','.join(other)}")
-    rows = view.vm_rows(ctx.workdir)
-    if a["names"]:
-        keep = {n for m in a["names"] for n in match_mask(m, [r["jname"] for r in rows])}
-        rows = [r for r in rows if r["jname"] in keep]
-    return rows, columns
-
-
-def _across_nodes(ctx: Context, a: Args, columns: list[str]
-                  ) -> tuple[list[dict[str, Any]], int]:
-    """bls node=N|'*': each node's own `bls format=json`, with a node column ('*' adds this
-    host's VMs as node 'local'). A node that cannot be reached, does not answer in time or
-    answers what is not a listing is named on stderr; the command then exits 1 after listing
-    the others."""
-    # lazy: only bls node=: the ssh fan-out
-    from cbsd.core.hosts import nodes
-
-    # lazy: only bls
-    from cbsd.core.manage import listing
-
-    want = [n for n, _, _ in ctx.inventory.nodes()] if a["node"] == "*" else [a["node"]]
-    rows: list[dict[str, Any]] = []
-    unreached = 0
-    if a["node"] == "*":
-        local, notes, damaged = listing.rows(ctx, ctx.resolve(a["names"]) if a["names"]
-                                             else None)
-        for note in notes + damaged:
-            print(note, file=sys.stderr)
-        rows += [{**r, "node": "local"} for r in local]
-        unreached += len(damaged)
-    for name, found in nodes.vm_rows(ctx, want, a["names"]):  # validated, each in a deadline
-        if isinstance(found, NodeError):
-            if a["node"] != "*":
-                raise found
-            print(found, file=sys.stderr)  # one line per node left out; the others listed
-            unreached += 1
-            continue
-        rows += [{**r, "node": name} for r in found]
-    if "node" not in columns:
-        columns.insert(0, "node")
-    return rows, unreached
-
-
-def breplica(ctx: Context, a: Args) -> int:
-    """The standby's half of replication (core/cluster/replica.py)."""
-    # lazy: only replication loads the cluster's code
-    from cbsd.core.cluster import replica
-
-    jname, mode = a["jname"], a["mode"]
-    if mode == "status":
-        sys.stdout.write(output.as_json(replica.status(ctx.workdir, jname)))
-    elif mode == "apply":
-        sys.stdout.write(output.as_json(replica.apply(ctx, jname, sys.stdin.buffer)))
-    elif mode == "remove":
-        print(replica.remove(ctx.workdir, jname))
-    else:
-        print(replica.promote(ctx, jname))
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cbsd.cli import commands, main
+from cbsd.cli import commands, hosts, main
 from cbsd.cli.table import COMMANDS
 from cbsd.errors import (
     BusyError,
@@ -65,7 +65,7 @@ def test_any_fault_is_one_line(fault: BaseException, code: int, text: str, tmp_p
     def handler(*_: object) -> int:
         raise fault
 
-    monkeypatch.setattr(commands, "bls", handler)
+    monkeypatch.setattr(hosts, "bls", handler)
     assert main.main(["bls"]) == code
     out, err = capsys.readouterr()
     assert out == ""
@@ -81,7 +81,7 @@ def test_debug_switch_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.Mo
     def handler(*_: object) -> int:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(commands, "bls", handler)
+    monkeypatch.setattr(hosts, "bls", handler)
     assert main.main(["bls"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith(
