@@ -22,10 +22,10 @@ from typing import Any
 
 # The wire format (base64 keys, the range end of a prefix, a KV from JSON) is store.py's: one
 # definition for both clients.
-from cbsd.core.cluster.store import KV, ClusterUnreachable, EtcdStore, _b64, _prefix_end
+from cbsd.core.cluster.store import ClusterUnreachable, RangeReads
 
 
-class Reader:
+class Reader(RangeReads):
     def __init__(self, endpoints: list[str], ca: str, cert: str, key: str,
                  timeout: float = 5.0) -> None:
         self.endpoints = list(endpoints)
@@ -70,11 +70,3 @@ class Reader:
                 errors.append(f"{ep}: not JSON: {raw[:100]!r}")
         raise ClusterUnreachable("cluster: no etcd endpoint answered (" +
                                  "; ".join(e[:200] for e in errors) + ")")
-
-    def get(self, key: str) -> KV | None:
-        kvs = self._post("/kv/range", {"key": _b64(key)}).get("kvs", [])
-        return EtcdStore._kv(kvs[0]) if kvs else None
-
-    def prefix(self, prefix: str) -> list[KV]:
-        r = self._post("/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
-        return [EtcdStore._kv(kv) for kv in r.get("kvs", [])]

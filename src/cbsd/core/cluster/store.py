@@ -88,7 +88,30 @@ def _prefix_end(prefix: str) -> str:
     return _b64(bytes(b))
 
 
-class EtcdStore:
+class RangeReads:
+    """get() and prefix() as etcd's JSON gateway answers them (/v3/kv/range), over the
+    subclass's _post(path, body) -> decoded answer: EtcdStore's (etcd3gw) and
+    gateway.Reader's (the standard library) alike."""
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _kv(raw: dict[str, Any]) -> KV:
+        return KV(base64.b64decode(raw["key"]).decode(),
+                  base64.b64decode(raw.get("value", "")),
+                  int(raw.get("mod_revision", 0)), int(raw.get("lease", 0)))
+
+    def get(self, key: str) -> KV | None:
+        kvs = self._post("/kv/range", {"key": _b64(key)}).get("kvs", [])
+        return self._kv(kvs[0]) if kvs else None
+
+    def prefix(self, prefix: str) -> list[KV]:
+        r = self._post("/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
+        return [self._kv(kv) for kv in r.get("kvs", [])]
+
+
+class EtcdStore(RangeReads):
     def __init__(self, endpoints: list[str], ca: str, cert: str, key: str,
                  timeout: float = 5.0) -> None:
         # lazy: only a clustered command loads the client (and requests)
@@ -123,20 +146,6 @@ class EtcdStore:
             return result
         raise ClusterUnreachable("cluster: no etcd endpoint answered (" +
                                  "; ".join(e[:200] for e in errors) + ")")
-
-    @staticmethod
-    def _kv(raw: dict[str, Any]) -> KV:
-        return KV(base64.b64decode(raw["key"]).decode(),
-                  base64.b64decode(raw.get("value", "")),
-                  int(raw.get("mod_revision", 0)), int(raw.get("lease", 0)))
-
-    def get(self, key: str) -> KV | None:
-        kvs = self._post("/kv/range", {"key": _b64(key)}).get("kvs", [])
-        return self._kv(kvs[0]) if kvs else None
-
-    def prefix(self, prefix: str) -> list[KV]:
-        r = self._post("/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
-        return [self._kv(kv) for kv in r.get("kvs", [])]
 
     def txn(self, compares: list[Compare], ops: list[Put | Delete]) -> bool:
         body = {
