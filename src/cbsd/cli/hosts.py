@@ -227,7 +227,7 @@ def bwhereis(ctx: Context, a: Args) -> int:
 
 def bls(ctx: Context, a: Args) -> int:
     unreached = 0
-    if a["node"] == "*" and _clustered(ctx):
+    if a["node"] == "*" and ctx.workdir.cluster_config.is_file():
         # before the local listing's module: the cluster's listing needs none of it
         rows, columns = _cluster_rows(ctx, a)
         return _print_rows(rows, columns, a, unreached)
@@ -261,13 +261,6 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], a: Args,
 
 
 CLUSTER_COLUMNS = ("node", "jname", "status", "vm_ram", "vm_cpus", "node_state")
-
-
-def _clustered(ctx: Context) -> bool:
-    # lazy: only bls node='*' asks
-    from cbsd.core.cluster import config
-
-    return config.configured(ctx.workdir)
 
 
 def _cluster_rows(ctx: Context, a: Args) -> tuple[list[dict[str, Any]], list[str]]:
